@@ -1,0 +1,1 @@
+"""The Feast feature repository of rankgate and the one feature-vector builder."""

@@ -1,0 +1,1 @@
+"""Versioned ranker models: training, the on-disk store and validation."""

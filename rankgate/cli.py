@@ -1,0 +1,227 @@
+"""The `rankgate` command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from rankgate.errors import RankgateError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fails_cleanly(func: F) -> F:
+    """Domain errors end the command with their message and exit code 1, no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RankgateError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="rankgate")
+def main() -> None:
+    """rankgate: ranked, policy-compliant answers for one person and one purpose.
+
+    State lives in RANKGATE_HOME (default: .rankgate/ in the project). Redis is
+    REDIS_URL, or an embedded server the project starts itself.
+    """
+
+
+# -- setup -------------------------------------------------------------------
+
+
+@main.command()
+@fails_cleanly
+def setup() -> None:
+    """Prepare everything the server needs; safe to run again (a no-op when done)."""
+    from rankgate.setup import run_setup
+
+    run_setup(click.echo)
+
+
+@main.command()
+@click.option(
+    "--consent",
+    type=click.Choice(["granted", "denied", "unknown"]),
+    help="Only users in this consent state.",
+)
+@click.option(
+    "--purpose",
+    default="onsite_personalization",
+    show_default=True,
+    help="Purpose the consent filter reads.",
+)
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many to list."
+)
+@fails_cleanly
+def users(consent: str | None, purpose: str, limit: int) -> None:
+    """List example user ids and their consent state, to know whom to ask about."""
+    from rankgate.setup import list_users
+
+    for line in list_users(purpose, consent, limit):
+        click.echo(line)
+
+
+# -- features ----------------------------------------------------------------
+
+
+@main.group()
+def features() -> None:
+    """The Feast feature repository (features/) and its Redis online store."""
+
+
+@features.command("apply")
+@fails_cleanly
+def features_apply() -> None:
+    """Register entities and feature views in the home's Feast registry."""
+    from rankgate.setup import Environment
+
+    env = Environment.open()
+    views = env.apply_features()
+    click.echo(f"applied {len(views)} feature views: {', '.join(views)}")
+
+
+@features.command("materialize")
+@fails_cleanly
+def features_materialize() -> None:
+    """Load the latest feature values into the Redis online store."""
+    from rankgate.setup import Environment
+
+    Environment.open().materialize()
+    click.echo("materialized all feature views into the online store")
+
+
+# -- model -------------------------------------------------------------------
+
+
+@main.group()
+def model() -> None:
+    """Versioned ranker models."""
+
+
+@model.command("train")
+@click.option("--version", "version", required=True, help="New version name, e.g. v3.")
+@click.option("--params", default=None, help="LightGBM settings: key=value,key=value.")
+@click.option(
+    "--features",
+    "feature_list",
+    default=None,
+    help="Comma-separated model features (default: all).",
+)
+@fails_cleanly
+def model_train(version: str, params: str | None, feature_list: str | None) -> None:
+    """Train, convert to ONNX and register a new model version."""
+    from model_store.train import parse_params, train
+    from rankgate.setup import Environment
+
+    env = Environment.open(redis=False)
+    names = [n.strip() for n in feature_list.split(",") if n.strip()] if feature_list else None
+    manifest = train(env.models, env.data, version, parse_params(params), names, click.echo)
+    auc = "n/a" if manifest.metrics.auc is None else f"{manifest.metrics.auc:.3f}"
+    click.echo(
+        f"{version}: held-out AUC {auc}, log loss {manifest.metrics.log_loss:.4f}, "
+        f"ONNX parity {manifest.onnx.parity_max_abs_diff:.1e}"
+    )
+
+
+@model.command("validate")
+@click.argument("version")
+@fails_cleanly
+def model_validate(version: str) -> None:
+    """Recheck hashes, ONNX/native parity and features of a version."""
+    from rankgate.setup import Environment
+
+    env = Environment.open()
+    report = env.models.validate(version, env.feature_views())
+    for name, passed, detail in report.checks:
+        click.echo(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+    if not report.ok:
+        raise RankgateError(
+            f"model version {version!r} is invalid: " + "; ".join(report.failures())
+        )
+    click.echo(f"{version}: valid")
+
+
+@model.command("list")
+@fails_cleanly
+def model_list() -> None:
+    """Show the registered versions and their state."""
+    from rankgate.setup import Environment
+
+    env = Environment.open(redis=False)
+    rows = env.model_rows()
+    if not rows:
+        click.echo("no model versions registered (run `rankgate setup`)")
+        return
+    header = ("VERSION", "STATE", "FEATURES", "AUC", "CREATED")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo(
+            "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+# -- redis -------------------------------------------------------------------
+
+
+@main.group("redis")
+def redis_group() -> None:
+    """The Redis-compatible server (REDIS_URL, or the embedded one)."""
+
+
+@redis_group.command("start")
+@fails_cleanly
+def redis_start() -> None:
+    """Start the embedded server of this home (or check REDIS_URL) and print its address."""
+    from rankgate.redis_server import connect, describe, resolve_redis_url
+
+    url = resolve_redis_url()
+    connect(url)
+    click.echo(describe(url))
+
+
+@redis_group.command("stop")
+@fails_cleanly
+def redis_stop() -> None:
+    """Save and stop the embedded server of this home."""
+    from rankgate.home import Home
+    from rankgate.redis_server import EmbeddedRedis
+    from rankgate.settings import get_settings
+
+    if get_settings().redis_url:
+        raise RankgateError("REDIS_URL is set: rankgate does not stop a server it did not start")
+    stopped = EmbeddedRedis(Home.from_settings()).stop()
+    click.echo("stopped" if stopped else "not running")
+
+
+@redis_group.command("status")
+@fails_cleanly
+def redis_status() -> None:
+    """Say which server this home uses and whether it answers."""
+    from rankgate.home import Home
+    from rankgate.redis_server import EmbeddedRedis, connect, describe
+    from rankgate.settings import get_settings
+
+    settings = get_settings()
+    if settings.redis_url:
+        connect(settings.redis_url)
+        click.echo(f"REDIS_URL {describe(settings.redis_url)}: up")
+        return
+    url = EmbeddedRedis(Home.from_settings(settings)).running_url()
+    click.echo(f"embedded {describe(url)}: up" if url else "embedded: not running")
+
+
+if __name__ == "__main__":
+    main()

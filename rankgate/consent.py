@@ -1,0 +1,80 @@
+"""Consent records in Redis, per person and purpose, under the pseudonymous key.
+
+    <namespace>:consent:<user_key>   hash: purpose -> {"granted": bool, "source": str, "updated_at": iso}
+
+No field for a purpose means no recorded decision ("unknown").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import redis
+
+CONSENT_STATES = ("granted", "denied", "unknown")
+
+
+class ConsentState(StrEnum):
+    GRANTED = "granted"
+    DENIED = "denied"
+    UNKNOWN = "unknown"
+
+
+def consent_key(namespace: str, key: str) -> str:
+    return f"{namespace}:consent:{key}"
+
+
+def _state(raw: bytes | str | None) -> ConsentState:
+    if raw is None:
+        return ConsentState.UNKNOWN
+    record = json.loads(raw)
+    return ConsentState.GRANTED if record.get("granted") else ConsentState.DENIED
+
+
+class ConsentStore:
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
+        now = datetime.now(UTC).isoformat()
+        fields = {
+            purpose: json.dumps({"granted": bool(granted), "source": source, "updated_at": now})
+            for purpose, granted in purposes.items()
+        }
+        if fields:
+            self.client.hset(consent_key(self.namespace, key), mapping=fields)
+
+    def state(self, key: str, purpose: str) -> ConsentState:
+        raw = self.client.hget(consent_key(self.namespace, key), purpose)
+        return _state(raw)  # type: ignore[arg-type]  # sync client
+
+    def states(self, keys: Iterable[str], purpose: str) -> list[ConsentState]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(consent_key(self.namespace, key), purpose)
+        return [_state(raw) for raw in pipe.execute()]
+
+    def count_records(self) -> int:
+        return sum(
+            1 for _ in self.client.scan_iter(match=consent_key(self.namespace, "*"), count=500)
+        )
+
+
+def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:
+    """Deterministic demo decisions: per purpose about 50 % granted, 25 % denied, 25 % none.
+
+    Purposes left out of the result have no record (consent unknown).
+    """
+    decisions: dict[str, bool] = {}
+    for purpose in purposes:
+        bucket = hashlib.sha256(f"{user_id}/{purpose}".encode()).digest()[0] % 4
+        if bucket < 2:
+            decisions[purpose] = True
+        elif bucket == 2:
+            decisions[purpose] = False
+    return decisions

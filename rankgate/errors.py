@@ -1,0 +1,51 @@
+"""Domain errors. Each carries the HTTP status it maps to; only the ingress maps
+them to responses, and the CLI prints their message and exits non-zero."""
+
+from __future__ import annotations
+
+
+class RankgateError(Exception):
+    """Base class: a message for people and the status an API would answer with."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ConfigError(RankgateError):
+    """A configuration or policy file is invalid; names the file and the field."""
+
+    status_code = 500
+
+
+class RedisUnavailable(RankgateError):
+    """The Redis-compatible server cannot be reached; names the address."""
+
+    status_code = 503
+
+
+class ModelStoreError(RankgateError):
+    """A model version is missing, corrupted or inconsistent with its manifest."""
+
+    status_code = 409
+
+
+class VersionExists(ModelStoreError):
+    """Refusing to overwrite a registered model version."""
+
+
+class UnknownVersion(ModelStoreError):
+    status_code = 404
+
+
+class FeatureRepoError(RankgateError):
+    """The feature repository does not define what a model or request needs."""
+
+    status_code = 409

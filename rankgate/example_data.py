@@ -1,0 +1,157 @@
+"""The example data: the Open Bandit Dataset sample shipped in features/data/.
+
+The logs have no visitor id column. A visitor is the combination of all visitor
+columns (`user_feature_0..3` and the 80 `user-item_affinity_*` scores; 561 distinct
+profiles), and their `user_id` is derived from it:
+
+    user_id = "u-" + sha256("|".join(visitor column values, in file order))[:12]
+
+so the same visitor gets the same id on every machine. The ids are raw user ids
+like any application's: only their pseudonymous key (rankgate.pseudonym) is
+stored in Redis or in the prepared offline files.
+
+Feast needs an event time per feature row. The sample's logs are from November
+2019; the prepared feature tables carry the time `prepare` ran (the snapshot
+time of the features), so a feature view's TTL counts from preparation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from rankgate.home import Home
+from rankgate.pseudonym import user_key
+
+DATASET_DIR = Path(__file__).resolve().parent.parent / "features" / "data" / "open_bandit_dataset"
+IMPRESSIONS_CSV = DATASET_DIR / "random_all" / "all.csv.gz"
+ITEMS_CSV = DATASET_DIR / "random_all" / "item_context.csv"
+
+N_ITEMS = 80
+PROFILE_COLUMNS = [f"user_feature_{i}" for i in range(4)]
+RAW_AFFINITY_COLUMNS = [f"user-item_affinity_{i}" for i in range(N_ITEMS)]
+# Feast field names: the raw "user-item_affinity_i" is renamed to "affinity_i".
+AFFINITY_COLUMNS = [f"affinity_{i}" for i in range(N_ITEMS)]
+ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
+VISITOR_COLUMNS = PROFILE_COLUMNS + RAW_AFFINITY_COLUMNS
+
+PREPARED_FILES = (
+    "user_profile.parquet",
+    "user_item_affinity.parquet",
+    "item_context.parquet",
+    "impressions.parquet",
+)
+
+
+def derive_user_id(visitor_values: list[str]) -> str:
+    joined = "|".join(visitor_values)
+    return "u-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
+def load_impressions() -> pd.DataFrame:
+    """The 10,000 logged impressions, with the derived `user_id` column."""
+    frame = pd.read_csv(IMPRESSIONS_CSV, index_col=0)
+    visitor_text = frame[VISITOR_COLUMNS].astype(str)
+    frame["user_id"] = [derive_user_id(list(row)) for row in visitor_text.itertuples(index=False)]
+    return frame
+
+
+@lru_cache(maxsize=1)
+def load_items() -> pd.DataFrame:
+    return pd.read_csv(ITEMS_CSV, index_col=0)
+
+
+def example_user_ids() -> list[str]:
+    """Distinct example user ids, in order of first appearance in the logs."""
+    return list(dict.fromkeys(load_impressions()["user_id"]))
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Paths of the prepared files in a home."""
+
+    directory: Path
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def user_profile(self) -> Path:
+        return self.path("user_profile.parquet")
+
+    @property
+    def user_item_affinity(self) -> Path:
+        return self.path("user_item_affinity.parquet")
+
+    @property
+    def item_context(self) -> Path:
+        return self.path("item_context.parquet")
+
+    @property
+    def impressions(self) -> Path:
+        return self.path("impressions.parquet")
+
+    @property
+    def marker(self) -> Path:
+        return self.path("prepared.json")
+
+    def is_complete(self) -> bool:
+        return self.marker.exists() and all(self.path(n).exists() for n in PREPARED_FILES)
+
+
+def prepared(home: Home) -> PreparedData:
+    return PreparedData(home.data_dir)
+
+
+def prepare(home: Home, snapshot_time: datetime | None = None) -> PreparedData:
+    """Write the offline tables Feast and training read, keyed by pseudonymous user key."""
+    out = prepared(home)
+    out.directory.mkdir(parents=True, exist_ok=True)
+    snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0)
+    impressions = load_impressions()
+
+    visitors = impressions.drop_duplicates("user_id").copy()
+    visitors["user_key"] = [user_key(uid) for uid in visitors["user_id"]]
+    visitors["event_timestamp"] = snapshot
+    profile = visitors[["user_key", "event_timestamp", *PROFILE_COLUMNS]]
+    affinity = visitors[["user_key", "event_timestamp", *RAW_AFFINITY_COLUMNS]].rename(
+        columns=dict(zip(RAW_AFFINITY_COLUMNS, AFFINITY_COLUMNS, strict=True))
+    )
+    affinity[AFFINITY_COLUMNS] = affinity[AFFINITY_COLUMNS].astype("float32")
+
+    items = load_items().copy()
+    items["event_timestamp"] = snapshot
+    items = items[["item_id", "event_timestamp", *ITEM_COLUMNS]]
+
+    logs = impressions[["timestamp", "item_id", "position", "click", "propensity_score"]].copy()
+    logs.insert(0, "user_key", [user_key(uid) for uid in impressions["user_id"]])
+    logs["timestamp"] = pd.to_datetime(logs["timestamp"], utc=True)
+
+    profile.to_parquet(out.user_profile, index=False)
+    affinity.to_parquet(out.user_item_affinity, index=False)
+    items.to_parquet(out.item_context, index=False)
+    logs.to_parquet(out.impressions, index=False)
+    out.marker.write_text(
+        json.dumps(
+            {
+                "snapshot_time": snapshot.isoformat(),
+                "users": len(visitors),
+                "items": len(items),
+                "impressions": len(logs),
+                "source_sha256": {
+                    p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in (IMPRESSIONS_CSV, ITEMS_CSV)
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return out

@@ -1,0 +1,91 @@
+"""Typed form of the policy files in policies/ (the files are data, owned by privacy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rankgate.config_files import load_yaml_model
+from rankgate.settings import PROJECT_ROOT
+
+POLICY_DIR = PROJECT_ROOT / "policies"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Region(Strict):
+    regime: Literal["opt_in", "opt_out"]
+    """opt_in: personalize only with granted consent; opt_out: unless the person objected."""
+    description: str = ""
+
+
+class Purpose(Strict):
+    description: str = ""
+    explicit_consent: bool
+    """True: a recorded "granted" consent is needed in every region."""
+    feature_views: list[str] = Field(min_length=1)
+    """Feast views a model may read for this purpose."""
+
+
+class ItemRule(Strict):
+    name: str
+    description: str = ""
+    items: list[int] = Field(min_length=1)
+    purposes: list[str] | None = None
+    """Purposes the rule applies to (None: all)."""
+    regions: list[str] | None = None
+    """Regions the rule applies to (None: all)."""
+
+
+class Policy(Strict):
+    version: str = Field(min_length=1)
+    regions: dict[str, Region] = Field(min_length=1)
+    purposes: dict[str, Purpose] = Field(min_length=1)
+    item_rules: list[ItemRule] = []
+
+    @model_validator(mode="after")
+    def _rules_name_known_things(self) -> Policy:
+        for index, rule in enumerate(self.item_rules):
+            for purpose in rule.purposes or []:
+                if purpose not in self.purposes:
+                    raise ValueError(f"item_rules.{index}.purposes: unknown purpose {purpose!r}")
+            for region in rule.regions or []:
+                if region not in self.regions:
+                    raise ValueError(f"item_rules.{index}.regions: unknown region {region!r}")
+        return self
+
+    def excluded_items(self, purpose: str, region: str) -> frozenset[int]:
+        excluded: set[int] = set()
+        for rule in self.item_rules:
+            if rule.purposes is not None and purpose not in rule.purposes:
+                continue
+            if rule.regions is not None and region not in rule.regions:
+                continue
+            excluded.update(rule.items)
+        return frozenset(excluded)
+
+
+class Boost(Strict):
+    name: str
+    items: list[int] = Field(min_length=1)
+    factor: float = Field(gt=0)
+
+
+class FallbackRules(Strict):
+    version: str = Field(min_length=1)
+    strategy: Literal["popularity"] = "popularity"
+    prior_clicks: float = Field(1.0, ge=0)
+    prior_impressions: float = Field(250.0, gt=0)
+    boosts: list[Boost] = []
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    return load_yaml_model(path or POLICY_DIR / "policy.yaml", Policy)
+
+
+def load_fallback_rules(path: Path | None = None) -> FallbackRules:
+    return load_yaml_model(path or POLICY_DIR / "fallback.yaml", FallbackRules)

@@ -1,0 +1,57 @@
+"""Process settings, read from the environment once and validated.
+
+Everything the project writes at run time lives under one state folder, the
+*home*: the example-data copy, the Feast registry and offline files, model
+versions and the embedded Redis server's data. Two homes never share state.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Development default for the pseudonymisation key. It is public, so user keys
+# derived with it are only pseudonymous against people who don't read this file:
+# production deployments must set RANKGATE_USER_KEY_SECRET.
+DEV_USER_KEY_SECRET = "rankgate-dev-secret-do-not-use-in-production"
+
+
+class Settings(BaseSettings):
+    """Environment of one rankgate process (CLI, server or test session)."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKGATE_", extra="ignore")
+
+    home: Path = Field(default=PROJECT_ROOT / ".rankgate")
+    """State folder (RANKGATE_HOME). Default: `.rankgate/` in the project (git-ignored)."""
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "RANKGATE_REDIS_URL")
+    )
+    """An existing Redis-compatible server (REDIS_URL). Unset: the embedded server."""
+
+    user_key_secret: str = DEV_USER_KEY_SECRET
+    """Key of the HMAC that turns user ids into the pseudonymous keys stored in Redis."""
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.user_key_secret == DEV_USER_KEY_SECRET
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,165 @@
+"""Model store: manifests, validation, immutability, bad artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from features.vector import ALL_FEATURE_NAMES
+from model_store.manifest import MANIFEST_FILE, ONNX_FILE
+from model_store.train import TrainParams, parse_params, train
+from rankgate.cli import main
+from rankgate.errors import ModelStoreError, RankgateError, VersionExists
+from rankgate.setup import Environment
+
+
+@pytest.fixture
+def scratch_version(env: Environment) -> Iterator[str]:
+    """A copy of v1 registered as a throw-away version, removed afterwards."""
+    name = "scratch"
+    shutil.copytree(env.models.path("v1"), env.models.path(name))
+    yield name
+    shutil.rmtree(env.models.path(name), ignore_errors=True)
+
+
+def test_setup_registers_two_different_versions(env: Environment) -> None:
+    v1, v2 = env.models.manifest("v1"), env.models.manifest("v2")
+    assert v1.feature_names != v2.feature_names
+    assert v1.params != v2.params
+    assert v2.feature_names == ALL_FEATURE_NAMES
+    for manifest in (v1, v2):
+        assert set(manifest.artifacts) == {"model.onnx", "booster.txt", "parity_inputs.npy"}
+        assert manifest.onnx.parity_max_abs_diff <= 1e-5
+        assert manifest.training_data.rows == 10_000 and manifest.training_data.positives == 38
+        assert 0 < manifest.metrics.log_loss < 1
+        assert {f.view for f in manifest.features} <= {
+            "visitor_profile",
+            "item_context",
+            "user_item_affinity",
+        }
+    # Same data, same builder: the training matrices differ only by v2's extra column.
+    assert v1.training_data.fingerprint != v2.training_data.fingerprint
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_registered_versions_validate(env: Environment, version: str) -> None:
+    report = env.models.validate(version, env.feature_views())
+    assert report.ok, report.failures()
+    assert [name for name, _, _ in report.checks][-2:] == ["onnx/native parity", "features"]
+
+
+def test_one_changed_byte_of_model_onnx_fails_validation(
+    env: Environment, scratch_version: str
+) -> None:
+    path = env.models.path(scratch_version) / ONNX_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["model", "validate", scratch_version])
+    assert result.exit_code == 1
+    assert "FAIL sha256 model.onnx" in result.output
+    assert "model version 'scratch' is invalid" in result.output
+
+
+def test_missing_artifact_is_named(env: Environment, scratch_version: str) -> None:
+    (env.models.path(scratch_version) / "booster.txt").unlink()
+    report = env.models.validate(scratch_version, env.feature_views())
+    assert not report.ok
+    assert any("booster.txt is missing" in f for f in report.failures())
+
+
+def test_manifest_hash_mismatch_is_reported(env: Environment, scratch_version: str) -> None:
+    manifest_path = env.models.path(scratch_version) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["artifacts"]["model.onnx"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    report = env.models.validate(scratch_version, env.feature_views())
+    assert report.failures() == ["sha256 model.onnx: is " + report.checks[2][2].split("is ")[1]]
+    assert "manifest says 000000000000" in report.failures()[0]
+
+
+def test_corrupted_manifest_names_file_and_field(env: Environment, scratch_version: str) -> None:
+    manifest_path = env.models.path(scratch_version) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["training_data"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(
+        ModelStoreError, match=r"manifest.json: field 'training_data': Field required"
+    ):
+        env.models.manifest(scratch_version)
+
+
+def test_feature_unknown_to_the_repository_fails(env: Environment, scratch_version: str) -> None:
+    manifest_path = env.models.path(scratch_version) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["features"][0]["view"] = "shoe_size"
+    manifest_path.write_text(json.dumps(manifest))
+    report = env.models.validate(scratch_version, env.feature_views())
+    assert report.failures() == ["features: unknown: user_feature_0 (view 'shoe_size' not defined)"]
+
+
+def test_registering_an_existing_version_is_refused_and_changes_nothing(env: Environment) -> None:
+    before = {p.name: p.read_bytes() for p in env.models.path("v1").iterdir()}
+    with pytest.raises(ModelStoreError, match="'v1' already exists"):
+        train(env.models, env.data, "v1", TrainParams(num_boost_round=2))
+    staged = env.models.staging_dir()
+    with pytest.raises(VersionExists):
+        env.models.register("v1", staged)
+    assert not staged.exists()
+    assert {p.name: p.read_bytes() for p in env.models.path("v1").iterdir()} == before
+    assert not [p for p in env.models.root.iterdir() if p.name.startswith(".staging")]
+
+
+def test_train_cli_registers_a_new_version(env: Environment) -> None:
+    try:
+        result = CliRunner().invoke(
+            main,
+            ["model", "train", "--version", "v9", "--params", "num_boost_round=5,num_leaves=3"],
+        )
+        assert result.exit_code == 0, result.output
+        assert "v9: held-out AUC" in result.output
+        assert env.models.manifest("v9").params["num_boost_round"] == 5
+        assert env.models.validate("v9", env.feature_views()).ok
+        listed = CliRunner().invoke(main, ["model", "list"]).output
+        assert any(line.startswith("v9 ") and " ok " in line for line in listed.splitlines())
+    finally:
+        shutil.rmtree(env.models.path("v9"), ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("num_leaves=1", "num_leaves: Input should be greater than or equal to 2"),
+        ("colour=blue", "colour: Extra inputs are not permitted"),
+        ("num_leaves", "'num_leaves' is not key=value"),
+    ],
+)
+def test_bad_params_name_the_parameter(text: str, message: str) -> None:
+    with pytest.raises(RankgateError, match=message):
+        parse_params(text)
+
+
+def test_bad_version_name_and_unknown_feature(env: Environment) -> None:
+    with pytest.raises(ModelStoreError, match="version '../x'"):
+        train(env.models, env.data, "../x", TrainParams())
+    with pytest.raises(ModelStoreError, match="unknown feature 'shoe_size'"):
+        train(env.models, env.data, "v8", TrainParams(), ["shoe_size"])
+    assert not env.models.exists("v8")
+
+
+def test_list_marks_a_corrupt_version(env: Environment, scratch_version: str) -> None:
+    (env.models.path(scratch_version) / ONNX_FILE).write_bytes(b"not onnx")
+    rows = {row[0]: row for row in env.model_rows()}
+    assert rows["scratch"][1].startswith("corrupt: sha256 model.onnx")
+    assert rows["v1"][1] == "ok"
+
+
+def test_parity_inputs_are_real_training_rows(env: Environment) -> None:
+    inputs = np.load(Path(env.models.path("v2")) / "parity_inputs.npy")
+    assert inputs.shape == (512, len(ALL_FEATURE_NAMES)) and inputs.dtype == np.float32

@@ -1,0 +1,93 @@
+"""Embedded Redis lifecycle, REDIS_URL errors and pseudonymous keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rankgate.errors import RedisUnavailable
+from rankgate.example_data import example_user_ids
+from rankgate.home import Home
+from rankgate.pseudonym import user_key
+from rankgate.redis_server import EmbeddedRedis, connect, feast_connection_string, resolve_redis_url
+from rankgate.settings import get_settings
+
+
+def test_embedded_server_is_started_once_and_reused(other_home: Home) -> None:
+    server = EmbeddedRedis(other_home)
+    assert server.running_url() is None
+    first = resolve_redis_url()
+    second = resolve_redis_url()
+    assert first == second
+    assert (other_home.redis_dir / "valkey.pid").exists()
+    client = connect(first)
+    client.set("probe", "1")
+    assert client.get("probe") == b"1"
+    assert server.stop() is True
+    assert server.running_url() is None
+    # Restarted on demand, with the data saved at shutdown.
+    assert connect(resolve_redis_url()).get("probe") == b"1"
+
+
+def test_unreachable_redis_url_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RedisUnavailable, match="127.0.0.1:1"):
+            connect(resolve_redis_url())
+    finally:
+        monkeypatch.delenv("REDIS_URL")
+        get_settings.cache_clear()
+
+
+def test_cli_with_unreachable_redis_fails_cleanly_and_writes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    home = tmp_path / "h"
+    result = subprocess.run(
+        [sys.executable, "-m", "rankgate.cli", "setup"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "RANKGATE_HOME": str(home),
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Redis unreachable at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (home / "data").exists() and not (home / "models").exists()
+
+
+def test_feast_connection_string_from_url() -> None:
+    assert feast_connection_string("redis://127.0.0.1:6380/2") == "127.0.0.1:6380,db=2"
+    assert (
+        feast_connection_string("rediss://:s3cret@cache.internal:6379")
+        == "cache.internal:6379,db=0,password=s3cret,ssl=true"
+    )
+
+
+def test_user_key_is_a_stable_keyed_hash() -> None:
+    assert user_key("u-1", "a") == user_key("u-1", "a")
+    assert user_key("u-1", "a") != user_key("u-1", "b")
+    assert user_key("u-1", "a") != user_key("u-2", "a")
+    assert "u-1" not in user_key("u-1", "a") and len(user_key("u-1", "a")) == 32
+
+
+def test_no_raw_user_id_anywhere_in_redis(env) -> None:  # type: ignore[no-untyped-def]
+    ids = example_user_ids()
+    keys = list(env.redis.scan_iter(count=1000))
+    assert len(keys) > len(ids)  # features and consent of every example user are there
+    blob = b"\n".join(keys)
+    for key in keys:
+        kind = env.redis.type(key)
+        if kind == b"hash":
+            blob += b"".join(k + v for k, v in env.redis.hgetall(key).items())
+        elif kind == b"string":
+            blob += env.redis.get(key) or b""
+    leaked = [uid for uid in ids if uid.encode() in blob]
+    assert leaked == []
+    assert user_key(ids[0]).encode() in blob

@@ -1,0 +1,82 @@
+"""`rankgate setup`: idempotent, per-home, and the example users it lists."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from rankgate.cli import main
+from rankgate.consent import ConsentState, demo_consent
+from rankgate.example_data import derive_user_id, example_user_ids, load_impressions
+from rankgate.home import Home
+from rankgate.pseudonym import user_key
+from rankgate.setup import Environment, run_setup
+
+
+def test_second_setup_does_nothing_and_says_so(ready_home: Home) -> None:
+    lines: list[str] = []
+    assert run_setup(lines.append) is False
+    assert lines[-1] == "nothing to do: everything was already set up."
+    assert all(line.startswith(("✓", "home:", "redis:", "note:")) for line in lines[:-1])
+
+
+def test_user_ids_are_derived_from_the_visitor_columns() -> None:
+    frame = load_impressions()
+    ids = example_user_ids()
+    assert len(ids) == 561  # distinct visitor profiles in the sample
+    row = frame.iloc[0]
+    from rankgate.example_data import VISITOR_COLUMNS
+
+    assert row["user_id"] == derive_user_id([str(row[c]) for c in VISITOR_COLUMNS])
+
+
+def test_demo_consent_is_a_deterministic_mix(env: Environment) -> None:
+    ids = example_user_ids()
+    states = env.consent.states([user_key(u) for u in ids], "email_marketing")
+    counts = {s: states.count(s) for s in ConsentState}
+    assert all(count > 50 for count in counts.values()), counts
+    expected = demo_consent(ids[0], ["email_marketing"])
+    assert states[0] == (
+        ConsentState.UNKNOWN
+        if "email_marketing" not in expected
+        else ConsentState.GRANTED
+        if expected["email_marketing"]
+        else ConsentState.DENIED
+    )
+
+
+def test_users_command_filters_by_consent(env: Environment) -> None:
+    result = CliRunner().invoke(
+        main, ["users", "--consent", "denied", "--purpose", "email_marketing", "--limit", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 5
+    assert all("email_marketing=denied" in line for line in lines)
+    for line in lines:
+        assert (
+            env.consent.state(user_key(line.split()[0]), "email_marketing") == ConsentState.DENIED
+        )
+
+
+def test_users_command_rejects_unknown_purpose(ready_home: Home) -> None:
+    result = CliRunner().invoke(main, ["users", "--purpose", "telepathy"])
+    assert result.exit_code == 1
+    assert "--purpose: unknown purpose 'telepathy'" in result.output
+
+
+def test_a_second_home_is_independent(ready_home: Home, other_home: Home) -> None:
+    from rankgate.redis_server import EmbeddedRedis
+
+    session_url = EmbeddedRedis(ready_home).running_url()
+    env = Environment.open()  # opens the other home now
+    assert env.home == other_home
+    assert run_setup(lambda _line: None) is True
+    other_url = EmbeddedRedis(other_home).running_url()
+    assert other_url is not None and other_url != session_url
+    assert other_home.namespace != ready_home.namespace
+    assert env.models.versions() == ["v1", "v2"]
+    assert env.models.path("v1").is_relative_to(other_home.root)
+    assert run_setup(lambda _line: None) is False
+    # The session home kept its own server and models.
+    assert EmbeddedRedis(ready_home).running_url() == session_url
+    assert (ready_home.models_dir / "ranker" / "v1" / "manifest.json").exists()

@@ -44,10 +44,10 @@ TTL = {
     ITEM_CONTEXT: timedelta(days=365),
 }
 
-VIEW_FIELDS: dict[str, list[str]] = {
-    VISITOR_PROFILE: PROFILE_COLUMNS,
-    USER_ITEM_AFFINITY: AFFINITY_COLUMNS,
-    ITEM_CONTEXT: ITEM_COLUMNS,
+VIEW_FIELDS: dict[str, tuple[str, ...]] = {
+    VISITOR_PROFILE: tuple(PROFILE_COLUMNS),
+    USER_ITEM_AFFINITY: tuple(AFFINITY_COLUMNS),
+    ITEM_CONTEXT: tuple(ITEM_COLUMNS),
 }
 
 # Which entity each view is keyed by.

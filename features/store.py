@@ -13,24 +13,32 @@ from rankgate.home import Home
 from rankgate.redis_server import feast_connection_string, resolve_redis_url
 from rankgate.settings import Settings, get_settings
 
+# Redis client settings for Feast on the request path: a dead server must fail
+# fast (the request deadline itself is enforced by the caller).
+SERVING_REDIS_OPTIONS = ",socket_connect_timeout=0.5,socket_timeout=1.0"
 
-def repo_config(home: Home, redis_url: str) -> RepoConfig:
+
+def repo_config(home: Home, redis_url: str, serving: bool = False) -> RepoConfig:
+    connection = feast_connection_string(redis_url) + (SERVING_REDIS_OPTIONS if serving else "")
     return RepoConfig(
         project=home.namespace,
         provider="local",
         registry={"registry_type": "file", "path": str(home.feast_dir / "registry.db")},
-        online_store=RedisOnlineStoreConfig(connection_string=feast_connection_string(redis_url)),
+        online_store=RedisOnlineStoreConfig(connection_string=connection),
         offline_store={"type": "file"},
         repo_path=home.feast_dir,
         entity_key_serialization_version=3,
     )
 
 
-def feature_store(settings: Settings | None = None, redis_url: str | None = None) -> FeatureStore:
+def feature_store(
+    settings: Settings | None = None, redis_url: str | None = None, serving: bool = False
+) -> FeatureStore:
     settings = settings or get_settings()
     home = Home.from_settings(settings)
     home.feast_dir.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(config=repo_config(home, redis_url or resolve_redis_url(settings)))
+    url = redis_url or resolve_redis_url(settings)
+    return FeatureStore(config=repo_config(home, url, serving))
 
 
 def apply(store: FeatureStore, home: Home) -> list[str]:

@@ -106,7 +106,9 @@ def user_fields(specs: Sequence[FeatureSpec]) -> dict[str, list[str]]:
     for spec in specs:
         if spec.view == ITEM_CONTEXT:
             continue
-        fields = VIEW_FIELDS[spec.view] if spec.field == AFFINITY_FIELD_TEMPLATE else [spec.field]
+        fields = (
+            list(VIEW_FIELDS[spec.view]) if spec.field == AFFINITY_FIELD_TEMPLATE else [spec.field]
+        )
         needed.setdefault(spec.view, [])
         needed[spec.view] += [f for f in fields if f not in needed[spec.view]]
     return needed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -72,6 +73,45 @@ def users(consent: str | None, purpose: str, limit: int) -> None:
 
     for line in list_users(purpose, consent, limit):
         click.echo(line)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Ray Serve config (default: serve_config.yaml of the project).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="HTTP port (default: from the config).",
+)
+@fails_cleanly
+def serve(config_path: Path | None, port: int | None) -> None:
+    """Set up if needed, then serve POST /v1/rank on Ray Serve (blocks; Ctrl-C stops)."""
+    import os
+
+    from rankgate.setup import Environment, run_setup
+    from serving.launch import SERVE_CONFIG, derived_config, serve_env, serve_run_command
+
+    run_setup(click.echo)
+    env = Environment.open()
+    assert env.redis_url is not None
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    config = derived_config(
+        env.home,
+        base=config_path or SERVE_CONFIG,
+        port=port,
+        runtime_env={"RANKGATE_HOME": str(env.home.root), "REDIS_URL": env.redis_url}
+        if remote
+        else None,
+    )
+    click.echo(f"serving {config} (Ctrl-C stops)")
+    command = serve_run_command(config)
+    os.execve(command[0], command, serve_env(env.home, env.redis_url))
 
 
 # -- features ----------------------------------------------------------------

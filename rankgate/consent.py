@@ -28,7 +28,16 @@ def consent_key(namespace: str, key: str) -> str:
     return f"{namespace}:consent:{key}"
 
 
-def _state(raw: bytes | str | None) -> ConsentState:
+def consent_fields(purposes: Mapping[str, bool], source: str) -> dict[str, str]:
+    """Hash fields of a consent record: one per purpose decided."""
+    now = datetime.now(UTC).isoformat()
+    return {
+        purpose: json.dumps({"granted": bool(granted), "source": source, "updated_at": now})
+        for purpose, granted in purposes.items()
+    }
+
+
+def parse_state(raw: bytes | str | None) -> ConsentState:
     if raw is None:
         return ConsentState.UNKNOWN
     record = json.loads(raw)
@@ -41,23 +50,19 @@ class ConsentStore:
         self.namespace = namespace
 
     def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
-        now = datetime.now(UTC).isoformat()
-        fields = {
-            purpose: json.dumps({"granted": bool(granted), "source": source, "updated_at": now})
-            for purpose, granted in purposes.items()
-        }
+        fields = consent_fields(purposes, source)
         if fields:
             self.client.hset(consent_key(self.namespace, key), mapping=fields)
 
     def state(self, key: str, purpose: str) -> ConsentState:
         raw = self.client.hget(consent_key(self.namespace, key), purpose)
-        return _state(raw)  # type: ignore[arg-type]  # sync client
+        return parse_state(raw)  # type: ignore[arg-type]  # sync client
 
     def states(self, keys: Iterable[str], purpose: str) -> list[ConsentState]:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.hget(consent_key(self.namespace, key), purpose)
-        return [_state(raw) for raw in pipe.execute()]
+        return [parse_state(raw) for raw in pipe.execute()]
 
     def count_records(self) -> int:
         return sum(

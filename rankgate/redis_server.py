@@ -80,6 +80,20 @@ class EmbeddedRedis:
         except (OSError, ValueError):
             return None
 
+    def _previous_port_if_free(self) -> int | None:
+        """The port of the last run, so clients that cached the URL find the server again."""
+        try:
+            port = int(self.port_path.read_text())
+        except (OSError, ValueError):
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return None
+        return port
+
     def running_url(self) -> str | None:
         """URL of this home's server if it is up and answering, else None."""
         pid = self._pid()
@@ -100,7 +114,7 @@ class EmbeddedRedis:
             return self._start()
 
     def _start(self) -> str:
-        port = _free_loopback_port()
+        port = self._previous_port_if_free() or _free_loopback_port()
         self.conf_path.write_text(
             "\n".join(
                 [
@@ -114,6 +128,8 @@ class EmbeddedRedis:
                     "dbfilename dump.rdb",
                     "save 60 1 300 10",
                     "appendonly no",
+                    # DEBUG SLEEP from loopback lets fault tests make the server slow.
+                    "enable-debug-command local",
                 ]
             )
             + "\n"
@@ -148,7 +164,6 @@ class EmbeddedRedis:
             deadline = time.monotonic() + timeout_s
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self.port_path.unlink(missing_ok=True)
             return not _pid_alive(pid)
 
 

@@ -61,3 +61,90 @@ def other_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home
     EmbeddedRedis(home).stop()
     monkeypatch.setenv("RANKGATE_HOME", str(_SESSION_HOME))
     get_settings.cache_clear()
+
+
+# -- the real server ---------------------------------------------------------
+
+
+class Server:
+    """A `serve run` of serve_config.yaml (on a free port), its log and its addresses."""
+
+    def __init__(
+        self, process, base_url: str, log_path: Path, home: Home, config_path: Path
+    ) -> None:  # type: ignore[no-untyped-def]
+        self.process = process
+        self.base_url = base_url
+        self.log_path = log_path
+        self.home = home
+        self.config_path = config_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def dashboard_address(self) -> str:
+        import re
+
+        found = re.findall(r"dashboard at \S*?(http://[0-9.]+:\d+)", self.log())
+        return found[-1] if found else "http://127.0.0.1:8265"
+
+
+def wait_until_healthy(
+    base_url: str, process, timeout_s: float, log_path: Path, expect=None
+) -> dict:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"server exited ({process.returncode}):\n{log_path.read_text()[-4000:]}"
+            )
+        try:
+            response = httpx.get(f"{base_url}/healthz", timeout=2)
+            if response.status_code == 200:
+                last = response.json()
+                if expect is None or expect(last):
+                    return last
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"server not healthy in {timeout_s}s (last: {last}):\n{log_path.read_text()[-4000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def server(ready_home: Home) -> Iterator[Server]:
+    """The real thing: `serve run` on a copy of serve_config.yaml with a free port."""
+    import signal
+    import subprocess
+
+    from rankgate.redis_server import resolve_redis_url
+    from serving.launch import derived_config, free_port, serve_env, serve_run_command
+
+    port = free_port()
+    config = derived_config(ready_home, port=port)
+    log_path = ready_home.root / "serve.log"
+    env = serve_env(ready_home, resolve_redis_url())
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            serve_run_command(config),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, process, 240, log_path)
+        yield Server(process, base_url, log_path, ready_home, config)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,1 @@
+"""The scoring graph: stages as plain classes, wrapped as Ray Serve deployments in app.py."""

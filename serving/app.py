@@ -1,0 +1,251 @@
+"""Builds the Ray Serve application. Nothing else lives here.
+
+    serve run serve_config.yaml        (import_path: serving.app:build_app)
+
+`RankIngress` is the HTTP entry (FastAPI). By default it runs every stage
+in-process (no hop between deployments; the ranker batches concurrent requests
+of the replica with `@serve.batch`). With the application argument
+`ranker_placement: deployment`, scoring goes to a separate `Ranker` deployment
+that batches across all ingress replicas.
+"""
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from rankgate.config_files import validation_message
+from rankgate.consent import consent_fields, consent_key
+from rankgate.errors import ConfigError
+from rankgate.pseudonym import user_key as pseudonymise
+from serving.config import ServingConfig
+from serving.pipeline import BadRequest, RankPipeline, problems_of
+from serving.ranker import ModelSet, Ranker
+from serving.runtime import Runtime
+from serving.schemas import (
+    ConsentRequest,
+    ErrorBody,
+    ErrorProblem,
+    RankRequest,
+    RankResponse,
+    check_user_id,
+)
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="rankgate",
+    version="1",
+    description="Ranked, policy-compliant items for one person and one purpose, within a latency budget.",
+)
+
+
+def error_response(
+    status: int, body: ErrorBody, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def parse_config(user_config: dict[str, Any]) -> ServingConfig:
+    try:
+        return ServingConfig.model_validate(user_config)
+    except ValidationError as exc:
+        raise ConfigError(validation_message("serve_config.yaml user_config", exc)) from exc
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BadRequest(
+            [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
+        )
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise BadRequest(
+                [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
+            )
+    return body
+
+
+def bad_request_response(exc: BadRequest) -> JSONResponse:
+    error = "body_too_large" if exc.status_code == 413 else "invalid_request"
+    return error_response(exc.status_code, ErrorBody(error=error, problems=exc.problems))
+
+
+class BatchedScoring:
+    """Mixin: `@serve.batch` around Ranker.score_batch, tunable from config."""
+
+    ranker: Ranker
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
+    async def score_many(self, requests: list[tuple[str, np.ndarray]]) -> list[Any]:
+        return self.ranker.score_batch(requests)
+
+    async def score(self, version: str, matrix: np.ndarray) -> np.ndarray:
+        result = await self.score_many((version, matrix))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def tune_batching(self, config: ServingConfig) -> None:
+        self.score_many.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
+        self.score_many.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class RankerDeployment(BatchedScoring):
+    """Scores for all ingress replicas (placement `deployment`)."""
+
+    def __init__(self) -> None:
+        self.runtime = Runtime.open()
+        self.ranker = Ranker(ModelSet(self.runtime.models, []))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = parse_config(user_config)
+        self.ranker = Ranker(ModelSet(self.runtime.models, config.models.versions))
+        self.tune_batching(config)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress(api)
+class RankIngress(BatchedScoring):
+    """HTTP entry: parses, runs the pipeline, maps domain errors to responses.
+
+    Lifecycle: `__init__` opens Redis, Feast, policy and fallback (heavy, once);
+    `reconfigure(user_config)` validates the serving config and swaps models,
+    explainers and limits; requests then run `RankPipeline.rank`.
+    """
+
+    def __init__(self, ranker: DeploymentHandle | None = None) -> None:
+        self.runtime = Runtime.open()
+        self.remote_ranker = ranker
+        self.pipeline: RankPipeline | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = parse_config(user_config)
+        models, explainers = self.runtime.load_models(config)
+        score = self.score if self.remote_ranker is None else self.score_remote
+        pipeline = self.runtime.pipeline(config, models, explainers, score)
+        await pipeline.warm_up()
+        # Swap only when everything above succeeded: a bad config changes nothing.
+        self.ranker = Ranker(models)
+        self.tune_batching(config)
+        self.pipeline = pipeline
+
+    async def score_remote(self, version: str, matrix: np.ndarray) -> np.ndarray:
+        assert self.remote_ranker is not None
+        return await self.remote_ranker.score.remote(version, matrix)
+
+    @api.post(
+        "/v1/rank",
+        response_model=RankResponse,
+        responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def rank(self, request: Request) -> Response:
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        try:
+            body = await read_body(request, pipeline.config.limits.max_body_bytes)
+            parsed = pipeline.parse(body)
+        except BadRequest as exc:
+            return bad_request_response(exc)
+        await pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
+        response = await pipeline.rank(parsed)
+        return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
+
+    @api.put(
+        "/v1/consent/{user_id}",
+        responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ConsentRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def put_consent(self, user_id: str, request: Request) -> Response:
+        assert self.pipeline is not None
+        limits = self.pipeline.config.limits
+        try:
+            try:
+                check_user_id(user_id, limits)
+            except ValueError as exc:
+                raise BadRequest([ErrorProblem(field="user_id", problem=str(exc))]) from exc
+            body = await read_body(request, limits.max_body_bytes)
+            try:
+                consent = ConsentRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise BadRequest(problems_of(exc)) from exc
+            unknown = [p for p in consent.purposes if p not in self.runtime.policy.purposes]
+            if unknown:
+                known = ", ".join(sorted(self.runtime.policy.purposes))
+                raise BadRequest(
+                    [
+                        ErrorProblem(
+                            field=f"purposes.{unknown[0]}",
+                            problem=f"unknown purpose (known: {known})",
+                        )
+                    ]
+                )
+        except BadRequest as exc:
+            return bad_request_response(exc)
+        key = consent_key(self.runtime.home.namespace, pseudonymise(user_id))
+        try:
+            # One HSET: all purposes of the request are recorded together or not at all.
+            fields = consent_fields(consent.purposes, consent.source)
+            await self.runtime.redis.hset(key, mapping=fields)  # type: ignore[misc]
+        except (OSError, aioredis.RedisError) as exc:
+            logger.warning("consent write failed: %s", type(exc).__name__)
+            return error_response(
+                503,
+                ErrorBody(
+                    error="consent_store_unavailable", detail="the consent was not recorded; retry"
+                ),
+                headers={"Retry-After": "1"},
+            )
+        return JSONResponse({"recorded": consent.purposes, "source": consent.source})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        assert self.pipeline is not None
+        models = self.pipeline.models
+        return {
+            "status": "ok",
+            "policy_version": self.runtime.policy.version,
+            "models": {
+                "loaded": sorted(models.loaded),
+                "unavailable": models.errors,
+            },
+        }
+
+
+class AppArgs(BaseModel):
+    """Application arguments (`args:` in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ranker_placement: Literal["in_process", "deployment"] = "in_process"
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    try:
+        parsed = AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError(validation_message("serve_config.yaml args", exc)) from exc
+    if parsed.ranker_placement == "deployment":
+        return RankIngress.bind(RankerDeployment.bind())  # type: ignore[attr-defined]
+    return RankIngress.bind()  # type: ignore[attr-defined]

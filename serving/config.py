@@ -1,0 +1,72 @@
+"""Typed serving configuration: the `user_config` of the ingress in serve_config.yaml.
+
+Validated at once by `reconfigure`; a bad value is refused with the field named,
+and the running configuration stays as it was.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetConfig(Strict):
+    default_ms: float = Field(50.0, gt=0)
+    """Deadline of a request that does not name `budget_ms`."""
+    min_ms: float = Field(1.0, gt=0)
+    max_ms: float = Field(1000.0, gt=0)
+    """Cap: a request may not ask for more (422)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetConfig:
+        if not self.min_ms <= self.default_ms <= self.max_ms:
+            raise ValueError("need min_ms <= default_ms <= max_ms")
+        return self
+
+
+class LimitsConfig(Strict):
+    max_body_bytes: int = Field(64 * 1024, ge=256)
+    max_candidates: int = Field(500, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_user_id_chars: int = Field(128, ge=1)
+    max_context_entries: int = Field(16, ge=0)
+    max_context_value_chars: int = Field(64, ge=1)
+
+
+class ModelsConfig(Strict):
+    name: str = "ranker"
+    versions: list[str] = Field(min_length=1)
+    """Versions loaded, in order of preference: for each purpose the first version
+    whose feature views the purpose permits is used."""
+
+
+class BatchingConfig(Strict):
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.0005, ge=0, le=0.1)
+    """How long the first request of a batch waits for company. Small: at low
+    traffic a lone request pays the full wait."""
+
+
+class FeaturesConfig(Strict):
+    item_refresh_s: float = Field(300.0, gt=0)
+    """How often the in-memory item table is re-read from the online store."""
+
+
+class ExplainerConfig(Strict):
+    max_items: int = Field(10, ge=1)
+    """At most this many returned items are explained (SHAP cost grows per row)."""
+    ms_per_row_estimate: float = Field(1.0, gt=0)
+    """Expected SHAP cost per row; the explainer is skipped when the rest of the
+    budget cannot cover it."""
+
+
+class ServingConfig(Strict):
+    budget: BudgetConfig = BudgetConfig()
+    limits: LimitsConfig = LimitsConfig()
+    models: ModelsConfig
+    batching: BatchingConfig = BatchingConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    explainer: ExplainerConfig = ExplainerConfig()

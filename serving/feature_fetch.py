@@ -1,0 +1,115 @@
+"""Online feature fetch from Feast's Redis online store.
+
+User features are read per request (one HMGET per view, concurrently, through
+Feast's async Redis read); item features change rarely and are held in memory
+as an encoded `ItemTable`, re-read every `item_refresh_s`. A user feature older
+than its view's TTL is stale, and the request degrades rather than ranking on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+from feast import FeatureStore
+from feast.infra.online_stores.redis import RedisOnlineStore
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.type_map import feast_value_type_to_python_type
+
+from features.definitions import ITEM_CONTEXT, VIEW_ENTITY, VIEW_FIELDS
+from features.vector import ItemTable
+from rankgate.example_data import PreparedData
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    values: dict[str, Any]
+    """Feast field name -> value, over the views read."""
+    age_s: dict[str, float]
+    """View -> age of its row in seconds (views with no row are absent)."""
+    missing_views: list[str]
+    stale_views: list[str]
+
+    @property
+    def found(self) -> bool:
+        return not self.missing_views
+
+
+def _user_entity(key: str) -> EntityKey:
+    return EntityKey(join_keys=["user_key"], entity_values=[Value(string_val=key)])
+
+
+def _item_entity(item_id: int) -> EntityKey:
+    return EntityKey(join_keys=["item_id"], entity_values=[Value(int64_val=int(item_id))])
+
+
+class FeatureFetcher:
+    """Reads the online store of one Feast repository (one home)."""
+
+    def __init__(self, store: FeatureStore, data: PreparedData) -> None:
+        self.store = store
+        self.config = store.config
+        self.online = RedisOnlineStore()
+        self.views = {name: store.get_feature_view(name) for name in VIEW_FIELDS}
+        self.ttl_s = {
+            name: view.ttl.total_seconds() for name, view in self.views.items() if view.ttl
+        }
+        catalogue = pd.read_parquet(data.item_context, columns=["item_id"])["item_id"]
+        self.catalogue: list[int] = sorted(int(i) for i in catalogue)
+        self.items = self.read_items()
+        self.items_loaded_at = time.monotonic()
+
+    def read_items(self) -> ItemTable:
+        """Item view of the whole catalogue, read from the online store (sync, at start)."""
+        rows = self.online.online_read(
+            self.config,
+            self.views[ITEM_CONTEXT],
+            [_item_entity(i) for i in self.catalogue],
+            list(VIEW_FIELDS[ITEM_CONTEXT]),  # a copy: Feast appends to the list it gets
+        )
+        table: dict[int, dict[str, Any]] = {}
+        for item_id, (_, values) in zip(self.catalogue, rows, strict=True):
+            table[item_id] = {
+                name: feast_value_type_to_python_type(value)
+                for name, value in (values or {}).items()
+            }
+        return ItemTable(table)
+
+    async def refresh_items_if_due(self, every_s: float) -> None:
+        if time.monotonic() - self.items_loaded_at < every_s:
+            return
+        self.items_loaded_at = time.monotonic()  # one refresh at a time
+        self.items = await asyncio.to_thread(self.read_items)
+
+    async def fetch_user(self, user_key: str, views: Iterable[str]) -> UserFeatures:
+        user_views = sorted(v for v in views if VIEW_ENTITY[v] == "user")
+        entity = [_user_entity(user_key)]
+        results = await asyncio.gather(
+            *[
+                self.online.online_read_async(
+                    self.config, self.views[v], entity, list(VIEW_FIELDS[v])
+                )
+                for v in user_views
+            ]
+        )
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {}
+        ages: dict[str, float] = {}
+        missing, stale = [], []
+        for view, [(stamp, row)] in zip(user_views, results, strict=True):
+            # Feast answers an unknown entity with an epoch timestamp and empty values.
+            if stamp is None or not row or all(v.WhichOneof("val") is None for v in row.values()):
+                missing.append(view)
+                continue
+            ages[view] = (now - stamp).total_seconds()
+            if view in self.ttl_s and ages[view] > self.ttl_s[view]:
+                stale.append(view)
+            for name, value in row.items():
+                values[name] = feast_value_type_to_python_type(value)
+        return UserFeatures(values, ages, missing, stale)

@@ -1,0 +1,89 @@
+"""Policy/consent gate: may this person be personalized for this purpose, here?
+
+The gate runs first and constrains everything after it: which feature views a
+model may read, which items may be shown at all. It never reads features, and a
+person it does not clear is never looked up in the feature store.
+
+Rules (policies/policy.yaml):
+- a purpose with `explicit_consent` needs a recorded "granted" consent;
+- otherwise an opt-in region needs "granted", an opt-out region needs "no
+  objection" (no record, or "granted");
+- a consent store that cannot be read fails closed: no personalization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rankgate.consent import ConsentState
+from rankgate.policy import Policy
+from serving.schemas import PolicyBlock, PolicyCheck
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    personalize: bool
+    reason: str | None
+    """Fallback reason when not personalizing (no_consent, consent_unavailable, ...)."""
+    allowed_views: frozenset[str]
+    excluded_items: frozenset[int]
+    checks: list[PolicyCheck] = field(default_factory=list)
+    policy_version: str = ""
+
+    def block(self) -> PolicyBlock:
+        return PolicyBlock(
+            decision="personalize" if self.personalize else "non_personalized",
+            version=self.policy_version,
+            checks=self.checks,
+        )
+
+
+class ConsentGate:
+    """Plain decision logic; the consent state is read by the caller (async Redis)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def decide(self, purpose: str, region: str, consent: ConsentState | None) -> GateDecision:
+        """`consent` None means the consent store could not be read."""
+        rules = self.policy.purposes[purpose]
+        regime = self.policy.regions[region].regime
+        excluded = self.policy.excluded_items(purpose, region)
+        needs_grant = rules.explicit_consent or regime == "opt_in"
+        requirement = "explicit consent" if rules.explicit_consent else f"{regime} region"
+        checks = [
+            PolicyCheck(check="purpose", result=purpose),
+            PolicyCheck(check="region", result=f"{region}:{regime}"),
+        ]
+        reason: str | None
+        if consent is None:
+            allowed, reason = False, "consent_unavailable"
+            checks.append(PolicyCheck(check="consent", result="unavailable", detail="fails closed"))
+        else:
+            allowed = consent == ConsentState.GRANTED or (
+                not needs_grant and consent == ConsentState.UNKNOWN
+            )
+            reason = None if allowed else "no_consent"
+            checks.append(
+                PolicyCheck(
+                    check="consent",
+                    result=consent.value,
+                    detail=f"{requirement}: {'satisfied' if allowed else 'not satisfied'}",
+                )
+            )
+        if excluded:
+            checks.append(
+                PolicyCheck(
+                    check="item_rules",
+                    result=f"{len(excluded)} items excluded",
+                    detail=",".join(str(i) for i in sorted(excluded)),
+                )
+            )
+        return GateDecision(
+            personalize=allowed,
+            reason=reason,
+            allowed_views=frozenset(rules.feature_views) if allowed else frozenset(),
+            excluded_items=excluded,
+            checks=checks,
+            policy_version=self.policy.version,
+        )

@@ -1,0 +1,127 @@
+"""Start the server: `rankgate serve` runs `serve run` on serve_config.yaml.
+
+`serve run serve_config.yaml` alone works too; `rankgate serve` adds what makes
+it fast and self-contained on one machine:
+
+- Ray Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, which implies
+  direct ingress: replicas take HTTP themselves, no proxy actor hop) and
+  `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each can be turned off by setting it to 0.
+- HAProxy's files in a folder of their own per home, so two homes never share them.
+- The home and the Redis URL passed to the replicas (inherited by a local Ray
+  instance; written into the application's runtime_env when `RAY_ADDRESS`
+  names an existing cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankgate.home import Home
+from rankgate.settings import PROJECT_ROOT
+
+SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
+
+FAST_PATH_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_env(home: Home, redis_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for name, value in FAST_PATH_ENV.items():
+        env.setdefault(name, value)
+    # Per home, but short: Ray adds a 56-character node id below it, and HAProxy's
+    # admin socket path may not exceed 97 characters.
+    digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:10]
+    haproxy = Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
+    haproxy.mkdir(parents=True, exist_ok=True)
+    env.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(haproxy / "haproxy.cfg"))
+    env.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(haproxy / "admin.sock"))
+    env.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(haproxy))
+    env.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(haproxy / "server-state"))
+    # HAProxy mode also opens fixed ports (fallback proxy 8500/9500, HAProxy stats
+    # 8404 and metrics 9101); free ones let two servers run side by side.
+    env.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(free_port()))
+    env.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(free_port()))
+    env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    env["RANKGATE_HOME"] = str(home.root)
+    env["REDIS_URL"] = redis_url
+    # Replicas import the project's packages from here, however Ray was started.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def derived_config(
+    home: Home,
+    base: Path = SERVE_CONFIG,
+    port: int | None = None,
+    user_config: dict[str, Any] | None = None,
+    runtime_env: dict[str, str] | None = None,
+    name: str = "serve_config",
+) -> Path:
+    """A copy of `base` in the home with the port, ingress user_config or env replaced."""
+    config = yaml.safe_load(base.read_text())
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
+    app = config["applications"][0]
+    if user_config is not None:
+        for deployment in app["deployments"]:
+            if deployment["name"] == "RankIngress":
+                deployment["user_config"] = user_config
+    if runtime_env:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(runtime_env)
+    target = home.root / "ray" / f"{name}.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def serve_binary() -> str:
+    return str(Path(sys.executable).with_name("serve"))
+
+
+def ray_client_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment for a Ray CLI client (`serve deploy`, `serve status`).
+
+    A local Ray instance turns token authentication on by itself when a token
+    exists (~/.ray/auth_token), but the dashboard clients only send it when
+    RAY_AUTH_MODE says so.
+    """
+    env = dict(env)
+    has_token = (
+        "RAY_AUTH_TOKEN" in env
+        or "RAY_AUTH_TOKEN_PATH" in env
+        or (Path.home() / ".ray" / "auth_token").exists()
+    )
+    if "RAY_AUTH_MODE" not in env and has_token:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def serve_deploy_command(config: Path, dashboard: str) -> list[str]:
+    return [serve_binary(), "deploy", str(config), "--address", dashboard]
+
+
+def serve_run_command(config: Path) -> list[str]:
+    """`serve run` of a config: on RAY_ADDRESS's cluster when set, else a new local
+    instance (never a stale `ray start` cluster that happens to be recorded in /tmp/ray)."""
+    command = [serve_binary(), "run", str(config)]
+    if not os.environ.get("RAY_ADDRESS"):
+        command += ["--address", "local"]
+    return command

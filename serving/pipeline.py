@@ -1,0 +1,307 @@
+"""The request path: gate -> features -> ranker -> [explainer], under one deadline.
+
+`RankPipeline` knows nothing of Ray. The ingress deployment builds it and hands
+it a `score` coroutine: in-process batched scoring, or a call to a ranker
+deployment, as placement config says. Every stage gets what is left of the
+request's budget; a stage that fails or would overrun degrades the answer to the
+rule-based fallback, which names its reason. Only bad input raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from features.vector import build_matrix
+from rankgate.consent import ConsentState, consent_key, parse_state
+from rankgate.errors import RankgateError
+from rankgate.pseudonym import user_key as pseudonymise
+from serving.config import ServingConfig
+from serving.explainer import Explainer
+from serving.fallback import PopularityFallback
+from serving.feature_fetch import FeatureFetcher
+from serving.gate import ConsentGate, GateDecision
+from serving.ranker import ModelSet, ModelUnavailable
+from serving.schemas import (
+    ErrorProblem,
+    Explanation,
+    Fallback,
+    ModelRef,
+    RankedItem,
+    RankRequest,
+    RankResponse,
+)
+
+ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+
+
+class BadRequest(RankgateError):
+    """Input the API refuses; carries the problems, each naming its field."""
+
+    status_code = 422
+
+    def __init__(self, problems: list[ErrorProblem], status_code: int = 422) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.problem}" for p in problems), status_code)
+        self.problems = problems
+
+
+class Deadline:
+    def __init__(self, budget_ms: float) -> None:
+        self.start = time.perf_counter()
+        self.end = self.start + budget_ms / 1000.0
+
+    def remaining_s(self) -> float:
+        return self.end - time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000.0
+
+
+@dataclass
+class Outcome:
+    """What the stages decided, turned into a RankResponse at the end."""
+
+    ranked: list[tuple[int, float]] = field(default_factory=list)
+    model: ModelRef | None = None
+    fallback: Fallback | None = None
+    reasons: list[list] | None = None
+    explanation: Explanation | None = None
+
+
+class RankPipeline:
+    def __init__(
+        self,
+        *,
+        config: ServingConfig,
+        gate: ConsentGate,
+        consent_client: aioredis.Redis,
+        namespace: str,
+        fetcher: FeatureFetcher,
+        models: ModelSet,
+        score: ScoreFn,
+        explainers: dict[str, Explainer],
+        fallback: PopularityFallback,
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.consent_client = consent_client
+        self.namespace = namespace
+        self.fetcher = fetcher
+        self.models = models
+        self.score = score
+        self.explainers = explainers
+        self.fallback = fallback
+
+    async def warm_up(self) -> None:
+        """Open the Redis connections (consent and Feast) before the first request pays for it."""
+        probe = pseudonymise("rankgate-warm-up")
+        deadline = Deadline(5000)
+        await self.read_consent(probe, next(iter(self.gate.policy.purposes)), deadline)
+        views = {view for model in self.models.loaded.values() for view in model.views}
+        # A store that is down now is handled per request; warming up is best effort.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.fetcher.fetch_user(probe, views), timeout=5)
+
+    # -- input ---------------------------------------------------------------
+
+    def parse(self, body: bytes) -> RankRequest:
+        from pydantic import ValidationError
+
+        try:
+            request = RankRequest.model_validate_json(
+                body, context={"limits": self.config.limits, "budget": self.config.budget}
+            )
+        except ValidationError as exc:
+            raise BadRequest(problems_of(exc)) from exc
+        policy = self.gate.policy
+        problems = []
+        if request.purpose not in policy.purposes:
+            known = ", ".join(sorted(policy.purposes))
+            problems.append(
+                ErrorProblem(field="purpose", problem=f"unknown purpose (known: {known})")
+            )
+        if request.region not in policy.regions:
+            known = ", ".join(sorted(policy.regions))
+            problems.append(
+                ErrorProblem(field="region", problem=f"unknown region (known: {known})")
+            )
+        if request.candidates is not None:
+            unknown = [c for c in request.candidates if c not in self.fetcher.items]
+            if unknown:
+                shown = ", ".join(str(c) for c in unknown[:5])
+                problems.append(
+                    ErrorProblem(field="candidates", problem=f"unknown item ids: {shown}")
+                )
+        if problems:
+            raise BadRequest(problems)
+        return request
+
+    # -- stages --------------------------------------------------------------
+
+    async def read_consent(self, key: str, purpose: str, deadline: Deadline) -> ConsentState | None:
+        """Consent of the person for the purpose; None when it cannot be read in time."""
+        try:
+            raw = await asyncio.wait_for(
+                self.consent_client.hget(consent_key(self.namespace, key), purpose),  # type: ignore[arg-type]
+                timeout=max(deadline.remaining_s(), 0.0),
+            )
+        except (TimeoutError, OSError, aioredis.RedisError):
+            return None
+        return parse_state(raw)
+
+    async def rank(self, request: RankRequest) -> RankResponse:
+        deadline = Deadline(request.budget_ms or self.config.budget.default_ms)
+        timings = {"policy": 0.0, "features": 0.0, "rank": 0.0, "explain": 0.0}
+        key = pseudonymise(request.user_id)
+        candidates = request.candidates or self.fetcher.catalogue
+
+        started = time.perf_counter()
+        consent = await self.read_consent(key, request.purpose, deadline)
+        decision = self.gate.decide(request.purpose, request.region, consent)
+        eligible = [c for c in candidates if c not in decision.excluded_items]
+        timings["policy"] = _ms_since(started)
+
+        outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
+        if outcome.fallback is not None:
+            outcome.ranked = self.fallback.rank(eligible, request.k)
+            if request.explain:
+                outcome.explanation = Explanation(status="omitted", reason="not_personalized")
+        # Optional parts are left unset, not set to None: the JSON answer carries
+        # `reasons`, `explanation` and `detail` only when there is something to say.
+        items = []
+        for n, (item, score) in enumerate(outcome.ranked):
+            extra = (
+                {"reasons": outcome.reasons[n]}
+                if outcome.reasons and n < len(outcome.reasons)
+                else {}
+            )
+            items.append(RankedItem(item_id=item, rank=n + 1, score=round(score, 6), **extra))
+        timings = {name: round(value, 3) for name, value in timings.items()}
+        timings["total"] = round(deadline.elapsed_ms(), 3)
+        explanation = {"explanation": outcome.explanation} if outcome.explanation else {}
+        return RankResponse(
+            request_id=uuid.uuid4().hex,
+            items=items,
+            model=outcome.model,
+            fallback=outcome.fallback,
+            policy=decision.block(),
+            timings_ms=timings,
+            **explanation,
+        )
+
+    def _degrade(self, outcome: Outcome, reason: str, detail: str | None = None) -> Outcome:
+        extra = {"detail": detail} if detail else {}
+        outcome.fallback = Fallback(reason=reason, strategy=self.fallback.strategy, **extra)
+        return outcome
+
+    async def _personalize(
+        self,
+        request: RankRequest,
+        key: str,
+        decision: GateDecision,
+        eligible: Sequence[int],
+        deadline: Deadline,
+        timings: dict[str, float],
+    ) -> Outcome:
+        outcome = Outcome()
+        if not decision.personalize:
+            return self._degrade(outcome, decision.reason or "no_consent")
+        version, reason = self.models.choose(decision.allowed_views)
+        if version is None:
+            return self._degrade(outcome, reason or "no_permitted_model")
+        outcome.model = ModelRef(name=self.models.name, version=version, variant="stable")
+        model = self.models.loaded.get(version)
+        if model is None:
+            return self._degrade(outcome, "model_unavailable", self.models.errors.get(version))
+        if not eligible:
+            return outcome  # nothing may be shown: an empty, personalized answer
+
+        # Features: only the views this model reads, and only for a cleared person.
+        started = time.perf_counter()
+        try:
+            if deadline.remaining_s() <= 0:
+                raise TimeoutError
+            user = await asyncio.wait_for(
+                self.fetcher.fetch_user(key, model.views), timeout=deadline.remaining_s()
+            )
+        except TimeoutError:
+            timings["features"] = _ms_since(started)
+            return self._degrade(outcome, "feature_timeout")
+        except Exception as exc:  # noqa: BLE001 - the online store failed: degrade
+            timings["features"] = _ms_since(started)
+            return self._degrade(outcome, "feature_error", type(exc).__name__)
+        timings["features"] = _ms_since(started)
+        if user.missing_views:
+            return self._degrade(outcome, "features_missing", ",".join(user.missing_views))
+        if user.stale_views:
+            return self._degrade(outcome, "features_stale", ",".join(user.stale_views))
+
+        started = time.perf_counter()
+        matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible)
+        try:
+            if deadline.remaining_s() <= 0:
+                raise TimeoutError
+            scores = await asyncio.wait_for(
+                self.score(version, matrix), timeout=deadline.remaining_s()
+            )
+        except TimeoutError:
+            timings["rank"] = _ms_since(started)
+            return self._degrade(outcome, "budget_exhausted", "ranker")
+        except ModelUnavailable as exc:
+            timings["rank"] = _ms_since(started)
+            return self._degrade(outcome, "model_unavailable", exc.message)
+        except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
+            timings["rank"] = _ms_since(started)
+            return self._degrade(outcome, "model_error", type(exc).__name__)
+        order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
+        outcome.ranked = [(int(eligible[n]), float(scores[n])) for n in order]
+        timings["rank"] = _ms_since(started)
+
+        if request.explain:
+            started = time.perf_counter()
+            outcome.reasons, outcome.explanation = self._explain(version, matrix[order], deadline)
+            timings["explain"] = _ms_since(started)
+        return outcome
+
+    def _explain(
+        self, version: str, rows: np.ndarray, deadline: Deadline
+    ) -> tuple[list[list] | None, Explanation]:
+        explainer = self.explainers.get(version)
+        if explainer is None:
+            return None, Explanation(status="omitted", reason="explainer_unavailable")
+        rows = rows[: self.config.explainer.max_items]
+        needed_s = len(rows) * self.config.explainer.ms_per_row_estimate / 1000.0
+        if deadline.remaining_s() < needed_s:
+            return None, Explanation(status="omitted", reason="budget_exhausted")
+        try:
+            reasons: list[list] = explainer.explain(rows)
+        except Exception:  # noqa: BLE001 - an explainer error never fails the answer
+            return None, Explanation(status="omitted", reason="explainer_error")
+        return reasons, Explanation(status="explained")
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def problems_of(exc) -> list[ErrorProblem]:  # type: ignore[no-untyped-def]
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "json_invalid":
+            where, message = (
+                "body",
+                f"not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})",
+            )
+        problems.append(ErrorProblem(field=where, problem=message))
+    return problems

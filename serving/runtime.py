@@ -1,0 +1,109 @@
+"""What a serving replica opens at start: settings, Redis, Feast, policy, fallback.
+
+Heavy and shared by every request; built once in a deployment's `__init__`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from features.store import feature_store
+from model_store.store import ModelStore
+from rankgate.errors import RankgateError
+from rankgate.example_data import prepared
+from rankgate.home import Home
+from rankgate.policy import Policy, load_fallback_rules, load_policy
+from rankgate.redis_server import resolve_redis_url
+from rankgate.settings import Settings, get_settings
+from serving.config import ServingConfig
+from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
+from serving.fallback import PopularityFallback
+from serving.feature_fetch import FeatureFetcher
+from serving.gate import ConsentGate
+from serving.pipeline import RankPipeline, ScoreFn
+from serving.ranker import ModelSet
+
+logger = logging.getLogger("ray.serve")
+
+# Redis timeouts on the request path: the request deadline is enforced with
+# asyncio timeouts, these only bound a dead connection.
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 0.5
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    home: Home
+    redis_url: str
+    redis: aioredis.Redis
+    fetcher: FeatureFetcher
+    policy: Policy
+    fallback: PopularityFallback
+    models: ModelStore
+    templates: ReasonTemplates
+
+    @classmethod
+    def open(cls) -> Runtime:
+        settings = get_settings()
+        home = Home.from_settings(settings)
+        data = prepared(home)
+        if not data.is_complete():
+            raise RankgateError(f"{home.root} is not set up: run `rankgate setup` first", 503)
+        url = resolve_redis_url(settings)
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
+        store = feature_store(settings, url, serving=True)
+        return cls(
+            settings=settings,
+            home=home,
+            redis_url=url,
+            redis=client,
+            fetcher=FeatureFetcher(store, data),
+            policy=load_policy(),
+            fallback=PopularityFallback(load_fallback_rules(), data.impressions),
+            models=ModelStore(home),
+            templates=load_reason_templates(),
+        )
+
+    def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
+        """ONNX sessions and SHAP explainers of the configured versions.
+
+        A version that fails to load, or whose explainer does, is logged and kept
+        out; requests that would use it degrade and say why.
+        """
+        models = ModelSet(self.models, config.models.versions)
+        for version, error in models.errors.items():
+            logger.warning("model %s unavailable: %s", version, error)
+        explainers = {}
+        for version, model in models.loaded.items():
+            try:
+                explainers[version] = Explainer(
+                    self.models.path(version), model.specs, self.templates
+                )
+            except Exception as exc:  # noqa: BLE001 - explanations degrade, scoring goes on
+                logger.warning("explainer for %s unavailable: %s", version, exc)
+        return models, explainers
+
+    def pipeline(
+        self,
+        config: ServingConfig,
+        models: ModelSet,
+        explainers: dict[str, Explainer],
+        score: ScoreFn,
+    ) -> RankPipeline:
+        return RankPipeline(
+            config=config,
+            gate=ConsentGate(self.policy),
+            consent_client=self.redis,
+            namespace=self.home.namespace,
+            fetcher=self.fetcher,
+            models=models,
+            score=score,
+            explainers=explainers,
+            fallback=self.fallback,
+        )

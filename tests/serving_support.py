@@ -1,0 +1,34 @@
+"""Shared helpers for the serving tests (plain pipeline and HTTP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankgate.consent import ConsentState
+from rankgate.example_data import example_user_ids
+from rankgate.pseudonym import user_key
+from rankgate.settings import PROJECT_ROOT
+
+SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
+
+
+def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def ingress_user_config(**overrides: Any) -> dict[str, Any]:
+    """The RankIngress user_config of serve_config.yaml, with top-level sections replaced."""
+    app = serve_config()["applications"][0]
+    config = next(d for d in app["deployments"] if d["name"] == "RankIngress")["user_config"]
+    return {**config, **overrides}
+
+
+def user_with(consent_store, purpose: str, state: ConsentState, skip: int = 0) -> str:  # type: ignore[no-untyped-def]
+    """An example user whose recorded consent for `purpose` is `state`."""
+    ids = example_user_ids()
+    states = consent_store.states([user_key(u) for u in ids], purpose)
+    matches = [uid for uid, s in zip(ids, states, strict=True) if s == state]
+    return matches[skip]

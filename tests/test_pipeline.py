@@ -1,0 +1,416 @@
+"""The scoring pipeline as plain classes, on real Redis, Feast, onnxruntime and SHAP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from feast.infra.online_stores.redis import RedisOnlineStore
+
+from features.store import repo_config
+from rankgate.consent import ConsentState
+from rankgate.setup import Environment
+from serving.app import parse_config
+from serving.pipeline import BadRequest, RankPipeline
+from serving.ranker import Ranker
+from serving.runtime import Runtime
+from serving.schemas import RankRequest, RankResponse
+from tests.serving_support import ingress_user_config, user_with
+
+# One event loop for the module: the async Redis clients stay bound to the loop
+# they first ran on, as they do in a serving replica.
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module")
+def runtime(ready_home) -> Runtime:  # type: ignore[no-untyped-def]
+    return Runtime.open()
+
+
+def make_pipeline(runtime: Runtime, **overrides: Any) -> RankPipeline:
+    config = parse_config(ingress_user_config(**overrides))
+    models, explainers = runtime.load_models(config)
+    ranker = Ranker(models)
+
+    async def score(version: str, matrix: np.ndarray) -> np.ndarray:
+        (result,) = ranker.score_batch([(version, matrix)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    pipeline = runtime.pipeline(config, models, explainers, score)
+    LOOP.run_until_complete(pipeline.warm_up())
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(runtime: Runtime) -> RankPipeline:
+    return make_pipeline(runtime)
+
+
+def rank(pipeline: RankPipeline, **body: Any) -> RankResponse:
+    request = pipeline.parse(json.dumps(body).encode())
+    return LOOP.run_until_complete(pipeline.rank(request))
+
+
+def hmget_calls(env: Environment) -> int:
+    stats = env.redis.info("commandstats")
+    return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+
+def test_granted_user_gets_a_personalized_ranking(pipeline: RankPipeline, env: Environment) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU", k=5)
+    assert response.fallback is None
+    assert response.model is not None and response.model.version == "v2"
+    assert response.policy.decision == "personalize"
+    assert [i.rank for i in response.items] == [1, 2, 3, 4, 5]
+    scores = [i.score for i in response.items]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    assert 5 not in {i.item_id for i in response.items}  # EU item rule
+    assert set(response.timings_ms) == {"policy", "features", "rank", "explain", "total"}
+    assert response.timings_ms["total"] >= response.timings_ms["features"] > 0
+
+
+def test_scores_equal_the_native_model_on_the_same_rows(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    import lightgbm as lgb
+
+    from features.vector import build_matrix
+    from rankgate.pseudonym import user_key
+
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=1)
+    candidates = [1, 2, 3, 17, 42]
+    response = rank(
+        pipeline,
+        user_id=uid,
+        purpose="onsite_personalization",
+        region="US",
+        candidates=candidates,
+        k=5,
+    )
+    model = pipeline.models.loaded["v2"]
+    user = LOOP.run_until_complete(pipeline.fetcher.fetch_user(user_key(uid), model.views))
+    booster = lgb.Booster(model_file=str(env.models.path("v2") / "booster.txt"))
+    native = booster.predict(
+        build_matrix(model.specs, user.values, pipeline.fetcher.items, candidates)
+    )
+    expected = {c: round(float(s), 6) for c, s in zip(candidates, native, strict=True)}
+    for item in response.items:
+        assert item.score == pytest.approx(expected[item.item_id], abs=1e-5)
+
+
+def test_denied_user_gets_the_fallback_and_is_never_looked_up(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
+    before = hmget_calls(env)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US", k=10)
+    assert hmget_calls(env) == before  # no feature-store read at all
+    assert response.model is None
+    assert response.fallback is not None and response.fallback.reason == "no_consent"
+    assert response.fallback.strategy == "popularity"
+    assert len(response.items) == 10
+    assert response.policy.decision == "non_personalized"
+    # A granted user, by contrast, costs one read per feature view of the model.
+    granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    before = hmget_calls(env)
+    rank(pipeline, user_id=granted, purpose="onsite_personalization", region="US")
+    assert hmget_calls(env) == before + 2
+
+
+def test_unknown_consent_follows_the_region(pipeline: RankPipeline, env: Environment) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.UNKNOWN)
+    us = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
+    eu = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU")
+    assert us.fallback is None and us.policy.decision == "personalize"
+    assert eu.fallback is not None and eu.fallback.reason == "no_consent"
+
+
+def test_email_needs_explicit_consent_and_never_uses_affinity(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    unknown = user_with(env.consent, "email_marketing", ConsentState.UNKNOWN)
+    response = rank(pipeline, user_id=unknown, purpose="email_marketing", region="US")
+    assert response.fallback is not None and response.fallback.reason == "no_consent"
+
+    granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
+    before = hmget_calls(env)
+    response = rank(pipeline, user_id=granted, purpose="email_marketing", region="US", k=80)
+    # v2 reads user_item_affinity, which email may not use: v1 serves, reading one view.
+    assert response.model is not None and response.model.version == "v1"
+    assert hmget_calls(env) == before + 1
+    assert not {70, 71, 72, 73} & {i.item_id for i in response.items}  # email item rule
+
+
+def test_no_permitted_model_degrades(runtime: Runtime, env: Environment) -> None:
+    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v2"]})
+    granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
+    response = rank(pipeline, user_id=granted, purpose="email_marketing", region="US")
+    assert response.fallback is not None and response.fallback.reason == "no_permitted_model"
+    assert response.model is None
+
+
+def test_fallback_order_is_popularity_with_boosts(pipeline: RankPipeline, env: Environment) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US", k=80)
+    fallback = pipeline.fallback
+    assert [i.item_id for i in response.items] == [
+        item for item, _ in fallback.rank(fallback_ids(), 80)
+    ]
+    boosted = fallback.score_of[17]
+    assert boosted == pytest.approx(fallback.scores([17])[0])
+
+
+def fallback_ids() -> list[int]:
+    return list(range(80))
+
+
+def test_unknown_user_with_consent_gets_the_fallback(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    from rankgate.pseudonym import user_key
+
+    env.consent.record(user_key("u-newcomer"), {"onsite_personalization": True}, source="test")
+    response = rank(pipeline, user_id="u-newcomer", purpose="onsite_personalization", region="EU")
+    assert response.fallback is not None and response.fallback.reason == "features_missing"
+    assert response.fallback.detail == "user_item_affinity,visitor_profile"
+    assert len(response.items) == 10
+
+
+def test_stale_features_degrade(runtime: Runtime, env: Environment) -> None:
+    pipeline = make_pipeline(runtime)
+    pipeline.fetcher = copy_fetcher(pipeline.fetcher)
+    pipeline.fetcher.ttl_s["user_item_affinity"] = 0.001  # older than this is stale
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU")
+    assert response.fallback is not None and response.fallback.reason == "features_stale"
+    assert response.fallback.detail == "user_item_affinity"
+
+
+def copy_fetcher(fetcher):  # type: ignore[no-untyped-def]
+    import copy
+
+    clone = copy.copy(fetcher)
+    clone.ttl_s = dict(fetcher.ttl_s)
+    return clone
+
+
+@pytest.fixture
+def blackhole_port() -> Iterator[int]:
+    """A real TCP server that accepts connections and never answers (a hung Redis)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_hung_feature_store_times_out_within_the_budget(
+    runtime: Runtime, env: Environment, blackhole_port: int
+) -> None:
+    pipeline = make_pipeline(runtime)
+    fetcher = copy_fetcher(pipeline.fetcher)
+    fetcher.config = repo_config(env.home, f"redis://127.0.0.1:{blackhole_port}/0", serving=True)
+    fetcher.online = RedisOnlineStore()
+    pipeline.fetcher = fetcher
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(
+        pipeline, user_id=uid, purpose="onsite_personalization", region="EU", budget_ms=30
+    )
+    assert response.fallback is not None and response.fallback.reason == "feature_timeout"
+    assert 25 <= response.timings_ms["total"] < 200
+    assert len(response.items) == 10
+
+
+def test_unreachable_consent_store_fails_closed(runtime: Runtime, env: Environment) -> None:
+    import redis.asyncio as aioredis
+
+    pipeline = make_pipeline(runtime)
+    pipeline.consent_client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    before = hmget_calls(env)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
+    assert response.fallback is not None and response.fallback.reason == "consent_unavailable"
+    assert hmget_calls(env) == before
+
+
+@pytest.fixture
+def broken_versions(env: Environment) -> Iterator[None]:
+    """v1-shape: manifest claims 9 features, its ONNX takes 8 (a real onnxruntime error)."""
+    shape = env.models.path("v1-shape")
+    shutil.copytree(env.models.path("v1"), shape)
+    manifest = json.loads((shape / "manifest.json").read_text())
+    manifest["features"].append(
+        {
+            "name": "user_item_affinity",
+            "view": "user_item_affinity",
+            "field": "affinity_{item_id}",
+            "group": "affinity",
+        }
+    )
+    (shape / "manifest.json").write_text(json.dumps(manifest))
+    yield
+    shutil.rmtree(shape)
+
+
+@pytest.mark.usefixtures("broken_versions")
+def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environment) -> None:
+    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v1-shape"]})
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
+    assert response.fallback is not None and response.fallback.reason == "model_error"
+    assert response.model is not None and response.model.version == "v1-shape"  # the skipped model
+    assert len(response.items) == 10
+
+
+def test_missing_model_file_degrades(runtime: Runtime, env: Environment) -> None:
+    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v404"]})
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
+    assert response.fallback is not None and response.fallback.reason == "model_unavailable"
+    assert "v404" in (response.fallback.detail or "")
+
+
+def test_explain_returns_reasons_for_returned_items(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(
+        pipeline,
+        user_id=uid,
+        purpose="onsite_personalization",
+        region="US",
+        k=3,
+        explain=True,
+        budget_ms=500,
+    )
+    assert response.explanation is not None and response.explanation.status == "explained"
+    for item in response.items:
+        assert item.reasons is not None
+        for reason in item.reasons:
+            assert reason.contribution > 0 and reason.text
+            assert reason.group in {"profile", "affinity", "item"}
+    assert response.timings_ms["explain"] > 0
+
+
+def test_explainer_is_omitted_when_the_budget_cannot_cover_it(
+    runtime: Runtime, env: Environment
+) -> None:
+    pipeline = make_pipeline(runtime, explainer={"max_items": 10, "ms_per_row_estimate": 500})
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(
+        pipeline,
+        user_id=uid,
+        purpose="onsite_personalization",
+        region="US",
+        explain=True,
+        budget_ms=100,
+    )
+    assert response.fallback is None
+    assert response.explanation is not None and response.explanation.reason == "budget_exhausted"
+    assert all(item.reasons is None for item in response.items)
+
+
+def test_missing_booster_makes_the_explainer_unavailable_not_the_answer(
+    runtime: Runtime, env: Environment
+) -> None:
+    copy = env.models.path("v1-nobooster")
+    shutil.copytree(env.models.path("v1"), copy)
+    try:
+        (copy / "booster.txt").unlink()  # hashes now fail: the version does not load
+        pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v1"]})
+        pipeline.explainers = {}
+        uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+        response = rank(
+            pipeline, user_id=uid, purpose="onsite_personalization", region="US", explain=True
+        )
+        assert response.fallback is None
+        assert (
+            response.explanation is not None
+            and response.explanation.reason == "explainer_unavailable"
+        )
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_a_tiny_budget_still_answers(pipeline: RankPipeline, env: Environment) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    response = rank(
+        pipeline, user_id=uid, purpose="onsite_personalization", region="US", budget_ms=1
+    )
+    assert len(response.items) == 10
+    if response.fallback is not None:
+        assert response.fallback.reason in {
+            "feature_timeout",
+            "budget_exhausted",
+            "consent_unavailable",
+        }
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "problem"),
+    [
+        ({"purpose": "telepathy"}, "purpose", "unknown purpose"),
+        ({"region": "MARS"}, "region", "unknown region"),
+        ({"k": 0}, "k", "between 1 and 100"),
+        ({"k": "10"}, "k", "Input should be a valid integer"),
+        ({"budget_ms": 5000}, "budget_ms", "between 1 and 1000 ms"),
+        ({"candidates": list(range(501))}, "candidates", "between 1 and 500 item ids"),
+        ({"candidates": [1, 1]}, "candidates", "distinct"),
+        ({"candidates": [1, 999]}, "candidates", "unknown item ids: 999"),
+        ({"candidates": [True]}, "candidates.0", "valid integer"),
+        ({"user_id": "bad id!"}, "user_id", "letters, digits"),
+        ({"user_id": "u" * 200}, "user_id", "at most 128 characters"),
+        ({"colour": "red"}, "colour", "unknown field"),
+        ({"context": {"Bad-Key": "x"}}, "context", "lower-case"),
+        ({"explain": "yes"}, "explain", "valid boolean"),
+    ],
+)
+def test_bad_input_names_the_field(
+    pipeline: RankPipeline, body: dict[str, Any], field: str, problem: str
+) -> None:
+    request = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU", **body}
+    with pytest.raises(BadRequest) as caught:
+        pipeline.parse(json.dumps(request).encode())
+    assert any(p.field == field and problem in p.problem for p in caught.value.problems), (
+        caught.value.problems
+    )
+
+
+def test_missing_fields_and_broken_json(pipeline: RankPipeline) -> None:
+    with pytest.raises(BadRequest) as caught:
+        pipeline.parse(b'{"user_id": "u-1"}')
+    assert {p.field for p in caught.value.problems} == {"purpose", "region"}
+    with pytest.raises(BadRequest) as caught:
+        pipeline.parse(b'{"user_id": ')
+    assert caught.value.problems[0].field == "body"
+
+
+def test_request_schema_is_one_model() -> None:
+    assert RankRequest.model_json_schema()["additionalProperties"] is False

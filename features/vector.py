@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,12 @@ FEATURES: dict[str, FeatureSpec] = {
     ]
 }
 ALL_FEATURE_NAMES = list(FEATURES)
+
+
+@lru_cache(maxsize=4096)
+def affinity_field(item_id: int) -> str:
+    """Field of the affinity view that holds the user's affinity to `item_id`."""
+    return AFFINITY_FIELD_TEMPLATE.format(item_id=item_id)
 
 
 def resolve(names: Sequence[str]) -> list[FeatureSpec]:
@@ -131,10 +138,8 @@ def build_matrix(
         if spec.view == ITEM_CONTEXT:
             matrix[:, col] = items.values[rows, items.column(spec.name)]
         elif spec.field == AFFINITY_FIELD_TEMPLATE:
-            matrix[:, col] = [
-                encode(user.get(AFFINITY_FIELD_TEMPLATE.format(item_id=int(i))), False)
-                for i in item_ids
-            ]
+            values = (user.get(affinity_field(int(i))) for i in item_ids)
+            matrix[:, col] = [MISSING if v is None else v for v in values]
         else:
             matrix[:, col] = encode(user.get(spec.field), spec.categorical)
     return matrix

@@ -114,6 +114,47 @@ def serve(config_path: Path | None, port: int | None) -> None:
     os.execve(command[0], command, serve_env(env.home, env.redis_url))
 
 
+@main.command()
+@click.option("--concurrency", default="1,8,32", show_default=True, help="Comma-separated levels.")
+@click.option(
+    "--duration",
+    default=8.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds per run.",
+)
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Runs per level (medians are reported).",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(__file__).resolve().parent.parent / "loadtests" / "results",
+    show_default=True,
+)
+@fails_cleanly
+def bench(concurrency: str, duration: float, repeats: int, output: Path) -> None:
+    """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
+    from loadtests.bench import run_bench
+    from rankgate.setup import run_setup
+
+    try:
+        levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
+    except ValueError as exc:
+        raise RankgateError(f"--concurrency: {concurrency!r} is not a list of integers") from exc
+    if not levels or min(levels) < 1 or 1 not in levels:
+        raise RankgateError("--concurrency: positive integers, including 1")
+    run_setup(lambda _line: None)
+    report = run_bench(levels, duration, repeats, output, click.echo)
+    click.echo((output / "bench.md").read_text())
+    click.echo(f"written: {output / 'bench.md'}, {output / 'bench.json'}")
+    del report
+
+
 # -- features ----------------------------------------------------------------
 
 

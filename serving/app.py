@@ -75,6 +75,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return body
 
 
+def not_configured() -> JSONResponse:
+    detail = (
+        "RankIngress has no serving config: deploy it with the user_config of serve_config.yaml"
+    )
+    return error_response(503, ErrorBody(error="not_configured", detail=detail))
+
+
 def bad_request_response(exc: BadRequest) -> JSONResponse:
     error = "body_too_large" if exc.status_code == 413 else "invalid_request"
     return error_response(exc.status_code, ErrorBody(error=error, problems=exc.problems))
@@ -156,14 +163,15 @@ class RankIngress(BatchedScoring):
         },
     )
     async def rank(self, request: Request) -> Response:
-        assert self.pipeline is not None
         pipeline = self.pipeline
+        if pipeline is None:
+            return not_configured()
         try:
             body = await read_body(request, pipeline.config.limits.max_body_bytes)
             parsed = pipeline.parse(body)
         except BadRequest as exc:
             return bad_request_response(exc)
-        await pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
+        pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
         response = await pipeline.rank(parsed)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
@@ -178,7 +186,8 @@ class RankIngress(BatchedScoring):
         },
     )
     async def put_consent(self, user_id: str, request: Request) -> Response:
-        assert self.pipeline is not None
+        if self.pipeline is None:
+            return not_configured()
         limits = self.pipeline.config.limits
         try:
             try:
@@ -220,17 +229,20 @@ class RankIngress(BatchedScoring):
         return JSONResponse({"recorded": consent.purposes, "source": consent.source})
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        assert self.pipeline is not None
+    async def healthz(self) -> Response:
+        if self.pipeline is None:
+            return not_configured()
         models = self.pipeline.models
-        return {
-            "status": "ok",
-            "policy_version": self.runtime.policy.version,
-            "models": {
-                "loaded": sorted(models.loaded),
-                "unavailable": models.errors,
-            },
-        }
+        return JSONResponse(
+            {
+                "status": "ok",
+                "policy_version": self.runtime.policy.version,
+                "models": {
+                    "loaded": sorted(models.loaded),
+                    "unavailable": models.errors,
+                },
+            }
+        )
 
 
 class AppArgs(BaseModel):

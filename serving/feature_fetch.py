@@ -9,6 +9,7 @@ than its view's TTL is stale, and the request degrades rather than ranking on it
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from feast.type_map import feast_value_type_to_python_type
 from features.definitions import ITEM_CONTEXT, VIEW_ENTITY, VIEW_FIELDS
 from features.vector import ItemTable
 from rankgate.example_data import PreparedData
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,22 @@ class FeatureFetcher:
             }
         return ItemTable(table)
 
-    async def refresh_items_if_due(self, every_s: float) -> None:
+    def refresh_items_if_due(self, every_s: float) -> asyncio.Task[None] | None:
+        """Re-read the item table in the background when it is older than `every_s`.
+
+        The request that notices never waits for it; it and the next ones use the
+        current table until the new one is swapped in. Returns the task, if any.
+        """
         if time.monotonic() - self.items_loaded_at < every_s:
-            return
+            return None
         self.items_loaded_at = time.monotonic()  # one refresh at a time
-        self.items = await asyncio.to_thread(self.read_items)
+        return asyncio.get_running_loop().create_task(self._refresh_items())
+
+    async def _refresh_items(self) -> None:
+        try:
+            self.items = await asyncio.to_thread(self.read_items)
+        except Exception as exc:  # noqa: BLE001 - keep serving the table we have
+            logger.warning("item table refresh failed, keeping the cached one: %s", exc)
 
     async def fetch_user(self, user_key: str, views: Iterable[str]) -> UserFeatures:
         user_views = sorted(v for v in views if VIEW_ENTITY[v] == "user")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +62,9 @@ def serve_env(home: Home, redis_url: str, base: dict[str, str] | None = None) ->
     env.setdefault("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", str(free_port()))
     env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
     env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    # Direct ingress drains a replica for at least 30 s before it stops; on one
+    # machine that only delays Ctrl-C. Operators can set it back.
+    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     env["RANKGATE_HOME"] = str(home.root)
     env["REDIS_URL"] = redis_url
     # Replicas import the project's packages from here, however Ray was started.
@@ -125,3 +130,43 @@ def serve_run_command(config: Path) -> list[str]:
     if not os.environ.get("RAY_ADDRESS"):
         command += ["--address", "local"]
     return command
+
+
+def start_server(
+    command: list[str], env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server process in its own session, logging to `log_path`.
+
+    SIGINT is restored to its default first: a process started from a
+    background job inherits "ignore SIGINT", and `serve run` shuts its Ray
+    instance down cleanly only on SIGINT.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:  # an ignored signal stays ignored across exec; a handled one does not
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                command,
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGINT (clean shutdown of `serve run` and its Ray instance), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

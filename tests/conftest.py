@@ -119,32 +119,25 @@ def wait_until_healthy(
 @pytest.fixture(scope="session")
 def server(ready_home: Home) -> Iterator[Server]:
     """The real thing: `serve run` on a copy of serve_config.yaml with a free port."""
-    import signal
-    import subprocess
-
     from rankgate.redis_server import resolve_redis_url
-    from serving.launch import derived_config, free_port, serve_env, serve_run_command
+    from serving.launch import (
+        derived_config,
+        free_port,
+        serve_env,
+        serve_run_command,
+        start_server,
+        stop_server,
+    )
 
     port = free_port()
     config = derived_config(ready_home, port=port)
     log_path = ready_home.root / "serve.log"
-    env = serve_env(ready_home, resolve_redis_url())
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            serve_run_command(config),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_server(
+        serve_run_command(config), serve_env(ready_home, resolve_redis_url()), log_path
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, 240, log_path)
         yield Server(process, base_url, log_path, ready_home, config)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_server(process)

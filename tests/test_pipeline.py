@@ -414,3 +414,20 @@ def test_missing_fields_and_broken_json(pipeline: RankPipeline) -> None:
 
 def test_request_schema_is_one_model() -> None:
     assert RankRequest.model_json_schema()["additionalProperties"] is False
+
+
+def test_item_table_is_cached_and_refreshed_from_the_online_store(runtime: Runtime) -> None:
+    fetcher = copy_fetcher(runtime.fetcher)
+    cached = fetcher.items
+
+    async def refresh() -> None:
+        task = fetcher.refresh_items_if_due(every_s=3600)
+        if task is not None:
+            await task
+
+    LOOP.run_until_complete(refresh())
+    assert fetcher.items is cached  # not due: no read
+    fetcher.items_loaded_at -= 3601
+    LOOP.run_until_complete(refresh())
+    assert fetcher.items is not cached
+    np.testing.assert_array_equal(fetcher.items.values, cached.values)

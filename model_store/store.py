@@ -177,7 +177,15 @@ class ModelStore:
 
         try:
             inputs = np.load(folder / PARITY_INPUTS_FILE, allow_pickle=False)
-            onnx_scores = OnnxScorer(folder / ONNX_FILE).score(inputs)
+            scorer = OnnxScorer(folder / ONNX_FILE)
+            if scorer.n_features != len(manifest.features):
+                report.add(
+                    "onnx/native parity",
+                    False,
+                    f"model.onnx takes {scorer.n_features} features, the manifest lists {len(manifest.features)}",
+                )
+                return
+            onnx_scores = scorer.score(inputs)
             native = lgb.Booster(model_file=str(folder / BOOSTER_FILE)).predict(inputs)
         except Exception as exc:  # noqa: BLE001 - any load failure is a failed check
             report.add("onnx/native parity", False, f"could not score: {exc}")

@@ -95,23 +95,24 @@ def serve(config_path: Path | None, port: int | None) -> None:
     import os
 
     from rankgate.setup import Environment, run_setup
-    from serving.launch import SERVE_CONFIG, derived_config, serve_env, serve_run_command
+    from serving.launch import SERVE_CONFIG, derived_config, run_serve, serve_env
 
     run_setup(click.echo)
     env = Environment.open()
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))
+    base = (config_path or SERVE_CONFIG).resolve()
     config = derived_config(
         env.home,
-        base=config_path or SERVE_CONFIG,
+        base=base,
         port=port,
         runtime_env={"RANKGATE_HOME": str(env.home.root), "REDIS_URL": env.redis_url}
         if remote
         else None,
     )
     click.echo(f"serving {config} (Ctrl-C stops)")
-    command = serve_run_command(config)
-    os.execve(command[0], command, serve_env(env.home, env.redis_url))
+    status = run_serve(env.home, base, config, serve_env(env.home, env.redis_url))
+    sys.exit(status)
 
 
 @main.command()
@@ -254,6 +255,168 @@ def model_list() -> None:
         )
 
 
+def _promotion_context(config_path: Path | None):  # type: ignore[no-untyped-def]
+    from rankgate.setup import Environment
+    from serving.promotion import default_config
+
+    env = Environment.open()
+    return env, (config_path or default_config(env.home))
+
+
+def _apply(env, config_path: Path, expect) -> None:  # type: ignore[no-untyped-def]
+    from serving.launch import serve_env
+    from serving.promotion import apply_running
+
+    assert env.redis_url is not None
+    apply_running(env.home, config_path, serve_env(env.home, env.redis_url), expect, click.echo)
+
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve config to edit (default: the one the running server uses, else serve_config.yaml).",
+)
+
+
+@model.command("promote")
+@click.argument("version")
+@click.option(
+    "--canary",
+    "canary",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    default=None,
+    help="Send PCT % of users to VERSION.",
+)
+@click.option("--stable", "stable", is_flag=True, help="Make VERSION the stable version.")
+@click.option(
+    "--shadow",
+    "shadow",
+    is_flag=True,
+    help="Score a copy of requests with VERSION, off the response path.",
+)
+@CONFIG_OPTION
+@fails_cleanly
+def model_promote(
+    version: str, canary: float | None, stable: bool, shadow: bool, config_path: Path | None
+) -> None:
+    """Change VERSION's role in the routing and apply it to the running server."""
+    from serving.experiments import clear_rollback
+    from serving.promotion import plain, promoted, read_routing, validate_routing, write_routing
+
+    chosen = [
+        name
+        for name, on in (
+            ("--canary", canary is not None),
+            ("--stable", stable),
+            ("--shadow", shadow),
+        )
+        if on
+    ]
+    if len(chosen) != 1:
+        raise RankgateError("choose exactly one of --canary PCT, --stable, --shadow")
+    env, path = _promotion_context(config_path)
+    report = env.models.validate(version, env.feature_views())
+    if not report.ok:
+        raise RankgateError(
+            f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
+        )
+    document, routing = read_routing(path)
+    role = "canary" if canary is not None else "stable" if stable else "shadow"
+    versions = promoted(plain(routing), version, role, canary)
+    new = validate_routing({**plain(routing), "versions": versions}, path)
+    write_routing(path, document, routing, versions)
+    if role == "canary":
+        clear_rollback(env.redis, env.home.namespace, version)
+    click.echo(
+        f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
+    )
+    _apply(
+        env,
+        path,
+        lambda h: (
+            [dict(v) for v in h["routing"]["versions"]] == [v.model_dump() for v in new.versions]
+        ),
+    )
+
+
+@model.command("rollback")
+@CONFIG_OPTION
+@fails_cleanly
+def model_rollback(config_path: Path | None) -> None:
+    """Take the canary out of the routing (stable serves everyone) and apply it."""
+    from serving.promotion import plain, read_routing, rolled_back, validate_routing, write_routing
+
+    env, path = _promotion_context(config_path)
+    document, routing = read_routing(path)
+    versions, canary = rolled_back(plain(routing))
+    if canary is None:
+        click.echo(f"{path}: no canary to roll back")
+        return
+    new = validate_routing({**plain(routing), "versions": versions}, path)
+    write_routing(path, document, routing, versions)
+    click.echo(f"{path}: canary {canary} removed; {new.stable} serves everyone")
+    _apply(env, path, lambda h: h["routing"]["canary_weight"] == 0)
+
+
+@model.command("status")
+@CONFIG_OPTION
+@fails_cleanly
+def model_status(config_path: Path | None) -> None:
+    """Routing, automatic rollbacks (which rule fired, with what figures) and shadow agreement."""
+    from datetime import UTC, datetime
+
+    from serving.experiments import read_rollbacks, read_shadow
+    from serving.promotion import ServerInfo, plain, read_routing
+
+    env, path = _promotion_context(config_path)
+    _, routing = read_routing(path)
+    info = ServerInfo.read(env.home)
+    health = info.health() if info else None
+    click.echo(f"config: {path}  (salt {routing['salt']})")
+    live = health["routing"] if health else None
+    click.echo(
+        "server: "
+        + (
+            f"{info.base_url}, canary weight now {live['canary_weight']:g} %"
+            if info and live
+            else "not running"
+        )
+    )
+    for route in plain(routing)["versions"]:
+        weight = f"{route['weight']:g} %" if route.get("weight") is not None else ""
+        line = f"  {route['version']:<12} {route['role']:<9} {weight}"
+        if live and route["version"] in live["windows"]:
+            w = live["windows"][route["version"]]
+            line += (
+                f"   window: {int(w['requests'])} req, errors {w['error_rate']:.1%}, "
+                f"degraded {w['degraded_rate']:.1%}, p99 {w['p99_ms']:.1f} ms"
+            )
+        if route["role"] == "shadow":
+            agreement = read_shadow(env.redis, env.home.namespace, route["version"])
+            line += (
+                f"   shadowed {int(agreement['requests'])} req, errors {int(agreement['errors'])}, "
+                f"top-k overlap {agreement['mean_topk_overlap']:.2f}, "
+                f"mean |score diff| {agreement['mean_abs_score_diff']:.4f}"
+            )
+        click.echo(line)
+    rollbacks = read_rollbacks(env.redis, env.home.namespace)
+    if not rollbacks:
+        click.echo("automatic rollbacks: none")
+    for version, event in rollbacks.items():
+        when = datetime.fromtimestamp(event["at"], UTC).isoformat(timespec="seconds")
+        click.echo(
+            f"automatic rollback of {version} at {when}: rule {event['rule']} fired: {event['detail']}"
+        )
+        for side in ("canary", "stable"):
+            f = event[side]
+            click.echo(
+                f"    {side}: {int(f['requests'])} req, errors {f['error_rate']:.1%}, "
+                f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms"
+            )
+
+
 # -- redis -------------------------------------------------------------------
 
 
@@ -303,6 +466,14 @@ def redis_status() -> None:
     url = EmbeddedRedis(Home.from_settings(settings)).running_url()
     click.echo(f"embedded {describe(url)}: up" if url else "embedded: not running")
 
+
+def _register_loadtest() -> None:
+    from loadtests.loadtest import loadtest
+
+    main.add_command(loadtest)
+
+
+_register_loadtest()
 
 if __name__ == "__main__":
     main()

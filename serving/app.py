@@ -10,6 +10,7 @@ that batches across all ingress replicas.
 """
 
 import logging
+import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -20,11 +21,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from model_store.store import ModelStore
 from rankgate.config_files import validation_message
 from rankgate.consent import consent_fields, consent_key
 from rankgate.errors import ConfigError
+from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
-from serving.config import ServingConfig
+from serving.config import BatchingConfig, ModelsConfig, ServingConfig
 from serving.pipeline import BadRequest, RankPipeline, problems_of
 from serving.ranker import ModelSet, Ranker
 from serving.runtime import Runtime
@@ -52,11 +55,21 @@ def error_response(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
-def parse_config(user_config: dict[str, Any]) -> ServingConfig:
+def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -> ServingConfig:
+    """Validate a serving config; with `store`, every routed version must exist in it."""
     try:
-        return ServingConfig.model_validate(user_config)
+        config = ServingConfig.model_validate(user_config)
     except ValidationError as exc:
         raise ConfigError(validation_message("serve_config.yaml user_config", exc)) from exc
+    if store is not None:
+        for index, route in enumerate(config.routing.versions):
+            if not store.exists(route.version):
+                known = ", ".join(store.versions()) or "none"
+                raise ConfigError(
+                    f"serve_config.yaml user_config: field 'routing.versions.{index}.version': "
+                    f"unknown model version {route.version!r} (known: {known})"
+                )
+    return config
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -102,9 +115,19 @@ class BatchedScoring:
             raise result
         return result
 
-    def tune_batching(self, config: ServingConfig) -> None:
-        self.score_many.set_max_batch_size(config.batching.max_batch_size)  # type: ignore[attr-defined]
-        self.score_many.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+    def tune_batching(self, batching: BatchingConfig) -> None:
+        self.score_many.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
+        self.score_many.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+
+class RankerConfig(BaseModel):
+    """user_config of RankerDeployment: which versions to load, and batching."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: ModelsConfig = ModelsConfig()
+    versions: list[str]
+    batching: BatchingConfig = BatchingConfig()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -112,13 +135,16 @@ class RankerDeployment(BatchedScoring):
     """Scores for all ingress replicas (placement `deployment`)."""
 
     def __init__(self) -> None:
-        self.runtime = Runtime.open()
-        self.ranker = Ranker(ModelSet(self.runtime.models, []))
+        self.home = Home.from_settings()
+        self.ranker = Ranker(ModelSet(ModelStore(self.home), []))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = parse_config(user_config)
-        self.ranker = Ranker(ModelSet(self.runtime.models, config.models.versions))
-        self.tune_batching(config)
+        try:
+            config = RankerConfig.model_validate(user_config)
+        except ValidationError as exc:
+            raise ConfigError(validation_message("RankerDeployment user_config", exc)) from exc
+        self.ranker = Ranker(ModelSet(ModelStore(self.home, config.models.name), config.versions))
+        self.tune_batching(config.batching)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -135,16 +161,33 @@ class RankIngress(BatchedScoring):
         self.runtime = Runtime.open()
         self.remote_ranker = ranker
         self.pipeline: RankPipeline | None = None
+        self.config_error: str | None = None
+        # Changes on restart only: shows that a routing change reconfigured in place.
+        self.replica_started = uuid.uuid4().hex
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = parse_config(user_config)
+        """Validate, load and swap. A bad config at start-up stops the replica with
+        the field named; a bad config deployed later is refused and logged, and the
+        running one keeps serving (so a typo never takes the service down)."""
+        try:
+            config = parse_config(
+                user_config,
+                ModelStore(self.runtime.home, user_config.get("models", {}).get("name", "ranker")),
+            )
+        except ConfigError as exc:
+            if self.pipeline is None:
+                raise
+            logger.error("refused serving config, keeping the running one: %s", exc.message)
+            self.config_error = exc.message
+            return
+        self.config_error = None
         models, explainers = self.runtime.load_models(config)
         score = self.score if self.remote_ranker is None else self.score_remote
         pipeline = self.runtime.pipeline(config, models, explainers, score)
         await pipeline.warm_up()
         # Swap only when everything above succeeded: a bad config changes nothing.
         self.ranker = Ranker(models)
-        self.tune_batching(config)
+        self.tune_batching(config.batching)
         self.pipeline = pipeline
 
     async def score_remote(self, version: str, matrix: np.ndarray) -> np.ndarray:
@@ -233,13 +276,20 @@ class RankIngress(BatchedScoring):
         if self.pipeline is None:
             return not_configured()
         models = self.pipeline.models
+        router = self.pipeline.router
         return JSONResponse(
             {
                 "status": "ok",
                 "policy_version": self.runtime.policy.version,
-                "models": {
-                    "loaded": sorted(models.loaded),
-                    "unavailable": models.errors,
+                "config_error": self.config_error,
+                "replica_started": self.replica_started,
+                "models": {"loaded": sorted(models.loaded), "unavailable": models.errors},
+                "routing": {
+                    "salt": router.config.salt,
+                    "versions": [r.model_dump() for r in router.config.versions],
+                    "canary_weight": router.canary_weight,
+                    "rolled_back": sorted(router.rolled_back),
+                    "windows": {v: w.figures() for v, w in router.windows.items()},
                 },
             }
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.routing import RoutingConfig
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,9 +40,7 @@ class LimitsConfig(Strict):
 
 class ModelsConfig(Strict):
     name: str = "ranker"
-    versions: list[str] = Field(min_length=1)
-    """Versions loaded, in order of preference: for each purpose the first version
-    whose feature views the purpose permits is used."""
+    """Model name in the model store (versions live in `<home>/models/<name>/`)."""
 
 
 class BatchingConfig(Strict):
@@ -66,7 +66,8 @@ class ExplainerConfig(Strict):
 class ServingConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     limits: LimitsConfig = LimitsConfig()
-    models: ModelsConfig
+    models: ModelsConfig = ModelsConfig()
+    routing: RoutingConfig
     batching: BatchingConfig = BatchingConfig()
     features: FeaturesConfig = FeaturesConfig()
     explainer: ExplainerConfig = ExplainerConfig()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,3 +171,40 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+DASHBOARD_LINE = re.compile(r"dashboard at \S*?(http://[0-9.]+:\d+)")
+
+
+def dashboard_address(text: str) -> str | None:
+    """The Ray dashboard address `serve run` prints when it starts a local instance."""
+    found = DASHBOARD_LINE.findall(text)
+    return found[-1] if found else None
+
+
+def run_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> int:
+    """`serve run` in the foreground, echoing its output; records the server in
+    `<home>/ray/server.json` (config, port, dashboard) so `rankgate model promote`
+    can apply routing changes to it. Ctrl-C reaches `serve run`, which shuts down."""
+    from serving.promotion import ServerInfo
+
+    port = int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
+    dashboard = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    command = serve_run_command(config)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child handles Ctrl-C
+    try:
+        ServerInfo(base_config, port, dashboard).write(home)
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = dashboard_address(line)
+            if found:
+                ServerInfo(base_config, port, found).write(home)
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        ServerInfo.path(home).unlink(missing_ok=True)

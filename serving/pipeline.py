@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -24,11 +26,13 @@ from rankgate.consent import ConsentState, consent_key, parse_state
 from rankgate.errors import RankgateError
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.config import ServingConfig
+from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
 from serving.fallback import PopularityFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate, GateDecision
 from serving.ranker import ModelSet, ModelUnavailable
+from serving.routing import Router
 from serving.schemas import (
     ErrorProblem,
     Explanation,
@@ -40,6 +44,9 @@ from serving.schemas import (
 )
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+# Fallback reasons that count as the chosen model's errors (others are degradations).
+MODEL_ERRORS = frozenset({"model_error", "model_unavailable"})
+logger = logging.getLogger("ray.serve")
 
 
 class BadRequest(RankgateError):
@@ -85,6 +92,8 @@ class RankPipeline:
         namespace: str,
         fetcher: FeatureFetcher,
         models: ModelSet,
+        router: Router,
+        experiments: ExperimentLog,
         score: ScoreFn,
         explainers: dict[str, Explainer],
         fallback: PopularityFallback,
@@ -95,7 +104,11 @@ class RankPipeline:
         self.namespace = namespace
         self.fetcher = fetcher
         self.models = models
+        self.router = router
+        self.experiments = experiments
         self.score = score
+        self.background: set[asyncio.Task[None]] = set()
+        self.rollbacks_synced_at = 0.0
         self.explainers = explainers
         self.fallback = fallback
 
@@ -103,6 +116,7 @@ class RankPipeline:
         """Open the Redis connections (consent and Feast) before the first request pays for it."""
         probe = pseudonymise("rankgate-warm-up")
         deadline = Deadline(5000)
+        await self._sync_rollbacks()
         await self.read_consent(probe, next(iter(self.gate.policy.purposes)), deadline)
         views = {view for model in self.models.loaded.values() for view in model.views}
         # A store that is down now is handled per request; warming up is best effort.
@@ -169,6 +183,8 @@ class RankPipeline:
         timings["policy"] = _ms_since(started)
 
         outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
+        if outcome.model is not None:
+            self._observe(outcome, deadline.elapsed_ms())
         if outcome.fallback is not None:
             outcome.ranked = self.fallback.rank(eligible, request.k)
             if request.explain:
@@ -196,6 +212,61 @@ class RankPipeline:
             **explanation,
         )
 
+    # -- experiments -----------------------------------------------------------
+
+    def _spawn(self, coroutine: Any) -> None:
+        """Run off the response path; keep a reference so the task is not collected."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _observe(self, outcome: Outcome, latency_ms: float) -> None:
+        """Feed the variant's window and roll the canary back when a rule fires."""
+        assert outcome.model is not None
+        reason = outcome.fallback.reason if outcome.fallback else None
+        self.router.record(
+            outcome.model.version,
+            error=reason in MODEL_ERRORS,
+            degraded=reason is not None,
+            latency_ms=latency_ms,
+        )
+        event = self.router.check_rollback()
+        if event is not None:
+            self._spawn(self.experiments.record_rollback(event))
+        if time.monotonic() - self.rollbacks_synced_at > ROLLBACK_SYNC_S:
+            self.rollbacks_synced_at = time.monotonic()
+            self._spawn(self._sync_rollbacks())
+
+    async def _sync_rollbacks(self) -> None:
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            self.router.rolled_back |= await self.experiments.rolled_back()
+
+    async def _shadow(
+        self, version: str, user: Any, eligible: Sequence[int], live: list[tuple[int, float]]
+    ) -> None:
+        """Score a copy of the request with a shadow version and record agreement with the live answer."""
+        model = self.models.loaded.get(version)
+        try:
+            if model is None:
+                raise ModelUnavailable(self.models.errors.get(version, version))
+            matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible)
+            scores = model.scorer.score(matrix)
+            k = len(live)
+            shadow_top = {eligible[n] for n in np.argsort(-scores, kind="stable")[:k]}
+            overlap = len(shadow_top & {item for item, _ in live}) / k if k else 1.0
+            position = {item: n for n, item in enumerate(eligible)}
+            diff = (
+                float(np.mean([abs(scores[position[item]] - score) for item, score in live]))
+                if k
+                else 0.0
+            )
+            result: tuple[float | None, float | None] = (overlap, diff)
+        except Exception as exc:  # noqa: BLE001 - a shadow's failure never reaches the answer
+            logger.warning("shadow %s failed: %s", version, type(exc).__name__)
+            result = (None, None)
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            await self.experiments.record_shadow(version, *result)
+
     def _degrade(self, outcome: Outcome, reason: str, detail: str | None = None) -> Outcome:
         extra = {"detail": detail} if detail else {}
         outcome.fallback = Fallback(reason=reason, strategy=self.fallback.strategy, **extra)
@@ -213,23 +284,27 @@ class RankPipeline:
         outcome = Outcome()
         if not decision.personalize:
             return self._degrade(outcome, decision.reason or "no_consent")
-        version, reason = self.models.choose(decision.allowed_views)
-        if version is None:
-            return self._degrade(outcome, reason or "no_permitted_model")
-        outcome.model = ModelRef(name=self.models.name, version=version, variant="stable")
+        assignment = self.router.choose(key, decision.allowed_views, self.models.views_of)
+        if assignment is None:
+            return self._degrade(outcome, "no_permitted_model")
+        version = assignment.version
+        outcome.model = ModelRef(name=self.models.name, version=version, variant=assignment.variant)
         model = self.models.loaded.get(version)
         if model is None:
             return self._degrade(outcome, "model_unavailable", self.models.errors.get(version))
         if not eligible:
             return outcome  # nothing may be shown: an empty, personalized answer
 
-        # Features: only the views this model reads, and only for a cleared person.
+        # Features: only the views the model (and permitted shadows) read, and
+        # only for a person the gate cleared.
+        shadows = self.router.shadows(decision.allowed_views, self.models.views_of)
+        views = set(model.views).union(*(self.models.views_of[s] or () for s in shadows))
         started = time.perf_counter()
         try:
             if deadline.remaining_s() <= 0:
                 raise TimeoutError
             user = await asyncio.wait_for(
-                self.fetcher.fetch_user(key, model.views), timeout=deadline.remaining_s()
+                self.fetcher.fetch_user(key, views), timeout=deadline.remaining_s()
             )
         except TimeoutError:
             timings["features"] = _ms_since(started)
@@ -263,6 +338,8 @@ class RankPipeline:
         order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
         outcome.ranked = [(int(eligible[n]), float(scores[n])) for n in order]
         timings["rank"] = _ms_since(started)
+        for shadow in shadows:
+            self._spawn(self._shadow(shadow, user, eligible, outcome.ranked))
 
         if request.explain:
             started = time.perf_counter()

@@ -9,7 +9,7 @@ one onnxruntime call per version: the Ray wrapper decorates it with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,6 @@ class LoadedModel:
 class ModelSet:
     def __init__(self, store: ModelStore, versions: Sequence[str]) -> None:
         self.name = store.name
-        self.order = list(versions)
         self.loaded: dict[str, LoadedModel] = {}
         self.errors: dict[str, str] = {}
         self.views_of: dict[str, frozenset[str] | None] = {}
@@ -68,21 +67,6 @@ class ModelSet:
             specs=resolve(manifest.feature_names),
             scorer=OnnxScorer(store.path(version) / ONNX_FILE),
         )
-
-    def choose(self, allowed_views: Iterable[str]) -> tuple[str | None, str | None]:
-        """The first configured version whose views the purpose permits.
-
-        Returns (version, None), or (None, reason) when none may be used. A version
-        that failed to load is still chosen where it would have been: the request
-        then degrades with `model_unavailable` and names it, so a broken version is
-        seen at once instead of being silently replaced.
-        """
-        allowed = frozenset(allowed_views)
-        for version in self.order:
-            views = self.views_of.get(version)
-            if views is None or views <= allowed:
-                return version, None
-        return None, "no_permitted_model"
 
 
 class Ranker:

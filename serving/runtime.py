@@ -19,12 +19,14 @@ from rankgate.policy import Policy, load_fallback_rules, load_policy
 from rankgate.redis_server import resolve_redis_url
 from rankgate.settings import Settings, get_settings
 from serving.config import ServingConfig
+from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import PopularityFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate
 from serving.pipeline import RankPipeline, ScoreFn
 from serving.ranker import ModelSet
+from serving.routing import Router
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,7 +78,7 @@ class Runtime:
         A version that fails to load, or whose explainer does, is logged and kept
         out; requests that would use it degrade and say why.
         """
-        models = ModelSet(self.models, config.models.versions)
+        models = ModelSet(ModelStore(self.home, config.models.name), config.routing.all_versions)
         for version, error in models.errors.items():
             logger.warning("model %s unavailable: %s", version, error)
         explainers = {}
@@ -95,6 +97,7 @@ class Runtime:
         models: ModelSet,
         explainers: dict[str, Explainer],
         score: ScoreFn,
+        rolled_back: set[str] | None = None,
     ) -> RankPipeline:
         return RankPipeline(
             config=config,
@@ -103,6 +106,8 @@ class Runtime:
             namespace=self.home.namespace,
             fetcher=self.fetcher,
             models=models,
+            router=Router(config.routing, rolled_back or set()),
+            experiments=ExperimentLog(self.redis, self.home.namespace),
             score=score,
             explainers=explainers,
             fallback=self.fallback,

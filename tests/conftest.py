@@ -51,6 +51,14 @@ def env(ready_home: Home):  # type: ignore[no-untyped-def]
     return Environment.open()
 
 
+@pytest.fixture(scope="session")
+def runtime(ready_home: Home):  # type: ignore[no-untyped-def]
+    """What a serving replica opens (Redis, Feast, policy, fallback), once per session."""
+    from serving.runtime import Runtime
+
+    return Runtime.open()
+
+
 @pytest.fixture
 def other_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
     """A second, empty home; its embedded Redis is stopped afterwards."""
@@ -82,10 +90,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def dashboard_address(self) -> str:
-        import re
+        from serving.launch import dashboard_address
 
-        found = re.findall(r"dashboard at \S*?(http://[0-9.]+:\d+)", self.log())
-        return found[-1] if found else "http://127.0.0.1:8265"
+        return dashboard_address(self.log()) or "http://127.0.0.1:8265"
 
 
 def wait_until_healthy(
@@ -129,15 +136,24 @@ def server(ready_home: Home) -> Iterator[Server]:
         stop_server,
     )
 
+    from serving.launch import SERVE_CONFIG
+    from serving.promotion import ServerInfo
+
     port = free_port()
-    config = derived_config(ready_home, port=port)
+    # The server runs a copy of serve_config.yaml that tests may promote on; the
+    # project's own file is never edited by a test.
+    base = ready_home.root / "serve_config.yaml"
+    base.write_text(SERVE_CONFIG.read_text())
+    config = derived_config(ready_home, base=base, port=port)
     log_path = ready_home.root / "serve.log"
-    process = start_server(
-        serve_run_command(config), serve_env(ready_home, resolve_redis_url()), log_path
-    )
+    env = serve_env(ready_home, resolve_redis_url())
+    process = start_server(serve_run_command(config), env, log_path)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, 240, log_path)
-        yield Server(process, base_url, log_path, ready_home, config)
+        server = Server(process, base_url, log_path, ready_home, base)
+        ServerInfo(base, port, server.dashboard_address()).write(ready_home)
+        yield server
     finally:
+        ServerInfo.path(ready_home).unlink(missing_ok=True)
         stop_server(process)

@@ -32,3 +32,16 @@ def user_with(consent_store, purpose: str, state: ConsentState, skip: int = 0) -
     states = consent_store.states([user_key(u) for u in ids], purpose)
     matches = [uid for uid, s in zip(ids, states, strict=True) if s == state]
     return matches[skip]
+
+
+def routing(
+    stable: str, *, canary: str | None = None, weight: float = 0, **roles: Any
+) -> dict[str, Any]:
+    """A routing section: `stable` (and a canary at `weight` %), plus shadow=[...], alternate=[...]."""
+    base = ingress_user_config()["routing"]
+    versions: list[dict[str, Any]] = [{"version": stable, "role": "stable", "weight": 100 - weight}]
+    if canary is not None:
+        versions.append({"version": canary, "role": "canary", "weight": weight})
+    for role in ("shadow", "alternate"):
+        versions += [{"version": v, "role": role} for v in roles.get(role, [])]
+    return {**base, "versions": versions}

@@ -20,7 +20,7 @@ from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
 from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import ingress_user_config, user_with
+from tests.serving_support import ingress_user_config, routing, user_with
 
 
 def post_rank(server: Server, timeout: float = 10, **body: Any) -> httpx.Response:
@@ -222,10 +222,14 @@ def redeploy_default(server: Server) -> Iterator[None]:
 @pytest.fixture
 def odd_versions(env: Environment) -> Iterator[None]:
     """v1-shape: manifest says 9 features, its ONNX takes 8 (onnxruntime raises).
-    v2-nobooster: registered without its native booster (no SHAP explainer)."""
+    v2-nobooster: registered without its native booster (no SHAP explainer).
+    v2-nofile: its model.onnx was deleted."""
     shape, nobooster = env.models.path("v1-shape"), env.models.path("v2-nobooster")
+    nofile = env.models.path("v2-nofile")
     shutil.copytree(env.models.path("v1"), shape)
     shutil.copytree(env.models.path("v2"), nobooster)
+    shutil.copytree(env.models.path("v2"), nofile)
+    (nofile / "model.onnx").unlink()
     manifest = json.loads((shape / "manifest.json").read_text())
     affinity = {
         "name": "user_item_affinity",
@@ -239,8 +243,8 @@ def odd_versions(env: Environment) -> Iterator[None]:
     del manifest["artifacts"]["booster.txt"]
     (nobooster / "manifest.json").write_text(json.dumps(manifest))
     yield
-    shutil.rmtree(shape)
-    shutil.rmtree(nobooster)
+    for folder in (shape, nobooster, nofile):
+        shutil.rmtree(folder)
 
 
 @pytest.mark.usefixtures("odd_versions", "redeploy_default")
@@ -257,16 +261,19 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
     deploy(
         server,
         "missing",
-        ingress_user_config(models={"name": "ranker", "versions": ["v404"]}),
-        lambda h: "v404" in h["models"]["unavailable"],
+        ingress_user_config(routing=routing("v2-nofile")),
+        lambda h: "v2-nofile" in h["models"]["unavailable"],
     )
     body = post_rank(server, **request).json()
-    assert body["fallback"]["reason"] == "model_unavailable" and body["model"]["version"] == "v404"
+    assert (
+        body["fallback"]["reason"] == "model_unavailable"
+        and body["model"]["version"] == "v2-nofile"
+    )
 
     deploy(
         server,
         "shape",
-        ingress_user_config(models={"name": "ranker", "versions": ["v1-shape"]}),
+        ingress_user_config(routing=routing("v1-shape")),
         lambda h: h["models"]["loaded"] == ["v1-shape"],
     )
     response = post_rank(server, **request)
@@ -276,7 +283,7 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
     deploy(
         server,
         "nobooster",
-        ingress_user_config(models={"name": "ranker", "versions": ["v2-nobooster"]}),
+        ingress_user_config(routing=routing("v2-nobooster")),
         lambda h: h["models"]["loaded"] == ["v2-nobooster"],
     )
     body = post_rank(server, **request).json()

@@ -163,3 +163,21 @@ def test_list_marks_a_corrupt_version(env: Environment, scratch_version: str) ->
 def test_parity_inputs_are_real_training_rows(env: Environment) -> None:
     inputs = np.load(Path(env.models.path("v2")) / "parity_inputs.npy")
     assert inputs.shape == (512, len(ALL_FEATURE_NAMES)) and inputs.dtype == np.float32
+
+
+def test_a_manifest_that_disagrees_with_the_onnx_input_fails(
+    env: Environment, scratch_version: str
+) -> None:
+    manifest_path = env.models.path(scratch_version) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["features"].append(
+        {
+            **manifest["features"][0],
+            "name": "user_item_affinity",
+            "view": "user_item_affinity",
+            "field": "affinity_{item_id}",
+        }
+    )
+    manifest_path.write_text(json.dumps(manifest))
+    report = env.models.validate(scratch_version, env.feature_views())
+    assert any("model.onnx takes 8 features, the manifest lists 9" in f for f in report.failures())

@@ -22,16 +22,11 @@ from serving.pipeline import BadRequest, RankPipeline
 from serving.ranker import Ranker
 from serving.runtime import Runtime
 from serving.schemas import RankRequest, RankResponse
-from tests.serving_support import ingress_user_config, user_with
+from tests.serving_support import ingress_user_config, routing, user_with
 
 # One event loop for the module: the async Redis clients stay bound to the loop
 # they first ran on, as they do in a serving replica.
 LOOP = asyncio.new_event_loop()
-
-
-@pytest.fixture(scope="module")
-def runtime(ready_home) -> Runtime:  # type: ignore[no-untyped-def]
-    return Runtime.open()
 
 
 def make_pipeline(runtime: Runtime, **overrides: Any) -> RankPipeline:
@@ -152,7 +147,7 @@ def test_email_needs_explicit_consent_and_never_uses_affinity(
 
 
 def test_no_permitted_model_degrades(runtime: Runtime, env: Environment) -> None:
-    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v2"]})
+    pipeline = make_pipeline(runtime, routing=routing("v2"))
     granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
     response = rank(pipeline, user_id=granted, purpose="email_marketing", region="US")
     assert response.fallback is not None and response.fallback.reason == "no_permitted_model"
@@ -281,7 +276,7 @@ def broken_versions(env: Environment) -> Iterator[None]:
 
 @pytest.mark.usefixtures("broken_versions")
 def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environment) -> None:
-    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v1-shape"]})
+    pipeline = make_pipeline(runtime, routing=routing("v1-shape"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
     assert response.fallback is not None and response.fallback.reason == "model_error"
@@ -290,7 +285,7 @@ def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environm
 
 
 def test_missing_model_file_degrades(runtime: Runtime, env: Environment) -> None:
-    pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v404"]})
+    pipeline = make_pipeline(runtime, routing=routing("v404"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
     assert response.fallback is not None and response.fallback.reason == "model_unavailable"
@@ -344,7 +339,7 @@ def test_missing_booster_makes_the_explainer_unavailable_not_the_answer(
     shutil.copytree(env.models.path("v1"), copy)
     try:
         (copy / "booster.txt").unlink()  # hashes now fail: the version does not load
-        pipeline = make_pipeline(runtime, models={"name": "ranker", "versions": ["v1"]})
+        pipeline = make_pipeline(runtime, routing=routing("v1"))
         pipeline.explainers = {}
         uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
         response = rank(

@@ -98,7 +98,7 @@ def test_gate_rules(
     [
         ({"budget": {"default_ms": 5000, "max_ms": 1000}}, "budget"),
         ({"limits": {"max_k": 0}}, "limits.max_k"),
-        ({"models": {"versions": []}}, "models.versions"),
+        ({"routing": {"salt": "s", "versions": []}}, "routing.versions"),
         ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size"),
         ({"surprise": 1}, "surprise"),
     ],
@@ -111,7 +111,7 @@ def test_a_bad_serving_config_is_refused_naming_the_field(override: dict, field:
 
 def test_the_shipped_serving_config_is_valid() -> None:
     config = parse_config(ingress_user_config())
-    assert config.models.versions == ["v2", "v1"]
+    assert config.routing.stable == "v2" and config.routing.all_versions == ["v2", "v1"]
     assert (
         AppArgs.model_validate({"ranker_placement": "deployment"}).ranker_placement == "deployment"
     )

@@ -1,0 +1,97 @@
+"""Where routing experiments leave their traces in Redis: rollbacks and shadow agreement.
+
+    <ns>:routing:rollback          hash: canary version -> RollbackEvent as JSON
+    <ns>:routing:events            stream: one entry per rollback (the audit record)
+    <ns>:shadow:<version>          hash: requests, errors, overlap_sum, score_diff_sum
+
+Every replica reads the rollback hash, so a canary one replica rolls back is
+rolled back on all of them within `ROLLBACK_SYNC_S`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from serving.routing import RollbackEvent
+
+logger = logging.getLogger("ray.serve")
+ROLLBACK_SYNC_S = 1.0
+
+
+def rollback_key(namespace: str) -> str:
+    return f"{namespace}:routing:rollback"
+
+
+def events_key(namespace: str) -> str:
+    return f"{namespace}:routing:events"
+
+
+def shadow_key(namespace: str, version: str) -> str:
+    return f"{namespace}:shadow:{version}"
+
+
+class ExperimentLog:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    async def record_rollback(self, event: RollbackEvent) -> None:
+        payload = json.dumps(asdict(event))
+        logger.warning(
+            "canary %s rolled back: rule %s fired: %s", event.version, event.rule, event.detail
+        )
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(rollback_key(self.namespace), event.version, payload)
+                pipe.xadd(
+                    events_key(self.namespace),
+                    {"event": "rollback", "data": payload},
+                    maxlen=10_000,
+                )
+                await pipe.execute()
+        except (OSError, aioredis.RedisError) as exc:
+            # The rollback already holds on this replica; others learn it when Redis is back.
+            logger.warning("could not record rollback of %s: %s", event.version, exc)
+
+    async def rolled_back(self) -> set[str]:
+        raw = await self.client.hkeys(rollback_key(self.namespace))  # type: ignore[misc]
+        return {k.decode() if isinstance(k, bytes) else k for k in raw}
+
+    async def record_shadow(
+        self, version: str, overlap: float | None, score_diff: float | None
+    ) -> None:
+        key = shadow_key(self.namespace, version)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "requests", 1)
+            if overlap is None or score_diff is None:
+                pipe.hincrby(key, "errors", 1)
+            else:
+                pipe.hincrbyfloat(key, "overlap_sum", overlap)
+                pipe.hincrbyfloat(key, "score_diff_sum", score_diff)
+            await pipe.execute()
+
+
+def read_rollbacks(client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:
+    raw = client.hgetall(rollback_key(namespace))
+    return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+
+def clear_rollback(client: redis.Redis, namespace: str, version: str) -> None:
+    client.hdel(rollback_key(namespace), version)
+
+
+def read_shadow(client: redis.Redis, namespace: str, version: str) -> dict[str, float]:
+    raw = {k.decode(): float(v) for k, v in client.hgetall(shadow_key(namespace, version)).items()}  # type: ignore[union-attr]
+    scored = raw.get("requests", 0) - raw.get("errors", 0)
+    return {
+        "requests": raw.get("requests", 0),
+        "errors": raw.get("errors", 0),
+        "mean_topk_overlap": raw.get("overlap_sum", 0) / scored if scored else float("nan"),
+        "mean_abs_score_diff": raw.get("score_diff_sum", 0) / scored if scored else float("nan"),
+    }

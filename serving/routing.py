@@ -1,0 +1,272 @@
+"""Canary routing between model versions, sticky per user, with automatic rollback.
+
+Roles (the `routing` section of the ingress user_config):
+- stable:    serves everyone not in the canary (exactly one).
+- canary:    serves `weight` % of users (at most one).
+- shadow:    scores a copy of requests off the response path; never answers.
+- alternate: serves purposes that may not use the stable version's feature views.
+
+Assignment hashes the pseudonymous user key with the config's salt into one of
+10,000 buckets; a user is in the canary when their bucket is below
+`canary weight × 100`. The same user lands in the same variant on every replica
+and after restarts, and raising the weight only moves users into the canary.
+
+The router keeps, per variant, a sliding window of outcomes (error, degraded,
+latency). When the canary is worse than stable beyond the rollback rules, with
+enough requests on both sides, its weight goes to 0 and a `RollbackEvent`
+says which rule fired and with what figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUCKETS = 10_000
+Role = Literal["stable", "canary", "shadow", "alternate"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VersionRoute(Strict):
+    version: str = Field(min_length=1)
+    role: Role
+    weight: float | None = Field(None, ge=0, le=100)
+    """Percent of users; stable and canary weights add up to 100."""
+
+
+class RollbackRules(Strict):
+    window_s: float = Field(30.0, gt=0)
+    """Outcomes older than this are forgotten."""
+    min_requests: int = Field(30, ge=1)
+    """Both variants need this many requests in the window before a rule may fire."""
+    max_error_rate_delta: float = Field(0.05, ge=0, le=1)
+    """Canary error rate may exceed stable's by at most this much."""
+    max_degraded_rate_delta: float = Field(0.10, ge=0, le=1)
+    """Canary share of degraded answers (fallbacks after the model was chosen) vs stable."""
+    max_p99_ratio: float = Field(2.0, gt=1)
+    """Canary p99 latency may be at most this multiple of stable's..."""
+    min_p99_delta_ms: float = Field(5.0, ge=0)
+    """...and this much above it, so that noise on fast answers does not fire."""
+
+
+class RoutingConfig(Strict):
+    salt: str = Field(min_length=1, max_length=64)
+    """Changing the salt reshuffles who is in the canary."""
+    versions: list[VersionRoute] = Field(min_length=1)
+    rollback: RollbackRules = RollbackRules()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoutingConfig:
+        names = [v.version for v in self.versions]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"version {duplicates[0]!r} is listed twice")
+        stables = [v for v in self.versions if v.role == "stable"]
+        canaries = [v for v in self.versions if v.role == "canary"]
+        if len(stables) != 1:
+            problem = (
+                "a canary without a stable"
+                if canaries and not stables
+                else f"{len(stables)} stables"
+            )
+            raise ValueError(f"need exactly one stable version, got {problem}")
+        if len(canaries) > 1:
+            raise ValueError(f"at most one canary, got {len(canaries)}")
+        for route in self.versions:
+            if route.role in ("shadow", "alternate") and route.weight not in (None, 0):
+                raise ValueError(f"{route.version}: a {route.role} version takes no weight")
+        stable_weight = stables[0].weight if stables[0].weight is not None else 100.0
+        canary_weight = (canaries[0].weight or 0.0) if canaries else 0.0
+        if abs(stable_weight + canary_weight - 100.0) > 1e-9:
+            raise ValueError(
+                f"stable and canary weights must add up to 100, got {stable_weight:g} + {canary_weight:g}"
+            )
+        return self
+
+    def of_role(self, role: Role) -> list[VersionRoute]:
+        return [v for v in self.versions if v.role == role]
+
+    @property
+    def stable(self) -> str:
+        return self.of_role("stable")[0].version
+
+    @property
+    def canary(self) -> VersionRoute | None:
+        found = self.of_role("canary")
+        return found[0] if found else None
+
+    @property
+    def all_versions(self) -> list[str]:
+        return [v.version for v in self.versions]
+
+
+def bucket(user_key: str, salt: str) -> int:
+    digest = hashlib.sha256(f"{salt}:{user_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+@dataclass(frozen=True)
+class Assignment:
+    version: str
+    variant: Role
+
+
+@dataclass
+class Window:
+    """Outcomes of one variant over the last `window_s` seconds."""
+
+    window_s: float
+    events: deque[tuple[float, bool, bool, float]] = field(default_factory=deque)
+
+    def add(self, now: float, error: bool, degraded: bool, latency_ms: float) -> None:
+        self.events.append((now, error, degraded, latency_ms))
+        self.trim(now)
+
+    def trim(self, now: float) -> None:
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+
+    def figures(self) -> dict[str, float]:
+        count = len(self.events)
+        if not count:
+            return {"requests": 0, "error_rate": 0.0, "degraded_rate": 0.0, "p99_ms": 0.0}
+        latencies = sorted(e[3] for e in self.events)
+        return {
+            "requests": count,
+            "error_rate": sum(e[1] for e in self.events) / count,
+            "degraded_rate": sum(e[2] for e in self.events) / count,
+            "p99_ms": latencies[min(count - 1, int(0.99 * count))],
+        }
+
+
+@dataclass(frozen=True)
+class RollbackEvent:
+    version: str
+    rule: str
+    detail: str
+    canary: dict[str, float]
+    stable: dict[str, float]
+    at: float
+
+
+class Router:
+    def __init__(self, config: RoutingConfig, rolled_back: Iterable[str] = ()) -> None:
+        self.config = config
+        self.rolled_back: set[str] = set(rolled_back)
+        self.windows: dict[str, Window] = {
+            v.version: Window(config.rollback.window_s)
+            for v in config.versions
+            if v.role in ("stable", "canary")
+        }
+
+    @property
+    def canary_weight(self) -> float:
+        canary = self.config.canary
+        if canary is None or canary.version in self.rolled_back:
+            return 0.0
+        return canary.weight or 0.0
+
+    def assign(self, user_key: str) -> Assignment:
+        canary = self.config.canary
+        if (
+            canary is not None
+            and bucket(user_key, self.config.salt) < self.canary_weight * BUCKETS / 100
+        ):
+            return Assignment(canary.version, "canary")
+        return Assignment(self.config.stable, "stable")
+
+    def choose(
+        self,
+        user_key: str,
+        allowed_views: frozenset[str],
+        views_of: dict[str, frozenset[str] | None],
+    ) -> Assignment | None:
+        """The user's variant if the purpose permits its views, else stable, else an alternate."""
+
+        def permitted(version: str) -> bool:
+            views = views_of.get(version)
+            return views is None or views <= allowed_views  # unknown views: it fails on load anyway
+
+        assigned = self.assign(user_key)
+        if permitted(assigned.version):
+            return assigned
+        if permitted(self.config.stable):
+            return Assignment(self.config.stable, "stable")
+        for route in self.config.of_role("alternate"):
+            if permitted(route.version):
+                return Assignment(route.version, "alternate")
+        return None
+
+    def shadows(
+        self, allowed_views: frozenset[str], views_of: dict[str, frozenset[str] | None]
+    ) -> list[str]:
+        return [
+            r.version
+            for r in self.config.of_role("shadow")
+            if (views := views_of.get(r.version)) is not None and views <= allowed_views
+        ]
+
+    def record(
+        self, version: str, error: bool, degraded: bool, latency_ms: float, now: float | None = None
+    ) -> None:
+        window = self.windows.get(version)
+        if window is not None:
+            window.add(time.monotonic() if now is None else now, error, degraded, latency_ms)
+
+    def check_rollback(self, now: float | None = None) -> RollbackEvent | None:
+        """Roll the canary back when a rule fires; returns the event (once)."""
+        canary = self.config.canary
+        if canary is None or canary.version in self.rolled_back or not canary.weight:
+            return None
+        now = time.monotonic() if now is None else now
+        rules = self.config.rollback
+        canary_window, stable_window = (
+            self.windows[canary.version],
+            self.windows[self.config.stable],
+        )
+        canary_window.trim(now)
+        stable_window.trim(now)
+        c, s = canary_window.figures(), stable_window.figures()
+        if c["requests"] < rules.min_requests or s["requests"] < rules.min_requests:
+            return None
+        fired: tuple[str, str] | None = None
+        if c["error_rate"] - s["error_rate"] > rules.max_error_rate_delta:
+            fired = (
+                "error_rate",
+                (
+                    f"canary {c['error_rate']:.1%} vs stable {s['error_rate']:.1%} "
+                    f"(allowed +{rules.max_error_rate_delta:.1%})"
+                ),
+            )
+        elif c["degraded_rate"] - s["degraded_rate"] > rules.max_degraded_rate_delta:
+            fired = (
+                "degraded_rate",
+                (
+                    f"canary {c['degraded_rate']:.1%} vs stable {s['degraded_rate']:.1%} "
+                    f"(allowed +{rules.max_degraded_rate_delta:.1%})"
+                ),
+            )
+        elif (
+            c["p99_ms"] > s["p99_ms"] * rules.max_p99_ratio
+            and c["p99_ms"] - s["p99_ms"] > rules.min_p99_delta_ms
+        ):
+            fired = (
+                "p99_latency",
+                (
+                    f"canary p99 {c['p99_ms']:.1f} ms vs stable {s['p99_ms']:.1f} ms "
+                    f"(allowed ×{rules.max_p99_ratio:g})"
+                ),
+            )
+        if fired is None:
+            return None
+        self.rolled_back.add(canary.version)
+        return RollbackEvent(canary.version, fired[0], fired[1], c, s, time.time())

@@ -128,6 +128,7 @@ def server(ready_home: Home) -> Iterator[Server]:
     """The real thing: `serve run` on a copy of serve_config.yaml with a free port."""
     from rankgate.redis_server import resolve_redis_url
     from serving.launch import (
+        SERVE_CONFIG,
         derived_config,
         free_port,
         serve_env,
@@ -135,8 +136,6 @@ def server(ready_home: Home) -> Iterator[Server]:
         start_server,
         stop_server,
     )
-
-    from serving.launch import SERVE_CONFIG
     from serving.promotion import ServerInfo
 
     port = free_port()

@@ -45,3 +45,22 @@ def routing(
     for role in ("shadow", "alternate"):
         versions += [{"version": v, "role": role} for v in roles.get(role, [])]
     return {**base, "versions": versions}
+
+
+def copy_with_wrong_width(models, source: str, target: str) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of a version whose manifest lists one feature more than its ONNX takes:
+    it loads (hashes match) but every onnxruntime call raises."""
+    import json
+    import shutil
+
+    folder = models.path(target)
+    shutil.copytree(models.path(source), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    extra = {
+        "name": "user_item_affinity",
+        "view": "user_item_affinity",
+        "field": "affinity_{item_id}",
+    }
+    manifest["features"].append({**extra, "group": "affinity"})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

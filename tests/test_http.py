@@ -20,7 +20,7 @@ from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
 from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import ingress_user_config, routing, user_with
+from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
 
 
 def post_rank(server: Server, timeout: float = 10, **body: Any) -> httpx.Response:
@@ -224,20 +224,11 @@ def odd_versions(env: Environment) -> Iterator[None]:
     """v1-shape: manifest says 9 features, its ONNX takes 8 (onnxruntime raises).
     v2-nobooster: registered without its native booster (no SHAP explainer).
     v2-nofile: its model.onnx was deleted."""
-    shape, nobooster = env.models.path("v1-shape"), env.models.path("v2-nobooster")
-    nofile = env.models.path("v2-nofile")
-    shutil.copytree(env.models.path("v1"), shape)
+    shape = copy_with_wrong_width(env.models, "v1", "v1-shape")
+    nobooster, nofile = env.models.path("v2-nobooster"), env.models.path("v2-nofile")
     shutil.copytree(env.models.path("v2"), nobooster)
     shutil.copytree(env.models.path("v2"), nofile)
     (nofile / "model.onnx").unlink()
-    manifest = json.loads((shape / "manifest.json").read_text())
-    affinity = {
-        "name": "user_item_affinity",
-        "view": "user_item_affinity",
-        "field": "affinity_{item_id}",
-    }
-    manifest["features"].append({**affinity, "group": "affinity"})
-    (shape / "manifest.json").write_text(json.dumps(manifest))
     (nobooster / "booster.txt").unlink()
     manifest = json.loads((nobooster / "manifest.json").read_text())
     del manifest["artifacts"]["booster.txt"]

@@ -22,7 +22,7 @@ from serving.pipeline import BadRequest, RankPipeline
 from serving.ranker import Ranker
 from serving.runtime import Runtime
 from serving.schemas import RankRequest, RankResponse
-from tests.serving_support import ingress_user_config, routing, user_with
+from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
 
 # One event loop for the module: the async Redis clients stay bound to the loop
 # they first ran on, as they do in a serving replica.
@@ -258,18 +258,7 @@ def test_unreachable_consent_store_fails_closed(runtime: Runtime, env: Environme
 @pytest.fixture
 def broken_versions(env: Environment) -> Iterator[None]:
     """v1-shape: manifest claims 9 features, its ONNX takes 8 (a real onnxruntime error)."""
-    shape = env.models.path("v1-shape")
-    shutil.copytree(env.models.path("v1"), shape)
-    manifest = json.loads((shape / "manifest.json").read_text())
-    manifest["features"].append(
-        {
-            "name": "user_item_affinity",
-            "view": "user_item_affinity",
-            "field": "affinity_{item_id}",
-            "group": "affinity",
-        }
-    )
-    (shape / "manifest.json").write_text(json.dumps(manifest))
+    shape = copy_with_wrong_width(env.models, "v1", "v1-shape")
     yield
     shutil.rmtree(shape)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import threading
 import time
@@ -23,7 +22,7 @@ from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.experiments import rollback_key
 from tests.conftest import Server
-from tests.serving_support import ingress_user_config, routing
+from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing
 from tests.test_http import deploy
 
 SLOW = "v-slow"
@@ -91,18 +90,7 @@ def odd_canaries(env_module: Environment) -> Iterator[None]:
     """v1-raises: every scoring call raises (manifest lists 9 features, the ONNX takes 8).
     v-slow: a valid model of 4,000 deep trees, ~15 ms per request here."""
     env = env_module
-    raises = env.models.path("v1-raises")
-    shutil.copytree(env.models.path("v1"), raises)
-    manifest = json.loads((raises / "manifest.json").read_text())
-    manifest["features"].append(
-        {
-            "name": "user_item_affinity",
-            "view": "user_item_affinity",
-            "field": "affinity_{item_id}",
-            "group": "affinity",
-        }
-    )
-    (raises / "manifest.json").write_text(json.dumps(manifest))
+    raises = copy_with_wrong_width(env.models, "v1", "v1-raises")
     if not env.models.exists(SLOW):
         train(
             env.models,
@@ -160,7 +148,10 @@ def test_promotion_under_load_answers_every_request_without_restarts(
     after = health(server)
     assert after["replica_started"] == replica  # reconfigured in place, never restarted
     # v1 went alternate -> canary -> (rolled back) -> shadow; a version has one role.
-    assert [(v["version"], v["role"]) for v in after["routing"]["versions"]] == [("v2", "stable"), ("v1", "shadow")]
+    assert [(v["version"], v["role"]) for v in after["routing"]["versions"]] == [
+        ("v2", "stable"),
+        ("v1", "shadow"),
+    ]
     assert (
         "- {version: v1, role: shadow}" in server.config_path.read_text()
         or "role: shadow" in server.config_path.read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +16,7 @@ from rankgate.setup import Environment
 from serving.app import parse_config
 from serving.experiments import read_rollbacks, read_shadow, rollback_key, shadow_key
 from serving.routing import Router, RoutingConfig
-from tests.serving_support import ingress_user_config, routing, user_with
+from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
 from tests.test_pipeline import LOOP, make_pipeline, rank
 
 KEYS = [user_key(f"u-{n}") for n in range(10_000)]
@@ -158,18 +157,7 @@ def test_old_outcomes_leave_the_window() -> None:
 @pytest.fixture
 def raising_version(env: Environment) -> Iterator[str]:
     """v1-raises: manifest says 9 features, its ONNX takes 8: every call raises."""
-    target = env.models.path("v1-raises")
-    shutil.copytree(env.models.path("v1"), target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["features"].append(
-        {
-            "name": "user_item_affinity",
-            "view": "user_item_affinity",
-            "field": "affinity_{item_id}",
-            "group": "affinity",
-        }
-    )
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    target = copy_with_wrong_width(env.models, "v1", "v1-raises")
     env.redis.delete(rollback_key(env.home.namespace), shadow_key(env.home.namespace, "v1-raises"))
     yield "v1-raises"
     shutil.rmtree(target)

@@ -17,6 +17,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -107,7 +108,11 @@ class BatchedScoring:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
     async def score_many(self, requests: list[tuple[str, np.ndarray]]) -> list[Any]:
+        self.observe_batch([version for version, _ in requests])
         return self.ranker.score_batch(requests)
+
+    def observe_batch(self, versions: list[str]) -> None:
+        """Hook for batch-size metrics; the ingress records them."""
 
     async def score(self, version: str, matrix: np.ndarray) -> np.ndarray:
         result = await self.score_many((version, matrix))
@@ -189,6 +194,11 @@ class RankIngress(BatchedScoring):
         self.ranker = Ranker(models)
         self.tune_batching(config.batching)
         self.pipeline = pipeline
+        pipeline.publish_canary_weight()
+
+    def observe_batch(self, versions: list[str]) -> None:
+        for version in set(versions):
+            self.runtime.metrics.batch_size.labels(version).observe(versions.count(version))
 
     async def score_remote(self, version: str, matrix: np.ndarray) -> np.ndarray:
         assert self.remote_ranker is not None
@@ -213,6 +223,7 @@ class RankIngress(BatchedScoring):
             body = await read_body(request, pipeline.config.limits.max_body_bytes)
             parsed = pipeline.parse(body)
         except BadRequest as exc:
+            self.runtime.metrics.bad_request()
             return bad_request_response(exc)
         pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
         response = await pipeline.rank(parsed)
@@ -270,6 +281,11 @@ class RankIngress(BatchedScoring):
                 headers={"Retry-After": "1"},
             )
         return JSONResponse({"recorded": consent.purposes, "source": consent.source})
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text format: this replica's rankgate_* metrics."""
+        return Response(self.runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/healthz")
     async def healthz(self) -> Response:

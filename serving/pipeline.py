@@ -31,6 +31,7 @@ from serving.explainer import Explainer
 from serving.fallback import PopularityFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate, GateDecision
+from serving.metrics import ServingMetrics
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.routing import Router
 from serving.schemas import (
@@ -94,6 +95,7 @@ class RankPipeline:
         models: ModelSet,
         router: Router,
         experiments: ExperimentLog,
+        metrics: ServingMetrics,
         score: ScoreFn,
         explainers: dict[str, Explainer],
         fallback: PopularityFallback,
@@ -106,6 +108,7 @@ class RankPipeline:
         self.models = models
         self.router = router
         self.experiments = experiments
+        self.metrics = metrics
         self.score = score
         self.background: set[asyncio.Task[None]] = set()
         self.rollbacks_synced_at = 0.0
@@ -202,7 +205,7 @@ class RankPipeline:
         timings = {name: round(value, 3) for name, value in timings.items()}
         timings["total"] = round(deadline.elapsed_ms(), 3)
         explanation = {"explanation": outcome.explanation} if outcome.explanation else {}
-        return RankResponse(
+        response = RankResponse(
             request_id=uuid.uuid4().hex,
             items=items,
             model=outcome.model,
@@ -211,6 +214,8 @@ class RankPipeline:
             timings_ms=timings,
             **explanation,
         )
+        self.metrics.observe(request, response)
+        return response
 
     # -- experiments -----------------------------------------------------------
 
@@ -232,6 +237,8 @@ class RankPipeline:
         )
         event = self.router.check_rollback()
         if event is not None:
+            self.metrics.rollbacks.labels(event.version, event.rule).inc()
+            self.publish_canary_weight()
             self._spawn(self.experiments.record_rollback(event))
         if time.monotonic() - self.rollbacks_synced_at > ROLLBACK_SYNC_S:
             self.rollbacks_synced_at = time.monotonic()
@@ -240,6 +247,12 @@ class RankPipeline:
     async def _sync_rollbacks(self) -> None:
         with contextlib.suppress(OSError, aioredis.RedisError):
             self.router.rolled_back |= await self.experiments.rolled_back()
+        self.publish_canary_weight()
+
+    def publish_canary_weight(self) -> None:
+        canary = self.router.config.canary
+        if canary is not None:
+            self.metrics.canary_weight.labels(canary.version).set(self.router.canary_weight)
 
     async def _shadow(
         self, version: str, user: Any, eligible: Sequence[int], live: list[tuple[int, float]]
@@ -264,6 +277,7 @@ class RankPipeline:
         except Exception as exc:  # noqa: BLE001 - a shadow's failure never reaches the answer
             logger.warning("shadow %s failed: %s", version, type(exc).__name__)
             result = (None, None)
+        self.metrics.shadow_scores.labels(version, "error" if result[0] is None else "ok").inc()
         with contextlib.suppress(OSError, aioredis.RedisError):
             await self.experiments.record_shadow(version, *result)
 
@@ -313,6 +327,8 @@ class RankPipeline:
             timings["features"] = _ms_since(started)
             return self._degrade(outcome, "feature_error", type(exc).__name__)
         timings["features"] = _ms_since(started)
+        for view, age in user.age_s.items():
+            self.metrics.feature_age.labels(view).observe(age)
         if user.missing_views:
             return self._degrade(outcome, "features_missing", ",".join(user.missing_views))
         if user.stale_views:

@@ -22,7 +22,6 @@ import httpx
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError

@@ -24,6 +24,7 @@ from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import PopularityFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate
+from serving.metrics import ServingMetrics
 from serving.pipeline import RankPipeline, ScoreFn
 from serving.ranker import ModelSet
 from serving.routing import Router
@@ -47,6 +48,7 @@ class Runtime:
     fallback: PopularityFallback
     models: ModelStore
     templates: ReasonTemplates
+    metrics: ServingMetrics
 
     @classmethod
     def open(cls) -> Runtime:
@@ -70,6 +72,7 @@ class Runtime:
             fallback=PopularityFallback(load_fallback_rules(), data.impressions),
             models=ModelStore(home),
             templates=load_reason_templates(),
+            metrics=ServingMetrics(),
         )
 
     def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
@@ -108,6 +111,7 @@ class Runtime:
             models=models,
             router=Router(config.routing, rolled_back or set()),
             experiments=ExperimentLog(self.redis, self.home.namespace),
+            metrics=self.metrics,
             score=score,
             explainers=explainers,
             fallback=self.fallback,

@@ -285,3 +285,81 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
 def test_openapi_document_describes_the_api(server: Server) -> None:
     document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
     assert "/v1/rank" in document["paths"] and "/v1/consent/{user_id}" in document["paths"]
+
+
+def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_move_by_the_right_amounts(server: Server, env: Environment) -> None:
+    granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
+    before = scrape(server)
+    for _ in range(3):
+        assert (
+            post_rank(
+                server, user_id=granted, purpose="onsite_personalization", region="US"
+            ).status_code
+            == 200
+        )
+    for _ in range(2):
+        assert (
+            post_rank(
+                server, user_id=denied, purpose="onsite_personalization", region="US"
+            ).status_code
+            == 200
+        )
+    assert post_rank(server, user_id=granted, purpose="telepathy", region="US").status_code == 422
+    after = scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    on = {"purpose": "onsite_personalization"}
+    assert (
+        moved(
+            "rankgate_rank_requests_total",
+            outcome="personalized",
+            model_version="v2",
+            variant="stable",
+            **on,
+        )
+        == 3
+    )
+    assert (
+        moved(
+            "rankgate_rank_requests_total",
+            outcome="non_personalized",
+            model_version="",
+            variant="",
+            **on,
+        )
+        == 2
+    )
+    assert (
+        moved(
+            "rankgate_rank_requests_total",
+            outcome="bad_request",
+            purpose="",
+            model_version="",
+            variant="",
+        )
+        == 1
+    )
+    assert moved("rankgate_fallbacks_total", reason="no_consent", model_version="", variant="") == 2
+    assert moved("rankgate_policy_decisions_total", decision="personalize", **on) == 3
+    assert moved("rankgate_policy_decisions_total", decision="non_personalized", **on) == 2
+    assert (
+        moved("rankgate_stage_seconds_count", stage="rank", model_version="v2", variant="stable")
+        == 3
+    )
+    assert moved("rankgate_feature_age_seconds_count", view="user_item_affinity") == 3
+    assert moved("rankgate_ranker_batch_size_count", model_version="v2") >= 1

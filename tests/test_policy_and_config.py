@@ -117,3 +117,33 @@ def test_the_shipped_serving_config_is_valid() -> None:
     )
     with pytest.raises(ConfigError, match="ranker_placement"):
         build_app({"ranker_placement": "moon"})
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:
+    import json
+    import re
+
+    from rankgate.settings import PROJECT_ROOT
+    from serving.metrics import ServingMetrics
+
+    dashboard = json.loads(
+        (PROJECT_ROOT / "loadtests" / "grafana" / "rankgate-dashboard.json").read_text()
+    )
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"rankgate_[a-z_]+", target["expr"])
+    }
+    exported = {
+        sample
+        for family in ServingMetrics().registry.collect()
+        for sample in [
+            family.name,
+            f"{family.name}_total",
+            f"{family.name}_bucket",
+            f"{family.name}_sum",
+            f"{family.name}_count",
+        ]
+    }
+    assert used and used <= exported, used - exported

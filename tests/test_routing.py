@@ -246,6 +246,14 @@ def test_a_raising_canary_is_rolled_back_and_recorded(
     assert all(
         r.model is not None and r.model.variant == "stable" and r.fallback is None for r in tail
     )
+    fired = runtime.metrics.registry.get_sample_value(
+        "rankgate_rollbacks_total", {"model_version": raising_version, "rule": "error_rate"}
+    )
+    assert fired == 1
+    weight = runtime.metrics.registry.get_sample_value(
+        "rankgate_canary_weight_percent", {"model_version": raising_version}
+    )
+    assert weight == 0
     record = read_rollbacks(env.redis, env.home.namespace)[raising_version]
     assert record["rule"] == "error_rate" and record["canary"]["requests"] >= 10
     # A new replica (or a restart) learns the rollback from Redis.

@@ -1,0 +1,112 @@
+"""Prometheus metrics of a serving replica, exposed at `GET /metrics` of the ingress.
+
+Labelled by model version and variant where a model was involved. Each replica
+keeps its own registry; with several replicas, scrape each replica (with
+HAProxy ingress each listens on its own port, 30000-31000) or sum what one
+scrape target sees across restarts with `rate()` as usual.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from serving.schemas import RankRequest, RankResponse
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rankgate_rank_requests",
+            "Rank answers by outcome (personalized, degraded, non_personalized, bad_request)",
+            ["outcome", "purpose", "model_version", "variant"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "rankgate_fallbacks",
+            "Answers served by the rule-based fallback, by reason",
+            ["reason", "model_version", "variant"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "rankgate_policy_decisions",
+            "Consent gate decisions",
+            ["purpose", "decision"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "rankgate_stage_seconds",
+            "Time per stage of answered requests",
+            ["stage", "model_version", "variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rankgate_ranker_batch_size",
+            "Requests scored together in one onnxruntime call",
+            ["model_version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.feature_age = Histogram(
+            "rankgate_feature_age_seconds",
+            "Age of the user feature rows read",
+            ["view"],
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.explanations = Counter(
+            "rankgate_explanations",
+            "Explain requests by status and reason",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.canary_weight = Gauge(
+            "rankgate_canary_weight_percent",
+            "Share of users routed to the canary now",
+            ["model_version"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "rankgate_rollbacks",
+            "Automatic canary rollbacks",
+            ["model_version", "rule"],
+            registry=r,
+        )
+        self.shadow_scores = Counter(
+            "rankgate_shadow_scores",
+            "Shadow scorings by result",
+            ["model_version", "result"],
+            registry=r,
+        )
+
+    def observe(self, request: RankRequest, response: RankResponse) -> None:
+        version = response.model.version if response.model else ""
+        variant = response.model.variant if response.model else ""
+        if response.fallback is None:
+            outcome = "personalized"
+        elif response.policy.decision == "non_personalized":
+            outcome = "non_personalized"
+        else:
+            outcome = "degraded"
+        self.requests.labels(outcome, request.purpose, version, variant).inc()
+        self.decisions.labels(request.purpose, response.policy.decision).inc()
+        if response.fallback is not None:
+            self.fallbacks.labels(response.fallback.reason, version, variant).inc()
+        for stage, ms in response.timings_ms.items():
+            self.stage_seconds.labels(stage, version, variant).observe(ms / 1000.0)
+        if response.explanation is not None:
+            self.explanations.labels(
+                response.explanation.status, response.explanation.reason or ""
+            ).inc()
+
+    def bad_request(self) -> None:
+        self.requests.labels("bad_request", "", "", "").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

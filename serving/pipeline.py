@@ -47,6 +47,7 @@ from serving.schemas import (
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 # Fallback reasons that count as the chosen model's errors (others are degradations).
 MODEL_ERRORS = frozenset({"model_error", "model_unavailable"})
+ROLLBACK_CHECK_S = 0.05
 logger = logging.getLogger("ray.serve")
 
 
@@ -112,6 +113,7 @@ class RankPipeline:
         self.score = score
         self.background: set[asyncio.Task[None]] = set()
         self.rollbacks_synced_at = 0.0
+        self.rollback_checked_at = 0.0
         self.explainers = explainers
         self.fallback = fallback
 
@@ -235,7 +237,13 @@ class RankPipeline:
             degraded=reason is not None,
             latency_ms=latency_ms,
         )
-        event = self.router.check_rollback()
+        # The rules sort the window's latencies: check at most every ROLLBACK_CHECK_S,
+        # not on every request.
+        now = time.monotonic()
+        if now - self.rollback_checked_at < ROLLBACK_CHECK_S:
+            return
+        self.rollback_checked_at = now
+        event = self.router.check_rollback(now)
         if event is not None:
             self.metrics.rollbacks.labels(event.version, event.rule).inc()
             self.publish_canary_weight()

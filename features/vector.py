@@ -97,6 +97,14 @@ class ItemTable:
             dtype=np.float32,
         ).reshape(len(self.item_ids), len(item_specs))
 
+    @property
+    def digest(self) -> str:
+        """Fingerprint of the encoded table: an audit record names the table it used."""
+        import hashlib
+
+        data = self.item_ids.tobytes() + np.ascontiguousarray(self.values).tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
+
     def __contains__(self, item_id: int) -> bool:
         return int(item_id) in self._row_of
 

@@ -417,6 +417,56 @@ def model_status(config_path: Path | None) -> None:
             )
 
 
+# -- audit -------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The decision audit log (a Redis Stream, one record per decision)."""
+
+
+@audit.command("tail")
+@click.option("--count", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--follow", is_flag=True, help="Keep printing new records (Ctrl-C stops).")
+@fails_cleanly
+def audit_tail(count: int, follow: bool) -> None:
+    """Print the most recent decisions, one JSON record per line."""
+    import json
+
+    from rankgate.setup import Environment
+    from serving import replay
+
+    env = Environment.open()
+    records = replay.tail(env.redis, env.home.namespace, count)
+    for record in records:
+        click.echo(json.dumps(record))
+    if follow:
+        after = records[-1]["stream_id"] if records else "$"
+        for record in replay.follow(env.redis, env.home.namespace, after):
+            click.echo(json.dumps(record))
+
+
+@audit.command("replay")
+@click.argument("request_id")
+@fails_cleanly
+def audit_replay(request_id: str) -> None:
+    """Re-score a decision from its recorded features and model version."""
+    from rankgate.setup import Environment
+    from serving import replay
+    from serving.feature_fetch import FeatureFetcher
+
+    env = Environment.open()
+    record = replay.find(env.redis, env.home.namespace, request_id)
+    items = FeatureFetcher(env.feast, env.data).items
+    result = replay.replay(record, env.home, items)
+    click.echo(f"request {request_id}: {result.message}")
+    click.echo(f"  recorded: {result.recorded}")
+    if result.replayed:
+        click.echo(f"  replayed: {result.replayed}")
+    if result.reproduced is False:
+        sys.exit(1)
+
+
 # -- redis -------------------------------------------------------------------
 
 

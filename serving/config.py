@@ -63,6 +63,11 @@ class ExplainerConfig(Strict):
     budget cannot cover it."""
 
 
+class AuditConfig(Strict):
+    max_records: int = Field(100_000, ge=100)
+    """Retention: the audit stream is trimmed to about this many decisions."""
+
+
 class ServingConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -71,3 +76,4 @@ class ServingConfig(Strict):
     batching: BatchingConfig = BatchingConfig()
     features: FeaturesConfig = FeaturesConfig()
     explainer: ExplainerConfig = ExplainerConfig()
+    audit: AuditConfig = AuditConfig()

@@ -25,11 +25,12 @@ from features.vector import build_matrix
 from rankgate.consent import ConsentState, consent_key, parse_state
 from rankgate.errors import RankgateError
 from rankgate.pseudonym import user_key as pseudonymise
+from serving.audit import AuditWriter
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
 from serving.fallback import PopularityFallback
-from serving.feature_fetch import FeatureFetcher
+from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
 from serving.metrics import ServingMetrics
 from serving.ranker import ModelSet, ModelUnavailable
@@ -82,6 +83,8 @@ class Outcome:
     fallback: Fallback | None = None
     reasons: list[list] | None = None
     explanation: Explanation | None = None
+    user: UserFeatures | None = None
+    items_digest: str | None = None
 
 
 class RankPipeline:
@@ -97,6 +100,7 @@ class RankPipeline:
         router: Router,
         experiments: ExperimentLog,
         metrics: ServingMetrics,
+        audit: AuditWriter,
         score: ScoreFn,
         explainers: dict[str, Explainer],
         fallback: PopularityFallback,
@@ -110,6 +114,7 @@ class RankPipeline:
         self.router = router
         self.experiments = experiments
         self.metrics = metrics
+        self.audit = audit
         self.score = score
         self.background: set[asyncio.Task[None]] = set()
         self.rollbacks_synced_at = 0.0
@@ -217,6 +222,7 @@ class RankPipeline:
             **explanation,
         )
         self.metrics.observe(request, response)
+        self.audit.record(audit_record(request, key, eligible, outcome, response))
         return response
 
     # -- experiments -----------------------------------------------------------
@@ -343,7 +349,9 @@ class RankPipeline:
             return self._degrade(outcome, "features_stale", ",".join(user.stale_views))
 
         started = time.perf_counter()
-        matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible)
+        items = self.fetcher.items  # one table for the matrix and the audit record
+        outcome.user, outcome.items_digest = user, items.digest
+        matrix = build_matrix(model.specs, user.values, items, eligible)
         try:
             if deadline.remaining_s() <= 0:
                 raise TimeoutError
@@ -386,6 +394,39 @@ class RankPipeline:
         except Exception:  # noqa: BLE001 - an explainer error never fails the answer
             return None, Explanation(status="omitted", reason="explainer_error")
         return reasons, Explanation(status="explained")
+
+
+def audit_record(
+    request: RankRequest,
+    key: str,
+    eligible: Sequence[int],
+    outcome: Outcome,
+    response: RankResponse,
+) -> dict[str, Any]:
+    """What the audit stream keeps of one decision (no raw user id)."""
+    return {
+        "request_id": response.request_id,
+        "at": time.time(),
+        "user_key": key,
+        "purpose": request.purpose,
+        "region": request.region,
+        "k": request.k,
+        "policy": response.policy.model_dump(exclude_unset=True),
+        "model": response.model.model_dump() if response.model else None,
+        "candidates": [int(c) for c in eligible],
+        "features": (
+            {"values": outcome.user.values, "age_s": outcome.user.age_s} if outcome.user else None
+        ),
+        "item_table": outcome.items_digest,
+        "items": [[item.item_id, item.score] for item in response.items],
+        "fallback": response.fallback.model_dump(exclude_unset=True) if response.fallback else None,
+        "explanation": (
+            [[r.model_dump() for r in item.reasons or []] for item in response.items]
+            if outcome.reasons
+            else None
+        ),
+        "timings_ms": response.timings_ms,
+    }
 
 
 def _ms_since(started: float) -> float:

@@ -18,7 +18,8 @@ from rankgate.home import Home
 from rankgate.policy import Policy, load_fallback_rules, load_policy
 from rankgate.redis_server import resolve_redis_url
 from rankgate.settings import Settings, get_settings
-from serving.config import ServingConfig
+from serving.audit import AuditWriter
+from serving.config import AuditConfig, ServingConfig
 from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import PopularityFallback
@@ -49,6 +50,7 @@ class Runtime:
     models: ModelStore
     templates: ReasonTemplates
     metrics: ServingMetrics
+    audit: AuditWriter
 
     @classmethod
     def open(cls) -> Runtime:
@@ -73,6 +75,7 @@ class Runtime:
             models=ModelStore(home),
             templates=load_reason_templates(),
             metrics=ServingMetrics(),
+            audit=AuditWriter(client, home.namespace, AuditConfig().max_records),
         )
 
     def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
@@ -102,6 +105,7 @@ class Runtime:
         score: ScoreFn,
         rolled_back: set[str] | None = None,
     ) -> RankPipeline:
+        self.audit.max_records = config.audit.max_records
         return RankPipeline(
             config=config,
             gate=ConsentGate(self.policy),
@@ -112,6 +116,7 @@ class Runtime:
             router=Router(config.routing, rolled_back or set()),
             experiments=ExperimentLog(self.redis, self.home.namespace),
             metrics=self.metrics,
+            audit=self.audit,
             score=score,
             explainers=explainers,
             fallback=self.fallback,

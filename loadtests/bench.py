@@ -39,6 +39,7 @@ from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT
 from rankgate.setup import Environment
 from serving.launch import (
+    SERVE_CONFIG,
     derived_config,
     free_port,
     serve_binary,
@@ -65,6 +66,17 @@ class System:
 
 def _rankgate_command(env: Environment, port: int) -> list[str]:
     return serve_run_command(derived_config(env.home, port=port, name="bench"))
+
+
+def _rankgate_no_audit_command(env: Environment, port: int) -> list[str]:
+    # The same server with the decision audit log off: the difference is its cost.
+    user_config = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"][0][
+        "user_config"
+    ]
+    user_config["audit"] = {**user_config.get("audit", {}), "enabled": False}
+    return serve_run_command(
+        derived_config(env.home, port=port, user_config=user_config, name="bench-no-audit")
+    )
 
 
 def _naive_command(env: Environment, port: int) -> list[str]:
@@ -94,6 +106,12 @@ SYSTEMS = [
         "rankgate",
         "rankgate (Ray Serve, HAProxy ingress, in-process stages)",
         _rankgate_command,
+        True,
+    ),
+    System(
+        "rankgate_no_audit",
+        "rankgate, audit log off (to measure its cost)",
+        _rankgate_no_audit_command,
         True,
     ),
     System("naive_graph", "baseline (b): naive Ray Serve graph", _naive_command, False),
@@ -243,8 +261,28 @@ def evaluate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "p50_c1_ratio_vs_naive": round(p50_ratio, 3),
         "p50_target_met": p50_ratio <= TARGET_P50_RATIO,
         "peak_ratio_vs_plain": round(ours_peak / plain_peak, 2),
+        "audit_cost": audit_cost(ours, results["rankgate_no_audit"]),
         "p50_c1_ratio_vs_plain": round(c1["rankgate"] / c1["plain_fastapi"], 2),
     }
+
+
+def audit_cost(with_audit: list[dict[str, Any]], without: list[dict[str, Any]]) -> dict[str, Any]:
+    """What writing the audit log costs, per concurrency: p50 difference and throughput ratio."""
+    cost = {}
+    for on, off in zip(with_audit, without, strict=True):
+        cost[str(on["concurrency"])] = {
+            "p50_ms_added": round(on["p50_ms"] - off["p50_ms"], 2),
+            "throughput_ratio": round(on["throughput_rps"] / off["throughput_rps"], 3),
+        }
+    return cost
+
+
+def audit_line(cost: dict[str, dict[str, float]]) -> str:
+    figures = "; ".join(
+        f"c={c}: p50 {v['p50_ms_added']:+} ms, throughput ×{v['throughput_ratio']}"
+        for c, v in cost.items()
+    )
+    return f"- Decision audit log: {figures} (rankgate with the log vs the same server without it)."
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -289,9 +327,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{t['p50_c1_ms']['naive_graph']} ms = **{t['p50_c1_ratio_vs_naive']}×** (target ≤ {TARGET_P50_RATIO:g}×): "
             f"**{mark[t['p50_target_met']]}**"
         ),
+        audit_line(t["audit_cost"]),
         (
-            f"- Against plain FastAPI (baseline a): peak {t['peak_ratio_vs_plain']}×, p50 at concurrency 1 "
-            f"{t['p50_c1_ratio_vs_plain']}×."
+            f"- Against plain FastAPI (baseline a): peak {t['peak_ratio_vs_plain']}×, "
+            f"p50 at concurrency 1 {t['p50_c1_ratio_vs_plain']}×."
         ),
         "",
         "## Where rankgate's time goes",

@@ -64,6 +64,8 @@ class ExplainerConfig(Strict):
 
 
 class AuditConfig(Strict):
+    enabled: bool = True
+    """Off only to measure what the audit log costs (`rankgate bench`)."""
     max_records: int = Field(100_000, ge=100)
     """Retention: the audit stream is trimmed to about this many decisions."""
 

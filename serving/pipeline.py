@@ -222,7 +222,8 @@ class RankPipeline:
             **explanation,
         )
         self.metrics.observe(request, response)
-        self.audit.record(audit_record(request, key, eligible, outcome, response))
+        if self.config.audit.enabled:
+            self.audit.record(audit_record(request, key, eligible, outcome, response))
         return response
 
     # -- experiments -----------------------------------------------------------

@@ -15,6 +15,7 @@ gets a stable code. Missing values encode as -1.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -96,14 +97,11 @@ class ItemTable:
             ],
             dtype=np.float32,
         ).reshape(len(self.item_ids), len(item_specs))
-
-    @property
-    def digest(self) -> str:
-        """Fingerprint of the encoded table: an audit record names the table it used."""
-        import hashlib
-
-        data = self.item_ids.tobytes() + np.ascontiguousarray(self.values).tobytes()
-        return hashlib.sha256(data).hexdigest()[:16]
+        # Fingerprint of the encoded table, computed once: an audit record names
+        # the table it used.
+        self.digest = hashlib.sha256(self.item_ids.tobytes() + self.values.tobytes()).hexdigest()[
+            :16
+        ]
 
     def __contains__(self, item_id: int) -> bool:
         return int(item_id) in self._row_of

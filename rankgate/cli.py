@@ -150,10 +150,9 @@ def bench(concurrency: str, duration: float, repeats: int, output: Path) -> None
     if not levels or min(levels) < 1 or 1 not in levels:
         raise RankgateError("--concurrency: positive integers, including 1")
     run_setup(lambda _line: None)
-    report = run_bench(levels, duration, repeats, output, click.echo)
+    run_bench(levels, duration, repeats, output, click.echo)
     click.echo((output / "bench.md").read_text())
     click.echo(f"written: {output / 'bench.md'}, {output / 'bench.json'}")
-    del report
 
 
 # -- features ----------------------------------------------------------------

@@ -64,11 +64,6 @@ class ConsentStore:
             pipe.hget(consent_key(self.namespace, key), purpose)
         return [parse_state(raw) for raw in pipe.execute()]
 
-    def count_records(self) -> int:
-        return sum(
-            1 for _ in self.client.scan_iter(match=consent_key(self.namespace, "*"), count=500)
-        )
-
 
 def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:
     """Deterministic demo decisions: per purpose about 50 % granted, 25 % denied, 25 % none.

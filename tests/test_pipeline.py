@@ -159,14 +159,10 @@ def test_fallback_order_is_popularity_with_boosts(pipeline: RankPipeline, env: E
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US", k=80)
     fallback = pipeline.fallback
     assert [i.item_id for i in response.items] == [
-        item for item, _ in fallback.rank(fallback_ids(), 80)
+        item for item, _ in fallback.rank(pipeline.fetcher.catalogue, 80)
     ]
     boosted = fallback.score_of[17]
     assert boosted == pytest.approx(fallback.scores([17])[0])
-
-
-def fallback_ids() -> list[int]:
-    return list(range(80))
 
 
 def test_unknown_user_with_consent_gets_the_fallback(

@@ -64,6 +64,10 @@ class EmbeddedRedis:
         self.port_path = self.dir / "port"
         self.log_path = self.dir / "valkey.log"
 
+    @property
+    def aof_exists(self) -> bool:
+        return (self.dir / "appendonlydir").is_dir()
+
     @contextmanager
     def _lock(self) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,11 @@ class EmbeddedRedis:
                     f"dir {self.dir}",
                     "dbfilename dump.rdb",
                     "save 60 1 300 10",
-                    "appendonly no",
+                    # The append-only file keeps consent records and API keys across a
+                    # crash (fsync every second). A dataset that only has an RDB file
+                    # starts from it, and the AOF is switched on once it is loaded.
+                    f"appendonly {'yes' if self.aof_exists else 'no'}",
+                    "appendfsync everysec",
                     # DEBUG SLEEP from loopback lets fault tests make the server slow.
                     "enable-debug-command local",
                 ]
@@ -141,7 +149,10 @@ class EmbeddedRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                redis.Redis.from_url(url, socket_timeout=1).ping()
+                client = redis.Redis.from_url(url, socket_timeout=1)
+                client.ping()
+                if not self.aof_exists:
+                    self._switch_aof_on(client, deadline)
                 return url
             except redis.RedisError:
                 time.sleep(0.05)
@@ -149,6 +160,19 @@ class EmbeddedRedis:
             f"embedded Redis did not answer on 127.0.0.1:{port} within "
             f"{START_TIMEOUT_S:.0f}s; see {self.log_path}"
         )
+
+    @staticmethod
+    def _switch_aof_on(client: redis.Redis, deadline: float) -> None:
+        """Turn the AOF on from the loaded data; wait for its first rewrite, during
+        which the server would refuse to shut down."""
+        client.config_set("appendonly", "yes")
+        while time.monotonic() < deadline:
+            info = client.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get(  # type: ignore[union-attr]
+                "aof_rewrite_scheduled"
+            ):
+                return
+            time.sleep(0.02)
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Save and shut the server down. Returns False when it was not running."""

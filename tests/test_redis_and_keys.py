@@ -31,6 +31,30 @@ def test_embedded_server_is_started_once_and_reused(other_home: Home) -> None:
     assert connect(resolve_redis_url()).get("probe") == b"1"
 
 
+def test_a_killed_embedded_server_loses_at_most_a_second_of_writes(other_home: Home) -> None:
+    import os
+    import signal
+    import time
+
+    server = EmbeddedRedis(other_home)
+    client = connect(resolve_redis_url())
+    client.set("before-aof", "1")
+    server.stop()  # saved to RDB; the next start switches the append-only file on
+    client = connect(resolve_redis_url())
+    assert client.get("before-aof") == b"1"
+    assert server.aof_exists
+    client.hset("consent-like", mapping={"p": "granted"})
+    time.sleep(1.5)  # appendfsync everysec
+    pid = int(server.pid_path.read_text())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while server.running_url() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = connect(resolve_redis_url())
+    assert client.get("before-aof") == b"1"
+    assert client.hgetall("consent-like") == {b"p": b"granted"}
+
+
 def test_unreachable_redis_url_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     get_settings.cache_clear()

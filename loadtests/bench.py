@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import yaml
 
+from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
 from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
@@ -148,6 +149,7 @@ def wait_ready(
     body: dict[str, Any],
     process: subprocess.Popen[bytes],
     log: Path,
+    api_key: str,
     timeout_s: float = 240,
 ) -> None:
     deadline = time.monotonic() + timeout_s
@@ -155,7 +157,9 @@ def wait_ready(
         if process.poll() is not None:
             raise RuntimeError(f"server exited ({process.returncode}); see {log}")
         try:
-            response = httpx.post(url, json=body, timeout=5)
+            response = httpx.post(
+                url, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=5
+            )
             if response.status_code == 200 and response.json().get("items"):
                 return
         except (httpx.HTTPError, ValueError):
@@ -164,7 +168,9 @@ def wait_ready(
     raise RuntimeError(f"server not ready in {timeout_s:.0f}s; see {log}")
 
 
-def drive(url: str, concurrency: int, duration: float, bodies_file: Path) -> dict[str, Any]:
+def drive(
+    url: str, concurrency: int, duration: float, bodies_file: Path, api_key: str
+) -> dict[str, Any]:
     result = subprocess.run(
         [
             sys.executable,
@@ -183,6 +189,7 @@ def drive(url: str, concurrency: int, duration: float, bodies_file: Path) -> dic
         check=True,
         timeout=duration * 4 + 60,
         cwd=PROJECT_ROOT,
+        env={**os.environ, "RANKGATE_API_KEY": api_key},
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -212,6 +219,7 @@ def run_system(
     repeats: int,
     bodies: list[dict[str, Any]],
     bodies_file: Path,
+    api_key: str,
     say: Say,
 ) -> list[dict[str, Any]]:
     port = free_port()
@@ -222,10 +230,10 @@ def run_system(
     log.unlink(missing_ok=True)
     process = start_server(system.command(env, port), process_env(env, system.fast_path), log)
     try:
-        wait_ready(url, bodies[0], process, log)
+        wait_ready(url, bodies[0], process, log, api_key)
         results = []
         for level in levels:
-            runs = [drive(url, level, duration, bodies_file) for _ in range(repeats)]
+            runs = [drive(url, level, duration, bodies_file, api_key) for _ in range(repeats)]
             summary = median_of(runs)
             say(
                 f"    c={level:<3} {summary['throughput_rps']:8.1f} req/s  p50 {summary['p50_ms']:7.2f} ms"
@@ -367,10 +375,11 @@ def run_bench(
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(bodies, handle)
         bodies_file = Path(handle.name)
-    results = {
-        s.name: run_system(s, env, levels, duration, repeats, bodies, bodies_file, say)
-        for s in SYSTEMS
-    }
+    with temporary_key("bench") as api_key:
+        results = {
+            s.name: run_system(s, env, levels, duration, repeats, bodies, bodies_file, api_key, say)
+            for s in SYSTEMS
+        }
     bodies_file.unlink()
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

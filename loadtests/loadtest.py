@@ -17,6 +17,7 @@ locust.html, locust.log, outcomes.json.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -33,6 +34,7 @@ import click
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from rankgate.api_keys import temporary_key
 from rankgate.config_files import load_yaml_model
 from rankgate.errors import RankgateError
 from rankgate.settings import PROJECT_ROOT
@@ -40,7 +42,9 @@ from rankgate.settings import PROJECT_ROOT
 LOCUSTFILE = PROJECT_ROOT / "loadtests" / "locustfile.py"
 DEFAULT_SLO = PROJECT_ROOT / "loadtests" / "slo.yaml"
 DEFAULT_OUTPUT = PROJECT_ROOT / "loadtests" / "results" / "locust"
-OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"  # same name as in the locustfile
+OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"  # same names as in the locustfile
+API_KEY_ENV = "RANKGATE_API_KEY"
+TEMPORARY_KEY_APP = "loadtest"
 STOP_TIMEOUT_S = 5
 # Locust's start-up (imports, reading the demo consent records) before the clock
 # of --run-time starts, and its shutdown after it: generous on a busy 2-core box.
@@ -189,11 +193,12 @@ def locust_command(
     ]
 
 
-def locust_env(outcomes_path: Path) -> dict[str, str]:
+def locust_env(outcomes_path: Path, api_key: str) -> dict[str, str]:
     # LOCUST_* variables of the caller would silently change the run (users, host,
     # run time...): the command line above is the whole configuration.
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
     env[OUTCOMES_ENV] = str(outcomes_path)
+    env[API_KEY_ENV] = api_key
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -257,11 +262,16 @@ def run_loadtest(
     output_dir: Path,
     slo_path: Path | None,
     say: Say,
+    api_key: str | None = None,
 ) -> LoadtestResult:
-    """Run Locust headless against `host`, then read its figures and check the SLOs."""
+    """Run Locust headless against `host`, then read its figures and check the SLOs.
+
+    Without `api_key`, a temporary key of this home (application `loadtest`, every
+    purpose) is created for the run and revoked afterwards.
+    """
     if users < 1 or spawn_rate <= 0:
         raise RankgateError("--users must be at least 1 and --spawn-rate positive")
-    seconds = run_time_seconds(run_time)
+    run_time_seconds(run_time)  # a bad --run-time is refused before anything runs
     # The SLO file is read first: a bad one should not cost a whole run.
     slo = load_slo(slo_path or DEFAULT_SLO)
     host = host.rstrip("/")
@@ -278,26 +288,8 @@ def run_loadtest(
     for path in files.values():
         path.unlink(missing_ok=True)
 
-    command = locust_command(host, users, spawn_rate, run_time, output_dir)
-    hard_timeout = seconds + STOP_TIMEOUT_S + STARTUP_ALLOWANCE_S
-    say(f"locust: {users} users (spawn rate {spawn_rate:g}/s) for {run_time} against {host}")
-    with files["log"].open("wb") as log:
-        try:
-            completed = subprocess.run(
-                command,
-                cwd=PROJECT_ROOT,
-                env=locust_env(files["outcomes"]),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                timeout=hard_timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            # subprocess.run has already killed it.
-            raise RankgateError(
-                f"locust did not finish within {hard_timeout}s and was stopped; see {files['log']}"
-            ) from exc
+    with contextlib.nullcontext(api_key) if api_key else temporary_key(TEMPORARY_KEY_APP) as key:
+        completed = _run_locust(host, users, spawn_rate, run_time, output_dir, files, key, say)
     # Exit code 1 only says some requests failed, which the error-rate SLO judges;
     # missing statistics mean Locust itself did not run.
     if not files["stats"].exists() or not files["outcomes"].exists():
@@ -335,6 +327,39 @@ def run_loadtest(
         checks=evaluate(slo, total.p99_ms, error_rate, fallback_rate),
         files=files,
     )
+
+
+def _run_locust(
+    host: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    output_dir: Path,
+    files: dict[str, Path],
+    api_key: str,
+    say: Say,
+) -> subprocess.CompletedProcess[bytes]:
+    command = locust_command(host, users, spawn_rate, run_time, output_dir)
+    hard_timeout = run_time_seconds(run_time) + STOP_TIMEOUT_S + STARTUP_ALLOWANCE_S
+    say(f"locust: {users} users (spawn rate {spawn_rate:g}/s) for {run_time} against {host}")
+    with files["log"].open("wb") as log:
+        try:
+            completed = subprocess.run(
+                command,
+                cwd=PROJECT_ROOT,
+                env=locust_env(files["outcomes"], api_key),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=hard_timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            # subprocess.run has already killed it.
+            raise RankgateError(
+                f"locust did not finish within {hard_timeout}s and was stopped; see {files['log']}"
+            ) from exc
+    return completed
 
 
 def _ms(value: float) -> str:
@@ -429,21 +454,39 @@ def render_summary(result: LoadtestResult) -> list[str]:
     show_default=True,
     help="SLO file (p99_ms, max_error_rate, max_fallback_rate).",
 )
+@click.option(
+    "--api-key",
+    envvar=API_KEY_ENV,
+    default=None,
+    help=f"Key to call the server with (or {API_KEY_ENV}); default: a temporary key of this home.",
+)
 def loadtest(
-    host: str, users: int, spawn_rate: float, run_time: str, output: Path, slo_path: Path
+    host: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    output: Path,
+    slo_path: Path,
+    api_key: str | None,
 ) -> None:
     """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
     # Imported here: rankgate.cli registers this command, so a top-level import
     # would be circular.
     from rankgate.cli import fails_cleanly
 
-    fails_cleanly(_loadtest)(host, users, spawn_rate, run_time, output, slo_path)
+    fails_cleanly(_loadtest)(host, users, spawn_rate, run_time, output, slo_path, api_key)
 
 
 def _loadtest(
-    host: str, users: int, spawn_rate: float, run_time: str, output: Path, slo_path: Path
+    host: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    output: Path,
+    slo_path: Path,
+    api_key: str | None,
 ) -> None:
-    result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, click.echo)
+    result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, click.echo, api_key)
     for line in render_summary(result):
         click.echo(line)
     click.echo(f"written: {result.files['stats']}, {result.files['html']}")

@@ -22,6 +22,10 @@ Request names group the statistics by what the request is expected to do:
 "rank personalized-eligible", "rank no-consent", "rank explain", "rank bad-input",
 "consent put".
 
+Every request carries the API key from RANKGATE_API_KEY (`rankgate keys create
+loadtest --purpose onsite_personalization --purpose email_marketing`; `rankgate
+loadtest` makes a temporary one itself).
+
 Every 200 rank answer is classified (personalized, or the fallback reason) in
 counters. The runner reads them from the JSON file named by
 RANKGATE_LOADTEST_OUTCOMES, written when the test stops; without that variable
@@ -43,6 +47,7 @@ from locust import FastHttpUser, between, events, task
 from locust.env import Environment as LocustEnvironment
 
 OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"
+API_KEY_ENV = "RANKGATE_API_KEY"
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
 PURPOSES = ("onsite_personalization", "email_marketing")
@@ -194,6 +199,15 @@ class RankgateUser(FastHttpUser):
     # Bounded, so a stuck server shows up as failures rather than a hung test.
     connection_timeout = 5.0
     network_timeout = 10.0
+
+    def on_start(self) -> None:
+        key = os.environ.get(API_KEY_ENV)
+        if not key:
+            raise RuntimeError(
+                f"{API_KEY_ENV} is not set: every /v1 call needs an API key "
+                "(rankgate keys create loadtest --purpose ...)"
+            )
+        self.client.auth_header = f"Bearer {key}"
 
     def _rank(self, body: dict[str, Any], name: str, expect_personalized: bool) -> None:
         with self.client.post("/v1/rank", json=body, name=name, catch_response=True) as response:

@@ -466,6 +466,114 @@ def audit_replay(request_id: str) -> None:
         sys.exit(1)
 
 
+# -- policy ------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """Consent and purpose policy files (policies/): check them, deploy them live."""
+
+
+FOLDER_ARGUMENT = click.argument(
+    "folder",
+    required=False,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+
+
+@policy.command("check")
+@FOLDER_ARGUMENT
+@fails_cleanly
+def policy_check(folder: Path | None) -> None:
+    """Validate policy.yaml and fallback.yaml of FOLDER (default: policies/)."""
+    from rankgate.policy import load_policy_set
+
+    checked = load_policy_set(folder)
+    click.echo(
+        f"{checked.folder}: policy {checked.policy.version}, fallback {checked.fallback.version}, "
+        f"digest {checked.digest}: valid"
+    )
+
+
+@policy.command("deploy")
+@FOLDER_ARGUMENT
+@CONFIG_OPTION
+@fails_cleanly
+def policy_deploy(folder: Path | None, config_path: Path | None) -> None:
+    """Check FOLDER's policy files, then serve them: the config names the folder and the
+    digest of the files checked, and the running server re-reads them in place. A file
+    with an error is refused here, and by the server, which keeps its current policy."""
+    from rankgate.policy import load_policy_set
+    from serving.promotion import write_policy
+
+    checked = load_policy_set(folder)
+    env, path = _promotion_context(config_path)
+    write_policy(path, checked.folder, checked.digest)
+    click.echo(f"{path}: policy {checked.policy.version} from {checked.folder} ({checked.digest})")
+    _apply(env, path, lambda h: h.get("policy_digest") == checked.digest)
+
+
+# -- keys --------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """API keys: per application, scoped to purposes, stored hashed."""
+
+
+def _key_store():  # type: ignore[no-untyped-def]
+    from rankgate.api_keys import ApiKeyStore
+    from rankgate.setup import Environment
+
+    env = Environment.open()
+    return ApiKeyStore(env.redis, env.home.namespace)
+
+
+@keys.command("create")
+@click.argument("app")
+@click.option(
+    "--purpose",
+    "purposes",
+    multiple=True,
+    required=True,
+    help="A purpose of policies/policy.yaml the key may ask for (repeatable).",
+)
+@fails_cleanly
+def keys_create(app: str, purposes: tuple[str, ...]) -> None:
+    """Create a key for APP; it is printed once, as the last word."""
+    from rankgate.policy import load_policy
+
+    key = _key_store().create(app, purposes, load_policy().purposes)
+    click.echo(f"created an API key for {app} (purposes: {', '.join(sorted(set(purposes)))}).")
+    click.echo("It is shown only this once; callers send it as 'Authorization: Bearer <key>':")
+    click.echo(key)
+
+
+@keys.command("list")
+@fails_cleanly
+def keys_list() -> None:
+    """Applications, their purposes and key hints (never the keys)."""
+    entries = _key_store().all()
+    if not entries:
+        click.echo("no API keys: create one with `rankgate keys create APP --purpose P`")
+        return
+    click.echo(f"{'app':<24} {'key':<10} {'created':<26} purposes")
+    for entry in entries:
+        purposes = ", ".join(sorted(entry.purposes))
+        click.echo(f"{entry.app:<24} {entry.hint + '…':<10} {entry.created_at:<26} {purposes}")
+
+
+@keys.command("revoke")
+@click.argument("app")
+@fails_cleanly
+def keys_revoke(app: str) -> None:
+    """Revoke every key of APP; running servers stop accepting them within a second."""
+    count = _key_store().revoke(app)
+    if not count:
+        raise RankgateError(f"no API keys for application {app!r} (see `rankgate keys list`)")
+    click.echo(f"revoked {count} key{'s' if count != 1 else ''} of {app}")
+
+
 # -- redis -------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -89,3 +91,29 @@ def load_policy(path: Path | None = None) -> Policy:
 
 def load_fallback_rules(path: Path | None = None) -> FallbackRules:
     return load_yaml_model(path or POLICY_DIR / "fallback.yaml", FallbackRules)
+
+
+POLICY_FILES = ("policy.yaml", "fallback.yaml")
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """The policy files of one folder, validated together, and their digest."""
+
+    folder: Path
+    policy: Policy
+    fallback: FallbackRules
+    digest: str
+    """sha256 over the files' bytes: `rankgate policy deploy` stamps it into the
+    serving config, so replicas serve exactly the files that were checked."""
+
+
+def load_policy_set(folder: Path | None = None) -> PolicySet:
+    """Read and validate policy.yaml and fallback.yaml; ConfigError names file and field."""
+    folder = (folder or POLICY_DIR).resolve()
+    policy = load_policy(folder / "policy.yaml")
+    fallback = load_fallback_rules(folder / "fallback.yaml")
+    digest = hashlib.sha256()
+    for name in POLICY_FILES:
+        digest.update((folder / name).read_bytes())
+    return PolicySet(folder, policy, fallback, digest.hexdigest()[:16])

@@ -11,23 +11,26 @@ that batches across all ingress replicas.
 
 import logging
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from model_store.store import ModelStore
+from rankgate.api_keys import ApiKey
 from rankgate.config_files import validation_message
 from rankgate.consent import consent_fields, consent_key
-from rankgate.errors import ConfigError
+from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
+from serving.auth import Forbidden, KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
 from serving.pipeline import BadRequest, RankPipeline, problems_of
 from serving.ranker import ModelSet, Ranker
@@ -48,6 +51,22 @@ api = FastAPI(
     version="1",
     description="Ranked, policy-compliant items for one person and one purpose, within a latency budget.",
 )
+
+
+# Documents the scheme in the OpenAPI document; the ingress checks the key itself
+# so that missing and wrong keys get the same JSON 401.
+Bearer = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Depends(HTTPBearer(auto_error=False, description="API key")),
+]
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key"},
+    403: {"model": ErrorBody, "description": "The key is not scoped to this purpose"},
+    413: {"model": ErrorBody, "description": "Body too large"},
+    422: {"model": ErrorBody, "description": "Invalid request; the problems name the fields"},
+    503: {"model": ErrorBody, "description": "Not ready or a store is unavailable; retry"},
+}
+ERROR_NAMES = {401: "unauthorized", 403: "forbidden", 503: "unavailable"}
 
 
 def error_response(
@@ -87,6 +106,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
                 [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
             )
     return body
+
+
+def domain_error_response(exc: RankgateError) -> JSONResponse:
+    status = exc.status_code
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "1"}
+    body = ErrorBody(error=ERROR_NAMES.get(status, "error"), detail=exc.message)
+    return error_response(status, body, headers=headers)
 
 
 def not_configured() -> JSONResponse:
@@ -166,6 +194,7 @@ class RankIngress(BatchedScoring):
         self.runtime = Runtime.open()
         self.remote_ranker = ranker
         self.pipeline: RankPipeline | None = None
+        self.keys = KeyCache(self.runtime.redis, self.runtime.home.namespace)
         self.config_error: str | None = None
         # Changes on restart only: shows that a routing change reconfigured in place.
         self.replica_started = uuid.uuid4().hex
@@ -179,22 +208,47 @@ class RankIngress(BatchedScoring):
                 user_config,
                 ModelStore(self.runtime.home, user_config.get("models", {}).get("name", "ranker")),
             )
+            policies = self.runtime.load_policies(config.policy)
         except ConfigError as exc:
             if self.pipeline is None:
                 raise
             logger.error("refused serving config, keeping the running one: %s", exc.message)
             self.config_error = exc.message
             return
-        self.config_error = None
+        if self.keys.table is None:
+            await self.keys.load()
         models, explainers = self.runtime.load_models(config)
+        broken = self.newly_broken(models)
+        if broken:
+            # A version that does not load (corrupt, missing files) is never promoted
+            # into a running service: the running config keeps serving.
+            message = (
+                f"serve_config.yaml user_config: field 'routing.versions': model version "
+                f"{broken[0]!r} does not load ({models.errors[broken[0]]})"
+            )
+            logger.error("refused serving config, keeping the running one: %s", message)
+            self.config_error = message
+            return
+        self.config_error = None
         score = self.score if self.remote_ranker is None else self.score_remote
-        pipeline = self.runtime.pipeline(config, models, explainers, score)
+        pipeline = self.runtime.pipeline(config, models, explainers, score, policies=policies)
         await pipeline.warm_up()
         # Swap only when everything above succeeded: a bad config changes nothing.
+        self.runtime.use_policies(*policies)
         self.ranker = Ranker(models)
         self.tune_batching(config.batching)
         self.pipeline = pipeline
         pipeline.publish_canary_weight()
+
+    def newly_broken(self, models: ModelSet) -> list[str]:
+        """Versions that fail to load now but did not in the running config.
+
+        At start-up there is nothing to keep serving, so such versions are only
+        marked unavailable (their requests degrade and say so)."""
+        if self.pipeline is None:
+            return []
+        running = self.pipeline.models
+        return sorted(v for v in models.errors if v not in running.errors)
 
     def observe_batch(self, versions: list[str]) -> None:
         for version in set(versions):
@@ -204,10 +258,28 @@ class RankIngress(BatchedScoring):
         assert self.remote_ranker is not None
         return await self.remote_ranker.score.remote(version, matrix)
 
+    async def authenticate(
+        self, pipeline: RankPipeline, credentials: HTTPAuthorizationCredentials | None
+    ) -> ApiKey:
+        """The caller's key; the same 401 whether it is missing or wrong."""
+        self.keys.refresh_if_due(pipeline.config.auth.refresh_s)
+        try:
+            return await self.keys.authenticate(credentials.credentials if credentials else None)
+        except RankgateError as exc:
+            self.runtime.metrics.rejected(ERROR_NAMES.get(exc.status_code, "error"))
+            raise
+
+    def authorize(self, caller: ApiKey, purposes: list[str]) -> None:
+        try:
+            KeyCache.authorize(caller, purposes)
+        except Forbidden:
+            self.runtime.metrics.rejected("forbidden")
+            raise
+
     @api.post(
         "/v1/rank",
         response_model=RankResponse,
-        responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        responses=AUTH_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -215,23 +287,27 @@ class RankIngress(BatchedScoring):
             }
         },
     )
-    async def rank(self, request: Request) -> Response:
+    async def rank(self, request: Request, credentials: Bearer) -> Response:
         pipeline = self.pipeline
         if pipeline is None:
             return not_configured()
         try:
+            caller = await self.authenticate(pipeline, credentials)
             body = await read_body(request, pipeline.config.limits.max_body_bytes)
             parsed = pipeline.parse(body)
+            self.authorize(caller, [parsed.purpose])
         except BadRequest as exc:
-            self.runtime.metrics.bad_request()
+            self.runtime.metrics.rejected("bad_request")
             return bad_request_response(exc)
+        except RankgateError as exc:
+            return domain_error_response(exc)
         pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
-        response = await pipeline.rank(parsed)
+        response = await pipeline.rank(parsed, app=caller.app)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
     @api.put(
         "/v1/consent/{user_id}",
-        responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        responses=AUTH_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -239,11 +315,13 @@ class RankIngress(BatchedScoring):
             }
         },
     )
-    async def put_consent(self, user_id: str, request: Request) -> Response:
-        if self.pipeline is None:
+    async def put_consent(self, user_id: str, request: Request, credentials: Bearer) -> Response:
+        pipeline = self.pipeline
+        if pipeline is None:
             return not_configured()
-        limits = self.pipeline.config.limits
+        limits = pipeline.config.limits
         try:
+            caller = await self.authenticate(pipeline, credentials)
             try:
                 check_user_id(user_id, limits)
             except ValueError as exc:
@@ -264,8 +342,12 @@ class RankIngress(BatchedScoring):
                         )
                     ]
                 )
+            self.authorize(caller, list(consent.purposes))
         except BadRequest as exc:
+            self.runtime.metrics.rejected("bad_request")
             return bad_request_response(exc)
+        except RankgateError as exc:
+            return domain_error_response(exc)
         key = consent_key(self.runtime.home.namespace, pseudonymise(user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
@@ -297,6 +379,7 @@ class RankIngress(BatchedScoring):
             {
                 "status": "ok",
                 "policy_version": self.runtime.policy.version,
+                "policy_digest": self.runtime.policies.digest,
                 "config_error": self.config_error,
                 "replica_started": self.replica_started,
                 "models": {"loaded": sorted(models.loaded), "unavailable": models.errors},

@@ -70,6 +70,20 @@ class AuditConfig(Strict):
     """Retention: the audit stream is trimmed to about this many decisions."""
 
 
+class AuthConfig(Strict):
+    refresh_s: float = Field(1.0, gt=0, le=60)
+    """How often a replica re-reads the API key table: a revoked key stops
+    working within this interval, without a restart."""
+
+
+class PolicyConfig(Strict):
+    dir: str | None = None
+    """Folder with policy.yaml and fallback.yaml; default: the project's policies/."""
+    revision: str | None = None
+    """Digest of the files as checked by `rankgate policy deploy`; replicas refuse
+    files that differ from it. Changing it is what makes Ray Serve re-read them."""
+
+
 class ServingConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -79,3 +93,5 @@ class ServingConfig(Strict):
     features: FeaturesConfig = FeaturesConfig()
     explainer: ExplainerConfig = ExplainerConfig()
     audit: AuditConfig = AuditConfig()
+    auth: AuthConfig = AuthConfig()
+    policy: PolicyConfig = PolicyConfig()

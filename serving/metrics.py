@@ -23,7 +23,7 @@ class ServingMetrics:
         r = self.registry
         self.requests = Counter(
             "rankgate_rank_requests",
-            "Rank answers by outcome (personalized, degraded, non_personalized, bad_request)",
+            "Rank answers by outcome (personalized, degraded, non_personalized, bad_request, unauthorized, forbidden, unavailable)",
             ["outcome", "purpose", "model_version", "variant"],
             registry=r,
         )
@@ -105,8 +105,9 @@ class ServingMetrics:
                 response.explanation.status, response.explanation.reason or ""
             ).inc()
 
-    def bad_request(self) -> None:
-        self.requests.labels("bad_request", "", "", "").inc()
+    def rejected(self, outcome: str) -> None:
+        """A request answered with a 4xx/503 before ranking (bad_request, unauthorized, ...)."""
+        self.requests.labels(outcome, "", "", "").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -180,7 +180,8 @@ class RankPipeline:
             return None
         return parse_state(raw)
 
-    async def rank(self, request: RankRequest) -> RankResponse:
+    async def rank(self, request: RankRequest, app: str | None = None) -> RankResponse:
+        """Rank for one request; `app` (the caller's application) goes to the audit record."""
         deadline = Deadline(request.budget_ms or self.config.budget.default_ms)
         timings = {"policy": 0.0, "features": 0.0, "rank": 0.0, "explain": 0.0}
         key = pseudonymise(request.user_id)
@@ -223,7 +224,7 @@ class RankPipeline:
         )
         self.metrics.observe(request, response)
         if self.config.audit.enabled:
-            self.audit.record(audit_record(request, key, eligible, outcome, response))
+            self.audit.record(audit_record(request, key, eligible, outcome, response, app))
         return response
 
     # -- experiments -----------------------------------------------------------
@@ -403,11 +404,13 @@ def audit_record(
     eligible: Sequence[int],
     outcome: Outcome,
     response: RankResponse,
+    app: str | None = None,
 ) -> dict[str, Any]:
     """What the audit stream keeps of one decision (no raw user id)."""
     return {
         "request_id": response.request_id,
         "at": time.time(),
+        "app": app,
         "user_key": key,
         "purpose": request.purpose,
         "region": request.region,

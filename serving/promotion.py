@@ -161,6 +161,22 @@ def write_routing(
     tmp.replace(config_path)
 
 
+def write_policy(config_path: Path, folder: Path, revision: str) -> None:
+    """Point the RankIngress user_config at a checked policy folder (`rankgate policy deploy`)."""
+    try:
+        document = _yaml().load(config_path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from exc
+    user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
+    section = CommentedMap({"dir": str(folder), "revision": revision})
+    section.fa.set_flow_style()
+    user_config["policy"] = section
+    tmp = config_path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        _yaml().dump(document, handle)
+    tmp.replace(config_path)
+
+
 def apply_running(
     home: Home,
     config_path: Path,
@@ -197,7 +213,7 @@ def apply_running(
             return True
         time.sleep(0.25)
     raise RankgateError(
-        f"the server at {info.base_url} did not take the new routing within {timeout_s:.0f}s"
+        f"the server at {info.base_url} did not take the new config within {timeout_s:.0f}s"
     )
 
 

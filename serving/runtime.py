@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from features.store import feature_store
 from model_store.store import ModelStore
-from rankgate.errors import RankgateError
+from rankgate.errors import ConfigError, RankgateError
 from rankgate.example_data import prepared
 from rankgate.home import Home
-from rankgate.policy import Policy, load_fallback_rules, load_policy
+from rankgate.policy import Policy, PolicySet, load_policy_set
 from rankgate.redis_server import resolve_redis_url
-from rankgate.settings import Settings, get_settings
+from rankgate.settings import PROJECT_ROOT, Settings, get_settings
 from serving.audit import AuditWriter
-from serving.config import AuditConfig, ServingConfig
+from serving.config import AuditConfig, PolicyConfig, ServingConfig
 from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import PopularityFallback
@@ -45,7 +46,7 @@ class Runtime:
     redis_url: str
     redis: aioredis.Redis
     fetcher: FeatureFetcher
-    policy: Policy
+    policies: PolicySet
     fallback: PopularityFallback
     models: ModelStore
     templates: ReasonTemplates
@@ -64,19 +65,44 @@ class Runtime:
             url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
         store = feature_store(settings, url, serving=True)
+        policies = load_policy_set()
         return cls(
             settings=settings,
             home=home,
             redis_url=url,
             redis=client,
             fetcher=FeatureFetcher(store, data),
-            policy=load_policy(),
-            fallback=PopularityFallback(load_fallback_rules(), data.impressions),
+            policies=policies,
+            fallback=PopularityFallback(policies.fallback, data.impressions),
             models=ModelStore(home),
             templates=load_reason_templates(),
             metrics=ServingMetrics(),
             audit=AuditWriter(client, home.namespace, AuditConfig().max_records),
         )
+
+    @property
+    def policy(self) -> Policy:
+        return self.policies.policy
+
+    def load_policies(self, config: PolicyConfig) -> tuple[PolicySet, PopularityFallback]:
+        """The policy files the config names; ConfigError (file and field) if they are bad
+        or differ from the revision that was checked."""
+        folder = Path(config.dir) if config.dir else None
+        if folder is not None and not folder.is_absolute():
+            folder = PROJECT_ROOT / folder
+        policies = load_policy_set(folder)
+        if config.revision is not None and config.revision != policies.digest:
+            raise ConfigError(
+                f"{policies.folder}: the policy files changed after they were checked "
+                f"(digest {policies.digest}, deployed revision {config.revision}); "
+                "run `rankgate policy deploy` again"
+            )
+        if policies.digest == self.policies.digest:
+            return self.policies, self.fallback
+        return policies, PopularityFallback(policies.fallback, prepared(self.home).impressions)
+
+    def use_policies(self, policies: PolicySet, fallback: PopularityFallback) -> None:
+        self.policies, self.fallback = policies, fallback
 
     def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
         """ONNX sessions and SHAP explainers of the configured versions.
@@ -104,11 +130,14 @@ class Runtime:
         explainers: dict[str, Explainer],
         score: ScoreFn,
         rolled_back: set[str] | None = None,
+        policies: tuple[PolicySet, PopularityFallback] | None = None,
     ) -> RankPipeline:
+        """A pipeline for `config`; `policies` (from load_policies) default to the current ones."""
+        policy_set, fallback = policies or (self.policies, self.fallback)
         self.audit.max_records = config.audit.max_records
         return RankPipeline(
             config=config,
-            gate=ConsentGate(self.policy),
+            gate=ConsentGate(policy_set.policy),
             consent_client=self.redis,
             namespace=self.home.namespace,
             fetcher=self.fetcher,
@@ -119,5 +148,5 @@ class Runtime:
             audit=self.audit,
             score=score,
             explainers=explainers,
-            fallback=self.fallback,
+            fallback=fallback,
         )

@@ -78,8 +78,10 @@ class Server:
     """A `serve run` of serve_config.yaml (on a free port), its log and its addresses."""
 
     def __init__(
-        self, process, base_url: str, log_path: Path, home: Home, config_path: Path
+        self, process, base_url: str, log_path: Path, home: Home, config_path: Path, api_key: str
     ) -> None:  # type: ignore[no-untyped-def]
+        self.api_key = api_key
+        self.headers = {"Authorization": f"Bearer {api_key}"}
         self.process = process
         self.base_url = base_url
         self.log_path = log_path
@@ -123,6 +125,17 @@ def wait_until_healthy(
     )
 
 
+def test_api_key() -> str:
+    """A key for every purpose of the policy: application `tests`."""
+    from rankgate.api_keys import ApiKeyStore
+    from rankgate.policy import load_policy
+    from rankgate.setup import Environment
+
+    env = Environment.open()
+    purposes = list(load_policy().purposes)
+    return ApiKeyStore(env.redis, env.home.namespace).create("tests", purposes, purposes)
+
+
 @pytest.fixture(scope="session")
 def server(ready_home: Home) -> Iterator[Server]:
     """The real thing: `serve run` on a copy of serve_config.yaml with a free port."""
@@ -150,7 +163,7 @@ def server(ready_home: Home) -> Iterator[Server]:
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, 240, log_path)
-        server = Server(process, base_url, log_path, ready_home, base)
+        server = Server(process, base_url, log_path, ready_home, base, test_api_key())
         ServerInfo(base, port, server.dashboard_address()).write(ready_home)
         yield server
     finally:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
+import httpx
 import yaml
 
 from rankgate.consent import ConsentState
@@ -12,7 +17,12 @@ from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT
 
+if TYPE_CHECKING:
+    from tests.conftest import Server
+
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
+# Fallback reasons that are the policy or the person, not the service degrading.
+NOT_DEGRADED = frozenset({"no_consent", "purpose_not_permitted", "features_missing"})
 
 
 def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
@@ -64,3 +74,94 @@ def copy_with_wrong_width(models, source: str, target: str) -> Path:  # type: ig
     manifest["features"].append({**extra, "group": "affinity"})
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+class Load:
+    """Closed-loop load from a thread: `concurrency` loops posting rank requests.
+
+    Counts what fault tests assert on: `sent`, `answered` (200), `degraded`
+    (200 with a fallback that is not the policy's doing) and `failed` (anything
+    else, connection errors included), each with the time it happened.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        users: list[str],
+        concurrency: int,
+        region: str = "US",
+        budget_ms: int = 500,
+    ) -> None:
+        self.url = f"{server.base_url}/v1/rank"
+        self.headers = server.headers
+        self.users = users
+        self.concurrency = concurrency
+        self.region = region
+        self.budget_ms = budget_ms
+        self.stop = threading.Event()
+        self.sent = 0
+        self.statuses: Counter[int] = Counter()
+        self.answers: list[tuple[float, dict[str, Any]]] = []
+        self.failures: list[tuple[float, int]] = []
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _loop(self, client: httpx.AsyncClient, offset: int) -> None:
+        n = offset
+        while not self.stop.is_set():
+            body = {
+                "user_id": self.users[n % len(self.users)],
+                "purpose": "onsite_personalization",
+                "region": self.region,
+                "budget_ms": self.budget_ms,
+            }
+            n += self.concurrency
+            self.sent += 1
+            try:
+                response = await client.post(self.url, json=body, headers=self.headers, timeout=10)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            self.statuses[status] += 1
+            if status == 200:
+                self.answers.append((time.monotonic(), response.json()))
+            else:
+                self.failures.append((time.monotonic(), status))
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient() as client:
+            await asyncio.gather(*[self._loop(client, i) for i in range(self.concurrency)])
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    @property
+    def answered(self) -> int:
+        return self.statuses[200]
+
+    @property
+    def failed(self) -> int:
+        return self.sent - self.answered
+
+    def degraded(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
+        """Fallback reasons of degraded answers between two times."""
+        return Counter(
+            a["fallback"]["reason"]
+            for t, a in self.answers
+            if since <= t < until and a["fallback"] and a["fallback"]["reason"] not in NOT_DEGRADED
+        )
+
+    def personalized(self, since: float = 0.0) -> int:
+        return sum(1 for t, a in self.answers if t >= since and a["fallback"] is None)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "answered": self.answered,
+            "degraded": sum(self.degraded().values()),
+            "failed": self.failed,
+        }

@@ -20,7 +20,9 @@ from tests.serving_support import user_with
 
 
 def decide(server: Server, **body: object) -> str:
-    response = httpx.post(f"{server.base_url}/v1/rank", json=body, timeout=10)
+    response = httpx.post(
+        f"{server.base_url}/v1/rank", json=body, headers=server.headers, timeout=10
+    )
     assert response.status_code == 200, response.text
     return str(response.json()["request_id"])
 
@@ -52,6 +54,7 @@ def test_every_decision_is_recorded_without_the_raw_id(server: Server, env: Envi
     assert granted.encode() not in blob and denied.encode() not in blob
     sample = records[ids[1]]
     assert sample["model"] == {"name": "ranker", "version": "v2", "variant": "stable"}
+    assert sample["app"] == "tests"  # the application whose API key asked
     assert sample["policy"]["version"] and sample["features"]["age_s"]["user_item_affinity"] > 0
     assert len(sample["features"]["values"]) == 84 and sample["item_table"]
     denied_record = records[ids[0]]

@@ -24,7 +24,9 @@ from tests.serving_support import copy_with_wrong_width, ingress_user_config, ro
 
 
 def post_rank(server: Server, timeout: float = 10, **body: Any) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/v1/rank", json=body, timeout=timeout)
+    return httpx.post(
+        f"{server.base_url}/v1/rank", json=body, headers=server.headers, timeout=timeout
+    )
 
 
 def test_contract_of_a_personalized_answer(server: Server, env: Environment) -> None:
@@ -85,6 +87,7 @@ def test_put_consent_changes_the_next_answer(server: Server, env: Environment) -
     put = httpx.put(
         f"{server.base_url}/v1/consent/{uid}",
         json={"purposes": {"onsite_personalization": True}, "source": "cmp"},
+        headers=server.headers,
         timeout=10,
     )
     assert put.status_code == 200, put.text
@@ -109,13 +112,17 @@ def test_bad_input_gets_a_4xx_naming_the_field(
     server: Server, body: dict[str, Any], status: int, field: str
 ) -> None:
     request = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU", **body}
-    response = httpx.post(f"{server.base_url}/v1/rank", json=request, timeout=10)
+    response = httpx.post(
+        f"{server.base_url}/v1/rank", json=request, headers=server.headers, timeout=10
+    )
     assert response.status_code == status, response.text
     assert field in [p["field"] for p in response.json()["problems"]]
 
 
 def test_non_json_body_is_a_422(server: Server) -> None:
-    response = httpx.post(f"{server.base_url}/v1/rank", content=b"user_id=u-1", timeout=10)
+    response = httpx.post(
+        f"{server.base_url}/v1/rank", content=b"user_id=u-1", headers=server.headers, timeout=10
+    )
     assert response.status_code == 422
     assert response.json()["problems"][0]["field"] == "body"
 
@@ -130,12 +137,15 @@ def test_bad_consent_changes_nothing(server: Server, env: Environment) -> None:
         ({"purposes": {"email_marketing": True}}, "source"),
         ({"purposes": {"email_marketing": True}, "source": "cmp", "extra": 1}, "extra"),
     ]:
-        response = httpx.put(f"{server.base_url}/v1/consent/{uid}", json=body, timeout=10)
+        response = httpx.put(
+            f"{server.base_url}/v1/consent/{uid}", json=body, headers=server.headers, timeout=10
+        )
         assert response.status_code == 422, response.text
         assert response.json()["problems"][0]["field"] == field
     bad_id = httpx.put(
         f"{server.base_url}/v1/consent/bad%20id",
         json={"purposes": {"email_marketing": True}, "source": "x"},
+        headers=server.headers,
         timeout=10,
     )
     assert bad_id.status_code == 422 and bad_id.json()["problems"][0]["field"] == "user_id"
@@ -177,6 +187,7 @@ def test_redis_down_then_back(server: Server, env: Environment, ready_home: Home
         put = httpx.put(
             f"{server.base_url}/v1/consent/{uid}",
             json={"purposes": {"email_marketing": True}, "source": "cmp"},
+            headers=server.headers,
             timeout=10,
         )
         assert put.status_code == 503 and put.headers["retry-after"] == "1"
@@ -249,17 +260,15 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
         "budget_ms": 300,
     }
 
+    # A version whose files are missing is refused; the running config keeps serving.
     deploy(
         server,
         "missing",
         ingress_user_config(routing=routing("v2-nofile")),
-        lambda h: "v2-nofile" in h["models"]["unavailable"],
+        lambda h: "'v2-nofile' does not load" in (h["config_error"] or ""),
     )
     body = post_rank(server, **request).json()
-    assert (
-        body["fallback"]["reason"] == "model_unavailable"
-        and body["model"]["version"] == "v2-nofile"
-    )
+    assert body["fallback"] is None and body["model"]["version"] == "v2"
 
     deploy(
         server,

@@ -6,6 +6,7 @@ shared by Locust and the server, hence the modest user counts.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def test_locustfile_runs_without_the_runner(server: Server, tmp_path: Path) -> N
             "--only-summary",
         ],
         cwd=PROJECT_ROOT,
+        env={**os.environ, "RANKGATE_API_KEY": server.api_key},
         capture_output=True,
         text=True,
         timeout=90,

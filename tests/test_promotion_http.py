@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import pytest
@@ -22,55 +20,10 @@ from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.experiments import rollback_key
 from tests.conftest import Server
-from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing
+from tests.serving_support import Load, copy_with_wrong_width, ingress_user_config, routing
 from tests.test_http import deploy
 
 SLOW = "v-slow"
-
-
-class Load:
-    """Closed-loop load from a thread: `concurrency` loops posting rank requests."""
-
-    def __init__(self, server: Server, users: list[str], concurrency: int) -> None:
-        self.url = f"{server.base_url}/v1/rank"
-        self.users = users
-        self.concurrency = concurrency
-        self.stop = threading.Event()
-        self.sent = 0
-        self.statuses: Counter[int] = Counter()
-        self.answers: list[tuple[float, dict[str, Any]]] = []
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _loop(self, client: httpx.AsyncClient, offset: int) -> None:
-        n = offset
-        while not self.stop.is_set():
-            body = {
-                "user_id": self.users[n % len(self.users)],
-                "purpose": "onsite_personalization",
-                "region": "US",
-                "budget_ms": 500,
-            }
-            n += self.concurrency
-            self.sent += 1
-            try:
-                response = await client.post(self.url, json=body, timeout=10)
-                self.statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    self.answers.append((time.monotonic(), response.json()))
-            except httpx.HTTPError:
-                self.statuses[0] += 1
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient() as client:
-            await asyncio.gather(*[self._loop(client, i) for i in range(self.concurrency)])
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +144,7 @@ def test_a_bad_routing_deployed_is_refused_and_the_running_one_keeps_serving(
     answer = httpx.post(
         f"{server.base_url}/v1/rank",
         json={"user_id": "u-5c111b923688", "purpose": "onsite_personalization", "region": "US"},
+        headers=server.headers,
         timeout=10,
     )
     assert answer.status_code == 200

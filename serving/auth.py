@@ -1,0 +1,96 @@
+"""Who may call `/v1`: API keys scoped to purposes (see rankgate/api_keys.py).
+
+The replica keeps the key table in memory and re-reads it in the background
+every `auth.refresh_s`, so a known key is checked without a Redis round trip.
+An unknown key makes the replica re-read the table first (at most every
+`MISS_REFRESH_S`), so a key created a moment ago works at once.
+Missing and wrong keys get the same 401, so a caller learns nothing about
+which keys or applications exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from rankgate.api_keys import ApiKey, KeyTable, keys_key
+from rankgate.errors import RankgateError
+
+logger = logging.getLogger("ray.serve")
+LOAD_TIMEOUT_S = 1.0
+RETRY_UNLOADED_S = 0.5
+MISS_REFRESH_S = 0.1
+
+
+class Unauthorized(RankgateError):
+    status_code = 401
+
+
+class Forbidden(RankgateError):
+    status_code = 403
+
+
+class AuthUnavailable(RankgateError):
+    """The key table was never read (Redis down since start): nobody can be checked."""
+
+    status_code = 503
+
+
+class KeyCache:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.key = keys_key(namespace)
+        self.table: KeyTable | None = None
+        self.attempted_at = float("-inf")
+        self.loaded_at = float("-inf")
+        self.task: asyncio.Task[bool] | None = None
+
+    async def load(self) -> bool:
+        """Re-read the table; on failure keep the one we have."""
+        try:
+            entries = await asyncio.wait_for(
+                self.client.hgetall(self.key),  # type: ignore[arg-type]
+                LOAD_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError, aioredis.RedisError) as exc:
+            logger.warning("API key table not refreshed: %s", type(exc).__name__)
+            return False
+        self.table = KeyTable(entries)
+        self.loaded_at = time.monotonic()
+        return True
+
+    def refresh_if_due(self, every_s: float) -> None:
+        interval = every_s if self.table is not None else min(every_s, RETRY_UNLOADED_S)
+        if self.task is not None and not self.task.done():
+            return
+        now = time.monotonic()
+        if now - self.attempted_at >= interval:
+            self.attempted_at = now
+            self.task = asyncio.get_running_loop().create_task(self.load())
+
+    async def authenticate(self, token: str | None) -> ApiKey:
+        entry = self.table.lookup(token) if token and self.table else None
+        if entry is None and token and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
+            await self._reload()
+            entry = self.table.lookup(token) if self.table else None
+        if self.table is None:
+            raise AuthUnavailable("API keys cannot be checked yet; retry")
+        if entry is None:
+            raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+        return entry
+
+    async def _reload(self) -> None:
+        """Re-read now, sharing a read already under way."""
+        if self.task is None or self.task.done():
+            self.attempted_at = time.monotonic()
+            self.task = asyncio.get_running_loop().create_task(self.load())
+        await asyncio.shield(self.task)
+
+    @staticmethod
+    def authorize(entry: ApiKey, purposes: list[str]) -> None:
+        for purpose in purposes:
+            if purpose not in entry.purposes:
+                raise Forbidden(f"this API key may not be used for purpose {purpose!r}")

@@ -1,0 +1,264 @@
+"""Faults under load, against the real server: each test counts what was sent,
+answered, degraded and failed while something breaks, and what happened after."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from rankgate.cli import main
+from rankgate.consent import ConsentState
+from rankgate.example_data import example_user_ids
+from rankgate.home import Home
+from rankgate.policy import POLICY_DIR
+from rankgate.pseudonym import user_key
+from rankgate.redis_server import EmbeddedRedis
+from rankgate.setup import Environment
+from serving.audit import audit_key
+from tests.conftest import Server
+from tests.serving_support import Load, ingress_user_config, routing
+from tests.test_http import deploy
+from tests.test_promotion_http import restore  # noqa: F401 - fixture
+
+REDIS_DEGRADED = {"consent_unavailable", "feature_timeout", "feature_error", "budget_exhausted"}
+
+
+def health(server: Server) -> dict[str, Any]:
+    return httpx.get(f"{server.base_url}/healthz", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def users(ready_home: Home) -> list[str]:
+    """Example users the policy may personalize on-site in the US (not objected)."""
+    env = Environment.open()
+    ids = example_user_ids()
+    states = env.consent.states([user_key(u) for u in ids], "onsite_personalization")
+    return [u for u, s in zip(ids, states, strict=True) if s != ConsentState.DENIED]
+
+
+def wait_for(condition: Any, limit_s: float, step_s: float = 0.1) -> float:
+    """Seconds until `condition()` held; fails after `limit_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < limit_s, f"not within {limit_s} s"
+        time.sleep(step_s)
+    return time.monotonic() - started
+
+
+def test_redis_killed_and_restarted_under_load(
+    server: Server, env: Environment, ready_home: Home, users: list[str]
+) -> None:
+    embedded = EmbeddedRedis(ready_home)
+    url = embedded.running_url()
+    pid = int(embedded.pid_path.read_text())
+    with Load(server, users, concurrency=4) as load:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(3)
+        assert embedded.ensure_running() == url  # restarted on the same address
+        restarted_at = time.monotonic()
+        resumed = wait_for(lambda: load.personalized(since=restarted_at) > 0, 20)
+        time.sleep(2)
+    counts = load.counts()
+    outage = load.degraded(since=killed_at, until=restarted_at)
+    print(
+        f"redis kill: {counts}; outage reasons {dict(outage)}; resumed {resumed:.2f} s after restart"
+    )
+    assert counts["sent"] > 100
+    assert counts["failed"] == 0, load.statuses  # every request answered 200
+    assert sum(outage.values()) > 0 and set(outage) <= REDIS_DEGRADED
+    assert load.personalized(since=restarted_at) > 0  # resumed by itself
+    assert not load.degraded(since=restarted_at + resumed + 1.0)  # and stayed so
+
+    # Nothing lost: every decision answered, even during the outage, reaches the audit log.
+    answered = {a["request_id"] for _, a in load.answers}
+
+    def all_recorded() -> bool:
+        entries = env.redis.xrange(audit_key(env.home.namespace), min="-", max="+")
+        recorded = {b'"request_id":"' + rid.encode() + b'"' for rid in answered}
+        blob = b"\n".join(fields[b"record"][:60] for _, fields in entries)
+        return all(needle in blob for needle in recorded)
+
+    wait_for(all_recorded, 20, step_s=0.5)
+
+
+def replica_pids(deployment: str = "RankIngress") -> list[int]:
+    """Processes of the running server's replicas (Ray titles them ray::ServeReplica:...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if f"ServeReplica:rankgate:{deployment}".encode() in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+# Documented in the README ("Faults and what callers see"): killing the only
+# replica fails requests until Ray has started a new one.
+RESTART_WINDOW_S = 45
+
+
+def test_a_killed_replica_is_restarted_and_only_its_window_fails(
+    server: Server, users: list[str]
+) -> None:
+    before = health(server)["replica_started"]
+    pids = replica_pids()
+    assert len(pids) == 1, pids
+    with Load(server, users, concurrency=4) as load:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+
+        def serving_again() -> bool:
+            try:
+                return health(server)["replica_started"] != before
+            except (httpx.HTTPError, ValueError, KeyError):
+                return False
+
+        recovered = wait_for(serving_again, RESTART_WINDOW_S * 2, step_s=0.25)
+        recovered_at = time.monotonic()
+        time.sleep(3)
+    counts = load.counts()
+    failed_at = [t - killed_at for t, _ in load.failures]
+    window = max(failed_at) if failed_at else 0.0
+    statuses = Counter(s for _, s in load.failures)
+    print(
+        f"replica kill: {counts}; failures {dict(statuses)} within {window:.2f} s; "
+        f"new replica serving after {recovered:.2f} s"
+    )
+    assert counts["sent"] > 100 and counts["answered"] > 0
+    assert all(t >= 0 for t in failed_at)  # nothing failed before the kill
+    assert window <= RESTART_WINDOW_S
+    assert all(t < recovered_at - killed_at + 1.0 for t in failed_at)  # none after recovery
+    assert all(s in (0, 500, 502, 503) for s in statuses), statuses
+    assert load.personalized(since=recovered_at) > 0
+    assert replica_pids() and replica_pids() != pids
+
+
+@pytest.mark.usefixtures("restore")
+def test_a_corrupt_model_promoted_under_load_is_refused(
+    server: Server, env: Environment, users: list[str]
+) -> None:
+    corrupt = env.models.path("v-corrupt")
+    shutil.copytree(env.models.path("v1"), corrupt)
+    onnx = corrupt / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    config_before = server.config_path.read_text()
+    before = health(server)
+    try:
+        with Load(server, users, concurrency=4) as load:
+            time.sleep(1)
+            result = CliRunner().invoke(main, ["model", "promote", "v-corrupt", "--canary", "50"])
+            # ...and the same version deployed straight to Ray Serve, skipping the CLI check.
+            bypass = ingress_user_config(
+                routing=routing("v2", canary="v-corrupt", weight=50, alternate=["v1"])
+            )
+            deploy(
+                server,
+                "corrupt",
+                bypass,
+                lambda h: "'v-corrupt' does not load" in (h["config_error"] or ""),
+            )
+            time.sleep(1)
+    finally:
+        shutil.rmtree(corrupt)
+    counts = load.counts()
+    print(f"corrupt model: {counts}")
+    assert result.exit_code == 1
+    assert "refused: model version 'v-corrupt' does not validate" in result.output
+    assert "sha256" in result.output
+    assert server.config_path.read_text() == config_before
+    after = health(server)
+    assert after["routing"]["versions"] == before["routing"]["versions"]
+    assert after["replica_started"] == before["replica_started"]
+    assert counts["sent"] > 50 and counts["failed"] == 0 and counts["degraded"] == 0
+    models = Counter(tuple(a["model"].values()) for _, a in load.answers if a["model"])
+    assert set(models) == {("ranker", "v2", "stable")}, models
+
+
+@pytest.fixture
+def policy_copies(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A copy of policies/ with an error in it, and one with a new version."""
+    broken, changed = tmp_path / "broken", tmp_path / "changed"
+    for folder in (broken, changed):
+        shutil.copytree(POLICY_DIR, folder)
+    text = (POLICY_DIR / "policy.yaml").read_text()
+    (broken / "policy.yaml").write_text(text.replace("regime: opt_out", "regime: opt_maybe"))
+    (changed / "policy.yaml").write_text(
+        text.replace('version: "2026-11-22.1"', 'version: "2026-11-22.1-test"')
+    )
+    yield broken, changed
+
+
+@pytest.mark.usefixtures("restore")
+def test_a_policy_with_an_error_is_refused_and_the_previous_one_keeps_serving(
+    server: Server, users: list[str], policy_copies: tuple[Path, Path]
+) -> None:
+    broken, changed = policy_copies
+    config_before = server.config_path.read_text()
+    before = health(server)
+    runner = CliRunner()
+    with Load(server, users, concurrency=4) as load:
+        time.sleep(1)
+        refused = runner.invoke(main, ["policy", "deploy", str(broken)])
+        # Deployed straight to Ray Serve, skipping the CLI check: the replicas refuse it.
+        deploy(
+            server,
+            "broken-policy",
+            ingress_user_config(policy={"dir": str(broken)}),
+            lambda h: "regions.US.regime" in (h["config_error"] or ""),
+        )
+        time.sleep(1)
+    counts = load.counts()
+    print(f"broken policy: {counts}")
+    assert refused.exit_code == 1
+    assert f"{broken.resolve()}/policy.yaml: field 'regions.US.regime'" in refused.output
+    assert server.config_path.read_text() == config_before
+    refusal = health(server)["config_error"]
+    assert f"{broken.resolve()}/policy.yaml" in refusal
+    assert counts["sent"] > 50 and counts["failed"] == 0 and counts["degraded"] == 0
+    served = Counter(a["policy"]["version"] for _, a in load.answers)
+    assert set(served) == {before["policy_version"]}, served
+
+    # A correct policy is deployed live, in place, and answers name its version.
+    applied = runner.invoke(main, ["policy", "deploy", str(changed)])
+    assert applied.exit_code == 0, applied.output
+    assert "applied to the running server" in applied.output
+    now = health(server)
+    assert now["policy_version"] == "2026-11-22.1-test" and now["config_error"] is None
+    assert now["replica_started"] == before["replica_started"]
+    answer = httpx.post(
+        f"{server.base_url}/v1/rank",
+        json={"user_id": users[0], "purpose": "onsite_personalization", "region": "US"},
+        headers=server.headers,
+        timeout=10,
+    ).json()
+    assert answer["policy"]["version"] == "2026-11-22.1-test"
+
+    # Files edited after the check are refused: replicas serve only what was checked.
+    (changed / "fallback.yaml").write_text((changed / "fallback.yaml").read_text() + "\n# edit\n")
+    deployed = ingress_user_config(policy={"dir": str(changed), "revision": now["policy_digest"]})
+    deploy(
+        server,
+        "edited-policy",
+        {**deployed, "budget": {**deployed["budget"], "default_ms": 49}},
+        lambda h: "changed after they were checked" in (h["config_error"] or ""),
+    )
+    assert health(server)["policy_version"] == "2026-11-22.1-test"

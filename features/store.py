@@ -16,6 +16,9 @@ from rankgate.settings import Settings, get_settings
 # Redis client settings for Feast on the request path: a dead server must fail
 # fast (the request deadline itself is enforced by the caller).
 SERVING_REDIS_OPTIONS = ",socket_connect_timeout=0.5,socket_timeout=1.0"
+# How Feast encodes entity keys into Redis key names; whoever reads those names
+# back (rankgate.privacy) decodes them with the same version.
+ENTITY_KEY_SERIALIZATION_VERSION = 3
 
 
 def repo_config(home: Home, redis_url: str, serving: bool = False) -> RepoConfig:
@@ -27,7 +30,7 @@ def repo_config(home: Home, redis_url: str, serving: bool = False) -> RepoConfig
         online_store=RedisOnlineStoreConfig(connection_string=connection),
         offline_store={"type": "file"},
         repo_path=home.feast_dir,
-        entity_key_serialization_version=3,
+        entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
     )
 
 

@@ -574,6 +574,28 @@ def keys_revoke(app: str) -> None:
     click.echo(f"revoked {count} key{'s' if count != 1 else ''} of {app}")
 
 
+# -- privacy -----------------------------------------------------------------
+
+
+@main.group()
+def privacy() -> None:
+    """Requests of data subjects, answered from their pseudonymous key."""
+
+
+@privacy.command("forget")
+@click.argument("user_id")
+@fails_cleanly
+def privacy_forget(user_id: str) -> None:
+    """Erase USER_ID's feature rows, consent record, audit records and offline rows."""
+    from rankgate.privacy import Eraser, checked_user_id
+    from rankgate.setup import Environment
+
+    checked_user_id(user_id)  # a bad id is refused before Redis is even opened
+    env = Environment.open()
+    report = Eraser(env.redis, env.home).forget(user_id)
+    click.echo(report.summary())
+
+
 # -- redis -------------------------------------------------------------------
 
 

@@ -1,0 +1,223 @@
+"""Right to be forgotten: erase what a home keeps about one person.
+
+A person is stored only under their pseudonymous key (rankgate.pseudonym), so
+that key finds everything:
+
+    Feast online rows   Redis hashes named <serialized entity key><project>; one hash
+                        per entity key, with a `_ts:<view>` field per feature view
+    consent record      <namespace>:consent:<user_key>
+    audit records       entries of <namespace>:audit whose record names the user key
+    offline rows        rows of the prepared tables with a `user_key` column: the
+                        sources `rankgate features materialize` reads, and the
+                        training log (kept consistent with them: training joins the
+                        two and would fail on a log row without its profile)
+
+`routing:*`, `shadow:*` and `setup:*` keys hold no user keys, so there is nothing
+else to erase. The offline rows go first, so a materialize running meanwhile
+cannot bring back rows erased from Redis afterwards. Erasing twice erases
+nothing the second time, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
+from feast.infra.key_encoding_utils import deserialize_entity_key
+
+from features.definitions import VIEW_ENTITY, user
+from features.store import ENTITY_KEY_SERIALIZATION_VERSION
+from rankgate.consent import consent_key
+from rankgate.errors import RankgateError, RedisUnavailable
+from rankgate.example_data import PREPARED_FILES, PreparedData, prepared
+from rankgate.home import Home
+from rankgate.pseudonym import user_key
+from serving.audit import audit_key
+from serving.config import LimitsConfig
+from serving.schemas import check_user_id
+
+SCAN_COUNT = 1000
+AUDIT_PAGE = 1000
+SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
+USER_VIEWS = tuple(view for view, entity in VIEW_ENTITY.items() if entity == user.name)
+
+
+def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
+    """A user id by the API's rules (serving.schemas); the error never repeats the id."""
+    if not user_id:
+        raise RankgateError("user id: empty", 422)
+    try:
+        return check_user_id(user_id, limits or LimitsConfig())
+    except ValueError as exc:
+        raise RankgateError(f"user id: {exc}", 422) from exc
+
+
+def shown_key(key: str) -> str:
+    return key[:SHOWN_KEY_CHARS] + "…"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    """What one `forget` erased, per kind."""
+
+    user_key: str
+    feature_rows: dict[str, int]
+    """Feast online rows per feature view."""
+    consent_records: int
+    audit_records: int
+    offline_rows: dict[str, int]
+    """Rows per prepared table (file name without `.parquet`)."""
+
+    @property
+    def erased_anything(self) -> bool:
+        return bool(
+            sum(self.feature_rows.values())
+            or self.consent_records
+            or self.audit_records
+            or sum(self.offline_rows.values())
+        )
+
+    def summary(self) -> str:
+        """One line for people: counts and a short prefix of the key, never the raw id."""
+        who = f"user key {shown_key(self.user_key)}"
+        if not self.erased_anything:
+            return (
+                f"nothing to erase for {who}: no feature rows, consent record, audit records "
+                "or offline rows (already forgotten, or never known)"
+            )
+        parts = [_plural(n, f"{view} row") for view, n in self.feature_rows.items()]
+        parts.append(_plural(self.consent_records, "consent record"))
+        parts.append(_plural(self.audit_records, "audit record"))
+        offline = _plural(sum(self.offline_rows.values()), "offline row")
+        tables = ", ".join(f"{table} {n}" for table, n in self.offline_rows.items() if n)
+        parts.append(f"{offline} ({tables})" if tables else offline)
+        return f"erased for {who}: " + ", ".join(parts)
+
+
+def feast_user_key(redis_key: bytes, project: str) -> str | None:
+    """The user key a Feast online row of `project` is keyed by; None for any other key."""
+    suffix = project.encode()
+    if not redis_key.endswith(suffix):
+        return None
+    try:
+        entity = deserialize_entity_key(
+            redis_key[: -len(suffix)],
+            entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
+        )
+    except (ValueError, struct.error):
+        return None  # not an entity key: some other key that merely contains the bytes
+    for join_key, value in zip(entity.join_keys, entity.entity_values, strict=False):
+        if join_key == user.join_key and value.WhichOneof("val") == "string_val":
+            return str(value.string_val)
+    return None
+
+
+def erase_offline_rows(data: PreparedData, key: str) -> dict[str, int]:
+    """Drop the person's rows from every prepared table keyed by user; rows erased per table."""
+    erased: dict[str, int] = {}
+    for name in PREPARED_FILES:
+        path = data.path(name)
+        if not path.exists() or "user_key" not in pq.read_schema(path).names:
+            continue
+        table = pq.read_table(path)
+        mine = pc.fill_null(pc.equal(table["user_key"], key), False)
+        count = int(pc.sum(mine).as_py() or 0)
+        erased[path.stem] = count
+        if count:
+            # Written aside and renamed over: a reader sees the old table or the new one.
+            tmp = path.with_suffix(".erasing")
+            pq.write_table(table.filter(pc.invert(mine)), tmp)
+            os.replace(tmp, path)
+    return erased
+
+
+class Eraser:
+    """Erases one person from a home: offline tables first, then Redis.
+
+    Lifecycle: `Eraser(client, home)`, then `forget(user_id)` per request. Redis is
+    checked before anything is touched; a Redis that fails half-way is reported
+    as such, and running `forget` again finishes the job.
+    """
+
+    def __init__(self, client: redis.Redis, home: Home) -> None:
+        self.client = client
+        self.namespace = home.namespace
+        self.project = home.namespace  # the Feast project of a home is its namespace
+        self.data = prepared(home)
+
+    def forget(self, user_id: str) -> ErasureReport:
+        key = user_key(checked_user_id(user_id))
+        with self._redis("nothing was erased"):
+            self.client.ping()
+        offline = erase_offline_rows(self.data, key)
+        with self._redis("run the command again to finish erasing"):
+            feature_rows = self.erase_feature_rows(key)
+            consent = int(self.client.delete(consent_key(self.namespace, key)))  # type: ignore[arg-type]
+            audit = self.erase_audit_records(key)
+        return ErasureReport(key, feature_rows, consent, audit, offline)
+
+    def erase_feature_rows(self, key: str) -> dict[str, int]:
+        """Delete every Feast online row keyed by the person; rows per feature view.
+
+        A SCAN for key names containing the user key, each confirmed by decoding its
+        entity key, finds rows under any entity key that includes the person, and
+        rows of views no longer in the registry.
+        """
+        rows: Counter[str] = Counter({view: 0 for view in USER_VIEWS})
+        names = [
+            name
+            for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
+            if feast_user_key(name, self.project) == key
+        ]
+        if not names:
+            return dict(rows)
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hkeys(name)
+            fields = pipe.execute()
+        for hash_fields in fields:
+            rows.update(f[4:].decode() for f in hash_fields if f.startswith(b"_ts:"))
+        self.client.delete(*names)
+        return dict(rows)
+
+    def erase_audit_records(self, key: str) -> int:
+        """XDEL every decision of the person, paging through the stream oldest first."""
+        stream = audit_key(self.namespace)
+        needle = key.encode()
+        mine: list[bytes] = []
+        lower = "-"
+        while True:
+            page = self.client.xrange(stream, min=lower, count=AUDIT_PAGE)
+            for stream_id, fields in page:  # type: ignore[union-attr]
+                raw = fields.get(b"record", b"")
+                # The substring test is cheap; parsing confirms it is the record's user key.
+                if needle in raw and json.loads(raw).get("user_key") == key:
+                    mine.append(stream_id)
+            if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
+                break
+            lower = "(" + page[-1][0].decode()  # type: ignore[index]
+        erased = 0
+        for start in range(0, len(mine), AUDIT_PAGE):
+            erased += int(self.client.xdel(stream, *mine[start : start + AUDIT_PAGE]))  # type: ignore[arg-type]
+        return erased
+
+    @contextmanager
+    def _redis(self, consequence: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            kwargs = self.client.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+            raise RedisUnavailable(f"Redis unreachable at {where}: {exc}; {consequence}") from exc

@@ -1,0 +1,246 @@
+"""`rankgate privacy forget`: one person's data erased everywhere, nobody else's touched.
+
+Real embedded Redis, real Feast, audit records written by the real pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+import redis
+from click.testing import CliRunner
+
+from rankgate.cli import main
+from rankgate.consent import consent_key
+from rankgate.errors import RedisUnavailable
+from rankgate.example_data import PREPARED_FILES, example_user_ids
+from rankgate.home import Home
+from rankgate.privacy import Eraser, feast_user_key
+from rankgate.pseudonym import user_key
+from rankgate.settings import get_settings
+from rankgate.setup import Environment
+from serving.audit import audit_key
+from serving.runtime import Runtime
+from tests.test_pipeline import LOOP, make_pipeline, rank
+
+PAGE = 5000
+
+
+def places_holding(client: redis.Redis, needles: list[bytes]) -> list[str]:
+    """Where any needle occurs: every key name, string value, hash field and value,
+    list, set and sorted-set member, and stream entry of the server."""
+    found = []
+
+    def check(where: str, blob: bytes) -> None:
+        found.extend(f"{where} holds {n!r}" for n in needles if n in blob)
+
+    for key in client.scan_iter(count=1000):
+        check(f"key name {key!r}", key)
+        kind = client.type(key)
+        if kind == b"string":
+            check(f"value of {key!r}", client.get(key) or b"")
+        elif kind == b"hash":
+            for field, value in client.hgetall(key).items():
+                check(f"hash {key!r} field {field!r}", field + b"\0" + value)
+        elif kind == b"stream":
+            lower = "-"
+            while page := client.xrange(key, min=lower, count=PAGE):
+                for stream_id, fields in page:
+                    entry = b"\0".join(k + b"\0" + v for k, v in fields.items())
+                    check(f"stream {key!r} entry {stream_id!r}", entry)
+                lower = "(" + page[-1][0].decode()
+        elif kind == b"list":
+            check(f"list {key!r}", b"\0".join(client.lrange(key, 0, -1)))
+        elif kind == b"set":
+            check(f"set {key!r}", b"\0".join(client.smembers(key)))
+        elif kind == b"zset":
+            check(f"sorted set {key!r}", b"\0".join(client.zrange(key, 0, -1)))
+        else:
+            raise AssertionError(f"{key!r}: type {kind!r} not inspected")
+    return found
+
+
+@dataclass(frozen=True)
+class Traces:
+    """What the home holds of one person."""
+
+    feature_views: tuple[str, ...]
+    consent: dict[bytes, bytes]
+    audit_records: int
+    offline_rows: dict[str, int]
+
+    @classmethod
+    def of(cls, env: Environment, uid: str) -> Traces:
+        key = user_key(uid)
+        views = []
+        for name in env.redis.scan_iter(match=f"*{key}*", count=1000):
+            if feast_user_key(name, env.home.namespace) == key:
+                fields = env.redis.hkeys(name)
+                views += [f[4:].decode() for f in fields if f.startswith(b"_ts:")]
+        audit = 0
+        lower = "-"
+        while page := env.redis.xrange(audit_key(env.home.namespace), min=lower, count=PAGE):
+            audit += sum(key.encode() in fields[b"record"] for _, fields in page)
+            lower = "(" + page[-1][0].decode()
+        offline = {}
+        for name in PREPARED_FILES:
+            frame = pd.read_parquet(env.data.path(name))
+            if "user_key" in frame.columns:
+                offline[name.removesuffix(".parquet")] = int((frame["user_key"] == key).sum())
+        return cls(
+            feature_views=tuple(sorted(views)),
+            consent=env.redis.hgetall(consent_key(env.home.namespace, key)),
+            audit_records=audit,
+            offline_rows=offline,
+        )
+
+
+@pytest.fixture(scope="module")
+def offline_tables(ready_home: Home) -> Iterator[None]:
+    """The prepared tables, put back as setup wrote them once this module is done:
+    other test files read them (e.g. row positions of the training log)."""
+    paths = [ready_home.data_dir / name for name in PREPARED_FILES]
+    saved = {path: path.read_bytes() for path in paths}
+    yield
+    for path, content in saved.items():
+        path.write_bytes(content)
+
+
+@pytest.fixture(scope="module")
+def people(ready_home: Home) -> tuple[str, str]:
+    """The person to forget and a control: the last two example users with a consent
+    record. Other tests take the first users of a consent state, never these."""
+    env = Environment.open()
+    namespace = env.home.namespace
+    known = [
+        uid
+        for uid in reversed(example_user_ids())
+        if env.redis.exists(consent_key(namespace, user_key(uid)))
+    ]
+    return known[0], known[1]
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    person: str
+    control: str
+    before: Traces
+    control_before: Traces
+    output: str
+
+
+@pytest.fixture(scope="module")
+def forgotten(offline_tables: None, people: tuple[str, str], runtime: Runtime) -> Forgotten:
+    """Decisions for both people go through the real pipeline into the audit stream;
+    then the first person is forgotten with the CLI."""
+    person, control = people
+    env = Environment.open()
+    pipeline = make_pipeline(runtime)
+    for uid, requests in ((person, 4), (control, 3)):
+        for n in range(requests):
+            rank(
+                pipeline,
+                user_id=uid,
+                purpose=("onsite_personalization", "email_marketing")[n % 2],
+                region=("EU", "US")[n % 2],
+            )
+    assert LOOP.run_until_complete(pipeline.audit.flush())
+    before, control_before = Traces.of(env, person), Traces.of(env, control)
+    result = CliRunner().invoke(main, ["privacy", "forget", person])
+    assert result.exit_code == 0, result.output
+    return Forgotten(person, control, before, control_before, result.output)
+
+
+def test_the_person_has_data_everywhere_before(forgotten: Forgotten) -> None:
+    before = forgotten.before
+    assert before.feature_views == ("user_item_affinity", "visitor_profile")
+    assert before.consent and before.audit_records >= 4
+    assert before.offline_rows["user_profile"] == before.offline_rows["user_item_affinity"] == 1
+    assert before.offline_rows["impressions"] >= 1
+
+
+def test_the_report_counts_what_was_erased(forgotten: Forgotten) -> None:
+    key, before = user_key(forgotten.person), forgotten.before
+    offline = before.offline_rows
+    assert forgotten.output == (
+        f"erased for user key {key[:8]}…: 1 visitor_profile row, 1 user_item_affinity row, "
+        f"1 consent record, {before.audit_records} audit records, "
+        f"{sum(offline.values())} offline rows (user_profile 1, user_item_affinity 1, "
+        f"impressions {offline['impressions']})\n"
+    )
+    assert forgotten.person not in forgotten.output and key not in forgotten.output
+
+
+def test_nothing_of_the_person_is_left_in_redis(forgotten: Forgotten, env: Environment) -> None:
+    needles = [user_key(forgotten.person).encode(), forgotten.person.encode()]
+    assert places_holding(env.redis, needles) == []
+    assert Traces.of(env, forgotten.person) == Traces(
+        (), {}, 0, dict.fromkeys(forgotten.before.offline_rows, 0)
+    )
+
+
+def test_the_control_person_keeps_everything(forgotten: Forgotten, env: Environment) -> None:
+    control = forgotten.control_before
+    assert control.feature_views and control.consent and control.audit_records >= 3
+    assert Traces.of(env, forgotten.control) == control
+
+
+def test_a_second_forget_erases_nothing_and_says_so(forgotten: Forgotten) -> None:
+    result = CliRunner().invoke(main, ["privacy", "forget", forgotten.person])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(
+        f"nothing to erase for user key {user_key(forgotten.person)[:8]}…:"
+    )
+
+
+def test_materializing_again_does_not_bring_the_person_back(
+    forgotten: Forgotten, env: Environment
+) -> None:
+    result = CliRunner().invoke(main, ["features", "materialize"])
+    assert result.exit_code == 0, result.output
+    assert places_holding(env.redis, [user_key(forgotten.person).encode()]) == []
+    assert Traces.of(env, forgotten.control) == forgotten.control_before
+    again = CliRunner().invoke(main, ["privacy", "forget", forgotten.person])
+    assert again.output.startswith("nothing to erase")
+
+
+@pytest.mark.parametrize(
+    ("user_id", "problem"),
+    [
+        ("", "user id: empty"),
+        ("u" * 129, "user id: at most 128 characters"),
+        ("bad id!", "user id: letters, digits"),
+    ],
+)
+def test_a_bad_user_id_is_refused_without_repeating_it(user_id: str, problem: str) -> None:
+    result = CliRunner().invoke(main, ["privacy", "forget", user_id])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {problem}")
+    assert "Traceback" not in result.output
+    assert not user_id or user_id not in result.output
+
+
+@pytest.mark.usefixtures("offline_tables")
+def test_a_redis_that_is_down_is_named_and_nothing_is_erased(
+    ready_home: Home, people: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid = people[1]
+    tables = {name: (ready_home.data_dir / name).read_bytes() for name in PREPARED_FILES}
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    with pytest.raises(RedisUnavailable, match=r"127\.0\.0\.1:1: .*nothing was erased"):
+        Eraser(dead, ready_home).forget(uid)
+    assert {n: (ready_home.data_dir / n).read_bytes() for n in PREPARED_FILES} == tables
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["privacy", "forget", uid])
+    finally:
+        monkeypatch.delenv("REDIS_URL")
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "error: Redis unreachable at 127.0.0.1:1" in result.output
+    assert "Traceback" not in result.output and uid not in result.output

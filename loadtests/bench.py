@@ -169,7 +169,12 @@ def wait_ready(
 
 
 def drive(
-    url: str, concurrency: int, duration: float, bodies_file: Path, api_key: str
+    url: str,
+    concurrency: int,
+    duration: float,
+    bodies_file: Path,
+    api_key: str,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     result = subprocess.run(
         [
@@ -183,6 +188,7 @@ def drive(
             str(duration),
             "--bodies",
             str(bodies_file),
+            *extra,
         ],
         capture_output=True,
         text=True,

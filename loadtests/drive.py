@@ -27,6 +27,9 @@ HEADERS = {"content-type": "application/json"} | (
 )
 
 
+HONOR_RETRY_AFTER = False
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -44,6 +47,7 @@ async def worker(
     latencies: list[float],
     stages: dict[str, list[float]],
     outcomes: dict[str, int],
+    by_status: dict[int, list[float]],
 ) -> None:
     n = offset
     while time.perf_counter() < stop_at:
@@ -54,14 +58,20 @@ async def worker(
             async with session.post(url, data=body, headers=HEADERS) as response:
                 payload = await response.read()
                 status = response.status
+                retry_after = response.headers.get("retry-after")
         except aiohttp.ClientError:
-            status, payload = 0, b""
+            status, payload, retry_after = 0, b"", None
         elapsed = (time.perf_counter() - started) * 1000.0
+        if retry_after is not None and HONOR_RETRY_AFTER:
+            # A well-behaved client: wait as told (but not past the end of the run).
+            await asyncio.sleep(min(float(retry_after), max(0.0, stop_at - time.perf_counter())))
         if not record:
             continue
         latencies.append(elapsed)
+        by_status.setdefault(status, []).append(elapsed)
         if status != 200:
-            outcomes[f"http_{status}"] = outcomes.get(f"http_{status}", 0) + 1
+            key = f"http_{status}" + ("_retry_after" if retry_after is not None else "")
+            outcomes[key] = outcomes.get(key, 0) + 1
             continue
         answer: dict[str, Any] = json.loads(payload)
         if "fallback" not in answer:  # a baseline: it ranks, it has no notion of fallback
@@ -84,18 +94,30 @@ async def drive(
         warm_stop = time.perf_counter() + warmup_s
         await asyncio.gather(
             *[
-                worker(session, url, bodies, i, warm_stop, False, [], {}, {})
+                worker(session, url, bodies, i, warm_stop, False, [], {}, {}, {})
                 for i in range(concurrency)
             ]
         )
         latencies: list[float] = []
         stages: dict[str, list[float]] = {}
         outcomes: dict[str, int] = {}
+        by_status: dict[int, list[float]] = {}
         started = time.perf_counter()
         stop_at = started + duration_s
         await asyncio.gather(
             *[
-                worker(session, url, bodies, i * 7919, stop_at, True, latencies, stages, outcomes)
+                worker(
+                    session,
+                    url,
+                    bodies,
+                    i * 7919,
+                    stop_at,
+                    True,
+                    latencies,
+                    stages,
+                    outcomes,
+                    by_status,
+                )
                 for i in range(concurrency)
             ]
         )
@@ -111,6 +133,14 @@ async def drive(
         "p50_ms": round(percentile(latencies, 0.50), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "outcomes": outcomes,
+        "latency_by_status": {
+            str(status): {
+                "count": len(values),
+                "p50_ms": round(percentile(values, 0.50), 2),
+                "p99_ms": round(percentile(values, 0.99), 2),
+            }
+            for status, values in sorted(by_status.items())
+        },
         "server_stage_median_ms": {k: round(statistics.median(v), 3) for k, v in stages.items()},
     }
 
@@ -122,7 +152,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--bodies", type=Path, required=True, help="JSON list of request bodies")
+    parser.add_argument(
+        "--honor-retry-after",
+        action="store_true",
+        help="After a refusal with Retry-After, wait that long before the next request.",
+    )
     args = parser.parse_args()
+    global HONOR_RETRY_AFTER
+    HONOR_RETRY_AFTER = args.honor_retry_after
     bodies = [json.dumps(b).encode() for b in json.loads(args.bodies.read_text())]
     result = asyncio.run(drive(args.url, args.concurrency, args.duration, args.warmup, bodies))
     print(json.dumps(result))

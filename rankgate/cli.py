@@ -116,7 +116,11 @@ def serve(config_path: Path | None, port: int | None) -> None:
 
 
 @main.command()
-@click.option("--concurrency", default="1,8,32", show_default=True, help="Comma-separated levels.")
+@click.option(
+    "--concurrency",
+    default=None,
+    help="Comma-separated levels (default 1,8,32; with --overload 8,32,64,128,256).",
+)
 @click.option(
     "--duration",
     default=8.0,
@@ -137,19 +141,33 @@ def serve(config_path: Path | None, port: int | None) -> None:
     default=Path(__file__).resolve().parent.parent / "loadtests" / "results",
     show_default=True,
 )
+@click.option(
+    "--overload",
+    is_flag=True,
+    help="Instead: find where back-pressure starts (queue limits against none).",
+)
 @fails_cleanly
-def bench(concurrency: str, duration: float, repeats: int, output: Path) -> None:
+def bench(
+    concurrency: str | None, duration: float, repeats: int, output: Path, overload: bool
+) -> None:
     """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
     from loadtests.bench import run_bench
+    from loadtests.overload import LEVELS, run_overload
     from rankgate.setup import run_setup
 
+    text = concurrency or (",".join(map(str, LEVELS)) if overload else "1,8,32")
     try:
-        levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
+        levels = sorted({int(c) for c in text.split(",") if c.strip()})
     except ValueError as exc:
-        raise RankgateError(f"--concurrency: {concurrency!r} is not a list of integers") from exc
-    if not levels or min(levels) < 1 or 1 not in levels:
+        raise RankgateError(f"--concurrency: {text!r} is not a list of integers") from exc
+    if not levels or min(levels) < 1 or (1 not in levels and not overload):
         raise RankgateError("--concurrency: positive integers, including 1")
     run_setup(lambda _line: None)
+    if overload:
+        run_overload(levels, duration, repeats, output, click.echo)
+        click.echo((output / "overload.md").read_text())
+        click.echo(f"written: {output / 'overload.md'}, {output / 'overload.json'}")
+        return
     run_bench(levels, duration, repeats, output, click.echo)
     click.echo((output / "bench.md").read_text())
     click.echo(f"written: {output / 'bench.md'}, {output / 'bench.json'}")

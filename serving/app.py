@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -364,7 +364,11 @@ class RankIngress(BatchedScoring):
             )
         return JSONResponse({"recorded": consent.purposes, "source": consent.source})
 
-    @api.get("/metrics")
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+    )
     async def metrics(self) -> Response:
         """Prometheus text format: this replica's rankgate_* metrics."""
         return Response(self.runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

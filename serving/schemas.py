@@ -32,7 +32,7 @@ class RankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: str = Field(min_length=1)
+    user_id: str = Field(min_length=1, json_schema_extra={"pattern": USER_ID_PATTERN.pattern})
     purpose: str = Field(min_length=1, max_length=64)
     region: str = Field(min_length=1, max_length=16)
     candidates: list[int] | None = None

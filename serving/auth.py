@@ -73,21 +73,23 @@ class KeyCache:
 
     async def authenticate(self, token: str | None) -> ApiKey:
         entry = self.table.lookup(token) if token and self.table else None
+        reloaded = True
         if entry is None and token and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
-            await self._reload()
+            reloaded = await self._reload()
             entry = self.table.lookup(token) if self.table else None
-        if self.table is None:
-            raise AuthUnavailable("API keys cannot be checked yet; retry")
+        if self.table is None or (entry is None and not reloaded):
+            # The key may be one created while Redis is unreachable: say so, not "invalid".
+            raise AuthUnavailable("API keys cannot be checked now; retry")
         if entry is None:
             raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
         return entry
 
-    async def _reload(self) -> None:
-        """Re-read now, sharing a read already under way."""
+    async def _reload(self) -> bool:
+        """Re-read now, sharing a read already under way; whether it succeeded."""
         if self.task is None or self.task.done():
             self.attempted_at = time.monotonic()
             self.task = asyncio.get_running_loop().create_task(self.load())
-        await asyncio.shield(self.task)
+        return await asyncio.shield(self.task)
 
     @staticmethod
     def authorize(entry: ApiKey, purposes: list[str]) -> None:

@@ -160,3 +160,32 @@ def test_a_revoked_key_stops_working_without_a_restart(server: Server, env: Envi
     took = wait_for(401)
     assert took < 3.0  # auth.refresh_s is 1 s
     assert httpx.get(f"{server.base_url}/healthz", timeout=10).json()["replica_started"] == started
+
+
+def test_key_checks_while_redis_is_unreachable(env: Environment) -> None:
+    """Known keys keep working from the replica's copy; an unknown key cannot be
+    told apart from one created during the outage, so it gets a 503, not a 401."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from serving.auth import AuthUnavailable, KeyCache, Unauthorized
+    from serving.launch import free_port
+
+    key = store(env).create("offline-check", ["onsite_personalization"], PURPOSES)
+
+    async def scenario() -> None:
+        live = KeyCache(aioredis.Redis.from_url(env.redis_url), env.home.namespace)
+        assert await live.load()
+        assert (await live.authenticate(key)).app == "offline-check"
+        with pytest.raises(Unauthorized):
+            await live.authenticate("rg_wrong")  # Redis up: a wrong key is a 401
+        live.client = aioredis.Redis.from_url(
+            f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2
+        )
+        assert (await live.authenticate(key)).app == "offline-check"
+        live.loaded_at = 0.0
+        with pytest.raises(AuthUnavailable):
+            await live.authenticate("rg_created-during-the-outage")
+
+    asyncio.run(scenario())

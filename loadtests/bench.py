@@ -15,6 +15,7 @@ figures, the machine's core count and the targets' status go to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -217,6 +218,32 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def started(
+    env: Environment,
+    name: str,
+    label: str,
+    command: list[str],
+    port: int,
+    fast_path: bool,
+    probe: dict[str, Any],
+    api_key: str,
+    say: Say,
+) -> Iterator[str]:
+    """A fresh server from `command` on `port`, answering `probe`; yields its /v1/rank URL."""
+    url = f"http://127.0.0.1:{port}/v1/rank"
+    log = env.home.root / "bench" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    say(f"• {label}: starting on port {port}")
+    process = start_server(command, process_env(env, fast_path), log)
+    try:
+        wait_ready(url, probe, process, log, api_key)
+        yield url
+    finally:
+        stop_server(process)
+
+
 def run_system(
     system: System,
     env: Environment,
@@ -229,14 +256,10 @@ def run_system(
     say: Say,
 ) -> list[dict[str, Any]]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}/v1/rank"
-    log = env.home.root / "bench" / f"{system.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    say(f"• {system.label}: starting on port {port}")
-    log.unlink(missing_ok=True)
-    process = start_server(system.command(env, port), process_env(env, system.fast_path), log)
-    try:
-        wait_ready(url, bodies[0], process, log, api_key)
+    command = system.command(env, port)
+    with started(
+        env, system.name, system.label, command, port, system.fast_path, bodies[0], api_key, say
+    ) as url:
         results = []
         for level in levels:
             runs = [drive(url, level, duration, bodies_file, api_key) for _ in range(repeats)]
@@ -247,8 +270,6 @@ def run_system(
             )
             results.append(summary)
         return results
-    finally:
-        stop_server(process)
 
 
 def evaluate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.bench import drive, median_of, process_env, request_bodies, wait_ready
+from loadtests.bench import drive, request_bodies, started
 from rankgate.api_keys import temporary_key
 from rankgate.setup import Environment
 from serving.launch import (
@@ -35,8 +35,6 @@ from serving.launch import (
     derived_config,
     free_port,
     serve_run_command,
-    start_server,
-    stop_server,
 )
 
 Say = Callable[[str], None]
@@ -92,24 +90,18 @@ def run_variant(
     say: Say,
 ) -> list[dict[str, Any]]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}/v1/rank"
-    log = env.home.root / "bench" / f"overload-{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)
-    say(f"• {name}: starting on port {port}")
     command = serve_run_command(config_for(env, port, name, limited))
-    process = start_server(command, process_env(env, True), log)
-    try:
-        wait_ready(url, bodies[0], process, log, api_key)
+    with started(
+        env, f"overload-{name}", name, command, port, True, bodies[0], api_key, say
+    ) as url:
         rows = []
         for level in levels:
             runs = [
                 drive(url, level, duration, bodies_file, api_key, ("--honor-retry-after",))
                 for _ in range(repeats)
             ]
-            middle = median_of([{**r, "errors": 0} for r in runs])
-            run = next(r for r in runs if r["throughput_rps"] == middle["throughput_rps"])
-            row = summarize(run)
+            # The run of median throughput stands for the level.
+            row = summarize(sorted(runs, key=lambda r: r["throughput_rps"])[len(runs) // 2])
             say(
                 f"    c={level:<4} answered {row['answered_rps']:7.1f}/s  refused "
                 f"{row['refused_share']:6.1%}  answer p99 {row['answer_p99_ms']:8.1f} ms  "
@@ -117,8 +109,6 @@ def run_variant(
             )
             rows.append(row)
         return rows
-    finally:
-        stop_server(process)
 
 
 def capacity(rows: list[dict[str, Any]]) -> dict[str, Any]:

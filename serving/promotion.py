@@ -26,6 +26,7 @@ from ruamel.yaml.comments import CommentedMap
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
+from rankgate.settings import PROJECT_ROOT
 from serving.launch import SERVE_CONFIG, derived_config, ray_client_env, serve_deploy_command
 from serving.routing import RoutingConfig
 
@@ -168,7 +169,9 @@ def write_policy(config_path: Path, folder: Path, revision: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{config_path}: {exc}") from exc
     user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
-    section = CommentedMap({"dir": str(folder), "revision": revision})
+    # Inside the project the folder is written relative to it, so the file stays portable.
+    shown = folder.relative_to(PROJECT_ROOT) if folder.is_relative_to(PROJECT_ROOT) else folder
+    section = CommentedMap({"dir": str(shown), "revision": revision})
     section.fa.set_flow_style()
     user_config["policy"] = section
     tmp = config_path.with_suffix(".tmp")

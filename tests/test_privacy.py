@@ -14,10 +14,11 @@ import redis
 from click.testing import CliRunner
 
 from rankgate.cli import main
-from rankgate.consent import consent_key
+from rankgate.consent import consent_key, demo_consent
 from rankgate.errors import RedisUnavailable
 from rankgate.example_data import PREPARED_FILES, example_user_ids
 from rankgate.home import Home
+from rankgate.policy import load_policy
 from rankgate.privacy import Eraser, feast_user_key
 from rankgate.pseudonym import user_key
 from rankgate.settings import get_settings
@@ -100,13 +101,21 @@ class Traces:
 
 @pytest.fixture(scope="module")
 def offline_tables(ready_home: Home) -> Iterator[None]:
-    """The prepared tables, put back as setup wrote them once this module is done:
-    other test files read them (e.g. row positions of the training log)."""
+    """Once this module is done, the forgotten person is back as setup made them:
+    prepared tables, online features and demo consent. Other test files read them
+    (row positions of the training log, every example user's features)."""
     paths = [ready_home.data_dir / name for name in PREPARED_FILES]
     saved = {path: path.read_bytes() for path in paths}
     yield
     for path, content in saved.items():
         path.write_bytes(content)
+    env = Environment.open()
+    env.materialize()
+    purposes = list(load_policy().purposes)
+    for uid in example_user_ids():
+        if not env.redis.exists(consent_key(env.home.namespace, user_key(uid))):
+            decisions = demo_consent(uid, purposes)
+            env.consent.record(user_key(uid), decisions, source="rankgate-demo")
 
 
 @pytest.fixture(scope="module")

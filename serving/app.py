@@ -212,8 +212,7 @@ class RankIngress(BatchedScoring):
         except ConfigError as exc:
             if self.pipeline is None:
                 raise
-            logger.error("refused serving config, keeping the running one: %s", exc.message)
-            self.config_error = exc.message
+            self.refuse(exc.message)
             return
         if self.keys.table is None:
             await self.keys.load()
@@ -222,12 +221,10 @@ class RankIngress(BatchedScoring):
         if broken:
             # A version that does not load (corrupt, missing files) is never promoted
             # into a running service: the running config keeps serving.
-            message = (
+            self.refuse(
                 f"serve_config.yaml user_config: field 'routing.versions': model version "
                 f"{broken[0]!r} does not load ({models.errors[broken[0]]})"
             )
-            logger.error("refused serving config, keeping the running one: %s", message)
-            self.config_error = message
             return
         self.config_error = None
         score = self.score if self.remote_ranker is None else self.score_remote
@@ -239,6 +236,11 @@ class RankIngress(BatchedScoring):
         self.tune_batching(config.batching)
         self.pipeline = pipeline
         pipeline.publish_canary_weight()
+
+    def refuse(self, message: str) -> None:
+        """Keep the running config; say why in the log and in /healthz."""
+        logger.error("refused serving config, keeping the running one: %s", message)
+        self.config_error = message
 
     def newly_broken(self, models: ModelSet) -> list[str]:
         """Versions that fail to load now but did not in the running config.

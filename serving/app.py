@@ -235,6 +235,7 @@ class RankIngress(BatchedScoring):
         self.ranker = Ranker(models)
         self.tune_batching(config.batching)
         self.pipeline = pipeline
+        self.keys.keep_fresh(config.auth.refresh_s)
         pipeline.publish_canary_weight()
 
     def refuse(self, message: str) -> None:
@@ -260,11 +261,8 @@ class RankIngress(BatchedScoring):
         assert self.remote_ranker is not None
         return await self.remote_ranker.score.remote(version, matrix)
 
-    async def authenticate(
-        self, pipeline: RankPipeline, credentials: HTTPAuthorizationCredentials | None
-    ) -> ApiKey:
+    async def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
         """The caller's key; the same 401 whether it is missing or wrong."""
-        self.keys.refresh_if_due(pipeline.config.auth.refresh_s)
         try:
             return await self.keys.authenticate(credentials.credentials if credentials else None)
         except RankgateError as exc:
@@ -294,7 +292,7 @@ class RankIngress(BatchedScoring):
         if pipeline is None:
             return not_configured()
         try:
-            caller = await self.authenticate(pipeline, credentials)
+            caller = await self.authenticate(credentials)
             body = await read_body(request, pipeline.config.limits.max_body_bytes)
             parsed = pipeline.parse(body)
             self.authorize(caller, [parsed.purpose])
@@ -323,7 +321,7 @@ class RankIngress(BatchedScoring):
             return not_configured()
         limits = pipeline.config.limits
         try:
-            caller = await self.authenticate(pipeline, credentials)
+            caller = await self.authenticate(credentials)
             try:
                 check_user_id(user_id, limits)
             except ValueError as exc:

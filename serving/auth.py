@@ -1,7 +1,8 @@
 """Who may call `/v1`: API keys scoped to purposes (see rankgate/api_keys.py).
 
 The replica keeps the key table in memory and re-reads it in the background
-every `auth.refresh_s`, so a known key is checked without a Redis round trip.
+every `auth.refresh_s`, traffic or not, so a known key is checked without a
+Redis round trip and a revoked one stops working within that interval.
 An unknown key makes the replica re-read the table first (at most every
 `MISS_REFRESH_S`), so a key created a moment ago works at once.
 Missing and wrong keys get the same 401, so a caller learns nothing about
@@ -44,9 +45,10 @@ class KeyCache:
         self.client = client
         self.key = keys_key(namespace)
         self.table: KeyTable | None = None
-        self.attempted_at = float("-inf")
         self.loaded_at = float("-inf")
         self.task: asyncio.Task[bool] | None = None
+        self.every_s = 1.0
+        self.refresher: asyncio.Task[None] | None = None
 
     async def load(self) -> bool:
         """Re-read the table; on failure keep the one we have."""
@@ -62,14 +64,16 @@ class KeyCache:
         self.loaded_at = time.monotonic()
         return True
 
-    def refresh_if_due(self, every_s: float) -> None:
-        interval = every_s if self.table is not None else min(every_s, RETRY_UNLOADED_S)
-        if self.task is not None and not self.task.done():
-            return
-        now = time.monotonic()
-        if now - self.attempted_at >= interval:
-            self.attempted_at = now
-            self.task = asyncio.get_running_loop().create_task(self.load())
+    def keep_fresh(self, every_s: float) -> None:
+        """Re-read the table every `every_s` from now on (called by `reconfigure`)."""
+        self.every_s = every_s
+        if self.refresher is None or self.refresher.done():
+            self.refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s if self.table is not None else RETRY_UNLOADED_S)
+            await self._reload()
 
     async def authenticate(self, token: str | None) -> ApiKey:
         entry = self.table.lookup(token) if token and self.table else None
@@ -87,7 +91,6 @@ class KeyCache:
     async def _reload(self) -> bool:
         """Re-read now, sharing a read already under way; whether it succeeded."""
         if self.task is None or self.task.done():
-            self.attempted_at = time.monotonic()
             self.task = asyncio.get_running_loop().create_task(self.load())
         return await asyncio.shield(self.task)
 

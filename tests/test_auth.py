@@ -156,9 +156,10 @@ def test_a_revoked_key_stops_working_without_a_restart(server: Server, env: Envi
         return time.monotonic() - begun
 
     wait_for(200)
+    time.sleep(3)  # no traffic: the replica must re-read the table on its own
     assert store(env).revoke("campaigns") == 1
-    took = wait_for(401)
-    assert took < 3.0  # auth.refresh_s is 1 s
+    time.sleep(1.5)  # auth.refresh_s is 1 s
+    assert status() == 401
     assert httpx.get(f"{server.base_url}/healthz", timeout=10).json()["replica_started"] == started
 
 

@@ -93,17 +93,19 @@ def test_redis_killed_and_restarted_under_load(
     wait_for(all_recorded, 20, step_s=0.5)
 
 
-def replica_pids(deployment: str = "RankIngress") -> list[int]:
-    """Processes of the running server's replicas (Ray titles them ray::ServeReplica:...)."""
+def replica_pids(home: Home, deployment: str = "RankIngress") -> list[int]:
+    """Replica processes of this home's server (Ray titles them ray::ServeReplica:...)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            command = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"ServeReplica:rankgate:{deployment}".encode() in command:
+        title = f"ServeReplica:rankgate:{deployment}".encode()
+        if title in command and f"RANKGATE_HOME={home.root}".encode() in environ:
             pids.append(int(entry.name))
     return pids
 
@@ -117,7 +119,7 @@ def test_a_killed_replica_is_restarted_and_only_its_window_fails(
     server: Server, users: list[str]
 ) -> None:
     before = health(server)["replica_started"]
-    pids = replica_pids()
+    pids = replica_pids(server.home)
     assert len(pids) == 1, pids
     with Load(server, users, concurrency=4) as load:
         time.sleep(2)
@@ -147,7 +149,7 @@ def test_a_killed_replica_is_restarted_and_only_its_window_fails(
     assert all(t < recovered_at - killed_at + 1.0 for t in failed_at)  # none after recovery
     assert all(s in (0, 500, 502, 503) for s in statuses), statuses
     assert load.personalized(since=recovered_at) > 0
-    assert replica_pids() and replica_pids() != pids
+    assert replica_pids(server.home) and replica_pids(server.home) != pids
 
 
 @pytest.mark.usefixtures("restore")

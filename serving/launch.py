@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +197,23 @@ def run_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) 
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child handles Ctrl-C
+    info = ServerInfo(base_config, port, dashboard)
+
+    def announce_when_ready() -> None:
+        # Ray's own "deployed" line can sit in a log buffer: say it plainly here.
+        while process.poll() is None:
+            if info.health() is not None:
+                print(
+                    f"rankgate ready at {info.base_url} (callers need an API key: "
+                    "rankgate keys create APP --purpose PURPOSE)",
+                    flush=True,
+                )
+                return
+            time.sleep(1)
+
+    threading.Thread(target=announce_when_ready, daemon=True).start()
     try:
-        ServerInfo(base_config, port, dashboard).write(home)
+        info.write(home)
         assert process.stdout is not None
         for line in process.stdout:
             sys.stdout.write(line)

@@ -49,4 +49,4 @@ def test_no_5xx_and_no_answer_outside_the_schema(server: Server, tmp_path: Path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "POST /v1/rank" in output and "PUT /v1/consent/{user_id}" in output
-    print(next(line for line in output.splitlines() if "generated" in line))
+    print(next(line for line in output.splitlines() if "generated," in line))

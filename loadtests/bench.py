@@ -218,51 +218,60 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Workload:
+    """What every measured server gets: the same requests, levels and run lengths."""
+
+    env: Environment
+    levels: list[int]
+    duration: float
+    repeats: int
+    bodies: list[dict[str, Any]]
+    bodies_file: Path
+    api_key: str
+    say: Say
+
+
+@contextlib.contextmanager
+def workload(levels: list[int], duration: float, repeats: int, say: Say) -> Iterator[Workload]:
+    """Request bodies in a file for the load processes, and a temporary API key."""
+    env = Environment.open()
+    bodies = request_bodies(env)
+    with tempfile.TemporaryDirectory() as folder, temporary_key("bench") as api_key:
+        bodies_file = Path(folder) / "bodies.json"
+        bodies_file.write_text(json.dumps(bodies))
+        yield Workload(env, levels, duration, repeats, bodies, bodies_file, api_key, say)
+
+
 @contextlib.contextmanager
 def started(
-    env: Environment,
-    name: str,
-    label: str,
-    command: list[str],
-    port: int,
-    fast_path: bool,
-    probe: dict[str, Any],
-    api_key: str,
-    say: Say,
+    work: Workload, name: str, label: str, command: list[str], port: int, fast_path: bool
 ) -> Iterator[str]:
-    """A fresh server from `command` on `port`, answering `probe`; yields its /v1/rank URL."""
+    """A fresh server from `command` on `port`, answering; yields its /v1/rank URL."""
     url = f"http://127.0.0.1:{port}/v1/rank"
-    log = env.home.root / "bench" / f"{name}.log"
+    log = work.env.home.root / "bench" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
-    say(f"• {label}: starting on port {port}")
-    process = start_server(command, process_env(env, fast_path), log)
+    work.say(f"• {label}: starting on port {port}")
+    process = start_server(command, process_env(work.env, fast_path), log)
     try:
-        wait_ready(url, probe, process, log, api_key)
+        wait_ready(url, work.bodies[0], process, log, work.api_key)
         yield url
     finally:
         stop_server(process)
 
 
-def run_system(
-    system: System,
-    env: Environment,
-    levels: list[int],
-    duration: float,
-    repeats: int,
-    bodies: list[dict[str, Any]],
-    bodies_file: Path,
-    api_key: str,
-    say: Say,
-) -> list[dict[str, Any]]:
+def run_system(system: System, work: Workload) -> list[dict[str, Any]]:
     port = free_port()
-    command = system.command(env, port)
-    with started(
-        env, system.name, system.label, command, port, system.fast_path, bodies[0], api_key, say
-    ) as url:
+    command = system.command(work.env, port)
+    say = work.say
+    with started(work, system.name, system.label, command, port, system.fast_path) as url:
         results = []
-        for level in levels:
-            runs = [drive(url, level, duration, bodies_file, api_key) for _ in range(repeats)]
+        for level in work.levels:
+            runs = [
+                drive(url, level, work.duration, work.bodies_file, work.api_key)
+                for _ in range(work.repeats)
+            ]
             summary = median_of(runs)
             say(
                 f"    c={level:<3} {summary['throughput_rps']:8.1f} req/s  p50 {summary['p50_ms']:7.2f} ms"
@@ -397,17 +406,8 @@ def run_bench(
     say: Say,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    env = Environment.open()
-    bodies = request_bodies(env)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(bodies, handle)
-        bodies_file = Path(handle.name)
-    with temporary_key("bench") as api_key:
-        results = {
-            s.name: run_system(s, env, levels, duration, repeats, bodies, bodies_file, api_key, say)
-            for s in SYSTEMS
-        }
-    bodies_file.unlink()
+    with workload(levels, duration, repeats, say) as work:
+        results = {s.name: run_system(s, work) for s in SYSTEMS}
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +26,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.bench import drive, request_bodies, started
-from rankgate.api_keys import temporary_key
+from loadtests.bench import Workload, drive, started, workload
 from rankgate.setup import Environment
 from serving.launch import (
     SERVE_CONFIG,
@@ -39,6 +37,7 @@ from serving.launch import (
 
 Say = Callable[[str], None]
 LEVELS = [8, 16, 32, 64, 128, 256]
+HONOUR = ("--honor-retry-after",)
 
 
 def ingress_options(base: Path = SERVE_CONFIG) -> dict[str, Any]:
@@ -77,32 +76,19 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_variant(
-    env: Environment,
-    name: str,
-    limited: bool,
-    levels: list[int],
-    duration: float,
-    repeats: int,
-    bodies: list[dict[str, Any]],
-    bodies_file: Path,
-    api_key: str,
-    say: Say,
-) -> list[dict[str, Any]]:
+def run_variant(work: Workload, name: str, limited: bool) -> list[dict[str, Any]]:
     port = free_port()
-    command = serve_run_command(config_for(env, port, name, limited))
-    with started(
-        env, f"overload-{name}", name, command, port, True, bodies[0], api_key, say
-    ) as url:
+    command = serve_run_command(config_for(work.env, port, name, limited))
+    with started(work, f"overload-{name}", name, command, port, True) as url:
         rows = []
-        for level in levels:
+        for level in work.levels:
             runs = [
-                drive(url, level, duration, bodies_file, api_key, ("--honor-retry-after",))
-                for _ in range(repeats)
+                drive(url, level, work.duration, work.bodies_file, work.api_key, HONOUR)
+                for _ in range(work.repeats)
             ]
             # The run of median throughput stands for the level.
             row = summarize(sorted(runs, key=lambda r: r["throughput_rps"])[len(runs) // 2])
-            say(
+            work.say(
                 f"    c={level:<4} answered {row['answered_rps']:7.1f}/s  refused "
                 f"{row['refused_share']:6.1%}  answer p99 {row['answer_p99_ms']:8.1f} ms  "
                 f"refusal p99 {row['refusal_p99_ms']:6.1f} ms"
@@ -173,21 +159,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 def run_overload(
     levels: list[int], duration: float, repeats: int, output: Path, say: Say
 ) -> dict[str, Any]:
-    env = Environment.open()
-    bodies = request_bodies(env)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(bodies, handle)
-        bodies_file = Path(handle.name)
-    try:
-        with temporary_key("bench") as api_key:
-            results = {
-                name: run_variant(
-                    env, name, limited, levels, duration, repeats, bodies, bodies_file, api_key, say
-                )
-                for name, limited in (("limited", True), ("unlimited", False))
-            }
-    finally:
-        bodies_file.unlink()
+    with workload(levels, duration, repeats, say) as work:
+        results = {
+            name: run_variant(work, name, limited)
+            for name, limited in (("limited", True), ("unlimited", False))
+        }
     options = ingress_options()
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -17,7 +17,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from rankgate.api_keys import ApiKey, KeyTable, keys_key
+from rankgate.api_keys import KEY_PREFIX, ApiKey, KeyTable, keys_key
 from rankgate.errors import RankgateError
 
 logger = logging.getLogger("ray.serve")
@@ -76,9 +76,12 @@ class KeyCache:
             await self._reload()
 
     async def authenticate(self, token: str | None) -> ApiKey:
-        entry = self.table.lookup(token) if token and self.table else None
+        token = token or ""
+        entry = self.table.lookup(token) if self.table else None
         reloaded = True
-        if entry is None and token and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
+        # Only something shaped like a key may be one created since the last read.
+        could_be_new = token.startswith(KEY_PREFIX)
+        if entry is None and could_be_new and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
             reloaded = await self._reload()
             entry = self.table.lookup(token) if self.table else None
         if self.table is None or (entry is None and not reloaded):

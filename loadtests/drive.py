@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,39 @@ HEADERS = {"content-type": "application/json"} | (
 )
 
 
-HONOR_RETRY_AFTER = False
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Tally:
+    """What the measured part of a run saw."""
+
+    latencies: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    by_status: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, status: int, elapsed: float, payload: bytes, retry_after: str | None) -> None:
+        self.latencies.append(elapsed)
+        self.by_status.setdefault(status, []).append(elapsed)
+        if status != 200:
+            key = f"http_{status}" + ("_retry_after" if retry_after is not None else "")
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            return
+        answer: dict[str, Any] = json.loads(payload)
+        if "fallback" not in answer:  # a baseline: it ranks, it has no notion of fallback
+            key = "ranked"
+        elif answer["fallback"]:
+            key = f"fallback:{answer['fallback']['reason']}"
+        else:
+            key = "personalized"
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        for stage, value in (answer.get("timings_ms") or {}).items():
+            self.stages.setdefault(stage, []).append(float(value))
 
 
 async def worker(
@@ -43,12 +69,10 @@ async def worker(
     bodies: list[bytes],
     offset: int,
     stop_at: float,
-    record: bool,
-    latencies: list[float],
-    stages: dict[str, list[float]],
-    outcomes: dict[str, int],
-    by_status: dict[int, list[float]],
+    tally: Tally | None,
+    honor_retry_after: bool,
 ) -> None:
+    """One closed-loop client until `stop_at`; counts into `tally` (None: warm-up)."""
     n = offset
     while time.perf_counter() < stop_at:
         body = bodies[n % len(bodies)]
@@ -62,31 +86,20 @@ async def worker(
         except aiohttp.ClientError:
             status, payload, retry_after = 0, b"", None
         elapsed = (time.perf_counter() - started) * 1000.0
-        if retry_after is not None and HONOR_RETRY_AFTER:
+        if tally is not None:
+            tally.add(status, elapsed, payload, retry_after)
+        if retry_after is not None and honor_retry_after:
             # A well-behaved client: wait as told (but not past the end of the run).
             await asyncio.sleep(min(float(retry_after), max(0.0, stop_at - time.perf_counter())))
-        if not record:
-            continue
-        latencies.append(elapsed)
-        by_status.setdefault(status, []).append(elapsed)
-        if status != 200:
-            key = f"http_{status}" + ("_retry_after" if retry_after is not None else "")
-            outcomes[key] = outcomes.get(key, 0) + 1
-            continue
-        answer: dict[str, Any] = json.loads(payload)
-        if "fallback" not in answer:  # a baseline: it ranks, it has no notion of fallback
-            key = "ranked"
-        elif answer["fallback"]:
-            key = f"fallback:{answer['fallback']['reason']}"
-        else:
-            key = "personalized"
-        outcomes[key] = outcomes.get(key, 0) + 1
-        for stage, value in (answer.get("timings_ms") or {}).items():
-            stages.setdefault(stage, []).append(float(value))
 
 
 async def drive(
-    url: str, concurrency: int, duration_s: float, warmup_s: float, bodies: list[bytes]
+    url: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    bodies: list[bytes],
+    honor_retry_after: bool = False,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -94,34 +107,21 @@ async def drive(
         warm_stop = time.perf_counter() + warmup_s
         await asyncio.gather(
             *[
-                worker(session, url, bodies, i, warm_stop, False, [], {}, {}, {})
+                worker(session, url, bodies, i, warm_stop, None, honor_retry_after)
                 for i in range(concurrency)
             ]
         )
-        latencies: list[float] = []
-        stages: dict[str, list[float]] = {}
-        outcomes: dict[str, int] = {}
-        by_status: dict[int, list[float]] = {}
+        tally = Tally()
         started = time.perf_counter()
         stop_at = started + duration_s
         await asyncio.gather(
             *[
-                worker(
-                    session,
-                    url,
-                    bodies,
-                    i * 7919,
-                    stop_at,
-                    True,
-                    latencies,
-                    stages,
-                    outcomes,
-                    by_status,
-                )
+                worker(session, url, bodies, i * 7919, stop_at, tally, honor_retry_after)
                 for i in range(concurrency)
             ]
         )
-        wall = time.perf_counter() - started
+    wall = time.perf_counter() - started
+    latencies, outcomes = tally.latencies, tally.outcomes
     ok = sum(v for k, v in outcomes.items() if not k.startswith("http_"))
     return {
         "concurrency": concurrency,
@@ -139,9 +139,11 @@ async def drive(
                 "p50_ms": round(percentile(values, 0.50), 2),
                 "p99_ms": round(percentile(values, 0.99), 2),
             }
-            for status, values in sorted(by_status.items())
+            for status, values in sorted(tally.by_status.items())
         },
-        "server_stage_median_ms": {k: round(statistics.median(v), 3) for k, v in stages.items()},
+        "server_stage_median_ms": {
+            k: round(statistics.median(v), 3) for k, v in tally.stages.items()
+        },
     }
 
 
@@ -158,10 +160,17 @@ def main() -> None:
         help="After a refusal with Retry-After, wait that long before the next request.",
     )
     args = parser.parse_args()
-    global HONOR_RETRY_AFTER
-    HONOR_RETRY_AFTER = args.honor_retry_after
     bodies = [json.dumps(b).encode() for b in json.loads(args.bodies.read_text())]
-    result = asyncio.run(drive(args.url, args.concurrency, args.duration, args.warmup, bodies))
+    result = asyncio.run(
+        drive(
+            args.url,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            bodies,
+            args.honor_retry_after,
+        )
+    )
     print(json.dumps(result))
 
 

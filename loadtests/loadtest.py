@@ -460,21 +460,13 @@ def render_summary(result: LoadtestResult) -> list[str]:
     default=None,
     help=f"Key to call the server with (or {API_KEY_ENV}); default: a temporary key of this home.",
 )
-def loadtest(
-    host: str,
-    users: int,
-    spawn_rate: float,
-    run_time: str,
-    output: Path,
-    slo_path: Path,
-    api_key: str | None,
-) -> None:
+def loadtest(**options: Any) -> None:
     """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
     # Imported here: rankgate.cli registers this command, so a top-level import
     # would be circular.
     from rankgate.cli import fails_cleanly
 
-    fails_cleanly(_loadtest)(host, users, spawn_rate, run_time, output, slo_path, api_key)
+    fails_cleanly(_loadtest)(**options)
 
 
 def _loadtest(

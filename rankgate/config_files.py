@@ -20,14 +20,24 @@ def validation_message(source: str, exc: ValidationError) -> str:
     return f"{source}: field {where!r}: {first['msg']}{more}"
 
 
-def load_yaml_model(path: Path, model: type[Model]) -> Model:
+def read_config_bytes(path: Path) -> bytes:
     try:
-        raw = yaml.safe_load(path.read_text())
+        return path.read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
+
+
+def parse_yaml_model(content: bytes, source: Path, model: type[Model]) -> Model:
+    """`content` (read from `source`) as `model`; errors cite `source` and the field."""
+    try:
+        raw = yaml.safe_load(content)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     try:
         return model.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
-        raise ConfigError(validation_message(str(path), exc)) from exc
+        raise ConfigError(validation_message(str(source), exc)) from exc
+
+
+def load_yaml_model(path: Path, model: type[Model]) -> Model:
+    return parse_yaml_model(read_config_bytes(path), path, model)

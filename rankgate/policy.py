@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rankgate.config_files import load_yaml_model
+from rankgate.config_files import load_yaml_model, parse_yaml_model, read_config_bytes
 from rankgate.settings import PROJECT_ROOT
 
 POLICY_DIR = PROJECT_ROOT / "policies"
@@ -93,9 +93,6 @@ def load_fallback_rules(path: Path | None = None) -> FallbackRules:
     return load_yaml_model(path or POLICY_DIR / "fallback.yaml", FallbackRules)
 
 
-POLICY_FILES = ("policy.yaml", "fallback.yaml")
-
-
 @dataclass(frozen=True)
 class PolicySet:
     """The policy files of one folder, validated together, and their digest."""
@@ -111,9 +108,10 @@ class PolicySet:
 def load_policy_set(folder: Path | None = None) -> PolicySet:
     """Read and validate policy.yaml and fallback.yaml; ConfigError names file and field."""
     folder = (folder or POLICY_DIR).resolve()
-    policy = load_policy(folder / "policy.yaml")
-    fallback = load_fallback_rules(folder / "fallback.yaml")
-    digest = hashlib.sha256()
-    for name in POLICY_FILES:
-        digest.update((folder / name).read_bytes())
-    return PolicySet(folder, policy, fallback, digest.hexdigest()[:16])
+    # Each file is read once: the digest is of exactly the bytes that were validated.
+    policy_bytes = read_config_bytes(folder / "policy.yaml")
+    fallback_bytes = read_config_bytes(folder / "fallback.yaml")
+    policy = parse_yaml_model(policy_bytes, folder / "policy.yaml", Policy)
+    fallback = parse_yaml_model(fallback_bytes, folder / "fallback.yaml", FallbackRules)
+    digest = hashlib.sha256(policy_bytes + b"\0" + fallback_bytes).hexdigest()[:16]
+    return PolicySet(folder, policy, fallback, digest)

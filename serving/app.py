@@ -59,7 +59,7 @@ Bearer = Annotated[
     HTTPAuthorizationCredentials | None,
     Depends(HTTPBearer(auto_error=False, description="API key")),
 ]
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key"},
     403: {"model": ErrorBody, "description": "The key is not scoped to this purpose"},
     413: {"model": ErrorBody, "description": "Body too large"},
@@ -108,13 +108,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return body
 
 
+ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}
+
+
 def domain_error_response(exc: RankgateError) -> JSONResponse:
     status = exc.status_code
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if status == 503:
-        headers = {"Retry-After": "1"}
     body = ErrorBody(error=ERROR_NAMES.get(status, "error"), detail=exc.message)
-    return error_response(status, body, headers=headers)
+    return error_response(status, body, headers=ERROR_HEADERS.get(status))
 
 
 def not_configured() -> JSONResponse:
@@ -279,7 +279,7 @@ class RankIngress(BatchedScoring):
     @api.post(
         "/v1/rank",
         response_model=RankResponse,
-        responses=AUTH_RESPONSES,
+        responses=ERROR_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -307,7 +307,7 @@ class RankIngress(BatchedScoring):
 
     @api.put(
         "/v1/consent/{user_id}",
-        responses=AUTH_RESPONSES,
+        responses=ERROR_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,

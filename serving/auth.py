@@ -35,7 +35,8 @@ class Forbidden(RankgateError):
 
 
 class AuthUnavailable(RankgateError):
-    """The key table was never read (Redis down since start): nobody can be checked."""
+    """A key cannot be checked: the table was never read, or an unknown key could be
+    one created since the last read and Redis cannot be read now."""
 
     status_code = 503
 

@@ -169,3 +169,36 @@ def server(ready_home: Home) -> Iterator[Server]:
     finally:
         ServerInfo.path(ready_home).unlink(missing_ok=True)
         stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def personalizable(ready_home: Home) -> list[str]:
+    """Example users the policy may personalize on-site in the US (not objected)."""
+    from rankgate.consent import ConsentState
+    from rankgate.example_data import example_user_ids
+    from rankgate.pseudonym import user_key
+    from rankgate.setup import Environment
+
+    ids = example_user_ids()
+    states = Environment.open().consent.states([user_key(u) for u in ids], "onsite_personalization")
+    return [u for u, s in zip(ids, states, strict=True) if s != ConsentState.DENIED]
+
+
+@pytest.fixture
+def restore(server: Server) -> Iterator[None]:
+    """Put the server's config file, its routing, policy and rollback records back afterwards."""
+    from rankgate.setup import Environment
+    from serving.experiments import rollback_key
+    from tests.serving_support import deploy, ingress_user_config
+
+    original = server.config_path.read_text()
+    yield
+    server.config_path.write_text(original)
+    env = Environment.open()
+    env.redis.delete(rollback_key(env.home.namespace))
+    deploy(
+        server,
+        "default",
+        ingress_user_config(),
+        lambda h: h["routing"]["canary_weight"] == 0 and not h["routing"]["rolled_back"],
+    )

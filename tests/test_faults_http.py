@@ -17,33 +17,15 @@ import pytest
 from click.testing import CliRunner
 
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.example_data import example_user_ids
 from rankgate.home import Home
 from rankgate.policy import POLICY_DIR
-from rankgate.pseudonym import user_key
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
 from serving.audit import audit_key
 from tests.conftest import Server
-from tests.serving_support import Load, ingress_user_config, routing
-from tests.test_http import deploy
-from tests.test_promotion_http import restore  # noqa: F401 - fixture
+from tests.serving_support import Load, deploy, health, ingress_user_config, routing
 
 REDIS_DEGRADED = {"consent_unavailable", "feature_timeout", "feature_error", "budget_exhausted"}
-
-
-def health(server: Server) -> dict[str, Any]:
-    return httpx.get(f"{server.base_url}/healthz", timeout=5).json()
-
-
-@pytest.fixture(scope="module")
-def users(ready_home: Home) -> list[str]:
-    """Example users the policy may personalize on-site in the US (not objected)."""
-    env = Environment.open()
-    ids = example_user_ids()
-    states = env.consent.states([user_key(u) for u in ids], "onsite_personalization")
-    return [u for u, s in zip(ids, states, strict=True) if s != ConsentState.DENIED]
 
 
 def wait_for(condition: Any, limit_s: float, step_s: float = 0.1) -> float:
@@ -56,12 +38,12 @@ def wait_for(condition: Any, limit_s: float, step_s: float = 0.1) -> float:
 
 
 def test_redis_killed_and_restarted_under_load(
-    server: Server, env: Environment, ready_home: Home, users: list[str]
+    server: Server, env: Environment, ready_home: Home, personalizable: list[str]
 ) -> None:
     embedded = EmbeddedRedis(ready_home)
     url = embedded.running_url()
     pid = int(embedded.pid_path.read_text())
-    with Load(server, users, concurrency=4) as load:
+    with Load(server, personalizable, concurrency=4) as load:
         time.sleep(2)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -116,12 +98,12 @@ RESTART_WINDOW_S = 45
 
 
 def test_a_killed_replica_is_restarted_and_only_its_window_fails(
-    server: Server, users: list[str]
+    server: Server, personalizable: list[str]
 ) -> None:
     before = health(server)["replica_started"]
     pids = replica_pids(server.home)
     assert len(pids) == 1, pids
-    with Load(server, users, concurrency=4) as load:
+    with Load(server, personalizable, concurrency=4) as load:
         time.sleep(2)
         killed_at = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
@@ -154,7 +136,7 @@ def test_a_killed_replica_is_restarted_and_only_its_window_fails(
 
 @pytest.mark.usefixtures("restore")
 def test_a_corrupt_model_promoted_under_load_is_refused(
-    server: Server, env: Environment, users: list[str]
+    server: Server, env: Environment, personalizable: list[str]
 ) -> None:
     corrupt = env.models.path("v-corrupt")
     shutil.copytree(env.models.path("v1"), corrupt)
@@ -165,7 +147,7 @@ def test_a_corrupt_model_promoted_under_load_is_refused(
     config_before = server.config_path.read_text()
     before = health(server)
     try:
-        with Load(server, users, concurrency=4) as load:
+        with Load(server, personalizable, concurrency=4) as load:
             time.sleep(1)
             result = CliRunner().invoke(main, ["model", "promote", "v-corrupt", "--canary", "50"])
             # ...and the same version deployed straight to Ray Serve, skipping the CLI check.
@@ -211,13 +193,13 @@ def policy_copies(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 @pytest.mark.usefixtures("restore")
 def test_a_policy_with_an_error_is_refused_and_the_previous_one_keeps_serving(
-    server: Server, users: list[str], policy_copies: tuple[Path, Path]
+    server: Server, personalizable: list[str], policy_copies: tuple[Path, Path]
 ) -> None:
     broken, changed = policy_copies
     config_before = server.config_path.read_text()
     before = health(server)
     runner = CliRunner()
-    with Load(server, users, concurrency=4) as load:
+    with Load(server, personalizable, concurrency=4) as load:
         time.sleep(1)
         refused = runner.invoke(main, ["policy", "deploy", str(broken)])
         # Deployed straight to Ray Serve, skipping the CLI check: the replicas refuse it.
@@ -248,7 +230,7 @@ def test_a_policy_with_an_error_is_refused_and_the_previous_one_keeps_serving(
     assert now["replica_started"] == before["replica_started"]
     answer = httpx.post(
         f"{server.base_url}/v1/rank",
-        json={"user_id": users[0], "purpose": "onsite_personalization", "region": "US"},
+        json={"user_id": personalizable[0], "purpose": "onsite_personalization", "region": "US"},
         headers=server.headers,
         timeout=10,
     ).json()
@@ -267,7 +249,7 @@ def test_a_policy_with_an_error_is_refused_and_the_previous_one_keeps_serving(
 
 
 def test_overload_is_refused_fast_with_retry_after(
-    server: Server, env: Environment, users: list[str]
+    server: Server, env: Environment, personalizable: list[str]
 ) -> None:
     """64 requests at once while Redis stalls: 16 run, 16 wait, the rest are refused."""
     import asyncio
@@ -284,7 +266,7 @@ def test_overload_is_refused_fast_with_retry_after(
         response = await client.post(
             f"{server.base_url}/v1/rank",
             json={
-                "user_id": users[n % len(users)],
+                "user_id": personalizable[n % len(personalizable)],
                 "purpose": "onsite_personalization",
                 "region": "US",
                 "budget_ms": 1000,
@@ -301,7 +283,7 @@ def test_overload_is_refused_fast_with_retry_after(
 
     warm = httpx.post(
         f"{server.base_url}/v1/rank",
-        json={"user_id": users[0], "purpose": "onsite_personalization", "region": "US"},
+        json={"user_id": personalizable[0], "purpose": "onsite_personalization", "region": "US"},
         headers=server.headers,
         timeout=10,
     )

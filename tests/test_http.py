@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +17,14 @@ from rankgate.consent import ConsentState
 from rankgate.home import Home
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
-from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
-from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
+from tests.conftest import Server
+from tests.serving_support import (
+    copy_with_wrong_width,
+    deploy,
+    ingress_user_config,
+    routing,
+    user_with,
+)
 
 
 def post_rank(server: Server, timeout: float = 10, **body: Any) -> httpx.Response:
@@ -204,22 +208,6 @@ def test_redis_down_then_back(server: Server, env: Environment, ready_home: Home
 
 
 # -- model and explainer failures, applied with `serve deploy` (reconfigure) --
-
-
-def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> None:  # type: ignore[no-untyped-def]
-    port = int(server.base_url.rsplit(":", 1)[1])
-    config = derived_config(server.home, port=port, user_config=user_config, name=name)
-    env = ray_client_env(serve_env(server.home, Environment.open().redis_url or ""))
-    result = subprocess.run(
-        serve_deploy_command(config, server.dashboard_address()),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    wait_until_healthy(server.base_url, None, 60, server.log_path, expect=expect)
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import yaml
 from rankgate.setup import Environment
 from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import ingress_user_config
-from tests.test_http import deploy
+from tests.serving_support import deploy, ingress_user_config
 
 ACCESS_LOGS = {"log_level": "INFO", "enable_access_log": True}
 

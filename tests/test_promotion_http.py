@@ -14,23 +14,18 @@ from click.testing import CliRunner
 
 from model_store.train import TrainParams, train
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.example_data import example_user_ids
-from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
-from serving.experiments import rollback_key
 from tests.conftest import Server
-from tests.serving_support import Load, copy_with_wrong_width, ingress_user_config, routing
-from tests.test_http import deploy
+from tests.serving_support import (
+    Load,
+    copy_with_wrong_width,
+    deploy,
+    health,
+    ingress_user_config,
+    routing,
+)
 
 SLOW = "v-slow"
-
-
-@pytest.fixture(scope="module")
-def personalizable(env_module: Environment) -> list[str]:
-    ids = example_user_ids()
-    states = env_module.consent.states([user_key(u) for u in ids], "onsite_personalization")
-    return [u for u, s in zip(ids, states, strict=True) if s != ConsentState.DENIED]
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +50,6 @@ def odd_canaries(env_module: Environment) -> Iterator[None]:
         )
     yield
     shutil.rmtree(raises)
-
-
-@pytest.fixture
-def restore(server: Server, env: Environment) -> Iterator[None]:
-    """Put the server's config file, its routing and the rollback records back afterwards."""
-    original = server.config_path.read_text()
-    yield
-    server.config_path.write_text(original)
-    env.redis.delete(rollback_key(env.home.namespace))
-    deploy(
-        server,
-        "default",
-        ingress_user_config(),
-        lambda h: h["routing"]["canary_weight"] == 0 and not h["routing"]["rolled_back"],
-    )
-
-
-def health(server: Server) -> dict[str, Any]:
-    return httpx.get(f"{server.base_url}/healthz", timeout=5).json()
 
 
 @pytest.mark.usefixtures("restore")

@@ -111,7 +111,7 @@ def serve(config_path: Path | None, port: int | None) -> None:
         else None,
     )
     click.echo(f"serving {config} (Ctrl-C stops)")
-    status = run_serve(env.home, base, config, serve_env(env.home, env.redis_url))
+    status = run_serve(env.home, base, config, serve_env(env.home, env.redis_url, config=base))
     sys.exit(status)
 
 

@@ -9,7 +9,9 @@ of the replica with `@serve.batch`). With the application argument
 that batches across all ingress replicas.
 """
 
+import asyncio
 import logging
+import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect
 
 from model_store.store import ModelStore
 from rankgate.api_keys import ApiKey
@@ -30,6 +33,7 @@ from rankgate.consent import consent_fields, consent_key
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
+from serving import edge
 from serving.auth import Forbidden, KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
 from serving.pipeline import BadRequest, RankPipeline, problems_of
@@ -66,7 +70,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request; the problems name the fields"},
     503: {"model": ErrorBody, "description": "Not ready or a store is unavailable; retry"},
 }
-ERROR_NAMES = {401: "unauthorized", 403: "forbidden", 503: "unavailable"}
+ERROR_NAMES = {
+    401: "unauthorized",
+    403: "forbidden",
+    408: "request_timeout",
+    503: "unavailable",
+}
+CLIENT_CLOSED = 499
+"""The status access logs use for a client that went away (nginx's convention)."""
+PURPOSE_HEADER = "rankgate-purpose"
+"""Optional: the purpose of a rank request, checked against the key before the body is read."""
 
 
 def error_response(
@@ -92,27 +105,68 @@ def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -
     return config
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
+class RequestTimeout(RankgateError):
+    """The body did not arrive within `connections.body_timeout_s`."""
+
+    status_code = 408
+
+
+class ClientGone(RankgateError):
+    """The client went away before its request was read: nobody to answer."""
+
+    status_code = CLIENT_CLOSED
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, read within `timeout_s`: a slow client gets a 408 and frees its slot."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BadRequest(
             [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
         )
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise BadRequest(
-                [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
-            )
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise BadRequest(
+                        [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")],
+                        413,
+                    )
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from exc
+    except ClientDisconnect as exc:
+        raise ClientGone("the client disconnected before its body was read") from exc
     return body
 
 
-ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}
+def queued_ms(request: Request) -> float:
+    """How long the request waited before this replica took it up: from the arrival
+    stamp the edge (HAProxy) set, or 0 where no edge stamps (HAProxy mode off).
+
+    Never negative (clocks of two nodes may differ a little); a client that sets
+    the header itself can only shorten its own budget."""
+    raw = request.headers.get(edge.RECEIVED_HEADER)
+    if raw is None or not raw.isdigit():
+        return 0.0
+    return max(time.time() * 1000.0 - int(raw) / 1000.0, 0.0)
 
 
-def domain_error_response(exc: RankgateError) -> JSONResponse:
+# A client that sent too much or too slowly is not kept: its connection is closed.
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": "Bearer"},
+    408: {"Connection": "close"},
+    413: {"Connection": "close"},
+    503: {"Retry-After": "1"},
+}
+
+
+def domain_error_response(exc: RankgateError) -> Response:
     status = exc.status_code
+    if status == CLIENT_CLOSED:
+        # Logged as 499 (client closed), never as a server error; nobody reads the body.
+        return Response(status_code=CLIENT_CLOSED)
     body = ErrorBody(error=ERROR_NAMES.get(status, "error"), detail=exc.message)
     return error_response(status, body, headers=ERROR_HEADERS.get(status))
 
@@ -126,7 +180,8 @@ def not_configured() -> JSONResponse:
 
 def bad_request_response(exc: BadRequest) -> JSONResponse:
     error = "body_too_large" if exc.status_code == 413 else "invalid_request"
-    return error_response(exc.status_code, ErrorBody(error=error, problems=exc.problems))
+    body = ErrorBody(error=error, problems=exc.problems)
+    return error_response(exc.status_code, body, headers=ERROR_HEADERS.get(exc.status_code))
 
 
 class BatchedScoring:
@@ -269,6 +324,17 @@ class RankIngress(BatchedScoring):
             self.runtime.metrics.rejected(ERROR_NAMES.get(exc.status_code, "error"))
             raise
 
+    async def read_body(self, request: Request, config: ServingConfig) -> bytes:
+        try:
+            return await read_body(
+                request, config.limits.max_body_bytes, config.connections.body_timeout_s
+            )
+        except (RequestTimeout, ClientGone) as exc:
+            self.runtime.metrics.rejected(
+                "client_closed" if isinstance(exc, ClientGone) else "request_timeout"
+            )
+            raise
+
     def authorize(self, caller: ApiKey, purposes: list[str]) -> None:
         try:
             KeyCache.authorize(caller, purposes)
@@ -288,13 +354,27 @@ class RankIngress(BatchedScoring):
         },
     )
     async def rank(self, request: Request, credentials: Bearer) -> Response:
+        """Rank items for one person and purpose. With a `Rankgate-Purpose` header the
+        key's scope is checked before the body is read (the body's purpose must match)."""
+        waited_ms = queued_ms(request)
         pipeline = self.pipeline
         if pipeline is None:
             return not_configured()
         try:
             caller = await self.authenticate(credentials)
-            body = await read_body(request, pipeline.config.limits.max_body_bytes)
+            declared = request.headers.get(PURPOSE_HEADER)
+            if declared is not None:
+                self.authorize(caller, [declared])
+            body = await self.read_body(request, pipeline.config)
             parsed = pipeline.parse(body)
+            if declared is not None and parsed.purpose != declared:
+                raise BadRequest(
+                    [
+                        ErrorProblem(
+                            field="purpose", problem="differs from the Rankgate-Purpose header"
+                        )
+                    ]
+                )
             self.authorize(caller, [parsed.purpose])
         except BadRequest as exc:
             self.runtime.metrics.rejected("bad_request")
@@ -302,7 +382,7 @@ class RankIngress(BatchedScoring):
         except RankgateError as exc:
             return domain_error_response(exc)
         pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
-        response = await pipeline.rank(parsed, app=caller.app)
+        response = await pipeline.rank(parsed, app=caller.app, queued_ms=waited_ms)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
     @api.put(
@@ -326,7 +406,7 @@ class RankIngress(BatchedScoring):
                 check_user_id(user_id, limits)
             except ValueError as exc:
                 raise BadRequest([ErrorProblem(field="user_id", problem=str(exc))]) from exc
-            body = await read_body(request, limits.max_body_bytes)
+            body = await self.read_body(request, pipeline.config)
             try:
                 consent = ConsentRequest.model_validate_json(body)
             except ValidationError as exc:

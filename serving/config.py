@@ -38,6 +38,24 @@ class LimitsConfig(Strict):
     max_context_value_chars: int = Field(64, ge=1)
 
 
+class ConnectionsConfig(Strict):
+    """Guards that hold for every client, with or without a key (serving/edge.py).
+
+    The HAProxy ingress takes them when `rankgate serve` starts it; the replica
+    applies `body_timeout_s` itself too, for bodies HAProxy forwards unbuffered
+    (larger than its buffer) and when HAProxy mode is off."""
+
+    header_timeout_s: float = Field(5.0, gt=0, le=60)
+    """A client that has not sent its request headers by then gets a 408, and the
+    connection is closed."""
+    body_timeout_s: float = Field(5.0, gt=0, le=60)
+    """A request body that has not arrived by then gets a 408, and its slot is freed."""
+    idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """A client connection with no activity for this long is closed."""
+    max_per_source: int = Field(512, ge=1)
+    """Connections one client address may hold open at once; more are refused."""
+
+
 class ModelsConfig(Strict):
     name: str = "ranker"
     """Model name in the model store (versions live in `<home>/models/<name>/`)."""
@@ -87,6 +105,7 @@ class PolicyConfig(Strict):
 class ServingConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     limits: LimitsConfig = LimitsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     models: ModelsConfig = ModelsConfig()
     routing: RoutingConfig
     batching: BatchingConfig = BatchingConfig()

@@ -44,8 +44,20 @@ class ConsentGate:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def decide(self, purpose: str, region: str, consent: ConsentState | None) -> GateDecision:
-        """`consent` None means the consent store could not be read."""
+    def unread(self, purpose: str, region: str, why: str) -> GateDecision:
+        """Consent was not read (the request's budget was spent before the gate ran):
+        not personalized, the item rules still apply."""
+        return self.decide(purpose, region, None, unread_because=why)
+
+    def decide(
+        self,
+        purpose: str,
+        region: str,
+        consent: ConsentState | None,
+        unread_because: str | None = None,
+    ) -> GateDecision:
+        """`consent` None means the consent store could not be read (or, with
+        `unread_because`, was not read)."""
         rules = self.policy.purposes[purpose]
         regime = self.policy.regions[region].regime
         excluded = self.policy.excluded_items(purpose, region)
@@ -56,7 +68,10 @@ class ConsentGate:
             PolicyCheck(check="region", result=f"{region}:{regime}"),
         ]
         reason: str | None
-        if consent is None:
+        if unread_because is not None:
+            allowed, reason = False, "budget_exhausted"
+            checks.append(PolicyCheck(check="consent", result="not_read", detail=unread_because))
+        elif consent is None:
             allowed, reason = False, "consent_unavailable"
             checks.append(PolicyCheck(check="consent", result="unavailable", detail="fails closed"))
         else:

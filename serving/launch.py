@@ -7,6 +7,8 @@ it fast and self-contained on one machine:
   direct ingress: replicas take HTTP themselves, no proxy actor hop) and
   `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each can be turned off by setting it to 0.
 - HAProxy's files in a folder of their own per home, so two homes never share them.
+- rankgate's connection guards around Ray's generated HAProxy configuration
+  (serving/edge.py): HAProxy runs as `rankgate-haproxy`, which adds them.
 - The home and the Redis URL passed to the replicas (inherited by a local Ray
   instance; written into the application's runtime_env when `RAY_ADDRESS`
   names an existing cluster).
@@ -29,8 +31,11 @@ from typing import Any
 
 import yaml
 
+from rankgate.config_files import validation_message
+from rankgate.errors import ConfigError
 from rankgate.home import Home
 from rankgate.settings import PROJECT_ROOT
+from serving import edge
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
@@ -46,14 +51,70 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_env(home: Home, redis_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    for name, value in FAST_PATH_ENV.items():
-        env.setdefault(name, value)
+def haproxy_dir(home: Home) -> Path:
+    """HAProxy's files of this home's server (Ray adds a folder per node below it)."""
     # Per home, but short: Ray adds a 56-character node id below it, and HAProxy's
     # admin socket path may not exceed 97 characters.
     digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:10]
-    haproxy = Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
+    return Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
+
+
+def edge_guards(config: Path = SERVE_CONFIG) -> edge.EdgeGuards:
+    """The HAProxy guards of a serve config: its RankIngress `connections` and body limit."""
+    from pydantic import ValidationError
+
+    from serving.config import ServingConfig
+
+    document = yaml.safe_load(config.read_text())
+    user_config = next(
+        d.get("user_config") or {}
+        for app in document.get("applications", [])
+        for d in app.get("deployments", [])
+        if d.get("name") == "RankIngress"
+    )
+    try:
+        serving = ServingConfig.model_validate(user_config)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(f"{config} RankIngress user_config", exc)) from exc
+    guards = serving.connections
+    return edge.EdgeGuards(
+        header_timeout_s=guards.header_timeout_s,
+        body_timeout_s=guards.body_timeout_s,
+        idle_timeout_s=guards.idle_timeout_s,
+        max_per_source=guards.max_per_source,
+        max_body_bytes=serving.limits.max_body_bytes,
+    )
+
+
+def serve_env(
+    home: Home,
+    redis_url: str,
+    base: dict[str, str] | None = None,
+    config: Path = SERVE_CONFIG,
+) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for name, value in FAST_PATH_ENV.items():
+        env.setdefault(name, value)
+    # HAProxy runs as rankgate-haproxy, which adds the connection guards to the
+    # configuration Ray generates (serving/edge.py).
+    if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        wrapper = Path(sys.executable).with_name("rankgate-haproxy")
+        if not wrapper.exists():
+            raise ConfigError(
+                f"{wrapper} is missing: reinstall rankgate (./run does) so that HAProxy "
+                "runs with rankgate's connection guards"
+            )
+        env.setdefault(edge.ENV_REAL_BINARY, edge.real_binary())
+        env.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(wrapper))
+        env.setdefault(edge.ENV_GUARDS, edge_guards(config).to_env())
+    # A replica that accepted a request but never answers is given up on (and the
+    # caller gets 503 + Retry-After) instead of being waited for without end.
+    env.setdefault("RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S", "30")
+    # A replica that dies mid-request closes the connection without an answer:
+    # HAProxy retries on another replica (ranking, consent writes and events are
+    # idempotent) and otherwise answers 503 with Retry-After (serving/edge.py).
+    env.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response")
+    haproxy = haproxy_dir(home)
     haproxy.mkdir(parents=True, exist_ok=True)
     env.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(haproxy / "haproxy.cfg"))
     env.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(haproxy / "admin.sock"))

@@ -63,8 +63,11 @@ class BadRequest(RankgateError):
 
 
 class Deadline:
-    def __init__(self, budget_ms: float) -> None:
-        self.start = time.perf_counter()
+    """A request's deadline, counted from its arrival: `queued_ms` is how long it
+    waited (edge and replica queues) before the pipeline took it up."""
+
+    def __init__(self, budget_ms: float, queued_ms: float = 0.0) -> None:
+        self.start = time.perf_counter() - queued_ms / 1000.0
         self.end = self.start + budget_ms / 1000.0
 
     def remaining_s(self) -> float:
@@ -180,20 +183,31 @@ class RankPipeline:
             return None
         return parse_state(raw)
 
-    async def rank(self, request: RankRequest, app: str | None = None) -> RankResponse:
-        """Rank for one request; `app` (the caller's application) goes to the audit record."""
-        deadline = Deadline(request.budget_ms or self.config.budget.default_ms)
-        timings = {"policy": 0.0, "features": 0.0, "rank": 0.0, "explain": 0.0}
+    async def rank(
+        self, request: RankRequest, app: str | None = None, queued_ms: float = 0.0
+    ) -> RankResponse:
+        """Rank for one request; `app` (the caller's application) goes to the audit record,
+        `queued_ms` (time since arrival) counts against the budget."""
+        deadline = Deadline(request.budget_ms or self.config.budget.default_ms, queued_ms)
+        timings = {"queued": queued_ms, "policy": 0.0, "features": 0.0, "rank": 0.0, "explain": 0.0}
         key = pseudonymise(request.user_id)
         candidates = request.candidates or self.fetcher.catalogue
 
         started = time.perf_counter()
-        consent = await self.read_consent(key, request.purpose, deadline)
-        decision = self.gate.decide(request.purpose, request.region, consent)
+        if deadline.remaining_s() <= 0:
+            # Spent in the queues: answer at once, without reading consent (fails
+            # closed: not personalized); the item rules still apply.
+            decision = self.gate.unread(request.purpose, request.region, "budget spent queued")
+        else:
+            consent = await self.read_consent(key, request.purpose, deadline)
+            decision = self.gate.decide(request.purpose, request.region, consent)
         eligible = [c for c in candidates if c not in decision.excluded_items]
         timings["policy"] = _ms_since(started)
 
-        outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
+        if decision.reason == "budget_exhausted":
+            outcome = self._degrade(Outcome(), "budget_exhausted", "queued")
+        else:
+            outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
         if outcome.model is not None:
             self._observe(outcome, deadline.elapsed_ms())
         if outcome.fallback is not None:

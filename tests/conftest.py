@@ -74,12 +74,49 @@ def other_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home
 # -- the real server ---------------------------------------------------------
 
 
+class EdgeLog:
+    """HAProxy's access log, received as syslog datagrams on a loopback UDP port."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+        self.target = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lines: list[str] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while not self.closed.is_set():
+            try:
+                self.lines.append(self.sock.recv(65535).decode(errors="replace"))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
 class Server:
     """A `serve run` of serve_config.yaml (on a free port), its log and its addresses."""
 
     def __init__(
-        self, process, base_url: str, log_path: Path, home: Home, config_path: Path, api_key: str
+        self,
+        process,
+        base_url: str,
+        log_path: Path,
+        home: Home,
+        config_path: Path,
+        api_key: str,
+        edge_log: EdgeLog,
     ) -> None:  # type: ignore[no-untyped-def]
+        self.edge_log = edge_log
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"}
         self.process = process
@@ -158,17 +195,20 @@ def server(ready_home: Home) -> Iterator[Server]:
     base.write_text(SERVE_CONFIG.read_text())
     config = derived_config(ready_home, base=base, port=port)
     log_path = ready_home.root / "serve.log"
-    env = serve_env(ready_home, resolve_redis_url())
+    env = serve_env(ready_home, resolve_redis_url(), config=base)
+    edge_log = EdgeLog()
+    env["RAY_SERVE_HAPROXY_LOG_TARGET"] = edge_log.target
     process = start_server(serve_run_command(config), env, log_path)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, 240, log_path)
-        server = Server(process, base_url, log_path, ready_home, base, test_api_key())
+        server = Server(process, base_url, log_path, ready_home, base, test_api_key(), edge_log)
         ServerInfo(base, port, server.dashboard_address()).write(ready_home)
         yield server
     finally:
         ServerInfo.path(ready_home).unlink(missing_ok=True)
         stop_server(process)
+        edge_log.close()
 
 
 @pytest.fixture(scope="session")

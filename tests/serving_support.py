@@ -18,6 +18,7 @@ from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
+    from rankgate.home import Home
     from tests.conftest import Server
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
@@ -103,6 +104,8 @@ class Load:
         self.statuses: Counter[int] = Counter()
         self.answers: list[tuple[float, dict[str, Any]]] = []
         self.failures: list[tuple[float, int]] = []
+        self.refusals_without_retry_after = 0
+        self.errors: Counter[str] = Counter()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _loop(self, client: httpx.AsyncClient, offset: int) -> None:
@@ -119,13 +122,18 @@ class Load:
             try:
                 response = await client.post(self.url, json=body, headers=self.headers, timeout=10)
                 status = response.status_code
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 status = 0
+                self.errors[type(exc).__name__] += 1
             self.statuses[status] += 1
             if status == 200:
                 self.answers.append((time.monotonic(), response.json()))
             else:
                 self.failures.append((time.monotonic(), status))
+                if status == 0 or "retry-after" not in response.headers:
+                    self.refusals_without_retry_after += 1
+                else:  # a well-behaved client waits as told
+                    await asyncio.sleep(float(response.headers["retry-after"]))
 
     async def _run(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -188,6 +196,53 @@ def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> No
     )
     assert result.returncode == 0, result.stderr + result.stdout
     wait_until_healthy(server.base_url, None, 60, server.log_path, expect=expect)
+
+
+def own_processes(home: Path, marker: bytes) -> list[tuple[int, bytes]]:
+    """(pid, command line) of this home's server processes whose command line has `marker`.
+
+    Other Ray instances may run on the machine (other homes, other work): a process
+    is ours when its environment names our home."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in command and f"RANKGATE_HOME={home}".encode() in environ:
+            found.append((int(entry.name), command))
+    return found
+
+
+def replica_pids(home: Home, deployment: str = "RankIngress") -> list[int]:
+    """Replica processes of this home's server (Ray titles them ray::ServeReplica:...)."""
+    title = f"ServeReplica:rankgate:{deployment}".encode()
+    return [pid for pid, _ in own_processes(home.root, title)]
+
+
+def ray_session_dir(home: Path) -> Path:
+    """The Ray session folder of this home's server, from its raylet's command line
+    (never `session_latest`, which names whichever instance started last)."""
+    for _, command in own_processes(home, b"raylet"):
+        for arg in command.split(b"\0"):
+            if arg.startswith(b"--session_dir="):
+                return Path(arg.split(b"=", 1)[1].decode())
+    raise AssertionError(f"no raylet of the server of {home} found")
+
+
+def edge_config(home: Home) -> str:
+    """The HAProxy configuration the server of `home` runs (with rankgate's guards)."""
+    from serving.launch import haproxy_dir
+
+    for _, command in own_processes(home.root, b"raylet"):
+        for arg in command.split(b"\0"):
+            if arg.startswith(b"--node_id="):
+                node_id = arg.split(b"=", 1)[1].decode()
+                return (haproxy_dir(home) / node_id / "haproxy.rankgate.cfg").read_text()
+    raise AssertionError(f"no raylet of the server of {home.root} found")
 
 
 def health(server: Server) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,9 +13,15 @@ import pytest
 import yaml
 
 from rankgate.setup import Environment
-from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
+from serving.launch import (
+    derived_config,
+    haproxy_dir,
+    ray_client_env,
+    serve_deploy_command,
+    serve_env,
+)
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import deploy, ingress_user_config
+from tests.serving_support import deploy, ingress_user_config, ray_session_dir
 
 ACCESS_LOGS = {"log_level": "INFO", "enable_access_log": True}
 
@@ -48,9 +53,12 @@ def access_logs(server: Server) -> Iterator[None]:
 
 
 def log_files(server: Server) -> list[Path]:
-    """The server's own log and every log file of the Ray session it runs in."""
-    session = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
-    files = [server.log_path, *session.rglob("*")]
+    """The server's own log, every log file of the Ray session it runs in (found
+    from its own raylet, not `session_latest`), and HAProxy's files (configuration,
+    its output)."""
+    session = ray_session_dir(server.home.root) / "logs"
+    assert session.is_dir(), session
+    files = [server.log_path, *session.rglob("*"), *haproxy_dir(server.home).rglob("*")]
     return [f for f in files if f.is_file()]
 
 
@@ -58,6 +66,7 @@ def log_files(server: Server) -> list[Path]:
 def test_no_raw_user_id_reaches_any_log(server: Server) -> None:
     probe = f"log-probe-{uuid.uuid4().hex}"
     url = server.base_url
+    since = len(server.edge_log.lines)
     calls = [
         httpx.post(
             f"{url}/v1/rank",
@@ -95,3 +104,10 @@ def test_no_raw_user_id_reaches_any_log(server: Server) -> None:
     logged = b"".join(f.read_bytes() for f in files)
     assert b"/v1/consent/{user_id}" in logged  # the access log was on: it names the route
     assert probe.encode() not in logged, [str(f) for f in files if probe.encode() in f.read_bytes()]
+    # HAProxy's access log (syslog datagrams, received by the test) saw every call
+    # and names no path.
+    edge = [
+        line for line in server.edge_log.lines[since:] if line.rstrip().endswith(("PUT", "POST"))
+    ]
+    assert len(edge) >= len(calls), server.edge_log.lines[since:][-10:]
+    assert not [line for line in server.edge_log.lines if probe in line]

@@ -408,7 +408,7 @@ def model_rollback(force: bool, config_path: Path | None) -> None:
         return
     new = routing.change(move, env.models, force, click.echo)
     back = f"back to {move.role}" if move.role else "out of the routing"
-    click.echo(f"{path}: canary {move.version} {back}; {new.stable} serves everyone")
+    click.echo(f"{path}: canary {move.version} {back}; {new.stable} is stable for all users")
     _apply(env, path, routing_applied(new))
 
 

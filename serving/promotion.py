@@ -279,8 +279,9 @@ class RoutingChange:
         if not force:
             raise PromotionRefused(
                 f"refused: {described}. They would get the non-personalized fallback "
-                "(no_permitted_model). First give a version these purposes permit the alternate "
-                "role (`rankgate model promote V --alternate`), or pass --force to accept it"
+                f"(no_permitted_model). First make a version that {' and '.join(lost)} may use "
+                "an alternate (`rankgate model promote V --alternate`), or pass --force to "
+                "accept it"
             )
         for purpose, share in lost.items():
             say(

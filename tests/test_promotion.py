@@ -79,6 +79,7 @@ def test_promoting_the_only_alternate_to_canary_is_refused_naming_the_purpose() 
         "email_marketing would be left without a permitted model for 90 % of its users"
         in refused.value.message
     )
+    assert "make a version that email_marketing may use an alternate" in refused.value.message
     assert "--alternate" in refused.value.message and "--force" in refused.value.message
 
 
@@ -241,7 +242,7 @@ def test_the_commands_keep_email_served_and_rollback_restores_the_alternate(
 
     code, output = model("rollback")
     assert code == 0, output
-    assert "canary v1 back to alternate; v2 serves everyone" in output
+    assert "canary v1 back to alternate; v2 is stable for all users" in output
     assert config.read_text() == SERVE_CONFIG.read_text()  # v1 alternate again, comments kept
 
     code, output = model("retire", "v1")

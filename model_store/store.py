@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,17 @@ class ModelStore:
             raise ModelStoreError(f"{manifest_path}: field {where!r}: {first['msg']}") from exc
         except ValueError as exc:
             raise ModelStoreError(f"{manifest_path}: not valid JSON ({exc})") from exc
+
+    def views_of(self, versions: Iterable[str]) -> dict[str, frozenset[str] | None]:
+        """The feature views each version reads, which decide the purposes it may serve
+        (None: no readable manifest; such a version is unusable anyway)."""
+        views: dict[str, frozenset[str] | None] = {}
+        for version in versions:
+            try:
+                views[version] = frozenset(self.manifest(version).feature_views)
+            except ModelStoreError:
+                views[version] = None
+        return views
 
     def register(self, version: str, staged: Path) -> Path:
         """Move a fully written staging folder into place as `version`; never overwrite."""

@@ -297,6 +297,13 @@ CONFIG_OPTION = click.option(
 )
 
 
+FORCE_OPTION = click.option(
+    "--force",
+    is_flag=True,
+    help="Apply even if a purpose loses its permitted model (its users get the fallback).",
+)
+
+
 @model.command("promote")
 @click.argument("version")
 @click.option(
@@ -313,68 +320,96 @@ CONFIG_OPTION = click.option(
     is_flag=True,
     help="Score a copy of requests with VERSION, off the response path.",
 )
+@click.option(
+    "--alternate",
+    "alternate",
+    is_flag=True,
+    help="Let VERSION serve purposes that may not use the stable version's feature views.",
+)
+@FORCE_OPTION
 @CONFIG_OPTION
 @fails_cleanly
 def model_promote(
-    version: str, canary: float | None, stable: bool, shadow: bool, config_path: Path | None
+    version: str,
+    canary: float | None,
+    stable: bool,
+    shadow: bool,
+    alternate: bool,
+    force: bool,
+    config_path: Path | None,
 ) -> None:
-    """Change VERSION's role in the routing and apply it to the running server."""
-    from serving.experiments import clear_rollback
-    from serving.promotion import plain, promoted, read_routing, validate_routing, write_routing
+    """Change VERSION's role in the routing and apply it to the running server.
 
-    chosen = [
-        name
-        for name, on in (
-            ("--canary", canary is not None),
-            ("--stable", stable),
-            ("--shadow", shadow),
-        )
-        if on
-    ]
+    Shows which purposes each version serves before and after, and refuses a change
+    that leaves users of a purpose without a permitted model, unless --force."""
+    from serving.experiments import clear_rollback
+    from serving.promotion import Move, RoutingFile, routing_applied
+    from serving.routing import Role
+
+    roles: dict[Role, bool] = {
+        "canary": canary is not None,
+        "stable": stable,
+        "shadow": shadow,
+        "alternate": alternate,
+    }
+    chosen = [role for role, on in roles.items() if on]
     if len(chosen) != 1:
-        raise RankgateError("choose exactly one of --canary PCT, --stable, --shadow")
+        raise RankgateError("choose exactly one of --canary PCT, --stable, --shadow, --alternate")
+    role = chosen[0]
     env, path = _promotion_context(config_path)
     report = env.models.validate(version, env.feature_views())
     if not report.ok:
         raise RankgateError(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
         )
-    document, routing = read_routing(path)
-    role = "canary" if canary is not None else "stable" if stable else "shadow"
-    versions = promoted(plain(routing), version, role, canary)
-    new = validate_routing({**plain(routing), "versions": versions}, path)
-    write_routing(path, document, routing, versions)
+    routing = RoutingFile.open(path)
+    new = routing.change(Move(version, role, canary), env.models, force, click.echo)
     if role == "canary":
         clear_rollback(env.redis, env.home.namespace, version)
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
-    _apply(
-        env,
-        path,
-        lambda h: (
-            [dict(v) for v in h["routing"]["versions"]] == [v.model_dump() for v in new.versions]
-        ),
-    )
+    _apply(env, path, routing_applied(new))
+
+
+@model.command("retire")
+@click.argument("version")
+@FORCE_OPTION
+@CONFIG_OPTION
+@fails_cleanly
+def model_retire(version: str, force: bool, config_path: Path | None) -> None:
+    """Take VERSION out of the routing (it stays in the model store) and apply it.
+
+    Refused for the stable version, and when a purpose would lose its permitted
+    model, unless --force."""
+    from serving.promotion import Move, RoutingFile, routing_applied
+
+    env, path = _promotion_context(config_path)
+    routing = RoutingFile.open(path)
+    new = routing.change(Move(version, None), env.models, force, click.echo)
+    click.echo(f"{path}: {version} left the routing")
+    _apply(env, path, routing_applied(new))
 
 
 @model.command("rollback")
+@FORCE_OPTION
 @CONFIG_OPTION
 @fails_cleanly
-def model_rollback(config_path: Path | None) -> None:
-    """Take the canary out of the routing (stable serves everyone) and apply it."""
-    from serving.promotion import plain, read_routing, rolled_back, validate_routing, write_routing
+def model_rollback(force: bool, config_path: Path | None) -> None:
+    """Take the canary out (stable serves everyone) and apply it; a canary that was an
+    alternate or a shadow before its promotion gets that role back."""
+    from serving.promotion import RoutingFile, rollback_move, routing_applied
 
     env, path = _promotion_context(config_path)
-    document, routing = read_routing(path)
-    versions, canary = rolled_back(plain(routing))
-    if canary is None:
+    routing = RoutingFile.open(path)
+    move = rollback_move(routing.routing)
+    if move is None:
         click.echo(f"{path}: no canary to roll back")
         return
-    new = validate_routing({**plain(routing), "versions": versions}, path)
-    write_routing(path, document, routing, versions)
-    click.echo(f"{path}: canary {canary} removed; {new.stable} serves everyone")
-    _apply(env, path, lambda h: h["routing"]["canary_weight"] == 0)
+    new = routing.change(move, env.models, force, click.echo)
+    back = f"back to {move.role}" if move.role else "out of the routing"
+    click.echo(f"{path}: canary {move.version} {back}; {new.stable} is stable for all users")
+    _apply(env, path, routing_applied(new))
 
 
 @model.command("status")

@@ -6,8 +6,11 @@ and the running configuration stays as it was.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rankgate.settings import PROJECT_ROOT
 from serving.routing import RoutingConfig
 
 
@@ -100,6 +103,15 @@ class PolicyConfig(Strict):
     revision: str | None = None
     """Digest of the files as checked by `rankgate policy deploy`; replicas refuse
     files that differ from it. Changing it is what makes Ray Serve re-read them."""
+
+    @property
+    def folder(self) -> Path | None:
+        """`dir` as a path; a relative one is relative to the project, as written by
+        `rankgate policy deploy`."""
+        if not self.dir:
+            return None
+        folder = Path(self.dir)
+        return folder if folder.is_absolute() else PROJECT_ROOT / folder
 
 
 class ServingConfig(Strict):

@@ -1,11 +1,19 @@
 """Promotion by config: edit the routing section of the serve config and apply it.
 
-`rankgate model promote V --canary PCT | --stable | --shadow` and `rankgate
-model rollback` rewrite the `routing` section of the RankIngress user_config in
-the serve config (comments and layout kept), after checking that the version
-validates and that the new routing is valid. When a server of this home is
-running, the file is applied with `serve deploy`: only `user_config` changes,
-so Ray Serve calls `reconfigure` on the running replicas, without a restart.
+`rankgate model promote V --canary PCT | --stable | --shadow | --alternate`,
+`rankgate model retire V` and `rankgate model rollback` each make one `Move` (a
+version takes a role, or leaves the routing). `plan` computes the new routing from
+it in one place, and who answers each purpose before and after by the router's
+own rule (`Router.answer` over `Router.split`). A purpose counts as served when
+every one of its users gets a permitted model: a purpose only the canary may serve
+is served for the canary's share of users and left without a model for the rest.
+A change that leaves more users of a purpose without a permitted model than before
+is refused unless forced. Rolling a canary back gives it the role it had before
+(`previous_role`), so an alternate promoted to canary is an alternate again.
+
+The routing is written back with comments and layout kept. When a server of this
+home is running, the file is applied with `serve deploy`: only `user_config`
+changes, so Ray Serve calls `reconfigure` on the running replicas, without a restart.
 """
 
 from __future__ import annotations
@@ -13,10 +21,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import ValidationError
@@ -26,11 +34,21 @@ from ruamel.yaml.comments import CommentedMap
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
+from rankgate.policy import Policy, load_policy
 from rankgate.settings import PROJECT_ROOT
+from serving.config import PolicyConfig
 from serving.launch import SERVE_CONFIG, derived_config, ray_client_env, serve_deploy_command
-from serving.routing import RoutingConfig
+from serving.routing import ReturnRole, Role, Router, RoutingConfig, VersionRoute
+
+if TYPE_CHECKING:
+    from model_store.store import ModelStore
 
 Say = Callable[[str], None]
+Purposes = Mapping[str, frozenset[str]]
+"""Each purpose of the policy and the feature views it permits."""
+ViewsOf = dict[str, frozenset[str] | None]
+"""Each version and the feature views it reads (None: unknown), as the router takes them."""
+TOLERANCE = 1e-9  # shares are sums of float percents
 
 
 def _yaml() -> YAML:
@@ -106,38 +124,236 @@ def plain(node: Any) -> Any:
     return json.loads(json.dumps(node))
 
 
-def promoted(
-    routing: dict[str, Any], version: str, role: str, weight: float | None
-) -> list[dict[str, Any]]:
-    """The routing versions after promoting `version` to `role`."""
-    versions = [dict(v) for v in routing["versions"] if v["version"] != version]
-    stable = next((v for v in versions if v["role"] == "stable"), None)
-    if role == "stable":
-        versions = [v for v in versions if v["role"] not in ("stable", "canary")]
-        versions.insert(0, {"version": version, "role": "stable", "weight": 100})
-        return versions
-    if role == "canary":
-        assert weight is not None
-        versions = [v for v in versions if v["role"] != "canary"]
-        if stable is not None:
-            stable["weight"] = 100 - weight
-        versions.insert(1, {"version": version, "role": "canary", "weight": weight})
-        return versions
-    # shadow
-    versions.append({"version": version, "role": "shadow"})
-    if stable is not None and not any(v["role"] == "canary" for v in versions):
-        stable["weight"] = 100
-    return versions
+class PromotionRefused(RankgateError):
+    """A role change that would take personalization away, or break the routing."""
+
+    status_code = 409
 
 
-def rolled_back(routing: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-    """The routing versions without the canary, and the canary removed (if any)."""
-    canary = next((v["version"] for v in routing["versions"] if v["role"] == "canary"), None)
-    versions = [dict(v) for v in routing["versions"] if v["role"] != "canary"]
-    for v in versions:
-        if v["role"] == "stable":
-            v["weight"] = 100
-    return versions, canary
+@dataclass(frozen=True)
+class Move:
+    """One role change: `version` takes `role`, or leaves the routing (role None)."""
+
+    version: str
+    role: Role | None
+    weight: float | None = None
+    """A canary's percent of users."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """Who answers a purpose for a share of its users (version None: no permitted model)."""
+
+    purpose: str
+    version: str | None
+    variant: Role | None
+    share: float
+    """Percent of the purpose's users."""
+
+
+def permitted_views(policy: Policy) -> dict[str, frozenset[str]]:
+    """Each purpose and the views a model may read for it, as the consent gate passes them."""
+    return {name: frozenset(purpose.feature_views) for name, purpose in policy.purposes.items()}
+
+
+def coverage(routing: RoutingConfig, purposes: Purposes, views_of: ViewsOf) -> list[Served]:
+    """Who answers each purpose and for what share of its users, by the router's rule."""
+    router = Router(routing)
+    shares: dict[tuple[str, str | None, Role | None], float] = {}
+    for purpose, allowed in purposes.items():
+        for assigned, share in router.split():
+            chosen = router.answer(assigned, allowed, views_of)
+            key = (purpose, chosen.version, chosen.variant) if chosen else (purpose, None, None)
+            shares[key] = shares.get(key, 0.0) + share
+    return [
+        Served(purpose, version, variant, share)
+        for (purpose, version, variant), share in shares.items()
+    ]
+
+
+def unserved(served: list[Served]) -> dict[str, float]:
+    """Percent of each purpose's users that no permitted model answers."""
+    missing = dict.fromkeys((entry.purpose for entry in served), 0.0)
+    for entry in served:
+        if entry.version is None:
+            missing[entry.purpose] += entry.share
+    return missing
+
+
+def reassign(routing: RoutingConfig, move: Move) -> RoutingConfig:
+    """The routing after `move`. The stable version and the canary come first; a version
+    keeps its place when only its role changes. A canary that a new canary or stable
+    takes over goes back to its `previous_role` (or leaves); a replaced stable leaves."""
+    current = next((r for r in routing.versions if r.version == move.version), None)
+    if current is None and move.role is None:
+        raise PromotionRefused(f"{move.version} is not in the routing")
+    if current is not None and current.role == "stable" and move.role != "stable":
+        raise PromotionRefused(
+            f"{move.version} is the stable version: promote another version --stable first"
+        )
+    if move.role == "canary" and move.weight is None:
+        raise PromotionRefused(f"a canary needs a weight (percent of users) for {move.version}")
+    takes_over = move.role in ("stable", "canary")
+    routes: list[VersionRoute] = []
+    for route in routing.versions:
+        if route.version == move.version:
+            if move.role in ("shadow", "alternate"):
+                routes.append(VersionRoute(version=move.version, role=move.role))
+            continue
+        if route.role == "canary" and takes_over:
+            if route.previous_role is not None:
+                routes.append(VersionRoute(version=route.version, role=route.previous_role))
+            continue
+        if route.role == "stable" and move.role == "stable":
+            continue  # the old stable leaves the routing
+        routes.append(route)
+    if move.role == "stable":
+        routes.insert(0, VersionRoute(version=move.version, role="stable", weight=100))
+    elif move.role == "canary":
+        previous: ReturnRole | None = None
+        if current is not None and current.role == "canary":
+            previous = current.previous_role  # a new weight keeps the role it had before
+        elif current is not None and (current.role == "shadow" or current.role == "alternate"):
+            previous = current.role
+        after_stable = next(i for i, r in enumerate(routes) if r.role == "stable") + 1
+        routes.insert(
+            after_stable,
+            VersionRoute(
+                version=move.version, role="canary", weight=move.weight, previous_role=previous
+            ),
+        )
+    elif move.role is not None and current is None:
+        routes.append(VersionRoute(version=move.version, role=move.role))
+    canary_weight = sum(r.weight or 0.0 for r in routes if r.role == "canary")
+    routes = [
+        r.model_copy(update={"weight": 100 - canary_weight}) if r.role == "stable" else r
+        for r in routes
+    ]
+    try:
+        return RoutingConfig.model_validate(
+            {**routing.model_dump(), "versions": [r.model_dump() for r in routes]}
+        )
+    except ValidationError as exc:
+        raise PromotionRefused(validation_message("the new routing", exc)) from exc
+
+
+def rollback_move(routing: RoutingConfig) -> Move | None:
+    """Taking the canary out: it goes back to the role it had before (or leaves)."""
+    canary = routing.canary
+    return None if canary is None else Move(canary.version, canary.previous_role)
+
+
+@dataclass(frozen=True)
+class RoutingChange:
+    """A routing before and after one move, and who serves each purpose in each."""
+
+    before: RoutingConfig
+    after: RoutingConfig
+    served_before: list[Served]
+    served_after: list[Served]
+
+    def losses(self) -> dict[str, float]:
+        """Purposes that more users would reach without a permitted model: percent after."""
+        before, after = unserved(self.served_before), unserved(self.served_after)
+        return {p: s for p, s in after.items() if s > before.get(p, 0.0) + TOLERANCE}
+
+    def still_unserved(self) -> dict[str, float]:
+        lost = self.losses()
+        return {
+            p: s for p, s in unserved(self.served_after).items() if s > TOLERANCE and p not in lost
+        }
+
+    def guard(self, force: bool, say: Say) -> None:
+        """Refuse a change that takes personalization away, unless forced; then say so loudly."""
+        lost = self.losses()
+        for purpose, share in self.still_unserved().items():
+            say(
+                f"warning: {purpose} still has no permitted model for {_percent(share)} of its users"
+            )
+        if not lost:
+            return
+        described = "; ".join(
+            f"{p} would be left without a permitted model for {_percent(s)} of its users"
+            for p, s in lost.items()
+        )
+        if not force:
+            raise PromotionRefused(
+                f"refused: {described}. They would get the non-personalized fallback "
+                f"(no_permitted_model). First make a version that {' and '.join(lost)} may use "
+                "an alternate (`rankgate model promote V --alternate`), or pass --force to "
+                "accept it"
+            )
+        for purpose, share in lost.items():
+            say(
+                f"WARNING (--force): {purpose} loses personalization for {_percent(share)} of "
+                "its users: they get the non-personalized fallback (no_permitted_model)"
+            )
+
+    def table(self) -> list[str]:
+        """Which purposes each version serves, before and after (share of users when not all)."""
+        order = [*self.after.all_versions]
+        order += [v for v in self.before.all_versions if v not in order]
+        rows = [("version", "before", "after")]
+        rows += [
+            (
+                version,
+                _cell(self.before, self.served_before, version),
+                _cell(self.after, self.served_after, version),
+            )
+            for version in order
+        ]
+        if any(s.version is None for s in [*self.served_before, *self.served_after]):
+            rows.append(
+                (
+                    "no model",
+                    ", ".join(_serving(self.served_before, None)) or "-",
+                    ", ".join(_serving(self.served_after, None)) or "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        return [
+            f"  {row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip() for row in rows
+        ]
+
+
+def _percent(share: float) -> str:
+    return f"{share:g} %"
+
+
+def _serving(served: list[Served], version: str | None) -> list[str]:
+    """The purposes `version` answers (None: that no model answers), with the share of
+    their users when it is not all of them."""
+    return [
+        s.purpose + ("" if s.share >= 100 - TOLERANCE else f" ({_percent(s.share)})")
+        for s in served
+        if s.version == version
+    ]
+
+
+def _cell(routing: RoutingConfig, served: list[Served], version: str) -> str:
+    route = next((r for r in routing.versions if r.version == version), None)
+    if route is None:
+        return "not routed"
+    label: str = route.role
+    if route.role in ("stable", "canary") and routing.canary is not None:
+        label += f" {_percent(route.weight if route.weight is not None else 100.0)}"
+    return f"{label}: {', '.join(_serving(served, version)) or 'nothing'}"
+
+
+def plan(
+    routing: RoutingConfig, move: Move, purposes: Purposes, views_of: ViewsOf
+) -> RoutingChange:
+    """The routing after `move`, and who answers each purpose before and after it."""
+    after = reassign(routing, move)
+    return RoutingChange(
+        routing, after, coverage(routing, purposes, views_of), coverage(after, purposes, views_of)
+    )
+
+
+def routing_applied(routing: RoutingConfig) -> Callable[[dict[str, Any]], bool]:
+    """Whether a server's /healthz shows exactly this routing."""
+    expected = [route.model_dump() for route in routing.versions]
+    return lambda health: [dict(v) for v in health["routing"]["versions"]] == expected
 
 
 def validate_routing(routing: dict[str, Any], source: Path) -> RoutingConfig:
@@ -147,19 +363,62 @@ def validate_routing(routing: dict[str, Any], source: Path) -> RoutingConfig:
         raise ConfigError(validation_message(f"{source} routing", exc)) from exc
 
 
-def write_routing(
-    config_path: Path, document: Any, routing_node: Any, versions: list[dict[str, Any]]
-) -> None:
-    entries = routing_node["versions"]
-    entries.clear()
-    for version in versions:
-        entry = CommentedMap(version)
-        entry.fa.set_flow_style()  # one line per version, as written by hand
-        entries.append(entry)
+def _write_document(config_path: Path, document: Any) -> None:
     tmp = config_path.with_suffix(".tmp")
     with open(tmp, "w") as handle:
         _yaml().dump(document, handle)
     tmp.replace(config_path)
+
+
+def _yaml_value(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+@dataclass
+class RoutingFile:
+    """The routing section of a serve config, the purposes of the policy it serves,
+    and the round-trip document it is written back into."""
+
+    path: Path
+    document: Any
+    node: Any
+    routing: RoutingConfig
+    purposes: dict[str, frozenset[str]]
+
+    @classmethod
+    def open(cls, path: Path) -> RoutingFile:
+        document, node = read_routing(path)
+        user_config = ingress_deployment(document).get("user_config", {})
+        try:
+            policy_config = PolicyConfig.model_validate(plain(user_config.get("policy") or {}))
+        except ValidationError as exc:
+            raise ConfigError(validation_message(f"{path} policy", exc)) from exc
+        folder = policy_config.folder
+        policy = load_policy(folder / "policy.yaml" if folder is not None else None)
+        routing = validate_routing(plain(node), path)
+        return cls(path, document, node, routing, permitted_views(policy))
+
+    def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
+        """Plan `move`, show who serves what before and after, refuse or write it."""
+        views_of = models.views_of([*self.routing.all_versions, move.version])
+        planned = plan(self.routing, move, self.purposes, views_of)
+        say("who answers each purpose (share of its users, when not all):")
+        for line in planned.table():
+            say(line)
+        planned.guard(force, say)
+        self.write(planned.after)
+        return planned.after
+
+    def write(self, routing: RoutingConfig) -> None:
+        entries = self.node["versions"]
+        entries.clear()
+        for route in routing.versions:
+            fields = {k: _yaml_value(v) for k, v in route.model_dump(exclude_none=True).items()}
+            entry = CommentedMap(fields)
+            entry.fa.set_flow_style()  # one line per version, as written by hand
+            entries.append(entry)
+        _write_document(self.path, self.document)
+        self.routing = routing
 
 
 def write_policy(config_path: Path, folder: Path, revision: str) -> None:
@@ -174,10 +433,7 @@ def write_policy(config_path: Path, folder: Path, revision: str) -> None:
     section = CommentedMap({"dir": str(shown), "revision": revision})
     section.fa.set_flow_style()
     user_config["policy"] = section
-    tmp = config_path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        _yaml().dump(document, handle)
-    tmp.replace(config_path)
+    _write_document(config_path, document)
 
 
 def apply_running(

@@ -43,12 +43,8 @@ class ModelSet:
         self.name = store.name
         self.loaded: dict[str, LoadedModel] = {}
         self.errors: dict[str, str] = {}
-        self.views_of: dict[str, frozenset[str] | None] = {}
+        self.views_of = store.views_of(versions)
         for version in versions:
-            try:
-                self.views_of[version] = frozenset(store.manifest(version).feature_views)
-            except RankgateError:
-                self.views_of[version] = None  # unknown: the version is unusable anyway
             try:
                 self.loaded[version] = self._load(store, version)
             except Exception as exc:  # noqa: BLE001 - any failure marks the version unusable

@@ -6,6 +6,9 @@ Roles (the `routing` section of the ingress user_config):
 - shadow:    scores a copy of requests off the response path; never answers.
 - alternate: serves purposes that may not use the stable version's feature views.
 
+A canary that had another role before (shadow, alternate) keeps it as
+`previous_role`, so that taking the canary out gives that role back.
+
 Assignment hashes the pseudonymous user key with the config's salt into one of
 10,000 buckets; a user is in the canary when their bucket is below
 `canary weight × 100`. The same user lands in the same variant on every replica
@@ -30,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BUCKETS = 10_000
 Role = Literal["stable", "canary", "shadow", "alternate"]
+# Roles a version can return to when its canary ends (stable and canary are taken over).
+ReturnRole = Literal["shadow", "alternate"]
 
 
 class Strict(BaseModel):
@@ -41,6 +46,8 @@ class VersionRoute(Strict):
     role: Role
     weight: float | None = Field(None, ge=0, le=100)
     """Percent of users; stable and canary weights add up to 100."""
+    previous_role: ReturnRole | None = None
+    """A canary's role before it was promoted; rolling the canary back restores it."""
 
 
 class RollbackRules(Strict):
@@ -84,6 +91,8 @@ class RoutingConfig(Strict):
         for route in self.versions:
             if route.role in ("shadow", "alternate") and route.weight not in (None, 0):
                 raise ValueError(f"{route.version}: a {route.role} version takes no weight")
+            if route.previous_role is not None and route.role != "canary":
+                raise ValueError(f"{route.version}: only a canary has a previous_role")
         stable_weight = stables[0].weight if stables[0].weight is not None else 100.0
         canary_weight = (canaries[0].weight or 0.0) if canaries else 0.0
         if abs(stable_weight + canary_weight - 100.0) > 1e-9:
@@ -184,6 +193,14 @@ class Router:
             return Assignment(canary.version, "canary")
         return Assignment(self.config.stable, "stable")
 
+    def split(self) -> list[tuple[Assignment, float]]:
+        """Each variant `assign` gives out, with the percent of users it gives it to."""
+        shares = [(Assignment(self.config.stable, "stable"), 100.0 - self.canary_weight)]
+        canary = self.config.canary
+        if canary is not None:
+            shares.append((Assignment(canary.version, "canary"), self.canary_weight))
+        return [(assigned, share) for assigned, share in shares if share > 0]
+
     def choose(
         self,
         user_key: str,
@@ -191,12 +208,20 @@ class Router:
         views_of: dict[str, frozenset[str] | None],
     ) -> Assignment | None:
         """The user's variant if the purpose permits its views, else stable, else an alternate."""
+        return self.answer(self.assign(user_key), allowed_views, views_of)
+
+    def answer(
+        self,
+        assigned: Assignment,
+        allowed_views: frozenset[str],
+        views_of: dict[str, frozenset[str] | None],
+    ) -> Assignment | None:
+        """Who answers a user assigned to `assigned`; promotion checks coverage with it too."""
 
         def permitted(version: str) -> bool:
             views = views_of.get(version)
             return views is None or views <= allowed_views  # unknown views: it fails on load anyway
 
-        assigned = self.assign(user_key)
         if permitted(assigned.version):
             return assigned
         if permitted(self.config.stable):

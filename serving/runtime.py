@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -18,7 +17,7 @@ from rankgate.example_data import prepared
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
 from rankgate.redis_server import resolve_redis_url
-from rankgate.settings import PROJECT_ROOT, Settings, get_settings
+from rankgate.settings import Settings, get_settings
 from serving.audit import AuditWriter
 from serving.config import AuditConfig, PolicyConfig, ServingConfig
 from serving.experiments import ExperimentLog
@@ -87,10 +86,7 @@ class Runtime:
     def load_policies(self, config: PolicyConfig) -> tuple[PolicySet, PopularityFallback]:
         """The policy files the config names; ConfigError (file and field) if they are bad
         or differ from the revision that was checked."""
-        folder = Path(config.dir) if config.dir else None
-        if folder is not None and not folder.is_absolute():
-            folder = PROJECT_ROOT / folder
-        policies = load_policy_set(folder)
+        policies = load_policy_set(config.folder)
         if config.revision is not None and config.revision != policies.digest:
             raise ConfigError(
                 f"{policies.folder}: the policy files changed after they were checked "

@@ -60,15 +60,19 @@ def test_promotion_under_load_answers_every_request_without_restarts(
     runner = CliRunner()
     with Load(server, personalizable, concurrency=4) as load:
         time.sleep(1)
-        for args in (
-            ["promote", "v1", "--canary", "20"],
-            ["promote", "v1", "--canary", "50"],
-            ["rollback"],
-            ["promote", "v1", "--shadow"],
+        # v1 is e-mail's only permitted model: taking its alternate role needs --force;
+        # a larger canary serves more e-mail users than before, so it needs none.
+        for args, roles in (
+            (["promote", "v1", "--canary", "20", "--force"], [("v2", "stable"), ("v1", "canary")]),
+            (["promote", "v1", "--canary", "50"], [("v2", "stable"), ("v1", "canary")]),
+            (["rollback"], [("v2", "stable"), ("v1", "alternate")]),
+            (["promote", "v1", "--shadow", "--force"], [("v2", "stable"), ("v1", "shadow")]),
         ):
             result = runner.invoke(main, ["model", *args])
             assert result.exit_code == 0, result.output
             assert "applied to the running server" in result.output
+            served = [(v["version"], v["role"]) for v in health(server)["routing"]["versions"]]
+            assert served == roles, result.output
             time.sleep(1.5)
     assert load.sent > 100
     assert load.statuses == Counter({200: load.sent}), load.statuses  # sent = answered 200
@@ -76,7 +80,7 @@ def test_promotion_under_load_answers_every_request_without_restarts(
     assert variants["canary"] > 0 and variants["stable"] > 0
     after = health(server)
     assert after["replica_started"] == replica  # reconfigured in place, never restarted
-    # v1 went alternate -> canary -> (rolled back) -> shadow; a version has one role.
+    # v1 went alternate -> canary -> (rolled back) alternate -> shadow; a version has one role.
     assert [(v["version"], v["role"]) for v in after["routing"]["versions"]] == [
         ("v2", "stable"),
         ("v1", "shadow"),

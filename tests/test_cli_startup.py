@@ -45,6 +45,7 @@ LIGHT_COMMANDS = [
     ["model", "status"],
     ["policy", "check"],
     ["redis", "status"],
+    ["audit", "tail", "--count", "1"],
     # Commands that do need Ray or Feast import them when they run, not for --help.
     *(
         [*command, "--help"]
@@ -69,6 +70,9 @@ LIGHT_COMMANDS = [
         )
     ),
 ]
+
+# Exits 1 while the session has recorded no decision; it has done its imports by then.
+MAY_FIND_NOTHING = {"audit tail --count 1"}
 
 # Runs in the child: after importing the CLI and after each command, which heavy
 # modules are loaded now (so the first command that pulls one in is named).
@@ -122,7 +126,11 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(report_path.read_text())
     # A command that failed early would not have reached the imports it needs.
-    failed = {step["command"]: step["exit"] for step in report if step["exit"] != 0}
+    failed = {
+        step["command"]: step["exit"]
+        for step in report
+        if step["exit"] != 0 and step["command"] not in MAY_FIND_NOTHING
+    }
     assert not failed, f"{failed}\n{completed.stderr[-3000:]}"
     first_loaded_by: dict[str, str] = {}
     for step in report:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -259,7 +258,7 @@ def run_loadtest(
     users: int,
     spawn_rate: float,
     run_time: str,
-    output_dir: Path,
+    output_dir: Path | None,
     slo_path: Path | None,
     say: Say,
     api_key: str | None = None,
@@ -267,7 +266,8 @@ def run_loadtest(
     """Run Locust headless against `host`, then read its figures and check the SLOs.
 
     Without `api_key`, a temporary key of this home (application `loadtest`, every
-    purpose) is created for the run and revoked afterwards.
+    purpose) is created for the run and revoked afterwards. `output_dir` and
+    `slo_path` default to DEFAULT_OUTPUT and DEFAULT_SLO.
     """
     if users < 1 or spawn_rate <= 0:
         raise RankgateError("--users must be at least 1 and --spawn-rate positive")
@@ -277,6 +277,7 @@ def run_loadtest(
     host = host.rstrip("/")
     check_server(host)
 
+    output_dir = output_dir or DEFAULT_OUTPUT
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "stats": output_dir / "locust_stats.csv",
@@ -426,62 +427,3 @@ def render_summary(result: LoadtestResult) -> list[str]:
         )
     lines += ["", "SLOs:", *[f"  {check.line()}" for check in result.checks]]
     return lines
-
-
-@click.command("loadtest")
-@click.option("--host", default="http://127.0.0.1:8000", show_default=True, help="Server to load.")
-@click.option("--users", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--spawn-rate",
-    default=4.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Users started per second.",
-)
-@click.option("--run-time", default="30s", show_default=True, help="e.g. 30s, 2m, 1h30m.")
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_OUTPUT,
-    show_default=True,
-    help="Folder for Locust's CSV, HTML report and log.",
-)
-@click.option(
-    "--slo",
-    "slo_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_SLO,
-    show_default=True,
-    help="SLO file (p99_ms, max_error_rate, max_fallback_rate).",
-)
-@click.option(
-    "--api-key",
-    envvar=API_KEY_ENV,
-    default=None,
-    help=f"Key to call the server with (or {API_KEY_ENV}); default: a temporary key of this home.",
-)
-def loadtest(**options: Any) -> None:
-    """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
-    # Imported here: rankgate.cli registers this command, so a top-level import
-    # would be circular.
-    from rankgate.cli import fails_cleanly
-
-    fails_cleanly(_loadtest)(**options)
-
-
-def _loadtest(
-    host: str,
-    users: int,
-    spawn_rate: float,
-    run_time: str,
-    output: Path,
-    slo_path: Path,
-    api_key: str | None,
-) -> None:
-    result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, click.echo, api_key)
-    for line in render_summary(result):
-        click.echo(line)
-    click.echo(f"written: {result.files['stats']}, {result.files['html']}")
-    if not result.ok:
-        click.echo(f"SLO missed: {', '.join(result.missed)}", err=True)
-        sys.exit(1)

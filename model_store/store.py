@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from model_store.manifest import (
@@ -183,7 +182,10 @@ class ModelStore:
 
     @staticmethod
     def _check_parity(manifest: Manifest, folder: Path, report: ValidationReport) -> None:
+        # Imported here, not at the top: listing versions and checking hashes
+        # (`rankgate model list`) must not pay for numpy, LightGBM and onnxruntime.
         import lightgbm as lgb
+        import numpy as np
 
         from model_store.onnx_scoring import OnnxScorer
 

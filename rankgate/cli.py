@@ -173,6 +173,58 @@ def bench(
     click.echo(f"written: {output / 'bench.md'}, {output / 'bench.json'}")
 
 
+@main.command()
+@click.option("--host", default="http://127.0.0.1:8000", show_default=True, help="Server to load.")
+@click.option("--users", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--spawn-rate",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Users started per second.",
+)
+@click.option("--run-time", default="30s", show_default=True, help="e.g. 30s, 2m, 1h30m.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for Locust's CSV, HTML report and log (default: loadtests/results/locust).",
+)
+@click.option(
+    "--slo",
+    "slo_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: loadtests/slo.yaml).",
+)
+@click.option(
+    "--api-key",
+    envvar="RANKGATE_API_KEY",
+    default=None,
+    help="Key to call the server with (or RANKGATE_API_KEY); default: a temporary key of this home.",
+)
+@fails_cleanly
+def loadtest(
+    host: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    output: Path | None,
+    slo_path: Path | None,
+    api_key: str | None,
+) -> None:
+    """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
+    from loadtests.loadtest import render_summary, run_loadtest
+
+    result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, click.echo, api_key)
+    for line in render_summary(result):
+        click.echo(line)
+    click.echo(f"written: {result.files['stats']}, {result.files['html']}")
+    if not result.ok:
+        click.echo(f"SLO missed: {', '.join(result.missed)}", err=True)
+        sys.exit(1)
+
+
 # -- features ----------------------------------------------------------------
 
 
@@ -698,14 +750,6 @@ def redis_status() -> None:
     url = EmbeddedRedis(Home.from_settings(settings)).running_url()
     click.echo(f"embedded {describe(url)}: up" if url else "embedded: not running")
 
-
-def _register_loadtest() -> None:
-    from loadtests.loadtest import loadtest
-
-    main.add_command(loadtest)
-
-
-_register_loadtest()
 
 if __name__ == "__main__":
     main()

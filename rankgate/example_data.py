@@ -6,7 +6,9 @@ profiles), and their `user_id` is derived from it:
 
     user_id = "u-" + sha256("|".join(visitor column values, in file order))[:12]
 
-so the same visitor gets the same id on every machine. The ids are raw user ids
+so the same visitor gets the same id on every machine. The values are the file's
+own text, read with the csv module: listing users (`rankgate users`) then needs no
+pandas, which only the functions that build frames import. The ids are raw user ids
 like any application's: only their pseudonymous key (rankgate.pseudonym) is
 stored in Redis or in the prepared offline files.
 
@@ -17,17 +19,21 @@ time of the features), so a feature view's TTL counts from preparation.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from rankgate.home import Home
 from rankgate.pseudonym import user_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATASET_DIR = Path(__file__).resolve().parent.parent / "features" / "data" / "open_bandit_dataset"
 IMPRESSIONS_CSV = DATASET_DIR / "random_all" / "all.csv.gz"
@@ -55,22 +61,35 @@ def derive_user_id(visitor_values: list[str]) -> str:
 
 
 @lru_cache(maxsize=1)
+def impression_user_ids() -> tuple[str, ...]:
+    """The user id of each logged impression, in file order."""
+    with gzip.open(IMPRESSIONS_CSV, "rt", newline="") as handle:
+        rows = csv.reader(handle)
+        header = next(rows)
+        visitor = [header.index(name) for name in VISITOR_COLUMNS]
+        return tuple(derive_user_id([row[i] for i in visitor]) for row in rows)
+
+
+@lru_cache(maxsize=1)
 def load_impressions() -> pd.DataFrame:
     """The 10,000 logged impressions, with the derived `user_id` column."""
+    import pandas as pd
+
     frame = pd.read_csv(IMPRESSIONS_CSV, index_col=0)
-    visitor_text = frame[VISITOR_COLUMNS].astype(str)
-    frame["user_id"] = [derive_user_id(list(row)) for row in visitor_text.itertuples(index=False)]
+    frame["user_id"] = list(impression_user_ids())
     return frame
 
 
 @lru_cache(maxsize=1)
 def load_items() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_csv(ITEMS_CSV, index_col=0)
 
 
 def example_user_ids() -> list[str]:
     """Distinct example user ids, in order of first appearance in the logs."""
-    return list(dict.fromkeys(load_impressions()["user_id"]))
+    return list(dict.fromkeys(impression_user_ids()))
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,8 @@ def prepared(home: Home) -> PreparedData:
 
 def prepare(home: Home, snapshot_time: datetime | None = None) -> PreparedData:
     """Write the offline tables Feast and training read, keyed by pseudonymous user key."""
+    import pandas as pd
+
     out = prepared(home)
     out.directory.mkdir(parents=True, exist_ok=True)
     snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0)

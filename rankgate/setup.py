@@ -12,10 +12,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
 
-from model_store.store import ModelStore
 from rankgate.consent import ConsentStore, demo_consent
 from rankgate.errors import ModelStoreError, RankgateError
 from rankgate.example_data import PreparedData, example_user_ids, prepare, prepared
@@ -24,6 +24,9 @@ from rankgate.policy import load_policy
 from rankgate.pseudonym import user_key
 from rankgate.redis_server import connect, describe, resolve_redis_url
 from rankgate.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from model_store.store import ModelStore
 
 Say = Callable[[str], None]
 
@@ -53,6 +56,10 @@ class Environment:
 
     @cached_property
     def models(self) -> ModelStore:
+        # Imported here, like Feast below: key and user commands open an
+        # Environment too and should not pay for the model store's pydantic models.
+        from model_store.store import ModelStore
+
         return ModelStore(self.home)
 
     @cached_property

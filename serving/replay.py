@@ -6,17 +6,18 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from features.vector import ItemTable, build_matrix, resolve
 from model_store.manifest import ONNX_FILE
-from model_store.onnx_scoring import OnnxScorer
 from model_store.store import ModelStore
 from rankgate.errors import RankgateError
 from rankgate.home import Home
 from serving.audit import audit_key
+
+if TYPE_CHECKING:
+    from features.vector import ItemTable
 
 SCAN_CHUNK = 1000
 
@@ -87,6 +88,11 @@ class Replay:
 
 def replay(record: dict[str, Any], home: Home, items: ItemTable) -> Replay:
     """Re-score a recorded decision with its model version and recorded features."""
+    # Imported here, not at the top: `rankgate audit tail` only reads the stream
+    # and should not wait seconds for Feast and onnxruntime.
+    from features.vector import build_matrix, resolve
+    from model_store.onnx_scoring import OnnxScorer
+
     recorded = record["items"]
     if record["model"] is None or record["features"] is None or record["fallback"] is not None:
         reason = (record["fallback"] or {}).get("reason", "not personalized")

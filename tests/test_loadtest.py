@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from loadtests.loadtest import (
-    DEFAULT_SLO,
-    SloConfig,
-    load_slo,
-    loadtest,
-    run_loadtest,
-)
+from loadtests.loadtest import DEFAULT_SLO, SloConfig, load_slo, run_loadtest
+from rankgate.cli import main
 from rankgate.errors import ConfigError, RankgateError
 from tests.conftest import Server
 
@@ -62,8 +57,9 @@ def test_missed_slo_fails_the_command(server: Server, tmp_path: Path) -> None:
     slo = tmp_path / "slo.yaml"
     slo.write_text("p99_ms: 0.001\nmax_error_rate: 0.01\nmax_fallback_rate: 0.05\n")
     outcome = CliRunner().invoke(
-        loadtest,
+        main,
         [
+            "loadtest",
             "--host",
             server.base_url,
             "--users",
@@ -97,7 +93,7 @@ def test_no_server_is_a_clear_error_and_no_locust(tmp_path: Path) -> None:
     assert not (tmp_path / "locust.log").exists()
 
     outcome = CliRunner().invoke(
-        loadtest, ["--host", host, "--run-time", "5s", "--output", str(tmp_path)]
+        main, ["loadtest", "--host", host, "--run-time", "5s", "--output", str(tmp_path)]
     )
     assert outcome.exit_code == 1
     assert f"error: no rankgate server answering at {host}" in outcome.output
@@ -115,8 +111,16 @@ def test_bad_slo_file_is_refused_naming_file_and_field(tmp_path: Path) -> None:
     slo.write_text("p99_ms: 250\nmax_error_rate: 0.01\nmax_fallback_rate: 0.05\np999_ms: 1\n")
     # Refused before any server is contacted: the host does not matter.
     outcome = CliRunner().invoke(
-        loadtest,
-        ["--host", "http://127.0.0.1:9", "--slo", str(slo), "--output", str(tmp_path / "o")],
+        main,
+        [
+            "loadtest",
+            "--host",
+            "http://127.0.0.1:9",
+            "--slo",
+            str(slo),
+            "--output",
+            str(tmp_path / "o"),
+        ],
     )
     assert outcome.exit_code == 1
     assert f"error: {slo}: field 'p999_ms'" in outcome.output

@@ -17,12 +17,8 @@ guards to each configuration Ray generates and then *becomes* the real HAProxy
   inactivity;
 - every request is stamped with its arrival time (`rankgate-received-us`), so
   the replica counts the latency budget from arrival, queues included;
-- a backend that fails (a replica died mid-request, none is up) answers `503`
-  with `Retry-After` at once, instead of Ray's bare `500` or a wait of many
-  seconds in Ray's fallback proxy for a replacement replica (the fallback
-  server is taken out of the HTTP backends: a caller learns at once that it
-  should retry, and every request still within its budget is answered by a
-  replica that is up);
+- a backend that fails (a replica died mid-request, no replica could answer)
+  answers `503` with `Retry-After` instead of Ray's bare `500`;
 - the access log line names method, status and timings, never the path (a path
   can carry a user id).
 
@@ -115,12 +111,6 @@ _TIMEOUT_CLIENT = re.compile(r"^(?P<indent>[ \t]*)timeout client \S+[ \t]*$", re
 _HTTPLOG = re.compile(r"^(?P<indent>[ \t]*)option httplog[ \t]*$", re.MULTILINE)
 # The first line of a section, found by the section's header line.
 _DEFAULTS_MODE = re.compile(r"(?<=\ndefaults\n)(?P<indent>[ \t]+)mode http[ \t]*$", re.MULTILINE)
-# Ray's "fallback to the head node's Serve proxy when no ingress replica is
-# available", with its comment line.
-_FALLBACK_SERVER = re.compile(
-    r"^(?P<indent>[ \t]*)# Fallback to head node's Serve proxy[^\n]*\n[ \t]*server \S+ \S+ check backup[ \t]*$",
-    re.MULTILINE,
-)
 _FRONTEND_BIND = re.compile(
     r"(?<=\nfrontend http_frontend\n)(?P<indent>[ \t]+)(?P<bind>bind [^\n]*)$", re.MULTILINE
 )
@@ -159,8 +149,6 @@ def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page
         lambda _, m: [f"timeout client {_ms(guards.idle_timeout_s)}"],
         "timeout client",
     )
-    # Absent when Ray has no fallback proxy (e.g. no proxy on the head node).
-    config = _FALLBACK_SERVER.sub("", config)
     config = _replace_once(
         _HTTPLOG, config, lambda _, m: [f'log-format "{ACCESS_LOG_FORMAT}"'], "option httplog"
     )

@@ -120,7 +120,7 @@ class Load:
             n += self.concurrency
             self.sent += 1
             try:
-                response = await client.post(self.url, json=body, headers=self.headers, timeout=10)
+                response = await client.post(self.url, json=body, headers=self.headers, timeout=60)
                 status = response.status_code
             except httpx.HTTPError as exc:
                 status = 0

@@ -121,12 +121,3 @@ def test_a_whole_body_is_read() -> None:
         ]
     )
     assert asyncio.run(read_body(request, 4096, timeout_s=1)) == b'{"a":1}'
-
-
-def test_the_fallback_proxy_is_taken_out_so_a_missing_replica_is_a_fast_503(
-    tmp_path: Path,
-) -> None:
-    assert "check backup" in GENERATED
-    _, config = hardened(tmp_path)
-    assert "check backup" not in config and "SERVE_PROXY_ACTOR-fallback" not in config
-    assert "SERVE_REPLICA_" in config  # the replicas stay

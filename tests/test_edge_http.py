@@ -245,7 +245,7 @@ def edge_timings(lines: list[str], since: int) -> dict[str, list[int]]:
 # An answer that spent its budget in the queues still has to be written: under
 # the overload below (a Python load generator on the same 2 cores) that takes up
 # to this long after the budget. Documented in the README (Latency budget).
-BUDGET_MARGIN_MS = 100
+BUDGET_MARGIN_MS = 150
 
 
 def test_the_budget_counts_from_arrival_under_overload(

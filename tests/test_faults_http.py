@@ -121,9 +121,9 @@ def test_a_killed_replica_is_restarted_and_only_its_window_fails(
     assert all(t >= 0 for t in failed_at)  # nothing failed before the kill
     assert window <= RESTART_WINDOW_S
     assert all(t < recovered_at - killed_at + 1.0 for t in failed_at)  # none after recovery
-    # While no replica is up a caller gets 503 with Retry-After at once, never a bare
-    # 500. Only requests in flight on the killed replica lose their connection
-    # unanswered (documented in the README: Faults).
+    # Never a bare 500: a request no replica could answer gets 503 with Retry-After;
+    # only requests in flight on the killed replica lose their connection
+    # unanswered (documented in the README: Faults); later ones wait for the new one.
     assert set(statuses) <= {0, 503}, statuses
     assert all(t - killed_at < 0.5 for t, s in load.failures if s == 0)
     assert load.refusals_without_retry_after == statuses[0]

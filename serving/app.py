@@ -32,17 +32,11 @@ from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.auth import Forbidden, KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
-from serving.pipeline import BadRequest, RankPipeline, problems_of
+from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet, Ranker
+from serving.requests import BadRequest, parse_consent
 from serving.runtime import Runtime
-from serving.schemas import (
-    ConsentRequest,
-    ErrorBody,
-    ErrorProblem,
-    RankRequest,
-    RankResponse,
-    check_user_id,
-)
+from serving.schemas import ConsentRequest, ErrorBody, ErrorProblem, RankRequest, RankResponse
 
 logger = logging.getLogger("ray.serve")
 
@@ -319,36 +313,18 @@ class RankIngress(BatchedScoring):
         pipeline = self.pipeline
         if pipeline is None:
             return not_configured()
-        limits = pipeline.config.limits
         try:
             caller = await self.authenticate(credentials)
-            try:
-                check_user_id(user_id, limits)
-            except ValueError as exc:
-                raise BadRequest([ErrorProblem(field="user_id", problem=str(exc))]) from exc
-            body = await read_body(request, limits.max_body_bytes)
-            try:
-                consent = ConsentRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise BadRequest(problems_of(exc)) from exc
-            unknown = [p for p in consent.purposes if p not in self.runtime.policy.purposes]
-            if unknown:
-                known = ", ".join(sorted(self.runtime.policy.purposes))
-                raise BadRequest(
-                    [
-                        ErrorProblem(
-                            field=f"purposes.{unknown[0]}",
-                            problem=f"unknown purpose (known: {known})",
-                        )
-                    ]
-                )
+            body = await read_body(request, pipeline.config.limits.max_body_bytes)
+            consent = parse_consent(body, pipeline.rules, user_id)
+            # The key must be scoped to every purpose the write records.
             self.authorize(caller, list(consent.purposes))
         except BadRequest as exc:
             self.runtime.metrics.rejected("bad_request")
             return bad_request_response(exc)
         except RankgateError as exc:
             return domain_error_response(exc)
-        key = consent_key(self.runtime.home.namespace, pseudonymise(user_id))
+        key = consent_key(self.runtime.home.namespace, pseudonymise(consent.user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
             fields = consent_fields(consent.purposes, consent.source)

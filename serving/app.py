@@ -36,7 +36,15 @@ from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet, Ranker
 from serving.requests import BadRequest, parse_consent
 from serving.runtime import Runtime
-from serving.schemas import ConsentRequest, ErrorBody, ErrorProblem, RankRequest, RankResponse
+from serving.schemas import (
+    ConsentRecorded,
+    ConsentRequest,
+    ConsentWrite,
+    ErrorBody,
+    ErrorProblem,
+    RankRequest,
+    RankResponse,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -299,9 +307,26 @@ class RankIngress(BatchedScoring):
         response = await pipeline.rank(parsed, app=caller.app)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
+    @api.post(
+        "/v1/consent",
+        response_model=ConsentRecorded,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ConsentWrite.model_json_schema()}},
+            }
+        },
+    )
+    async def post_consent(self, request: Request, credentials: Bearer) -> Response:
+        """Record consent decisions; the user id travels in the body."""
+        return await self.write_consent(request, credentials)
+
     @api.put(
         "/v1/consent/{user_id}",
+        response_model=ConsentRecorded,
         responses=ERROR_RESPONSES,
+        deprecated=True,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -310,13 +335,20 @@ class RankIngress(BatchedScoring):
         },
     )
     async def put_consent(self, user_id: str, request: Request, credentials: Bearer) -> Response:
+        """As `POST /v1/consent`, with the user id in the path: proxies and access
+        logs keep URLs, so the raw id ends up in them. Kept for existing callers."""
+        return await self.write_consent(request, credentials, user_id)
+
+    async def write_consent(
+        self, request: Request, credentials: Bearer, path_user_id: str | None = None
+    ) -> Response:
         pipeline = self.pipeline
         if pipeline is None:
             return not_configured()
         try:
             caller = await self.authenticate(credentials)
             body = await read_body(request, pipeline.config.limits.max_body_bytes)
-            consent = parse_consent(body, pipeline.rules, user_id)
+            consent = parse_consent(body, pipeline.rules, path_user_id)
             # The key must be scoped to every purpose the write records.
             self.authorize(caller, list(consent.purposes))
         except BadRequest as exc:
@@ -324,6 +356,9 @@ class RankIngress(BatchedScoring):
             return bad_request_response(exc)
         except RankgateError as exc:
             return domain_error_response(exc)
+        return await self.record_consent(consent)
+
+    async def record_consent(self, consent: ConsentWrite) -> Response:
         key = consent_key(self.runtime.home.namespace, pseudonymise(consent.user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
@@ -338,7 +373,8 @@ class RankIngress(BatchedScoring):
                 ),
                 headers={"Retry-After": "1"},
             )
-        return JSONResponse({"recorded": consent.purposes, "source": consent.source})
+        recorded = ConsentRecorded(recorded=consent.purposes, source=consent.source)
+        return JSONResponse(recorded.model_dump())
 
     @api.get(
         "/metrics",

@@ -206,6 +206,13 @@ class ConsentWrite(ConsentRequest):
     """The application's id of the person; only a pseudonymous key of it is stored."""
 
 
+class ConsentRecorded(BaseModel):
+    """What a consent write recorded."""
+
+    recorded: dict[str, bool]
+    source: str
+
+
 class Reason(BaseModel):
     feature: str
     group: str

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -32,18 +33,18 @@ from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.auth import Forbidden, KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
+from serving.openapi import openapi_document
 from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet, Ranker
 from serving.requests import BadRequest, parse_consent
 from serving.runtime import Runtime
 from serving.schemas import (
     ConsentRecorded,
-    ConsentRequest,
     ConsentWrite,
     ErrorBody,
     ErrorProblem,
-    RankRequest,
     RankResponse,
+    RequestRules,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -52,6 +53,10 @@ api = FastAPI(
     title="rankgate",
     version="1",
     description="Ranked, policy-compliant items for one person and one purpose, within a latency budget.",
+    # Served by the ingress from its loaded config and policy (serving/openapi.py).
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -200,6 +205,7 @@ class RankIngress(BatchedScoring):
         self.config_error: str | None = None
         # Changes on restart only: shows that a routing change reconfigured in place.
         self.replica_started = uuid.uuid4().hex
+        self.openapi_cache: tuple[RequestRules | None, dict[str, Any]] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Validate, load and swap. A bad config at start-up stops the replica with
@@ -278,17 +284,7 @@ class RankIngress(BatchedScoring):
             self.runtime.metrics.rejected("forbidden")
             raise
 
-    @api.post(
-        "/v1/rank",
-        response_model=RankResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
-            }
-        },
-    )
+    @api.post("/v1/rank", response_model=RankResponse, responses=ERROR_RESPONSES)
     async def rank(self, request: Request, credentials: Bearer) -> Response:
         pipeline = self.pipeline
         if pipeline is None:
@@ -307,17 +303,7 @@ class RankIngress(BatchedScoring):
         response = await pipeline.rank(parsed, app=caller.app)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
-    @api.post(
-        "/v1/consent",
-        response_model=ConsentRecorded,
-        responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ConsentWrite.model_json_schema()}},
-            }
-        },
-    )
+    @api.post("/v1/consent", response_model=ConsentRecorded, responses=ERROR_RESPONSES)
     async def post_consent(self, request: Request, credentials: Bearer) -> Response:
         """Record consent decisions; the user id travels in the body."""
         return await self.write_consent(request, credentials)
@@ -327,12 +313,6 @@ class RankIngress(BatchedScoring):
         response_model=ConsentRecorded,
         responses=ERROR_RESPONSES,
         deprecated=True,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ConsentRequest.model_json_schema()}},
-            }
-        },
     )
     async def put_consent(self, user_id: str, request: Request, credentials: Bearer) -> Response:
         """As `POST /v1/consent`, with the user id in the path: proxies and access
@@ -375,6 +355,22 @@ class RankIngress(BatchedScoring):
             )
         recorded = ConsentRecorded(recorded=consent.purposes, source=consent.source)
         return JSONResponse(recorded.model_dump())
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self) -> Response:
+        return JSONResponse(self.openapi_document())
+
+    @api.get("/docs", include_in_schema=False)
+    async def swagger_docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
+
+    def openapi_document(self) -> dict[str, Any]:
+        """The document of the running pipeline's rules, rebuilt when a reconfigure
+        swaps them (new config or policy)."""
+        rules = self.pipeline.rules if self.pipeline is not None else None
+        if self.openapi_cache is None or self.openapi_cache[0] is not rules:
+            self.openapi_cache = (rules, openapi_document(api, rules))
+        return self.openapi_cache[1]
 
     @api.get(
         "/metrics",

@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +25,7 @@ from tests.serving_support import (
     NEAR_MISSES,
     copy_with_wrong_width,
     deploy,
+    health,
     ingress_user_config,
     near_miss,
     routing,
@@ -386,10 +388,100 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
     assert body["explanation"] == {"status": "omitted", "reason": "explainer_unavailable"}
 
 
-def test_openapi_document_describes_the_api(server: Server) -> None:
-    document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
-    assert {"/v1/rank", "/v1/consent", "/v1/consent/{user_id}"} <= set(document["paths"])
-    assert document["paths"]["/v1/consent/{user_id}"]["put"]["deprecated"] is True
+def body_schema(document: dict[str, Any], path: str, method: str = "post") -> dict[str, Any]:
+    operation = document["paths"][path][method]
+    schema: dict[str, Any] = operation["requestBody"]["content"]["application/json"]["schema"]
+    return schema
+
+
+def openapi(server: Server) -> dict[str, Any]:
+    response = httpx.get(f"{server.base_url}/openapi.json", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home: Home) -> None:
+    """Enums of the loaded policy, bounds of the loaded config, the catalogue's ids
+    and the identifier patterns: what the validators check, the document says."""
+    import pandas as pd
+
+    from rankgate.example_data import prepared
+    from rankgate.policy import load_policy
+    from serving.app import parse_config
+
+    document = openapi(server)
+    policy, config = load_policy(), parse_config(ingress_user_config())
+    limits, budget = config.limits, config.budget
+    rank = body_schema(document, "/v1/rank")["properties"]
+    assert rank["purpose"]["enum"] == sorted(policy.purposes)
+    assert rank["region"]["enum"] == sorted(policy.regions)
+    assert (rank["k"]["minimum"], rank["k"]["maximum"]) == (1, limits.max_k)
+    assert rank["user_id"]["maxLength"] == limits.max_user_id_chars
+    assert rank["user_id"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+    assert rank["context"]["maxProperties"] == limits.max_context_entries
+    assert rank["context"]["propertyNames"] == {"pattern": "^[a-z][a-z0-9_]{0,31}$"}
+    assert rank["context"]["additionalProperties"]["maxLength"] == limits.max_context_value_chars
+    bounded_budget = rank["budget_ms"]["anyOf"][0]
+    assert (bounded_budget["minimum"], bounded_budget["maximum"]) == (budget.min_ms, budget.max_ms)
+    candidates = rank["candidates"]["anyOf"][0]
+    assert candidates["maxItems"] == limits.max_candidates and candidates["uniqueItems"]
+    catalogue = sorted(pd.read_parquet(prepared(ready_home).item_context)["item_id"])
+    assert (candidates["items"]["minimum"], candidates["items"]["maximum"]) == (
+        catalogue[0],
+        catalogue[-1],
+    )
+    assert len(catalogue) == catalogue[-1] - catalogue[0] + 1  # no gaps: the range is exact
+
+    consent = body_schema(document, "/v1/consent")
+    assert set(consent["required"]) == {"user_id", "purposes", "source"}
+    assert set(consent["properties"]["purposes"]["properties"]) == set(policy.purposes)
+    assert consent["properties"]["purposes"]["additionalProperties"] is False
+    path_form = document["paths"]["/v1/consent/{user_id}"]["put"]
+    assert path_form["deprecated"] is True
+    (user_id,) = path_form["parameters"]
+    assert user_id["schema"]["pattern"] == rank["user_id"]["pattern"]
+    assert "user_id" not in body_schema(document, "/v1/consent/{user_id}", "put")["properties"]
+    page = httpx.get(f"{server.base_url}/docs", timeout=10)
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
+@pytest.fixture
+def default_config_afterwards(server: Server) -> Iterator[None]:
+    from rankgate.policy import load_policy_set
+
+    yield
+    digest = load_policy_set().digest
+    deploy(server, "default", ingress_user_config(), lambda h: h["policy_digest"] == digest)
+
+
+@pytest.mark.usefixtures("default_config_afterwards")
+def test_openapi_document_follows_a_reconfigure(server: Server, tmp_path: Path) -> None:
+    """A new policy and new limits, deployed without a restart, are in the next document."""
+    import yaml
+
+    from rankgate.policy import POLICY_DIR, load_policy_set
+
+    policy = yaml.safe_load((POLICY_DIR / "policy.yaml").read_text())
+    policy["regions"]["UK"] = {"regime": "opt_in"}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (tmp_path / "fallback.yaml").write_bytes((POLICY_DIR / "fallback.yaml").read_bytes())
+    digest = load_policy_set(tmp_path).digest
+    user_config = ingress_user_config(
+        policy={"dir": str(tmp_path)},
+        limits={**ingress_user_config()["limits"], "max_k": 20},
+    )
+    assert openapi(server)["paths"]  # FastAPI would have cached this one
+    deploy(server, "uk", user_config, lambda h: h["policy_digest"] == digest)
+
+    rank = body_schema(openapi(server), "/v1/rank")["properties"]
+    assert rank["region"]["enum"] == ["EU", "UK", "US"]
+    assert rank["k"]["maximum"] == 20
+    request = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "UK"}
+    assert post_rank(server, **request, k=20).status_code == 200
+    refused = post_rank(server, **request, k=21)
+    assert refused.status_code == 422
+    assert refused.json()["problems"] == [{"field": "k", "problem": "between 1 and 20"}]
+    assert health(server)["config_error"] is None
 
 
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

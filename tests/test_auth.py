@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -187,6 +188,7 @@ def test_key_checks_while_redis_is_unreachable(env: Environment) -> None:
         assert (await live.authenticate(key)).app == "offline-check"
         live.loaded_at = 0.0
         with pytest.raises(AuthUnavailable):
-            await live.authenticate("rg_created-during-the-outage")
+            # Shaped like a key: it could be one created during the outage.
+            await live.authenticate("rg_" + secrets.token_urlsafe(32))
 
     asyncio.run(scenario())

@@ -129,16 +129,18 @@ class LoadtestResult:
         return next((r for r in self.rows if r.name == name), None)
 
 
-_TIMESPAN = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+# Matched whole, ASCII digits only: `\d` takes fullwidth digits, `$` a final newline.
+_SECONDS = re.compile(r"[0-9]+")
+_TIMESPAN = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 
 
 def run_time_seconds(run_time: str) -> int:
     """Seconds of a Locust --run-time ("45", "30s", "2m", "1h30m"); refused when malformed."""
     text = run_time.strip()
-    if text.isdigit():
+    if _SECONDS.fullmatch(text):
         seconds = int(text)
     else:
-        match = _TIMESPAN.match(text)
+        match = _TIMESPAN.fullmatch(text)
         if not text or match is None:
             raise RankgateError(f"--run-time: {run_time!r} is not a duration like 30s, 2m or 1h30m")
         hours, minutes, secs = (int(g) if g else 0 for g in match.groups())

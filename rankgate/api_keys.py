@@ -29,7 +29,11 @@ import redis
 from rankgate.errors import RankgateError
 
 KEY_PREFIX = "rg_"
-APP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_RANDOM_BYTES = 32
+# Matched whole (`fullmatch`): with `re.match`, `$` also matches before a final
+# newline, so "shop\n" would have been an application of its own.
+KEY_PATTERN = re.compile(KEY_PREFIX + r"[A-Za-z0-9_-]{43}")  # 32 bytes, URL-safe base64
+APP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def keys_key(namespace: str) -> str:
@@ -76,6 +80,11 @@ class ApiKey:
         )
 
 
+def is_key_shaped(token: str) -> bool:
+    """Whether `token` could be a key `ApiKeyStore.create` made."""
+    return KEY_PATTERN.fullmatch(token) is not None
+
+
 class KeyTable:
     """digest -> ApiKey, as one replica knows it."""
 
@@ -90,13 +99,13 @@ class KeyTable:
 
     def lookup(self, token: str) -> ApiKey | None:
         """The stored entry of a presented key, if it is one."""
-        if not token.startswith(KEY_PREFIX):
+        if not is_key_shaped(token):
             return None
         return self.entries.get(key_digest(token))
 
 
 def check_app(app: str) -> str:
-    if not APP_PATTERN.match(app):
+    if not APP_PATTERN.fullmatch(app):
         raise ApiKeyError(
             f"application name {app!r}: 1-64 letters, digits and . _ -, "
             "starting with a letter or digit"
@@ -121,7 +130,7 @@ class ApiKeyStore:
         unknown = [p for p in wanted if p not in known]
         if unknown:
             raise ApiKeyError(f"unknown purpose {unknown[0]!r} (known: {', '.join(known)})")
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         entry = ApiKey(
             app=app,
             purposes=frozenset(wanted),

@@ -646,7 +646,10 @@ def _key_store():  # type: ignore[no-untyped-def]
 @fails_cleanly
 def keys_create(app: str, purposes: tuple[str, ...]) -> None:
     """Create a key for APP; it is printed once, as the last word."""
+    from rankgate.api_keys import check_app
     from rankgate.policy import load_policy
+
+    check_app(app)  # a bad name is refused before Redis is even opened
 
     key = _key_store().create(app, purposes, load_policy().purposes)
     click.echo(f"created an API key for {app} (purposes: {', '.join(sorted(set(purposes)))}).")

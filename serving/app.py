@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -36,16 +37,18 @@ from rankgate.pseudonym import user_key as pseudonymise
 from serving import edge
 from serving.auth import Forbidden, KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
-from serving.pipeline import BadRequest, RankPipeline, problems_of
+from serving.openapi import openapi_document
+from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet, Ranker
+from serving.requests import BadRequest, parse_consent
 from serving.runtime import Runtime
 from serving.schemas import (
-    ConsentRequest,
+    ConsentRecorded,
+    ConsentWrite,
     ErrorBody,
     ErrorProblem,
-    RankRequest,
     RankResponse,
-    check_user_id,
+    RequestRules,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -54,6 +57,10 @@ api = FastAPI(
     title="rankgate",
     version="1",
     description="Ranked, policy-compliant items for one person and one purpose, within a latency budget.",
+    # Served by the ingress from its loaded config and policy (serving/openapi.py).
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -120,7 +127,12 @@ class ClientGone(RankgateError):
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The body, read within `timeout_s`: a slow client gets a 408 and frees its slot."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and int(declared) > max_bytes
+    ):
         raise BadRequest(
             [ErrorProblem(field="body", problem=f"larger than {max_bytes} bytes")], 413
         )
@@ -148,7 +160,7 @@ def queued_ms(request: Request) -> float:
     Never negative (clocks of two nodes may differ a little); a client that sets
     the header itself can only shorten its own budget."""
     raw = request.headers.get(edge.RECEIVED_HEADER)
-    if raw is None or not raw.isdigit():
+    if raw is None or not (raw.isascii() and raw.isdigit()):
         return 0.0
     return max(time.time() * 1000.0 - int(raw) / 1000.0, 0.0)
 
@@ -253,6 +265,7 @@ class RankIngress(BatchedScoring):
         self.config_error: str | None = None
         # Changes on restart only: shows that a routing change reconfigured in place.
         self.replica_started = uuid.uuid4().hex
+        self.openapi_cache: tuple[RequestRules | None, dict[str, Any]] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Validate, load and swap. A bad config at start-up stops the replica with
@@ -342,17 +355,7 @@ class RankIngress(BatchedScoring):
             self.runtime.metrics.rejected("forbidden")
             raise
 
-    @api.post(
-        "/v1/rank",
-        response_model=RankResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": RankRequest.model_json_schema()}},
-            }
-        },
-    )
+    @api.post("/v1/rank", response_model=RankResponse, responses=ERROR_RESPONSES)
     async def rank(self, request: Request, credentials: Bearer) -> Response:
         """Rank items for one person and purpose. With a `Rankgate-Purpose` header the
         key's scope is checked before the body is read (the body's purpose must match)."""
@@ -385,50 +388,43 @@ class RankIngress(BatchedScoring):
         response = await pipeline.rank(parsed, app=caller.app, queued_ms=waited_ms)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
+    @api.post("/v1/consent", response_model=ConsentRecorded, responses=ERROR_RESPONSES)
+    async def post_consent(self, request: Request, credentials: Bearer) -> Response:
+        """Record consent decisions; the user id travels in the body."""
+        return await self.write_consent(request, credentials)
+
     @api.put(
         "/v1/consent/{user_id}",
+        response_model=ConsentRecorded,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ConsentRequest.model_json_schema()}},
-            }
-        },
+        deprecated=True,
     )
     async def put_consent(self, user_id: str, request: Request, credentials: Bearer) -> Response:
+        """As `POST /v1/consent`, with the user id in the path: proxies and access
+        logs keep URLs, so the raw id ends up in them. Kept for existing callers."""
+        return await self.write_consent(request, credentials, user_id)
+
+    async def write_consent(
+        self, request: Request, credentials: Bearer, path_user_id: str | None = None
+    ) -> Response:
         pipeline = self.pipeline
         if pipeline is None:
             return not_configured()
-        limits = pipeline.config.limits
         try:
             caller = await self.authenticate(credentials)
-            try:
-                check_user_id(user_id, limits)
-            except ValueError as exc:
-                raise BadRequest([ErrorProblem(field="user_id", problem=str(exc))]) from exc
             body = await self.read_body(request, pipeline.config)
-            try:
-                consent = ConsentRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise BadRequest(problems_of(exc)) from exc
-            unknown = [p for p in consent.purposes if p not in self.runtime.policy.purposes]
-            if unknown:
-                known = ", ".join(sorted(self.runtime.policy.purposes))
-                raise BadRequest(
-                    [
-                        ErrorProblem(
-                            field=f"purposes.{unknown[0]}",
-                            problem=f"unknown purpose (known: {known})",
-                        )
-                    ]
-                )
+            consent = parse_consent(body, pipeline.rules, path_user_id)
+            # The key must be scoped to every purpose the write records.
             self.authorize(caller, list(consent.purposes))
         except BadRequest as exc:
             self.runtime.metrics.rejected("bad_request")
             return bad_request_response(exc)
         except RankgateError as exc:
             return domain_error_response(exc)
-        key = consent_key(self.runtime.home.namespace, pseudonymise(user_id))
+        return await self.record_consent(consent)
+
+    async def record_consent(self, consent: ConsentWrite) -> Response:
+        key = consent_key(self.runtime.home.namespace, pseudonymise(consent.user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
             fields = consent_fields(consent.purposes, consent.source)
@@ -442,7 +438,24 @@ class RankIngress(BatchedScoring):
                 ),
                 headers={"Retry-After": "1"},
             )
-        return JSONResponse({"recorded": consent.purposes, "source": consent.source})
+        recorded = ConsentRecorded(recorded=consent.purposes, source=consent.source)
+        return JSONResponse(recorded.model_dump())
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self) -> Response:
+        return JSONResponse(self.openapi_document())
+
+    @api.get("/docs", include_in_schema=False)
+    async def swagger_docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
+
+    def openapi_document(self) -> dict[str, Any]:
+        """The document of the running pipeline's rules, rebuilt when a reconfigure
+        swaps them (new config or policy)."""
+        rules = self.pipeline.rules if self.pipeline is not None else None
+        if self.openapi_cache is None or self.openapi_cache[0] is not rules:
+            self.openapi_cache = (rules, openapi_document(api, rules))
+        return self.openapi_cache[1]
 
     @api.get(
         "/metrics",

@@ -17,7 +17,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from rankgate.api_keys import KEY_PREFIX, ApiKey, KeyTable, keys_key
+from rankgate.api_keys import ApiKey, KeyTable, is_key_shaped, keys_key
 from rankgate.errors import RankgateError
 
 logger = logging.getLogger("ray.serve")
@@ -81,7 +81,7 @@ class KeyCache:
         entry = self.table.lookup(token) if self.table else None
         reloaded = True
         # Only something shaped like a key may be one created since the last read.
-        could_be_new = token.startswith(KEY_PREFIX)
+        could_be_new = is_key_shaped(token)
         if entry is None and could_be_new and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
             reloaded = await self._reload()
             entry = self.table.lookup(token) if self.table else None

@@ -23,7 +23,6 @@ import redis.asyncio as aioredis
 
 from features.vector import build_matrix
 from rankgate.consent import ConsentState, consent_key, parse_state
-from rankgate.errors import RankgateError
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.audit import AuditWriter
 from serving.config import ServingConfig
@@ -34,15 +33,16 @@ from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
 from serving.metrics import ServingMetrics
 from serving.ranker import ModelSet, ModelUnavailable
+from serving.requests import parse_rank
 from serving.routing import Router
 from serving.schemas import (
-    ErrorProblem,
     Explanation,
     Fallback,
     ModelRef,
     RankedItem,
     RankRequest,
     RankResponse,
+    RequestRules,
 )
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
@@ -50,16 +50,6 @@ ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 MODEL_ERRORS = frozenset({"model_error", "model_unavailable"})
 ROLLBACK_CHECK_S = 0.05
 logger = logging.getLogger("ray.serve")
-
-
-class BadRequest(RankgateError):
-    """Input the API refuses; carries the problems, each naming its field."""
-
-    status_code = 422
-
-    def __init__(self, problems: list[ErrorProblem], status_code: int = 422) -> None:
-        super().__init__("; ".join(f"{p.field}: {p.problem}" for p in problems), status_code)
-        self.problems = problems
 
 
 class Deadline:
@@ -124,6 +114,14 @@ class RankPipeline:
         self.rollback_checked_at = 0.0
         self.explainers = explainers
         self.fallback = fallback
+        # What a request may say here: this config's bounds, this policy, this catalogue.
+        self.rules = RequestRules.of(
+            config.limits,
+            config.budget,
+            gate.policy.purposes,
+            gate.policy.regions,
+            fetcher.catalogue,
+        )
 
     async def warm_up(self) -> None:
         """Open the Redis connections (consent and Feast) before the first request pays for it."""
@@ -139,36 +137,7 @@ class RankPipeline:
     # -- input ---------------------------------------------------------------
 
     def parse(self, body: bytes) -> RankRequest:
-        from pydantic import ValidationError
-
-        try:
-            request = RankRequest.model_validate_json(
-                body, context={"limits": self.config.limits, "budget": self.config.budget}
-            )
-        except ValidationError as exc:
-            raise BadRequest(problems_of(exc)) from exc
-        policy = self.gate.policy
-        problems = []
-        if request.purpose not in policy.purposes:
-            known = ", ".join(sorted(policy.purposes))
-            problems.append(
-                ErrorProblem(field="purpose", problem=f"unknown purpose (known: {known})")
-            )
-        if request.region not in policy.regions:
-            known = ", ".join(sorted(policy.regions))
-            problems.append(
-                ErrorProblem(field="region", problem=f"unknown region (known: {known})")
-            )
-        if request.candidates is not None:
-            unknown = [c for c in request.candidates if c not in self.fetcher.items]
-            if unknown:
-                shown = ", ".join(str(c) for c in unknown[:5])
-                problems.append(
-                    ErrorProblem(field="candidates", problem=f"unknown item ids: {shown}")
-                )
-        if problems:
-            raise BadRequest(problems)
-        return request
+        return parse_rank(body, self.rules)
 
     # -- stages --------------------------------------------------------------
 
@@ -449,19 +418,3 @@ def audit_record(
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
-
-
-def problems_of(exc) -> list[ErrorProblem]:  # type: ignore[no-untyped-def]
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif error["type"] == "json_invalid":
-            where, message = (
-                "body",
-                f"not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})",
-            )
-        problems.append(ErrorProblem(field=where, problem=message))
-    return problems

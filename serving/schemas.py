@@ -4,69 +4,155 @@ the tests, the load tests and the benchmark)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
-from serving.config import LimitsConfig
+from serving.config import BudgetConfig, LimitsConfig
 
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
-CONTEXT_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# Identifier patterns are matched whole (`fullmatch`): `re.match` with `$` also
+# accepts a final newline, which made "u-1\n" a second identity. ASCII classes
+# only, so Unicode lookalikes (Cyrillic letters, fullwidth digits) never pass.
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+CONTEXT_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-def _limits(info: ValidationInfo) -> LimitsConfig:
-    context = info.context or {}
-    return context.get("limits") or LimitsConfig()
+def json_pattern(pattern: re.Pattern[str]) -> str:
+    """The pattern as JSON Schema writes a whole-string match (ECMA-262: `$` is the end)."""
+    return f"^{pattern.pattern}$"
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """What a request may say, as this replica knows it: the serving config's limits
+    and budget, the loaded policy's purposes and regions, the catalogue's item ids.
+
+    Validation (the models below) and the OpenAPI document (serving/openapi.py)
+    both read these values, so they cannot disagree."""
+
+    limits: LimitsConfig
+    budget: BudgetConfig
+    purposes: tuple[str, ...]
+    regions: tuple[str, ...]
+    items: frozenset[int]
+
+    @classmethod
+    def of(
+        cls,
+        limits: LimitsConfig,
+        budget: BudgetConfig,
+        purposes: Collection[str],
+        regions: Collection[str],
+        items: Collection[int],
+    ) -> RequestRules:
+        return cls(
+            limits, budget, tuple(sorted(purposes)), tuple(sorted(regions)), frozenset(items)
+        )
+
+
+def _rules(info: ValidationInfo) -> RequestRules:
+    rules = (info.context or {}).get("rules")
+    if not isinstance(rules, RequestRules):
+        # Not a client error: every parse goes through serving.requests with the rules.
+        raise TypeError("validate API requests with context={'rules': RequestRules}")
+    return rules
 
 
 def check_user_id(value: str, limits: LimitsConfig) -> str:
     if len(value) > limits.max_user_id_chars:
         raise ValueError(f"at most {limits.max_user_id_chars} characters")
-    if not USER_ID_PATTERN.match(value):
+    if not USER_ID_PATTERN.fullmatch(value):
         raise ValueError("letters, digits and . _ : @ - only, starting with a letter or digit")
     return value
 
 
+def _user_id(value: str, info: ValidationInfo) -> str:
+    return check_user_id(value, _rules(info).limits)
+
+
+def _integral(value: object) -> object:
+    """49.0 is the integer 49, as JSON Schema counts it; 49.5, strings and booleans
+    are left for the strict integer check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _known_purpose(value: str, info: ValidationInfo) -> str:
+    known = _rules(info).purposes
+    if value not in known:
+        raise ValueError(f"unknown purpose (known: {', '.join(known)})")
+    return value
+
+
+UserId = Annotated[str, Field(min_length=1), AfterValidator(_user_id)]
+Integer = Annotated[int, BeforeValidator(_integral)]
+KnownPurpose = Annotated[str, AfterValidator(_known_purpose)]
+
+
 class RankRequest(BaseModel):
-    """`POST /v1/rank`. Bounds marked "config" come from `limits` / `budget`."""
+    """`POST /v1/rank`: which items should this person see, for this purpose, now?"""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Attribute docstrings become the fields' descriptions in the OpenAPI document.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
-    user_id: str = Field(min_length=1, json_schema_extra={"pattern": USER_ID_PATTERN.pattern})
-    purpose: str = Field(min_length=1, max_length=64)
-    region: str = Field(min_length=1, max_length=16)
-    candidates: list[int] | None = None
-    """Item ids to rank (config: at most limits.max_candidates); omitted: the whole catalogue."""
-    k: int = 10
-    """How many items to return, 1..limits.max_k (config)."""
+    user_id: UserId
+    """The application's id of the person; only a pseudonymous key of it is stored."""
+    purpose: KnownPurpose
+    """A purpose of the loaded policy."""
+    region: str
+    """A region of the loaded policy."""
+    candidates: list[Integer] | None = None
+    """Distinct catalogue item ids to rank (at most limits.max_candidates); omitted: the
+    whole catalogue."""
+    k: Integer = 10
+    """How many items to return (1..limits.max_k)."""
     context: dict[str, str] = {}
+    """Recorded with the decision, not used by the models yet (at most
+    limits.max_context_entries)."""
     explain: bool = False
+    """Add reasons (SHAP) to the returned items when the budget allows."""
     budget_ms: float | int | None = None
-    """Deadline in ms, budget.min_ms..budget.max_ms (config); omitted: budget.default_ms."""
+    """Deadline in ms (budget.min_ms..budget.max_ms); omitted: budget.default_ms."""
 
-    @field_validator("user_id")
+    @field_validator("region")
     @classmethod
-    def _user_id(cls, value: str, info: ValidationInfo) -> str:
-        return check_user_id(value, _limits(info))
+    def _region(cls, value: str, info: ValidationInfo) -> str:
+        known = _rules(info).regions
+        if value not in known:
+            raise ValueError(f"unknown region (known: {', '.join(known)})")
+        return value
 
     @field_validator("candidates")
     @classmethod
     def _candidates(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
         if value is None:
             return None
-        limit = _limits(info).max_candidates
+        rules = _rules(info)
+        limit = rules.limits.max_candidates
         if not 1 <= len(value) <= limit:
             raise ValueError(f"between 1 and {limit} item ids")
-        if any(item < 0 for item in value):
-            raise ValueError("item ids are non-negative integers")
         if len(set(value)) != len(value):
             raise ValueError("item ids must be distinct")
+        unknown = [item for item in value if item not in rules.items]
+        if unknown:
+            raise ValueError(f"unknown item ids: {', '.join(str(i) for i in unknown[:5])}")
         return value
 
     @field_validator("k")
     @classmethod
     def _k(cls, value: int, info: ValidationInfo) -> int:
-        limit = _limits(info).max_k
+        limit = _rules(info).limits.max_k
         if not 1 <= value <= limit:
             raise ValueError(f"between 1 and {limit}")
         return value
@@ -74,16 +160,19 @@ class RankRequest(BaseModel):
     @field_validator("context")
     @classmethod
     def _context(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        limits = _limits(info)
+        limits = _rules(info).limits
         if len(value) > limits.max_context_entries:
             raise ValueError(f"at most {limits.max_context_entries} entries")
+        problems = []
         for key, item in value.items():
-            if not CONTEXT_KEY_PATTERN.match(key):
-                raise ValueError(f"key {key[:40]!r}: lower-case letters, digits and _ (max 32)")
-            if len(item) > limits.max_context_value_chars:
-                raise ValueError(
+            if not CONTEXT_KEY_PATTERN.fullmatch(key):
+                problems.append(f"key {key[:40]!r}: lower-case letters, digits and _ (max 32)")
+            elif len(item) > limits.max_context_value_chars:
+                problems.append(
                     f"value of {key!r}: at most {limits.max_context_value_chars} characters"
                 )
+        if problems:
+            raise ValueError("; ".join(problems[:5]))
         return value
 
     @field_validator("budget_ms")
@@ -91,20 +180,37 @@ class RankRequest(BaseModel):
     def _budget(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:
             return None
-        budget = (info.context or {}).get("budget")
-        low, high = (budget.min_ms, budget.max_ms) if budget else (1.0, 1000.0)
-        if not low <= value <= high:
-            raise ValueError(f"between {low:g} and {high:g} ms")
+        budget = _rules(info).budget
+        if not budget.min_ms <= value <= budget.max_ms:
+            raise ValueError(f"between {budget.min_ms:g} and {budget.max_ms:g} ms")
         return float(value)
 
 
 class ConsentRequest(BaseModel):
-    """`PUT /v1/consent/{user_id}`: decisions per purpose from a consent platform."""
+    """Decisions per purpose from a consent platform: the body of
+    `PUT /v1/consent/{user_id}` (the id in the path)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
-    purposes: dict[str, bool] = Field(min_length=1)
+    purposes: dict[KnownPurpose, bool] = Field(min_length=1)
+    """Purposes of the loaded policy -> granted."""
     source: str = Field(min_length=1, max_length=64)
+    """Where the decision came from (the consent platform), kept with it."""
+
+
+class ConsentWrite(ConsentRequest):
+    """`POST /v1/consent`: the same decisions with the id in the body, where proxies
+    and access logs do not keep it."""
+
+    user_id: UserId
+    """The application's id of the person; only a pseudonymous key of it is stored."""
+
+
+class ConsentRecorded(BaseModel):
+    """What a consent write recorded."""
+
+    recorded: dict[str, bool]
+    source: str
 
 
 class Reason(BaseModel):

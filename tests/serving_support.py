@@ -26,6 +26,22 @@ SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 NOT_DEGRADED = frozenset({"no_consent", "purpose_not_permitted", "features_missing"})
 
 
+# Near misses of a valid identifier: each must be refused wherever the identifier
+# is taken (a trailing newline slipped past `re.match(... $)`; the others are
+# lookalikes a person cannot tell from the real thing).
+NEAR_MISSES = ("trailing newline", "NUL", "Cyrillic a", "fullwidth digit", "no-break space")
+
+
+def near_miss(valid: str, kind: str) -> str:
+    return {
+        "trailing newline": valid + "\n",
+        "NUL": valid + "\x00",
+        "Cyrillic a": valid + "\u0430",
+        "fullwidth digit": valid + "\uff18",
+        "no-break space": valid + "\u00a0",
+    }[kind]
+
+
 def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -92,9 +93,9 @@ def test_missing_and_wrong_keys_get_the_same_401(server: Server, env: Environmen
     assert missing.json()["error"] == "unauthorized"
     # A bad body without a key is still a 401: nothing about the schema leaks.
     assert httpx.post(url, json={"nonsense": 1}, timeout=10).status_code == 401
-    consent = httpx.put(
-        f"{server.base_url}/v1/consent/{uid}",
-        json={"purposes": {"onsite_personalization": False}, "source": "cmp"},
+    consent = httpx.post(
+        f"{server.base_url}/v1/consent",
+        json={"user_id": uid, "purposes": {"onsite_personalization": False}, "source": "cmp"},
         timeout=10,
     )
     assert consent.status_code == 401
@@ -127,13 +128,20 @@ def test_a_key_is_limited_to_its_purposes(server: Server, env: Environment) -> N
         "problems": [],
         "detail": "this API key may not be used for purpose 'onsite_personalization'",
     }
-    consent = httpx.put(
-        f"{server.base_url}/v1/consent/{uid}",
-        json={"purposes": {"onsite_personalization": False}, "source": "cmp"},
-        headers=headers,
-        timeout=10,
-    )
-    assert consent.status_code == 403
+    # A write needs every purpose it records, whichever form carries the id.
+    decisions = {"purposes": {"onsite_personalization": False}, "source": "cmp"}
+    for consent in (
+        httpx.post(
+            f"{server.base_url}/v1/consent",
+            json={"user_id": uid, **decisions},
+            headers=headers,
+            timeout=10,
+        ),
+        httpx.put(
+            f"{server.base_url}/v1/consent/{uid}", json=decisions, headers=headers, timeout=10
+        ),
+    ):
+        assert consent.status_code == 403, consent.text
     assert env.consent.state(user_key(uid), "onsite_personalization") is ConsentState.GRANTED
 
 
@@ -187,6 +195,7 @@ def test_key_checks_while_redis_is_unreachable(env: Environment) -> None:
         assert (await live.authenticate(key)).app == "offline-check"
         live.loaded_at = 0.0
         with pytest.raises(AuthUnavailable):
-            await live.authenticate("rg_created-during-the-outage")
+            # Shaped like a key: it could be one created during the outage.
+            await live.authenticate("rg_" + secrets.token_urlsafe(32))
 
     asyncio.run(scenario())

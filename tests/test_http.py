@@ -7,21 +7,27 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import redis
 
-from rankgate.consent import ConsentState
+from rankgate.consent import ConsentState, consent_key
 from rankgate.home import Home
+from rankgate.pseudonym import user_key
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
 from tests.conftest import Server
 from tests.serving_support import (
+    NEAR_MISSES,
     copy_with_wrong_width,
     deploy,
+    health,
     ingress_user_config,
+    near_miss,
     routing,
     user_with,
 )
@@ -31,6 +37,19 @@ def post_rank(server: Server, timeout: float = 10, **body: Any) -> httpx.Respons
     return httpx.post(
         f"{server.base_url}/v1/rank", json=body, headers=server.headers, timeout=timeout
     )
+
+
+def post_consent(server: Server, body: dict[str, Any]) -> httpx.Response:
+    """The documented consent write: the user id in the body, never in the URL."""
+    return httpx.post(
+        f"{server.base_url}/v1/consent", json=body, headers=server.headers, timeout=10
+    )
+
+
+def put_consent(server: Server, user_id: str, body: dict[str, Any]) -> httpx.Response:
+    """The path form, kept for existing callers (the id ends up in access logs)."""
+    url = f"{server.base_url}/v1/consent/{quote(user_id, safe='')}"
+    return httpx.put(url, json=body, headers=server.headers, timeout=10)
 
 
 def test_contract_of_a_personalized_answer(server: Server, env: Environment) -> None:
@@ -84,18 +103,20 @@ def test_no_consent_is_a_degraded_200(server: Server, env: Environment) -> None:
     assert len(body["items"]) == 5
 
 
-def test_put_consent_changes_the_next_answer(server: Server, env: Environment) -> None:
-    uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED, skip=3)
+@pytest.mark.parametrize(("form", "skip"), [("body", 3), ("path", 5)])
+def test_a_consent_write_changes_the_next_answer(
+    server: Server, env: Environment, form: str, skip: int
+) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED, skip=skip)
     before = post_rank(server, user_id=uid, purpose="onsite_personalization", region="EU").json()
     assert before["fallback"]["reason"] == "no_consent"
-    put = httpx.put(
-        f"{server.base_url}/v1/consent/{uid}",
-        json={"purposes": {"onsite_personalization": True}, "source": "cmp"},
-        headers=server.headers,
-        timeout=10,
-    )
-    assert put.status_code == 200, put.text
-    assert put.json() == {"recorded": {"onsite_personalization": True}, "source": "cmp"}
+    decisions = {"purposes": {"onsite_personalization": True}, "source": "cmp"}
+    if form == "body":
+        written = post_consent(server, {"user_id": uid, **decisions})
+    else:
+        written = put_consent(server, uid, decisions)
+    assert written.status_code == 200, written.text
+    assert written.json() == {"recorded": {"onsite_personalization": True}, "source": "cmp"}
     after = post_rank(server, user_id=uid, purpose="onsite_personalization", region="EU").json()
     assert after["fallback"] is None and after["model"]["version"] == "v2"
 
@@ -132,8 +153,6 @@ def test_non_json_body_is_a_422(server: Server) -> None:
 
 
 def test_bad_consent_changes_nothing(server: Server, env: Environment) -> None:
-    from rankgate.pseudonym import user_key
-
     uid = user_with(env.consent, "email_marketing", ConsentState.DENIED, skip=4)
     for body, field in [
         ({"purposes": {"telepathy": True}, "source": "cmp"}, "purposes.telepathy"),
@@ -141,19 +160,110 @@ def test_bad_consent_changes_nothing(server: Server, env: Environment) -> None:
         ({"purposes": {"email_marketing": True}}, "source"),
         ({"purposes": {"email_marketing": True}, "source": "cmp", "extra": 1}, "extra"),
     ]:
-        response = httpx.put(
-            f"{server.base_url}/v1/consent/{uid}", json=body, headers=server.headers, timeout=10
-        )
+        response = post_consent(server, {"user_id": uid, **body})
         assert response.status_code == 422, response.text
-        assert response.json()["problems"][0]["field"] == field
-    bad_id = httpx.put(
-        f"{server.base_url}/v1/consent/bad%20id",
-        json={"purposes": {"email_marketing": True}, "source": "x"},
-        headers=server.headers,
-        timeout=10,
-    )
-    assert bad_id.status_code == 422 and bad_id.json()["problems"][0]["field"] == "user_id"
+        assert [p["field"] for p in response.json()["problems"]] == [field]
+        in_path = put_consent(server, uid, body)
+        assert in_path.status_code == 422 and in_path.json() == response.json()
+    for written in (
+        post_consent(server, {"purposes": {"email_marketing": True}, "source": "x"}),
+        post_consent(
+            server, {"user_id": "bad id", "purposes": {"email_marketing": True}, "source": "x"}
+        ),
+        put_consent(server, "bad id", {"purposes": {"email_marketing": True}, "source": "x"}),
+        # The path form takes the id from the path only.
+        put_consent(
+            server, uid, {"user_id": uid, "purposes": {"email_marketing": True}, "source": "x"}
+        ),
+    ):
+        assert written.status_code == 422, written.text
+        assert [p["field"] for p in written.json()["problems"]] == ["user_id"]
     assert env.consent.state(user_key(uid), "email_marketing") == ConsentState.DENIED
+
+
+def test_a_422_lists_every_problem_at_once(server: Server, env: Environment) -> None:
+    rank = post_rank(
+        server,
+        user_id="u-1",
+        purpose="newsletter",
+        region="FR",
+        candidates=[3, 999],
+        k=0,
+        budget_ms=0,
+    )
+    assert rank.status_code == 422, rank.text
+    assert [p["field"] for p in rank.json()["problems"]] == [
+        "purpose",
+        "region",
+        "candidates",
+        "k",
+        "budget_ms",
+    ]
+    assert "unknown item ids: 999" in rank.json()["problems"][2]["problem"]
+
+    uid = user_with(env.consent, "email_marketing", ConsentState.DENIED, skip=6)
+    body = {"purposes": {"newsletter": True, "email_marketing": "yes"}, "extra": 1}
+    consent = post_consent(server, {"user_id": uid + "!", **body})
+    assert consent.status_code == 422, consent.text
+    assert {p["field"] for p in consent.json()["problems"]} == {
+        "purposes.newsletter",
+        "purposes.email_marketing",
+        "source",
+        "extra",
+        "user_id",
+    }
+    in_path = put_consent(server, "bad id", body)
+    assert {p["field"] for p in in_path.json()["problems"]} == {
+        "purposes.newsletter",
+        "purposes.email_marketing",
+        "source",
+        "extra",
+        "user_id",
+    }
+    assert env.consent.state(user_key(uid), "email_marketing") == ConsentState.DENIED
+
+
+def test_integral_floats_are_integers(server: Server, env: Environment) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    request = {"user_id": uid, "purpose": "onsite_personalization", "region": "US"}
+    # JSON Schema counts 3.0 as an integer; so does the server.
+    answer = post_rank(server, **request, k=3.0, candidates=[3.0, 17, 42.0, 8])
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["items"]) == 3
+    assert {i["item_id"] for i in answer.json()["items"]} <= {3, 17, 42, 8}
+    for wrong, field in [
+        ({"k": 3.5}, "k"),
+        ({"k": "3"}, "k"),
+        ({"k": True}, "k"),
+        ({"candidates": [3, 17.5]}, "candidates.1"),
+        ({"candidates": ["3"]}, "candidates.0"),
+    ]:
+        refused = post_rank(server, **{**request, **wrong})
+        assert refused.status_code == 422, (wrong, refused.text)
+        assert [p["field"] for p in refused.json()["problems"]] == [field]
+
+
+@pytest.mark.parametrize("kind", NEAR_MISSES)
+def test_identifiers_are_matched_whole(server: Server, env: Environment, kind: str) -> None:
+    """A user id or context key with a trailing newline, a NUL or a lookalike
+    character is refused, never taken as another identity."""
+    valid = "u-5c111b923688"
+    bad = near_miss(valid, kind)
+    request = {"purpose": "onsite_personalization", "region": "US"}
+    decisions = {"purposes": {"onsite_personalization": True}, "source": "cmp"}
+    for response in (
+        post_rank(server, user_id=bad, **request),
+        post_consent(server, {"user_id": bad, **decisions}),
+        put_consent(server, bad, decisions),  # percent-encoded: /v1/consent/u-…%0A
+    ):
+        assert response.status_code == 422, (kind, response.request.url, response.text)
+        assert [p["field"] for p in response.json()["problems"]] == ["user_id"]
+        assert bad not in response.text
+    key = near_miss("channel", kind)
+    context = post_rank(server, user_id=valid, context={key: "web"}, **request)
+    assert context.status_code == 422, context.text
+    assert [p["field"] for p in context.json()["problems"]] == ["context"]
+    assert not env.redis.exists(consent_key(env.home.namespace, user_key(bad)))
 
 
 def test_slow_redis_gives_a_fast_degraded_200(server: Server, env: Environment) -> None:
@@ -188,14 +298,13 @@ def test_redis_down_then_back(server: Server, env: Environment, ready_home: Home
         ]
         assert [r.status_code for r in answers] == [200] * 20
         assert {r.json()["fallback"]["reason"] for r in answers} == {"consent_unavailable"}
-        put = httpx.put(
-            f"{server.base_url}/v1/consent/{uid}",
-            json={"purposes": {"email_marketing": True}, "source": "cmp"},
-            headers=server.headers,
-            timeout=10,
-        )
-        assert put.status_code == 503 and put.headers["retry-after"] == "1"
-        assert put.json()["error"] == "consent_store_unavailable"
+        decisions = {"purposes": {"email_marketing": True}, "source": "cmp"}
+        for written in (
+            post_consent(server, {"user_id": uid, **decisions}),
+            put_consent(server, uid, decisions),
+        ):
+            assert written.status_code == 503 and written.headers["retry-after"] == "1"
+            assert written.json()["error"] == "consent_store_unavailable"
     finally:
         assert embedded.ensure_running() == url_before  # same address again
     deadline = time.monotonic() + 15
@@ -279,9 +388,100 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
     assert body["explanation"] == {"status": "omitted", "reason": "explainer_unavailable"}
 
 
-def test_openapi_document_describes_the_api(server: Server) -> None:
-    document = httpx.get(f"{server.base_url}/openapi.json", timeout=10).json()
-    assert "/v1/rank" in document["paths"] and "/v1/consent/{user_id}" in document["paths"]
+def body_schema(document: dict[str, Any], path: str, method: str = "post") -> dict[str, Any]:
+    operation = document["paths"][path][method]
+    schema: dict[str, Any] = operation["requestBody"]["content"]["application/json"]["schema"]
+    return schema
+
+
+def openapi(server: Server) -> dict[str, Any]:
+    response = httpx.get(f"{server.base_url}/openapi.json", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home: Home) -> None:
+    """Enums of the loaded policy, bounds of the loaded config, the catalogue's ids
+    and the identifier patterns: what the validators check, the document says."""
+    import pandas as pd
+
+    from rankgate.example_data import prepared
+    from rankgate.policy import load_policy
+    from serving.app import parse_config
+
+    document = openapi(server)
+    policy, config = load_policy(), parse_config(ingress_user_config())
+    limits, budget = config.limits, config.budget
+    rank = body_schema(document, "/v1/rank")["properties"]
+    assert rank["purpose"]["enum"] == sorted(policy.purposes)
+    assert rank["region"]["enum"] == sorted(policy.regions)
+    assert (rank["k"]["minimum"], rank["k"]["maximum"]) == (1, limits.max_k)
+    assert rank["user_id"]["maxLength"] == limits.max_user_id_chars
+    assert rank["user_id"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+    assert rank["context"]["maxProperties"] == limits.max_context_entries
+    assert rank["context"]["propertyNames"] == {"pattern": "^[a-z][a-z0-9_]{0,31}$"}
+    assert rank["context"]["additionalProperties"]["maxLength"] == limits.max_context_value_chars
+    bounded_budget = rank["budget_ms"]["anyOf"][0]
+    assert (bounded_budget["minimum"], bounded_budget["maximum"]) == (budget.min_ms, budget.max_ms)
+    candidates = rank["candidates"]["anyOf"][0]
+    assert candidates["maxItems"] == limits.max_candidates and candidates["uniqueItems"]
+    catalogue = sorted(pd.read_parquet(prepared(ready_home).item_context)["item_id"])
+    assert (candidates["items"]["minimum"], candidates["items"]["maximum"]) == (
+        catalogue[0],
+        catalogue[-1],
+    )
+    assert len(catalogue) == catalogue[-1] - catalogue[0] + 1  # no gaps: the range is exact
+
+    consent = body_schema(document, "/v1/consent")
+    assert set(consent["required"]) == {"user_id", "purposes", "source"}
+    assert set(consent["properties"]["purposes"]["properties"]) == set(policy.purposes)
+    assert consent["properties"]["purposes"]["additionalProperties"] is False
+    path_form = document["paths"]["/v1/consent/{user_id}"]["put"]
+    assert path_form["deprecated"] is True
+    (user_id,) = path_form["parameters"]
+    assert user_id["schema"]["pattern"] == rank["user_id"]["pattern"]
+    assert "user_id" not in body_schema(document, "/v1/consent/{user_id}", "put")["properties"]
+    page = httpx.get(f"{server.base_url}/docs", timeout=10)
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
+@pytest.fixture
+def default_config_afterwards(server: Server) -> Iterator[None]:
+    from rankgate.policy import load_policy_set
+
+    yield
+    digest = load_policy_set().digest
+    deploy(server, "default", ingress_user_config(), lambda h: h["policy_digest"] == digest)
+
+
+@pytest.mark.usefixtures("default_config_afterwards")
+def test_openapi_document_follows_a_reconfigure(server: Server, tmp_path: Path) -> None:
+    """A new policy and new limits, deployed without a restart, are in the next document."""
+    import yaml
+
+    from rankgate.policy import POLICY_DIR, load_policy_set
+
+    policy = yaml.safe_load((POLICY_DIR / "policy.yaml").read_text())
+    policy["regions"]["UK"] = {"regime": "opt_in"}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (tmp_path / "fallback.yaml").write_bytes((POLICY_DIR / "fallback.yaml").read_bytes())
+    digest = load_policy_set(tmp_path).digest
+    user_config = ingress_user_config(
+        policy={"dir": str(tmp_path)},
+        limits={**ingress_user_config()["limits"], "max_k": 20},
+    )
+    assert openapi(server)["paths"]  # FastAPI would have cached this one
+    deploy(server, "uk", user_config, lambda h: h["policy_digest"] == digest)
+
+    rank = body_schema(openapi(server), "/v1/rank")["properties"]
+    assert rank["region"]["enum"] == ["EU", "UK", "US"]
+    assert rank["k"]["maximum"] == 20
+    request = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "UK"}
+    assert post_rank(server, **request, k=20).status_code == 200
+    refused = post_rank(server, **request, k=21)
+    assert refused.status_code == 422
+    assert refused.json()["problems"] == [{"field": "k", "problem": "between 1 and 20"}]
+    assert health(server)["config_error"] is None
 
 
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -40,7 +40,7 @@ def test_realistic_mix_meets_the_slos(server: Server, tmp_path: Path) -> None:
     assert result.failures == 0, (tmp_path / "locust_failures.csv").read_text()
     names = {row.name: row for row in result.rows}
     # Every part of the mix ran; the bad inputs were all answered 422 (else failures).
-    for name in ("rank personalized-eligible", "rank no-consent", "rank explain", "consent put"):
+    for name in ("rank personalized-eligible", "rank no-consent", "rank explain", "consent write"):
         assert names[name].requests > 0, name
     bad = names["rank bad-input"]
     assert bad.requests > 0 and bad.failures == 0

@@ -18,8 +18,9 @@ from features.store import repo_config
 from rankgate.consent import ConsentState
 from rankgate.setup import Environment
 from serving.app import parse_config
-from serving.pipeline import BadRequest, RankPipeline
+from serving.pipeline import RankPipeline
 from serving.ranker import Ranker
+from serving.requests import BadRequest
 from serving.runtime import Runtime
 from serving.schemas import RankRequest, RankResponse
 from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
@@ -367,6 +368,9 @@ def test_a_tiny_budget_still_answers(pipeline: RankPipeline, env: Environment) -
         ({"candidates": [True]}, "candidates.0", "valid integer"),
         ({"user_id": "bad id!"}, "user_id", "letters, digits"),
         ({"user_id": "u" * 200}, "user_id", "at most 128 characters"),
+        ({"user_id": "u-1\n"}, "user_id", "letters, digits"),
+        ({"k": 2.5}, "k", "valid integer"),
+        ({"context": {"channel\n": "x"}}, "context", "lower-case"),
         ({"colour": "red"}, "colour", "unknown field"),
         ({"context": {"Bad-Key": "x"}}, "context", "lower-case"),
         ({"explain": "yes"}, "explain", "valid boolean"),
@@ -390,6 +394,32 @@ def test_missing_fields_and_broken_json(pipeline: RankPipeline) -> None:
     with pytest.raises(BadRequest) as caught:
         pipeline.parse(b'{"user_id": ')
     assert caught.value.problems[0].field == "body"
+
+
+def test_schema_and_policy_problems_come_together(pipeline: RankPipeline) -> None:
+    body = {"user_id": "u-1", "purpose": "newsletter", "region": "FR", "k": 0}
+    with pytest.raises(BadRequest) as caught:
+        pipeline.parse(json.dumps(body).encode())
+    assert [p.field for p in caught.value.problems] == ["purpose", "region", "k"]
+
+
+def test_integral_floats_are_parsed_as_integers(pipeline: RankPipeline) -> None:
+    body = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU"}
+    request = pipeline.parse(json.dumps({**body, "k": 3.0, "candidates": [4.0, 7]}).encode())
+    assert (request.k, request.candidates) == (3, [4, 7])
+    assert all(type(n) is int for n in [request.k, *request.candidates])
+
+
+def test_the_rules_are_the_pipelines_config_and_policy(runtime: Runtime) -> None:
+    limits = {**ingress_user_config()["limits"], "max_k": 20}
+    pipeline = make_pipeline(runtime, limits=limits)
+    assert pipeline.rules.limits.max_k == 20
+    assert pipeline.rules.regions == tuple(sorted(pipeline.gate.policy.regions))
+    assert pipeline.rules.items == frozenset(pipeline.fetcher.catalogue)
+    body = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU", "k": 21}
+    with pytest.raises(BadRequest) as caught:
+        pipeline.parse(json.dumps(body).encode())
+    assert [(p.field, p.problem) for p in caught.value.problems] == [("k", "between 1 and 20")]
 
 
 def test_request_schema_is_one_model() -> None:

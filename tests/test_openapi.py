@@ -1,0 +1,35 @@
+"""The OpenAPI builder as a plain function (the served document: tests/test_http.py)."""
+
+from __future__ import annotations
+
+from serving.app import api
+from serving.config import BudgetConfig, LimitsConfig
+from serving.openapi import MAX_LISTED_ITEM_IDS, item_id_schema, openapi_document
+from serving.schemas import RequestRules
+
+
+def test_item_ids_are_a_range_or_a_list() -> None:
+    assert item_id_schema(range(80)) == {"type": "integer", "minimum": 0, "maximum": 79}
+    assert item_id_schema([3, 9, 4]) == {
+        "type": "integer",
+        "minimum": 3,
+        "maximum": 9,
+        "enum": [3, 4, 9],
+    }
+    sparse = range(0, 2 * (MAX_LISTED_ITEM_IDS + 1), 2)  # too many to list: the range only
+    assert "enum" not in item_id_schema(sparse)
+    assert item_id_schema([]) == {"type": "integer", "not": {}}
+
+
+def test_the_document_reads_the_rules_it_is_given() -> None:
+    limits = LimitsConfig(max_k=7, max_user_id_chars=40)
+    rules = RequestRules.of(limits, BudgetConfig(max_ms=300), ["a_purpose"], ["XX"], [1, 2])
+    document = openapi_document(api, rules)
+    body = document["paths"]["/v1/rank"]["post"]["requestBody"]["content"]["application/json"]
+    props = body["schema"]["properties"]
+    assert props["k"]["maximum"] == 7 and props["user_id"]["maxLength"] == 40
+    assert props["purpose"]["enum"] == ["a_purpose"] and props["region"]["enum"] == ["XX"]
+    assert props["budget_ms"]["anyOf"][0]["maximum"] == 300
+    # Before the first config is loaded the bodies are still described, by type.
+    bare = openapi_document(api, None)["paths"]["/v1/consent"]["post"]["requestBody"]
+    assert "user_id" in bare["content"]["application/json"]["schema"]["properties"]

@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from serving import edge
 from serving.app import ClientGone, RequestTimeout, read_body
-from serving.pipeline import BadRequest
+from serving.requests import BadRequest
 
 # A configuration as Ray Serve 2.60 generates it (folders replaced by @DIR@).
 GENERATED = (Path(__file__).parent / "data" / "ray_haproxy.cfg").read_text()

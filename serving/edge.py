@@ -121,13 +121,13 @@ class EdgeConfigError(Exception):
 
 
 def _replace_once(
-    pattern: re.Pattern[str], text: str, lines: Callable[[str, re.Match[str]], list[str]], what: str
+    pattern: re.Pattern[str], text: str, lines: Callable[[re.Match[str]], list[str]], what: str
 ) -> str:
-    """Replace each match by `lines(indent, match)`, indented like the matched line."""
+    """Replace each match by `lines(match)`, indented like the matched line."""
 
     def render(match: re.Match[str]) -> str:
         indent = match.group("indent")
-        return "\n".join(indent + line if line else line for line in lines(indent, match))
+        return "\n".join(indent + line if line else line for line in lines(match))
 
     new, count = pattern.subn(render, text)
     if count == 0:
@@ -140,22 +140,22 @@ def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page
     config = _replace_once(
         _ERRORFILE,
         config,
-        lambda _, m: [f"errorfile {m.group('status')} {unavailable_page}"],
+        lambda m: [f"errorfile {m.group('status')} {unavailable_page}"],
         "errorfile 502/503/504",
     )
     config = _replace_once(
         _TIMEOUT_CLIENT,
         config,
-        lambda _, m: [f"timeout client {_ms(guards.idle_timeout_s)}"],
+        lambda m: [f"timeout client {_ms(guards.idle_timeout_s)}"],
         "timeout client",
     )
     config = _replace_once(
-        _HTTPLOG, config, lambda _, m: [f'log-format "{ACCESS_LOG_FORMAT}"'], "option httplog"
+        _HTTPLOG, config, lambda m: [f'log-format "{ACCESS_LOG_FORMAT}"'], "option httplog"
     )
     config = _replace_once(
         _DEFAULTS_MODE,
         config,
-        lambda _, m: [
+        lambda m: [
             "mode http",
             f"timeout http-request {_ms(guards.header_timeout_s)}",
             f"errorfile 408 {timeout_page}",
@@ -189,7 +189,7 @@ def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page
     return _replace_once(
         _FRONTEND_BIND,
         config,
-        lambda _, m: [m.group("bind").strip(), *frontend_rules],
+        lambda m: [m.group("bind").strip(), *frontend_rules],
         "http_frontend bind line",
     )
 

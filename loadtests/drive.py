@@ -144,6 +144,7 @@ async def drive(
         "server_stage_median_ms": {
             k: round(statistics.median(v), 3) for k, v in tally.stages.items()
         },
+        "server_stage_p99_ms": {k: round(percentile(v, 0.99), 3) for k, v in tally.stages.items()},
     }
 
 

@@ -75,6 +75,30 @@ def test_granted_user_gets_a_personalized_ranking(pipeline: RankPipeline, env: E
     assert response.timings_ms["total"] >= response.timings_ms["features"] > 0
 
 
+def test_a_budget_spent_in_the_queues_is_answered_at_once_without_reading_consent(
+    pipeline: RankPipeline, env: Environment
+) -> None:
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    request = pipeline.parse(
+        json.dumps(
+            {"user_id": uid, "purpose": "onsite_personalization", "region": "EU", "budget_ms": 100}
+        ).encode()
+    )
+
+    def reads() -> tuple[int, int]:
+        stats = env.redis.info("commandstats")
+        return tuple(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hget", "hmget"))
+
+    before = reads()
+    response = LOOP.run_until_complete(pipeline.rank(request, queued_ms=120.0))
+    assert response.fallback is not None
+    assert (response.fallback.reason, response.fallback.detail) == ("budget_exhausted", "queued")
+    assert response.model is None and response.items  # the rule-based ranking, item rules kept
+    assert 5 not in {i.item_id for i in response.items}
+    assert response.timings_ms["queued"] == 120.0 and response.timings_ms["total"] >= 120.0
+    assert reads() == before  # neither consent nor features were read
+
+
 def test_scores_equal_the_native_model_on_the_same_rows(
     pipeline: RankPipeline, env: Environment
 ) -> None:

@@ -1,17 +1,36 @@
-"""Build the Feast FeatureStore of a home, and the `features apply/materialize` steps."""
+"""The Feast repository of a project, opened for one home.
+
+The project's repository is a plain Feast repository (its feature_store.yaml and
+definition files work with Feast's own CLI). rankgate reads the same files and
+keeps three things per home: the registry (in the home), the Feast project name
+(the home's namespace, so two homes sharing one Redis never meet) and the Redis
+address (REDIS_URL or the embedded server). Everything else (provider, offline
+store, the definitions) is the repository's own.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from feast import FeatureStore, RepoConfig
+import yaml
+from feast import Entity, FeatureStore, FeatureView, RepoConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 
-from features.definitions import feature_objects
-from rankgate.example_data import prepared
+from features.spec import ViewInfo
+from rankgate.errors import ConfigError, FeatureRepoError
 from rankgate.home import Home
+from rankgate.project import DATA_DIR_VARIABLE, ItemId, Project
 from rankgate.redis_server import feast_connection_string, resolve_redis_url
-from rankgate.settings import Settings, get_settings
+from rankgate.settings import Settings, get_project, get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Redis client settings for Feast on the request path: a dead server must fail
 # fast (the request deadline itself is enforced by the caller).
@@ -21,32 +40,153 @@ SERVING_REDIS_OPTIONS = ",socket_connect_timeout=0.5,socket_timeout=1.0"
 ENTITY_KEY_SERIALIZATION_VERSION = 3
 
 
-def repo_config(home: Home, redis_url: str, serving: bool = False) -> RepoConfig:
+def repo_settings(project: Project) -> dict[str, Any]:
+    """The repository's feature_store.yaml as written (no variables expanded)."""
+    path = project.feast_repo / "feature_store.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a mapping")
+    online = raw.get("online_store") or {}
+    kind = online.get("type") if isinstance(online, dict) else online
+    if kind != "redis":
+        raise ConfigError(
+            f"{path}: field 'online_store.type': rankgate serves from Feast's Redis "
+            f"online store (type: redis), not {kind!r}"
+        )
+    version = raw.get("entity_key_serialization_version", ENTITY_KEY_SERIALIZATION_VERSION)
+    if version != ENTITY_KEY_SERIALIZATION_VERSION:
+        raise ConfigError(
+            f"{path}: field 'entity_key_serialization_version': rankgate needs "
+            f"{ENTITY_KEY_SERIALIZATION_VERSION} (erasure decodes the keys), not {version}"
+        )
+    return raw
+
+
+def repo_config(
+    home: Home, redis_url: str, serving: bool = False, project: Project | None = None
+) -> RepoConfig:
+    project = project or get_project()
+    raw = repo_settings(project)
     connection = feast_connection_string(redis_url) + (SERVING_REDIS_OPTIONS if serving else "")
     return RepoConfig(
         project=home.namespace,
-        provider="local",
+        provider=raw.get("provider", "local"),
         registry={"registry_type": "file", "path": str(home.feast_dir / "registry.db")},
         online_store=RedisOnlineStoreConfig(connection_string=connection),
-        offline_store={"type": "file"},
-        repo_path=home.feast_dir,
+        offline_store=raw.get("offline_store", {"type": "file"}),
+        repo_path=project.feast_repo,
         entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
     )
 
 
 def feature_store(
-    settings: Settings | None = None, redis_url: str | None = None, serving: bool = False
+    settings: Settings | None = None,
+    redis_url: str | None = None,
+    serving: bool = False,
+    project: Project | None = None,
 ) -> FeatureStore:
     settings = settings or get_settings()
     home = Home.from_settings(settings)
     home.feast_dir.mkdir(parents=True, exist_ok=True)
     url = redis_url or resolve_redis_url(settings)
-    return FeatureStore(config=repo_config(home, url, serving))
+    return FeatureStore(config=repo_config(home, url, serving, project or get_project(settings)))
 
 
-def apply(store: FeatureStore, home: Home) -> list[str]:
-    """Register entities and views (idempotent). Returns the view names."""
-    objects = feature_objects(prepared(home))
+@contextmanager
+def _inside(repo: Path, data_dir: Path) -> Iterator[None]:
+    """Feast imports definition files by module path from the repository folder,
+    as its CLI does from there; the modules are forgotten afterwards, so a second
+    repository with a `definitions.py` of its own is read afresh."""
+    before_modules = set(sys.modules)
+    before_cwd = Path.cwd()
+    before_data = os.environ.get(DATA_DIR_VARIABLE)
+    os.environ[DATA_DIR_VARIABLE] = str(data_dir)
+    sys.path.insert(0, str(repo))
+    os.chdir(repo)
+    try:
+        yield
+    finally:
+        os.chdir(before_cwd)
+        sys.path.remove(str(repo))
+        for name in set(sys.modules) - before_modules:
+            del sys.modules[name]
+        if before_data is None:
+            os.environ.pop(DATA_DIR_VARIABLE, None)
+        else:
+            os.environ[DATA_DIR_VARIABLE] = before_data
+
+
+def read_definitions(project: Project, data_dir: Path) -> list[Entity | FeatureView]:
+    """The entities and feature views the repository's files define."""
+    from feast.repo_operations import parse_repo
+
+    sys.dont_write_bytecode = True
+    try:
+        with _inside(project.feast_repo, data_dir):
+            contents = parse_repo(project.feast_repo)
+    except Exception as exc:
+        raise FeatureRepoError(f"{project.feast_repo}: its definitions do not load: {exc}") from exc
+    finally:
+        sys.dont_write_bytecode = False
+    return [*contents.entities, *contents.feature_views]
+
+
+def check_definitions(project: Project, objects: list[Entity | FeatureView]) -> list[str]:
+    """What the project file says of the repository that the repository contradicts."""
+    entities = {o.name: o for o in objects if isinstance(o, Entity)}
+    views = {o.name: o for o in objects if isinstance(o, FeatureView)}
+    file, spec = project.file, project.spec
+    problems = []
+    for field, declared in (("user", spec.user), ("item", spec.item)):
+        entity = entities.get(declared.entity)
+        if entity is None:
+            problems.append(
+                f"{file}: field '{field}.entity': the repository defines no entity "
+                f"{declared.entity!r} (it has: {', '.join(sorted(entities)) or 'none'})"
+            )
+        elif entity.join_key != declared.join_key:
+            problems.append(
+                f"{file}: field '{field}.join_key': entity {declared.entity!r} joins on "
+                f"{entity.join_key!r}, not {declared.join_key!r}"
+            )
+    item_entity = entities.get(spec.item.entity)
+    if item_entity is not None:
+        from feast import ValueType
+
+        want = ValueType.INT64 if spec.item.id_type == "int" else ValueType.STRING
+        if item_entity.value_type not in (want, ValueType.UNKNOWN) and not (
+            spec.item.id_type == "int" and item_entity.value_type == ValueType.INT32
+        ):
+            problems.append(
+                f"{file}: field 'item.id_type': {spec.item.id_type} ids, but entity "
+                f"{spec.item.entity!r} is {item_entity.value_type.name}"
+            )
+    for field, name in (("item_view", spec.item_view), ("catalogue.view", spec.catalogue.view)):
+        if name is None:
+            continue
+        view = views.get(name)
+        if view is None:
+            problems.append(
+                f"{file}: field {field!r}: the repository defines no feature view {name!r}"
+            )
+        elif spec.item.entity not in view.entities:
+            problems.append(
+                f"{file}: field {field!r}: view {name!r} is not keyed by the item entity "
+                f"{spec.item.entity!r}"
+            )
+    return problems
+
+
+def apply(store: FeatureStore, project: Project, home: Home) -> list[str]:
+    """Register the repository's entities and views for this home (idempotent).
+    Returns the view names."""
+    objects = read_definitions(project, home.data_dir)
+    problems = check_definitions(project, objects)
+    if problems:
+        raise FeatureRepoError("; ".join(problems), 422)
     store.apply(objects)  # type: ignore[arg-type]
     return [v.name for v in store.list_feature_views()]
 
@@ -55,3 +195,85 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> None:
     """Copy the latest feature rows of every view into the online store (Redis)."""
     end = end or datetime.now(UTC) + timedelta(minutes=1)
     store.materialize(start_date=end - timedelta(days=3650), end_date=end)
+
+
+def view_infos(views: list[FeatureView], project: Project) -> dict[str, ViewInfo]:
+    """Each view's entity (user, item or other) and fields, as the builder needs them."""
+    infos = {}
+    for view in views:
+        entity: Literal["user", "item", "other"] = (
+            "user"
+            if project.spec.user.entity in view.entities
+            else "item"
+            if project.spec.item.entity in view.entities
+            else "other"
+        )
+        infos[view.name] = ViewInfo(view.name, entity, tuple(f.name for f in view.features))
+    return infos
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet or CSV file as a frame; ConfigError names the file."""
+    import pandas as pd
+
+    try:
+        if path.suffix in {".csv", ".gz"} or path.name.endswith(".csv.gz"):
+            return pd.read_csv(path, usecols=columns)
+        return pd.read_parquet(path, columns=columns)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def source_path(view: FeatureView, project: Project) -> Path:
+    """The file behind a view's batch source (relative paths: from the repository)."""
+    from feast import FileSource
+
+    source = view.batch_source
+    if not isinstance(source, FileSource):
+        raise ConfigError(
+            f"{project.file}: view {view.name!r} reads a {type(source).__name__}; rankgate "
+            "reads catalogues and training rows from file sources (name a catalogue file)"
+        )
+    path = Path(source.path)
+    return path if path.is_absolute() else project.feast_repo / path
+
+
+def load_catalogue(project: Project, views: list[FeatureView], data_dir: Path) -> list[ItemId]:
+    """Every item id of the catalogue, sorted, as the project's type. ConfigError
+    (file and field) when the source is missing, empty or of the wrong type."""
+    spec = project.spec.catalogue
+    column = spec.column or project.spec.item.join_key
+    if spec.view is not None:
+        view = next((v for v in views if v.name == spec.view), None)
+        if view is None:
+            raise ConfigError(
+                f"{project.file}: field 'catalogue.view': no feature view {spec.view!r}"
+            )
+        path, field = source_path(view, project), "catalogue.view"
+    else:
+        path, field = project.path(spec.file or "", data_dir), "catalogue.file"
+    frame = read_table(path)
+    if column not in frame.columns:
+        raise ConfigError(f"{project.file}: field {field!r}: {path} has no column {column!r}")
+    values = frame[column].dropna().unique().tolist()
+    if not values:
+        raise ConfigError(
+            f"{project.file}: field {field!r}: {path} lists no items (empty catalogue)"
+        )
+    try:
+        ids = sorted({project.item_id(v) for v in values})  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{project.file}: field 'item.id_type': {path} column {column!r} holds values "
+            f"that are not {project.spec.item.id_type} ids ({exc})"
+        ) from exc
+    if project.spec.item.id_type == "int" and any(
+        isinstance(v, float) and not v.is_integer() or isinstance(v, str) for v in values
+    ):
+        raise ConfigError(
+            f"{project.file}: field 'item.id_type': {path} column {column!r} holds "
+            "non-integer ids; declare id_type: string"
+        )
+    return ids

@@ -3,26 +3,51 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from features.spec import Encoding, FeatureSpec, Source
+from rankgate.strict import Strict
 
 ONNX_FILE = "model.onnx"
-BOOSTER_FILE = "booster.txt"
 PARITY_INPUTS_FILE = "parity_inputs.npy"
 MANIFEST_FILE = "manifest.json"
 MAX_PARITY_DIFF = 1e-5
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+BoosterKind = Literal["lightgbm", "xgboost", "sklearn"]
+# The file name of a native tree model beside model.onnx, by kind.
+BOOSTER_FILES: dict[str, str] = {
+    "lightgbm": "booster.txt",
+    "xgboost": "booster.json",
+    "sklearn": "booster.joblib",
+}
 
 
 class ManifestFeature(Strict):
+    """One input column, resolved against the project's Feast registry."""
+
     name: str
-    view: str
-    """Feast feature view the value is read from."""
+    source: Source = "user"
+    view: str | None
+    """Feast feature view the value is read from (None: a request-context feature)."""
     field: str
+    """The view's field (may contain {item_id}), or the context key."""
+    encoding: Encoding = "number"
     group: str
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> ManifestFeature:
+        return cls(
+            name=spec.name,
+            source=spec.source,
+            view=spec.view,
+            field=spec.field,
+            encoding=spec.encoding,
+            group=spec.group,
+        )
+
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(self.name, self.source, self.view, self.field, self.encoding, self.group)
 
 
 class TrainingData(Strict):
@@ -44,21 +69,46 @@ class Metrics(Strict):
 class OnnxInfo(Strict):
     input_name: str
     output_name: str
+    """The output scored: a (rows, 2) probability output's second column, or a
+    (rows,) / (rows, 1) score."""
     opset: int
-    parity_max_abs_diff: float
-    """max |ONNX - native| probability over the parity inputs."""
+    parity_max_abs_diff: float | None
+    """max |ONNX - native| probability over the parity inputs (None: no native model)."""
+
+
+class Booster(Strict):
+    """The native tree model beside the ONNX file: SHAP TreeExplainer explains it."""
+
+    kind: BoosterKind
+    file: str
+
+
+class Lineage(Strict):
+    """Where the version came from."""
+
+    made_by: Literal["rankgate model train", "rankgate model register"]
+    project: str
+    """The project (rankgate.yaml `name`) it was registered against."""
+    onnx_source: str | None = None
+    """The ONNX file it was registered from (register)."""
+    features_source: str | None = None
+    """The FEATURES.yaml of its inputs."""
 
 
 class Manifest(Strict):
     name: str
     version: str
     created_at: datetime
-    params: dict[str, float | int | str | bool]
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     features: list[ManifestFeature]
     artifacts: dict[str, str] = Field(description="file name -> sha256")
-    training_data: TrainingData
-    metrics: Metrics
+    training_data: TrainingData | None = None
+    """None for a model trained outside rankgate."""
+    metrics: Metrics | None = None
     onnx: OnnxInfo
+    booster: Booster | None = None
+    """None: no native tree model, so no SHAP explanations (`explainer_unavailable`)."""
+    lineage: Lineage
     libraries: dict[str, str]
 
     @property
@@ -67,4 +117,8 @@ class Manifest(Strict):
 
     @property
     def feature_views(self) -> set[str]:
-        return {f.view for f in self.features}
+        return {f.view for f in self.features if f.view is not None}
+
+    @property
+    def specs(self) -> list[FeatureSpec]:
+        return [f.spec() for f in self.features]

@@ -1,7 +1,8 @@
 """The model store: one folder per version under `<home>/models/<name>/`.
 
     <home>/models/ranker/v1/model.onnx          scored online by onnxruntime
-    <home>/models/ranker/v1/booster.txt         native LightGBM model (SHAP explains it)
+    <home>/models/ranker/v1/booster.txt         native tree model, if any (SHAP explains it;
+                                                booster.json for XGBoost, .joblib for sklearn)
     <home>/models/ranker/v1/parity_inputs.npy   rows that check ONNX against native
     <home>/models/ranker/v1/manifest.json       hashes, features, data, metrics
 
@@ -16,14 +17,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from model_store.manifest import (
-    BOOSTER_FILE,
     MANIFEST_FILE,
     MAX_PARITY_DIFF,
     ONNX_FILE,
@@ -32,6 +33,9 @@ from model_store.manifest import (
 )
 from rankgate.errors import ModelStoreError, UnknownVersion, VersionExists
 from rankgate.home import Home
+
+if TYPE_CHECKING:
+    from features.spec import ViewInfo
 
 DEFAULT_MODEL_NAME = "ranker"
 VERSION_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -165,11 +169,11 @@ class ModelStore:
             )
         return report
 
-    def validate(self, version: str, feature_views: dict[str, set[str]] | None) -> ValidationReport:
+    def validate(self, version: str, views: Mapping[str, ViewInfo] | None) -> ValidationReport:
         """Hashes, ONNX/native parity on the stored inputs, and features known to the repo.
 
-        `feature_views` maps each view in the feature repository to its fields
-        (None: the repository has not been applied).
+        `views` are the views of the project's applied Feast registry (None or empty:
+        the repository has not been applied).
         """
         report = self.check_hashes(version)
         if not report.ok:
@@ -177,30 +181,38 @@ class ModelStore:
         manifest = self.manifest(version)
         folder = self.path(version)
         self._check_parity(manifest, folder, report)
-        self._check_features(manifest, feature_views, report)
+        self._check_features(manifest, views, report)
         return report
 
     @staticmethod
     def _check_parity(manifest: Manifest, folder: Path, report: ValidationReport) -> None:
         # Imported here, not at the top: listing versions and checking hashes
-        # (`rankgate model list`) must not pay for numpy, LightGBM and onnxruntime.
-        import lightgbm as lgb
+        # (`rankgate model list`) must not pay for numpy, the tree libraries and onnxruntime.
         import numpy as np
 
+        from model_store.native import load_native, predict_native
         from model_store.onnx_scoring import OnnxScorer
 
         try:
             inputs = np.load(folder / PARITY_INPUTS_FILE, allow_pickle=False)
-            scorer = OnnxScorer(folder / ONNX_FILE)
+            scorer = OnnxScorer(folder / ONNX_FILE, manifest.onnx.output_name)
             if scorer.n_features != len(manifest.features):
                 report.add(
-                    "onnx/native parity",
+                    "onnx inputs",
                     False,
                     f"model.onnx takes {scorer.n_features} features, the manifest lists {len(manifest.features)}",
                 )
                 return
             onnx_scores = scorer.score(inputs)
-            native = lgb.Booster(model_file=str(folder / BOOSTER_FILE)).predict(inputs)
+            if manifest.booster is None:
+                report.add(
+                    "onnx scores",
+                    bool(np.all(np.isfinite(onnx_scores))),
+                    f"{len(inputs)} sample rows scored; no tree model to compare with",
+                )
+                return
+            native_model = load_native(folder / manifest.booster.file, manifest.booster.kind)
+            native = predict_native(native_model, manifest.booster.kind, inputs)
         except Exception as exc:  # noqa: BLE001 - any load failure is a failed check
             report.add("onnx/native parity", False, f"could not score: {exc}")
             return
@@ -213,24 +225,26 @@ class ModelStore:
 
     @staticmethod
     def _check_features(
-        manifest: Manifest, feature_views: dict[str, set[str]] | None, report: ValidationReport
+        manifest: Manifest, views: Mapping[str, ViewInfo] | None, report: ValidationReport
     ) -> None:
-        from features.vector import AFFINITY_FIELD_TEMPLATE
+        from features.spec import template_fields
 
-        if feature_views is None:
-            report.add(
-                "features", False, "feature repository not applied (run `rankgate features apply`)"
-            )
+        if not views:
+            report.add("features", False, "feature repository not applied (run `rankgate setup`)")
             return
         missing = []
         for feature in manifest.features:
-            fields = feature_views.get(feature.view)
-            if fields is None:
+            if feature.view is None:
+                continue  # a request-context feature
+            view = views.get(feature.view)
+            if view is None:
                 missing.append(f"{feature.name} (view {feature.view!r} not defined)")
-            elif feature.field == AFFINITY_FIELD_TEMPLATE:
-                if not any(f.startswith("affinity_") for f in fields):
-                    missing.append(f"{feature.name} (no affinity fields in {feature.view!r})")
-            elif feature.field not in fields:
+            elif "{item_id}" in feature.field:
+                if not template_fields(feature.field, view.fields):
+                    missing.append(
+                        f"{feature.name} (no field like {feature.field!r} in {feature.view!r})"
+                    )
+            elif feature.field not in view.fields:
                 missing.append(f"{feature.name} (field {feature.field!r} not in {feature.view!r})")
         report.add(
             "features",

@@ -1,17 +1,19 @@
-"""Train a LightGBM click model on the example logs, convert it to ONNX, register it.
+"""Train a LightGBM click model on a project's interaction logs, convert it to ONNX,
+and register it through the same path as a model trained anywhere else
+(model_store.register).
 
-The training matrix is built by features.vector.build_matrix, the same function
-the online ranker calls, from the prepared offline tables that are also the
-Feast sources of the feature views.
+The training matrix is built by features.vector.build_matrix, the function the
+online ranker calls, from the offline sources of the project's feature views
+(the latest row per entity: the snapshot the online store serves).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
@@ -19,25 +21,18 @@ import numpy as np
 import onnx
 import pandas as pd
 import yaml
+from feast import FeatureView
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
-from features.vector import ALL_FEATURE_NAMES, FeatureSpec, ItemTable, build_matrix, resolve
-from model_store.manifest import (
-    BOOSTER_FILE,
-    MANIFEST_FILE,
-    ONNX_FILE,
-    PARITY_INPUTS_FILE,
-    Manifest,
-    ManifestFeature,
-    Metrics,
-    OnnxInfo,
-    TrainingData,
-)
-from model_store.onnx_scoring import PROBABILITIES_OUTPUT, OnnxScorer
-from model_store.store import ModelStore, check_version_name, sha256_file, write_json
+from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
+from features.store import read_table, source_path
+from features.vector import ItemTable, build_matrix
+from model_store.manifest import Manifest, Metrics, TrainingData
+from model_store.register import Candidate, register
+from model_store.store import ModelStore, check_version_name
 from rankgate.errors import ModelStoreError, RankgateError
-from rankgate.example_data import PreparedData
+from rankgate.project import Project
 
 ONNX_INPUT = "features"
 ONNX_OPSET = 15  # highest opset onnxmltools 1.16 converts LightGBM to
@@ -93,27 +88,80 @@ class TrainingSet:
         return digest.hexdigest()
 
 
-def load_item_table(data: PreparedData) -> ItemTable:
-    items = pd.read_parquet(data.item_context).set_index("item_id")
-    return ItemTable({int(i): row for i, row in items.to_dict("index").items()})
+def latest_rows(view: FeatureView, project: Project, key: str) -> pd.DataFrame:
+    """The newest row per entity of a view's offline source, indexed by its join key."""
+    frame = read_table(source_path(view, project))
+    stamp = view.batch_source.timestamp_field if view.batch_source else None
+    if stamp and stamp in frame.columns:
+        frame = frame.sort_values(stamp, kind="stable")
+    return frame.drop_duplicates(key, keep="last").set_index(key)
 
 
-def training_set(data: PreparedData, specs: Sequence[FeatureSpec]) -> TrainingSet:
-    impressions = pd.read_parquet(data.impressions).sort_values("timestamp", kind="stable")
-    impressions = impressions.reset_index(drop=True)
-    profiles = pd.read_parquet(data.user_profile).set_index("user_key")
-    affinity = pd.read_parquet(data.user_item_affinity).set_index("user_key")
-    users = profiles.drop(columns="event_timestamp").join(affinity.drop(columns="event_timestamp"))
-    user_rows = users.to_dict("index")
-    items = load_item_table(data)
-    matrix = np.empty((len(impressions), len(specs)), dtype=np.float32)
-    item_ids = impressions["item_id"].to_numpy()
-    for key, positions in impressions.groupby("user_key").indices.items():
-        matrix[positions] = build_matrix(specs, user_rows[key], items, item_ids[positions])
+def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable:
+    """The item view's offline rows as an ItemTable (empty rows without an item view)."""
+    name = project.spec.item_view
+    view = next((v for v in views if v.name == name), None)
+    if view is None:
+        return ItemTable({})
+    items = latest_rows(view, project, project.spec.item.join_key)
+    return ItemTable({project.item_id(i): row for i, row in items.to_dict("index").items()})
+
+
+def training_set(
+    project: Project,
+    views: Sequence[FeatureView],
+    data_dir: Path,
+    specs: Sequence[FeatureSpec],
+) -> TrainingSet:
+    spec = project.spec.interactions
+    if spec is None or spec.user_column is None:
+        raise ModelStoreError(
+            f"{project.file}: field 'interactions': training needs a log with a user column; "
+            "train elsewhere and use `rankgate model register`",
+            422,
+        )
+    logs = read_table(project.path(spec.path, data_dir))
+    missing = [
+        c for c in (spec.user_column, spec.item_column, spec.outcome_column) if c not in logs
+    ]
+    if missing:
+        raise ModelStoreError(
+            f"{project.file}: field 'interactions': the log has no column {missing[0]!r}", 422
+        )
+    if spec.time_column and spec.time_column in logs:
+        logs = logs.sort_values(spec.time_column, kind="stable")
+    logs = logs.reset_index(drop=True)
+    users: dict[Any, dict[str, Any]] = {}
+    by_name = {v.name: v for v in views}
+    for name in sorted({s.view for s in specs if s.source == "user" and s.view}):
+        rows = latest_rows(by_name[name], project, project.spec.user.join_key)
+        for key, row in rows.to_dict("index").items():
+            users.setdefault(key, {}).update(row)
+    items = load_item_table(project, views)
+    item_ids = [project.item_id(i) for i in logs[spec.item_column]]
+    known = np.array([i in items for i in item_ids]) if len(items) else np.ones(len(logs), bool)
+    if not known.all() and any(s.source == "item" for s in specs):
+        logs, item_ids = (
+            logs[known].reset_index(drop=True),
+            [i for i, k in zip(item_ids, known, strict=True) if k],
+        )
+    contexts = [c for c in project.context if c in logs.columns]
+    matrix = np.empty((len(logs), len(specs)), dtype=np.float32)
+    ids = np.array(item_ids, dtype=object)
+    for key, positions in logs.groupby(spec.user_column).indices.items():
+        context = logs.loc[positions[0], contexts].to_dict() if contexts else {}
+        if contexts:
+            for pos in positions:
+                context = logs.loc[pos, contexts].to_dict()
+                matrix[pos] = build_matrix(specs, users.get(key, {}), items, [ids[pos]], context)
+        else:
+            matrix[positions] = build_matrix(specs, users.get(key, {}), items, list(ids[positions]))
     return TrainingSet(
         matrix=matrix,
-        labels=impressions["click"].to_numpy(dtype=np.int8),
-        timestamps=impressions["timestamp"].to_numpy(),
+        labels=logs[spec.outcome_column].to_numpy(dtype=np.int8),
+        timestamps=logs[spec.time_column].to_numpy()
+        if spec.time_column in logs
+        else np.arange(len(logs)),
     )
 
 
@@ -139,10 +187,14 @@ def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
 
 def train(
     store: ModelStore,
-    data: PreparedData,
+    project: Project,
+    views: Sequence[FeatureView],
+    infos: Mapping[str, ViewInfo],
+    data_dir: Path,
     version: str,
     params: TrainParams,
-    feature_names: Sequence[str] | None = None,
+    features: FeaturesFile,
+    features_source: str | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
     check_version_name(version)
@@ -151,18 +203,10 @@ def train(
             f"model version {version!r} already exists at {store.path(version)}; "
             "choose a new version (registered versions are immutable)"
         )
-    if not data.is_complete():
-        raise ModelStoreError(f"no prepared data in {data.directory}: run `rankgate setup` first")
-    try:
-        specs = resolve(feature_names or ALL_FEATURE_NAMES)
-    except KeyError as exc:
-        known = ", ".join(ALL_FEATURE_NAMES)
-        raise ModelStoreError(
-            f"--features: unknown feature {exc.args[0]!r} (known: {known})", 422
-        ) from exc
+    specs = resolve(features.inputs, infos, project)
 
     progress(f"{version}: building the training matrix ({len(specs)} features)")
-    dataset = training_set(data, specs)
+    dataset = training_set(project, views, data_dir, specs)
     split = int(len(dataset.labels) * (1 - HOLDOUT_FRACTION))
     train_x, hold_x = dataset.matrix[:split], dataset.matrix[split:]
     train_y, hold_y = dataset.labels[:split], dataset.labels[split:]
@@ -179,81 +223,39 @@ def train(
         log_loss=float(log_loss(hold_y, hold_p, labels=[0, 1])),
     )
 
-    progress(f"{version}: converting to ONNX and checking parity")
-    staging = store.staging_dir()
-    try:
-        onnx.save_model(to_onnx(booster, len(specs)), str(staging / ONNX_FILE))
-        booster.save_model(str(staging / BOOSTER_FILE))
-        rng = np.random.default_rng(0)
-        parity_rows = rng.choice(
-            len(dataset.matrix), min(PARITY_ROWS, len(dataset.matrix)), replace=False
-        )
-        parity_inputs = dataset.matrix[np.sort(parity_rows)]
-        np.save(staging / PARITY_INPUTS_FILE, parity_inputs, allow_pickle=False)
-        native = lgb.Booster(model_file=str(staging / BOOSTER_FILE)).predict(parity_inputs)
-        onnx_scores = OnnxScorer(staging / ONNX_FILE).score(parity_inputs)
-        parity = float(np.max(np.abs(onnx_scores - native)))
-        manifest = Manifest(
-            name=store.name,
-            version=version,
-            created_at=datetime.now(UTC),
-            params=params.model_dump(),
-            features=[
-                ManifestFeature(name=s.name, view=s.view, field=s.field, group=s.group)
-                for s in specs
-            ],
-            artifacts={
-                name: sha256_file(staging / name)
-                for name in (ONNX_FILE, BOOSTER_FILE, PARITY_INPUTS_FILE)
-            },
-            training_data=TrainingData(
-                fingerprint=dataset.fingerprint,
-                rows=len(dataset.labels),
-                positives=int(dataset.labels.sum()),
-                holdout_rows=len(hold_y),
-                holdout_positives=int(hold_y.sum()),
-                split=f"by time: last {HOLDOUT_FRACTION:.0%} of impressions held out",
+    progress(f"{version}: converting to ONNX and registering")
+    rng = np.random.default_rng(0)
+    parity_rows = rng.choice(
+        len(dataset.matrix), min(PARITY_ROWS, len(dataset.matrix)), replace=False
+    )
+    with tempfile.TemporaryDirectory(prefix="rankgate-train-") as scratch:
+        onnx_path, booster_path = Path(scratch) / "model.onnx", Path(scratch) / "booster.txt"
+        onnx.save_model(to_onnx(booster, len(specs)), str(onnx_path))
+        booster.save_model(str(booster_path))
+        manifest = register(
+            store,
+            project,
+            infos,
+            Candidate(
+                version=version,
+                onnx_path=onnx_path,
+                features=features,
+                booster=booster_path,
+                booster_kind="lightgbm",
+                metrics=metrics,
+                params=params.model_dump(),
+                training_data=TrainingData(
+                    fingerprint=dataset.fingerprint,
+                    rows=len(dataset.labels),
+                    positives=int(dataset.labels.sum()),
+                    holdout_rows=len(hold_y),
+                    holdout_positives=int(hold_y.sum()),
+                    split=f"by time: last {HOLDOUT_FRACTION:.0%} of impressions held out",
+                ),
+                sample_rows=dataset.matrix[np.sort(parity_rows)],
+                made_by="rankgate model train",
+                features_source=features_source,
             ),
-            metrics=metrics,
-            onnx=OnnxInfo(
-                input_name=ONNX_INPUT,
-                output_name=PROBABILITIES_OUTPUT,
-                opset=ONNX_OPSET,
-                parity_max_abs_diff=parity,
-            ),
-            libraries={
-                lib: package_version(lib)
-                for lib in ("lightgbm", "onnxmltools", "onnxruntime", "onnx")
-            },
         )
-        write_json(staging / MANIFEST_FILE, manifest.model_dump(mode="json"))
-        store.register(version, staging)
-    except BaseException:
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"{version}: registered at {store.path(version)}")
     return manifest
-
-
-# The two versions `rankgate setup` registers, so promotion has something to promote:
-# v1 uses profile and item attributes only; v2 adds the per-item affinity
-# (behavioural data) and more trees.
-DEFAULT_VERSIONS: dict[str, tuple[list[str], TrainParams]] = {
-    "v1": (
-        [n for n in ALL_FEATURE_NAMES if n != "user_item_affinity"],
-        TrainParams(num_boost_round=60, num_leaves=3, min_child_samples=100, lambda_l2=10.0),
-    ),
-    "v2": (
-        ALL_FEATURE_NAMES,
-        TrainParams(
-            num_boost_round=200,
-            num_leaves=7,
-            min_child_samples=200,
-            learning_rate=0.02,
-            feature_fraction=0.8,
-        ),
-    ),
-}

@@ -31,24 +31,94 @@ def fails_cleanly(func: F) -> F:
 
 @click.group()
 @click.version_option(package_name="rankgate")
-def main() -> None:
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The rankgate project (a folder with rankgate.yaml); default: RANKGATE_PROJECT, "
+    "or the Open Bandit example.",
+)
+def main(project: Path | None) -> None:
     """rankgate: ranked, policy-compliant answers for one person and one purpose.
 
     State lives in RANKGATE_HOME (default: .rankgate/ in the project). Redis is
-    REDIS_URL, or an embedded server the project starts itself.
+    REDIS_URL, or an embedded server the project starts itself. What is served is
+    a project: `rankgate init DIR` starts one, `--project DIR` selects it.
     """
+    if project is not None:
+        import os
+
+        from rankgate.settings import get_settings
+
+        # Every command, and the server processes `serve` starts, read it from here.
+        os.environ["RANKGATE_PROJECT"] = str(project.expanduser().resolve())
+        get_settings.cache_clear()
 
 
 # -- setup -------------------------------------------------------------------
 
 
 @main.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every step, and retrain the project's setup models, even if nothing changed.",
+)
 @fails_cleanly
-def setup() -> None:
-    """Prepare everything the server needs; safe to run again (a no-op when done)."""
+def setup(force: bool) -> None:
+    """Prepare everything the server needs from the project's sources; safe to run again
+    (redoes what changed since the last run, and says what)."""
     from rankgate.setup import run_setup
 
-    run_setup(click.echo)
+    run_setup(click.echo, force=force)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Project name (default: the folder's name).")
+@fails_cleanly
+def init(folder: Path, name: str | None) -> None:
+    """Write a new project skeleton into FOLDER: rankgate.yaml, a Feast repository,
+    policies and a model declaration, each commented with what to fill in."""
+    from rankgate.scaffold import write_skeleton
+
+    for line in write_skeleton(folder, name):
+        click.echo(line)
+
+
+@main.group()
+def project() -> None:
+    """The rankgate project served: check it, or point Feast's own CLI at it."""
+
+
+@project.command("check")
+@click.argument(
+    "folder", required=False, type=click.Path(file_okay=False, path_type=Path), default=None
+)
+@fails_cleanly
+def project_check(folder: Path | None) -> None:
+    """Validate a project (default: the selected one) without starting anything:
+    rankgate.yaml, its Feast definitions, catalogue, policies and model declarations."""
+    from rankgate.project_check import check_project
+
+    for line in check_project(folder):
+        click.echo(line)
+
+
+@project.command("env")
+@fails_cleanly
+def project_env() -> None:
+    """Print the exports Feast's own CLI needs in the project's repository:
+    `eval "$(rankgate project env)"`, then `feast apply` there works."""
+    from rankgate.home import Home
+    from rankgate.redis_server import connect, feast_connection_string, resolve_redis_url
+    from rankgate.settings import get_project
+
+    url = resolve_redis_url()
+    connect(url)
+    click.echo(f"export RANKGATE_FEAST_REDIS='{feast_connection_string(url)}'")
+    click.echo(f"export RANKGATE_DATA_DIR='{Home.from_settings().data_dir}'")
+    click.echo(f"# cd {get_project().feast_repo} && feast apply")
 
 
 @main.command()
@@ -262,28 +332,126 @@ def model() -> None:
     """Versioned ranker models."""
 
 
+FEATURES_OPTION = click.option(
+    "--features",
+    "features_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="FEATURES.yaml: the model's inputs in ONNX column order (Feast references "
+    "view:field, context features).",
+)
+
+
 @model.command("train")
 @click.option("--version", "version", required=True, help="New version name, e.g. v3.")
 @click.option("--params", default=None, help="LightGBM settings: key=value,key=value.")
-@click.option(
-    "--features",
-    "feature_list",
-    default=None,
-    help="Comma-separated model features (default: all).",
-)
+@FEATURES_OPTION
 @fails_cleanly
-def model_train(version: str, params: str | None, feature_list: str | None) -> None:
-    """Train, convert to ONNX and register a new model version."""
+def model_train(version: str, params: str | None, features_path: Path | None) -> None:
+    """Train a LightGBM model on the project's interaction log, convert it to ONNX and
+    register it (the same checks as `model register`). Default inputs: those of the
+    project's last setup model."""
+    from features.spec import load_features_file
     from model_store.train import parse_params, train
     from rankgate.setup import Environment
 
     env = Environment.open(redis=False)
-    names = [n.strip() for n in feature_list.split(",") if n.strip()] if feature_list else None
-    manifest = train(env.models, env.data, version, parse_params(params), names, click.echo)
+    if features_path is None:
+        if not env.project.spec.setup_models:
+            raise RankgateError("--features: required (the project declares no setup models)", 422)
+        features_path = env.project.path(env.project.spec.setup_models[-1].features)
+    manifest = train(
+        env.models,
+        env.project,
+        env.views(),
+        env.view_infos(),
+        env.data_dir,
+        version,
+        parse_params(params),
+        load_features_file(features_path),
+        str(features_path),
+        click.echo,
+    )
+    assert manifest.metrics is not None
     auc = "n/a" if manifest.metrics.auc is None else f"{manifest.metrics.auc:.3f}"
     click.echo(
         f"{version}: held-out AUC {auc}, log loss {manifest.metrics.log_loss:.4f}, "
-        f"ONNX parity {manifest.onnx.parity_max_abs_diff:.1e}"
+        f"ONNX parity {manifest.onnx.parity_max_abs_diff or 0:.1e}"
+    )
+
+
+@model.command("register")
+@click.argument("version")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ONNX model: one float input (rows, inputs), a probability or score output.",
+)
+@click.option(
+    "--features",
+    "features_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FEATURES.yaml: its inputs in ONNX column order.",
+)
+@click.option(
+    "--booster",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The native tree model it was converted from (LightGBM .txt, XGBoost .json, "
+    "scikit-learn .joblib): checked for parity, explained with SHAP.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON or YAML with its held-out `auc` and `log_loss`, kept in the manifest.",
+)
+@fails_cleanly
+def model_register(
+    version: str,
+    onnx_path: Path,
+    features_path: Path,
+    booster: Path | None,
+    metrics_path: Path | None,
+) -> None:
+    """Register a ranker trained anywhere as VERSION, after checking it against the
+    project's Feast registry; registered versions are never overwritten."""
+    from features.spec import load_features_file
+    from model_store.manifest import Metrics
+    from model_store.register import Candidate, register
+    from rankgate.config_files import load_yaml_model
+    from rankgate.setup import Environment
+
+    env = Environment.open(redis=False)
+    infos = env.view_infos()
+    if not infos:
+        raise RankgateError("no Feast registry in this home: run `rankgate setup` first", 409)
+    manifest = register(
+        env.models,
+        env.project,
+        infos,
+        Candidate(
+            version=version,
+            onnx_path=onnx_path,
+            features=load_features_file(features_path),
+            booster=booster,
+            metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
+            features_source=str(features_path.resolve()),
+        ),
+    )
+    parity = manifest.onnx.parity_max_abs_diff
+    click.echo(
+        f"{version}: registered at {env.models.path(version)} ({len(manifest.features)} inputs; "
+        + (
+            f"native parity {parity:.1e}, explained by SHAP"
+            if parity is not None
+            else "no tree model: answers say explainer_unavailable"
+        )
+        + ")"
     )
 
 
@@ -295,7 +463,7 @@ def model_validate(version: str) -> None:
     from rankgate.setup import Environment
 
     env = Environment.open()
-    report = env.models.validate(version, env.feature_views())
+    report = env.models.validate(version, env.view_infos())
     for name, passed, detail in report.checks:
         click.echo(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
     if not report.ok:
@@ -409,7 +577,7 @@ def model_promote(
         raise RankgateError("choose exactly one of --canary PCT, --stable, --shadow, --alternate")
     role = chosen[0]
     env, path = _promotion_context(config_path)
-    report = env.models.validate(version, env.feature_views())
+    report = env.models.validate(version, env.view_infos())
     if not report.ok:
         raise RankgateError(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
@@ -561,7 +729,7 @@ def audit_replay(request_id: str) -> None:
 
     env = Environment.open()
     record = replay.find(env.redis, env.home.namespace, request_id)
-    items = FeatureFetcher(env.feast, env.data).items
+    items = FeatureFetcher(env.feast, env.project, env.data_dir).items
     result = replay.replay(record, env.home, items)
     click.echo(f"request {request_id}: {result.message}")
     click.echo(f"  recorded: {result.recorded}")
@@ -590,10 +758,13 @@ FOLDER_ARGUMENT = click.argument(
 @FOLDER_ARGUMENT
 @fails_cleanly
 def policy_check(folder: Path | None) -> None:
-    """Validate policy.yaml and fallback.yaml of FOLDER (default: policies/)."""
+    """Validate policy.yaml and fallback.yaml of FOLDER (default: the project's policies),
+    with their item ids against the project's catalogue."""
     from rankgate.policy import load_policy_set
+    from rankgate.setup import Environment
 
-    checked = load_policy_set(folder)
+    env = Environment.open(redis=False)
+    checked = load_policy_set(folder, env.catalogue(), env.project.item_type)
     click.echo(
         f"{checked.folder}: policy {checked.policy.version}, fallback {checked.fallback.version}, "
         f"digest {checked.digest}: valid"
@@ -609,9 +780,11 @@ def policy_deploy(folder: Path | None, config_path: Path | None) -> None:
     digest of the files checked, and the running server re-reads them in place. A file
     with an error is refused here, and by the server, which keeps its current policy."""
     from rankgate.policy import load_policy_set
+    from rankgate.setup import Environment
     from serving.promotion import write_policy
 
-    checked = load_policy_set(folder)
+    project_env = Environment.open(redis=False)
+    checked = load_policy_set(folder, project_env.catalogue(), project_env.project.item_type)
     env, path = _promotion_context(config_path)
     write_policy(path, checked.folder, checked.digest)
     click.echo(f"{path}: policy {checked.policy.version} from {checked.folder} ({checked.digest})")
@@ -700,7 +873,7 @@ def privacy_forget(user_id: str) -> None:
 
     checked_user_id(user_id)  # a bad id is refused before Redis is even opened
     env = Environment.open()
-    report = Eraser(env.redis, env.home).forget(user_id)
+    report = Eraser(env.redis, env.home, env.project).forget(user_id)
     click.echo(report.summary())
 
 

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from rankgate.config_files import load_yaml_model, parse_yaml_model, read_config_bytes
-from rankgate.settings import PROJECT_ROOT
+from rankgate.errors import ConfigError
+from rankgate.settings import PROJECT_ROOT, get_project
+from rankgate.strict import Strict
 
-POLICY_DIR = PROJECT_ROOT / "policies"
+# Commented starting points `rankgate init` copies into a new project.
+TEMPLATE_DIR = PROJECT_ROOT / "policies"
+ItemId = int | str
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def policy_dir() -> Path:
+    """The policies folder of the project being served."""
+    return get_project().policies
 
 
 class Region(Strict):
@@ -36,7 +42,8 @@ class Purpose(Strict):
 class ItemRule(Strict):
     name: str
     description: str = ""
-    items: list[int] = Field(min_length=1)
+    items: list[ItemId] = Field(min_length=1)
+    """Catalogue item ids (of the project's id type)."""
     purposes: list[str] | None = None
     """Purposes the rule applies to (None: all)."""
     regions: list[str] | None = None
@@ -47,7 +54,7 @@ class Policy(Strict):
     version: str = Field(min_length=1)
     regions: dict[str, Region] = Field(min_length=1)
     purposes: dict[str, Purpose] = Field(min_length=1)
-    item_rules: list[ItemRule] = []
+    item_rules: list[ItemRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _rules_name_known_things(self) -> Policy:
@@ -60,8 +67,8 @@ class Policy(Strict):
                     raise ValueError(f"item_rules.{index}.regions: unknown region {region!r}")
         return self
 
-    def excluded_items(self, purpose: str, region: str) -> frozenset[int]:
-        excluded: set[int] = set()
+    def excluded_items(self, purpose: str, region: str) -> frozenset[ItemId]:
+        excluded: set[ItemId] = set()
         for rule in self.item_rules:
             if rule.purposes is not None and purpose not in rule.purposes:
                 continue
@@ -73,24 +80,59 @@ class Policy(Strict):
 
 class Boost(Strict):
     name: str
-    items: list[int] = Field(min_length=1)
+    items: list[ItemId] = Field(min_length=1)
+    """Catalogue item ids whose fallback score is multiplied by `factor`."""
     factor: float = Field(gt=0)
 
 
 class FallbackRules(Strict):
     version: str = Field(min_length=1)
-    strategy: Literal["popularity"] = "popularity"
+    strategy: Literal["popularity", "static"] = "popularity"
+    """popularity: smoothed outcome rate per item over the project's interaction log;
+    static: the order of `ranking`, then the rest of the catalogue by item id."""
     prior_clicks: float = Field(1.0, ge=0)
     prior_impressions: float = Field(250.0, gt=0)
-    boosts: list[Boost] = []
+    ranking: list[ItemId] = Field(default_factory=list)
+    """The static ranking, best first (strategy static)."""
+    boosts: list[Boost] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _static_has_ranking(self) -> FallbackRules:
+        if self.strategy == "static" and not self.ranking:
+            raise ValueError("ranking: strategy static needs the ranking (item ids, best first)")
+        return self
 
 
 def load_policy(path: Path | None = None) -> Policy:
-    return load_yaml_model(path or POLICY_DIR / "policy.yaml", Policy)
+    return load_yaml_model(path or policy_dir() / "policy.yaml", Policy)
 
 
 def load_fallback_rules(path: Path | None = None) -> FallbackRules:
-    return load_yaml_model(path or POLICY_DIR / "fallback.yaml", FallbackRules)
+    return load_yaml_model(path or policy_dir() / "fallback.yaml", FallbackRules)
+
+
+def check_items(
+    named: list[tuple[Path, str, list[ItemId]]],
+    catalogue: Collection[ItemId],
+    item_type: type[int | str],
+) -> None:
+    """ConfigError (file and field) for the first rule that names an item of the wrong
+    type or one the catalogue lacks."""
+    known = catalogue if isinstance(catalogue, (set, frozenset)) else set(catalogue)
+    for path, field, items in named:
+        wrong = [i for i in items if type(i) is not item_type]
+        if wrong:
+            kind = "integers" if item_type is int else "strings"
+            raise ConfigError(
+                f"{path}: field {field!r}: item ids of this catalogue are {kind}; "
+                f"{wrong[0]!r} is not"
+            )
+        unknown = [i for i in items if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"{path}: field {field!r}: not in the catalogue: "
+                + ", ".join(repr(i) for i in unknown[:5])
+            )
 
 
 @dataclass(frozen=True)
@@ -105,13 +147,28 @@ class PolicySet:
     serving config, so replicas serve exactly the files that were checked."""
 
 
-def load_policy_set(folder: Path | None = None) -> PolicySet:
-    """Read and validate policy.yaml and fallback.yaml; ConfigError names file and field."""
-    folder = (folder or POLICY_DIR).resolve()
+def load_policy_set(
+    folder: Path | None = None,
+    catalogue: Collection[ItemId] | None = None,
+    item_type: type[int | str] | None = None,
+) -> PolicySet:
+    """Read and validate policy.yaml and fallback.yaml; ConfigError names file and field.
+    With the catalogue, item rules and boosts must name its items, of its type."""
+    folder = (folder or policy_dir()).resolve()
     # Each file is read once: the digest is of exactly the bytes that were validated.
     policy_bytes = read_config_bytes(folder / "policy.yaml")
     fallback_bytes = read_config_bytes(folder / "fallback.yaml")
     policy = parse_yaml_model(policy_bytes, folder / "policy.yaml", Policy)
     fallback = parse_yaml_model(fallback_bytes, folder / "fallback.yaml", FallbackRules)
     digest = hashlib.sha256(policy_bytes + b"\0" + fallback_bytes).hexdigest()[:16]
+    if catalogue is not None:
+        named = [
+            (folder / "policy.yaml", f"item_rules.{n}.items", rule.items)
+            for n, rule in enumerate(policy.item_rules)
+        ] + [
+            (folder / "fallback.yaml", f"boosts.{n}.items", boost.items)
+            for n, boost in enumerate(fallback.boosts)
+        ]
+        named.append((folder / "fallback.yaml", "ranking", fallback.ranking))
+        check_items(named, catalogue, item_type or int)
     return PolicySet(folder, policy, fallback, digest)

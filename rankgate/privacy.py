@@ -7,10 +7,11 @@ that key finds everything:
                         per entity key, with a `_ts:<view>` field per feature view
     consent record      <namespace>:consent:<user_key>
     audit records       entries of <namespace>:audit whose record names the user key
-    offline rows        rows of the prepared tables with a `user_key` column: the
-                        sources `rankgate features materialize` reads, and the
-                        training log (kept consistent with them: training joins the
-                        two and would fail on a log row without its profile)
+    offline rows        rows with the user join key column (rankgate.yaml `user.join_key`)
+                        in every Parquet table of the home's data folder (what the
+                        project's prepare step wrote) and in the project's own
+                        Parquet sources of user views and its interaction log: the
+                        sources `rankgate features materialize` and training read
 
 `routing:*`, `shadow:*` and `setup:*` keys hold no user keys, so there is nothing
 else to erase. The offline rows go first, so a materialize running meanwhile
@@ -27,18 +28,18 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 from feast.infra.key_encoding_utils import deserialize_entity_key
 
-from features.definitions import VIEW_ENTITY, user
 from features.store import ENTITY_KEY_SERIALIZATION_VERSION
 from rankgate.consent import consent_key
 from rankgate.errors import RankgateError, RedisUnavailable
-from rankgate.example_data import PREPARED_FILES, PreparedData, prepared
 from rankgate.home import Home
+from rankgate.project import Project
 from rankgate.pseudonym import user_key
 from serving.audit import audit_key
 from serving.config import LimitsConfig
@@ -47,7 +48,6 @@ from serving.schemas import check_user_id
 SCAN_COUNT = 1000
 AUDIT_PAGE = 1000
 SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
-USER_VIEWS = tuple(view for view, entity in VIEW_ENTITY.items() if entity == user.name)
 
 
 def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
@@ -106,7 +106,7 @@ class ErasureReport:
         return f"erased for {who}: " + ", ".join(parts)
 
 
-def feast_user_key(redis_key: bytes, project: str) -> str | None:
+def feast_user_key(redis_key: bytes, project: str, join_key: str) -> str | None:
     """The user key a Feast online row of `project` is keyed by; None for any other key."""
     suffix = project.encode()
     if not redis_key.endswith(suffix):
@@ -118,21 +118,20 @@ def feast_user_key(redis_key: bytes, project: str) -> str | None:
         )
     except (ValueError, struct.error):
         return None  # not an entity key: some other key that merely contains the bytes
-    for join_key, value in zip(entity.join_keys, entity.entity_values, strict=False):
-        if join_key == user.join_key and value.WhichOneof("val") == "string_val":
+    for name, value in zip(entity.join_keys, entity.entity_values, strict=False):
+        if name == join_key and value.WhichOneof("val") == "string_val":
             return str(value.string_val)
     return None
 
 
-def erase_offline_rows(data: PreparedData, key: str) -> dict[str, int]:
-    """Drop the person's rows from every prepared table keyed by user; rows erased per table."""
+def erase_offline_rows(tables: list[Path], column: str, key: str) -> dict[str, int]:
+    """Drop the person's rows from every table with the user column; rows erased per table."""
     erased: dict[str, int] = {}
-    for name in PREPARED_FILES:
-        path = data.path(name)
-        if not path.exists() or "user_key" not in pq.read_schema(path).names:
+    for path in tables:
+        if not path.exists() or column not in pq.read_schema(path).names:
             continue
         table = pq.read_table(path)
-        mine = pc.fill_null(pc.equal(table["user_key"], key), False)
+        mine = pc.fill_null(pc.equal(table[column], key), False)
         count = int(pc.sum(mine).as_py() or 0)
         erased[path.stem] = count
         if count:
@@ -143,6 +142,28 @@ def erase_offline_rows(data: PreparedData, key: str) -> dict[str, int]:
     return erased
 
 
+def offline_tables(home: Home, project: Project) -> list[Path]:
+    """The Parquet tables a person's rows may be in: the home's data folder (what the
+    prepare step wrote) and the project's file sources of user views and its log."""
+    tables = set(home.data_dir.rglob("*.parquet")) if home.data_dir.exists() else set()
+    if project.spec.interactions is not None:
+        tables.add(project.path(project.spec.interactions.path, home.data_dir))
+    if (home.feast_dir / "registry.db").exists():
+        from feast import FeatureStore
+
+        from features.store import repo_config, source_path
+
+        # Only the registry is read: no Redis connection is made.
+        store = FeatureStore(config=repo_config(home, "redis://127.0.0.1:6379/0", project=project))
+        for view in store.list_feature_views():
+            if project.spec.user.entity in view.entities:
+                try:
+                    tables.add(source_path(view, project))
+                except RankgateError:
+                    continue  # not a file source: nothing rankgate can rewrite
+    return sorted(p for p in tables if p.suffix == ".parquet")
+
+
 class Eraser:
     """Erases one person from a home: offline tables first, then Redis.
 
@@ -151,17 +172,18 @@ class Eraser:
     as such, and running `forget` again finishes the job.
     """
 
-    def __init__(self, client: redis.Redis, home: Home) -> None:
+    def __init__(self, client: redis.Redis, home: Home, project: Project) -> None:
         self.client = client
         self.namespace = home.namespace
-        self.project = home.namespace  # the Feast project of a home is its namespace
-        self.data = prepared(home)
+        self.feast_project = home.namespace  # the Feast project of a home is its namespace
+        self.join_key = project.spec.user.join_key
+        self.tables = offline_tables(home, project)
 
     def forget(self, user_id: str) -> ErasureReport:
         key = user_key(checked_user_id(user_id))
         with self._redis("nothing was erased"):
             self.client.ping()
-        offline = erase_offline_rows(self.data, key)
+        offline = erase_offline_rows(self.tables, self.join_key, key)
         with self._redis("run the command again to finish erasing"):
             feature_rows = self.erase_feature_rows(key)
             consent = int(self.client.delete(consent_key(self.namespace, key)))  # type: ignore[arg-type]
@@ -175,11 +197,11 @@ class Eraser:
         entity key, finds rows under any entity key that includes the person, and
         rows of views no longer in the registry.
         """
-        rows: Counter[str] = Counter({view: 0 for view in USER_VIEWS})
+        rows: Counter[str] = Counter()
         names = [
             name
             for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
-            if feast_user_key(name, self.project) == key
+            if feast_user_key(name, self.feast_project, self.join_key) == key
         ]
         if not names:
             return dict(rows)

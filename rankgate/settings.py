@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from rankgate.project import Project
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +33,10 @@ class Settings(BaseSettings):
     home: Path = Field(default=PROJECT_ROOT / ".rankgate")
     """State folder (RANKGATE_HOME). Default: `.rankgate/` in the project (git-ignored)."""
 
+    project: Path = Field(default=PROJECT_ROOT / "examples" / "open_bandit")
+    """The rankgate project served (RANKGATE_PROJECT, or `--project`): a folder with a
+    rankgate.yaml. Default: the Open Bandit example."""
+
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "RANKGATE_REDIS_URL")
     )
@@ -37,7 +45,7 @@ class Settings(BaseSettings):
     user_key_secret: str = DEV_USER_KEY_SECRET
     """Key of the HMAC that turns user ids into the pseudonymous keys stored in Redis."""
 
-    @field_validator("home")
+    @field_validator("home", "project")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
@@ -55,3 +63,15 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+@lru_cache(maxsize=4)
+def _project_at(folder: Path) -> Project:
+    from rankgate.project import load_project
+
+    return load_project(folder)
+
+
+def get_project(settings: Settings | None = None) -> Project:
+    """The project these settings select, loaded once per process."""
+    return _project_at((settings or get_settings()).project)

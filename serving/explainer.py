@@ -1,4 +1,6 @@
-"""Explanations: SHAP TreeExplainer on the native booster stored beside the ONNX file.
+"""Explanations: SHAP TreeExplainer on the native tree model stored beside the ONNX
+file (LightGBM, XGBoost or scikit-learn trees). A version registered without one
+has no explainer: its answers say `explainer_unavailable`, never an invented reason.
 
 Only the returned top-k rows are explained (SHAP costs about a millisecond per
 ten rows here), each with its top positive contributions rendered as
@@ -7,17 +9,18 @@ plain-language reasons from policies/reasons.yaml.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.vector import FeatureSpec
-from model_store.manifest import BOOSTER_FILE
+from features.spec import FeatureSpec
+from model_store.manifest import Manifest
+from model_store.native import contributions, load_native, tree_explainer
 from rankgate.config_files import load_yaml_model
-from rankgate.policy import POLICY_DIR
+from rankgate.errors import ModelStoreError
+from rankgate.policy import policy_dir
 from serving.schemas import Reason
 
 
@@ -30,31 +33,30 @@ class ReasonTemplates(BaseModel):
 
 
 def load_reason_templates(path: Path | None = None) -> ReasonTemplates:
-    return load_yaml_model(path or POLICY_DIR / "reasons.yaml", ReasonTemplates)
+    return load_yaml_model(path or policy_dir() / "reasons.yaml", ReasonTemplates)
 
 
 class Explainer:
     def __init__(
-        self, model_dir: Path, specs: Sequence[FeatureSpec], templates: ReasonTemplates
+        self,
+        model_dir: Path,
+        manifest: Manifest,
+        specs: Sequence[FeatureSpec],
+        templates: ReasonTemplates,
     ) -> None:
-        import lightgbm as lgb
-        import shap
-
+        if manifest.booster is None:
+            raise ModelStoreError(f"{manifest.version}: registered without a tree model")
         self.specs = list(specs)
         self.templates = templates
-        booster = lgb.Booster(model_file=str(model_dir / BOOSTER_FILE))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.tree = shap.TreeExplainer(booster)
+        native = load_native(model_dir / manifest.booster.file, manifest.booster.kind)
+        self.tree = tree_explainer(native)
 
     def explain(self, matrix: np.ndarray) -> list[list[Reason]]:
         """Reasons per row: the features that raised its score most (log-odds units)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            contributions = np.asarray(self.tree.shap_values(matrix))
+        values = contributions(self.tree, matrix)
         limit = self.templates.max_reasons_per_item
         explained = []
-        for row in contributions.reshape(len(matrix), len(self.specs)):
+        for row in values:
             order = [int(i) for i in np.argsort(-row) if row[i] > 0][:limit]
             explained.append([self._reason(self.specs[i], float(row[i])) for i in order])
         return explained

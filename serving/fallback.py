@@ -1,6 +1,7 @@
-"""Rule-based fallback: smoothed popularity from the logs, with business boosts.
+"""Rule-based fallback: smoothed popularity from the project's interaction log, or a
+static ranking, with business boosts.
 
-Built once from the impression logs of the home and policies/fallback.yaml; a
+Built once per policy revision (fallback.yaml of the project's policies); a
 ranking costs microseconds and needs no other service, so it is always there.
 """
 
@@ -10,19 +11,39 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from rankgate.errors import ConfigError
 from rankgate.policy import FallbackRules
+from rankgate.project import ItemId, Project
 
 
-class PopularityFallback:
-    def __init__(self, rules: FallbackRules, impressions_path: Path) -> None:
+def popularity(rules: FallbackRules, project: Project, data_dir: Path) -> dict[ItemId, float]:
+    """(outcomes + prior) / (impressions + prior) per item of the interaction log."""
+    from features.store import read_table
+
+    log = project.spec.interactions
+    if log is None:
+        raise ConfigError(
+            f"{project.policies / 'fallback.yaml'}: field 'strategy': popularity needs the "
+            f"project's interaction log ({project.file}: interactions), or use strategy static"
+        )
+    frame = read_table(project.path(log.path, data_dir), [log.item_column, log.outcome_column])
+    stats = frame.groupby(log.item_column)[log.outcome_column].agg(["sum", "count"])
+    ctr = (stats["sum"] + rules.prior_clicks) / (stats["count"] + rules.prior_impressions)
+    return {project.item_id(i): float(s) for i, s in ctr.items()}
+
+
+class RuleFallback:
+    def __init__(self, rules: FallbackRules, project: Project, data_dir: Path) -> None:
         self.rules = rules
-        logs = pd.read_parquet(impressions_path, columns=["item_id", "click"])
-        stats = logs.groupby("item_id")["click"].agg(["sum", "count"])
-        ctr = (stats["sum"] + rules.prior_clicks) / (stats["count"] + rules.prior_impressions)
-        self.score_of: dict[int, float] = {int(i): float(s) for i, s in ctr.items()}
-        self.default_score = rules.prior_clicks / rules.prior_impressions
+        if rules.strategy == "static":
+            # Best first: the first item scores 1, the last above 0; the rest score 0.
+            n = len(rules.ranking)
+            self.score_of = {item: (n - pos) / n for pos, item in enumerate(rules.ranking)}
+            self.default_score = 0.0
+        else:
+            self.score_of = popularity(rules, project, data_dir)
+            self.default_score = rules.prior_clicks / rules.prior_impressions
         for boost in rules.boosts:
             for item in boost.items:
                 self.score_of[item] = self.score_of.get(item, self.default_score) * boost.factor
@@ -31,11 +52,11 @@ class PopularityFallback:
     def strategy(self) -> str:
         return self.rules.strategy
 
-    def scores(self, item_ids: Sequence[int]) -> np.ndarray:
-        return np.array([self.score_of.get(int(i), self.default_score) for i in item_ids])
+    def scores(self, item_ids: Sequence[ItemId]) -> np.ndarray:
+        return np.array([self.score_of.get(i, self.default_score) for i in item_ids])
 
-    def rank(self, item_ids: Sequence[int], k: int) -> list[tuple[int, float]]:
+    def rank(self, item_ids: Sequence[ItemId], k: int) -> list[tuple[ItemId, float]]:
         """Top-k (item, score), best first; ties broken by item id for stable answers."""
         scores = self.scores(item_ids)
         order = sorted(range(len(item_ids)), key=lambda n: (-scores[n], item_ids[n]))[:k]
-        return [(int(item_ids[n]), float(scores[n])) for n in order]
+        return [(item_ids[n], float(scores[n])) for n in order]

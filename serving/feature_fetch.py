@@ -11,21 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from feast import FeatureStore
 from feast.infra.online_stores.redis import RedisOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type
 
-from features.definitions import ITEM_CONTEXT, VIEW_ENTITY, VIEW_FIELDS
+from features.spec import ViewInfo
+from features.store import load_catalogue, view_infos
 from features.vector import ItemTable
-from rankgate.example_data import PreparedData
+from rankgate.project import ItemId, Project
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,39 +45,46 @@ class UserFeatures:
         return not self.missing_views
 
 
-def _user_entity(key: str) -> EntityKey:
-    return EntityKey(join_keys=["user_key"], entity_values=[Value(string_val=key)])
-
-
-def _item_entity(item_id: int) -> EntityKey:
-    return EntityKey(join_keys=["item_id"], entity_values=[Value(int64_val=int(item_id))])
-
-
 class FeatureFetcher:
-    """Reads the online store of one Feast repository (one home)."""
+    """Reads the online store of one project's Feast repository (one home)."""
 
-    def __init__(self, store: FeatureStore, data: PreparedData) -> None:
+    def __init__(self, store: FeatureStore, project: Project, data_dir: Path) -> None:
         self.store = store
         self.config = store.config
+        self.project = project
         self.online = RedisOnlineStore()
-        self.views = {name: store.get_feature_view(name) for name in VIEW_FIELDS}
+        views = store.list_feature_views()
+        self.views = {view.name: view for view in views}
+        self.infos: dict[str, ViewInfo] = view_infos(views, project)
         self.ttl_s = {
             name: view.ttl.total_seconds() for name, view in self.views.items() if view.ttl
         }
-        catalogue = pd.read_parquet(data.item_context, columns=["item_id"])["item_id"]
-        self.catalogue: list[int] = sorted(int(i) for i in catalogue)
+        self.user_join_key = project.spec.user.join_key
+        self.item_join_key = project.spec.item.join_key
+        self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir)
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
 
+    def _user_entity(self, key: str) -> EntityKey:
+        return EntityKey(join_keys=[self.user_join_key], entity_values=[Value(string_val=key)])
+
+    def _item_entity(self, item_id: ItemId) -> EntityKey:
+        value = Value(int64_val=item_id) if isinstance(item_id, int) else Value(string_val=item_id)
+        return EntityKey(join_keys=[self.item_join_key], entity_values=[value])
+
     def read_items(self) -> ItemTable:
-        """Item view of the whole catalogue, read from the online store (sync, at start)."""
+        """Item view of the whole catalogue, read from the online store (sync, at start);
+        without an item view, the catalogue's ids with no attributes."""
+        name = self.project.spec.item_view
+        if name is None:
+            return ItemTable({item_id: {} for item_id in self.catalogue})
         rows = self.online.online_read(
             self.config,
-            self.views[ITEM_CONTEXT],
-            [_item_entity(i) for i in self.catalogue],
-            list(VIEW_FIELDS[ITEM_CONTEXT]),  # a copy: Feast appends to the list it gets
+            self.views[name],
+            [self._item_entity(i) for i in self.catalogue],
+            list(self.infos[name].fields),  # a copy: Feast appends to the list it gets
         )
-        table: dict[int, dict[str, Any]] = {}
+        table: dict[ItemId, dict[str, Any]] = {}
         for item_id, (_, values) in zip(self.catalogue, rows, strict=True):
             table[item_id] = {
                 name: feast_value_type_to_python_type(value)
@@ -101,14 +109,13 @@ class FeatureFetcher:
         except Exception as exc:  # noqa: BLE001 - keep serving the table we have
             logger.warning("item table refresh failed, keeping the cached one: %s", exc)
 
-    async def fetch_user(self, user_key: str, views: Iterable[str]) -> UserFeatures:
-        user_views = sorted(v for v in views if VIEW_ENTITY[v] == "user")
-        entity = [_user_entity(user_key)]
+    async def fetch_user(self, user_key: str, fields: Mapping[str, list[str]]) -> UserFeatures:
+        """The person's rows of the user views, only the fields named per view."""
+        user_views = sorted(v for v in fields if self.infos[v].entity == "user")
+        entity = [self._user_entity(user_key)]
         results = await asyncio.gather(
             *[
-                self.online.online_read_async(
-                    self.config, self.views[v], entity, list(VIEW_FIELDS[v])
-                )
+                self.online.online_read_async(self.config, self.views[v], entity, list(fields[v]))
                 for v in user_views
             ]
         )

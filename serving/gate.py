@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from rankgate.consent import ConsentState
 from rankgate.policy import Policy
+from rankgate.project import ItemId
 from serving.schemas import PolicyBlock, PolicyCheck
 
 
@@ -26,7 +27,7 @@ class GateDecision:
     reason: str | None
     """Fallback reason when not personalizing (no_consent, consent_unavailable, ...)."""
     allowed_views: frozenset[str]
-    excluded_items: frozenset[int]
+    excluded_items: frozenset[ItemId]
     checks: list[PolicyCheck] = field(default_factory=list)
     policy_version: str = ""
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from rankgate.project import ItemId
 from serving.config import LimitsConfig
 from serving.schemas import (
     CONTEXT_KEY_PATTERN,
@@ -48,10 +49,16 @@ def user_id_schema(limits: LimitsConfig) -> JsonSchema:
     }
 
 
-def item_id_schema(items: Collection[int]) -> JsonSchema:
-    """Ids of the loaded catalogue: a range when it has no gaps (the example's
-    0..79), else the ids themselves while the list stays short."""
-    ids = sorted(items)
+def item_id_schema(items: Collection[ItemId], item_type: str = "int") -> JsonSchema:
+    """Ids of the loaded catalogue, of its declared type: for integers a range when it
+    has no gaps, else the ids themselves while the list stays short."""
+    if item_type == "string":
+        names = sorted(str(i) for i in items)
+        schema_s: JsonSchema = {"type": "string", "minLength": 1}
+        if len(names) <= MAX_LISTED_ITEM_IDS:
+            schema_s["enum"] = names
+        return schema_s
+    ids = sorted(int(i) for i in items)
     if not ids:
         return {"type": "integer", "not": {}}  # nothing can be a candidate
     schema: JsonSchema = {"type": "integer", "minimum": ids[0], "maximum": ids[-1]}
@@ -76,7 +83,7 @@ def rank_request_schema(rules: RequestRules | None) -> JsonSchema:
     _rewrite(props, "region", type="string", enum=list(rules.regions))
     candidates = {
         "type": "array",
-        "items": item_id_schema(rules.items),
+        "items": item_id_schema(rules.items, rules.item_type),
         "minItems": 1,
         "maxItems": limits.max_candidates,
         "uniqueItems": True,
@@ -89,6 +96,15 @@ def rank_request_schema(rules: RequestRules | None) -> JsonSchema:
         type="object",
         maxProperties=limits.max_context_entries,
         propertyNames={"pattern": json_pattern(CONTEXT_KEY_PATTERN)},
+        properties={
+            name: {
+                "type": "string",
+                "maxLength": limits.max_context_value_chars,
+                **({"enum": feature.values} if feature.values is not None else {}),
+                "description": feature.description or f"context feature ({feature.type})",
+            }
+            for name, feature in rules.context.items()
+        },
         additionalProperties={"type": "string", "maxLength": limits.max_context_value_chars},
     )
     bounded = {"type": "number", "minimum": budget.min_ms, "maximum": budget.max_ms}

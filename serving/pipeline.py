@@ -14,21 +14,22 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 
-from features.vector import build_matrix
+from features.vector import build_matrix, user_fields
 from rankgate.consent import ConsentState, consent_key, parse_state
+from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.audit import AuditWriter
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
-from serving.fallback import PopularityFallback
+from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
 from serving.metrics import ServingMetrics
@@ -71,7 +72,7 @@ class Deadline:
 class Outcome:
     """What the stages decided, turned into a RankResponse at the end."""
 
-    ranked: list[tuple[int, float]] = field(default_factory=list)
+    ranked: list[tuple[ItemId, float]] = field(default_factory=list)
     model: ModelRef | None = None
     fallback: Fallback | None = None
     reasons: list[list] | None = None
@@ -96,7 +97,7 @@ class RankPipeline:
         audit: AuditWriter,
         score: ScoreFn,
         explainers: dict[str, Explainer],
-        fallback: PopularityFallback,
+        fallback: RuleFallback,
     ) -> None:
         self.config = config
         self.gate = gate
@@ -121,7 +122,14 @@ class RankPipeline:
             gate.policy.purposes,
             gate.policy.regions,
             fetcher.catalogue,
+            fetcher.project.spec.item.id_type,
+            fetcher.project.context,
         )
+        # The fields each loaded version reads per user view (the Feast reads it needs).
+        self.fields_of = {
+            version: user_fields(model.specs, fetcher.infos)
+            for version, model in models.loaded.items()
+        }
 
     async def warm_up(self) -> None:
         """Open the Redis connections (consent and Feast) before the first request pays for it."""
@@ -129,10 +137,10 @@ class RankPipeline:
         deadline = Deadline(5000)
         await self._sync_rollbacks()
         await self.read_consent(probe, next(iter(self.gate.policy.purposes)), deadline)
-        views = {view for model in self.models.loaded.values() for view in model.views}
+        fields = merge_fields(self.fields_of.values())
         # A store that is down now is handled per request; warming up is best effort.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.fetcher.fetch_user(probe, views), timeout=5)
+            await asyncio.wait_for(self.fetcher.fetch_user(probe, fields), timeout=5)
 
     # -- input ---------------------------------------------------------------
 
@@ -254,14 +262,19 @@ class RankPipeline:
             self.metrics.canary_weight.labels(canary.version).set(self.router.canary_weight)
 
     async def _shadow(
-        self, version: str, user: Any, eligible: Sequence[int], live: list[tuple[int, float]]
+        self,
+        version: str,
+        user: Any,
+        eligible: Sequence[ItemId],
+        live: list[tuple[ItemId, float]],
+        context: Mapping[str, str],
     ) -> None:
         """Score a copy of the request with a shadow version and record agreement with the live answer."""
         model = self.models.loaded.get(version)
         try:
             if model is None:
                 raise ModelUnavailable(self.models.errors.get(version, version))
-            matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible)
+            matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible, context)
             scores = model.scorer.score(matrix)
             k = len(live)
             shadow_top = {eligible[n] for n in np.argsort(-scores, kind="stable")[:k]}
@@ -290,7 +303,7 @@ class RankPipeline:
         request: RankRequest,
         key: str,
         decision: GateDecision,
-        eligible: Sequence[int],
+        eligible: Sequence[ItemId],
         deadline: Deadline,
         timings: dict[str, float],
     ) -> Outcome:
@@ -311,13 +324,13 @@ class RankPipeline:
         # Features: only the views the model (and permitted shadows) read, and
         # only for a person the gate cleared.
         shadows = self.router.shadows(decision.allowed_views, self.models.views_of)
-        views = set(model.views).union(*(self.models.views_of[s] or () for s in shadows))
+        fields = merge_fields(self.fields_of.get(v, {}) for v in [version, *shadows])
         started = time.perf_counter()
         try:
             if deadline.remaining_s() <= 0:
                 raise TimeoutError
             user = await asyncio.wait_for(
-                self.fetcher.fetch_user(key, views), timeout=deadline.remaining_s()
+                self.fetcher.fetch_user(key, fields), timeout=deadline.remaining_s()
             )
         except TimeoutError:
             timings["features"] = _ms_since(started)
@@ -336,7 +349,7 @@ class RankPipeline:
         started = time.perf_counter()
         items = self.fetcher.items  # one table for the matrix and the audit record
         outcome.user, outcome.items_digest = user, items.digest
-        matrix = build_matrix(model.specs, user.values, items, eligible)
+        matrix = build_matrix(model.specs, user.values, items, eligible, request.context)
         try:
             if deadline.remaining_s() <= 0:
                 raise TimeoutError
@@ -353,10 +366,10 @@ class RankPipeline:
             timings["rank"] = _ms_since(started)
             return self._degrade(outcome, "model_error", type(exc).__name__)
         order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
-        outcome.ranked = [(int(eligible[n]), float(scores[n])) for n in order]
+        outcome.ranked = [(eligible[n], float(scores[n])) for n in order]
         timings["rank"] = _ms_since(started)
         for shadow in shadows:
-            self._spawn(self._shadow(shadow, user, eligible, outcome.ranked))
+            self._spawn(self._shadow(shadow, user, eligible, outcome.ranked, request.context))
 
         if request.explain:
             started = time.perf_counter()
@@ -384,7 +397,7 @@ class RankPipeline:
 def audit_record(
     request: RankRequest,
     key: str,
-    eligible: Sequence[int],
+    eligible: Sequence[ItemId],
     outcome: Outcome,
     response: RankResponse,
     app: str | None = None,
@@ -400,9 +413,11 @@ def audit_record(
         "k": request.k,
         "policy": response.policy.model_dump(exclude_unset=True),
         "model": response.model.model_dump() if response.model else None,
-        "candidates": [int(c) for c in eligible],
+        "candidates": list(eligible),
         "features": (
-            {"values": outcome.user.values, "age_s": outcome.user.age_s} if outcome.user else None
+            {"values": outcome.user.values, "age_s": outcome.user.age_s, "context": request.context}
+            if outcome.user
+            else None
         ),
         "item_table": outcome.items_digest,
         "items": [[item.item_id, item.score] for item in response.items],
@@ -414,6 +429,16 @@ def audit_record(
         ),
         "timings_ms": response.timings_ms,
     }
+
+
+def merge_fields(maps: Iterable[Mapping[str, list[str]]]) -> dict[str, list[str]]:
+    """One read per view for several models: the union of their fields, in order."""
+    merged: dict[str, list[str]] = {}
+    for fields in maps:
+        for view, names in fields.items():
+            have = merged.setdefault(view, [])
+            have += [n for n in names if n not in have]
+    return merged
 
 
 def _ms_since(started: float) -> float:

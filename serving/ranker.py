@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.vector import FeatureSpec, resolve
+from features.spec import FeatureSpec
 from model_store.manifest import ONNX_FILE, Manifest
 from model_store.onnx_scoring import OnnxScorer
 from model_store.store import ModelStore
@@ -35,7 +35,7 @@ class LoadedModel:
 
     @property
     def views(self) -> frozenset[str]:
-        return frozenset(spec.view for spec in self.specs)
+        return frozenset(spec.view for spec in self.specs if spec.view is not None)
 
 
 class ModelSet:
@@ -60,8 +60,8 @@ class ModelSet:
             name=store.name,
             version=version,
             manifest=manifest,
-            specs=resolve(manifest.feature_names),
-            scorer=OnnxScorer(store.path(version) / ONNX_FILE),
+            specs=manifest.specs,
+            scorer=OnnxScorer(store.path(version) / ONNX_FILE, manifest.onnx.output_name),
         )
 
 

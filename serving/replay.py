@@ -90,7 +90,7 @@ def replay(record: dict[str, Any], home: Home, items: ItemTable) -> Replay:
     """Re-score a recorded decision with its model version and recorded features."""
     # Imported here, not at the top: `rankgate audit tail` only reads the stream
     # and should not wait seconds for Feast and onnxruntime.
-    from features.vector import build_matrix, resolve
+    from features.vector import build_matrix
     from model_store.onnx_scoring import OnnxScorer
 
     recorded = record["items"]
@@ -105,12 +105,15 @@ def replay(record: dict[str, Any], home: Home, items: ItemTable) -> Replay:
     version = record["model"]["version"]
     store = ModelStore(home, record["model"]["name"])
     manifest = store.manifest(version)
-    specs = resolve(manifest.feature_names)
-    scorer = OnnxScorer(store.path(version) / ONNX_FILE)
+    scorer = OnnxScorer(store.path(version) / ONNX_FILE, manifest.onnx.output_name)
     candidates = record["candidates"]
-    scores = scorer.score(build_matrix(specs, record["features"]["values"], items, candidates))
+    features = record["features"]
+    matrix = build_matrix(
+        manifest.specs, features["values"], items, candidates, features.get("context")
+    )
+    scores = scorer.score(matrix)
     order = sorted(range(len(candidates)), key=lambda n: (-scores[n], candidates[n]))[: record["k"]]
-    replayed = [[int(candidates[n]), round(float(scores[n]), 6)] for n in order]
+    replayed = [[candidates[n], round(float(scores[n]), 6)] for n in order]
     same = replayed == recorded
     table_note = (
         ""

@@ -13,16 +13,16 @@ import redis.asyncio as aioredis
 from features.store import feature_store
 from model_store.store import ModelStore
 from rankgate.errors import ConfigError, RankgateError
-from rankgate.example_data import prepared
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
+from rankgate.project import Project
 from rankgate.redis_server import resolve_redis_url
-from rankgate.settings import Settings, get_settings
+from rankgate.settings import Settings, get_project, get_settings
 from serving.audit import AuditWriter
 from serving.config import AuditConfig, PolicyConfig, ServingConfig
 from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
-from serving.fallback import PopularityFallback
+from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate
 from serving.metrics import ServingMetrics
@@ -42,11 +42,12 @@ CONNECT_TIMEOUT_S = 0.5
 class Runtime:
     settings: Settings
     home: Home
+    project: Project
     redis_url: str
     redis: aioredis.Redis
     fetcher: FeatureFetcher
     policies: PolicySet
-    fallback: PopularityFallback
+    fallback: RuleFallback
     models: ModelStore
     templates: ReasonTemplates
     metrics: ServingMetrics
@@ -56,23 +57,25 @@ class Runtime:
     def open(cls) -> Runtime:
         settings = get_settings()
         home = Home.from_settings(settings)
-        data = prepared(home)
-        if not data.is_complete():
+        project = get_project(settings)
+        if not (home.feast_dir / "registry.db").exists():
             raise RankgateError(f"{home.root} is not set up: run `rankgate setup` first", 503)
         url = resolve_redis_url(settings)
         client = aioredis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
-        store = feature_store(settings, url, serving=True)
-        policies = load_policy_set()
+        store = feature_store(settings, url, serving=True, project=project)
+        fetcher = FeatureFetcher(store, project, home.data_dir)
+        policies = load_policy_set(project.policies, fetcher.catalogue, project.item_type)
         return cls(
             settings=settings,
             home=home,
+            project=project,
             redis_url=url,
             redis=client,
-            fetcher=FeatureFetcher(store, data),
+            fetcher=fetcher,
             policies=policies,
-            fallback=PopularityFallback(policies.fallback, data.impressions),
+            fallback=RuleFallback(policies.fallback, project, home.data_dir),
             models=ModelStore(home),
             templates=load_reason_templates(),
             metrics=ServingMetrics(),
@@ -83,10 +86,12 @@ class Runtime:
     def policy(self) -> Policy:
         return self.policies.policy
 
-    def load_policies(self, config: PolicyConfig) -> tuple[PolicySet, PopularityFallback]:
+    def load_policies(self, config: PolicyConfig) -> tuple[PolicySet, RuleFallback]:
         """The policy files the config names; ConfigError (file and field) if they are bad
         or differ from the revision that was checked."""
-        policies = load_policy_set(config.folder)
+        policies = load_policy_set(
+            config.folder or self.project.policies, self.fetcher.catalogue, self.project.item_type
+        )
         if config.revision is not None and config.revision != policies.digest:
             raise ConfigError(
                 f"{policies.folder}: the policy files changed after they were checked "
@@ -95,9 +100,9 @@ class Runtime:
             )
         if policies.digest == self.policies.digest:
             return self.policies, self.fallback
-        return policies, PopularityFallback(policies.fallback, prepared(self.home).impressions)
+        return policies, RuleFallback(policies.fallback, self.project, self.home.data_dir)
 
-    def use_policies(self, policies: PolicySet, fallback: PopularityFallback) -> None:
+    def use_policies(self, policies: PolicySet, fallback: RuleFallback) -> None:
         self.policies, self.fallback = policies, fallback
 
     def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
@@ -113,7 +118,7 @@ class Runtime:
         for version, model in models.loaded.items():
             try:
                 explainers[version] = Explainer(
-                    self.models.path(version), model.specs, self.templates
+                    self.models.path(version), model.manifest, model.specs, self.templates
                 )
             except Exception as exc:  # noqa: BLE001 - explanations degrade, scoring goes on
                 logger.warning("explainer for %s unavailable: %s", version, exc)
@@ -126,7 +131,7 @@ class Runtime:
         explainers: dict[str, Explainer],
         score: ScoreFn,
         rolled_back: set[str] | None = None,
-        policies: tuple[PolicySet, PopularityFallback] | None = None,
+        policies: tuple[PolicySet, RuleFallback] | None = None,
     ) -> RankPipeline:
         """A pipeline for `config`; `policies` (from load_policies) default to the current ones."""
         policy_set, fallback = policies or (self.policies, self.fallback)

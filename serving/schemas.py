@@ -4,8 +4,9 @@ the tests, the load tests and the benchmark)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,6 +19,7 @@ from pydantic import (
     field_validator,
 )
 
+from rankgate.project import ContextFeature, ItemId
 from serving.config import BudgetConfig, LimitsConfig
 
 # Identifier patterns are matched whole (`fullmatch`): `re.match` with `$` also
@@ -44,7 +46,10 @@ class RequestRules:
     budget: BudgetConfig
     purposes: tuple[str, ...]
     regions: tuple[str, ...]
-    items: frozenset[int]
+    items: frozenset[ItemId]
+    item_type: Literal["int", "string"] = "int"
+    context: Mapping[str, ContextFeature] = dataclass_field(default_factory=dict)
+    """Context features models may read: their values are checked too."""
 
     @classmethod
     def of(
@@ -53,10 +58,18 @@ class RequestRules:
         budget: BudgetConfig,
         purposes: Collection[str],
         regions: Collection[str],
-        items: Collection[int],
+        items: Collection[ItemId],
+        item_type: Literal["int", "string"] = "int",
+        context: Mapping[str, ContextFeature] | None = None,
     ) -> RequestRules:
         return cls(
-            limits, budget, tuple(sorted(purposes)), tuple(sorted(regions)), frozenset(items)
+            limits,
+            budget,
+            tuple(sorted(purposes)),
+            tuple(sorted(regions)),
+            frozenset(items),
+            item_type,
+            dict(context or {}),
         )
 
 
@@ -88,6 +101,18 @@ def _integral(value: object) -> object:
     return value
 
 
+def context_problem(feature: ContextFeature, value: str) -> str | None:
+    """What is wrong with a value of a declared context feature (None: nothing)."""
+    if feature.values is not None and value not in feature.values:
+        return "one of " + ", ".join(feature.values)
+    if feature.type == "number":
+        try:
+            float(value)
+        except ValueError:
+            return "a number"
+    return None
+
+
 def _known_purpose(value: str, info: ValidationInfo) -> str:
     known = _rules(info).purposes
     if value not in known:
@@ -97,6 +122,9 @@ def _known_purpose(value: str, info: ValidationInfo) -> str:
 
 UserId = Annotated[str, Field(min_length=1), AfterValidator(_user_id)]
 Integer = Annotated[int, BeforeValidator(_integral)]
+# An item id as the catalogue declares it (rankgate.yaml item.id_type): the type is
+# checked against the loaded catalogue's, so 17 and "17" are never the same item.
+ItemIdValue = Annotated[int | str, BeforeValidator(_integral)]
 KnownPurpose = Annotated[str, AfterValidator(_known_purpose)]
 
 
@@ -112,14 +140,14 @@ class RankRequest(BaseModel):
     """A purpose of the loaded policy."""
     region: str
     """A region of the loaded policy."""
-    candidates: list[Integer] | None = None
+    candidates: list[ItemIdValue] | None = None
     """Distinct catalogue item ids to rank (at most limits.max_candidates); omitted: the
     whole catalogue."""
     k: Integer = 10
     """How many items to return (1..limits.max_k)."""
     context: dict[str, str] = {}
-    """Recorded with the decision, not used by the models yet (at most
-    limits.max_context_entries)."""
+    """Request context (at most limits.max_context_entries): recorded with the decision;
+    the project's declared context features (rankgate.yaml `context`) are model inputs."""
     explain: bool = False
     """Add reasons (SHAP) to the returned items when the budget allows."""
     budget_ms: float | int | None = None
@@ -135,13 +163,18 @@ class RankRequest(BaseModel):
 
     @field_validator("candidates")
     @classmethod
-    def _candidates(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+    def _candidates(cls, value: list[ItemId] | None, info: ValidationInfo) -> list[ItemId] | None:
         if value is None:
             return None
         rules = _rules(info)
         limit = rules.limits.max_candidates
         if not 1 <= len(value) <= limit:
             raise ValueError(f"between 1 and {limit} item ids")
+        want = int if rules.item_type == "int" else str
+        wrong = [item for item in value if type(item) is not want]
+        if wrong:
+            kind = "integers" if want is int else "strings"
+            raise ValueError(f"item ids of this catalogue are {kind}; {wrong[0]!r} is not")
         if len(set(value)) != len(value):
             raise ValueError("item ids must be distinct")
         unknown = [item for item in value if item not in rules.items]
@@ -160,7 +193,8 @@ class RankRequest(BaseModel):
     @field_validator("context")
     @classmethod
     def _context(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        limits = _rules(info).limits
+        rules = _rules(info)
+        limits = rules.limits
         if len(value) > limits.max_context_entries:
             raise ValueError(f"at most {limits.max_context_entries} entries")
         problems = []
@@ -171,6 +205,10 @@ class RankRequest(BaseModel):
                 problems.append(
                     f"value of {key!r}: at most {limits.max_context_value_chars} characters"
                 )
+            elif key in rules.context:
+                problem = context_problem(rules.context[key], item)
+                if problem:
+                    problems.append(f"value of {key!r}: {problem}")
         if problems:
             raise ValueError("; ".join(problems[:5]))
         return value
@@ -221,7 +259,7 @@ class Reason(BaseModel):
 
 
 class RankedItem(BaseModel):
-    item_id: int
+    item_id: ItemId
     rank: int
     score: float
     reasons: list[Reason] | None = None

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from features.vector import build_matrix
+from features.vector import build_matrix, user_fields
 from model_store.store import ModelStore
 from rankgate.pseudonym import user_key
 from serving.feature_fetch import FeatureFetcher
@@ -16,10 +16,12 @@ from serving.runtime import Runtime
 BASELINE_VERSION = "v2"
 
 
-def open_parts() -> tuple[FeatureFetcher, LoadedModel]:
+def open_parts() -> tuple[FeatureFetcher, LoadedModel, dict[str, list[str]]]:
+    """The fetcher, the model, and the fields per user view the model reads."""
     runtime = Runtime.open()
     models = ModelSet(ModelStore(runtime.home), [BASELINE_VERSION])
-    return runtime.fetcher, models.loaded[BASELINE_VERSION]
+    model = models.loaded[BASELINE_VERSION]
+    return runtime.fetcher, model, user_fields(model.specs, runtime.fetcher.infos)
 
 
 def top_k(
@@ -28,7 +30,7 @@ def top_k(
     candidates = body.get("candidates") or fetcher.catalogue
     scores = model.scorer.score(build_matrix(model.specs, values, fetcher.items, candidates))
     order = np.argsort(-scores)[: int(body.get("k", 10))]
-    return {"items": [{"item_id": int(candidates[n]), "score": float(scores[n])} for n in order]}
+    return {"items": [{"item_id": candidates[n], "score": float(scores[n])} for n in order]}
 
 
 def key_of(body: dict[str, Any]) -> str:

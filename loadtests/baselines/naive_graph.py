@@ -22,16 +22,16 @@ api = FastAPI()
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Fetcher:
     def __init__(self) -> None:
-        self.fetcher, self.model = open_parts()
+        self.fetcher, self.model, self.fields = open_parts()
 
     async def __call__(self, key: str) -> dict[str, Any]:
-        return (await self.fetcher.fetch_user(key, self.model.views)).values
+        return (await self.fetcher.fetch_user(key, self.fields)).values
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Scorer:
     def __init__(self) -> None:
-        self.fetcher, self.model = open_parts()
+        self.fetcher, self.model, self.fields = open_parts()
 
     def __call__(self, values: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         return top_k(self.model, self.fetcher, values, body)

@@ -12,12 +12,12 @@ from fastapi import FastAPI
 from loadtests.baselines.common import key_of, open_parts, top_k
 
 app = FastAPI()
-fetcher, model = open_parts()
+fetcher, model, fields = open_parts()
 
 
 @app.post("/v1/rank")
 async def rank(body: dict[str, Any]) -> dict[str, Any]:
-    user = await fetcher.fetch_user(key_of(body), model.views)
+    user = await fetcher.fetch_user(key_of(body), fields)
     return top_k(model, fetcher, user.values, body)
 
 

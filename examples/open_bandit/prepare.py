@@ -1,4 +1,8 @@
-"""The example data: the Open Bandit Dataset sample shipped in features/data/.
+"""The example's prepare step: derive user ids and write the tables Feast reads.
+
+`rankgate setup` calls `prepare(data_dir)` with the home's data folder (the
+`${RANKGATE_DATA_DIR}` of rankgate.yaml and of the Feast definitions) whenever
+the project's sources changed, and `demo_user_ids()` to write demo consent.
 
 The logs have no visitor id column. A visitor is the combination of all visitor
 columns (`user_feature_0..3` and the 80 `user-item_affinity_*` scores; 561 distinct
@@ -7,10 +11,9 @@ profiles), and their `user_id` is derived from it:
     user_id = "u-" + sha256("|".join(visitor column values, in file order))[:12]
 
 so the same visitor gets the same id on every machine. The values are the file's
-own text, read with the csv module: listing users (`rankgate users`) then needs no
-pandas, which only the functions that build frames import. The ids are raw user ids
-like any application's: only their pseudonymous key (rankgate.pseudonym) is
-stored in Redis or in the prepared offline files.
+own text, read with the csv module. The ids are raw user ids like any
+application's: only their pseudonymous key (rankgate.pseudonym) is written to
+the tables, and so to Feast and Redis.
 
 Feast needs an event time per feature row. The sample's logs are from November
 2019; the prepared feature tables carry the time `prepare` ran (the snapshot
@@ -22,20 +25,17 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rankgate.home import Home
 from rankgate.pseudonym import user_key
 
 if TYPE_CHECKING:
     import pandas as pd
 
-DATASET_DIR = Path(__file__).resolve().parent.parent / "features" / "data" / "open_bandit_dataset"
+DATASET_DIR = Path(__file__).resolve().parent / "data"
 IMPRESSIONS_CSV = DATASET_DIR / "random_all" / "all.csv.gz"
 ITEMS_CSV = DATASET_DIR / "random_all" / "item_context.csv"
 
@@ -46,13 +46,6 @@ RAW_AFFINITY_COLUMNS = [f"user-item_affinity_{i}" for i in range(N_ITEMS)]
 AFFINITY_COLUMNS = [f"affinity_{i}" for i in range(N_ITEMS)]
 ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
 VISITOR_COLUMNS = PROFILE_COLUMNS + RAW_AFFINITY_COLUMNS
-
-PREPARED_FILES = (
-    "user_profile.parquet",
-    "user_item_affinity.parquet",
-    "item_context.parquet",
-    "impressions.parquet",
-)
 
 
 def derive_user_id(visitor_values: list[str]) -> str:
@@ -92,49 +85,16 @@ def example_user_ids() -> list[str]:
     return list(dict.fromkeys(impression_user_ids()))
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    """Paths of the prepared files in a home."""
-
-    directory: Path
-
-    def path(self, name: str) -> Path:
-        return self.directory / name
-
-    @property
-    def user_profile(self) -> Path:
-        return self.path("user_profile.parquet")
-
-    @property
-    def user_item_affinity(self) -> Path:
-        return self.path("user_item_affinity.parquet")
-
-    @property
-    def item_context(self) -> Path:
-        return self.path("item_context.parquet")
-
-    @property
-    def impressions(self) -> Path:
-        return self.path("impressions.parquet")
-
-    @property
-    def marker(self) -> Path:
-        return self.path("prepared.json")
-
-    def is_complete(self) -> bool:
-        return self.marker.exists() and all(self.path(n).exists() for n in PREPARED_FILES)
+def demo_user_ids() -> list[str]:
+    """Distinct example user ids, in order of first appearance in the logs."""
+    return example_user_ids()
 
 
-def prepared(home: Home) -> PreparedData:
-    return PreparedData(home.data_dir)
-
-
-def prepare(home: Home, snapshot_time: datetime | None = None) -> PreparedData:
+def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, int]:
     """Write the offline tables Feast and training read, keyed by pseudonymous user key."""
     import pandas as pd
 
-    out = prepared(home)
-    out.directory.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0)
     impressions = load_impressions()
 
@@ -155,24 +115,8 @@ def prepare(home: Home, snapshot_time: datetime | None = None) -> PreparedData:
     logs.insert(0, "user_key", [user_key(uid) for uid in impressions["user_id"]])
     logs["timestamp"] = pd.to_datetime(logs["timestamp"], utc=True)
 
-    profile.to_parquet(out.user_profile, index=False)
-    affinity.to_parquet(out.user_item_affinity, index=False)
-    items.to_parquet(out.item_context, index=False)
-    logs.to_parquet(out.impressions, index=False)
-    out.marker.write_text(
-        json.dumps(
-            {
-                "snapshot_time": snapshot.isoformat(),
-                "users": len(visitors),
-                "items": len(items),
-                "impressions": len(logs),
-                "source_sha256": {
-                    p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                    for p in (IMPRESSIONS_CSV, ITEMS_CSV)
-                },
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    return out
+    profile.to_parquet(data_dir / "user_profile.parquet", index=False)
+    affinity.to_parquet(data_dir / "user_item_affinity.parquet", index=False)
+    items.to_parquet(data_dir / "item_context.parquet", index=False)
+    logs.to_parquet(data_dir / "impressions.parquet", index=False)
+    return {"users": len(visitors), "items": len(items), "impressions": len(logs)}

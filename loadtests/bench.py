@@ -8,7 +8,7 @@ load process (loadtests.drive) at each concurrency for a fixed time:
 - plain FastAPI (baseline a): loadtests/baselines/plain_fastapi.py.
 
 All three read the same user features from the same Redis through Feast and
-score the same 80 candidates with the same ONNX model (v2); explain off. The
+score the same candidates (the whole catalogue) with the same ONNX model (v2); explain off. The
 figures, the machine's core count and the targets' status go to
 `<output>/bench.json` and `<output>/bench.md`.
 """
@@ -36,7 +36,6 @@ import yaml
 
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
-from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT
 from rankgate.setup import Environment
@@ -122,14 +121,16 @@ SYSTEMS = [
 
 
 def request_bodies(env: Environment, count: int = 200) -> list[dict[str, Any]]:
-    """Personalizable requests (consent granted), all 80 catalogue items as candidates."""
-    ids = example_user_ids()
-    states = env.consent.states([user_key(u) for u in ids], "onsite_personalization")
+    """Personalizable requests (consent granted for the policy's first purpose, in its
+    first region), the whole catalogue as candidates."""
+    from rankgate.policy import load_policy
+
+    policy = load_policy()
+    purpose, region = next(iter(policy.purposes)), next(iter(policy.regions))
+    ids = env.project.demo_user_ids()
+    states = env.consent.states([user_key(u) for u in ids], purpose)
     granted = [u for u, s in zip(ids, states, strict=True) if s == ConsentState.GRANTED][:count]
-    return [
-        {"user_id": u, "purpose": "onsite_personalization", "region": "EU", "k": 10}
-        for u in granted
-    ]
+    return [{"user_id": u, "purpose": purpose, "region": region, "k": 10} for u in granted]
 
 
 def process_env(env: Environment, fast_path: bool) -> dict[str, str]:
@@ -341,7 +342,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         (
             f"Each figure is the median of {report['repeats']} runs of {report['duration_s']:g} s "
             "(after 2 s of warm-up) from a separate load process on the same machine; "
-            "all systems read the same Feast/Redis features and score the same 80 candidates "
+            "all systems read the same Feast/Redis features and score the same candidates "
             "with the same ONNX model (v2), explain off. Command: `rankgate bench`."
         ),
         "",

@@ -9,7 +9,7 @@ or headless, with SLOs checked afterwards, through `rankgate loadtest`
 
 The mix, per simulated user:
 
-- rankings (~85 %) for the example users, over both purposes and both regions,
+- rankings (~85 %) for the project's demo users, over its purposes and regions,
   with the whole catalogue or 5, 20 or 50 candidates; the users' consent states
   are the demo records (granted / denied / unknown), so a natural share of the
   answers are `no_consent` policy outcomes;
@@ -50,9 +50,6 @@ OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"
 API_KEY_ENV = "RANKGATE_API_KEY"
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
-PURPOSES = ("onsite_personalization", "email_marketing")
-REGIONS = ("EU", "US")
-CATALOGUE_SIZE = 80  # item ids 0..79 (rankgate.example_data.N_ITEMS)
 CANDIDATE_SIZES: tuple[int | None, ...] = (None, 5, 20, 50)  # None: whole catalogue
 SYNTHETIC_USERS = 50
 
@@ -89,9 +86,13 @@ logger = logging.getLogger("rankgate.loadtest")
 
 @dataclass(frozen=True)
 class UserPool:
-    """Example users and what the policy decides for each per (purpose, region)."""
+    """The project's demo users and what the policy decides for each per (purpose,
+    region), with the policy's purposes and regions and the catalogue's item ids."""
 
     ids: list[str]
+    purposes: tuple[str, ...]
+    regions: tuple[str, ...]
+    catalogue: list[Any]
     personalize: dict[tuple[str, str], frozenset[str]]
     eligible: dict[tuple[str, str], list[str]]
     consent_counts: dict[str, dict[str, int]]
@@ -104,22 +105,25 @@ def build_pool() -> UserPool:
     honest if the policy file changes.
     """
     from rankgate.consent import ConsentState
-    from rankgate.example_data import example_user_ids
     from rankgate.policy import load_policy
     from rankgate.pseudonym import user_key
     from rankgate.setup import Environment
     from serving.gate import ConsentGate
 
-    ids = example_user_ids()
+    env = Environment.open()
+    ids = env.project.demo_user_ids()
+    if not ids:
+        raise RuntimeError(f"{env.project.file}: the project names no demo users to load-test with")
     keys = [user_key(u) for u in ids]
-    consent = Environment.open().consent
-    gate = ConsentGate(load_policy())
+    policy = load_policy()
+    purposes, regions = tuple(policy.purposes), tuple(policy.regions)
+    gate = ConsentGate(policy)
     eligible: dict[tuple[str, str], list[str]] = {}
     counts: dict[str, dict[str, int]] = {}
-    for purpose in PURPOSES:
-        states = consent.states(keys, purpose)
+    for purpose in purposes:
+        states = env.consent.states(keys, purpose)
         counts[purpose] = {s.value: states.count(s) for s in ConsentState}
-        for region in REGIONS:
+        for region in regions:
             eligible[(purpose, region)] = [
                 uid
                 for uid, state in zip(ids, states, strict=True)
@@ -127,6 +131,9 @@ def build_pool() -> UserPool:
             ]
     return UserPool(
         ids=ids,
+        purposes=purposes,
+        regions=regions,
+        catalogue=env.catalogue(),
         personalize={key: frozenset(users) for key, users in eligible.items()},
         eligible=eligible,
         consent_counts=counts,
@@ -243,15 +250,16 @@ class RankgateUser(FastHttpUser):
             response.success()
 
     @staticmethod
-    def _candidates() -> list[int] | None:
+    def _candidates() -> list[Any] | None:
         size = random.choice(CANDIDATE_SIZES)
-        return None if size is None else random.sample(range(CATALOGUE_SIZE), size)
+        catalogue = pool().catalogue
+        return None if size is None else random.sample(catalogue, min(size, len(catalogue)))
 
     @task(85)
     def rank(self) -> None:
-        purpose, region = random.choice(PURPOSES), random.choice(REGIONS)
         users = pool()
-        # Any example user: the consent mix is then the demo data's own.
+        purpose, region = random.choice(users.purposes), random.choice(users.regions)
+        # Any demo user: the consent mix is then the demo data's own.
         user_id = random.choice(users.ids)
         personalize = user_id in users.personalize[(purpose, region)]
         body: dict[str, Any] = {
@@ -270,9 +278,12 @@ class RankgateUser(FastHttpUser):
 
     @task(10)
     def rank_explain(self) -> None:
-        purpose, region = random.choice(PURPOSES), random.choice(REGIONS)
+        users = pool()
+        purpose, region = random.choice(users.purposes), random.choice(users.regions)
+        if not users.eligible[(purpose, region)]:
+            return
         body: dict[str, Any] = {
-            "user_id": random.choice(pool().eligible[(purpose, region)]),
+            "user_id": random.choice(users.eligible[(purpose, region)]),
             "purpose": purpose,
             "region": region,
             "k": 5,
@@ -310,7 +321,7 @@ class RankgateUser(FastHttpUser):
         body = {
             # In the body, not the URL: proxies and access logs keep URLs.
             "user_id": f"lt-user-{random.randrange(SYNTHETIC_USERS)}",
-            "purposes": {purpose: random.random() < 0.6 for purpose in PURPOSES},
+            "purposes": {purpose: random.random() < 0.6 for purpose in pool().purposes},
             "source": "loadtest",
         }
         with self.client.post(

@@ -138,7 +138,7 @@ def project_env() -> None:
 )
 @fails_cleanly
 def users(consent: str | None, purpose: str, limit: int) -> None:
-    """List example user ids and their consent state, to know whom to ask about."""
+    """List the project's demo user ids and their consent state, to know whom to ask about."""
     from rankgate.setup import list_users
 
     for line in list_users(purpose, consent, limit):
@@ -176,7 +176,11 @@ def serve(config_path: Path | None, port: int | None) -> None:
         env.home,
         base=base,
         port=port,
-        runtime_env={"RANKGATE_HOME": str(env.home.root), "REDIS_URL": env.redis_url}
+        runtime_env={
+            "RANKGATE_HOME": str(env.home.root),
+            "RANKGATE_PROJECT": str(env.project.root),
+            "REDIS_URL": env.redis_url,
+        }
         if remote
         else None,
     )
@@ -300,7 +304,7 @@ def loadtest(
 
 @main.group()
 def features() -> None:
-    """The Feast feature repository (features/) and its Redis online store."""
+    """The project's Feast repository (applied to this home) and its Redis online store."""
 
 
 @features.command("apply")

@@ -3,7 +3,8 @@
 Layout (all created on demand):
 
     <home>/home.json        namespace of this home in Redis and Feast
-    <home>/data/            example data prepared for Feast and training
+    <home>/data/            what the project's prepare step writes (Feast sources, logs)
+    <home>/setup.json       sha256 of each project source setup prepared from
     <home>/feast/           Feast registry
     <home>/models/<name>/<version>/   model versions (see model_store)
     <home>/redis/           embedded Redis-compatible server: config, data, log, pid

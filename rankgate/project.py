@@ -219,7 +219,9 @@ class Project:
     def context(self) -> dict[str, ContextFeature]:
         return {c.name: c for c in self.spec.context}
 
+    @cached_property
     def prepare_module(self) -> ModuleType | None:
+        """The project's prepare.py, imported once per process."""
         if self.spec.prepare is None:
             return None
         path = self.path(self.spec.prepare)
@@ -233,7 +235,7 @@ class Project:
         return module
 
     def prepare_function(self) -> Callable[[Path], object] | None:
-        module = self.prepare_module()
+        module = self.prepare_module
         if module is None:
             return None
         function = getattr(module, "prepare", None)
@@ -243,7 +245,7 @@ class Project:
 
     def demo_user_ids(self) -> list[str]:
         """The demo users the project's prepare module names (none without one)."""
-        module = self.prepare_module()
+        module = self.prepare_module
         function = getattr(module, "demo_user_ids", None) if module else None
         return list(function()) if callable(function) else []
 

@@ -1,7 +1,7 @@
 """Process settings, read from the environment once and validated.
 
 Everything the project writes at run time lives under one state folder, the
-*home*: the example-data copy, the Feast registry and offline files, model
+*home*: the prepared project data, the Feast registry and offline files, model
 versions and the embedded Redis server's data. Two homes never share state.
 """
 

@@ -34,7 +34,7 @@ import yaml
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError
 from rankgate.home import Home
-from rankgate.settings import PROJECT_ROOT
+from rankgate.settings import PROJECT_ROOT, get_project
 from serving import edge
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
@@ -130,6 +130,7 @@ def serve_env(
     # machine that only delays Ctrl-C. Operators can set it back.
     env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     env["RANKGATE_HOME"] = str(home.root)
+    env["RANKGATE_PROJECT"] = str(get_project().root)
     env["REDIS_URL"] = redis_url
     # Replicas import the project's packages from here, however Ray was started.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))

@@ -15,7 +15,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -122,9 +124,26 @@ def _known_purpose(value: str, info: ValidationInfo) -> str:
 
 UserId = Annotated[str, Field(min_length=1), AfterValidator(_user_id)]
 Integer = Annotated[int, BeforeValidator(_integral)]
-# An item id as the catalogue declares it (rankgate.yaml item.id_type): the type is
-# checked against the loaded catalogue's, so 17 and "17" are never the same item.
-ItemIdValue = Annotated[int | str, BeforeValidator(_integral)]
+
+
+def _item_id(value: object, info: ValidationInfo) -> ItemId:
+    """An item id of the loaded catalogue's declared type (rankgate.yaml item.id_type),
+    so 17 and "17" are never the same item; 49.0 is the integer 49."""
+    if _rules(info).item_type == "string":
+        if not isinstance(value, str):
+            raise ValueError("Input should be a valid string")
+        return value
+    value = _integral(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("Input should be a valid integer")  # noqa: TRY004 - pydantic wants ValueError
+    return value
+
+
+ItemIdValue = Annotated[
+    ItemId,
+    PlainValidator(_item_id),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+]
 KnownPurpose = Annotated[str, AfterValidator(_known_purpose)]
 
 
@@ -170,11 +189,6 @@ class RankRequest(BaseModel):
         limit = rules.limits.max_candidates
         if not 1 <= len(value) <= limit:
             raise ValueError(f"between 1 and {limit} item ids")
-        want = int if rules.item_type == "int" else str
-        wrong = [item for item in value if type(item) is not want]
-        if wrong:
-            kind = "integers" if want is int else "strings"
-            raise ValueError(f"item ids of this catalogue are {kind}; {wrong[0]!r} is not")
         if len(set(value)) != len(value):
             raise ValueError("item ids must be distinct")
         unknown = [item for item in value if item not in rules.items]

@@ -215,9 +215,9 @@ def server(ready_home: Home) -> Iterator[Server]:
 def personalizable(ready_home: Home) -> list[str]:
     """Example users the policy may personalize on-site in the US (not objected)."""
     from rankgate.consent import ConsentState
-    from rankgate.example_data import example_user_ids
     from rankgate.pseudonym import user_key
     from rankgate.setup import Environment
+    from tests.serving_support import example_user_ids
 
     ids = example_user_ids()
     states = Environment.open().consent.states([user_key(u) for u in ids], "onsite_personalization")

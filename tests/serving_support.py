@@ -13,9 +13,8 @@ import httpx
 import yaml
 
 from rankgate.consent import ConsentState
-from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
-from rankgate.settings import PROJECT_ROOT
+from rankgate.settings import PROJECT_ROOT, get_project
 
 if TYPE_CHECKING:
     from rankgate.home import Home
@@ -40,6 +39,28 @@ def near_miss(valid: str, kind: str) -> str:
         "fullwidth digit": valid + "\uff18",
         "no-break space": valid + "\u00a0",
     }[kind]
+
+
+def example_user_ids() -> list[str]:
+    """The demo users of the project served (the example's 561 visitors)."""
+    return get_project().demo_user_ids()
+
+
+def train_version(env, version: str, params, features_file: str = "models/v2.yaml"):  # type: ignore[no-untyped-def]
+    """Train `version` on the project's log with the inputs of one of its declarations."""
+    from features.spec import load_features_file
+    from model_store.train import train
+
+    return train(
+        env.models,
+        env.project,
+        env.views(),
+        env.view_infos(),
+        env.data_dir,
+        version,
+        params,
+        load_features_file(env.project.path(features_file)),
+    )
 
 
 def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:

@@ -43,7 +43,6 @@ LIGHT_COMMANDS = [
     ["users", "--limit", "3"],
     ["model", "list"],
     ["model", "status"],
-    ["policy", "check"],
     ["redis", "status"],
     ["audit", "tail", "--count", "1"],
     # Commands that do need Ray or Feast import them when they run, not for --help.
@@ -58,10 +57,14 @@ LIGHT_COMMANDS = [
             ["features", "materialize"],
             ["model"],
             ["model", "train"],
+            ["model", "register"],
+            ["init"],
+            ["project", "check"],
             ["model", "promote"],
             ["model", "rollback"],
             ["audit"],
             ["audit", "replay"],
+            ["policy", "check"],  # reads the catalogue (pandas) to check item ids
             ["policy", "deploy"],
             ["keys"],
             ["privacy"],

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from rankgate.cli import main
 from rankgate.home import Home
-from rankgate.policy import POLICY_DIR
+from rankgate.policy import policy_dir
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
 from serving.audit import audit_key
@@ -179,8 +179,8 @@ def policy_copies(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A copy of policies/ with an error in it, and one with a new version."""
     broken, changed = tmp_path / "broken", tmp_path / "changed"
     for folder in (broken, changed):
-        shutil.copytree(POLICY_DIR, folder)
-    text = (POLICY_DIR / "policy.yaml").read_text()
+        shutil.copytree(policy_dir(), folder)
+    text = (policy_dir() / "policy.yaml").read_text()
     (broken / "policy.yaml").write_text(text.replace("regime: opt_out", "regime: opt_maybe"))
     (changed / "policy.yaml").write_text(
         text.replace('version: "2026-11-22.1"', 'version: "2026-11-22.1-test"')

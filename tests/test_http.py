@@ -403,10 +403,8 @@ def openapi(server: Server) -> dict[str, Any]:
 def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home: Home) -> None:
     """Enums of the loaded policy, bounds of the loaded config, the catalogue's ids
     and the identifier patterns: what the validators check, the document says."""
-    import pandas as pd
-
-    from rankgate.example_data import prepared
     from rankgate.policy import load_policy
+    from rankgate.setup import Environment
     from serving.app import parse_config
 
     document = openapi(server)
@@ -425,7 +423,7 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
     assert (bounded_budget["minimum"], bounded_budget["maximum"]) == (budget.min_ms, budget.max_ms)
     candidates = rank["candidates"]["anyOf"][0]
     assert candidates["maxItems"] == limits.max_candidates and candidates["uniqueItems"]
-    catalogue = sorted(pd.read_parquet(prepared(ready_home).item_context)["item_id"])
+    catalogue = Environment.open().catalogue()
     assert (candidates["items"]["minimum"], candidates["items"]["maximum"]) == (
         catalogue[0],
         catalogue[-1],
@@ -459,12 +457,12 @@ def test_openapi_document_follows_a_reconfigure(server: Server, tmp_path: Path) 
     """A new policy and new limits, deployed without a restart, are in the next document."""
     import yaml
 
-    from rankgate.policy import POLICY_DIR, load_policy_set
+    from rankgate.policy import load_policy_set, policy_dir
 
-    policy = yaml.safe_load((POLICY_DIR / "policy.yaml").read_text())
+    policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
     policy["regions"]["UK"] = {"regime": "opt_in"}
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    (tmp_path / "fallback.yaml").write_bytes((POLICY_DIR / "fallback.yaml").read_bytes())
+    (tmp_path / "fallback.yaml").write_bytes((policy_dir() / "fallback.yaml").read_bytes())
     digest = load_policy_set(tmp_path).digest
     user_config = ingress_user_config(
         policy={"dir": str(tmp_path)},

@@ -11,12 +11,31 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from features.vector import ALL_FEATURE_NAMES
-from model_store.manifest import MANIFEST_FILE, ONNX_FILE
+from features.spec import FeaturesFile, load_features_file
+from model_store.manifest import MANIFEST_FILE, ONNX_FILE, Manifest
 from model_store.train import TrainParams, parse_params, train
 from rankgate.cli import main
 from rankgate.errors import ModelStoreError, RankgateError, VersionExists
 from rankgate.setup import Environment
+
+
+def v2_inputs(env: Environment) -> FeaturesFile:
+    return load_features_file(env.project.path("models/v2.yaml"))
+
+
+def train_version(
+    env: Environment, version: str, params: TrainParams, features: FeaturesFile | None = None
+) -> Manifest:
+    return train(
+        env.models,
+        env.project,
+        env.views(),
+        env.view_infos(),
+        env.data_dir,
+        version,
+        params,
+        features or v2_inputs(env),
+    )
 
 
 @pytest.fixture
@@ -32,24 +51,41 @@ def test_setup_registers_two_different_versions(env: Environment) -> None:
     v1, v2 = env.models.manifest("v1"), env.models.manifest("v2")
     assert v1.feature_names != v2.feature_names
     assert v1.params != v2.params
-    assert v2.feature_names == ALL_FEATURE_NAMES
+    assert v2.feature_names == [i.name for i in v2_inputs(env).inputs]
     for manifest in (v1, v2):
         assert set(manifest.artifacts) == {"model.onnx", "booster.txt", "parity_inputs.npy"}
+        assert manifest.onnx.parity_max_abs_diff is not None
         assert manifest.onnx.parity_max_abs_diff <= 1e-5
+        assert manifest.training_data is not None and manifest.metrics is not None
         assert manifest.training_data.rows == 10_000 and manifest.training_data.positives == 38
         assert 0 < manifest.metrics.log_loss < 1
+        assert manifest.lineage.made_by == "rankgate model train"
+        assert manifest.lineage.project == "open_bandit"
+        assert manifest.booster is not None and manifest.booster.kind == "lightgbm"
         assert {f.view for f in manifest.features} <= {
             "visitor_profile",
             "item_context",
             "user_item_affinity",
         }
     # Same data, same builder: the training matrices differ only by v2's extra column.
+    assert v1.training_data is not None and v2.training_data is not None
     assert v1.training_data.fingerprint != v2.training_data.fingerprint
+
+
+def test_the_onnx_file_carries_its_version_and_inputs(env: Environment) -> None:
+    import onnx
+
+    model = onnx.load(str(env.models.path("v2") / ONNX_FILE))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["rankgate.version"] == "v2"
+    assert [f["name"] for f in json.loads(meta["rankgate.features"])] == env.models.manifest(
+        "v2"
+    ).feature_names
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_registered_versions_validate(env: Environment, version: str) -> None:
-    report = env.models.validate(version, env.feature_views())
+    report = env.models.validate(version, env.view_infos())
     assert report.ok, report.failures()
     assert [name for name, _, _ in report.checks][-2:] == ["onnx/native parity", "features"]
 
@@ -69,7 +105,7 @@ def test_one_changed_byte_of_model_onnx_fails_validation(
 
 def test_missing_artifact_is_named(env: Environment, scratch_version: str) -> None:
     (env.models.path(scratch_version) / "booster.txt").unlink()
-    report = env.models.validate(scratch_version, env.feature_views())
+    report = env.models.validate(scratch_version, env.view_infos())
     assert not report.ok
     assert any("booster.txt is missing" in f for f in report.failures())
 
@@ -79,7 +115,7 @@ def test_manifest_hash_mismatch_is_reported(env: Environment, scratch_version: s
     manifest = json.loads(manifest_path.read_text())
     manifest["artifacts"]["model.onnx"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
-    report = env.models.validate(scratch_version, env.feature_views())
+    report = env.models.validate(scratch_version, env.view_infos())
     assert report.failures() == ["sha256 model.onnx: is " + report.checks[2][2].split("is ")[1]]
     assert "manifest says 000000000000" in report.failures()[0]
 
@@ -87,11 +123,9 @@ def test_manifest_hash_mismatch_is_reported(env: Environment, scratch_version: s
 def test_corrupted_manifest_names_file_and_field(env: Environment, scratch_version: str) -> None:
     manifest_path = env.models.path(scratch_version) / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
-    del manifest["training_data"]
+    del manifest["lineage"]
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(
-        ModelStoreError, match=r"manifest.json: field 'training_data': Field required"
-    ):
+    with pytest.raises(ModelStoreError, match=r"manifest.json: field 'lineage': Field required"):
         env.models.manifest(scratch_version)
 
 
@@ -100,14 +134,14 @@ def test_feature_unknown_to_the_repository_fails(env: Environment, scratch_versi
     manifest = json.loads(manifest_path.read_text())
     manifest["features"][0]["view"] = "shoe_size"
     manifest_path.write_text(json.dumps(manifest))
-    report = env.models.validate(scratch_version, env.feature_views())
+    report = env.models.validate(scratch_version, env.view_infos())
     assert report.failures() == ["features: unknown: user_feature_0 (view 'shoe_size' not defined)"]
 
 
 def test_registering_an_existing_version_is_refused_and_changes_nothing(env: Environment) -> None:
     before = {p.name: p.read_bytes() for p in env.models.path("v1").iterdir()}
     with pytest.raises(ModelStoreError, match="'v1' already exists"):
-        train(env.models, env.data, "v1", TrainParams(num_boost_round=2))
+        train_version(env, "v1", TrainParams(num_boost_round=2))
     staged = env.models.staging_dir()
     with pytest.raises(VersionExists):
         env.models.register("v1", staged)
@@ -125,7 +159,7 @@ def test_train_cli_registers_a_new_version(env: Environment) -> None:
         assert result.exit_code == 0, result.output
         assert "v9: held-out AUC" in result.output
         assert env.models.manifest("v9").params["num_boost_round"] == 5
-        assert env.models.validate("v9", env.feature_views()).ok
+        assert env.models.validate("v9", env.view_infos()).ok
         listed = CliRunner().invoke(main, ["model", "list"]).output
         assert any(line.startswith("v9 ") and " ok " in line for line in listed.splitlines())
     finally:
@@ -146,10 +180,15 @@ def test_bad_params_name_the_parameter(text: str, message: str) -> None:
 
 
 def test_bad_version_name_and_unknown_feature(env: Environment) -> None:
+    from rankgate.errors import FeatureRepoError
+
     with pytest.raises(ModelStoreError, match="version '../x'"):
-        train(env.models, env.data, "../x", TrainParams())
-    with pytest.raises(ModelStoreError, match="unknown feature 'shoe_size'"):
-        train(env.models, env.data, "v8", TrainParams(), ["shoe_size"])
+        train_version(env, "../x", TrainParams())
+    shoe = FeaturesFile.model_validate(
+        {"inputs": [{"name": "shoe", "feature": "visitor_profile:shoe_size"}]}
+    )
+    with pytest.raises(FeatureRepoError, match="view 'visitor_profile' has no field 'shoe_size'"):
+        train_version(env, "v8", TrainParams(), shoe)
     assert not env.models.exists("v8")
 
 
@@ -162,7 +201,7 @@ def test_list_marks_a_corrupt_version(env: Environment, scratch_version: str) ->
 
 def test_parity_inputs_are_real_training_rows(env: Environment) -> None:
     inputs = np.load(Path(env.models.path("v2")) / "parity_inputs.npy")
-    assert inputs.shape == (512, len(ALL_FEATURE_NAMES)) and inputs.dtype == np.float32
+    assert inputs.shape == (512, len(v2_inputs(env).inputs)) and inputs.dtype == np.float32
 
 
 def test_a_manifest_that_disagrees_with_the_onnx_input_fails(
@@ -179,5 +218,5 @@ def test_a_manifest_that_disagrees_with_the_onnx_input_fails(
         }
     )
     manifest_path.write_text(json.dumps(manifest))
-    report = env.models.validate(scratch_version, env.feature_views())
+    report = env.models.validate(scratch_version, env.view_infos())
     assert any("model.onnx takes 8 features, the manifest lists 9" in f for f in report.failures())

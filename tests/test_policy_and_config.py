@@ -9,7 +9,7 @@ import yaml
 
 from rankgate.consent import ConsentState
 from rankgate.errors import ConfigError
-from rankgate.policy import POLICY_DIR, load_fallback_rules, load_policy
+from rankgate.policy import load_fallback_rules, load_policy, policy_dir
 from serving.app import AppArgs, build_app, parse_config
 from serving.explainer import load_reason_templates
 from serving.gate import ConsentGate
@@ -17,7 +17,7 @@ from tests.serving_support import ingress_user_config
 
 
 def write_policy(tmp_path: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
-    policy = yaml.safe_load((POLICY_DIR / "policy.yaml").read_text())
+    policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
     mutate(policy)
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))

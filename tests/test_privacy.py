@@ -16,15 +16,15 @@ from click.testing import CliRunner
 from rankgate.cli import main
 from rankgate.consent import consent_key, demo_consent
 from rankgate.errors import RedisUnavailable
-from rankgate.example_data import PREPARED_FILES, example_user_ids
 from rankgate.home import Home
 from rankgate.policy import load_policy
 from rankgate.privacy import Eraser, feast_user_key
 from rankgate.pseudonym import user_key
-from rankgate.settings import get_settings
+from rankgate.settings import get_project, get_settings
 from rankgate.setup import Environment
 from serving.audit import audit_key
 from serving.runtime import Runtime
+from tests.serving_support import example_user_ids
 from tests.test_pipeline import LOOP, make_pipeline, rank
 
 PAGE = 5000
@@ -64,6 +64,15 @@ def places_holding(client: redis.Redis, needles: list[bytes]) -> list[str]:
     return found
 
 
+# The tables the example's prepare step writes into the home's data folder.
+PREPARED_FILES = (
+    "user_profile.parquet",
+    "user_item_affinity.parquet",
+    "item_context.parquet",
+    "impressions.parquet",
+)
+
+
 @dataclass(frozen=True)
 class Traces:
     """What the home holds of one person."""
@@ -78,7 +87,7 @@ class Traces:
         key = user_key(uid)
         views = []
         for name in env.redis.scan_iter(match=f"*{key}*", count=1000):
-            if feast_user_key(name, env.home.namespace) == key:
+            if feast_user_key(name, env.home.namespace, "user_key") == key:
                 fields = env.redis.hkeys(name)
                 views += [f[4:].decode() for f in fields if f.startswith(b"_ts:")]
         audit = 0
@@ -88,7 +97,7 @@ class Traces:
             lower = "(" + page[-1][0].decode()
         offline = {}
         for name in PREPARED_FILES:
-            frame = pd.read_parquet(env.data.path(name))
+            frame = pd.read_parquet(env.data_dir / name)
             if "user_key" in frame.columns:
                 offline[name.removesuffix(".parquet")] = int((frame["user_key"] == key).sum())
         return cls(
@@ -175,10 +184,10 @@ def test_the_report_counts_what_was_erased(forgotten: Forgotten) -> None:
     key, before = user_key(forgotten.person), forgotten.before
     offline = before.offline_rows
     assert forgotten.output == (
-        f"erased for user key {key[:8]}…: 1 visitor_profile row, 1 user_item_affinity row, "
+        f"erased for user key {key[:8]}…: 1 user_item_affinity row, 1 visitor_profile row, "
         f"1 consent record, {before.audit_records} audit records, "
-        f"{sum(offline.values())} offline rows (user_profile 1, user_item_affinity 1, "
-        f"impressions {offline['impressions']})\n"
+        f"{sum(offline.values())} offline rows (impressions {offline['impressions']}, "
+        "user_item_affinity 1, user_profile 1)\n"
     )
     assert forgotten.person not in forgotten.output and key not in forgotten.output
 
@@ -240,7 +249,7 @@ def test_a_redis_that_is_down_is_named_and_nothing_is_erased(
     tables = {name: (ready_home.data_dir / name).read_bytes() for name in PREPARED_FILES}
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     with pytest.raises(RedisUnavailable, match=r"127\.0\.0\.1:1: .*nothing was erased"):
-        Eraser(dead, ready_home).forget(uid)
+        Eraser(dead, ready_home, get_project()).forget(uid)
     assert {n: (ready_home.data_dir / n).read_bytes() for n in PREPARED_FILES} == tables
 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from features.vector import resolve
-from model_store.train import DEFAULT_VERSIONS
 from rankgate.cli import main
 from rankgate.errors import ConfigError
 from rankgate.home import Home
@@ -40,8 +38,8 @@ ONSITE, EMAIL = "onsite_personalization", "email_marketing"
 # v1 and v2 as `rankgate setup` trains them (v2 reads user-item affinity, which e-mail
 # may not use); v3 is a new candidate with v2's features.
 VIEWS: dict[str, frozenset[str] | None] = {
-    version: frozenset(spec.view for spec in resolve(names))
-    for version, (names, _) in DEFAULT_VERSIONS.items()
+    "v1": frozenset({"visitor_profile", "item_context"}),
+    "v2": frozenset({"visitor_profile", "item_context", "user_item_affinity"}),
 }
 VIEWS["v3"] = VIEWS["v2"]
 DEFAULT = RoutingConfig.model_validate(ingress_user_config()["routing"])  # v2 stable, v1 alternate

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from model_store.train import TrainParams, train
+from model_store.train import TrainParams
 from rankgate.cli import main
 from rankgate.setup import Environment
 from tests.conftest import Server
@@ -23,6 +23,7 @@ from tests.serving_support import (
     health,
     ingress_user_config,
     routing,
+    train_version,
 )
 
 SLOW = "v-slow"
@@ -40,9 +41,8 @@ def odd_canaries(env_module: Environment) -> Iterator[None]:
     env = env_module
     raises = copy_with_wrong_width(env.models, "v1", "v1-raises")
     if not env.models.exists(SLOW):
-        train(
-            env.models,
-            env.data,
+        train_version(
+            env,
             SLOW,
             TrainParams(
                 num_boost_round=4000, num_leaves=127, min_child_samples=1, learning_rate=0.001

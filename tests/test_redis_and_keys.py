@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from rankgate.errors import RedisUnavailable
-from rankgate.example_data import example_user_ids
 from rankgate.home import Home
 from rankgate.pseudonym import user_key
 from rankgate.redis_server import EmbeddedRedis, connect, feast_connection_string, resolve_redis_url
 from rankgate.settings import get_settings
+from tests.serving_support import example_user_ids
 
 
 def test_embedded_server_is_started_once_and_reused(other_home: Home) -> None:

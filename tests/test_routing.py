@@ -10,13 +10,18 @@ import pytest
 
 from rankgate.consent import ConsentState
 from rankgate.errors import ConfigError
-from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.app import parse_config
 from serving.experiments import read_rollbacks, read_shadow, rollback_key, shadow_key
 from serving.routing import Router, RoutingConfig
-from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
+from tests.serving_support import (
+    copy_with_wrong_width,
+    example_user_ids,
+    ingress_user_config,
+    routing,
+    user_with,
+)
 from tests.test_pipeline import LOOP, make_pipeline, rank
 
 KEYS = [user_key(f"u-{n}") for n in range(10_000)]

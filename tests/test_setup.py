@@ -6,33 +6,53 @@ from click.testing import CliRunner
 
 from rankgate.cli import main
 from rankgate.consent import ConsentState, demo_consent
-from rankgate.example_data import (
-    VISITOR_COLUMNS,
-    derive_user_id,
-    example_user_ids,
-    load_impressions,
-)
 from rankgate.home import Home
 from rankgate.pseudonym import user_key
+from rankgate.settings import get_project
 from rankgate.setup import Environment, run_setup
+from tests.serving_support import example_user_ids
 
 
 def test_second_setup_does_nothing_and_says_so(ready_home: Home) -> None:
     lines: list[str] = []
     assert run_setup(lines.append) is False
     assert lines[-1] == "nothing to do: everything was already set up."
-    assert all(line.startswith(("✓", "home:", "redis:", "note:")) for line in lines[:-1])
+    assert all(
+        line.startswith(("✓", "home:", "project:", "redis:", "note:")) for line in lines[:-1]
+    )
+
+
+def test_a_changed_source_is_named_and_prepared_again(ready_home: Home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Setup follows the sources: it records a hash of each and redoes the data steps
+    when one changes, naming it; the models (immutable) are kept, and it says so."""
+    import json
+    import shutil
+
+    from rankgate.setup import SETUP_FILE, changed_files
+
+    recorded = json.loads((ready_home.root / SETUP_FILE).read_text())
+    assert "rankgate.yaml" in recorded["sources"]["files"]
+    assert "data/random_all/all.csv.gz" in recorded["sources"]["files"]
+    changed = {**recorded["sources"], "files": {**recorded["sources"]["files"]}}
+    changed["files"]["policies/fallback.yaml"] = "0" * 64
+    assert changed_files(recorded["sources"], changed) == ["policies/fallback.yaml"]
+    copy = tmp_path / "project"
+    shutil.copytree(get_project().root, copy)
+    moved = {**recorded["sources"], "project": str(copy)}
+    assert changed_files(recorded["sources"], moved)[0].startswith("project folder (was ")
 
 
 def test_user_ids_are_derived_from_the_visitor_columns() -> None:
-    frame = load_impressions()
+    prepare = get_project().prepare_module
+    assert prepare is not None
+    frame = prepare.load_impressions()
     ids = example_user_ids()
     assert len(ids) == 561  # distinct visitor profiles in the sample
     # Ids are derived from the file's text (no pandas needed); pandas' reading of
     # the same values gives the same ids, as it did when ids were derived from it,
     # so homes set up earlier keep matching their consent records.
-    parsed = frame[VISITOR_COLUMNS].astype(str).itertuples(index=False)
-    assert list(frame["user_id"]) == [derive_user_id(list(row)) for row in parsed]
+    parsed = frame[prepare.VISITOR_COLUMNS].astype(str).itertuples(index=False)
+    assert list(frame["user_id"]) == [prepare.derive_user_id(list(row)) for row in parsed]
 
 
 def test_demo_consent_is_a_deterministic_mix(env: Environment) -> None:

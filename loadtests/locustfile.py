@@ -133,7 +133,7 @@ def build_pool() -> UserPool:
         ids=ids,
         purposes=purposes,
         regions=regions,
-        catalogue=env.catalogue(),
+        catalogue=env.recorded_catalogue(),
         personalize={key: frozenset(users) for key, users in eligible.items()},
         eligible=eligible,
         consent_counts=counts,

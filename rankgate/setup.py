@@ -117,6 +117,13 @@ class Environment:
         ]
         return load_catalogue(self.project, views, self.data_dir)
 
+    def recorded_catalogue(self) -> list[ItemId]:
+        """The catalogue as the last setup read it (cheap: no Feast, no pandas)."""
+        catalogue = self.recorded().get("catalogue")
+        if catalogue is None:
+            raise RankgateError(f"{self.home.root} is not set up: run `rankgate setup`")
+        return list(catalogue)
+
     def recorded(self) -> dict[str, Any]:
         path = self.home.root / SETUP_FILE
         return json.loads(path.read_text()) if path.exists() else {}
@@ -309,6 +316,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
         did = True
 
     record = {
+        "catalogue": catalogue,
         "digest": digest,
         "sources": sources,
         "models": trained_from,

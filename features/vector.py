@@ -4,8 +4,8 @@ A model declares its inputs, in the order of its ONNX input's columns, in a
 FEATURES.yaml (`ModelInput`): each is a Feast feature reference `view:field` of a
 user view or of the item view, or a request-context feature `context: name`. A
 user-view field may name a field per candidate item with the `{item_id}`
-placeholder (`user_item_affinity:affinity_{item_id}` reads `affinity_17` for
-item 17). A model row is one (user, candidate item) pair; `build_matrix` turns
+placeholder (`customer_affinity:aff_{item_id}` reads `aff_17` for item 17). A
+model row is one (user, candidate item) pair; `build_matrix` turns
 the user's feature values, the item table and the request context into the
 float32 matrix the model reads, so training and serving cannot drift apart.
 
@@ -115,7 +115,7 @@ def build_matrix(
 ) -> np.ndarray:
     """Model input for one user and candidate items: float32, shape (len(item_ids), len(specs)).
 
-    `user` maps Feast field names (e.g. "user_feature_0", "affinity_17") to values;
+    `user` maps Feast field names (e.g. "age", "aff_17") to values;
     `context` maps context keys to the request's values; an absent one is missing (-1).
     """
     rows = items.rows(item_ids)

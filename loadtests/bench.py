@@ -8,7 +8,7 @@ load process (loadtests.drive) at each concurrency for a fixed time:
 - plain FastAPI (baseline a): loadtests/baselines/plain_fastapi.py.
 
 All three read the same user features from the same Redis through Feast and
-score the same candidates (the whole catalogue) with the same ONNX model (v2); explain off. The
+score the same candidates (the whole catalogue) with the same ONNX model (the stable version); explain off. The
 figures, the machine's core count and the targets' status go to
 `<output>/bench.json` and `<output>/bench.md`.
 """
@@ -343,7 +343,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Each figure is the median of {report['repeats']} runs of {report['duration_s']:g} s "
             "(after 2 s of warm-up) from a separate load process on the same machine; "
             "all systems read the same Feast/Redis features and score the same candidates "
-            "with the same ONNX model (v2), explain off. Command: `rankgate bench`."
+            "with the same ONNX model (the stable version), explain off. Command: `rankgate bench`."
         ),
         "",
         "| system | concurrency | req/s | p50 ms | p99 ms | errors | answers |",

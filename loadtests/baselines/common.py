@@ -13,14 +13,25 @@ from serving.feature_fetch import FeatureFetcher
 from serving.ranker import LoadedModel, ModelSet
 from serving.runtime import Runtime
 
-BASELINE_VERSION = "v2"
+
+def stable_version() -> str:
+    """The version serve_config.yaml serves as stable: the one every system scores with."""
+    import yaml
+
+    from serving.launch import SERVE_CONFIG
+
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    ingress = next(d for d in app["deployments"] if d["name"] == "RankIngress")
+    versions = ingress["user_config"]["routing"]["versions"]
+    return str(next(v["version"] for v in versions if v["role"] == "stable"))
 
 
 def open_parts() -> tuple[FeatureFetcher, LoadedModel, dict[str, list[str]]]:
     """The fetcher, the model, and the fields per user view the model reads."""
     runtime = Runtime.open()
-    models = ModelSet(ModelStore(runtime.home), [BASELINE_VERSION])
-    model = models.loaded[BASELINE_VERSION]
+    version = stable_version()
+    models = ModelSet(ModelStore(runtime.home), [version])
+    model = models.loaded[version]
     return runtime.fetcher, model, user_fields(model.specs, runtime.fetcher.infos)
 
 

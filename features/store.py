@@ -180,14 +180,31 @@ def check_definitions(project: Project, objects: list[Entity | FeatureView]) -> 
     return problems
 
 
-def apply(store: FeatureStore, project: Project, home: Home) -> list[str]:
-    """Register the repository's entities and views for this home (idempotent).
-    Returns the view names."""
-    objects = read_definitions(project, home.data_dir)
+def checked_definitions(project: Project, data_dir: Path) -> list[Entity | FeatureView]:
+    """The repository's definitions, refused (naming file and field) where they
+    contradict the project file."""
+    objects = read_definitions(project, data_dir)
     problems = check_definitions(project, objects)
     if problems:
         raise FeatureRepoError("; ".join(problems), 422)
-    store.apply(objects)  # type: ignore[arg-type]
+    return objects
+
+
+def apply(
+    store: FeatureStore,
+    project: Project,
+    home: Home,
+    objects: list[Entity | FeatureView] | None = None,
+) -> list[str]:
+    """Register the repository's entities and views for this home, and remove the ones
+    it no longer defines (idempotent). Returns the view names."""
+    objects = objects if objects is not None else checked_definitions(project, home.data_dir)
+    names = {o.name for o in objects}
+    gone: list[Entity | FeatureView] = [
+        *(v for v in store.list_feature_views() if v.name not in names),
+        *(e for e in store.list_entities() if e.name not in names),
+    ]
+    store.apply(objects, objects_to_delete=gone, partial=not gone)  # type: ignore[arg-type]
     return [v.name for v in store.list_feature_views()]
 
 

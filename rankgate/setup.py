@@ -91,10 +91,10 @@ class Environment:
     def marker_key(self, step: str) -> str:
         return f"{self.home.namespace}:setup:{step}"
 
-    def apply_features(self) -> list[str]:
+    def apply_features(self, objects: list[Any] | None = None) -> list[str]:
         from features.store import apply
 
-        return apply(self.feast, self.project, self.home)
+        return apply(self.feast, self.project, self.home, objects)
 
     def views(self) -> list[FeatureView]:
         """The feature views of the applied registry (none before `features apply`)."""
@@ -228,6 +228,9 @@ def run_setup(say: Say, force: bool = False) -> bool:
     )
     if current:
         say("✓ project sources: unchanged since the last setup")
+        catalogue = env.catalogue()
+        policies = load_policy_set(project.policies, catalogue, project.item_type)
+        say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")
     else:
         changed = changed_files(recorded.get("sources", {}), sources)
         reason = (
@@ -238,18 +241,23 @@ def run_setup(say: Say, force: bool = False) -> bool:
             else "changed: " + ", ".join(changed[:8]) + (" …" if len(changed) > 8 else "")
         )
         say(f"• project sources: {reason}")
+        from feast import FeatureView
+
+        from features.store import checked_definitions, load_catalogue
+
         prepare = project.prepare_function()
         if prepare is not None:
             say(f"• data: running {project.spec.prepare} ...")
             prepare(env.data_dir)
+        # Everything is checked before the registry, Redis or the models are touched.
+        objects = checked_definitions(project, env.data_dir)
+        views = [o for o in objects if isinstance(o, FeatureView)]
+        catalogue = load_catalogue(project, views, env.data_dir)
+        policies = load_policy_set(project.policies, catalogue, project.item_type)
+        say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")
         say("• feature repository: applying ...")
-        views = env.apply_features()
-        say(f"    views: {', '.join(views)}")
+        say(f"    views: {', '.join(env.apply_features(objects))}")
         did = True
-
-    catalogue = env.catalogue()
-    policies = load_policy_set(project.policies, catalogue=catalogue, item_type=project.item_type)
-    say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")
 
     done = env.redis.get(env.marker_key("materialized"))
     if done is not None and done.decode() == digest and current:  # type: ignore[union-attr]

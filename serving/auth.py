@@ -4,7 +4,8 @@ The replica keeps the key table in memory and re-reads it in the background
 every `auth.refresh_s`, traffic or not, so a known key is checked without a
 Redis round trip and a revoked one stops working within that interval.
 An unknown key makes the replica re-read the table first (at most every
-`MISS_REFRESH_S`), so a key created a moment ago works at once.
+`MISS_REFRESH_S`; a miss inside that window waits for its end), so a key
+created a moment ago works at once.
 Missing and wrong keys get the same 401, so a caller learns nothing about
 which keys or applications exist.
 """
@@ -82,7 +83,12 @@ class KeyCache:
         reloaded = True
         # Only something shaped like a key may be one created since the last read.
         could_be_new = is_key_shaped(token)
-        if entry is None and could_be_new and time.monotonic() - self.loaded_at >= MISS_REFRESH_S:
+        if entry is None and could_be_new:
+            # Reads are at most every MISS_REFRESH_S: a miss right after one waits for
+            # the next, so a key created a moment ago is never refused for being early.
+            since = time.monotonic() - self.loaded_at
+            if since < MISS_REFRESH_S:
+                await asyncio.sleep(MISS_REFRESH_S - since)
             reloaded = await self._reload()
             entry = self.table.lookup(token) if self.table else None
         if self.table is None or (entry is None and not reloaded):

@@ -78,11 +78,11 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     item_at = rng.integers(0, N_ITEMS, N_IMPRESSIONS)
     device = rng.choice(DEVICES, N_IMPRESSIONS, p=[0.5, 0.3, 0.2])
     logit = (
-        -2.0
-        + 1.2 * taste[segment_of[user_at], category_of[item_at]]
-        - 0.02 * (price[item_at] - 20.0)
-        + 0.1 * visits[user_at]
-        + 0.4 * (device == "app")
+        -1.8
+        + 2.0 * taste[segment_of[user_at], category_of[item_at]]
+        - 0.01 * (price[item_at] - 20.0)
+        + 0.05 * visits[user_at]
+        + 0.3 * (device == "app")
     )
     click = rng.random(N_IMPRESSIONS) < 1.0 / (1.0 + np.exp(-logit))
     seconds = np.sort(rng.integers(0, 30 * 24 * 3600, N_IMPRESSIONS))

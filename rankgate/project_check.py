@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import PolicySet, load_policy_set
@@ -306,11 +308,12 @@ def check_models(
             "user_column; register models trained elsewhere with `rankgate model register`"
         )
     for n, model in enumerate(models):
-        where = f"{project.file}: field 'setup_models.{n}'"
         try:
             TrainParams.model_validate(model.params)
-        except ValueError as exc:
-            found.problem(f"{where}.params ({model.version}): {exc}")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("setup_models", n, "params", *first["loc"]))
+            found.problem(f"{project.file}: field {where!r} ({model.version}): {first['msg']}")
         path = project.path(model.features)
         try:
             specs = resolve(load_features_file(path).inputs, infos, project)

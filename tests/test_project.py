@@ -354,6 +354,15 @@ def test_string_item_ids_declared_for_an_integer_entity(skeleton: Path) -> None:
     assert "field 'item.id_type': string ids, but entity 'item' is INT64" in refused(skeleton)
 
 
+def test_setup_model_settings_training_would_refuse(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "rankgate.yaml", lambda raw: raw["setup_models"][1]["params"].update(leaves=7)
+    )
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'setup_models.1.params.leaves' (v2): Extra inputs"
+    ) in refused(skeleton)
+
+
 def test_problems_are_reported_together(skeleton: Path) -> None:
     edit_yaml(
         skeleton / "policies" / "fallback.yaml",

@@ -44,7 +44,8 @@ def skeleton_files() -> dict[str, Path]:
     files = {
         str(path.relative_to(TEMPLATE)): path
         for path in sorted(TEMPLATE.rglob("*"))
-        if path.is_file() and "__pycache__" not in path.parts
+        # Not what a hand run of Feast or Python leaves in the template folder.
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in {".db", ".pyc"}
     }
     for name in POLICY_FILES:
         files[f"policies/{name}"] = TEMPLATE_DIR / name

@@ -1,0 +1,103 @@
+"""The project's prepare step: write the tables Feast and training read.
+
+`rankgate setup` calls `prepare(data_dir)` with the home's data folder (the
+`${RANKGATE_DATA_DIR}` of rankgate.yaml and of the Feast definitions) whenever
+a source of the project changed, and `demo_user_ids()` to write demo consent
+records. `rankgate project check` calls it with a temporary folder.
+
+This one generates a small sample shop, the same on every machine: users in a few
+segments, items in a few categories, and logged impressions whose clicks depend
+on segment, category, price and device, so a model has something to learn.
+Replace it with a step that exports your own tables, written the same way:
+
+  user_profile.parquet     user_key, event_timestamp, <user view fields>
+  item_attributes.parquet  item_id, event_timestamp, <item view fields>
+  interactions.parquet     user_key, item_id, click, timestamp, <context columns>
+
+User tables hold the pseudonymous key `user_key(user_id)`, never the raw id.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from rankgate.pseudonym import user_key
+
+N_USERS = 300
+N_ITEMS = 40
+N_IMPRESSIONS = 6000
+SEGMENTS = ["new", "regular", "loyal", "bargain"]
+CATEGORIES = ["books", "garden", "kitchen", "sports", "toys"]
+DEVICES = ["mobile", "desktop", "app"]
+# Impression times: the 30 days before this date (fixed, so the data is too).
+LOG_END = datetime(2026, 1, 1, tzinfo=UTC)
+SEED = 20260101
+
+
+def demo_user_ids() -> list[str]:
+    """The sample's user ids: the ids your application would send."""
+    return [f"user-{n:04d}" for n in range(N_USERS)]
+
+
+def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, int]:
+    """Write the sample's tables into `data_dir`; returns their row counts."""
+    import numpy as np
+    import pandas as pd
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Feature rows carry the time they were prepared: a view's TTL counts from it.
+    snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0)
+    rng = np.random.default_rng(SEED)
+
+    segment_of = rng.integers(0, len(SEGMENTS), N_USERS)
+    category_of = rng.integers(0, len(CATEGORIES), N_ITEMS)
+    visits = rng.poisson(4, N_USERS)
+    price = rng.lognormal(3.0, 0.6, N_ITEMS).round(2)
+    users = pd.DataFrame(
+        {
+            "user_key": [user_key(user_id) for user_id in demo_user_ids()],
+            "event_timestamp": snapshot,
+            "segment": np.array(SEGMENTS)[segment_of],
+            "visits_30d": visits.astype("int64"),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, N_ITEMS + 1, dtype="int64"),
+            "event_timestamp": snapshot,
+            "category": np.array(CATEGORIES)[category_of],
+            "price": price,
+        }
+    )
+
+    # Who saw what, and whether they clicked: each segment has its taste for each
+    # category; cheaper items, frequent visitors and the app click a little more.
+    taste = rng.normal(0.0, 1.0, (len(SEGMENTS), len(CATEGORIES)))
+    user_at = rng.integers(0, N_USERS, N_IMPRESSIONS)
+    item_at = rng.integers(0, N_ITEMS, N_IMPRESSIONS)
+    device = rng.choice(DEVICES, N_IMPRESSIONS, p=[0.5, 0.3, 0.2])
+    logit = (
+        -1.8
+        + 2.0 * taste[segment_of[user_at], category_of[item_at]]
+        - 0.01 * (price[item_at] - 20.0)
+        + 0.05 * visits[user_at]
+        + 0.3 * (device == "app")
+    )
+    click = rng.random(N_IMPRESSIONS) < 1.0 / (1.0 + np.exp(-logit))
+    seconds = np.sort(rng.integers(0, 30 * 24 * 3600, N_IMPRESSIONS))
+    interactions = pd.DataFrame(
+        {
+            "user_key": users["user_key"].to_numpy()[user_at],
+            "item_id": items["item_id"].to_numpy()[item_at],
+            "click": click.astype("int64"),
+            "timestamp": pd.Timestamp(LOG_END - timedelta(days=30))
+            + pd.to_timedelta(seconds, unit="s"),
+            "device": device,
+        }
+    )
+
+    users.to_parquet(data_dir / "user_profile.parquet", index=False)
+    items.to_parquet(data_dir / "item_attributes.parquet", index=False)
+    interactions.to_parquet(data_dir / "interactions.parquet", index=False)
+    return {"users": len(users), "items": len(items), "interactions": len(interactions)}

@@ -1,0 +1,442 @@
+"""Projects: `rankgate init` writes a skeleton, `rankgate project check` validates a
+project without starting anything, and each bad input is refused with its file and
+field, with nothing written.
+
+All but the last test are fast: they read copies of the example or of a fresh
+skeleton (the check prepares their data into a temporary folder). The last one
+runs `rankgate setup` on a skeleton in a subprocess, with its own home.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from rankgate.cli import main
+from rankgate.errors import ConfigError, FeatureRepoError, ModelStoreError
+from rankgate.home import Home
+from rankgate.project import load_project
+from rankgate.project_check import check_project
+from rankgate.scaffold import write_skeleton
+from rankgate.settings import PROJECT_ROOT
+
+EXAMPLE = PROJECT_ROOT / "examples" / "open_bandit"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """A copy of the Open Bandit example (without anything a hand run left in it)."""
+    copy = tmp_path / "open_bandit"
+    shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.db"))
+    return copy
+
+
+@pytest.fixture
+def skeleton(tmp_path: Path) -> Path:
+    folder = tmp_path / "shop"
+    write_skeleton(folder, None)
+    return folder
+
+
+def edit_yaml(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def refused(folder: Path) -> str:
+    """The message of the check's refusal; the project folder is left as it was."""
+    before = files_of(folder)
+    with pytest.raises(ConfigError) as caught:
+        check_project(folder)
+    assert files_of(folder) == before
+    return caught.value.message
+
+
+# -- the check passes ----------------------------------------------------------
+
+
+def test_check_passes_on_the_example(example: Path) -> None:
+    before = files_of(example)
+    lines = check_project(example)
+    assert all(line.startswith(("✓", "!")) for line in lines), lines
+    assert "✓ catalogue: 80 items (int ids) from item_context" in lines
+    assert any(line.startswith("✓ model v2: models/v2.yaml resolves (9 inputs)") for line in lines)
+    assert files_of(example) == before  # prepared into a temporary folder, not the project
+
+
+def test_check_passes_on_a_fresh_skeleton_from_the_command_line(skeleton: Path) -> None:
+    result = CliRunner().invoke(main, ["project", "check", str(skeleton)])
+    assert result.exit_code == 0, result.output
+    assert "✓ catalogue: 40 items (int ids) from item_attributes" in result.output
+    assert "model v1: models/FEATURES.items_only.yaml resolves (3 inputs)" in result.output
+    assert "model v2: models/FEATURES.yaml resolves (5 inputs)" in result.output
+    assert "error" not in result.output
+
+
+def test_the_skeleton_is_named_after_its_folder_and_teaches(tmp_path: Path) -> None:
+    lines = write_skeleton(tmp_path / "My-Shop.v2", None)
+    folder = tmp_path / "My-Shop.v2"
+    project = load_project(folder)
+    assert project.name == "my_shop_v2"
+    assert "project: my_shop_v2" in (folder / "feature_repo" / "feature_store.yaml").read_text()
+    assert (
+        "connection_string: ${RANKGATE_FEAST_REDIS}"
+        in (folder / "feature_repo" / "feature_store.yaml").read_text()
+    )
+    for name in ("policy.yaml", "fallback.yaml", "reasons.yaml"):
+        assert (folder / "policies" / name).read_bytes() == (
+            PROJECT_ROOT / "policies" / name
+        ).read_bytes()
+    # Every file explains itself (YAML comments, Python docstrings and comments).
+    for path in folder.rglob("*"):
+        if path.suffix in {".yaml", ".py"}:
+            assert path.read_text().lstrip().startswith(("#", '"""')), path
+    assert any("rankgate project check" in line for line in lines)
+
+
+# -- init refuses --------------------------------------------------------------
+
+
+def test_init_refuses_a_non_empty_folder_and_writes_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    result = CliRunner().invoke(main, ["init", str(folder)])
+    assert result.exit_code == 1
+    assert f"error: {folder}: the folder is not empty" in result.output
+    assert files_of(folder) == {"notes.txt": b"mine\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging left behind
+
+
+def test_init_refuses_a_bad_name_and_writes_nothing(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "new"), "--name", "Bad-Name"])
+    assert result.exit_code == 1
+    assert "error: --name 'Bad-Name': lower-case letters" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_fills_an_empty_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    result = CliRunner().invoke(main, ["init", str(folder), "--name", "store"])
+    assert result.exit_code == 0, result.output
+    assert load_project(folder).name == "store"
+
+
+# -- bad input: file and field, nothing written --------------------------------
+
+
+def test_an_unknown_key_in_the_project_file(skeleton: Path) -> None:
+    with (skeleton / "rankgate.yaml").open("a") as handle:
+        handle.write("colour: blue\n")
+    message = refused(skeleton)
+    assert message.startswith(f"{skeleton / 'rankgate.yaml'}: field 'colour': Extra inputs")
+    result = CliRunner().invoke(main, ["project", "check", str(skeleton)])
+    assert result.exit_code == 1
+    assert "field 'colour'" in result.output
+
+
+def test_an_unknown_key_nested_in_the_project_file(example: Path) -> None:
+    edit_yaml(example / "rankgate.yaml", lambda raw: raw["item"].update(idtype="string"))
+    assert "rankgate.yaml: field 'item.idtype': Extra inputs" in refused(example)
+
+
+def test_a_missing_feast_repo(skeleton: Path) -> None:
+    shutil.rmtree(skeleton / "feature_repo")
+    message = refused(skeleton)
+    assert message == (
+        f"{skeleton / 'rankgate.yaml'}: field 'feast_repo': "
+        f"{skeleton / 'feature_repo'} is not a folder"
+    )
+
+
+def test_a_feast_repo_without_feature_store_yaml(skeleton: Path) -> None:
+    (skeleton / "feature_repo" / "feature_store.yaml").unlink()
+    assert refused(skeleton) == (
+        f"{skeleton / 'rankgate.yaml'}: field 'feast_repo': "
+        f"{skeleton / 'feature_repo'} has no feature_store.yaml"
+    )
+
+
+def test_a_feature_reference_the_registry_lacks(skeleton: Path) -> None:
+    features = skeleton / "models" / "FEATURES.yaml"
+    features.write_text(
+        features.read_text().replace("user_profile:visits_30d", "user_profile:visits_90d")
+    )
+    message = refused(skeleton)
+    assert (
+        f"{features}: inputs.1 (visits_30d): view 'user_profile' has no field 'visits_90d'"
+        in message
+    )
+
+
+def test_a_feature_view_the_registry_lacks(skeleton: Path) -> None:
+    features = skeleton / "models" / "FEATURES.yaml"
+    features.write_text(features.read_text().replace("user_profile:segment", "user_history:seg"))
+    assert f"{features}: inputs.0 (segment): no feature view 'user_history'" in refused(skeleton)
+
+
+def test_a_context_feature_the_project_does_not_declare(skeleton: Path) -> None:
+    features = skeleton / "models" / "FEATURES.items_only.yaml"
+    features.write_text(features.read_text().replace("context: device", "context: weather"))
+    message = refused(skeleton)
+    assert f"{features}: inputs.2 (device): context feature 'weather' is not declared" in message
+
+
+def tiny_onnx(width: int) -> onnx.ModelProto:
+    """sigmoid(x · w): one float input `width` columns wide, one score per row."""
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [width, 1], [0.1] * width)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["score"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [None, 1])],
+        [weights],
+    )
+    # IR version 8 goes with opset 15 (onnx.helper would write its newest).
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+def test_an_onnx_input_width_that_does_not_match_the_declaration() -> None:
+    from model_store.register import check_onnx
+
+    assert check_onnx(tiny_onnx(5), 5) == ("x", "score", 15)
+    with pytest.raises(ModelStoreError) as caught:
+        check_onnx(tiny_onnx(3), 5)
+    assert caught.value.status_code == 422
+    assert caught.value.message == (
+        "--onnx: input 'x' is 3 columns wide, but --features declares 5 inputs"
+    )
+
+
+def register_on(skeleton: Path, home: Path, onnx_model: onnx.ModelProto, features: Path) -> None:
+    """`rankgate model register v9` of `onnx_model` into a model store in `home`."""
+    from feast import FeatureView
+
+    from features.spec import load_features_file
+    from features.store import read_definitions, view_infos
+    from model_store.register import Candidate, register
+    from model_store.store import ModelStore
+
+    project = load_project(skeleton)
+    views = [o for o in read_definitions(project, home / "data") if isinstance(o, FeatureView)]
+    onnx_path = home.parent / "model.onnx"
+    onnx.save_model(onnx_model, str(onnx_path))
+    candidate = Candidate("v9", onnx_path, load_features_file(features))
+    register(ModelStore(Home(home)), project, view_infos(views, project), candidate)
+
+
+def test_register_refuses_a_wrong_width_and_writes_nothing(skeleton: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with pytest.raises(ModelStoreError, match="is 3 columns wide, but --features declares 5"):
+        register_on(skeleton, home, tiny_onnx(3), skeleton / "models" / "FEATURES.yaml")
+    assert not home.exists()
+
+
+def test_register_refuses_a_reference_the_registry_lacks(skeleton: Path, tmp_path: Path) -> None:
+    features = tmp_path / "FEATURES.yaml"
+    features.write_text("inputs:\n  - {name: colour, feature: item_attributes:colour}\n")
+    home = tmp_path / "home"
+    with pytest.raises(FeatureRepoError, match="view 'item_attributes' has no field 'colour'"):
+        register_on(skeleton, home, tiny_onnx(1), features)
+    assert not home.exists()
+
+
+def test_register_accepts_a_model_that_fits_the_skeleton(skeleton: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    register_on(skeleton, home, tiny_onnx(5), skeleton / "models" / "FEATURES.yaml")
+    assert (home / "models" / "ranker" / "v9" / "manifest.json").is_file()
+
+
+def test_a_policy_item_rule_naming_an_item_the_catalogue_lacks(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "policies" / "policy.yaml",
+        lambda raw: raw.update(item_rules=[{"name": "gone", "items": [7, 404]}]),
+    )
+    assert refused(skeleton).endswith(
+        f"{skeleton / 'policies' / 'policy.yaml'}: field 'item_rules.0.items': "
+        "not in the catalogue: 404"
+    )
+
+
+def test_an_item_id_of_the_wrong_type_in_a_policy_rule(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "policies" / "policy.yaml",
+        lambda raw: raw.update(item_rules=[{"name": "typo", "items": ["7"]}]),
+    )
+    assert refused(skeleton).endswith(
+        f"{skeleton / 'policies' / 'policy.yaml'}: field 'item_rules.0.items': "
+        "item ids of this catalogue are integers; '7' is not"
+    )
+
+
+def test_fallback_boosts_naming_items_the_catalogue_lacks(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "policies" / "fallback.yaml",
+        lambda raw: raw.update(boosts=[{"name": "spring", "items": [3, 41], "factor": 1.5}]),
+    )
+    assert refused(skeleton).endswith(
+        f"{skeleton / 'policies' / 'fallback.yaml'}: field 'boosts.0.items': "
+        "not in the catalogue: 41"
+    )
+
+
+def test_the_example_boosts_on_a_catalogue_without_their_items(example: Path) -> None:
+    """The example's winter campaign boosts items 2, 11 and 17: a catalogue without
+    item 11 refuses it instead of boosting a stranger."""
+    items = example / "data" / "random_all" / "item_context.csv"
+    lines = items.read_text().splitlines(keepends=True)
+    header = lines[0].split(",")
+    column = header.index("item_id")
+    items.write_text("".join(line for line in lines if line.split(",")[column] != "11"))
+    message = refused(example)
+    assert "✓" not in message
+    assert message.endswith(
+        f"{example / 'policies' / 'fallback.yaml'}: field 'boosts.0.items': "
+        "not in the catalogue: 11"
+    )
+
+
+def test_an_empty_catalogue(skeleton: Path) -> None:
+    (skeleton / "items.csv").write_text("item_id\n")
+    edit_yaml(skeleton / "rankgate.yaml", lambda raw: raw.update(catalogue={"file": "items.csv"}))
+    message = refused(skeleton)
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'catalogue.file': {skeleton / 'items.csv'} "
+        "lists no items (empty catalogue)"
+    ) in message
+
+
+def test_a_purpose_naming_a_view_the_repository_lacks(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "policies" / "policy.yaml",
+        lambda raw: raw["purposes"]["email_marketing"].update(
+            feature_views=["item_attributes", "user_history"]
+        ),
+    )
+    assert (
+        f"{skeleton / 'policies' / 'policy.yaml'}: field 'purposes.email_marketing.feature_views': "
+        "the Feast repository defines no view 'user_history'"
+    ) in refused(skeleton)
+
+
+def test_an_entity_the_repository_lacks(skeleton: Path) -> None:
+    edit_yaml(skeleton / "rankgate.yaml", lambda raw: raw["user"].update(entity="customer"))
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'user.entity': the repository defines no entity "
+        "'customer'"
+    ) in refused(skeleton)
+
+
+def test_string_item_ids_declared_for_an_integer_entity(skeleton: Path) -> None:
+    edit_yaml(skeleton / "rankgate.yaml", lambda raw: raw["item"].update(id_type="string"))
+    assert "field 'item.id_type': string ids, but entity 'item' is INT64" in refused(skeleton)
+
+
+def test_setup_model_settings_training_would_refuse(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "rankgate.yaml", lambda raw: raw["setup_models"][1]["params"].update(leaves=7)
+    )
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'setup_models.1.params.leaves' (v2): Extra inputs"
+    ) in refused(skeleton)
+
+
+def test_problems_are_reported_together(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "policies" / "fallback.yaml",
+        lambda raw: raw.update(boosts=[{"name": "spring", "items": [99], "factor": 2}]),
+    )
+    features = skeleton / "models" / "FEATURES.yaml"
+    features.write_text(
+        features.read_text().replace("item_attributes:price", "item_attributes:cost")
+    )
+    message = refused(skeleton)
+    assert message.startswith(f"{skeleton}: 2 problems:\n")
+    assert "field 'boosts.0.items': not in the catalogue: 99" in message
+    assert f"{features}: inputs.3 (price): view 'item_attributes' has no field 'cost'" in message
+
+
+def test_a_failing_prepare_step_is_named(skeleton: Path) -> None:
+    prepare = skeleton / "prepare.py"
+    prepare.write_text(prepare.read_text().replace("N_USERS = 300", "N_USERS = -1"))
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'prepare': prepare.py failed: ValueError"
+        in refused(skeleton)
+    )
+
+
+def test_an_interaction_log_without_its_declared_column(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "rankgate.yaml", lambda raw: raw["interactions"].update(outcome_column="buy")
+    )
+    assert (
+        f"{skeleton / 'rankgate.yaml'}: field 'interactions.outcome_column': "
+        "interactions.parquet has no column 'buy'"
+    ) in refused(skeleton)
+
+
+# -- end to end (slower: about 20 s) ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_setup_on_a_fresh_skeleton_trains_and_registers_its_models(tmp_path: Path) -> None:
+    """`rankgate --project <skeleton> setup` in its own home: sample data, Feast,
+    materialization and both setup models, as a new user would run it."""
+    from rankgate.redis_server import EmbeddedRedis
+
+    folder = tmp_path / "shop"
+    write_skeleton(folder, None)
+    home = tmp_path / "home"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"REDIS_URL", "RANKGATE_REDIS_URL", "RANKGATE_PROJECT"}
+    }
+    env.update(RANKGATE_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "rankgate.cli", "--project", str(folder), "setup"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        EmbeddedRedis(Home(home)).stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"project: shop ({folder})" in result.stdout
+    assert "✓ catalogue: 40 items" in result.stdout
+    for version, inputs in (("v1", 3), ("v2", 5)):
+        assert f"{version}: registered at {home / 'models' / 'ranker' / version}" in result.stdout
+        manifest = yaml.safe_load(
+            (home / "models" / "ranker" / version / "manifest.json").read_text()
+        )
+        assert manifest["lineage"]["project"] == "shop"
+        assert len(manifest["features"]) == inputs
+        assert manifest["training_data"]["rows"] == 6000
+        assert manifest["metrics"]["auc"] > 0.6
+    assert result.stdout.rstrip().endswith("setup complete.")

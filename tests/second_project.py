@@ -10,7 +10,7 @@ with scikit-learn and converted with skl2onnx.
 `write_project(folder)` writes the shop's raw exports (customers, products and an
 impression log keyed by raw customer ids) and the project around them: the
 prepare step pseudonymises the exports into the tables its Feast repository
-reads. `train_models(folder, out)` is the shop's own training job: it encodes
+reads. `train_models(raw, out)` is the shop's own training job: it encodes
 each input as the model declarations say (number: the value; hash: the first 5
 hex digits of the sha256 of the text; missing: -1), independently of rankgate's
 code, so the served scores check that both sides read the contract alike.
@@ -23,7 +23,6 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from textwrap import dedent
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,8 @@ BOOSTED = ["sku-1036", "sku-1037"]
 BOOST_FACTOR = 3.0
 PRIOR_CLICKS, PRIOR_IMPRESSIONS = 2.0, 60.0
 
-# The models' inputs, in ONNX column order: (name, reference, encoding, group).
+# The models' inputs, in ONNX column order: (name, kind, reference, encoding, group),
+# written into models/*.yaml as the project's declarations.
 GB_INPUTS = [
     ("customer_age", "feature", "customer_profile:age", "number", "profile"),
     ("loyalty_tier", "feature", "customer_profile:loyalty_tier", "hash", "profile"),
@@ -382,7 +382,7 @@ def write_project(folder: Path, raw: RawData | None = None) -> RawData:
     for name, text in files.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dedent(text))
+        path.write_text(text)
     (folder / "raw").mkdir(exist_ok=True)
     raw.customers.to_csv(folder / "raw" / "customers.csv", index=False)
     raw.products.to_csv(folder / "raw" / "products.csv", index=False)

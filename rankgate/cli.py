@@ -185,7 +185,9 @@ def serve(config_path: Path | None, port: int | None) -> None:
         else None,
     )
     click.echo(f"serving {config} (Ctrl-C stops)")
-    status = run_serve(env.home, base, config, serve_env(env.home, env.redis_url, config=base))
+    status = run_serve(
+        env.home, base, config, serve_env(env.home, env.redis_url, config=base, project=env.project)
+    )
     sys.exit(status)
 
 

@@ -34,6 +34,7 @@ import yaml
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError
 from rankgate.home import Home
+from rankgate.project import Project
 from rankgate.settings import PROJECT_ROOT, get_project
 from serving import edge
 
@@ -91,7 +92,10 @@ def serve_env(
     redis_url: str,
     base: dict[str, str] | None = None,
     config: Path = SERVE_CONFIG,
+    project: Project | None = None,
 ) -> dict[str, str]:
+    """The server's environment: `base` (default: this process's) with the fast path,
+    the edge's settings, and the home, project and Redis the replicas must use."""
     env = dict(os.environ if base is None else base)
     for name, value in FAST_PATH_ENV.items():
         env.setdefault(name, value)
@@ -130,7 +134,7 @@ def serve_env(
     # machine that only delays Ctrl-C. Operators can set it back.
     env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     env["RANKGATE_HOME"] = str(home.root)
-    env["RANKGATE_PROJECT"] = str(get_project().root)
+    env["RANKGATE_PROJECT"] = str((project or get_project()).root)
     env["REDIS_URL"] = redis_url
     # Replicas import the project's packages from here, however Ray was started.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from rankgate.config_files import Strict
 
 ONNX_FILE = "model.onnx"
 BOOSTER_FILE = "booster.txt"
 PARITY_INPUTS_FILE = "parity_inputs.npy"
 MANIFEST_FILE = "manifest.json"
 MAX_PARITY_DIFF = 1e-5
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ManifestFeature(Strict):

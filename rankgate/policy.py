@@ -7,16 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from rankgate.config_files import load_yaml_model, parse_yaml_model, read_config_bytes
+from rankgate.config_files import Strict, load_yaml_model, parse_yaml_model, read_config_bytes
 from rankgate.settings import PROJECT_ROOT
 
 POLICY_DIR = PROJECT_ROOT / "policies"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Region(Strict):
@@ -47,7 +43,7 @@ class Policy(Strict):
     version: str = Field(min_length=1)
     regions: dict[str, Region] = Field(min_length=1)
     purposes: dict[str, Purpose] = Field(min_length=1)
-    item_rules: list[ItemRule] = []
+    item_rules: list[ItemRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _rules_name_known_things(self) -> Policy:
@@ -82,7 +78,7 @@ class FallbackRules(Strict):
     strategy: Literal["popularity"] = "popularity"
     prior_clicks: float = Field(1.0, ge=0)
     prior_impressions: float = Field(250.0, gt=0)
-    boosts: list[Boost] = []
+    boosts: list[Boost] = Field(default_factory=list)
 
 
 def load_policy(path: Path | None = None) -> Policy:

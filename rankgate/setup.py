@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from rankgate import redis_keys
 from rankgate.consent import ConsentStore, demo_consent
 from rankgate.errors import ModelStoreError, RankgateError
 from rankgate.example_data import PreparedData, example_user_ids, prepare, prepared
@@ -73,7 +74,7 @@ class Environment:
         return feature_store(self.settings, self.redis_url)
 
     def marker_key(self, step: str) -> str:
-        return f"{self.home.namespace}:setup:{step}"
+        return redis_keys.setup_marker(self.home.namespace, step)
 
     def apply_features(self) -> list[str]:
         from features.store import apply

@@ -28,9 +28,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
 from model_store.store import ModelStore
+from rankgate import redis_keys
 from rankgate.api_keys import ApiKey
 from rankgate.config_files import validation_message
-from rankgate.consent import consent_fields, consent_key
+from rankgate.consent import consent_fields
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
@@ -424,7 +425,7 @@ class RankIngress(BatchedScoring):
         return await self.record_consent(consent)
 
     async def record_consent(self, consent: ConsentWrite) -> Response:
-        key = consent_key(self.runtime.home.namespace, pseudonymise(consent.user_id))
+        key = redis_keys.consent(self.runtime.home.namespace, pseudonymise(consent.user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
             fields = consent_fields(consent.purposes, consent.source)

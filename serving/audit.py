@@ -1,6 +1,6 @@
 """The decision audit log: one record per ranking decision in a Redis Stream.
 
-    <namespace>:audit     stream, one entry per decision, field "record" = JSON
+    redis_keys.audit(namespace)     stream, one entry per decision, field "record" = JSON
 
 A record holds the request id, the pseudonymous user key (never the raw id), the
 purpose and region, the policy version and its checks, the model version and
@@ -28,19 +28,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from rankgate import redis_keys
+
 logger = logging.getLogger("ray.serve")
 MAX_PENDING = 50_000
 BATCH = 256
 
 
-def audit_key(namespace: str) -> str:
-    return f"{namespace}:audit"
-
-
 class AuditWriter:
     def __init__(self, client: aioredis.Redis, namespace: str, max_records: int) -> None:
         self.client = client
-        self.key = audit_key(namespace)
+        self.key = redis_keys.audit(namespace)
         self.max_records = max_records
         self.pending: deque[str] = deque()
         self.dropped = 0

@@ -22,7 +22,8 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from features.vector import build_matrix
-from rankgate.consent import ConsentState, consent_key, parse_state
+from rankgate import redis_keys
+from rankgate.consent import ConsentState, parse_state
 from rankgate.pseudonym import user_key as pseudonymise
 from serving.audit import AuditWriter
 from serving.config import ServingConfig
@@ -145,7 +146,7 @@ class RankPipeline:
         """Consent of the person for the purpose; None when it cannot be read in time."""
         try:
             raw = await asyncio.wait_for(
-                self.consent_client.hget(consent_key(self.namespace, key), purpose),  # type: ignore[arg-type]
+                self.consent_client.hget(redis_keys.consent(self.namespace, key), purpose),  # type: ignore[arg-type]
                 timeout=max(deadline.remaining_s(), 0.0),
             )
         except (TimeoutError, OSError, aioredis.RedisError):

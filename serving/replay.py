@@ -12,9 +12,9 @@ import redis
 
 from model_store.manifest import ONNX_FILE
 from model_store.store import ModelStore
+from rankgate import redis_keys
 from rankgate.errors import RankgateError
 from rankgate.home import Home
-from serving.audit import audit_key
 
 if TYPE_CHECKING:
     from features.vector import ItemTable
@@ -30,7 +30,7 @@ def _decode(entry: tuple[bytes, dict[bytes, bytes]]) -> dict[str, Any]:
 
 
 def require_stream(client: redis.Redis, namespace: str) -> str:
-    key = audit_key(namespace)
+    key = redis_keys.audit(namespace)
     if not client.exists(key):
         raise RankgateError(
             f"the audit stream {key} does not exist: no decision was recorded in this home", 404

@@ -9,12 +9,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from rankgate import redis_keys
 from rankgate.cli import main
 from rankgate.consent import ConsentState
 from rankgate.errors import RankgateError
 from rankgate.setup import Environment
 from serving import replay
-from serving.audit import audit_key
 from tests.conftest import Server
 from tests.serving_support import user_with
 
@@ -49,7 +49,7 @@ def test_every_decision_is_recorded_without_the_raw_id(server: Server, env: Envi
     ]
     records = wait_for(env, ids)
     assert all(rid in records for rid in ids), sum(rid in records for rid in ids)
-    raw = env.redis.xrevrange(audit_key(env.home.namespace), count=5000)
+    raw = env.redis.xrevrange(redis_keys.audit(env.home.namespace), count=5000)
     blob = b"".join(fields[b"record"] for _, fields in raw)
     assert granted.encode() not in blob and denied.encode() not in blob
     sample = records[ids[1]]

@@ -33,6 +33,7 @@ from serving.fallback import PopularityFallback
 from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
 from serving.metrics import ServingMetrics
+from serving.outcomes import FallbackReason
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.requests import parse_rank
 from serving.routing import Router
@@ -47,8 +48,6 @@ from serving.schemas import (
 )
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
-# Fallback reasons that count as the chosen model's errors (others are degradations).
-MODEL_ERRORS = frozenset({"model_error", "model_unavailable"})
 ROLLBACK_CHECK_S = 0.05
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +73,7 @@ class Outcome:
 
     ranked: list[tuple[int, float]] = field(default_factory=list)
     model: ModelRef | None = None
+    reason: FallbackReason | None = None
     fallback: Fallback | None = None
     reasons: list[list] | None = None
     explanation: Explanation | None = None
@@ -174,8 +174,8 @@ class RankPipeline:
         eligible = [c for c in candidates if c not in decision.excluded_items]
         timings["policy"] = _ms_since(started)
 
-        if decision.reason == "budget_exhausted":
-            outcome = self._degrade(Outcome(), "budget_exhausted", "queued")
+        if decision.reason is FallbackReason.BUDGET_EXHAUSTED:
+            outcome = self._degrade(Outcome(), FallbackReason.BUDGET_EXHAUSTED, "queued")
         else:
             outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
         if outcome.model is not None:
@@ -222,11 +222,11 @@ class RankPipeline:
     def _observe(self, outcome: Outcome, latency_ms: float) -> None:
         """Feed the variant's window and roll the canary back when a rule fires."""
         assert outcome.model is not None
-        reason = outcome.fallback.reason if outcome.fallback else None
+        reason = outcome.reason
         self.router.record(
             outcome.model.version,
-            error=reason in MODEL_ERRORS,
-            degraded=reason is not None,
+            error=reason is not None and reason.model_fault,
+            degraded=reason is not None and reason.degraded,
             latency_ms=latency_ms,
         )
         # The rules sort the window's latencies: check at most every ROLLBACK_CHECK_S,
@@ -281,8 +281,11 @@ class RankPipeline:
         with contextlib.suppress(OSError, aioredis.RedisError):
             await self.experiments.record_shadow(version, *result)
 
-    def _degrade(self, outcome: Outcome, reason: str, detail: str | None = None) -> Outcome:
+    def _degrade(
+        self, outcome: Outcome, reason: FallbackReason, detail: str | None = None
+    ) -> Outcome:
         extra = {"detail": detail} if detail else {}
+        outcome.reason = reason
         outcome.fallback = Fallback(reason=reason, strategy=self.fallback.strategy, **extra)
         return outcome
 
@@ -297,15 +300,17 @@ class RankPipeline:
     ) -> Outcome:
         outcome = Outcome()
         if not decision.personalize:
-            return self._degrade(outcome, decision.reason or "no_consent")
+            return self._degrade(outcome, decision.reason or FallbackReason.NO_CONSENT)
         assignment = self.router.choose(key, decision.allowed_views, self.models.views_of)
         if assignment is None:
-            return self._degrade(outcome, "no_permitted_model")
+            return self._degrade(outcome, FallbackReason.NO_PERMITTED_MODEL)
         version = assignment.version
         outcome.model = ModelRef(name=self.models.name, version=version, variant=assignment.variant)
         model = self.models.loaded.get(version)
         if model is None:
-            return self._degrade(outcome, "model_unavailable", self.models.errors.get(version))
+            return self._degrade(
+                outcome, FallbackReason.MODEL_UNAVAILABLE, self.models.errors.get(version)
+            )
         if not eligible:
             return outcome  # nothing may be shown: an empty, personalized answer
 
@@ -322,17 +327,19 @@ class RankPipeline:
             )
         except TimeoutError:
             timings["features"] = _ms_since(started)
-            return self._degrade(outcome, "feature_timeout")
+            return self._degrade(outcome, FallbackReason.FEATURE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the online store failed: degrade
             timings["features"] = _ms_since(started)
-            return self._degrade(outcome, "feature_error", type(exc).__name__)
+            return self._degrade(outcome, FallbackReason.FEATURE_ERROR, type(exc).__name__)
         timings["features"] = _ms_since(started)
         for view, age in user.age_s.items():
             self.metrics.feature_age.labels(view).observe(age)
         if user.missing_views:
-            return self._degrade(outcome, "features_missing", ",".join(user.missing_views))
+            return self._degrade(
+                outcome, FallbackReason.FEATURES_MISSING, ",".join(user.missing_views)
+            )
         if user.stale_views:
-            return self._degrade(outcome, "features_stale", ",".join(user.stale_views))
+            return self._degrade(outcome, FallbackReason.FEATURES_STALE, ",".join(user.stale_views))
 
         started = time.perf_counter()
         items = self.fetcher.items  # one table for the matrix and the audit record
@@ -346,13 +353,13 @@ class RankPipeline:
             )
         except TimeoutError:
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "budget_exhausted", "ranker")
+            return self._degrade(outcome, FallbackReason.BUDGET_EXHAUSTED, "ranker")
         except ModelUnavailable as exc:
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "model_unavailable", exc.message)
+            return self._degrade(outcome, FallbackReason.MODEL_UNAVAILABLE, exc.message)
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "model_error", type(exc).__name__)
+            return self._degrade(outcome, FallbackReason.MODEL_ERROR, type(exc).__name__)
         order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
         outcome.ranked = [(int(eligible[n]), float(scores[n])) for n in order]
         timings["rank"] = _ms_since(started)

@@ -16,14 +16,13 @@ from rankgate.consent import ConsentState
 from rankgate.example_data import example_user_ids
 from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT
+from serving.outcomes import FallbackReason
 
 if TYPE_CHECKING:
     from rankgate.home import Home
     from tests.conftest import Server
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
-# Fallback reasons that are the policy or the person, not the service degrading.
-NOT_DEGRADED = frozenset({"no_consent", "purpose_not_permitted", "features_missing"})
 
 
 # Near misses of a valid identifier: each must be refused wherever the identifier
@@ -176,7 +175,9 @@ class Load:
         return Counter(
             a["fallback"]["reason"]
             for t, a in self.answers
-            if since <= t < until and a["fallback"] and a["fallback"]["reason"] not in NOT_DEGRADED
+            if since <= t < until
+            and a["fallback"]
+            and FallbackReason(a["fallback"]["reason"]).degraded
         )
 
     def personalized(self, since: float = 0.0) -> int:

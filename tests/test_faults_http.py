@@ -22,6 +22,7 @@ from rankgate.home import Home
 from rankgate.policy import POLICY_DIR
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
+from serving.outcomes import FallbackReason
 from tests.conftest import Server
 from tests.serving_support import (
     Load,
@@ -32,7 +33,13 @@ from tests.serving_support import (
     routing,
 )
 
-REDIS_DEGRADED = {"consent_unavailable", "feature_timeout", "feature_error", "budget_exhausted"}
+# What a Redis outage may cause (consent and feature reads fail or wait).
+REDIS_DEGRADED = {
+    FallbackReason.CONSENT_UNAVAILABLE,
+    FallbackReason.FEATURE_TIMEOUT,
+    FallbackReason.FEATURE_ERROR,
+    FallbackReason.BUDGET_EXHAUSTED,
+}
 
 
 def wait_for(condition: Any, limit_s: float, step_s: float = 0.1) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from rankgate.policy import FallbackRules
+from serving.topk import Item, plain_item_id, top_k
 
 
 class PopularityFallback:
@@ -21,7 +22,7 @@ class PopularityFallback:
         logs = pd.read_parquet(impressions_path, columns=["item_id", "click"])
         stats = logs.groupby("item_id")["click"].agg(["sum", "count"])
         ctr = (stats["sum"] + rules.prior_clicks) / (stats["count"] + rules.prior_impressions)
-        self.score_of: dict[int, float] = {int(i): float(s) for i, s in ctr.items()}
+        self.score_of: dict[int | str, float] = {plain_item_id(i): float(s) for i, s in ctr.items()}
         self.default_score = rules.prior_clicks / rules.prior_impressions
         for boost in rules.boosts:
             for item in boost.items:
@@ -31,11 +32,9 @@ class PopularityFallback:
     def strategy(self) -> str:
         return self.rules.strategy
 
-    def scores(self, item_ids: Sequence[int]) -> np.ndarray:
-        return np.array([self.score_of.get(int(i), self.default_score) for i in item_ids])
+    def scores(self, item_ids: Sequence[Item]) -> np.ndarray:
+        return np.array([self.score_of.get(i, self.default_score) for i in item_ids])
 
-    def rank(self, item_ids: Sequence[int], k: int) -> list[tuple[int, float]]:
-        """Top-k (item, score), best first; ties broken by item id for stable answers."""
-        scores = self.scores(item_ids)
-        order = sorted(range(len(item_ids)), key=lambda n: (-scores[n], item_ids[n]))[:k]
-        return [(int(item_ids[n]), float(scores[n])) for n in order]
+    def rank(self, item_ids: Sequence[Item], k: int) -> list[tuple[Item, float]]:
+        """Top-k (item, score), best first (serving.topk)."""
+        return [(pick.item_id, pick.score) for pick in top_k(item_ids, self.scores(item_ids), k)]

@@ -46,6 +46,7 @@ from serving.schemas import (
     RankResponse,
     RequestRules,
 )
+from serving.topk import SCORE_DIGITS, top_k
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 ROLLBACK_CHECK_S = 0.05
@@ -193,7 +194,9 @@ class RankPipeline:
                 if outcome.reasons and n < len(outcome.reasons)
                 else {}
             )
-            items.append(RankedItem(item_id=item, rank=n + 1, score=round(score, 6), **extra))
+            items.append(
+                RankedItem(item_id=item, rank=n + 1, score=round(score, SCORE_DIGITS), **extra)
+            )
         timings = {name: round(value, 3) for name, value in timings.items()}
         timings["total"] = round(deadline.elapsed_ms(), 3)
         explanation = {"explanation": outcome.explanation} if outcome.explanation else {}
@@ -265,7 +268,7 @@ class RankPipeline:
             matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible)
             scores = model.scorer.score(matrix)
             k = len(live)
-            shadow_top = {eligible[n] for n in np.argsort(-scores, kind="stable")[:k]}
+            shadow_top = {pick.item_id for pick in top_k(eligible, scores, k)}
             overlap = len(shadow_top & {item for item, _ in live}) / k if k else 1.0
             position = {item: n for n, item in enumerate(eligible)}
             diff = (
@@ -360,15 +363,16 @@ class RankPipeline:
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             timings["rank"] = _ms_since(started)
             return self._degrade(outcome, FallbackReason.MODEL_ERROR, type(exc).__name__)
-        order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
-        outcome.ranked = [(int(eligible[n]), float(scores[n])) for n in order]
+        picks = top_k(eligible, scores, request.k)
+        outcome.ranked = [(pick.item_id, pick.score) for pick in picks]
         timings["rank"] = _ms_since(started)
         for shadow in shadows:
             self._spawn(self._shadow(shadow, user, eligible, outcome.ranked))
 
         if request.explain:
             started = time.perf_counter()
-            outcome.reasons, outcome.explanation = self._explain(version, matrix[order], deadline)
+            rows = matrix[[pick.position for pick in picks]]
+            outcome.reasons, outcome.explanation = self._explain(version, rows, deadline)
             timings["explain"] = _ms_since(started)
         return outcome
 

@@ -15,6 +15,7 @@ from model_store.store import ModelStore
 from rankgate import redis_keys
 from rankgate.errors import RankgateError
 from rankgate.home import Home
+from serving.topk import SCORE_DIGITS, top_k
 
 if TYPE_CHECKING:
     from features.vector import ItemTable
@@ -109,8 +110,10 @@ def replay(record: dict[str, Any], home: Home, items: ItemTable) -> Replay:
     scorer = OnnxScorer(store.path(version) / ONNX_FILE)
     candidates = record["candidates"]
     scores = scorer.score(build_matrix(specs, record["features"]["values"], items, candidates))
-    order = sorted(range(len(candidates)), key=lambda n: (-scores[n], candidates[n]))[: record["k"]]
-    replayed = [[int(candidates[n]), round(float(scores[n]), 6)] for n in order]
+    replayed = [
+        [pick.item_id, round(pick.score, SCORE_DIGITS)]
+        for pick in top_k(candidates, scores, record["k"])
+    ]
     same = replayed == recorded
     table_note = (
         ""

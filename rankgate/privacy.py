@@ -23,7 +23,6 @@ nothing the second time, and says so.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections import Counter
@@ -43,6 +42,7 @@ from rankgate.errors import RankgateError, RedisUnavailable
 from rankgate.example_data import PREPARED_FILES, PreparedData, prepared
 from rankgate.home import Home
 from rankgate.pseudonym import user_key
+from serving.audit import AuditRecord
 from serving.config import LimitsConfig
 from serving.schemas import check_user_id
 
@@ -207,7 +207,7 @@ class Eraser:
             for stream_id, fields in page:  # type: ignore[union-attr]
                 raw = fields.get(b"record", b"")
                 # The substring test is cheap; parsing confirms it is the record's user key.
-                if needle in raw and json.loads(raw).get("user_key") == key:
+                if needle in raw and AuditRecord.read(raw).user_key == key:
                     mine.append(stream_id)
             if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
                 break

@@ -25,7 +25,7 @@ from features.vector import build_matrix
 from rankgate import redis_keys
 from rankgate.consent import ConsentState, parse_state
 from rankgate.pseudonym import user_key as pseudonymise
-from serving.audit import AuditWriter
+from serving.audit import AuditRecord, AuditWriter, RecordedFeatures
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
@@ -46,7 +46,7 @@ from serving.schemas import (
     RankResponse,
     RequestRules,
 )
-from serving.topk import SCORE_DIGITS, top_k
+from serving.topk import SCORE_DIGITS, plain_item_id, top_k
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 ROLLBACK_CHECK_S = 0.05
@@ -400,32 +400,27 @@ def audit_record(
     outcome: Outcome,
     response: RankResponse,
     app: str | None = None,
-) -> dict[str, Any]:
+) -> AuditRecord:
     """What the audit stream keeps of one decision (no raw user id)."""
-    return {
-        "request_id": response.request_id,
-        "at": time.time(),
-        "app": app,
-        "user_key": key,
-        "purpose": request.purpose,
-        "region": request.region,
-        "k": request.k,
-        "policy": response.policy.model_dump(exclude_unset=True),
-        "model": response.model.model_dump() if response.model else None,
-        "candidates": [int(c) for c in eligible],
-        "features": (
-            {"values": outcome.user.values, "age_s": outcome.user.age_s} if outcome.user else None
-        ),
-        "item_table": outcome.items_digest,
-        "items": [[item.item_id, item.score] for item in response.items],
-        "fallback": response.fallback.model_dump(exclude_unset=True) if response.fallback else None,
-        "explanation": (
-            [[r.model_dump() for r in item.reasons or []] for item in response.items]
-            if outcome.reasons
-            else None
-        ),
-        "timings_ms": response.timings_ms,
-    }
+    user = outcome.user
+    return AuditRecord(
+        request_id=response.request_id,
+        at=time.time(),
+        app=app,
+        user_key=key,
+        purpose=request.purpose,
+        region=request.region,
+        k=request.k,
+        policy=response.policy,
+        model=response.model,
+        candidates=[plain_item_id(c) for c in eligible],
+        features=RecordedFeatures(values=user.values, age_s=user.age_s) if user else None,
+        item_table=outcome.items_digest,
+        items=[(item.item_id, item.score) for item in response.items],
+        fallback=response.fallback,
+        explanation=[item.reasons or [] for item in response.items] if outcome.reasons else None,
+        timings_ms=response.timings_ms,
+    )
 
 
 def _ms_since(started: float) -> float:

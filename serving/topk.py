@@ -13,7 +13,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
-Item = TypeVar("Item", int, str)
+Item = TypeVar("Item", bound=int | str)
 SCORE_DIGITS = 6
 """Scores in answers (and so in audit records) are rounded to this many decimals."""
 

@@ -10,12 +10,13 @@ from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from features.definitions import feature_objects
 from rankgate.example_data import prepared
 from rankgate.home import Home
-from rankgate.redis_server import feast_connection_string, resolve_redis_url
+from rankgate.redis_server import (
+    SERVING_REDIS_OPTIONS,
+    feast_connection_string,
+    resolve_redis_url,
+)
 from rankgate.settings import Settings, get_settings
 
-# Redis client settings for Feast on the request path: a dead server must fail
-# fast (the request deadline itself is enforced by the caller).
-SERVING_REDIS_OPTIONS = ",socket_connect_timeout=0.5,socket_timeout=1.0"
 # How Feast encodes entity keys into Redis key names; whoever reads those names
 # back (rankgate.privacy) decodes them with the same version.
 ENTITY_KEY_SERIALIZATION_VERSION = 3

@@ -8,10 +8,13 @@ Python values, ready for JSON.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
-import numpy as np
+if TYPE_CHECKING:
+    # Only for types: `rankgate audit tail` imports this module and stays without numpy.
+    import numpy as np
 
 Item = TypeVar("Item", bound=int | str)
 SCORE_DIGITS = 6
@@ -26,11 +29,13 @@ class Pick(NamedTuple, Generic[Item]):
 
 
 def plain_item_id(item: Any) -> Any:
-    """An item id as a Python int or str (numpy's int64 and str_ included)."""
-    value = item.item() if isinstance(item, np.generic) else item
-    if not isinstance(value, int | str):
-        raise TypeError(f"item ids are ints or strings, not {type(value).__name__}")
-    return value
+    """An item id as a Python int or str (numpy's integers and str_ included)."""
+    if isinstance(item, str):
+        return str(item)
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise TypeError(f"item ids are ints or strings, not {type(item).__name__}") from None
 
 
 def top_k(

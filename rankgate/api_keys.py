@@ -28,6 +28,9 @@ import redis
 
 from rankgate import redis_keys
 from rankgate.errors import RankgateError
+from rankgate.home import Home
+from rankgate.policy import load_policy
+from rankgate.redis_server import connect
 
 KEY_PREFIX = "rg_"
 KEY_RANDOM_BYTES = 32
@@ -159,11 +162,7 @@ class ApiKeyStore:
 @contextlib.contextmanager
 def temporary_key(app: str) -> Iterator[str]:
     """A key of this home for every purpose, revoked on exit (load tests, benchmark)."""
-    from rankgate.policy import load_policy
-    from rankgate.setup import Environment
-
-    env = Environment.open()
-    store = ApiKeyStore(env.redis, env.home.namespace)
+    store = ApiKeyStore(connect(), Home.from_settings().namespace)
     purposes = list(load_policy().purposes)
     key = store.create(app, purposes, purposes)
     try:

@@ -472,7 +472,8 @@ def model_status(config_path: Path | None) -> None:
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
-    from serving.promotion import ServerInfo, plain, read_routing
+    from serving.launch import ServerInfo
+    from serving.promotion import plain, read_routing
 
     env, path = _promotion_context(config_path)
     _, routing = read_routing(path)

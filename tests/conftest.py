@@ -179,6 +179,7 @@ def server(ready_home: Home) -> Iterator[Server]:
     from rankgate.redis_server import resolve_redis_url
     from serving.launch import (
         SERVE_CONFIG,
+        ServerInfo,
         derived_config,
         free_port,
         serve_env,
@@ -186,7 +187,6 @@ def server(ready_home: Home) -> Iterator[Server]:
         start_server,
         stop_server,
     )
-    from serving.promotion import ServerInfo
 
     port = free_port()
     # The server runs a copy of serve_config.yaml that tests may promote on; the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,8 @@ def test_string_item_ids_tie_by_id_too() -> None:
 
 
 def test_numpy_ids_and_scores_come_back_as_python_values() -> None:
-    (pick,) = top_k(np.array([4, 9], dtype=np.int64), np.array([0.2, 0.3]), 1)
+    numpy_ids: Any = np.array([4, 9], dtype=np.int64)  # as a catalogue read with pandas has them
+    (pick,) = top_k(numpy_ids, np.array([0.2, 0.3]), 1)
     assert type(pick.item_id) is int and type(pick.score) is float
     assert plain_item_id(np.str_("x")) == "x" and type(plain_item_id(np.str_("x"))) is str
 

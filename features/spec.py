@@ -13,10 +13,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rankgate.config_files import load_yaml_model
+from rankgate.config_files import Strict, load_yaml_model
 from rankgate.errors import FeatureRepoError
 from rankgate.project import ItemId, Project
-from rankgate.strict import Strict
 
 ITEM_PLACEHOLDER = "{item_id}"
 Encoding = Literal["number", "hash"]

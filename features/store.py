@@ -26,15 +26,16 @@ from features.spec import ViewInfo
 from rankgate.errors import ConfigError, FeatureRepoError
 from rankgate.home import Home
 from rankgate.project import DATA_DIR_VARIABLE, ItemId, Project
-from rankgate.redis_server import feast_connection_string, resolve_redis_url
+from rankgate.redis_server import (
+    SERVING_REDIS_OPTIONS,
+    feast_connection_string,
+    resolve_redis_url,
+)
 from rankgate.settings import Settings, get_project, get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# Redis client settings for Feast on the request path: a dead server must fail
-# fast (the request deadline itself is enforced by the caller).
-SERVING_REDIS_OPTIONS = ",socket_connect_timeout=0.5,socket_timeout=1.0"
 # How Feast encodes entity keys into Redis key names; whoever reads those names
 # back (rankgate.privacy) decodes them with the same version.
 ENTITY_KEY_SERIALIZATION_VERSION = 3

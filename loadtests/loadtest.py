@@ -9,7 +9,8 @@ SLO of `loadtests/slo.yaml` is evaluated:
 - p99_ms: 99th percentile latency of all requests (Locust's aggregated row);
 - max_error_rate: failed requests / requests;
 - max_fallback_rate: degraded 200 rank answers / 200 rank answers (degraded:
-  the fallback reasons of `locustfile.DEGRADED_REASONS`; `no_consent` is policy).
+  the fallback reasons `serving.outcomes.FallbackReason` marks degraded;
+  `no_consent` is policy).
 
 Files written to the output folder: locust_stats.csv (and Locust's other CSVs),
 locust.html, locust.log, outcomes.json.

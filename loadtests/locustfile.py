@@ -46,28 +46,14 @@ from typing import Any
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment as LocustEnvironment
 
+from serving.outcomes import DEGRADED
+
 OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"
 API_KEY_ENV = "RANKGATE_API_KEY"
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
 CANDIDATE_SIZES: tuple[int | None, ...] = (None, 5, 20, 50)  # None: whole catalogue
 SYNTHETIC_USERS = 50
-
-# Fallback reasons that mean the service degraded. `no_consent` is the policy
-# working as intended, and `features_missing` / `no_permitted_model` describe the
-# person or the configuration rather than the service's health, so none of them
-# count toward the fallback-rate SLO.
-DEGRADED_REASONS = frozenset(
-    {
-        "consent_unavailable",
-        "feature_timeout",
-        "feature_error",
-        "features_stale",
-        "budget_exhausted",
-        "model_error",
-        "model_unavailable",
-    }
-)
 
 # One per kind of mistake a client makes; each must be a 422 that names the field.
 BAD_BODIES: tuple[dict[str, Any], ...] = (
@@ -160,10 +146,13 @@ def summary() -> dict[str, Any]:
     rank_answers = sum(
         v for k, v in outcomes.items() if k == "personalized" or k.startswith("fallback:")
     )
+    # Only degraded answers count toward the fallback-rate SLO: `no_consent` is the
+    # policy working, `features_missing` and `no_permitted_model` describe the person
+    # or the configuration rather than the service's health.
     degraded = sum(
         v
         for k, v in outcomes.items()
-        if k.startswith("fallback:") and k.removeprefix("fallback:") in DEGRADED_REASONS
+        if k.startswith("fallback:") and k.removeprefix("fallback:") in DEGRADED
     )
     return {
         "rank_answers": rank_answers,

@@ -1,6 +1,6 @@
 """API keys: one or more per application, scoped to purposes, stored hashed.
 
-    <namespace>:apikeys   hash: sha256(key) -> {"app", "purposes", "created_at", "hint"}
+    redis_keys.api_keys(namespace)   hash: sha256(key) -> {"app", "purposes", "created_at", "hint"}
 
 A key is `rg_` plus 32 random bytes (URL-safe base64). Only its SHA-256 is
 stored: a key this random needs no slow password hash, and a leaked Redis
@@ -26,7 +26,11 @@ from datetime import UTC, datetime
 
 import redis
 
+from rankgate import redis_keys
 from rankgate.errors import RankgateError
+from rankgate.home import Home
+from rankgate.policy import load_policy
+from rankgate.redis_server import connect
 
 KEY_PREFIX = "rg_"
 KEY_RANDOM_BYTES = 32
@@ -34,10 +38,6 @@ KEY_RANDOM_BYTES = 32
 # newline, so "shop\n" would have been an application of its own.
 KEY_PATTERN = re.compile(KEY_PREFIX + r"[A-Za-z0-9_-]{43}")  # 32 bytes, URL-safe base64
 APP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def keys_key(namespace: str) -> str:
-    return f"{namespace}:apikeys"
 
 
 def key_digest(key: str) -> str:
@@ -118,7 +118,7 @@ class ApiKeyStore:
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.client = client
-        self.key = keys_key(namespace)
+        self.key = redis_keys.api_keys(namespace)
 
     def create(self, app: str, purposes: Iterable[str], known_purposes: Iterable[str]) -> str:
         """A new key for `app`, returned once; only its digest is stored."""
@@ -162,11 +162,7 @@ class ApiKeyStore:
 @contextlib.contextmanager
 def temporary_key(app: str) -> Iterator[str]:
     """A key of this home for every purpose, revoked on exit (load tests, benchmark)."""
-    from rankgate.policy import load_policy
-    from rankgate.setup import Environment
-
-    env = Environment.open()
-    store = ApiKeyStore(env.redis, env.home.namespace)
+    store = ApiKeyStore(connect(), Home.from_settings().namespace)
     purposes = list(load_policy().purposes)
     key = store.create(app, purposes, purposes)
     try:

@@ -646,7 +646,8 @@ def model_status(config_path: Path | None) -> None:
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
-    from serving.promotion import ServerInfo, plain, read_routing
+    from serving.launch import ServerInfo
+    from serving.promotion import plain, read_routing
 
     env, path = _promotion_context(config_path)
     _, routing = read_routing(path)
@@ -709,19 +710,17 @@ def audit() -> None:
 @fails_cleanly
 def audit_tail(count: int, follow: bool) -> None:
     """Print the most recent decisions, one JSON record per line."""
-    import json
-
     from rankgate.setup import Environment
     from serving import replay
 
     env = Environment.open()
     records = replay.tail(env.redis, env.home.namespace, count)
     for record in records:
-        click.echo(json.dumps(record))
+        click.echo(record.shown())
     if follow:
-        after = records[-1]["stream_id"] if records else "$"
+        after = (records[-1].stream_id or "$") if records else "$"
         for record in replay.follow(env.redis, env.home.namespace, after):
-            click.echo(json.dumps(record))
+            click.echo(record.shown())
 
 
 @audit.command("replay")

@@ -6,11 +6,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rankgate.errors import ConfigError
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base of every typed file and config section: an unknown field is an error (a
+    typo never goes unnoticed), and a loaded value cannot be changed in place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def validation_message(source: str, exc: ValidationError) -> str:

@@ -1,6 +1,6 @@
-"""Consent records in Redis, per person and purpose, under the pseudonymous key.
-
-    <namespace>:consent:<user_key>   hash: purpose -> {"granted": bool, "source": str, "updated_at": iso}
+"""Consent records in Redis, per person and purpose, under the pseudonymous key
+(`rankgate.redis_keys.consent`): a hash of purpose -> {"granted": bool, "source": str,
+"updated_at": iso}.
 
 No field for a purpose means no recorded decision ("unknown").
 """
@@ -15,6 +15,8 @@ from enum import StrEnum
 
 import redis
 
+from rankgate import redis_keys
+
 CONSENT_STATES = ("granted", "denied", "unknown")
 
 
@@ -22,10 +24,6 @@ class ConsentState(StrEnum):
     GRANTED = "granted"
     DENIED = "denied"
     UNKNOWN = "unknown"
-
-
-def consent_key(namespace: str, key: str) -> str:
-    return f"{namespace}:consent:{key}"
 
 
 def consent_fields(purposes: Mapping[str, bool], source: str) -> dict[str, str]:
@@ -52,16 +50,16 @@ class ConsentStore:
     def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
         fields = consent_fields(purposes, source)
         if fields:
-            self.client.hset(consent_key(self.namespace, key), mapping=fields)
+            self.client.hset(redis_keys.consent(self.namespace, key), mapping=fields)
 
     def state(self, key: str, purpose: str) -> ConsentState:
-        raw = self.client.hget(consent_key(self.namespace, key), purpose)
+        raw = self.client.hget(redis_keys.consent(self.namespace, key), purpose)
         return parse_state(raw)  # type: ignore[arg-type]  # sync client
 
     def states(self, keys: Iterable[str], purpose: str) -> list[ConsentState]:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
-            pipe.hget(consent_key(self.namespace, key), purpose)
+            pipe.hget(redis_keys.consent(self.namespace, key), purpose)
         return [parse_state(raw) for raw in pipe.execute()]
 
 

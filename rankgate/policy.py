@@ -10,10 +10,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rankgate.config_files import load_yaml_model, parse_yaml_model, read_config_bytes
+from rankgate.config_files import Strict, load_yaml_model, parse_yaml_model, read_config_bytes
 from rankgate.errors import ConfigError
 from rankgate.settings import PROJECT_ROOT, get_project
-from rankgate.strict import Strict
 
 # Commented starting points `rankgate init` copies into a new project.
 TEMPLATE_DIR = PROJECT_ROOT / "policies"

@@ -1,27 +1,29 @@
 """Right to be forgotten: erase what a home keeps about one person.
 
 A person is stored only under their pseudonymous key (rankgate.pseudonym), so
-that key finds everything:
+that key finds everything. In Redis, every kind of key that rankgate.redis_keys
+marks as naming people (`ERASED`; the other kinds hold no user keys):
 
-    Feast online rows   Redis hashes named <serialized entity key><project>; one hash
-                        per entity key, with a `_ts:<view>` field per feature view
-    consent record      <namespace>:consent:<user_key>
-    audit records       entries of <namespace>:audit whose record names the user key
+    Feast online rows   hashes named by Feast, one per entity key, with a
+                        `_ts:<view>` field per feature view
+    consent record      the person's consent hash
+    audit records       entries of the audit stream whose record names the user key
+
+and outside it:
+
     offline rows        rows with the user join key column (rankgate.yaml `user.join_key`)
                         in every Parquet table of the home's data folder (what the
                         project's prepare step wrote) and in the project's own
                         Parquet sources of user views and its interaction log: the
                         sources `rankgate features materialize` and training read
 
-`routing:*`, `shadow:*` and `setup:*` keys hold no user keys, so there is nothing
-else to erase. The offline rows go first, so a materialize running meanwhile
+The offline rows go first, so a materialize running meanwhile
 cannot bring back rows erased from Redis afterwards. Erasing twice erases
 nothing the second time, and says so.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections import Counter
@@ -36,18 +38,20 @@ import redis
 from feast.infra.key_encoding_utils import deserialize_entity_key
 
 from features.store import ENTITY_KEY_SERIALIZATION_VERSION
-from rankgate.consent import consent_key
+from rankgate import redis_keys
 from rankgate.errors import RankgateError, RedisUnavailable
 from rankgate.home import Home
 from rankgate.project import Project
 from rankgate.pseudonym import user_key
-from serving.audit import audit_key
+from serving.audit import AuditRecord
 from serving.config import LimitsConfig
 from serving.schemas import check_user_id
 
 SCAN_COUNT = 1000
 AUDIT_PAGE = 1000
 SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
+ERASED = (redis_keys.FEAST_ROWS, redis_keys.CONSENT, redis_keys.AUDIT)
+"""The kinds of Redis key `forget` erases the person from: every kind that names people."""
 
 
 def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
@@ -186,7 +190,7 @@ class Eraser:
         offline = erase_offline_rows(self.tables, self.join_key, key)
         with self._redis("run the command again to finish erasing"):
             feature_rows = self.erase_feature_rows(key)
-            consent = int(self.client.delete(consent_key(self.namespace, key)))  # type: ignore[arg-type]
+            consent = int(self.client.delete(redis_keys.consent(self.namespace, key)))  # type: ignore[arg-type]
             audit = self.erase_audit_records(key)
         return ErasureReport(key, feature_rows, consent, audit, offline)
 
@@ -216,7 +220,7 @@ class Eraser:
 
     def erase_audit_records(self, key: str) -> int:
         """XDEL every decision of the person, paging through the stream oldest first."""
-        stream = audit_key(self.namespace)
+        stream = redis_keys.audit(self.namespace)
         needle = key.encode()
         mine: list[bytes] = []
         lower = "-"
@@ -225,7 +229,7 @@ class Eraser:
             for stream_id, fields in page:  # type: ignore[union-attr]
                 raw = fields.get(b"record", b"")
                 # The substring test is cheap; parsing confirms it is the record's user key.
-                if needle in raw and json.loads(raw).get("user_key") == key:
+                if needle in raw and AuditRecord.read(raw).user_key == key:
                     mine.append(stream_id)
             if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
                 break

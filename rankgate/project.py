@@ -32,9 +32,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rankgate.config_files import load_yaml_model
+from rankgate.config_files import Strict, load_yaml_model
 from rankgate.errors import ConfigError
-from rankgate.strict import Strict
 
 PROJECT_FILE = "rankgate.yaml"
 DATA_DIR_VARIABLE = "RANKGATE_DATA_DIR"

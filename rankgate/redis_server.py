@@ -27,6 +27,15 @@ from rankgate.home import Home
 from rankgate.settings import Settings, get_settings
 
 START_TIMEOUT_S = 10.0
+# Redis client timeouts on the request path (the consent store, Feast's online
+# store): they only bound a dead connection; the request deadline itself is
+# enforced by the caller with asyncio timeouts.
+SERVING_SOCKET_TIMEOUT_S = 1.0
+SERVING_CONNECT_TIMEOUT_S = 0.5
+SERVING_REDIS_OPTIONS = (
+    f",socket_connect_timeout={SERVING_CONNECT_TIMEOUT_S},socket_timeout={SERVING_SOCKET_TIMEOUT_S}"
+)
+"""The same timeouts as options of Feast's Redis connection string."""
 
 
 def _binary_path() -> Path:

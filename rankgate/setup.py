@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from rankgate import redis_keys
 from rankgate.consent import ConsentStore, demo_consent
 from rankgate.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.home import Home
@@ -89,7 +90,7 @@ class Environment:
         return feature_store(self.settings, self.redis_url, project=self.project)
 
     def marker_key(self, step: str) -> str:
-        return f"{self.home.namespace}:setup:{step}"
+        return redis_keys.setup_marker(self.home.namespace, step)
 
     def apply_features(self, objects: list[Any] | None = None) -> list[str]:
         from features.store import apply

@@ -28,9 +28,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
 from model_store.store import ModelStore
+from rankgate import redis_keys
 from rankgate.api_keys import ApiKey
 from rankgate.config_files import validation_message
-from rankgate.consent import consent_fields, consent_key
+from rankgate.consent import consent_fields
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
@@ -196,12 +197,19 @@ def bad_request_response(exc: BadRequest) -> JSONResponse:
     return error_response(exc.status_code, body, headers=ERROR_HEADERS.get(exc.status_code))
 
 
+# Until `reconfigure` applies the deployed config's `batching`.
+DEFAULT_BATCHING = BatchingConfig()
+
+
 class BatchedScoring:
     """Mixin: `@serve.batch` around Ranker.score_batch, tunable from config."""
 
     ranker: Ranker
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0005)
+    @serve.batch(
+        max_batch_size=DEFAULT_BATCHING.max_batch_size,
+        batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s,
+    )
     async def score_many(self, requests: list[tuple[str, np.ndarray]]) -> list[Any]:
         self.observe_batch([version for version, _ in requests])
         return self.ranker.score_batch(requests)
@@ -230,7 +238,8 @@ class RankerConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+# Deployment options (replicas, CPUs, queue limits) are set in serve_config.yaml only.
+@serve.deployment
 class RankerDeployment(BatchedScoring):
     """Scores for all ingress replicas (placement `deployment`)."""
 
@@ -247,7 +256,7 @@ class RankerDeployment(BatchedScoring):
         self.tune_batching(config.batching)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment
 @serve.ingress(api)
 class RankIngress(BatchedScoring):
     """HTTP entry: parses, runs the pipeline, maps domain errors to responses.
@@ -424,7 +433,7 @@ class RankIngress(BatchedScoring):
         return await self.record_consent(consent)
 
     async def record_consent(self, consent: ConsentWrite) -> Response:
-        key = consent_key(self.runtime.home.namespace, pseudonymise(consent.user_id))
+        key = redis_keys.consent(self.runtime.home.namespace, pseudonymise(consent.user_id))
         try:
             # One HSET: all purposes of the request are recorded together or not at all.
             fields = consent_fields(consent.purposes, consent.source)

@@ -1,14 +1,15 @@
 """The decision audit log: one record per ranking decision in a Redis Stream.
 
-    <namespace>:audit     stream, one entry per decision, field "record" = JSON
+    redis_keys.audit(namespace)     stream, one entry per decision, field "record" = JSON
 
-A record holds the request id, the pseudonymous user key (never the raw id), the
-purpose and region, the policy version and its checks, the model version and
-variant, the user feature values the model read and their age, the digest of
-the item table used, the candidates, the ranking, the fallback reason, the
-explanation when one was computed, and the stage timings. `rankgate audit
-replay` re-scores a personalized decision from these and checks that it
-reproduces the recorded ranking.
+A record (`AuditRecord`) holds the request id, the pseudonymous user key (never
+the raw id), the purpose and region, the policy version and its checks, the
+model version and variant, the user feature values the model read and their age,
+the digest of the item table used, the candidates, the ranking, the fallback
+reason, the explanation when one was computed, and the stage timings. The
+pipeline writes it, `rankgate audit tail/replay` and `rankgate privacy forget`
+read it back. `rankgate audit replay` re-scores a personalized decision from
+these and checks that it reproduces the recorded ranking.
 
 Records are queued in memory and written by one background task in pipelined
 batches, so a request pays for a queue put, not for a Redis round trip, and a
@@ -27,20 +28,82 @@ from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+
+from rankgate import redis_keys
+from serving.schemas import Fallback, ModelRef, PolicyBlock, Reason
 
 logger = logging.getLogger("ray.serve")
 MAX_PENDING = 50_000
 BATCH = 256
 
 
-def audit_key(namespace: str) -> str:
-    return f"{namespace}:audit"
+class RecordedFeatures(BaseModel):
+    values: dict[str, Any]
+    """Feast field name -> the value the model read."""
+    age_s: dict[str, float]
+    """View -> age of its row in seconds."""
+    context: dict[str, str] = {}
+    """The request's context (context features are model inputs)."""
+
+
+class AuditRecord(BaseModel):
+    """One decision as the audit stream keeps it (no raw user id).
+
+    Stored as compact JSON of the fields set, in this order: optional parts of the
+    answer (a policy check's or the fallback's `detail`) are absent when the answer
+    left them out, as in records written before this model existed."""
+
+    # A field a later version adds is kept when this one reads and prints the record.
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    at: float
+    """Unix time of the decision."""
+    app: str | None = None
+    """The application whose API key asked (absent from records older than API keys)."""
+    user_key: str
+    purpose: str
+    region: str
+    k: int
+    policy: PolicyBlock
+    model: ModelRef | None
+    candidates: list[int | str]
+    """The items the policy allowed, in the request's order: the rows of the model input."""
+    features: RecordedFeatures | None
+    item_table: str | None
+    """Digest of the item table the model input was built from."""
+    items: list[tuple[int | str, float]]
+    """The answer: (item id, score), best first."""
+    fallback: Fallback | None
+    explanation: list[list[Reason]] | None
+    """Reasons per returned item, when they were computed."""
+    timings_ms: dict[str, float]
+    stream_id: str | None = None
+    """Id of the stream entry: set when read back, never written."""
+
+    def stored(self) -> str:
+        """The JSON the stream keeps."""
+        return json.dumps(
+            self.model_dump(exclude_unset=True, exclude={"stream_id"}), separators=(",", ":")
+        )
+
+    def shown(self) -> str:
+        """One line for `rankgate audit tail`: the record with its stream id."""
+        return json.dumps(self.model_dump(exclude_unset=True))
+
+    @classmethod
+    def read(cls, raw: bytes | str, stream_id: bytes | None = None) -> AuditRecord:
+        record = cls.model_validate_json(raw)
+        if stream_id is not None:
+            record.stream_id = stream_id.decode()
+        return record
 
 
 class AuditWriter:
     def __init__(self, client: aioredis.Redis, namespace: str, max_records: int) -> None:
         self.client = client
-        self.key = audit_key(namespace)
+        self.key = redis_keys.audit(namespace)
         self.max_records = max_records
         self.pending: deque[str] = deque()
         self.dropped = 0
@@ -48,11 +111,11 @@ class AuditWriter:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: AuditRecord) -> None:
         if len(self.pending) >= MAX_PENDING:
             self.pending.popleft()  # Redis has been away too long: keep the newest
             self.dropped += 1
-        self.pending.append(json.dumps(entry, separators=(",", ":")))
+        self.pending.append(entry.stored())
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
         self.wakeup.set()

@@ -18,7 +18,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from rankgate.api_keys import ApiKey, KeyTable, is_key_shaped, keys_key
+from rankgate import redis_keys
+from rankgate.api_keys import ApiKey, KeyTable, is_key_shaped
 from rankgate.errors import RankgateError
 
 logger = logging.getLogger("ray.serve")
@@ -45,7 +46,7 @@ class AuthUnavailable(RankgateError):
 class KeyCache:
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
-        self.key = keys_key(namespace)
+        self.key = redis_keys.api_keys(namespace)
         self.table: KeyTable | None = None
         self.loaded_at = float("-inf")
         self.task: asyncio.Task[bool] | None = None

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from rankgate.config_files import Strict
 from rankgate.settings import PROJECT_ROOT
 from serving.routing import RoutingConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BudgetConfig(Strict):

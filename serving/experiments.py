@@ -1,8 +1,8 @@
-"""Where routing experiments leave their traces in Redis: rollbacks and shadow agreement.
+"""Where routing experiments leave their traces in Redis (key names: rankgate.redis_keys):
 
-    <ns>:routing:rollback          hash: canary version -> RollbackEvent as JSON
-    <ns>:routing:events            stream: one entry per rollback (the audit record)
-    <ns>:shadow:<version>          hash: requests, errors, overlap_sum, score_diff_sum
+    rollbacks          hash: canary version -> RollbackEvent as JSON
+    routing_events     stream: one entry per rollback (the audit record)
+    shadow(version)    hash: requests, errors, overlap_sum, score_diff_sum
 
 Every replica reads the rollback hash, so a canary one replica rolls back is
 rolled back on all of them within `ROLLBACK_SYNC_S`.
@@ -18,22 +18,11 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from rankgate import redis_keys
 from serving.routing import RollbackEvent
 
 logger = logging.getLogger("ray.serve")
 ROLLBACK_SYNC_S = 1.0
-
-
-def rollback_key(namespace: str) -> str:
-    return f"{namespace}:routing:rollback"
-
-
-def events_key(namespace: str) -> str:
-    return f"{namespace}:routing:events"
-
-
-def shadow_key(namespace: str, version: str) -> str:
-    return f"{namespace}:shadow:{version}"
 
 
 class ExperimentLog:
@@ -48,9 +37,9 @@ class ExperimentLog:
         )
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(rollback_key(self.namespace), event.version, payload)
+                pipe.hset(redis_keys.rollbacks(self.namespace), event.version, payload)
                 pipe.xadd(
-                    events_key(self.namespace),
+                    redis_keys.routing_events(self.namespace),
                     {"event": "rollback", "data": payload},
                     maxlen=10_000,
                 )
@@ -60,13 +49,13 @@ class ExperimentLog:
             logger.warning("could not record rollback of %s: %s", event.version, exc)
 
     async def rolled_back(self) -> set[str]:
-        raw = await self.client.hkeys(rollback_key(self.namespace))  # type: ignore[misc]
+        raw = await self.client.hkeys(redis_keys.rollbacks(self.namespace))  # type: ignore[misc]
         return {k.decode() if isinstance(k, bytes) else k for k in raw}
 
     async def record_shadow(
         self, version: str, overlap: float | None, score_diff: float | None
     ) -> None:
-        key = shadow_key(self.namespace, version)
+        key = redis_keys.shadow(self.namespace, version)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hincrby(key, "requests", 1)
             if overlap is None or score_diff is None:
@@ -78,16 +67,17 @@ class ExperimentLog:
 
 
 def read_rollbacks(client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:
-    raw = client.hgetall(rollback_key(namespace))
+    raw = client.hgetall(redis_keys.rollbacks(namespace))
     return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
 def clear_rollback(client: redis.Redis, namespace: str, version: str) -> None:
-    client.hdel(rollback_key(namespace), version)
+    client.hdel(redis_keys.rollbacks(namespace), version)
 
 
 def read_shadow(client: redis.Redis, namespace: str, version: str) -> dict[str, float]:
-    raw = {k.decode(): float(v) for k, v in client.hgetall(shadow_key(namespace, version)).items()}  # type: ignore[union-attr]
+    stored = client.hgetall(redis_keys.shadow(namespace, version))
+    raw = {k.decode(): float(v) for k, v in stored.items()}  # type: ignore[union-attr]
     scored = raw.get("requests", 0) - raw.get("errors", 0)
     return {
         "requests": raw.get("requests", 0),

@@ -15,6 +15,7 @@ import numpy as np
 from rankgate.errors import ConfigError
 from rankgate.policy import FallbackRules
 from rankgate.project import ItemId, Project
+from serving.topk import top_k
 
 
 def popularity(rules: FallbackRules, project: Project, data_dir: Path) -> dict[ItemId, float]:
@@ -56,7 +57,5 @@ class RuleFallback:
         return np.array([self.score_of.get(i, self.default_score) for i in item_ids])
 
     def rank(self, item_ids: Sequence[ItemId], k: int) -> list[tuple[ItemId, float]]:
-        """Top-k (item, score), best first; ties broken by item id for stable answers."""
-        scores = self.scores(item_ids)
-        order = sorted(range(len(item_ids)), key=lambda n: (-scores[n], item_ids[n]))[:k]
-        return [(item_ids[n], float(scores[n])) for n in order]
+        """Top-k (item, score), best first (serving.topk)."""
+        return [(pick.item_id, pick.score) for pick in top_k(item_ids, self.scores(item_ids), k)]

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from rankgate.consent import ConsentState
 from rankgate.policy import Policy
 from rankgate.project import ItemId
+from serving.outcomes import FallbackReason
 from serving.schemas import PolicyBlock, PolicyCheck
 
 
 @dataclass(frozen=True)
 class GateDecision:
     personalize: bool
-    reason: str | None
-    """Fallback reason when not personalizing (no_consent, consent_unavailable, ...)."""
+    reason: FallbackReason | None
+    """Why not personalizing (no_consent, consent_unavailable, budget_exhausted)."""
     allowed_views: frozenset[str]
     excluded_items: frozenset[ItemId]
     checks: list[PolicyCheck] = field(default_factory=list)
@@ -68,18 +69,18 @@ class ConsentGate:
             PolicyCheck(check="purpose", result=purpose),
             PolicyCheck(check="region", result=f"{region}:{regime}"),
         ]
-        reason: str | None
+        reason: FallbackReason | None
         if unread_because is not None:
-            allowed, reason = False, "budget_exhausted"
+            allowed, reason = False, FallbackReason.BUDGET_EXHAUSTED
             checks.append(PolicyCheck(check="consent", result="not_read", detail=unread_because))
         elif consent is None:
-            allowed, reason = False, "consent_unavailable"
+            allowed, reason = False, FallbackReason.CONSENT_UNAVAILABLE
             checks.append(PolicyCheck(check="consent", result="unavailable", detail="fails closed"))
         else:
             allowed = consent == ConsentState.GRANTED or (
                 not needs_grant and consent == ConsentState.UNKNOWN
             )
-            reason = None if allowed else "no_consent"
+            reason = None if allowed else FallbackReason.NO_CONSENT
             checks.append(
                 PolicyCheck(
                     check="consent",

@@ -17,6 +17,7 @@ it fast and self-contained on one machine:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -26,9 +27,11 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from rankgate.config_files import validation_message
@@ -50,6 +53,47 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerInfo:
+    """What a running `rankgate serve` (or the test server) left in `<home>/ray/server.json`."""
+
+    base_config: Path
+    port: int
+    dashboard: str
+
+    @classmethod
+    def path(cls, home: Home) -> Path:
+        return home.root / "ray" / "server.json"
+
+    @classmethod
+    def read(cls, home: Home) -> ServerInfo | None:
+        try:
+            raw = json.loads(cls.path(home).read_text())
+            return cls(Path(raw["base_config"]), int(raw["port"]), str(raw["dashboard"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def write(self, home: Home) -> None:
+        self.path(home).parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "base_config": str(self.base_config),
+            "port": self.port,
+            "dashboard": self.dashboard,
+        }
+        self.path(home).write_text(json.dumps(payload) + "\n")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(f"{self.base_url}/healthz", timeout=2)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
 
 
 def haproxy_dir(home: Home) -> Path:
@@ -254,8 +298,6 @@ def run_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) 
     """`serve run` in the foreground, echoing its output; records the server in
     `<home>/ray/server.json` (config, port, dashboard) so `rankgate model promote`
     can apply routing changes to it. Ctrl-C reaches `serve run`, which shuts down."""
-    from serving.promotion import ServerInfo
-
     port = int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
     dashboard = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
     command = serve_run_command(config)

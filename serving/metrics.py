@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving.outcomes import FallbackReason
 from serving.schemas import RankRequest, RankResponse
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -23,7 +24,7 @@ class ServingMetrics:
         r = self.registry
         self.requests = Counter(
             "rankgate_rank_requests",
-            "Rank answers by outcome (personalized, degraded, non_personalized, bad_request, unauthorized, forbidden, unavailable)",
+            "Rank answers by outcome (personalized; degraded: a dependency failed or was slow; non_personalized: the policy, the person or the routing decided; bad_request, unauthorized, forbidden, unavailable)",
             ["outcome", "purpose", "model_version", "variant"],
             registry=r,
         )
@@ -90,10 +91,10 @@ class ServingMetrics:
         variant = response.model.variant if response.model else ""
         if response.fallback is None:
             outcome = "personalized"
-        elif response.policy.decision == "non_personalized":
-            outcome = "non_personalized"
-        else:
+        elif FallbackReason(response.fallback.reason).degraded:
             outcome = "degraded"
+        else:
+            outcome = "non_personalized"
         self.requests.labels(outcome, request.purpose, version, variant).inc()
         self.decisions.labels(request.purpose, response.policy.decision).inc()
         if response.fallback is not None:

@@ -22,10 +22,11 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from features.vector import build_matrix, user_fields
-from rankgate.consent import ConsentState, consent_key, parse_state
+from rankgate import redis_keys
+from rankgate.consent import ConsentState, parse_state
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
-from serving.audit import AuditWriter
+from serving.audit import AuditRecord, AuditWriter, RecordedFeatures
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
@@ -33,6 +34,7 @@ from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
 from serving.metrics import ServingMetrics
+from serving.outcomes import FallbackReason
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.requests import parse_rank
 from serving.routing import Router
@@ -45,10 +47,9 @@ from serving.schemas import (
     RankResponse,
     RequestRules,
 )
+from serving.topk import SCORE_DIGITS, plain_item_id, top_k
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
-# Fallback reasons that count as the chosen model's errors (others are degradations).
-MODEL_ERRORS = frozenset({"model_error", "model_unavailable"})
 ROLLBACK_CHECK_S = 0.05
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +75,7 @@ class Outcome:
 
     ranked: list[tuple[ItemId, float]] = field(default_factory=list)
     model: ModelRef | None = None
+    reason: FallbackReason | None = None
     fallback: Fallback | None = None
     reasons: list[list] | None = None
     explanation: Explanation | None = None
@@ -153,7 +155,7 @@ class RankPipeline:
         """Consent of the person for the purpose; None when it cannot be read in time."""
         try:
             raw = await asyncio.wait_for(
-                self.consent_client.hget(consent_key(self.namespace, key), purpose),  # type: ignore[arg-type]
+                self.consent_client.hget(redis_keys.consent(self.namespace, key), purpose),  # type: ignore[arg-type]
                 timeout=max(deadline.remaining_s(), 0.0),
             )
         except (TimeoutError, OSError, aioredis.RedisError):
@@ -181,8 +183,8 @@ class RankPipeline:
         eligible = [c for c in candidates if c not in decision.excluded_items]
         timings["policy"] = _ms_since(started)
 
-        if decision.reason == "budget_exhausted":
-            outcome = self._degrade(Outcome(), "budget_exhausted", "queued")
+        if decision.reason is FallbackReason.BUDGET_EXHAUSTED:
+            outcome = self._degrade(Outcome(), FallbackReason.BUDGET_EXHAUSTED, "queued")
         else:
             outcome = await self._personalize(request, key, decision, eligible, deadline, timings)
         if outcome.model is not None:
@@ -200,7 +202,9 @@ class RankPipeline:
                 if outcome.reasons and n < len(outcome.reasons)
                 else {}
             )
-            items.append(RankedItem(item_id=item, rank=n + 1, score=round(score, 6), **extra))
+            items.append(
+                RankedItem(item_id=item, rank=n + 1, score=round(score, SCORE_DIGITS), **extra)
+            )
         timings = {name: round(value, 3) for name, value in timings.items()}
         timings["total"] = round(deadline.elapsed_ms(), 3)
         explanation = {"explanation": outcome.explanation} if outcome.explanation else {}
@@ -229,11 +233,11 @@ class RankPipeline:
     def _observe(self, outcome: Outcome, latency_ms: float) -> None:
         """Feed the variant's window and roll the canary back when a rule fires."""
         assert outcome.model is not None
-        reason = outcome.fallback.reason if outcome.fallback else None
+        reason = outcome.reason
         self.router.record(
             outcome.model.version,
-            error=reason in MODEL_ERRORS,
-            degraded=reason is not None,
+            error=reason is not None and reason.model_fault,
+            degraded=reason is not None and reason.degraded,
             latency_ms=latency_ms,
         )
         # The rules sort the window's latencies: check at most every ROLLBACK_CHECK_S,
@@ -277,7 +281,7 @@ class RankPipeline:
             matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible, context)
             scores = model.scorer.score(matrix)
             k = len(live)
-            shadow_top = {eligible[n] for n in np.argsort(-scores, kind="stable")[:k]}
+            shadow_top = {pick.item_id for pick in top_k(eligible, scores, k)}
             overlap = len(shadow_top & {item for item, _ in live}) / k if k else 1.0
             position = {item: n for n, item in enumerate(eligible)}
             diff = (
@@ -293,8 +297,11 @@ class RankPipeline:
         with contextlib.suppress(OSError, aioredis.RedisError):
             await self.experiments.record_shadow(version, *result)
 
-    def _degrade(self, outcome: Outcome, reason: str, detail: str | None = None) -> Outcome:
+    def _degrade(
+        self, outcome: Outcome, reason: FallbackReason, detail: str | None = None
+    ) -> Outcome:
         extra = {"detail": detail} if detail else {}
+        outcome.reason = reason
         outcome.fallback = Fallback(reason=reason, strategy=self.fallback.strategy, **extra)
         return outcome
 
@@ -309,15 +316,17 @@ class RankPipeline:
     ) -> Outcome:
         outcome = Outcome()
         if not decision.personalize:
-            return self._degrade(outcome, decision.reason or "no_consent")
+            return self._degrade(outcome, decision.reason or FallbackReason.NO_CONSENT)
         assignment = self.router.choose(key, decision.allowed_views, self.models.views_of)
         if assignment is None:
-            return self._degrade(outcome, "no_permitted_model")
+            return self._degrade(outcome, FallbackReason.NO_PERMITTED_MODEL)
         version = assignment.version
         outcome.model = ModelRef(name=self.models.name, version=version, variant=assignment.variant)
         model = self.models.loaded.get(version)
         if model is None:
-            return self._degrade(outcome, "model_unavailable", self.models.errors.get(version))
+            return self._degrade(
+                outcome, FallbackReason.MODEL_UNAVAILABLE, self.models.errors.get(version)
+            )
         if not eligible:
             return outcome  # nothing may be shown: an empty, personalized answer
 
@@ -334,17 +343,19 @@ class RankPipeline:
             )
         except TimeoutError:
             timings["features"] = _ms_since(started)
-            return self._degrade(outcome, "feature_timeout")
+            return self._degrade(outcome, FallbackReason.FEATURE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the online store failed: degrade
             timings["features"] = _ms_since(started)
-            return self._degrade(outcome, "feature_error", type(exc).__name__)
+            return self._degrade(outcome, FallbackReason.FEATURE_ERROR, type(exc).__name__)
         timings["features"] = _ms_since(started)
         for view, age in user.age_s.items():
             self.metrics.feature_age.labels(view).observe(age)
         if user.missing_views:
-            return self._degrade(outcome, "features_missing", ",".join(user.missing_views))
+            return self._degrade(
+                outcome, FallbackReason.FEATURES_MISSING, ",".join(user.missing_views)
+            )
         if user.stale_views:
-            return self._degrade(outcome, "features_stale", ",".join(user.stale_views))
+            return self._degrade(outcome, FallbackReason.FEATURES_STALE, ",".join(user.stale_views))
 
         started = time.perf_counter()
         items = self.fetcher.items  # one table for the matrix and the audit record
@@ -358,22 +369,23 @@ class RankPipeline:
             )
         except TimeoutError:
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "budget_exhausted", "ranker")
+            return self._degrade(outcome, FallbackReason.BUDGET_EXHAUSTED, "ranker")
         except ModelUnavailable as exc:
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "model_unavailable", exc.message)
+            return self._degrade(outcome, FallbackReason.MODEL_UNAVAILABLE, exc.message)
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             timings["rank"] = _ms_since(started)
-            return self._degrade(outcome, "model_error", type(exc).__name__)
-        order = sorted(range(len(eligible)), key=lambda n: (-scores[n], eligible[n]))[: request.k]
-        outcome.ranked = [(eligible[n], float(scores[n])) for n in order]
+            return self._degrade(outcome, FallbackReason.MODEL_ERROR, type(exc).__name__)
+        picks = top_k(eligible, scores, request.k)
+        outcome.ranked = [(pick.item_id, pick.score) for pick in picks]
         timings["rank"] = _ms_since(started)
         for shadow in shadows:
             self._spawn(self._shadow(shadow, user, eligible, outcome.ranked, request.context))
 
         if request.explain:
             started = time.perf_counter()
-            outcome.reasons, outcome.explanation = self._explain(version, matrix[order], deadline)
+            rows = matrix[[pick.position for pick in picks]]
+            outcome.reasons, outcome.explanation = self._explain(version, rows, deadline)
             timings["explain"] = _ms_since(started)
         return outcome
 
@@ -401,34 +413,29 @@ def audit_record(
     outcome: Outcome,
     response: RankResponse,
     app: str | None = None,
-) -> dict[str, Any]:
+) -> AuditRecord:
     """What the audit stream keeps of one decision (no raw user id)."""
-    return {
-        "request_id": response.request_id,
-        "at": time.time(),
-        "app": app,
-        "user_key": key,
-        "purpose": request.purpose,
-        "region": request.region,
-        "k": request.k,
-        "policy": response.policy.model_dump(exclude_unset=True),
-        "model": response.model.model_dump() if response.model else None,
-        "candidates": list(eligible),
-        "features": (
-            {"values": outcome.user.values, "age_s": outcome.user.age_s, "context": request.context}
-            if outcome.user
-            else None
-        ),
-        "item_table": outcome.items_digest,
-        "items": [[item.item_id, item.score] for item in response.items],
-        "fallback": response.fallback.model_dump(exclude_unset=True) if response.fallback else None,
-        "explanation": (
-            [[r.model_dump() for r in item.reasons or []] for item in response.items]
-            if outcome.reasons
-            else None
-        ),
-        "timings_ms": response.timings_ms,
-    }
+    user = outcome.user
+    return AuditRecord(
+        request_id=response.request_id,
+        at=time.time(),
+        app=app,
+        user_key=key,
+        purpose=request.purpose,
+        region=request.region,
+        k=request.k,
+        policy=response.policy,
+        model=response.model,
+        candidates=[plain_item_id(c) for c in eligible],
+        features=RecordedFeatures(values=user.values, age_s=user.age_s, context=request.context)
+        if user
+        else None,
+        item_table=outcome.items_digest,
+        items=[(item.item_id, item.score) for item in response.items],
+        fallback=response.fallback,
+        explanation=[item.reasons or [] for item in response.items] if outcome.reasons else None,
+        timings_ms=response.timings_ms,
+    )
 
 
 def merge_fields(maps: Iterable[Mapping[str, list[str]]]) -> dict[str, list[str]]:

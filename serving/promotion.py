@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -37,7 +36,13 @@ from rankgate.home import Home
 from rankgate.policy import Policy, load_policy
 from rankgate.settings import PROJECT_ROOT
 from serving.config import PolicyConfig
-from serving.launch import SERVE_CONFIG, derived_config, ray_client_env, serve_deploy_command
+from serving.launch import (
+    SERVE_CONFIG,
+    ServerInfo,
+    derived_config,
+    ray_client_env,
+    serve_deploy_command,
+)
 from serving.routing import ReturnRole, Role, Router, RoutingConfig, VersionRoute
 
 if TYPE_CHECKING:
@@ -57,47 +62,6 @@ def _yaml() -> YAML:
     yaml.width = 100
     yaml.indent(mapping=2, sequence=4, offset=2)  # the layout of serve_config.yaml
     return yaml
-
-
-@dataclass
-class ServerInfo:
-    """What a running `rankgate serve` (or the test server) left in `<home>/ray/server.json`."""
-
-    base_config: Path
-    port: int
-    dashboard: str
-
-    @classmethod
-    def path(cls, home: Home) -> Path:
-        return home.root / "ray" / "server.json"
-
-    @classmethod
-    def read(cls, home: Home) -> ServerInfo | None:
-        try:
-            raw = json.loads(cls.path(home).read_text())
-            return cls(Path(raw["base_config"]), int(raw["port"]), str(raw["dashboard"]))
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def write(self, home: Home) -> None:
-        self.path(home).parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "base_config": str(self.base_config),
-            "port": self.port,
-            "dashboard": self.dashboard,
-        }
-        self.path(home).write_text(json.dumps(payload) + "\n")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            response = httpx.get(f"{self.base_url}/healthz", timeout=2)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
 
 
 def ingress_deployment(document: Any) -> Any:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
 from model_store.manifest import ONNX_FILE
 from model_store.store import ModelStore
+from rankgate import redis_keys
 from rankgate.errors import RankgateError
 from rankgate.home import Home
-from serving.audit import audit_key
+from serving.audit import AuditRecord
+from serving.topk import SCORE_DIGITS, top_k
 
 if TYPE_CHECKING:
     from features.vector import ItemTable
@@ -22,15 +23,13 @@ if TYPE_CHECKING:
 SCAN_CHUNK = 1000
 
 
-def _decode(entry: tuple[bytes, dict[bytes, bytes]]) -> dict[str, Any]:
+def _decode(entry: tuple[bytes, dict[bytes, bytes]]) -> AuditRecord:
     stream_id, fields = entry
-    record: dict[str, Any] = json.loads(fields[b"record"])
-    record["stream_id"] = stream_id.decode()
-    return record
+    return AuditRecord.read(fields[b"record"], stream_id)
 
 
 def require_stream(client: redis.Redis, namespace: str) -> str:
-    key = audit_key(namespace)
+    key = redis_keys.audit(namespace)
     if not client.exists(key):
         raise RankgateError(
             f"the audit stream {key} does not exist: no decision was recorded in this home", 404
@@ -38,12 +37,12 @@ def require_stream(client: redis.Redis, namespace: str) -> str:
     return key
 
 
-def tail(client: redis.Redis, namespace: str, count: int) -> list[dict[str, Any]]:
+def tail(client: redis.Redis, namespace: str, count: int) -> list[AuditRecord]:
     key = require_stream(client, namespace)
     return [_decode(e) for e in reversed(client.xrevrange(key, count=count))]  # type: ignore[arg-type]
 
 
-def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[dict[str, Any]]:
+def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[AuditRecord]:
     key = require_stream(client, namespace)
     last = after
     while True:
@@ -53,14 +52,19 @@ def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[di
                 yield _decode(entry)
 
 
-def find(client: redis.Redis, namespace: str, request_id: str) -> dict[str, Any]:
+def find(client: redis.Redis, namespace: str, request_id: str) -> AuditRecord:
     key = require_stream(client, namespace)
+    needle = request_id.encode()
     upper = "+"
     while True:
         entries = client.xrevrange(key, max=upper, count=SCAN_CHUNK)  # type: ignore[arg-type]
         for entry in entries:  # type: ignore[union-attr]
-            if json.loads(entry[1][b"record"]).get("request_id") == request_id:
-                return _decode(entry)
+            # The substring test is cheap; parsing confirms it is the record's request id.
+            if (
+                needle in entry[1][b"record"]
+                and (record := _decode(entry)).request_id == request_id
+            ):
+                return record
         if len(entries) < SCAN_CHUNK:  # type: ignore[arg-type]
             break
         upper = "(" + entries[-1][0].decode()  # type: ignore[index]
@@ -68,7 +72,7 @@ def find(client: redis.Redis, namespace: str, request_id: str) -> dict[str, Any]
     oldest = client.xrange(key, count=1)
     since = ""
     if oldest:
-        at = json.loads(oldest[0][1][b"record"])["at"]  # type: ignore[index]
+        at = AuditRecord.read(oldest[0][1][b"record"]).at  # type: ignore[index]
         since = f", oldest from {datetime.fromtimestamp(at, UTC).isoformat(timespec='seconds')}"
     raise RankgateError(
         f"request {request_id!r} is not in the audit stream ({total} records{since}): "
@@ -77,48 +81,50 @@ def find(client: redis.Redis, namespace: str, request_id: str) -> dict[str, Any]
     )
 
 
+Ranking = list[list[int | str | float]]
+"""[[item id, score], ...], best first, as `rankgate audit replay` prints it."""
+
+
 @dataclass
 class Replay:
     reproduced: bool | None
     """None: nothing to re-score (the decision was not personalized)."""
     message: str
-    recorded: list[list[float]]
-    replayed: list[list[float]]
+    recorded: Ranking
+    replayed: Ranking
 
 
-def replay(record: dict[str, Any], home: Home, items: ItemTable) -> Replay:
+def replay(record: AuditRecord, home: Home, items: ItemTable) -> Replay:
     """Re-score a recorded decision with its model version and recorded features."""
     # Imported here, not at the top: `rankgate audit tail` only reads the stream
     # and should not wait seconds for Feast and onnxruntime.
     from features.vector import build_matrix
     from model_store.onnx_scoring import OnnxScorer
 
-    recorded = record["items"]
-    if record["model"] is None or record["features"] is None or record["fallback"] is not None:
-        reason = (record["fallback"] or {}).get("reason", "not personalized")
+    recorded: Ranking = [[item, score] for item, score in record.items]
+    if record.model is None or record.features is None or record.fallback is not None:
+        reason = record.fallback.reason if record.fallback else "not personalized"
         return Replay(
             None,
             f"not a model ranking ({reason}): the fallback answered, nothing to re-score",
             recorded,
             [],
         )
-    version = record["model"]["version"]
-    store = ModelStore(home, record["model"]["name"])
+    version = record.model.version
+    store = ModelStore(home, record.model.name)
     manifest = store.manifest(version)
     scorer = OnnxScorer(store.path(version) / ONNX_FILE, manifest.onnx.output_name)
-    candidates = record["candidates"]
-    features = record["features"]
-    matrix = build_matrix(
-        manifest.specs, features["values"], items, candidates, features.get("context")
-    )
+    candidates = record.candidates
+    features = record.features
+    matrix = build_matrix(manifest.specs, features.values, items, candidates, features.context)
     scores = scorer.score(matrix)
-    order = sorted(range(len(candidates)), key=lambda n: (-scores[n], candidates[n]))[: record["k"]]
-    replayed = [[candidates[n], round(float(scores[n]), 6)] for n in order]
+    replayed: Ranking = [
+        [pick.item_id, round(pick.score, SCORE_DIGITS)]
+        for pick in top_k(candidates, scores, record.k)
+    ]
     same = replayed == recorded
     table_note = (
-        ""
-        if items.digest == record["item_table"]
-        else " (item features changed since the decision)"
+        "" if items.digest == record.item_table else " (item features changed since the decision)"
     )
     message = (
         f"reproduced: {version} ranks the recorded features exactly as recorded"

@@ -29,16 +29,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from rankgate.config_files import Strict
 
 BUCKETS = 10_000
 Role = Literal["stable", "canary", "shadow", "alternate"]
 # Roles a version can return to when its canary ends (stable and canary are taken over).
 ReturnRole = Literal["shadow", "alternate"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class VersionRoute(Strict):

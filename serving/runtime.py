@@ -16,7 +16,11 @@ from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
 from rankgate.project import Project
-from rankgate.redis_server import resolve_redis_url
+from rankgate.redis_server import (
+    SERVING_CONNECT_TIMEOUT_S,
+    SERVING_SOCKET_TIMEOUT_S,
+    resolve_redis_url,
+)
 from rankgate.settings import Settings, get_project, get_settings
 from serving.audit import AuditWriter
 from serving.config import AuditConfig, PolicyConfig, ServingConfig
@@ -31,11 +35,6 @@ from serving.ranker import ModelSet
 from serving.routing import Router
 
 logger = logging.getLogger("ray.serve")
-
-# Redis timeouts on the request path: the request deadline is enforced with
-# asyncio timeouts, these only bound a dead connection.
-SOCKET_TIMEOUT_S = 1.0
-CONNECT_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -62,7 +61,9 @@ class Runtime:
             raise RankgateError(f"{home.root} is not set up: run `rankgate setup` first", 503)
         url = resolve_redis_url(settings)
         client = aioredis.Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
+            url,
+            socket_timeout=SERVING_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S,
         )
         store = feature_store(settings, url, serving=True, project=project)
         fetcher = FeatureFetcher(store, project, home.data_dir)

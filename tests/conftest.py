@@ -179,6 +179,7 @@ def server(ready_home: Home) -> Iterator[Server]:
     from rankgate.redis_server import resolve_redis_url
     from serving.launch import (
         SERVE_CONFIG,
+        ServerInfo,
         derived_config,
         free_port,
         serve_env,
@@ -186,7 +187,6 @@ def server(ready_home: Home) -> Iterator[Server]:
         start_server,
         stop_server,
     )
-    from serving.promotion import ServerInfo
 
     port = free_port()
     # The server runs a copy of serve_config.yaml that tests may promote on; the
@@ -227,15 +227,15 @@ def personalizable(ready_home: Home) -> list[str]:
 @pytest.fixture
 def restore(server: Server) -> Iterator[None]:
     """Put the server's config file, its routing, policy and rollback records back afterwards."""
+    from rankgate import redis_keys
     from rankgate.setup import Environment
-    from serving.experiments import rollback_key
     from tests.serving_support import deploy, ingress_user_config
 
     original = server.config_path.read_text()
     yield
     server.config_path.write_text(original)
     env = Environment.open()
-    env.redis.delete(rollback_key(env.home.namespace))
+    env.redis.delete(redis_keys.rollbacks(env.home.namespace))
     deploy(
         server,
         "default",

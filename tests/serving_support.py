@@ -15,14 +15,13 @@ import yaml
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
 from rankgate.settings import PROJECT_ROOT, get_project
+from serving.outcomes import FallbackReason
 
 if TYPE_CHECKING:
     from rankgate.home import Home
     from tests.conftest import Server
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
-# Fallback reasons that are the policy or the person, not the service degrading.
-NOT_DEGRADED = frozenset({"no_consent", "purpose_not_permitted", "features_missing"})
 
 
 # Near misses of a valid identifier: each must be refused wherever the identifier
@@ -197,7 +196,9 @@ class Load:
         return Counter(
             a["fallback"]["reason"]
             for t, a in self.answers
-            if since <= t < until and a["fallback"] and a["fallback"]["reason"] not in NOT_DEGRADED
+            if since <= t < until
+            and a["fallback"]
+            and FallbackReason(a["fallback"]["reason"]).degraded
         )
 
     def personalized(self, since: float = 0.0) -> int:

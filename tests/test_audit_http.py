@@ -9,12 +9,15 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from rankgate import redis_keys
 from rankgate.cli import main
 from rankgate.consent import ConsentState
 from rankgate.errors import RankgateError
 from rankgate.setup import Environment
 from serving import replay
-from serving.audit import audit_key
+from serving.audit import AuditRecord
+from serving.outcomes import FallbackReason
+from serving.schemas import ModelRef
 from tests.conftest import Server
 from tests.serving_support import user_with
 
@@ -27,10 +30,12 @@ def decide(server: Server, **body: object) -> str:
     return str(response.json()["request_id"])
 
 
-def wait_for(env: Environment, request_ids: list[str], timeout_s: float = 15) -> dict[str, dict]:  # type: ignore[type-arg]
+def wait_for(
+    env: Environment, request_ids: list[str], timeout_s: float = 15
+) -> dict[str, AuditRecord]:
     deadline = time.monotonic() + timeout_s
     while True:
-        records = {r["request_id"]: r for r in replay.tail(env.redis, env.home.namespace, 5000)}
+        records = {r.request_id: r for r in replay.tail(env.redis, env.home.namespace, 5000)}
         if all(rid in records for rid in request_ids) or time.monotonic() > deadline:
             return records
 
@@ -49,16 +54,17 @@ def test_every_decision_is_recorded_without_the_raw_id(server: Server, env: Envi
     ]
     records = wait_for(env, ids)
     assert all(rid in records for rid in ids), sum(rid in records for rid in ids)
-    raw = env.redis.xrevrange(audit_key(env.home.namespace), count=5000)
+    raw = env.redis.xrevrange(redis_keys.audit(env.home.namespace), count=5000)
     blob = b"".join(fields[b"record"] for _, fields in raw)
     assert granted.encode() not in blob and denied.encode() not in blob
     sample = records[ids[1]]
-    assert sample["model"] == {"name": "ranker", "version": "v2", "variant": "stable"}
-    assert sample["app"] == "tests"  # the application whose API key asked
-    assert sample["policy"]["version"] and sample["features"]["age_s"]["user_item_affinity"] > 0
-    assert len(sample["features"]["values"]) == 84 and sample["item_table"]
+    assert sample.model == ModelRef(name="ranker", version="v2", variant="stable")
+    assert sample.app == "tests"  # the application whose API key asked
+    assert sample.features is not None and sample.features.age_s["user_item_affinity"] > 0
+    assert sample.policy.version and len(sample.features.values) == 84 and sample.item_table
     denied_record = records[ids[0]]
-    assert denied_record["fallback"]["reason"] == "no_consent" and denied_record["features"] is None
+    assert denied_record.fallback is not None and denied_record.features is None
+    assert denied_record.fallback.reason == FallbackReason.NO_CONSENT
 
 
 @pytest.mark.parametrize(
@@ -72,7 +78,7 @@ def test_replay_reproduces_the_recorded_ranking_for_every_model(
         server, user_id=uid, purpose=purpose, region="EU", k=7, explain=True, budget_ms=300
     )
     record = wait_for(env, [request_id])[request_id]
-    assert record["model"]["version"] == version and record["explanation"]
+    assert record.model is not None and record.model.version == version and record.explanation
     result = CliRunner().invoke(main, ["audit", "replay", request_id])
     assert result.exit_code == 0, result.output
     assert f"reproduced: {version} ranks the recorded features exactly as recorded" in result.output

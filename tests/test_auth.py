@@ -9,7 +9,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate.api_keys import ApiKeyError, ApiKeyStore, key_digest, keys_key
+from rankgate import redis_keys
+from rankgate.api_keys import ApiKeyError, ApiKeyStore, key_digest
 from rankgate.cli import main
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
@@ -30,7 +31,7 @@ def rank_body(user_id: str, purpose: str = "onsite_personalization") -> dict[str
 
 def test_only_the_digest_is_stored(env: Environment) -> None:
     key = store(env).create("shop-web", ["onsite_personalization"], PURPOSES)
-    stored = env.redis.hgetall(keys_key(env.home.namespace))
+    stored = env.redis.hgetall(redis_keys.api_keys(env.home.namespace))
     assert key_digest(key).encode() in stored
     everything = b" ".join([*stored.keys(), *stored.values()])
     assert key.encode() not in everything and key[7:].encode() not in everything
@@ -49,10 +50,10 @@ def test_only_the_digest_is_stored(env: Environment) -> None:
 def test_bad_key_requests_are_refused(
     env: Environment, app: str, purposes: list[str], message: str
 ) -> None:
-    before = env.redis.hlen(keys_key(env.home.namespace))
+    before = env.redis.hlen(redis_keys.api_keys(env.home.namespace))
     with pytest.raises(ApiKeyError, match=message):
         store(env).create(app, purposes, PURPOSES)
-    assert env.redis.hlen(keys_key(env.home.namespace)) == before
+    assert env.redis.hlen(redis_keys.api_keys(env.home.namespace)) == before
 
 
 def test_keys_cli_creates_lists_and_revokes(env: Environment) -> None:

@@ -16,12 +16,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from rankgate import redis_keys
 from rankgate.cli import main
 from rankgate.home import Home
 from rankgate.policy import policy_dir
 from rankgate.redis_server import EmbeddedRedis
 from rankgate.setup import Environment
-from serving.audit import audit_key
+from serving.outcomes import FallbackReason
 from tests.conftest import Server
 from tests.serving_support import (
     Load,
@@ -32,7 +33,13 @@ from tests.serving_support import (
     routing,
 )
 
-REDIS_DEGRADED = {"consent_unavailable", "feature_timeout", "feature_error", "budget_exhausted"}
+# What a Redis outage may cause (consent and feature reads fail or wait).
+REDIS_DEGRADED = {
+    FallbackReason.CONSENT_UNAVAILABLE,
+    FallbackReason.FEATURE_TIMEOUT,
+    FallbackReason.FEATURE_ERROR,
+    FallbackReason.BUDGET_EXHAUSTED,
+}
 
 
 def wait_for(condition: Any, limit_s: float, step_s: float = 0.1) -> float:
@@ -74,7 +81,7 @@ def test_redis_killed_and_restarted_under_load(
     answered = {a["request_id"] for _, a in load.answers}
 
     def all_recorded() -> bool:
-        entries = env.redis.xrange(audit_key(env.home.namespace), min="-", max="+")
+        entries = env.redis.xrange(redis_keys.audit(env.home.namespace), min="-", max="+")
         recorded = {b'"request_id":"' + rid.encode() + b'"' for rid in answered}
         blob = b"\n".join(fields[b"record"][:60] for _, fields in entries)
         return all(needle in blob for needle in recorded)

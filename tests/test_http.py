@@ -15,7 +15,8 @@ import httpx
 import pytest
 import redis
 
-from rankgate.consent import ConsentState, consent_key
+from rankgate import redis_keys
+from rankgate.consent import ConsentState
 from rankgate.home import Home
 from rankgate.pseudonym import user_key
 from rankgate.redis_server import EmbeddedRedis
@@ -263,7 +264,7 @@ def test_identifiers_are_matched_whole(server: Server, env: Environment, kind: s
     context = post_rank(server, user_id=valid, context={key: "web"}, **request)
     assert context.status_code == 422, context.text
     assert [p["field"] for p in context.json()["problems"]] == ["context"]
-    assert not env.redis.exists(consent_key(env.home.namespace, user_key(bad)))
+    assert not env.redis.exists(redis_keys.consent(env.home.namespace, user_key(bad)))
 
 
 def test_slow_redis_gives_a_fast_degraded_200(server: Server, env: Environment) -> None:

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from loadtests.loadtest import run_time_seconds
 from model_store.store import check_version_name
-from rankgate.api_keys import ApiKeyError, ApiKeyStore, check_app, is_key_shaped, keys_key
+from rankgate import redis_keys
+from rankgate.api_keys import ApiKeyError, ApiKeyStore, check_app, is_key_shaped
 from rankgate.cli import main
 from rankgate.errors import RankgateError
 from rankgate.privacy import checked_user_id
@@ -35,13 +36,13 @@ def test_keys_create_refuses_a_near_miss_application_name(env: Environment, kind
     app = near_miss("shop", kind)
     with pytest.raises(ApiKeyError, match="application name"):
         check_app(app)
-    before = env.redis.hlen(keys_key(env.home.namespace))
+    before = env.redis.hlen(redis_keys.api_keys(env.home.namespace))
     result = CliRunner().invoke(
         main, ["keys", "create", app, "--purpose", "onsite_personalization"]
     )
     assert result.exit_code == 1, result.output
     assert "application name" in result.output
-    assert env.redis.hlen(keys_key(env.home.namespace)) == before
+    assert env.redis.hlen(redis_keys.api_keys(env.home.namespace)) == before
 
 
 @pytest.mark.parametrize("kind", NEAR_MISSES)

@@ -18,6 +18,7 @@ from features.store import repo_config
 from rankgate.consent import ConsentState
 from rankgate.setup import Environment
 from serving.app import parse_config
+from serving.outcomes import FallbackReason
 from serving.pipeline import RankPipeline
 from serving.ranker import Ranker
 from serving.requests import BadRequest
@@ -92,7 +93,10 @@ def test_a_budget_spent_in_the_queues_is_answered_at_once_without_reading_consen
     before = reads()
     response = LOOP.run_until_complete(pipeline.rank(request, queued_ms=120.0))
     assert response.fallback is not None
-    assert (response.fallback.reason, response.fallback.detail) == ("budget_exhausted", "queued")
+    assert (response.fallback.reason, response.fallback.detail) == (
+        FallbackReason.BUDGET_EXHAUSTED,
+        "queued",
+    )
     assert response.model is None and response.items  # the rule-based ranking, item rules kept
     assert 5 not in {i.item_id for i in response.items}
     assert response.timings_ms["queued"] == 120.0 and response.timings_ms["total"] >= 120.0
@@ -138,7 +142,7 @@ def test_denied_user_gets_the_fallback_and_is_never_looked_up(
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US", k=10)
     assert hmget_calls(env) == before  # no feature-store read at all
     assert response.model is None
-    assert response.fallback is not None and response.fallback.reason == "no_consent"
+    assert response.fallback is not None and response.fallback.reason == FallbackReason.NO_CONSENT
     assert response.fallback.strategy == "popularity"
     assert len(response.items) == 10
     assert response.policy.decision == "non_personalized"
@@ -154,7 +158,7 @@ def test_unknown_consent_follows_the_region(pipeline: RankPipeline, env: Environ
     us = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
     eu = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU")
     assert us.fallback is None and us.policy.decision == "personalize"
-    assert eu.fallback is not None and eu.fallback.reason == "no_consent"
+    assert eu.fallback is not None and eu.fallback.reason == FallbackReason.NO_CONSENT
 
 
 def test_email_needs_explicit_consent_and_never_uses_affinity(
@@ -162,7 +166,7 @@ def test_email_needs_explicit_consent_and_never_uses_affinity(
 ) -> None:
     unknown = user_with(env.consent, "email_marketing", ConsentState.UNKNOWN)
     response = rank(pipeline, user_id=unknown, purpose="email_marketing", region="US")
-    assert response.fallback is not None and response.fallback.reason == "no_consent"
+    assert response.fallback is not None and response.fallback.reason == FallbackReason.NO_CONSENT
 
     granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
     before = hmget_calls(env)
@@ -177,7 +181,10 @@ def test_no_permitted_model_degrades(runtime: Runtime, env: Environment) -> None
     pipeline = make_pipeline(runtime, routing=routing("v2"))
     granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
     response = rank(pipeline, user_id=granted, purpose="email_marketing", region="US")
-    assert response.fallback is not None and response.fallback.reason == "no_permitted_model"
+    assert (
+        response.fallback is not None
+        and response.fallback.reason == FallbackReason.NO_PERMITTED_MODEL
+    )
     assert response.model is None
 
 
@@ -199,7 +206,10 @@ def test_unknown_user_with_consent_gets_the_fallback(
 
     env.consent.record(user_key("u-newcomer"), {"onsite_personalization": True}, source="test")
     response = rank(pipeline, user_id="u-newcomer", purpose="onsite_personalization", region="EU")
-    assert response.fallback is not None and response.fallback.reason == "features_missing"
+    assert (
+        response.fallback is not None
+        and response.fallback.reason == FallbackReason.FEATURES_MISSING
+    )
     assert response.fallback.detail == "user_item_affinity,visitor_profile"
     assert len(response.items) == 10
 
@@ -210,7 +220,9 @@ def test_stale_features_degrade(runtime: Runtime, env: Environment) -> None:
     pipeline.fetcher.ttl_s["user_item_affinity"] = 0.001  # older than this is stale
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU")
-    assert response.fallback is not None and response.fallback.reason == "features_stale"
+    assert (
+        response.fallback is not None and response.fallback.reason == FallbackReason.FEATURES_STALE
+    )
     assert response.fallback.detail == "user_item_affinity"
 
 
@@ -261,7 +273,9 @@ def test_hung_feature_store_times_out_within_the_budget(
     response = rank(
         pipeline, user_id=uid, purpose="onsite_personalization", region="EU", budget_ms=30
     )
-    assert response.fallback is not None and response.fallback.reason == "feature_timeout"
+    assert (
+        response.fallback is not None and response.fallback.reason == FallbackReason.FEATURE_TIMEOUT
+    )
     assert 25 <= response.timings_ms["total"] < 200
     assert len(response.items) == 10
 
@@ -274,7 +288,10 @@ def test_unreachable_consent_store_fails_closed(runtime: Runtime, env: Environme
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     before = hmget_calls(env)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
-    assert response.fallback is not None and response.fallback.reason == "consent_unavailable"
+    assert (
+        response.fallback is not None
+        and response.fallback.reason == FallbackReason.CONSENT_UNAVAILABLE
+    )
     assert hmget_calls(env) == before
 
 
@@ -291,7 +308,7 @@ def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environm
     pipeline = make_pipeline(runtime, routing=routing("v1-shape"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
-    assert response.fallback is not None and response.fallback.reason == "model_error"
+    assert response.fallback is not None and response.fallback.reason == FallbackReason.MODEL_ERROR
     assert response.model is not None and response.model.version == "v1-shape"  # the skipped model
     assert len(response.items) == 10
 
@@ -300,7 +317,10 @@ def test_missing_model_file_degrades(runtime: Runtime, env: Environment) -> None
     pipeline = make_pipeline(runtime, routing=routing("v404"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
-    assert response.fallback is not None and response.fallback.reason == "model_unavailable"
+    assert (
+        response.fallback is not None
+        and response.fallback.reason == FallbackReason.MODEL_UNAVAILABLE
+    )
     assert "v404" in (response.fallback.detail or "")
 
 
@@ -374,9 +394,9 @@ def test_a_tiny_budget_still_answers(pipeline: RankPipeline, env: Environment) -
     assert len(response.items) == 10
     if response.fallback is not None:
         assert response.fallback.reason in {
-            "feature_timeout",
-            "budget_exhausted",
-            "consent_unavailable",
+            FallbackReason.FEATURE_TIMEOUT,
+            FallbackReason.BUDGET_EXHAUSTED,
+            FallbackReason.CONSENT_UNAVAILABLE,
         }
 
 

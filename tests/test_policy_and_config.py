@@ -10,7 +10,7 @@ import yaml
 from rankgate.consent import ConsentState
 from rankgate.errors import ConfigError
 from rankgate.policy import load_fallback_rules, load_policy, policy_dir
-from serving.app import AppArgs, build_app, parse_config
+from serving.app import AppArgs, RankerDeployment, RankIngress, build_app, parse_config
 from serving.explainer import load_reason_templates
 from serving.gate import ConsentGate
 from tests.serving_support import ingress_user_config
@@ -117,6 +117,13 @@ def test_the_shipped_serving_config_is_valid() -> None:
     )
     with pytest.raises(ConfigError, match="ranker_placement"):
         build_app({"ranker_placement": "moon"})
+
+
+def test_deployment_options_are_set_in_serve_config_only() -> None:
+    # A value in a decorator as well as in the YAML is two values: the YAML wins
+    # where it names the option, the decorator silently elsewhere.
+    for deployment in (RankIngress, RankerDeployment):
+        assert not deployment._deployment_config.user_configured_option_names, deployment.name
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_server_exports() -> None:

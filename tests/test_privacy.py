@@ -13,8 +13,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.consent import consent_key, demo_consent
+from rankgate.consent import demo_consent
 from rankgate.errors import RedisUnavailable
 from rankgate.home import Home
 from rankgate.policy import load_policy
@@ -22,7 +23,6 @@ from rankgate.privacy import Eraser, feast_user_key
 from rankgate.pseudonym import user_key
 from rankgate.settings import get_project, get_settings
 from rankgate.setup import Environment
-from serving.audit import audit_key
 from serving.runtime import Runtime
 from tests.serving_support import example_user_ids
 from tests.test_pipeline import LOOP, make_pipeline, rank
@@ -92,7 +92,7 @@ class Traces:
                 views += [f[4:].decode() for f in fields if f.startswith(b"_ts:")]
         audit = 0
         lower = "-"
-        while page := env.redis.xrange(audit_key(env.home.namespace), min=lower, count=PAGE):
+        while page := env.redis.xrange(redis_keys.audit(env.home.namespace), min=lower, count=PAGE):
             audit += sum(key.encode() in fields[b"record"] for _, fields in page)
             lower = "(" + page[-1][0].decode()
         offline = {}
@@ -102,7 +102,7 @@ class Traces:
                 offline[name.removesuffix(".parquet")] = int((frame["user_key"] == key).sum())
         return cls(
             feature_views=tuple(sorted(views)),
-            consent=env.redis.hgetall(consent_key(env.home.namespace, key)),
+            consent=env.redis.hgetall(redis_keys.consent(env.home.namespace, key)),
             audit_records=audit,
             offline_rows=offline,
         )
@@ -122,7 +122,7 @@ def offline_tables(ready_home: Home) -> Iterator[None]:
     env.materialize()
     purposes = list(load_policy().purposes)
     for uid in example_user_ids():
-        if not env.redis.exists(consent_key(env.home.namespace, user_key(uid))):
+        if not env.redis.exists(redis_keys.consent(env.home.namespace, user_key(uid))):
             decisions = demo_consent(uid, purposes)
             env.consent.record(user_key(uid), decisions, source="rankgate-demo")
 
@@ -136,7 +136,7 @@ def people(ready_home: Home) -> tuple[str, str]:
     known = [
         uid
         for uid in reversed(example_user_ids())
-        if env.redis.exists(consent_key(namespace, user_key(uid)))
+        if env.redis.exists(redis_keys.consent(namespace, user_key(uid)))
     ]
     return known[0], known[1]
 

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
+from rankgate import redis_keys
 from rankgate.consent import ConsentState
 from rankgate.errors import ConfigError
 from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.app import parse_config
-from serving.experiments import read_rollbacks, read_shadow, rollback_key, shadow_key
+from serving.experiments import read_rollbacks, read_shadow
 from serving.routing import Router, RoutingConfig
 from tests.serving_support import (
     copy_with_wrong_width,
@@ -163,10 +164,12 @@ def test_old_outcomes_leave_the_window() -> None:
 def raising_version(env: Environment) -> Iterator[str]:
     """v1-raises: manifest says 9 features, its ONNX takes 8: every call raises."""
     target = copy_with_wrong_width(env.models, "v1", "v1-raises")
-    env.redis.delete(rollback_key(env.home.namespace), shadow_key(env.home.namespace, "v1-raises"))
+    env.redis.delete(
+        redis_keys.rollbacks(env.home.namespace), redis_keys.shadow(env.home.namespace, "v1-raises")
+    )
     yield "v1-raises"
     shutil.rmtree(target)
-    env.redis.delete(rollback_key(env.home.namespace))
+    env.redis.delete(redis_keys.rollbacks(env.home.namespace))
 
 
 def drain(pipeline) -> None:  # type: ignore[no-untyped-def]
@@ -206,7 +209,7 @@ def test_shadow_scores_off_the_path_and_records_agreement(
     runtime, env: Environment, raising_version: str
 ) -> None:  # type: ignore[no-untyped-def]
     namespace = env.home.namespace
-    env.redis.delete(shadow_key(namespace, "v1"))
+    env.redis.delete(redis_keys.shadow(namespace, "v1"))
     pipeline = make_pipeline(runtime, routing=routing("v2", shadow=["v1", raising_version]))
     granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     for _ in range(5):

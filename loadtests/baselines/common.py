@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from features.vector import build_matrix, user_fields
 from model_store.store import ModelStore
 from rankgate.pseudonym import user_key
+from serving import topk
 from serving.feature_fetch import FeatureFetcher
 from serving.ranker import LoadedModel, ModelSet
 from serving.runtime import Runtime
@@ -40,8 +39,8 @@ def top_k(
 ) -> dict[str, Any]:
     candidates = body.get("candidates") or fetcher.catalogue
     scores = model.scorer.score(build_matrix(model.specs, values, fetcher.items, candidates))
-    order = np.argsort(-scores)[: int(body.get("k", 10))]
-    return {"items": [{"item_id": candidates[n], "score": float(scores[n])} for n in order]}
+    picks = topk.top_k(candidates, scores, int(body.get("k", 10)))
+    return {"items": [{"item_id": pick.item_id, "score": pick.score} for pick in picks]}
 
 
 def key_of(body: dict[str, Any]) -> str:

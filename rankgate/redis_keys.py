@@ -1,0 +1,124 @@
+"""Every Redis key rankgate writes, named in one place.
+
+Each key of a home starts with its namespace (`home.json`), so homes sharing a
+Redis never meet. Writers build key names only with the functions below.
+`KEYS` describes each kind for people and for erasure: the README's table is
+made from it (`markdown_table`), and `rankgate privacy forget` erases every kind
+that names people (`personal`) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def consent(namespace: str, user_key: str) -> str:
+    return f"{namespace}:consent:{user_key}"
+
+
+def api_keys(namespace: str) -> str:
+    return f"{namespace}:apikeys"
+
+
+def audit(namespace: str) -> str:
+    return f"{namespace}:audit"
+
+
+def rollbacks(namespace: str) -> str:
+    return f"{namespace}:routing:rollback"
+
+
+def routing_events(namespace: str) -> str:
+    return f"{namespace}:routing:events"
+
+
+def shadow(namespace: str, version: str) -> str:
+    return f"{namespace}:shadow:{version}"
+
+
+def setup_marker(namespace: str, step: str) -> str:
+    return f"{namespace}:setup:{step}"
+
+
+@dataclass(frozen=True)
+class RedisKey:
+    """One kind of key: its name pattern, Redis type, writer and contents."""
+
+    pattern: str
+    type: str
+    writer: str
+    holds: str
+    personal: bool
+    """Holds pseudonymous user keys: `rankgate privacy forget` erases the person from it."""
+
+
+NS = "<ns>"
+CONSENT = RedisKey(
+    consent(NS, "<user_key>"),
+    "hash",
+    "`/v1/consent`, `rankgate setup` (demo records)",
+    'purpose → `{"granted", "source", "updated_at"}`',
+    personal=True,
+)
+AUDIT = RedisKey(
+    audit(NS),
+    "stream",
+    "every ranking decision (`serving/audit.py`)",
+    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records`",
+    personal=True,
+)
+FEAST_ROWS = RedisKey(
+    "<entity key><ns>",
+    "hash",
+    "Feast, at `rankgate features materialize` (named by Feast)",
+    "online feature rows: a field per feature and `_ts:<view>` per view",
+    personal=True,
+)
+API_KEYS = RedisKey(
+    api_keys(NS),
+    "hash",
+    "`rankgate keys create/revoke`",
+    'sha256(key) → `{"app", "purposes", "created_at", "hint"}`',
+    personal=False,
+)
+ROLLBACKS = RedisKey(
+    rollbacks(NS),
+    "hash",
+    "replicas, on an automatic canary rollback",
+    "canary version → the rollback event (rule, figures)",
+    personal=False,
+)
+ROUTING_EVENTS = RedisKey(
+    routing_events(NS),
+    "stream",
+    "replicas, on an automatic canary rollback",
+    "one entry per rollback",
+    personal=False,
+)
+SHADOW = RedisKey(
+    shadow(NS, "<version>"),
+    "hash",
+    "replicas, per shadow scoring",
+    "requests, errors, overlap_sum, score_diff_sum",
+    personal=False,
+)
+SETUP_MARKERS = RedisKey(
+    setup_marker(NS, "<step>"),
+    "string",
+    "`rankgate setup`",
+    "a step whose result lives in Redis is done (`materialized`, `demo_consent`)",
+    personal=False,
+)
+KEYS = (CONSENT, AUDIT, FEAST_ROWS, API_KEYS, ROLLBACKS, ROUTING_EVENTS, SHADOW, SETUP_MARKERS)
+
+
+def markdown_table() -> str:
+    """The README's table of keys."""
+    rows = [
+        "| key | type | written by | holds | names people |",
+        "|---|---|---|---|---|",
+    ]
+    for key in KEYS:
+        people = "yes: erased by `privacy forget`" if key.personal else "no"
+        rows.append(f"| `{key.pattern}` | {key.type} | {key.writer} | {key.holds} | {people} |")
+    return "\n".join(rows)

@@ -302,4 +302,7 @@ def test_overload_is_refused_fast_with_retry_after(
     assert set(statuses) == {200, 503}, statuses
     assert statuses[200] >= 32 - 4  # 16 running + 16 queued (admission is not exact)
     assert all(retry == "1" for _, retry in refused)
-    assert max(took for took, _ in refused) < 0.5  # refused at once, not after waiting
+    # Refused at once, not after waiting: an admitted request waits out the 1 s budget
+    # (Redis sleeps 1.5 s); 64 concurrent clients on 2 shared cores take up to ~0.5 s
+    # just to be written and read, so the bound sits between the two.
+    assert max(took for took, _ in refused) < 0.9

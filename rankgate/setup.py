@@ -274,8 +274,14 @@ def run_setup(say: Say, force: bool = False) -> bool:
         version = model.version
         if env.models.exists(version):
             stale = trained_from.get(version) not in (None, digest)
-            if force:
-                say(f"• model {version}: --force: retraining (the old folder is removed)")
+            try:
+                env.models.manifest(version)
+                unreadable = None
+            except ModelStoreError as exc:
+                unreadable = exc.message
+            if force or unreadable:
+                why = "--force" if force else f"unusable ({unreadable})"
+                say(f"• model {version}: {why}: retraining (the old folder is removed)")
                 shutil.rmtree(env.models.path(version))
             elif stale:
                 say(

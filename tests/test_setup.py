@@ -103,6 +103,16 @@ def test_a_second_home_is_independent(ready_home: Home, other_home: Home) -> Non
     assert env.models.versions() == ["v1", "v2"]
     assert env.models.path("v1").is_relative_to(other_home.root)
     assert run_setup(lambda _line: None) is False
+    # A setup model whose manifest no longer loads (written by an older rankgate) is
+    # retrained, and setup says why.
+    import json
+
+    manifest = env.models.path("v1") / "manifest.json"
+    manifest.write_text(json.dumps({"name": "ranker", "version": "v1"}))
+    lines: list[str] = []
+    assert run_setup(lines.append) is True
+    assert any(line.startswith("• model v1: unusable (") for line in lines), lines
+    assert env.models.manifest("v1").lineage.made_by == "rankgate model train"
     # The session home kept its own server and models.
     assert EmbeddedRedis(ready_home).running_url() == session_url
     assert (ready_home.models_dir / "ranker" / "v1" / "manifest.json").exists()

@@ -51,6 +51,7 @@ from serving.schemas import (
     RankResponse,
     RequestRules,
 )
+from serving.stages import STAGES
 
 logger = logging.getLogger("ray.serve")
 
@@ -102,6 +103,17 @@ def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -
         config = ServingConfig.model_validate(user_config)
     except ValidationError as exc:
         raise ConfigError(validation_message("serve_config.yaml user_config", exc)) from exc
+    for field, names in (
+        ("stages", config.pipeline.stages),
+        ("fallback", [config.pipeline.fallback]),
+    ):
+        for index, name in enumerate(names):
+            if name not in STAGES:
+                where = f"pipeline.{field}.{index}" if field == "stages" else "pipeline.fallback"
+                raise ConfigError(
+                    f"serve_config.yaml user_config: field {where!r}: unknown stage {name!r} "
+                    f"(known: {', '.join(sorted(STAGES))})"
+                )
     if store is not None:
         for index, route in enumerate(config.routing.versions):
             if not store.exists(route.version):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from rankgate import redis_keys
 from rankgate.errors import RankgateError
 
+logger = logging.getLogger("ray.serve")
 CONSENT_STATES = ("granted", "denied", "unknown")
 
 
@@ -70,6 +72,7 @@ class ConsentStoreUnavailable(RankgateError):
     """The consent store did not take a write: nothing was recorded; retry."""
 
     status_code = 503
+    error = "consent_store_unavailable"
 
 
 class AsyncConsentStore:
@@ -99,7 +102,8 @@ class AsyncConsentStore:
                 redis_keys.consent(self.namespace, key), mapping=consent_fields(purposes, source)
             )
         except (OSError, aioredis.RedisError) as exc:
-            raise ConsentStoreUnavailable(type(exc).__name__) from exc
+            logger.warning("consent write failed: %s", type(exc).__name__)
+            raise ConsentStoreUnavailable("the consent was not recorded; retry") from exc
 
 
 def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:

@@ -7,16 +7,21 @@ No field for a purpose means no recorded decision ("unknown").
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 
 import redis
+import redis.asyncio as aioredis
 
 from rankgate import redis_keys
+from rankgate.errors import RankgateError
 
+logger = logging.getLogger("ray.serve")
 CONSENT_STATES = ("granted", "denied", "unknown")
 
 
@@ -61,6 +66,44 @@ class ConsentStore:
         for key in keys:
             pipe.hget(redis_keys.consent(self.namespace, key), purpose)
         return [parse_state(raw) for raw in pipe.execute()]
+
+
+class ConsentStoreUnavailable(RankgateError):
+    """The consent store did not take a write: nothing was recorded; retry."""
+
+    status_code = 503
+    error = "consent_store_unavailable"
+
+
+class AsyncConsentStore:
+    """The serving replicas' consent store: reads within a request's deadline, and
+    the writes of the consent API."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    async def read(self, key: str, purpose: str, timeout_s: float) -> ConsentState | None:
+        """Consent of the person for the purpose; None when it cannot be read in time."""
+        try:
+            raw = await asyncio.wait_for(
+                self.client.hget(redis_keys.consent(self.namespace, key), purpose),  # type: ignore[arg-type]
+                timeout=max(timeout_s, 0.0),
+            )
+        except (TimeoutError, OSError, aioredis.RedisError):
+            return None
+        return parse_state(raw)
+
+    async def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
+        """One HSET: all purposes of a write are recorded together or not at all.
+        Raises `ConsentStoreUnavailable` when the store cannot take it."""
+        try:
+            await self.client.hset(  # type: ignore[misc]
+                redis_keys.consent(self.namespace, key), mapping=consent_fields(purposes, source)
+            )
+        except (OSError, aioredis.RedisError) as exc:
+            logger.warning("consent write failed: %s", type(exc).__name__)
+            raise ConsentStoreUnavailable("the consent was not recorded; retry") from exc
 
 
 def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:

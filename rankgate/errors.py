@@ -3,11 +3,21 @@ them to responses, and the CLI prints their message and exits non-zero."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class RankgateError(Exception):
     """Base class: a message for people and the status an API would answer with."""
 
     status_code: int = 500
+    error: str = "error"
+    """The `error` of the API's answer: a stable name a client can branch on."""
+    rejection: str | None = None
+    """How the serving metrics count a request refused with this error (None: not counted)."""
+    problems: Sequence[Any] = ()
+    """What is wrong with an input, each naming its field (the answer lists them
+    instead of the message)."""
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -29,6 +39,7 @@ class RedisUnavailable(RankgateError):
     """The Redis-compatible server cannot be reached; names the address."""
 
     status_code = 503
+    error = "unavailable"
 
 
 class ModelStoreError(RankgateError):

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -28,15 +28,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
 from model_store.store import ModelStore
-from rankgate import redis_keys
 from rankgate.api_keys import ApiKey
 from rankgate.config_files import validation_message
-from rankgate.consent import consent_fields
+from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
 from serving import edge
-from serving.auth import Forbidden, KeyCache
+from serving.auth import KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
 from serving.openapi import openapi_document
 from serving.pipeline import RankPipeline
@@ -45,12 +44,12 @@ from serving.requests import BadRequest, parse_consent
 from serving.runtime import Runtime
 from serving.schemas import (
     ConsentRecorded,
-    ConsentWrite,
     ErrorBody,
     ErrorProblem,
     RankResponse,
     RequestRules,
 )
+from serving.stages import STAGES
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,22 +77,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request; the problems name the fields"},
     503: {"model": ErrorBody, "description": "Not ready or a store is unavailable; retry"},
 }
-ERROR_NAMES = {
-    401: "unauthorized",
-    403: "forbidden",
-    408: "request_timeout",
-    503: "unavailable",
-}
 CLIENT_CLOSED = 499
 """The status access logs use for a client that went away (nginx's convention)."""
 PURPOSE_HEADER = "rankgate-purpose"
 """Optional: the purpose of a rank request, checked against the key before the body is read."""
-
-
-def error_response(
-    status: int, body: ErrorBody, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -> ServingConfig:
@@ -102,6 +89,17 @@ def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -
         config = ServingConfig.model_validate(user_config)
     except ValidationError as exc:
         raise ConfigError(validation_message("serve_config.yaml user_config", exc)) from exc
+    for field, names in (
+        ("stages", config.pipeline.stages),
+        ("fallback", [config.pipeline.fallback]),
+    ):
+        for index, name in enumerate(names):
+            if name not in STAGES:
+                where = f"pipeline.{field}.{index}" if field == "stages" else "pipeline.fallback"
+                raise ConfigError(
+                    f"serve_config.yaml user_config: field {where!r}: unknown stage {name!r} "
+                    f"(known: {', '.join(sorted(STAGES))})"
+                )
     if store is not None:
         for index, route in enumerate(config.routing.versions):
             if not store.exists(route.version):
@@ -117,12 +115,21 @@ class RequestTimeout(RankgateError):
     """The body did not arrive within `connections.body_timeout_s`."""
 
     status_code = 408
+    error = rejection = "request_timeout"
 
 
 class ClientGone(RankgateError):
     """The client went away before its request was read: nobody to answer."""
 
     status_code = CLIENT_CLOSED
+    rejection = "client_closed"
+
+
+class NotConfigured(RankgateError):
+    """The replica has not applied a serving config yet."""
+
+    status_code = 503
+    error = "not_configured"
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -154,6 +161,10 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return body
 
 
+async def body_of(request: Request, config: ServingConfig) -> bytes:
+    return await read_body(request, config.limits.max_body_bytes, config.connections.body_timeout_s)
+
+
 def queued_ms(request: Request) -> float:
     """How long the request waited before this replica took it up: from the arrival
     stamp the edge (HAProxy) set, or 0 where no edge stamps (HAProxy mode off).
@@ -168,33 +179,49 @@ def queued_ms(request: Request) -> float:
 
 # A client that sent too much or too slowly is not kept: its connection is closed.
 ERROR_HEADERS = {
-    401: {"WWW-Authenticate": "Bearer"},
-    408: {"Connection": "close"},
-    413: {"Connection": "close"},
-    503: {"Retry-After": "1"},
+    "unauthorized": {"WWW-Authenticate": "Bearer"},
+    "request_timeout": {"Connection": "close"},
+    "body_too_large": {"Connection": "close"},
+    "unavailable": {"Retry-After": "1"},
+    "consent_store_unavailable": {"Retry-After": "1"},
 }
 
 
-def domain_error_response(exc: RankgateError) -> Response:
-    status = exc.status_code
-    if status == CLIENT_CLOSED:
+@api.exception_handler(RankgateError)
+async def domain_error(request: Request, exc: RankgateError) -> Response:
+    """The one place where domain errors become answers, and refusals are counted."""
+    if exc.rejection is not None:
+        ingress = serve.get_replica_context().servable_object
+        ingress.runtime.metrics.rejected(exc.rejection)  # type: ignore[attr-defined]
+    if exc.status_code == CLIENT_CLOSED:
         # Logged as 499 (client closed), never as a server error; nobody reads the body.
         return Response(status_code=CLIENT_CLOSED)
-    body = ErrorBody(error=ERROR_NAMES.get(status, "error"), detail=exc.message)
-    return error_response(status, body, headers=ERROR_HEADERS.get(status))
-
-
-def not_configured() -> JSONResponse:
-    detail = (
-        "RankIngress has no serving config: deploy it with the user_config of serve_config.yaml"
+    if exc.problems:
+        body = ErrorBody(error=exc.error, problems=list(exc.problems))
+    else:
+        body = ErrorBody(error=exc.error, detail=exc.message)
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=exc.status_code,
+        headers=ERROR_HEADERS.get(exc.error),
     )
-    return error_response(503, ErrorBody(error="not_configured", detail=detail))
 
 
-def bad_request_response(exc: BadRequest) -> JSONResponse:
-    error = "body_too_large" if exc.status_code == 413 else "invalid_request"
-    body = ErrorBody(error=error, problems=exc.problems)
-    return error_response(exc.status_code, body, headers=ERROR_HEADERS.get(exc.status_code))
+@dataclass(frozen=True)
+class ServingState:
+    """What one serving config built. `reconfigure` swaps it whole, in one
+    assignment: a request sees the old state or the new one, never a mix."""
+
+    pipeline: RankPipeline
+    ranker: Ranker
+
+    @property
+    def config(self) -> ServingConfig:
+        return self.pipeline.config
+
+    @property
+    def consent(self) -> AsyncConsentStore:
+        return self.pipeline.services.consent
 
 
 # Until `reconfigure` applies the deployed config's `batching`.
@@ -204,15 +231,16 @@ DEFAULT_BATCHING = BatchingConfig()
 class BatchedScoring:
     """Mixin: `@serve.batch` around Ranker.score_batch, tunable from config."""
 
-    ranker: Ranker
-
     @serve.batch(
         max_batch_size=DEFAULT_BATCHING.max_batch_size,
         batch_wait_timeout_s=DEFAULT_BATCHING.batch_wait_timeout_s,
     )
     async def score_many(self, requests: list[tuple[str, np.ndarray]]) -> list[Any]:
         self.observe_batch([version for version, _ in requests])
-        return self.ranker.score_batch(requests)
+        return self.scoring_ranker().score_batch(requests)
+
+    def scoring_ranker(self) -> Ranker:
+        raise NotImplementedError
 
     def observe_batch(self, versions: list[str]) -> None:
         """Hook for batch-size metrics; the ingress records them."""
@@ -255,11 +283,14 @@ class RankerDeployment(BatchedScoring):
         self.ranker = Ranker(ModelSet(ModelStore(self.home, config.models.name), config.versions))
         self.tune_batching(config.batching)
 
+    def scoring_ranker(self) -> Ranker:
+        return self.ranker
+
 
 @serve.deployment
 @serve.ingress(api)
 class RankIngress(BatchedScoring):
-    """HTTP entry: parses, runs the pipeline, maps domain errors to responses.
+    """HTTP entry: authenticates, parses, runs the pipeline (`domain_error` answers for errors).
 
     Lifecycle: `__init__` opens Redis, Feast, policy and fallback (heavy, once);
     `reconfigure(user_config)` validates the serving config and swaps models,
@@ -269,7 +300,7 @@ class RankIngress(BatchedScoring):
     def __init__(self, ranker: DeploymentHandle | None = None) -> None:
         self.runtime = Runtime.open()
         self.remote_ranker = ranker
-        self.pipeline: RankPipeline | None = None
+        self.state: ServingState | None = None
         self.keys = KeyCache(self.runtime.redis, self.runtime.home.namespace)
         self.config_error: str | None = None
         # Changes on restart only: shows that a routing change reconfigured in place.
@@ -287,7 +318,7 @@ class RankIngress(BatchedScoring):
             )
             policies = self.runtime.load_policies(config.policy)
         except ConfigError as exc:
-            if self.pipeline is None:
+            if self.state is None:
                 raise
             self.refuse(exc.message)
             return
@@ -309,9 +340,8 @@ class RankIngress(BatchedScoring):
         await pipeline.warm_up()
         # Swap only when everything above succeeded: a bad config changes nothing.
         self.runtime.use_policies(*policies)
-        self.ranker = Ranker(models)
         self.tune_batching(config.batching)
-        self.pipeline = pipeline
+        self.state = ServingState(pipeline, Ranker(models))
         self.keys.keep_fresh(config.auth.refresh_s)
         pipeline.publish_canary_weight()
 
@@ -325,9 +355,9 @@ class RankIngress(BatchedScoring):
 
         At start-up there is nothing to keep serving, so such versions are only
         marked unavailable (their requests degrade and say so)."""
-        if self.pipeline is None:
+        if self.state is None:
             return []
-        running = self.pipeline.models
+        running = self.state.pipeline.models
         return sorted(v for v in models.errors if v not in running.errors)
 
     def observe_batch(self, versions: list[str]) -> None:
@@ -338,61 +368,38 @@ class RankIngress(BatchedScoring):
         assert self.remote_ranker is not None
         return await self.remote_ranker.score.remote(version, matrix)
 
-    async def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
+    def serving(self) -> ServingState:
+        if self.state is None:
+            raise NotConfigured(
+                "RankIngress has no serving config: deploy it with the user_config of "
+                "serve_config.yaml"
+            )
+        return self.state
+
+    def scoring_ranker(self) -> Ranker:
+        return self.serving().ranker
+
+    async def caller(self, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
         """The caller's key; the same 401 whether it is missing or wrong."""
-        try:
-            return await self.keys.authenticate(credentials.credentials if credentials else None)
-        except RankgateError as exc:
-            self.runtime.metrics.rejected(ERROR_NAMES.get(exc.status_code, "error"))
-            raise
-
-    async def read_body(self, request: Request, config: ServingConfig) -> bytes:
-        try:
-            return await read_body(
-                request, config.limits.max_body_bytes, config.connections.body_timeout_s
-            )
-        except (RequestTimeout, ClientGone) as exc:
-            self.runtime.metrics.rejected(
-                "client_closed" if isinstance(exc, ClientGone) else "request_timeout"
-            )
-            raise
-
-    def authorize(self, caller: ApiKey, purposes: list[str]) -> None:
-        try:
-            KeyCache.authorize(caller, purposes)
-        except Forbidden:
-            self.runtime.metrics.rejected("forbidden")
-            raise
+        return await self.keys.authenticate(credentials.credentials if credentials else None)
 
     @api.post("/v1/rank", response_model=RankResponse, responses=ERROR_RESPONSES)
     async def rank(self, request: Request, credentials: Bearer) -> Response:
         """Rank items for one person and purpose. With a `Rankgate-Purpose` header the
         key's scope is checked before the body is read (the body's purpose must match)."""
         waited_ms = queued_ms(request)
-        pipeline = self.pipeline
-        if pipeline is None:
-            return not_configured()
-        try:
-            caller = await self.authenticate(credentials)
-            declared = request.headers.get(PURPOSE_HEADER)
-            if declared is not None:
-                self.authorize(caller, [declared])
-            body = await self.read_body(request, pipeline.config)
-            parsed = pipeline.parse(body)
-            if declared is not None and parsed.purpose != declared:
-                raise BadRequest(
-                    [
-                        ErrorProblem(
-                            field="purpose", problem="differs from the Rankgate-Purpose header"
-                        )
-                    ]
-                )
-            self.authorize(caller, [parsed.purpose])
-        except BadRequest as exc:
-            self.runtime.metrics.rejected("bad_request")
-            return bad_request_response(exc)
-        except RankgateError as exc:
-            return domain_error_response(exc)
+        pipeline = self.serving().pipeline
+        caller = await self.caller(credentials)
+        declared = request.headers.get(PURPOSE_HEADER)
+        if declared is not None:
+            KeyCache.authorize(caller, [declared])
+        parsed = pipeline.parse(await body_of(request, pipeline.config))
+        if declared is not None and parsed.purpose != declared:
+            problem = ErrorProblem(
+                field="purpose", problem="differs from the Rankgate-Purpose header"
+            )
+            raise BadRequest([problem])
+        KeyCache.authorize(caller, [parsed.purpose])
         pipeline.fetcher.refresh_items_if_due(pipeline.config.features.item_refresh_s)
         response = await pipeline.rank(parsed, app=caller.app, queued_ms=waited_ms)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
@@ -416,37 +423,13 @@ class RankIngress(BatchedScoring):
     async def write_consent(
         self, request: Request, credentials: Bearer, path_user_id: str | None = None
     ) -> Response:
-        pipeline = self.pipeline
-        if pipeline is None:
-            return not_configured()
-        try:
-            caller = await self.authenticate(credentials)
-            body = await self.read_body(request, pipeline.config)
-            consent = parse_consent(body, pipeline.rules, path_user_id)
-            # The key must be scoped to every purpose the write records.
-            self.authorize(caller, list(consent.purposes))
-        except BadRequest as exc:
-            self.runtime.metrics.rejected("bad_request")
-            return bad_request_response(exc)
-        except RankgateError as exc:
-            return domain_error_response(exc)
-        return await self.record_consent(consent)
-
-    async def record_consent(self, consent: ConsentWrite) -> Response:
-        key = redis_keys.consent(self.runtime.home.namespace, pseudonymise(consent.user_id))
-        try:
-            # One HSET: all purposes of the request are recorded together or not at all.
-            fields = consent_fields(consent.purposes, consent.source)
-            await self.runtime.redis.hset(key, mapping=fields)  # type: ignore[misc]
-        except (OSError, aioredis.RedisError) as exc:
-            logger.warning("consent write failed: %s", type(exc).__name__)
-            return error_response(
-                503,
-                ErrorBody(
-                    error="consent_store_unavailable", detail="the consent was not recorded; retry"
-                ),
-                headers={"Retry-After": "1"},
-            )
+        state = self.serving()
+        caller = await self.caller(credentials)
+        body = await body_of(request, state.config)
+        consent = parse_consent(body, state.pipeline.rules, path_user_id)
+        # The key must be scoped to every purpose the write records.
+        KeyCache.authorize(caller, list(consent.purposes))
+        await state.consent.record(pseudonymise(consent.user_id), consent.purposes, consent.source)
         recorded = ConsentRecorded(recorded=consent.purposes, source=consent.source)
         return JSONResponse(recorded.model_dump())
 
@@ -461,7 +444,7 @@ class RankIngress(BatchedScoring):
     def openapi_document(self) -> dict[str, Any]:
         """The document of the running pipeline's rules, rebuilt when a reconfigure
         swaps them (new config or policy)."""
-        rules = self.pipeline.rules if self.pipeline is not None else None
+        rules = self.state.pipeline.rules if self.state is not None else None
         if self.openapi_cache is None or self.openapi_cache[0] is not rules:
             self.openapi_cache = (rules, openapi_document(api, rules))
         return self.openapi_cache[1]
@@ -477,10 +460,8 @@ class RankIngress(BatchedScoring):
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
-        if self.pipeline is None:
-            return not_configured()
-        models = self.pipeline.models
-        router = self.pipeline.router
+        pipeline = self.serving().pipeline
+        models, router = pipeline.models, pipeline.router
         return JSONResponse(
             {
                 "status": "ok",

@@ -30,10 +30,12 @@ MISS_REFRESH_S = 0.1
 
 class Unauthorized(RankgateError):
     status_code = 401
+    error = rejection = "unauthorized"
 
 
 class Forbidden(RankgateError):
     status_code = 403
+    error = rejection = "forbidden"
 
 
 class AuthUnavailable(RankgateError):
@@ -41,6 +43,7 @@ class AuthUnavailable(RankgateError):
     one created since the last read and Redis cannot be read now."""
 
     status_code = 503
+    error = rejection = "unavailable"
 
 
 class KeyCache:

@@ -111,6 +111,15 @@ class PolicyConfig(Strict):
         return folder if folder.is_absolute() else PROJECT_ROOT / folder
 
 
+class PipelineConfig(Strict):
+    stages: list[str] = Field(
+        default_factory=lambda: ["gate", "route", "fetch", "score", "explain"], min_length=1
+    )
+    """The stages of a rank request, in order (serving/stages.py names them)."""
+    fallback: str = "rules"
+    """The stage that answers when another degrades."""
+
+
 class ServingConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -123,3 +132,4 @@ class ServingConfig(Strict):
     audit: AuditConfig = AuditConfig()
     auth: AuthConfig = AuthConfig()
     policy: PolicyConfig = PolicyConfig()
+    pipeline: PipelineConfig = PipelineConfig()

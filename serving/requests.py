@@ -24,10 +24,12 @@ class BadRequest(RankgateError):
     """Input the API refuses; carries the problems, each naming its field."""
 
     status_code = 422
+    rejection = "bad_request"
 
     def __init__(self, problems: list[ErrorProblem], status_code: int = 422) -> None:
         super().__init__("; ".join(f"{p.field}: {p.problem}" for p in problems), status_code)
-        self.problems = problems
+        self.problems: list[ErrorProblem] = problems
+        self.error = "body_too_large" if status_code == 413 else "invalid_request"
 
 
 def problems_of(exc: ValidationError) -> list[ErrorProblem]:

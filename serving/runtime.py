@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from features.store import feature_store
 from model_store.store import ModelStore
+from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
@@ -30,9 +31,10 @@ from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher
 from serving.gate import ConsentGate
 from serving.metrics import ServingMetrics
-from serving.pipeline import RankPipeline, ScoreFn
+from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet
 from serving.routing import Router
+from serving.stages import ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
 
@@ -137,18 +139,18 @@ class Runtime:
         """A pipeline for `config`; `policies` (from load_policies) default to the current ones."""
         policy_set, fallback = policies or (self.policies, self.fallback)
         self.audit.max_records = config.audit.max_records
-        return RankPipeline(
+        services = Services(
             config=config,
             gate=ConsentGate(policy_set.policy),
-            consent_client=self.redis,
-            namespace=self.home.namespace,
+            consent=AsyncConsentStore(self.redis, self.home.namespace),
             fetcher=self.fetcher,
             models=models,
             router=Router(config.routing, rolled_back or set()),
-            experiments=ExperimentLog(self.redis, self.home.namespace),
-            metrics=self.metrics,
-            audit=self.audit,
             score=score,
             explainers=explainers,
             fallback=fallback,
+            metrics=self.metrics,
+        )
+        return RankPipeline(
+            services, ExperimentLog(self.redis, self.home.namespace), audit=self.audit
         )

@@ -45,8 +45,9 @@ def example_user_ids() -> list[str]:
     return get_project().demo_user_ids()
 
 
-def train_version(env, version: str, params, features_file: str = "models/v2.yaml"):  # type: ignore[no-untyped-def]
-    """Train `version` on the project's log with the inputs of one of its declarations."""
+def train_version(env, version: str, params, features=None, features_file: str = "models/v2.yaml"):  # type: ignore[no-untyped-def]
+    """Train `version` on the project's log with `features` (a FeaturesFile), or the
+    inputs of one of the project's declarations."""
     from features.spec import load_features_file
     from model_store.train import train
 
@@ -58,7 +59,7 @@ def train_version(env, version: str, params, features_file: str = "models/v2.yam
         env.data_dir,
         version,
         params,
-        load_features_file(env.project.path(features_file)),
+        features or load_features_file(env.project.path(features_file)),
     )
 
 

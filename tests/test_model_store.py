@@ -12,30 +12,16 @@ import pytest
 from click.testing import CliRunner
 
 from features.spec import FeaturesFile, load_features_file
-from model_store.manifest import MANIFEST_FILE, ONNX_FILE, Manifest
-from model_store.train import TrainParams, parse_params, train
+from model_store.manifest import MANIFEST_FILE, ONNX_FILE
+from model_store.train import TrainParams, parse_params
 from rankgate.cli import main
 from rankgate.errors import ModelStoreError, RankgateError, VersionExists
 from rankgate.setup import Environment
+from tests.serving_support import train_version
 
 
 def v2_inputs(env: Environment) -> FeaturesFile:
     return load_features_file(env.project.path("models/v2.yaml"))
-
-
-def train_version(
-    env: Environment, version: str, params: TrainParams, features: FeaturesFile | None = None
-) -> Manifest:
-    return train(
-        env.models,
-        env.project,
-        env.views(),
-        env.view_infos(),
-        env.data_dir,
-        version,
-        params,
-        features or v2_inputs(env),
-    )
 
 
 @pytest.fixture

@@ -140,12 +140,15 @@ def test_a_bad_routing_deployed_is_refused_and_the_running_one_keeps_serving(
 def run_until_rolled_back(
     server: Server, users: list[str], concurrency: int, limit_s: float
 ) -> tuple[Load, float]:
+    """The load, and how long after it started the rollback was seen (the second of
+    load kept up after it, and stopping the load, are not counted)."""
     started = time.monotonic()
     with Load(server, users, concurrency) as load:
         while time.monotonic() - started < limit_s and not health(server)["routing"]["rolled_back"]:
             time.sleep(0.2)
+        seen = time.monotonic() - started
         time.sleep(1)  # a little load after the rollback
-    return load, time.monotonic() - started
+    return load, seen
 
 
 def canary_report(load: Load) -> dict[str, int]:

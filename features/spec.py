@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -82,7 +83,14 @@ class FeatureSpec:
         return self.source == "user" and ITEM_PLACEHOLDER in self.field
 
     def field_for(self, item_id: ItemId) -> str:
-        return self.field.replace(ITEM_PLACEHOLDER, str(item_id))
+        return item_field(self.field, item_id)
+
+
+@lru_cache(maxsize=65536)
+def item_field(template: str, item_id: ItemId) -> str:
+    """The field a per-item template names for one item (cached: the request path asks
+    for every candidate of every request)."""
+    return template.replace(ITEM_PLACEHOLDER, str(item_id))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ where a project's `prepare` step writes what it derives (the example derives
 user ids and keys its tables by their pseudonymous key).
 
 Select a project with `--project DIR` or `RANKGATE_PROJECT`; the default is the
-Open Bandit example in examples/open_bandit/.
+project `examples/default` links to (data, not code, names it).
 """
 
 from __future__ import annotations
@@ -45,20 +45,20 @@ class UserEntity(Strict):
     """The person being ranked for. Feast knows them only by their pseudonymous key
     (an HMAC of the application's user id, a string): the raw id never reaches it."""
 
-    entity: str = "user"
+    entity: str
     """Name of the Feast entity of users in the project's repository."""
-    join_key: str = "user_key"
+    join_key: str
     """Its join key: the column of the user views that holds the pseudonymous key."""
 
 
 class ItemEntity(Strict):
     """An item of the catalogue."""
 
-    entity: str = "item"
+    entity: str
     """Name of the Feast entity of items in the project's repository."""
-    join_key: str = "item_id"
+    join_key: str
     """Its join key (the column of item ids in the item view and the logs)."""
-    id_type: Literal["int", "string"] = "int"
+    id_type: Literal["int", "string"]
     """Type of item ids: `int` (JSON integers) or `string`. Requests, policy rules and
     fallback boosts must use this type; the OpenAPI document says which."""
 
@@ -87,13 +87,13 @@ class Interactions(Strict):
 
     path: str
     """A Parquet or CSV file (relative to the project; `${RANKGATE_DATA_DIR}` allowed)."""
-    item_column: str = "item_id"
+    item_column: str
     """Column of the shown item's id."""
-    outcome_column: str = "click"
+    outcome_column: str
     """Column of the outcome (1: clicked / converted, 0: not)."""
-    user_column: str | None = "user_key"
+    user_column: str | None = None
     """Column of the person's pseudonymous key (needed to train, not for popularity)."""
-    time_column: str | None = "timestamp"
+    time_column: str | None = None
     """Column of the impression time (training holds out the latest impressions)."""
 
 
@@ -138,8 +138,8 @@ class ProjectFile(Strict):
     policies: str = "policies"
     """Folder with policy.yaml (purposes, regions, item rules), fallback.yaml and
     reasons.yaml."""
-    user: UserEntity = UserEntity()
-    item: ItemEntity = ItemEntity()
+    user: UserEntity
+    item: ItemEntity
     item_view: str | None = None
     """The feature view of item attributes (keyed by the item entity): read whole into
     memory by each replica and refreshed in the background. Unset: none."""

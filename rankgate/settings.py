@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=PROJECT_ROOT / ".rankgate")
     """State folder (RANKGATE_HOME). Default: `.rankgate/` in the project (git-ignored)."""
 
-    project: Path = Field(default=PROJECT_ROOT / "examples" / "open_bandit")
+    project: Path = Field(default=PROJECT_ROOT / "examples" / "default")
     """The rankgate project served (RANKGATE_PROJECT, or `--project`): a folder with a
-    rankgate.yaml. Default: the Open Bandit example."""
+    rankgate.yaml. Default: the project `examples/default` links to."""
 
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "RANKGATE_REDIS_URL")

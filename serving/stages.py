@@ -152,6 +152,16 @@ class Services:
     metrics: ServingMetrics
     fields_of: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     """The fields each loaded version reads per user view (the Feast reads it needs)."""
+    merged_fields: dict[tuple[str, ...], dict[str, list[str]]] = field(default_factory=dict)
+
+    def fields_for(self, versions: tuple[str, ...]) -> dict[str, list[str]]:
+        """The fields a request scored by `versions` reads, merged once per combination
+        (a request pays a dictionary lookup, not the merge)."""
+        fields = self.merged_fields.get(versions)
+        if fields is None:
+            fields = merge_fields(self.fields_of.get(v, {}) for v in versions)
+            self.merged_fields[versions] = fields
+        return fields
 
 
 STAGES: dict[str, type[Stage]] = {}
@@ -245,9 +255,7 @@ class FetchStage(Stage):
         decision = context.require_decision()
         model_ref, _ = context.require_model()
         context.shadows = services.router.shadows(decision.allowed_views, services.models.views_of)
-        fields = merge_fields(
-            services.fields_of.get(v, {}) for v in [model_ref.version, *context.shadows]
-        )
+        fields = services.fields_for((model_ref.version, *context.shadows))
         try:
             user = await services.fetcher.fetch_user(context.key, fields)
         except TimeoutError:
@@ -409,9 +417,8 @@ def stage_class(name: str) -> type[Stage]:
 
 def merge_fields(maps: Iterable[Mapping[str, list[str]]]) -> dict[str, list[str]]:
     """One read per view for several models: the union of their fields, in order."""
-    merged: dict[str, list[str]] = {}
+    merged: dict[str, dict[str, None]] = {}
     for fields in maps:
         for view, names in fields.items():
-            have = merged.setdefault(view, [])
-            have += [n for n in names if n not in have]
-    return merged
+            merged.setdefault(view, {}).update(dict.fromkeys(names))
+    return {view: list(names) for view, names in merged.items()}

@@ -172,7 +172,9 @@ def canary_report(load: Load) -> dict[str, int]:
         ),
         (
             SLOW,
-            {"window_s": 20, "min_requests": 20, "max_p99_ratio": 2.0, "min_p99_delta_ms": 5},
+            # v-slow is ~3x stable's median but only ~2x its p99 on a busy machine (the
+            # canary fired at 19-20 s with 2.0 in CI runs): 1.5 tests the rule, not the margin.
+            {"window_s": 20, "min_requests": 20, "max_p99_ratio": 1.5, "min_p99_delta_ms": 5},
             "p99_latency",
             # One request at a time: in-process stages share the replica's event loop,
             # so under concurrency a slow canary slows stable's answers too.

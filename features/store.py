@@ -76,7 +76,10 @@ def repo_config(
         project=home.namespace,
         provider=raw.get("provider", "local"),
         registry={"registry_type": "file", "path": str(home.feast_dir / "registry.db")},
-        online_store=RedisOnlineStoreConfig(connection_string=connection),
+        # skip_dedup: rows are written as given (one round trip). The event consumer
+        # serializes the updates of a person itself, and `rankgate events replay` must
+        # be able to write a row again with the timestamp it had.
+        online_store=RedisOnlineStoreConfig(connection_string=connection, skip_dedup=True),
         offline_store=raw.get("offline_store", {"type": "file"}),
         repo_path=project.feast_repo,
         entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,

@@ -56,6 +56,10 @@ def outcomes(namespace: str, version: str, variant: str) -> str:
     return f"{namespace}:outcomes:{version}:{variant}"
 
 
+def outcomes_unjoined(namespace: str) -> str:
+    return f"{namespace}:outcomes_unjoined"
+
+
 def setup_marker(namespace: str, step: str) -> str:
     return f"{namespace}:setup:{step}"
 
@@ -164,6 +168,13 @@ OUTCOMES = RedisKey(
     "impressions, clicks, conversions (in total and per position), decisions with outcomes",
     personal=False,
 )
+OUTCOMES_UNJOINED = RedisKey(
+    outcomes_unjoined(NS),
+    "hash",
+    "the event consumer, for outcomes no decision takes",
+    "`<outcome>:<reason>` (unknown_request, item_not_shown, other_user, no_request_id) -> count",
+    personal=False,
+)
 KEYS = (
     CONSENT,
     AUDIT,
@@ -178,6 +189,7 @@ KEYS = (
     STREAMING_STATE,
     DECISIONS,
     OUTCOMES,
+    OUTCOMES_UNJOINED,
 )
 
 

@@ -37,7 +37,7 @@ from serving.metrics import ServingMetrics
 from serving.outcomes import FallbackReason
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.requests import parse_rank
-from serving.routing import Router
+from serving.routing import RollbackEvent, Router
 from serving.schemas import ModelRef, RankedItem, RankRequest, RankResponse, RequestRules
 from serving.stages import (
     Deadline,
@@ -154,8 +154,8 @@ class RankPipeline:
                 )
         response = answer(context, deadline)
         self.metrics.observe(request, response)
-        if self.config.audit.enabled:
-            self.audit.record(audit_record(context, response, app))
+        if self.config.audit.enabled or self.audit.decision_ttl_s is not None:
+            self.audit.record(audit_record(context, response, app), self.config.audit.enabled)
         return response
 
     # -- experiments -----------------------------------------------------------
@@ -182,17 +182,36 @@ class RankPipeline:
         self.rollback_checked_at = now
         event = self.router.check_rollback(now)
         if event is not None:
-            self.metrics.rollbacks.labels(event.version, event.rule).inc()
-            self.publish_canary_weight()
-            self._spawn(self.experiments.record_rollback(event))
+            self._rolled_back(event)
         if time.monotonic() - self.rollbacks_synced_at > ROLLBACK_SYNC_S:
             self.rollbacks_synced_at = time.monotonic()
             self._spawn(self._sync_rollbacks())
+            self._spawn(self._check_outcomes())
+
+    def _rolled_back(self, event: RollbackEvent) -> None:
+        self.metrics.rollbacks.labels(event.version, event.rule).inc()
+        self.publish_canary_weight()
+        self._spawn(self.experiments.record_rollback(event))
 
     async def _sync_rollbacks(self) -> None:
         with contextlib.suppress(OSError, aioredis.RedisError):
             self.router.rolled_back |= await self.experiments.rolled_back()
         self.publish_canary_weight()
+
+    async def _check_outcomes(self) -> None:
+        """The click-rate rule: outcomes arrive through the event stream, not the
+        request windows, so both variants' joined counters are read from Redis (off
+        the response path; when Redis does not answer, the next sync tries again)."""
+        canary = self.router.live_canary
+        if canary is None or self.router.config.rollback.ctr_p_value is None:
+            return
+        try:
+            exposures = await self.experiments.exposures(canary, self.router.config.stable)
+        except (OSError, aioredis.RedisError):
+            return
+        event = self.router.check_ctr(*exposures)
+        if event is not None:
+            self._rolled_back(event)
 
     def publish_canary_weight(self) -> None:
         canary = self.router.config.canary

@@ -568,8 +568,14 @@ def model_promote(
 
     Shows which purposes each version serves before and after, and refuses a change
     that leaves users of a purpose without a permitted model, unless --force."""
-    from serving.experiments import clear_rollback
-    from serving.promotion import Move, RoutingFile, routing_applied
+    from serving.experiments import clear_rollback, read_rollbacks
+    from serving.promotion import (
+        Move,
+        RoutingFile,
+        reset_canary_outcomes,
+        routing_applied,
+        starts_experiment,
+    )
     from serving.routing import Role
 
     roles: dict[Role, bool] = {
@@ -589,9 +595,14 @@ def model_promote(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
         )
     routing = RoutingFile.open(path)
+    before = routing.routing
     new = routing.change(Move(version, role, canary), env.models, force, click.echo)
     if role == "canary":
-        clear_rollback(env.redis, env.home.namespace, version)
+        namespace = env.home.namespace
+        if starts_experiment(before, version, set(read_rollbacks(env.redis, namespace))):
+            reset_canary_outcomes(env.redis, namespace, version, new.stable)
+            click.echo(f"{version}: canary outcome counters start from zero")
+        clear_rollback(env.redis, namespace, version)
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
@@ -642,7 +653,8 @@ def model_rollback(force: bool, config_path: Path | None) -> None:
 @CONFIG_OPTION
 @fails_cleanly
 def model_status(config_path: Path | None) -> None:
-    """Routing, automatic rollbacks (which rule fired, with what figures) and shadow agreement."""
+    """Routing, automatic rollbacks (which rule fired, with what figures), shadow
+    agreement, and the outcomes joined to each version's decisions (CTR)."""
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
@@ -690,10 +702,56 @@ def model_status(config_path: Path | None) -> None:
         )
         for side in ("canary", "stable"):
             f = event[side]
+            clicks = (
+                f", {int(f['clicks'])} clicks / {int(f['impressions'])} impressions "
+                f"(CTR {f['ctr']:.2%})"
+                if "impressions" in f
+                else ""
+            )
             click.echo(
                 f"    {side}: {int(f['requests'])} req, errors {f['error_rate']:.1%}, "
-                f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms"
+                f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms{clicks}"
             )
+    _show_outcomes(env.redis, env.home.namespace)
+
+
+def _show_outcomes(client, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """Joined outcomes per version and variant: CTR with its 95 % Wilson interval,
+    CTR per position, conversions, decisions with outcomes; unjoined outcomes."""
+    from serving.feedback import outcome_keys, read_outcomes, read_unjoined
+
+    found = outcome_keys(client, namespace)
+    if not found:
+        click.echo("outcomes: none joined (events.outcomes in rankgate.yaml, POST /v1/events)")
+    else:
+        click.echo("outcomes joined to decisions (CTR with 95 % Wilson interval):")
+    for version, variant in found:
+        totals = read_outcomes(client, namespace, version, variant)
+        interval = totals.ctr_interval()
+        ctr = (
+            f"CTR {totals.clicks / totals.impressions:.2%} [{interval[0]:.2%}, {interval[1]:.2%}]"
+            if interval is not None
+            else "CTR n/a"
+        )
+        click.echo(
+            f"  {version or '-':<12} {variant:<9} impressions {totals.impressions}, "
+            f"clicks {totals.clicks}, {ctr}, conversions {totals.conversions}, "
+            f"decisions with outcomes {totals.decisions}"
+        )
+        positions = [
+            f"{position}: {counts.get('clicks', 0) / counts['impressions']:.1%} "
+            f"({counts.get('clicks', 0)}/{counts['impressions']})"
+            for position, counts in totals.by_position.items()
+            if counts.get("impressions")
+        ]
+        if positions:
+            click.echo("      CTR by position  " + "  ".join(positions))
+    unjoined = read_unjoined(client, namespace)
+    if unjoined:
+        click.echo(
+            "unjoined outcomes: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(unjoined.items()))
+        )
 
 
 # -- audit -------------------------------------------------------------------

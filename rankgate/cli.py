@@ -821,16 +821,26 @@ def _key_store():  # type: ignore[no-untyped-def]
     required=True,
     help="A purpose of policies/policy.yaml the key may ask for (repeatable).",
 )
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["events"]),
+    help="Another kind of call the key may make: events (POST /v1/events).",
+)
 @fails_cleanly
-def keys_create(app: str, purposes: tuple[str, ...]) -> None:
+def keys_create(app: str, purposes: tuple[str, ...], scopes: tuple[str, ...]) -> None:
     """Create a key for APP; it is printed once, as the last word."""
     from rankgate.api_keys import check_app
     from rankgate.policy import load_policy
 
     check_app(app)  # a bad name is refused before Redis is even opened
 
-    key = _key_store().create(app, purposes, load_policy().purposes)
-    click.echo(f"created an API key for {app} (purposes: {', '.join(sorted(set(purposes)))}).")
+    key = _key_store().create(app, purposes, load_policy().purposes, scopes)
+    granted = f"purposes: {', '.join(sorted(set(purposes)))}"
+    if scopes:
+        granted += f"; scopes: {', '.join(sorted(set(scopes)))}"
+    click.echo(f"created an API key for {app} ({granted}).")
     click.echo("It is shown only this once; callers send it as 'Authorization: Bearer <key>':")
     click.echo(key)
 
@@ -846,6 +856,8 @@ def keys_list() -> None:
     click.echo(f"{'app':<24} {'key':<10} {'created':<26} purposes")
     for entry in entries:
         purposes = ", ".join(sorted(entry.purposes))
+        if entry.scopes:
+            purposes += f" (scopes: {', '.join(sorted(entry.scopes))})"
         click.echo(f"{entry.app:<24} {entry.hint + '…':<10} {entry.created_at:<26} {purposes}")
 
 

@@ -744,6 +744,64 @@ def audit_replay(request_id: str) -> None:
         sys.exit(1)
 
 
+# -- events ------------------------------------------------------------------
+
+
+@main.group()
+def events() -> None:
+    """The event stream (POST /v1/events) and the streaming features it feeds."""
+
+
+@events.command("replay")
+@click.option(
+    "--since",
+    required=True,
+    help="From when: a duration back from now (30m, 2h, 7d), an ISO 8601 time, "
+    "a stream id, or 0 for every event the stream keeps.",
+)
+@fails_cleanly
+def events_replay(since: str) -> None:
+    """Rebuild the streaming features from the events since --since."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from features.store import load_catalogue
+    from rankgate.policy import load_policy_set
+    from rankgate.setup import Environment
+    from serving.consumer import ConsumerConfig
+    from serving.event_replay import replay_streaming, since_stream_id
+
+    since_stream_id(since)  # a bad --since is refused before anything is touched
+    env = Environment.open()
+    store = env.feast
+    catalogue = load_catalogue(env.project, store.list_feature_views(), env.data_dir)
+    policy = load_policy_set(env.project.policies, catalogue, env.project.item_type).policy
+
+    async def run():  # type: ignore[no-untyped-def]
+        client = aioredis.Redis.from_url(env.redis_url)
+        try:
+            return await replay_streaming(
+                client,
+                env.home.namespace,
+                store,
+                env.project,
+                policy,
+                catalogue,
+                since,
+                ConsumerConfig().lease_s,
+                click.echo,
+            )
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(run())
+    click.echo(
+        f"replayed {report.events} events: {report.applied} applied to streaming features; "
+        f"{report.people_reset} people's counts rebuilt, {report.rows_defaulted} reset to defaults"
+    )
+
+
 # -- policy ------------------------------------------------------------------
 
 

@@ -222,9 +222,19 @@ def serve(config_path: Path | None, port: int | None) -> None:
     is_flag=True,
     help="Instead: find where back-pressure starts (queue limits against none).",
 )
+@click.option(
+    "--freshness",
+    is_flag=True,
+    help="Instead: event-to-decision latency at 0, 100 and 1,000 events/s.",
+)
 @fails_cleanly
 def bench(
-    concurrency: str | None, duration: float, repeats: int, output: Path, overload: bool
+    concurrency: str | None,
+    duration: float,
+    repeats: int,
+    output: Path,
+    overload: bool,
+    freshness: bool,
 ) -> None:
     """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
     from loadtests.bench import run_bench
@@ -239,6 +249,13 @@ def bench(
     if not levels or min(levels) < 1 or (1 not in levels and not overload):
         raise RankgateError("--concurrency: positive integers, including 1")
     run_setup(lambda _line: None)
+    if freshness:
+        from loadtests.freshness import RATES, run_freshness
+
+        run_freshness(list(RATES), duration, repeats, output, click.echo)
+        click.echo((output / "freshness.md").read_text())
+        click.echo(f"written: {output / 'freshness.md'}, {output / 'freshness.json'}")
+        return
     if overload:
         run_overload(levels, duration, repeats, output, click.echo)
         click.echo((output / "overload.md").read_text())

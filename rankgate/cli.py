@@ -340,11 +340,15 @@ def features_apply() -> None:
 @features.command("materialize")
 @fails_cleanly
 def features_materialize() -> None:
-    """Load the latest feature values into the Redis online store."""
+    """Load the latest feature values into the Redis online store (every view but the
+    streaming ones, which the event stream keeps fresh)."""
     from rankgate.setup import Environment
 
-    Environment.open().materialize()
-    click.echo("materialized all feature views into the online store")
+    env = Environment.open()
+    names = env.materialize()
+    click.echo(f"materialized {len(names)} feature views into the online store: {', '.join(names)}")
+    if env.project.streaming:
+        click.echo(f"not materialized (streaming): {', '.join(env.project.streaming)}")
 
 
 # -- model -------------------------------------------------------------------
@@ -367,13 +371,20 @@ FEATURES_OPTION = click.option(
 
 @model.command("train")
 @click.option("--version", "version", required=True, help="New version name, e.g. v3.")
-@click.option("--params", default=None, help="LightGBM settings: key=value,key=value.")
+@click.option(
+    "--trainer",
+    type=click.Choice(["lightgbm", "logistic_regression"]),
+    default="lightgbm",
+    show_default=True,
+    help="LightGBM trees, or scikit-learn's LogisticRegression on standardized inputs.",
+)
+@click.option("--params", default=None, help="The trainer's settings: key=value,key=value.")
 @FEATURES_OPTION
 @fails_cleanly
-def model_train(version: str, params: str | None, features_path: Path | None) -> None:
-    """Train a LightGBM model on the project's interaction log, convert it to ONNX and
-    register it (the same checks as `model register`). Default inputs: those of the
-    project's last setup model."""
+def model_train(version: str, trainer: str, params: str | None, features_path: Path | None) -> None:
+    """Train a model on the project's interaction log (LightGBM, or a logistic
+    regression), convert it to ONNX and register it (the same checks as `model
+    register`). Default inputs: those of the project's last setup model."""
     from features.spec import load_features_file
     from model_store.train import parse_params, train
     from rankgate.setup import Environment
@@ -390,7 +401,7 @@ def model_train(version: str, params: str | None, features_path: Path | None) ->
         env.view_infos(),
         env.data_dir,
         version,
-        parse_params(params),
+        parse_params(params, trainer),  # type: ignore[arg-type]
         load_features_file(features_path),
         str(features_path),
         click.echo,

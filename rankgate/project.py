@@ -123,8 +123,13 @@ class SetupModel(Strict):
     """Version name (letters, digits, . _ -)."""
     features: str
     """Declaration of its inputs (a FEATURES.yaml, relative to the project)."""
+    trainer: Literal["lightgbm", "logistic_regression"] = "lightgbm"
+    """What is fitted: LightGBM trees, or scikit-learn's LogisticRegression on
+    standardized inputs (a linear model learns from a feature too sparse for a tree
+    to split on, such as a recent-clicks count on a small log)."""
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
-    """LightGBM settings (`rankgate model train --params` accepts the same)."""
+    """Settings of the trainer: LightGBM's (`rankgate model train --params` accepts the
+    same), or LogisticRegression's (model_store.train.LogisticParams)."""
 
 
 class EventField(Strict):

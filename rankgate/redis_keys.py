@@ -44,6 +44,10 @@ def event_seen(namespace: str, event_digest: str) -> str:
     return f"{namespace}:events:seen:{event_digest}"
 
 
+def consumer_lease(namespace: str) -> str:
+    return f"{namespace}:events:consumer"
+
+
 def streaming_state(namespace: str, view: str, user_key: str) -> str:
     return f"{namespace}:streaming:{view}:{user_key}"
 
@@ -147,6 +151,13 @@ EVENT_SEEN = RedisKey(
     "an event id was accepted (idempotency), expires after `events.dedup_s`",
     personal=False,
 )
+CONSUMER_LEASE = RedisKey(
+    consumer_lease(NS),
+    "string",
+    "the event consumer",
+    "the name of the one consumer replica that may read the stream now (expires)",
+    personal=False,
+)
 STREAMING_STATE = RedisKey(
     streaming_state(NS, "<view>", "<user_key>"),
     "hash",
@@ -186,6 +197,7 @@ KEYS = (
     SETUP_MARKERS,
     EVENTS,
     EVENT_SEEN,
+    CONSUMER_LEASE,
     STREAMING_STATE,
     DECISIONS,
     OUTCOMES,

@@ -57,6 +57,9 @@ class RecordedFeatures(BaseModel):
     """View -> age of its row in seconds."""
     context: dict[str, str] = {}
     """The request's context (context features are model inputs)."""
+    events_through: float | None = None
+    """Acceptance time (Unix s) of the newest event in the streaming views read: with
+    the record's `at`, how old the freshest streaming feature was."""
 
 
 class AuditRecord(BaseModel):

@@ -5,9 +5,12 @@
 
 An event is accepted (202) only once it is in the stream: the batch goes to Redis
 in one Lua script, which appends each event whose id it has not seen within
-`events.dedup_s` and skips the others (a repeated id changes nothing). A script
-runs whole or not at all, so a batch is never half-written; Redis down is a 503
-with Retry-After, and nothing is claimed as accepted.
+`events.max_age_s` and skips the others (a repeated id changes nothing). A script
+runs whole or not at all, so a batch is never half-written. Where Redis keeps an
+append-only file (the embedded server does), the answer also waits for it to be
+written to disk (`WAITAOF`), so an accepted event survives a crash of Redis too.
+Redis down, or the file not written within `AOF_WAIT_MS`, is a 503 with
+Retry-After, and nothing is claimed as accepted (a retry of the same ids is safe).
 
 What is stored is a `StoredEvent`: the pseudonymous user key, never the raw id.
 The stream entry's id is the time Redis accepted the event (ms) and orders the
@@ -51,6 +54,7 @@ from serving.config import EventLimits
 from serving.requests import BadRequest, problems_of
 from serving.schemas import ItemIdValue, RequestRules, UserId
 
+AOF_WAIT_MS = 1000
 EVENT_ID_CHARS = 128
 REQUEST_ID_CHARS = 64
 
@@ -182,12 +186,13 @@ class EventBatch(BaseModel):
             raise ValueError(f"between 1 and {limit} events")
         return value
 
-    @model_validator(mode="after")
-    def _distinct(self) -> EventBatch:
-        ids = [event.event_id for event in self.events]
+    @field_validator("events")
+    @classmethod
+    def _distinct(cls, value: list[Event]) -> list[Event]:
+        ids = [event.event_id for event in value]
         if len(set(ids)) != len(ids):
-            raise ValueError("events: an event_id appears twice in the batch")
-        return self
+            raise ValueError("an event_id appears twice in the batch")
+        return value
 
 
 class EventsAccepted(BaseModel):
@@ -323,6 +328,8 @@ class EventLog:
         self.limits = limits
         self.stream = redis_keys.events(namespace)
         self.append_script = client.register_script(APPEND)
+        self.wait_for_disk = True
+        """False once Redis said it keeps no append-only file (nothing to wait for)."""
 
     async def append(self, events: Sequence[StoredEvent]) -> EventsAccepted:
         keys = [self.stream] + [
@@ -332,6 +339,8 @@ class EventLog:
         args += [event.stored() for event in events]
         try:
             ids = await self.append_script(keys=keys, args=args)
+            if self.wait_for_disk and any(ids):
+                await self.on_disk()
         except (OSError, aioredis.RedisError) as exc:
             raise EventStoreUnavailable(
                 f"the event stream cannot be written now ({type(exc).__name__}); retry"
@@ -343,3 +352,17 @@ class EventLog:
         return EventsAccepted(
             accepted=accepted, duplicates=len(events) - accepted, stream_ids=stream_ids
         )
+
+    async def on_disk(self) -> None:
+        """Wait until Redis's append-only file holds the batch (fsync)."""
+        try:
+            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS)
+        except aioredis.ResponseError as exc:
+            if "appendonly" not in str(exc).lower():
+                raise
+            self.wait_for_disk = False  # no append-only file: in memory is what there is
+            return
+        if int(local) < 1:
+            raise EventStoreUnavailable(
+                f"the event stream was not written to disk within {AOF_WAIT_MS} ms; retry"
+            )

@@ -4,6 +4,7 @@ redelivery counted once, outcomes no decision takes counted as unjoined."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,11 +109,20 @@ def test_each_decision_is_indexed_beside_its_audit_record(
 
 
 def test_a_project_without_outcomes_indexes_no_decision(runtime: Runtime, env: Environment) -> None:
-    pipeline = make_pipeline(runtime)  # the example project declares no outcomes here
-    assert runtime.audit.decision_ttl_s is None
-    granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
-    response = decide(pipeline, granted)
-    assert not env.redis.exists(redis_keys.decision(env.home.namespace, response.request_id))
+    project = runtime.project
+    # The same project with no events declared: nothing would read a decision index.
+    runtime.project = dataclasses.replace(
+        project, spec=project.spec.model_copy(update={"events": None})
+    )
+    try:
+        pipeline = make_pipeline(runtime)
+        assert runtime.audit.decision_ttl_s is None
+        granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+        response = decide(pipeline, granted)
+        assert not env.redis.exists(redis_keys.decision(env.home.namespace, response.request_id))
+    finally:
+        runtime.project = project
+        make_pipeline(runtime)  # the runtime indexes decisions again
 
 
 def test_outcomes_join_their_decision_by_position_and_count_once(

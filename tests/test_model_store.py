@@ -256,3 +256,31 @@ def test_logistic_regression_params_are_its_own() -> None:
         parse_params("num_leaves=7", "logistic_regression")
     with pytest.raises(RankgateError, match="C: Input should be greater than 0"):
         parse_params("C=0", "logistic_regression")
+
+
+def test_train_cli_fits_a_logistic_regression(env: Environment) -> None:
+    features = env.project.path("models/v1.yaml")
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                "model",
+                "train",
+                "--version",
+                "v9-lr",
+                "--trainer",
+                "logistic_regression",
+                "--params",
+                "C=0.5",
+                "--features",
+                str(features),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "v9-lr: coefficients (standardized inputs): user_feature_0 " in result.output
+        manifest = env.models.manifest("v9-lr")
+        assert manifest.params["trainer"] == "logistic_regression" and manifest.params["C"] == 0.5
+        assert manifest.booster is not None and manifest.booster.kind == "sklearn"
+        assert env.models.validate("v9-lr", env.view_infos()).ok
+    finally:
+        shutil.rmtree(env.models.path("v9-lr"), ignore_errors=True)

@@ -19,6 +19,9 @@ redelivery after a crash) and changes nothing, so the update is idempotent.
 The pushed row's timestamp is the acceptance time of the newest event applied
 (from its stream id, with the id's sequence number as microseconds): a decision
 that reads the row knows which events it includes, and how old the newest is.
+The pushed counts are decayed to that time, and a reader decays them on to its
+own time (`decayed`), so serving reads what training computes from the log
+(features/history.py): the counts as of the moment of the decision.
 """
 
 from __future__ import annotations
@@ -142,10 +145,20 @@ class StreamingCounts:
             new += 1
         return new
 
-    def row(self, state: CountState) -> dict[str, Any]:
-        """Every field of the view, as of the state's time (default where never counted)."""
+    def row(self, state: CountState, as_of: float | None = None) -> dict[str, Any]:
+        """Every field of the view, decayed to `as_of` (default: the state's time);
+        the default where never counted."""
+        factor = 1.0 if as_of is None else self.decay(as_of - state.at)
         default = self.spec.default
-        return {name: state.counts.get(name, default) for name in self.fields}
+        return {
+            name: state.counts[name] * factor if name in state.counts else default
+            for name in self.fields
+        }
 
     def default_row(self) -> dict[str, Any]:
         return dict.fromkeys(self.fields, self.spec.default)
+
+
+def decayed(value: float, age_s: float, half_life_s: float) -> float:
+    """A count read `age_s` after the time it was pushed for."""
+    return float(value * 0.5 ** (max(age_s, 0.0) / half_life_s))

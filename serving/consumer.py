@@ -251,7 +251,7 @@ class StreamingUpdater:
                 {
                     self.join_key: user,
                     self.timestamp_field[view.view]: row_time(state.through or "0-0"),
-                    **view.row(state),
+                    **view.row(state, as_of=row_time(state.through or "0-0").timestamp()),
                 }
                 for user, state in rows
             ]

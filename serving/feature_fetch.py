@@ -30,7 +30,7 @@ from feast.type_map import feast_value_type_to_python_type
 
 from features.spec import ViewInfo
 from features.store import load_catalogue, view_infos
-from features.streaming import through_of
+from features.streaming import decayed, through_of
 from features.vector import ItemTable
 from rankgate.project import ItemId, Project
 
@@ -73,6 +73,7 @@ class FeatureFetcher:
         self.streaming_defaults = {
             name: spec.default for name, spec in project.streaming.items() if name in self.views
         }
+        self.half_life_s = {name: spec.half_life_s for name, spec in project.streaming.items()}
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
 
@@ -155,4 +156,10 @@ class FeatureFetcher:
             ages[view] = age
             for name, value in row.items():
                 values[name] = feast_value_type_to_python_type(value)
+            if view in self.streaming_defaults:
+                # Counts as of now: what training computes for the moment of a decision.
+                half_life = self.half_life_s[view]
+                for name in row:
+                    if isinstance(values[name], float):
+                        values[name] = decayed(values[name], age, half_life)
         return UserFeatures(values, ages, missing, stale, through)

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
-from features.streaming import CountState, StreamingCounts, row_time, through_of
+from features.streaming import CountState, StreamingCounts, decayed, row_time, through_of
 from rankgate import redis_keys
 from rankgate.home import Home
 from rankgate.project import EventsConfig, StreamingView
@@ -200,6 +200,14 @@ def test_a_redelivered_event_changes_nothing_and_other_types_and_items_are_ignor
     assert counts.field_of(7) is None and not counts.counts(
         counted("x", "6-0", 10.0, kind="impression")
     )
+
+
+def test_rows_are_decayed_to_their_time_and_readers_decay_them_on() -> None:
+    counts = StreamingCounts(SPEC, [1, 2])
+    state = CountState()
+    counts.apply(state, [counted("a", "1-0", 1000.0)])
+    assert counts.row(state, as_of=1100.0) == {"c_1": pytest.approx(0.5), "c_2": 0.0}
+    assert decayed(0.5, 100.0, SPEC.half_life_s) == pytest.approx(0.25)
 
 
 def test_a_total_count_has_one_field() -> None:

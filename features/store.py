@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,7 +76,10 @@ def repo_config(
         project=home.namespace,
         provider=raw.get("provider", "local"),
         registry={"registry_type": "file", "path": str(home.feast_dir / "registry.db")},
-        online_store=RedisOnlineStoreConfig(connection_string=connection),
+        # skip_dedup: rows are written as given (one round trip). The event consumer
+        # serializes the updates of a person itself, and `rankgate events replay` must
+        # be able to write a row again with the timestamp it had.
+        online_store=RedisOnlineStoreConfig(connection_string=connection, skip_dedup=True),
         offline_store=raw.get("offline_store", {"type": "file"}),
         repo_path=project.feast_repo,
         entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
@@ -178,6 +181,79 @@ def check_definitions(project: Project, objects: list[Entity | FeatureView]) -> 
                 f"{file}: field {field!r}: view {name!r} is not keyed by the item entity "
                 f"{spec.item.entity!r}"
             )
+    problems += check_streaming_views(project, views)
+    return problems
+
+
+def is_float(field: Any) -> bool:
+    from feast.types import Float32, Float64
+
+    return field.dtype in (Float32, Float64)
+
+
+def check_streaming_views(project: Project, views: Mapping[str, FeatureView]) -> list[str]:
+    """Each `streaming` entry names a view keyed by the user entity alone, fed by a
+    PushSource of the declared name (`per: total`: with its float field)."""
+    from feast.data_source import PushSource
+
+    file, problems = project.file, []
+    for n, streaming in enumerate(project.spec.streaming):
+        where = f"{file}: field 'streaming.{n}"
+        view = views.get(streaming.view)
+        if view is None:
+            problems.append(
+                f"{where}.view': the repository defines no feature view {streaming.view!r}"
+            )
+            continue
+        if view.entities != [project.spec.user.entity]:
+            problems.append(
+                f"{where}.view': view {view.name!r} is keyed by "
+                f"{', '.join(view.entities) or 'no entity'}, not by the user entity "
+                f"{project.spec.user.entity!r} alone (a streaming view holds a person's counts)"
+            )
+        source = view.stream_source
+        if not isinstance(source, PushSource):
+            problems.append(
+                f"{where}.push_source': view {view.name!r} has no PushSource as its source "
+                f"({type(view.batch_source).__name__}): the event stream writes it through "
+                "Feast's push path"
+            )
+        elif source.name != streaming.push_source:
+            problems.append(
+                f"{where}.push_source': view {view.name!r} is fed by the push source "
+                f"{source.name!r}, not {streaming.push_source!r}"
+            )
+        if streaming.per == "total":
+            field = next((f for f in view.features if f.name == streaming.field), None)
+            if field is None or not is_float(field):
+                problems.append(
+                    f"{where}.field': view {view.name!r} has no float field {streaming.field!r}"
+                )
+    return problems
+
+
+def check_streaming_fields(
+    project: Project, views: Sequence[FeatureView], catalogue: Sequence[ItemId]
+) -> list[str]:
+    """Each `per: item` streaming view has a float field for every catalogue item."""
+    from features.spec import item_field
+
+    by_name = {v.name: v for v in views}
+    problems = []
+    for n, streaming in enumerate(project.spec.streaming):
+        view = by_name.get(streaming.view)
+        if view is None or streaming.per != "item":
+            continue
+        floats = {f.name for f in view.features if is_float(f)}
+        missing = [i for i in catalogue if item_field(streaming.field, i) not in floats]
+        if missing:
+            shown = ", ".join(item_field(streaming.field, i) for i in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(
+                f"{project.file}: field 'streaming.{n}.field': view {view.name!r} lacks a float "
+                f"field for {len(missing)} of the {len(catalogue)} catalogue items: "
+                f"{shown}{more}"
+            )
     return problems
 
 
@@ -189,6 +265,15 @@ def checked_definitions(project: Project, data_dir: Path) -> list[Entity | Featu
     if problems:
         raise FeatureRepoError("; ".join(problems), 422)
     return objects
+
+
+def checked_streaming_fields(
+    project: Project, views: Sequence[FeatureView], catalogue: Sequence[ItemId]
+) -> None:
+    """check_streaming_fields, refused as checked_definitions refuses."""
+    problems = check_streaming_fields(project, views, catalogue)
+    if problems:
+        raise FeatureRepoError("; ".join(problems), 422)
 
 
 def apply(
@@ -209,10 +294,17 @@ def apply(
     return [v.name for v in store.list_feature_views()]
 
 
-def materialize(store: FeatureStore, end: datetime | None = None) -> None:
-    """Copy the latest feature rows of every view into the online store (Redis)."""
+def materialize(
+    store: FeatureStore, end: datetime | None = None, skip: Collection[str] = ()
+) -> list[str]:
+    """Copy the latest feature rows of every view but `skip` (the streaming views,
+    whose rows come only from the event stream) into the online store (Redis).
+    Returns the views materialized."""
     end = end or datetime.now(UTC) + timedelta(minutes=1)
-    store.materialize(start_date=end - timedelta(days=3650), end_date=end)
+    names = [v.name for v in store.list_feature_views() if v.name not in skip]
+    if names:
+        store.materialize(start_date=end - timedelta(days=3650), end_date=end, feature_views=names)
+    return names
 
 
 def view_infos(views: list[FeatureView], project: Project) -> dict[str, ViewInfo]:

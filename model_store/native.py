@@ -1,8 +1,10 @@
-"""Native tree models registered beside an ONNX file: LightGBM, XGBoost, scikit-learn.
+"""Native models registered beside an ONNX file: LightGBM, XGBoost, scikit-learn.
 
 They serve two purposes: registration checks the ONNX conversion against them
-(parity), and SHAP's TreeExplainer explains them. Each kind is loaded by its own
-library, imported only when a model of that kind is loaded.
+(parity), and SHAP explains them: TreeExplainer for trees, LinearExplainer for a
+scikit-learn linear model behind a StandardScaler (what `trainer:
+logistic_regression` fits). Each kind is loaded by its own library, imported only
+when a model of that kind is loaded.
 """
 
 from __future__ import annotations
@@ -51,11 +53,40 @@ def predict_native(model: Any, kind: BoosterKind, matrix: np.ndarray) -> np.ndar
 
 
 def tree_explainer(model: Any) -> Any:
+    """SHAP's explainer of the model: a linear one for a standardized linear pipeline,
+    else TreeExplainer (which refuses what is not a tree model)."""
     import shap
 
+    linear = standardized_linear(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if linear is not None:
+            return shap.LinearExplainer(*linear)
         return shap.TreeExplainer(model)
+
+
+def standardized_linear(model: Any) -> tuple[Any, tuple[np.ndarray, np.ndarray]] | None:
+    """A scikit-learn Pipeline(StandardScaler, linear classifier) as one linear model on
+    the raw inputs, with the training mean and (diagonal) covariance the scaler learned
+    as SHAP's background: a contribution is coef_j * (x_j - mean_j) / scale_j in log-odds.
+    None for any other model."""
+    from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not isinstance(model, Pipeline) or len(model.steps) != 2:
+        return None
+    scaler, classifier = model.steps[0][1], model.steps[1][1]
+    if not isinstance(scaler, StandardScaler) or not hasattr(classifier, "coef_"):
+        return None
+    if scaler.mean_ is None or scaler.scale_ is None:
+        return None
+    coef = np.asarray(classifier.coef_, dtype=np.float64) / scaler.scale_
+    raw = clone(classifier)
+    raw.coef_ = coef
+    raw.intercept_ = classifier.intercept_ - coef @ scaler.mean_
+    raw.classes_ = classifier.classes_
+    return raw, (np.asarray(scaler.mean_), np.diag(np.asarray(scaler.scale_) ** 2))
 
 
 def contributions(explainer: Any, matrix: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""Train a LightGBM click model on a project's interaction logs, convert it to ONNX,
-and register it through the same path as a model trained anywhere else
-(model_store.register).
+"""Train a click model on a project's interaction logs (LightGBM, or scikit-learn's
+LogisticRegression on standardized inputs), convert it to ONNX, and register it
+through the same path as a model trained anywhere else (model_store.register).
 
 The training matrix is built by features.vector.build_matrix, the function the
 online ranker calls, from the offline sources of the project's feature views
-(the latest row per entity: the snapshot the online store serves).
+(the latest row per entity: the snapshot the online store serves). A streaming
+view has no offline snapshot: its value at each logged impression is computed
+from the log itself, point in time (features.history).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightgbm as lgb
 import numpy as np
@@ -25,6 +27,7 @@ from feast import FeatureView
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
+from features.history import ttl_seconds, values_at_impressions
 from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
 from features.store import read_table, source_path
 from features.vector import ItemTable, build_matrix
@@ -36,6 +39,7 @@ from rankgate.project import Project
 
 ONNX_INPUT = "features"
 ONNX_OPSET = 15  # highest opset onnxmltools 1.16 converts LightGBM to
+Trainer = Literal["lightgbm", "logistic_regression"]
 PARITY_ROWS = 512
 HOLDOUT_FRACTION = 0.2
 
@@ -59,8 +63,32 @@ class TrainParams(BaseModel):
         return params
 
 
-def parse_params(text: str | None) -> TrainParams:
-    """`num_leaves=31,learning_rate=0.1` -> TrainParams; errors name the parameter."""
+class LogisticParams(BaseModel):
+    """scikit-learn LogisticRegression settings (`trainer: logistic_regression`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    C: float = Field(1.0, gt=0)
+    """Inverse of the L2 regularization strength."""
+    class_weight: Literal["balanced"] | None = None
+    max_iter: int = Field(1000, ge=1, le=100_000)
+    tol: float = Field(1e-4, gt=0)
+    standardize: bool = True
+    """Scale each input to zero mean and unit variance first (a StandardScaler in the
+    pipeline): hash codes and counts live on very different scales."""
+
+    def sklearn(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"standardize"})
+
+
+def trainer_params(trainer: Trainer, values: Mapping[str, Any]) -> TrainParams | LogisticParams:
+    """The settings of `trainer` (pydantic ValidationError names a bad one)."""
+    kind = LogisticParams if trainer == "logistic_regression" else TrainParams
+    return kind.model_validate(dict(values))
+
+
+def parse_params(text: str | None, trainer: Trainer = "lightgbm") -> TrainParams | LogisticParams:
+    """`num_leaves=31,learning_rate=0.1` -> the trainer's settings; errors name the parameter."""
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         key, sep, raw = part.partition("=")
@@ -68,7 +96,7 @@ def parse_params(text: str | None) -> TrainParams:
             raise RankgateError(f"--params: {part!r} is not key=value", 422)
         values[key.strip()] = yaml.safe_load(raw)
     try:
-        return TrainParams.model_validate(values)
+        return trainer_params(trainer, values)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RankgateError(f"--params: {first['loc'][0]}: {first['msg']}", 422) from exc
@@ -133,7 +161,8 @@ def training_set(
     logs = logs.reset_index(drop=True)
     users: dict[Any, dict[str, Any]] = {}
     by_name = {v.name: v for v in views}
-    for name in sorted({s.view for s in specs if s.source == "user" and s.view}):
+    user_views = {s.view for s in specs if s.source == "user" and s.view}
+    for name in sorted(user_views - set(project.streaming)):
         rows = latest_rows(by_name[name], project, project.spec.user.join_key)
         for key, row in rows.to_dict("index").items():
             users.setdefault(key, {}).update(row)
@@ -146,14 +175,17 @@ def training_set(
             [i for i, k in zip(item_ids, known, strict=True) if k],
         )
     contexts = [c for c in project.context if c in logs.columns]
+    streamed = streaming_values(project, by_name, logs, item_ids, specs)
     matrix = np.empty((len(logs), len(specs)), dtype=np.float32)
     ids = np.array(item_ids, dtype=object)
     for key, positions in logs.groupby(spec.user_column).indices.items():
-        context = logs.loc[positions[0], contexts].to_dict() if contexts else {}
-        if contexts:
+        if contexts or streamed is not None:
             for pos in positions:
-                context = logs.loc[pos, contexts].to_dict()
-                matrix[pos] = build_matrix(specs, users.get(key, {}), items, [ids[pos]], context)
+                context = logs.loc[pos, contexts].to_dict() if contexts else {}
+                user = users.get(key, {})
+                if streamed is not None:
+                    user = {**user, **streamed[pos]}
+                matrix[pos] = build_matrix(specs, user, items, [ids[pos]], context)
         else:
             matrix[positions] = build_matrix(specs, users.get(key, {}), items, list(ids[positions]))
     return TrainingSet(
@@ -163,6 +195,46 @@ def training_set(
         if spec.time_column in logs
         else np.arange(len(logs)),
     )
+
+
+def streaming_values(
+    project: Project,
+    views: Mapping[str, FeatureView],
+    logs: pd.DataFrame,
+    item_ids: Sequence[Any],
+    specs: Sequence[FeatureSpec],
+) -> list[dict[str, float]] | None:
+    """Per log row, the streaming-view fields the specs read, as serving would have read
+    them at the row's time (None: the specs read no streaming view)."""
+    streaming = [
+        project.streaming[name]
+        for name in dict.fromkeys(s.view for s in specs if s.view in project.streaming)
+        if name is not None
+    ]
+    if not streaming:
+        return None
+    spec = project.spec.interactions
+    assert spec is not None
+    if not spec.time_column or spec.time_column not in logs:
+        raise ModelStoreError(
+            f"{project.file}: field 'interactions.time_column': a model that reads the "
+            f"streaming view {streaming[0].view!r} is trained on its value at each "
+            "impression's time, so the log needs a time column",
+            422,
+        )
+    merged: list[dict[str, float]] = [{} for _ in range(len(logs))]
+    for view in streaming:
+        mine = [s for s in specs if s.view == view.view]
+        wanted = [
+            list(dict.fromkeys(s.field_for(item) if s.per_item else s.field for s in mine))
+            for item in item_ids
+        ]
+        values = values_at_impressions(
+            project, view, ttl_seconds(views[view.view]), logs, item_ids, wanted
+        )
+        for row, found in zip(merged, values, strict=True):
+            row.update(found)
+    return merged
 
 
 def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
@@ -185,6 +257,83 @@ def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
     return model
 
 
+@dataclass
+class Fitted:
+    """A fitted model: its ONNX form, its native file (for parity and SHAP) and what it
+    predicts on held-out rows."""
+
+    onnx: onnx.ModelProto
+    native_file: str
+    booster_kind: Literal["lightgbm", "sklearn"]
+    save_native: Callable[[Path], object]
+    predict: Callable[[np.ndarray], np.ndarray]
+    params: dict[str, float | int | str | bool]
+    coefficients: dict[str, float] | None = None
+    """Per input, the linear model's coefficient on the standardized input."""
+
+
+def fit_lightgbm(params: TrainParams, x: np.ndarray, y: np.ndarray, names: list[str]) -> Fitted:
+    booster = lgb.train(
+        params.lightgbm(),
+        lgb.Dataset(x, y, feature_name=names),
+        num_boost_round=params.num_boost_round,
+    )
+    return Fitted(
+        onnx=to_onnx(booster, len(names)),
+        native_file="booster.txt",
+        booster_kind="lightgbm",
+        save_native=lambda path: booster.save_model(str(path)),
+        predict=lambda m: np.asarray(booster.predict(m), dtype=np.float64),
+        params=params.model_dump(),
+    )
+
+
+def fit_logistic(params: LogisticParams, x: np.ndarray, y: np.ndarray, names: list[str]) -> Fitted:
+    """LogisticRegression (after a StandardScaler unless `standardize` is off), converted
+    with skl2onnx; the native pipeline is kept (joblib) for parity and SHAP's linear
+    explainer (model_store.native)."""
+    import joblib
+    from skl2onnx import to_onnx as sklearn_to_onnx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = LogisticRegression(**params.sklearn())
+    steps: list[tuple[str, Any]] = [("scale", StandardScaler())] if params.standardize else []
+    pipeline = Pipeline([*steps, ("classifier", classifier)])
+    pipeline.fit(x, y)
+    model = sklearn_to_onnx(
+        pipeline,
+        x[:1].astype(np.float32),
+        options={LogisticRegression: {"zipmap": False}},
+        target_opset=ONNX_OPSET,
+    )
+    # skl2onnx names the input "X"; rankgate's trained models all read `features`.
+    rename_input(model, ONNX_INPUT)
+    return Fitted(
+        onnx=model,
+        native_file="model.joblib",
+        booster_kind="sklearn",
+        save_native=lambda path: joblib.dump(pipeline, path),
+        predict=lambda m: np.asarray(pipeline.predict_proba(m)[:, 1], dtype=np.float64),
+        params={
+            "trainer": "logistic_regression",
+            **params.model_dump(exclude_none=True),
+        },
+        coefficients=dict(zip(names, (float(c) for c in classifier.coef_[0]), strict=True)),
+    )
+
+
+def rename_input(model: onnx.ModelProto, name: str) -> None:
+    """Give the model's single graph input `name` (and every node that reads it)."""
+    old = model.graph.input[0].name
+    model.graph.input[0].name = name
+    for node in model.graph.node:
+        for n, value in enumerate(node.input):
+            if value == old:
+                node.input[n] = name
+
+
 def train(
     store: ModelStore,
     project: Project,
@@ -192,11 +341,13 @@ def train(
     infos: Mapping[str, ViewInfo],
     data_dir: Path,
     version: str,
-    params: TrainParams,
+    params: TrainParams | LogisticParams,
     features: FeaturesFile,
     features_source: str | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
+    """Train `version` with the trainer its settings are for (TrainParams: LightGBM;
+    LogisticParams: logistic regression) and register it."""
     check_version_name(version)
     if store.exists(version):
         raise ModelStoreError(
@@ -211,13 +362,17 @@ def train(
     train_x, hold_x = dataset.matrix[:split], dataset.matrix[split:]
     train_y, hold_y = dataset.labels[:split], dataset.labels[split:]
 
-    progress(f"{version}: training LightGBM ({params.num_boost_round} rounds)")
-    booster = lgb.train(
-        params.lightgbm(),
-        lgb.Dataset(train_x, train_y, feature_name=[s.name for s in specs]),
-        num_boost_round=params.num_boost_round,
-    )
-    hold_p = booster.predict(hold_x)
+    names = [s.name for s in specs]
+    if isinstance(params, LogisticParams):
+        progress(f"{version}: training a logistic regression")
+        fitted = fit_logistic(params, train_x, train_y, names)
+    else:
+        progress(f"{version}: training LightGBM ({params.num_boost_round} rounds)")
+        fitted = fit_lightgbm(params, train_x, train_y, names)
+    if fitted.coefficients is not None:
+        shown = ", ".join(f"{name} {value:+.3f}" for name, value in fitted.coefficients.items())
+        progress(f"{version}: coefficients (standardized inputs): {shown}")
+    hold_p = fitted.predict(hold_x)
     metrics = Metrics(
         auc=float(roc_auc_score(hold_y, hold_p)) if len(set(hold_y)) == 2 else None,
         log_loss=float(log_loss(hold_y, hold_p, labels=[0, 1])),
@@ -229,9 +384,9 @@ def train(
         len(dataset.matrix), min(PARITY_ROWS, len(dataset.matrix)), replace=False
     )
     with tempfile.TemporaryDirectory(prefix="rankgate-train-") as scratch:
-        onnx_path, booster_path = Path(scratch) / "model.onnx", Path(scratch) / "booster.txt"
-        onnx.save_model(to_onnx(booster, len(specs)), str(onnx_path))
-        booster.save_model(str(booster_path))
+        onnx_path, native_path = Path(scratch) / "model.onnx", Path(scratch) / fitted.native_file
+        onnx.save_model(fitted.onnx, str(onnx_path))
+        fitted.save_native(native_path)
         manifest = register(
             store,
             project,
@@ -240,10 +395,10 @@ def train(
                 version=version,
                 onnx_path=onnx_path,
                 features=features,
-                booster=booster_path,
-                booster_kind="lightgbm",
+                booster=native_path,
+                booster_kind=fitted.booster_kind,
                 metrics=metrics,
-                params=params.model_dump(),
+                params=fitted.params,
                 training_data=TrainingData(
                     fingerprint=dataset.fingerprint,
                     rows=len(dataset.labels),

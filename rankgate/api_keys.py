@@ -1,6 +1,10 @@
 """API keys: one or more per application, scoped to purposes, stored hashed.
 
-    redis_keys.api_keys(namespace)   hash: sha256(key) -> {"app", "purposes", "created_at", "hint"}
+    redis_keys.api_keys(namespace)   hash: sha256(key) -> {"app", "purposes", "scopes",
+                                                         "created_at", "hint"}
+
+Purposes say what a key may rank and record consent for. Scopes add other kinds
+of call: `events` lets a key post events (`POST /v1/events`).
 
 A key is `rg_` plus 32 random bytes (URL-safe base64). Only its SHA-256 is
 stored: a key this random needs no slow password hash, and a leaked Redis
@@ -40,6 +44,10 @@ KEY_PATTERN = re.compile(KEY_PREFIX + r"[A-Za-z0-9_-]{43}")  # 32 bytes, URL-saf
 APP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+SCOPES = ("events",)
+"""Kinds of call a key may make beyond ranking and consent for its purposes."""
+
+
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -58,12 +66,14 @@ class ApiKey:
     purposes: frozenset[str]
     created_at: str
     hint: str
+    scopes: frozenset[str] = frozenset()
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "app": self.app,
                 "purposes": sorted(self.purposes),
+                "scopes": sorted(self.scopes),
                 "created_at": self.created_at,
                 "hint": self.hint,
             }
@@ -77,6 +87,7 @@ class ApiKey:
             purposes=frozenset(data["purposes"]),
             created_at=data["created_at"],
             hint=data["hint"],
+            scopes=frozenset(data.get("scopes", ())),
         )
 
 
@@ -120,9 +131,18 @@ class ApiKeyStore:
         self.client = client
         self.key = redis_keys.api_keys(namespace)
 
-    def create(self, app: str, purposes: Iterable[str], known_purposes: Iterable[str]) -> str:
+    def create(
+        self,
+        app: str,
+        purposes: Iterable[str],
+        known_purposes: Iterable[str],
+        scopes: Iterable[str] = (),
+    ) -> str:
         """A new key for `app`, returned once; only its digest is stored."""
         check_app(app)
+        unknown_scopes = sorted(set(scopes) - set(SCOPES))
+        if unknown_scopes:
+            raise ApiKeyError(f"unknown scope {unknown_scopes[0]!r} (known: {', '.join(SCOPES)})")
         wanted = sorted(set(purposes))
         known = sorted(set(known_purposes))
         if not wanted:
@@ -136,6 +156,7 @@ class ApiKeyStore:
             purposes=frozenset(wanted),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             hint=key[:7],
+            scopes=frozenset(scopes),
         )
         self.client.hset(self.key, key_digest(key), entry.to_json())
         return key
@@ -161,10 +182,11 @@ class ApiKeyStore:
 
 @contextlib.contextmanager
 def temporary_key(app: str) -> Iterator[str]:
-    """A key of this home for every purpose, revoked on exit (load tests, benchmark)."""
+    """A key of this home for every purpose and scope, revoked on exit (load tests,
+    benchmark)."""
     store = ApiKeyStore(connect(), Home.from_settings().namespace)
     purposes = list(load_policy().purposes)
-    key = store.create(app, purposes, purposes)
+    key = store.create(app, purposes, purposes, SCOPES)
     try:
         yield key
     finally:

@@ -222,9 +222,19 @@ def serve(config_path: Path | None, port: int | None) -> None:
     is_flag=True,
     help="Instead: find where back-pressure starts (queue limits against none).",
 )
+@click.option(
+    "--freshness",
+    is_flag=True,
+    help="Instead: event-to-decision latency at 0, 100 and 1,000 events/s.",
+)
 @fails_cleanly
 def bench(
-    concurrency: str | None, duration: float, repeats: int, output: Path, overload: bool
+    concurrency: str | None,
+    duration: float,
+    repeats: int,
+    output: Path,
+    overload: bool,
+    freshness: bool,
 ) -> None:
     """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
     from loadtests.bench import run_bench
@@ -239,6 +249,13 @@ def bench(
     if not levels or min(levels) < 1 or (1 not in levels and not overload):
         raise RankgateError("--concurrency: positive integers, including 1")
     run_setup(lambda _line: None)
+    if freshness:
+        from loadtests.freshness import RATES, run_freshness
+
+        run_freshness(list(RATES), duration, repeats, output, click.echo)
+        click.echo((output / "freshness.md").read_text())
+        click.echo(f"written: {output / 'freshness.md'}, {output / 'freshness.json'}")
+        return
     if overload:
         run_overload(levels, duration, repeats, output, click.echo)
         click.echo((output / "overload.md").read_text())
@@ -323,11 +340,15 @@ def features_apply() -> None:
 @features.command("materialize")
 @fails_cleanly
 def features_materialize() -> None:
-    """Load the latest feature values into the Redis online store."""
+    """Load the latest feature values into the Redis online store (every view but the
+    streaming ones, which the event stream keeps fresh)."""
     from rankgate.setup import Environment
 
-    Environment.open().materialize()
-    click.echo("materialized all feature views into the online store")
+    env = Environment.open()
+    names = env.materialize()
+    click.echo(f"materialized {len(names)} feature views into the online store: {', '.join(names)}")
+    if env.project.streaming:
+        click.echo(f"not materialized (streaming): {', '.join(env.project.streaming)}")
 
 
 # -- model -------------------------------------------------------------------
@@ -350,13 +371,20 @@ FEATURES_OPTION = click.option(
 
 @model.command("train")
 @click.option("--version", "version", required=True, help="New version name, e.g. v3.")
-@click.option("--params", default=None, help="LightGBM settings: key=value,key=value.")
+@click.option(
+    "--trainer",
+    type=click.Choice(["lightgbm", "logistic_regression"]),
+    default="lightgbm",
+    show_default=True,
+    help="LightGBM trees, or scikit-learn's LogisticRegression on standardized inputs.",
+)
+@click.option("--params", default=None, help="The trainer's settings: key=value,key=value.")
 @FEATURES_OPTION
 @fails_cleanly
-def model_train(version: str, params: str | None, features_path: Path | None) -> None:
-    """Train a LightGBM model on the project's interaction log, convert it to ONNX and
-    register it (the same checks as `model register`). Default inputs: those of the
-    project's last setup model."""
+def model_train(version: str, trainer: str, params: str | None, features_path: Path | None) -> None:
+    """Train a model on the project's interaction log (LightGBM, or a logistic
+    regression), convert it to ONNX and register it (the same checks as `model
+    register`). Default inputs: those of the project's last setup model."""
     from features.spec import load_features_file
     from model_store.train import parse_params, train
     from rankgate.setup import Environment
@@ -373,7 +401,7 @@ def model_train(version: str, params: str | None, features_path: Path | None) ->
         env.view_infos(),
         env.data_dir,
         version,
-        parse_params(params),
+        parse_params(params, trainer),  # type: ignore[arg-type]
         load_features_file(features_path),
         str(features_path),
         click.echo,
@@ -568,8 +596,14 @@ def model_promote(
 
     Shows which purposes each version serves before and after, and refuses a change
     that leaves users of a purpose without a permitted model, unless --force."""
-    from serving.experiments import clear_rollback
-    from serving.promotion import Move, RoutingFile, routing_applied
+    from serving.experiments import clear_rollback, read_rollbacks
+    from serving.promotion import (
+        Move,
+        RoutingFile,
+        reset_canary_outcomes,
+        routing_applied,
+        starts_experiment,
+    )
     from serving.routing import Role
 
     roles: dict[Role, bool] = {
@@ -589,9 +623,14 @@ def model_promote(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
         )
     routing = RoutingFile.open(path)
+    before = routing.routing
     new = routing.change(Move(version, role, canary), env.models, force, click.echo)
     if role == "canary":
-        clear_rollback(env.redis, env.home.namespace, version)
+        namespace = env.home.namespace
+        if starts_experiment(before, version, set(read_rollbacks(env.redis, namespace))):
+            reset_canary_outcomes(env.redis, namespace, version, new.stable)
+            click.echo(f"{version}: canary outcome counters start from zero")
+        clear_rollback(env.redis, namespace, version)
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
@@ -642,7 +681,8 @@ def model_rollback(force: bool, config_path: Path | None) -> None:
 @CONFIG_OPTION
 @fails_cleanly
 def model_status(config_path: Path | None) -> None:
-    """Routing, automatic rollbacks (which rule fired, with what figures) and shadow agreement."""
+    """Routing, automatic rollbacks (which rule fired, with what figures), shadow
+    agreement, and the outcomes joined to each version's decisions (CTR)."""
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
@@ -690,10 +730,56 @@ def model_status(config_path: Path | None) -> None:
         )
         for side in ("canary", "stable"):
             f = event[side]
+            clicks = (
+                f", {int(f['clicks'])} clicks / {int(f['impressions'])} impressions "
+                f"(CTR {f['ctr']:.2%})"
+                if "impressions" in f
+                else ""
+            )
             click.echo(
                 f"    {side}: {int(f['requests'])} req, errors {f['error_rate']:.1%}, "
-                f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms"
+                f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms{clicks}"
             )
+    _show_outcomes(env.redis, env.home.namespace)
+
+
+def _show_outcomes(client, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    """Joined outcomes per version and variant: CTR with its 95 % Wilson interval,
+    CTR per position, conversions, decisions with outcomes; unjoined outcomes."""
+    from serving.feedback import outcome_keys, read_outcomes, read_unjoined
+
+    found = outcome_keys(client, namespace)
+    if not found:
+        click.echo("outcomes: none joined (events.outcomes in rankgate.yaml, POST /v1/events)")
+    else:
+        click.echo("outcomes joined to decisions (CTR with 95 % Wilson interval):")
+    for version, variant in found:
+        totals = read_outcomes(client, namespace, version, variant)
+        interval = totals.ctr_interval()
+        ctr = (
+            f"CTR {totals.clicks / totals.impressions:.2%} [{interval[0]:.2%}, {interval[1]:.2%}]"
+            if interval is not None
+            else "CTR n/a"
+        )
+        click.echo(
+            f"  {version or '-':<12} {variant:<9} impressions {totals.impressions}, "
+            f"clicks {totals.clicks}, {ctr}, conversions {totals.conversions}, "
+            f"decisions with outcomes {totals.decisions}"
+        )
+        positions = [
+            f"{position}: {counts.get('clicks', 0) / counts['impressions']:.1%} "
+            f"({counts.get('clicks', 0)}/{counts['impressions']})"
+            for position, counts in totals.by_position.items()
+            if counts.get("impressions")
+        ]
+        if positions:
+            click.echo("      CTR by position  " + "  ".join(positions))
+    unjoined = read_unjoined(client, namespace)
+    if unjoined:
+        click.echo(
+            "unjoined outcomes: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(unjoined.items()))
+        )
 
 
 # -- audit -------------------------------------------------------------------
@@ -742,6 +828,64 @@ def audit_replay(request_id: str) -> None:
         click.echo(f"  replayed: {result.replayed}")
     if result.reproduced is False:
         sys.exit(1)
+
+
+# -- events ------------------------------------------------------------------
+
+
+@main.group()
+def events() -> None:
+    """The event stream (POST /v1/events) and the streaming features it feeds."""
+
+
+@events.command("replay")
+@click.option(
+    "--since",
+    required=True,
+    help="From when: a duration back from now (30m, 2h, 7d), an ISO 8601 time, "
+    "a stream id, or 0 for every event the stream keeps.",
+)
+@fails_cleanly
+def events_replay(since: str) -> None:
+    """Rebuild the streaming features from the events since --since."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from features.store import load_catalogue
+    from rankgate.policy import load_policy_set
+    from rankgate.setup import Environment
+    from serving.consumer import ConsumerConfig
+    from serving.event_replay import replay_streaming, since_stream_id
+
+    since_stream_id(since)  # a bad --since is refused before anything is touched
+    env = Environment.open()
+    store = env.feast
+    catalogue = load_catalogue(env.project, store.list_feature_views(), env.data_dir)
+    policy = load_policy_set(env.project.policies, catalogue, env.project.item_type).policy
+
+    async def run():  # type: ignore[no-untyped-def]
+        client = aioredis.Redis.from_url(env.redis_url)
+        try:
+            return await replay_streaming(
+                client,
+                env.home.namespace,
+                store,
+                env.project,
+                policy,
+                catalogue,
+                since,
+                ConsumerConfig().lease_s,
+                click.echo,
+            )
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(run())
+    click.echo(
+        f"replayed {report.events} events: {report.applied} applied to streaming features; "
+        f"{report.people_reset} people's counts rebuilt, {report.rows_defaulted} reset to defaults"
+    )
 
 
 # -- policy ------------------------------------------------------------------
@@ -821,16 +965,26 @@ def _key_store():  # type: ignore[no-untyped-def]
     required=True,
     help="A purpose of policies/policy.yaml the key may ask for (repeatable).",
 )
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["events"]),
+    help="Another kind of call the key may make: events (POST /v1/events).",
+)
 @fails_cleanly
-def keys_create(app: str, purposes: tuple[str, ...]) -> None:
+def keys_create(app: str, purposes: tuple[str, ...], scopes: tuple[str, ...]) -> None:
     """Create a key for APP; it is printed once, as the last word."""
     from rankgate.api_keys import check_app
     from rankgate.policy import load_policy
 
     check_app(app)  # a bad name is refused before Redis is even opened
 
-    key = _key_store().create(app, purposes, load_policy().purposes)
-    click.echo(f"created an API key for {app} (purposes: {', '.join(sorted(set(purposes)))}).")
+    key = _key_store().create(app, purposes, load_policy().purposes, scopes)
+    granted = f"purposes: {', '.join(sorted(set(purposes)))}"
+    if scopes:
+        granted += f"; scopes: {', '.join(sorted(set(scopes)))}"
+    click.echo(f"created an API key for {app} ({granted}).")
     click.echo("It is shown only this once; callers send it as 'Authorization: Bearer <key>':")
     click.echo(key)
 
@@ -846,6 +1000,8 @@ def keys_list() -> None:
     click.echo(f"{'app':<24} {'key':<10} {'created':<26} purposes")
     for entry in entries:
         purposes = ", ".join(sorted(entry.purposes))
+        if entry.scopes:
+            purposes += f" (scopes: {', '.join(sorted(entry.scopes))})"
         click.echo(f"{entry.app:<24} {entry.hint + '…':<10} {entry.created_at:<26} {purposes}")
 
 

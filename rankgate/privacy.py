@@ -8,6 +8,11 @@ marks as naming people (`ERASED`; the other kinds hold no user keys):
                         `_ts:<view>` field per feature view
     consent record      the person's consent hash
     audit records       entries of the audit stream whose record names the user key
+    events              entries of the event stream whose stored event's `user` is the key
+    streaming states    the consumer's per-view state hashes of the person (any view,
+                        declared or not); their Feast rows of streaming views are
+                        online rows like the others
+    decisions           decision hashes (outcomes joined to a ranking) whose `u` is the key
 
 and outside it:
 
@@ -25,9 +30,10 @@ nothing the second time, and says so.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +51,22 @@ from rankgate.project import Project
 from rankgate.pseudonym import user_key
 from serving.audit import AuditRecord
 from serving.config import LimitsConfig
+from serving.events import StoredEvent
 from serving.schemas import check_user_id
 
 SCAN_COUNT = 1000
 AUDIT_PAGE = 1000
+DECISION_USER_FIELD = "u"
+"""The field of a decision hash (redis_keys.decision) that holds its user key."""
 SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
-ERASED = (redis_keys.FEAST_ROWS, redis_keys.CONSENT, redis_keys.AUDIT)
+ERASED = (
+    redis_keys.FEAST_ROWS,
+    redis_keys.CONSENT,
+    redis_keys.AUDIT,
+    redis_keys.EVENTS,
+    redis_keys.STREAMING_STATE,
+    redis_keys.DECISIONS,
+)
 """The kinds of Redis key `forget` erases the person from: every kind that names people."""
 
 
@@ -62,6 +78,11 @@ def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
         return check_user_id(user_id, limits or LimitsConfig())
     except ValueError as exc:
         raise RankgateError(f"user id: {exc}", 422) from exc
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def shown_key(key: str) -> str:
@@ -83,6 +104,12 @@ class ErasureReport:
     audit_records: int
     offline_rows: dict[str, int]
     """Rows per prepared table (file name without `.parquet`)."""
+    events: int = 0
+    """Entries of the event stream."""
+    streaming_states: int = 0
+    """The event consumer's state hashes (one per streaming view)."""
+    decisions: int = 0
+    """Decision hashes (a ranking and the outcomes joined to it)."""
 
     @property
     def erased_anything(self) -> bool:
@@ -91,6 +118,9 @@ class ErasureReport:
             or self.consent_records
             or self.audit_records
             or sum(self.offline_rows.values())
+            or self.events
+            or self.streaming_states
+            or self.decisions
         )
 
     def summary(self) -> str:
@@ -98,12 +128,16 @@ class ErasureReport:
         who = f"user key {shown_key(self.user_key)}"
         if not self.erased_anything:
             return (
-                f"nothing to erase for {who}: no feature rows, consent record, audit records "
-                "or offline rows (already forgotten, or never known)"
+                f"nothing to erase for {who}: no feature rows, consent record, audit records, "
+                "events, streaming states, decisions or offline rows (already forgotten, "
+                "or never known)"
             )
         parts = [_plural(n, f"{view} row") for view, n in self.feature_rows.items()]
         parts.append(_plural(self.consent_records, "consent record"))
         parts.append(_plural(self.audit_records, "audit record"))
+        parts.append(_plural(self.events, "event"))
+        parts.append(_plural(self.streaming_states, "streaming state"))
+        parts.append(_plural(self.decisions, "decision"))
         offline = _plural(sum(self.offline_rows.values()), "offline row")
         tables = ", ".join(f"{table} {n}" for table, n in self.offline_rows.items() if n)
         parts.append(f"{offline} ({tables})" if tables else offline)
@@ -192,7 +226,10 @@ class Eraser:
             feature_rows = self.erase_feature_rows(key)
             consent = int(self.client.delete(redis_keys.consent(self.namespace, key)))  # type: ignore[arg-type]
             audit = self.erase_audit_records(key)
-        return ErasureReport(key, feature_rows, consent, audit, offline)
+            events = self.erase_events(key)
+            states = self.erase_streaming_states(key)
+            decisions = self.erase_decisions(key)
+        return ErasureReport(key, feature_rows, consent, audit, offline, events, states, decisions)
 
     def erase_feature_rows(self, key: str) -> dict[str, int]:
         """Delete every Feast online row keyed by the person; rows per feature view.
@@ -216,20 +253,36 @@ class Eraser:
         for hash_fields in fields:
             rows.update(f[4:].decode() for f in hash_fields if f.startswith(b"_ts:"))
         self.client.delete(*names)
-        return dict(rows)
+        return dict(sorted(rows.items()))
 
     def erase_audit_records(self, key: str) -> int:
         """XDEL every decision of the person, paging through the stream oldest first."""
-        stream = redis_keys.audit(self.namespace)
+        return self._erase_stream_entries(
+            redis_keys.audit(self.namespace),
+            key,
+            lambda fields: AuditRecord.read(fields.get(b"record", b"")).user_key,
+        )
+
+    def erase_events(self, key: str) -> int:
+        """XDEL every event of the person from the event stream."""
+        return self._erase_stream_entries(
+            redis_keys.events(self.namespace),
+            key,
+            lambda fields: StoredEvent.read(b"0-0", fields).user_key,
+        )
+
+    def _erase_stream_entries(
+        self, stream: str, key: str, owner: Callable[[dict[bytes, bytes]], str]
+    ) -> int:
+        """XDEL the entries of `stream` whose `owner` is the key; entries erased."""
         needle = key.encode()
         mine: list[bytes] = []
         lower = "-"
         while True:
             page = self.client.xrange(stream, min=lower, count=AUDIT_PAGE)
             for stream_id, fields in page:  # type: ignore[union-attr]
-                raw = fields.get(b"record", b"")
-                # The substring test is cheap; parsing confirms it is the record's user key.
-                if needle in raw and AuditRecord.read(raw).user_key == key:
+                # The substring test is cheap; parsing confirms it is the entry's user key.
+                if any(needle in value for value in fields.values()) and owner(fields) == key:
                     mine.append(stream_id)
             if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
                 break
@@ -237,6 +290,29 @@ class Eraser:
         erased = 0
         for start in range(0, len(mine), AUDIT_PAGE):
             erased += int(self.client.xdel(stream, *mine[start : start + AUDIT_PAGE]))  # type: ignore[arg-type]
+        return erased
+
+    def erase_streaming_states(self, key: str) -> int:
+        """Delete the consumer's state hashes of the person, whatever the view."""
+        pattern = redis_keys.streaming_state(glob_escape(self.namespace), "*", glob_escape(key))
+        names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT))
+        return int(self.client.delete(*names)) if names else 0  # type: ignore[arg-type]
+
+    def erase_decisions(self, key: str) -> int:
+        """Delete the decision hashes whose user (`u`) is the person."""
+        pattern = redis_keys.decision(glob_escape(self.namespace), "*")
+        names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT, _type="hash"))
+        mine = []
+        for start in range(0, len(names), SCAN_COUNT):
+            batch = names[start : start + SCAN_COUNT]
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in batch:
+                    pipe.hget(name, DECISION_USER_FIELD)
+                owners = pipe.execute()
+            mine += [n for n, owner in zip(batch, owners, strict=True) if owner == key.encode()]
+        erased = 0
+        for start in range(0, len(mine), SCAN_COUNT):
+            erased += int(self.client.delete(*mine[start : start + SCAN_COUNT]))  # type: ignore[arg-type]
         return erased
 
     @contextmanager

@@ -123,8 +123,101 @@ class SetupModel(Strict):
     """Version name (letters, digits, . _ -)."""
     features: str
     """Declaration of its inputs (a FEATURES.yaml, relative to the project)."""
+    trainer: Literal["lightgbm", "logistic_regression"] = "lightgbm"
+    """What is fitted: LightGBM trees, or scikit-learn's LogisticRegression on
+    standardized inputs (a linear model learns from a feature too sparse for a tree
+    to split on, such as a recent-clicks count on a small log)."""
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
-    """LightGBM settings (`rankgate model train --params` accepts the same)."""
+    """Settings of the trainer: LightGBM's (`rankgate model train --params` accepts the
+    same), or LogisticRegression's (model_store.train.LogisticParams)."""
+
+
+class EventField(Strict):
+    """A field an event type carries beside the common ones (`fields.<name>`)."""
+
+    type: Literal["string", "number"] = "string"
+    required: bool = True
+
+
+class EventType(Strict):
+    """A kind of behaviour the application reports (`POST /v1/events`)."""
+
+    fields: dict[str, EventField] = Field(default_factory=dict)
+    """Fields of this type, by name (lower-case letters, digits and _)."""
+    description: str = ""
+
+    @field_validator("fields")
+    @classmethod
+    def _names(cls, value: dict[str, EventField]) -> dict[str, EventField]:
+        for name in value:
+            if not NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: lower-case letters, digits and _, from a letter")
+        return value
+
+
+class Outcomes(Strict):
+    """Which event types are outcomes of a decision: joined to it by `request_id`."""
+
+    impression: str | None = None
+    """The type that says an item of the answer was shown."""
+    click: str | None = None
+    """The type that says a shown item was clicked (click rate = clicks / impressions)."""
+    conversion: str | None = None
+    """The type that says a shown item was bought (counted, joined like clicks)."""
+
+
+class EventsConfig(Strict):
+    """The events the application reports, and which of them are outcomes."""
+
+    types: dict[str, EventType] = Field(min_length=1)
+    """Accepted event types by name; any other type is refused (422)."""
+    outcomes: Outcomes = Outcomes()
+
+    @field_validator("types")
+    @classmethod
+    def _type_names(cls, value: dict[str, EventType]) -> dict[str, EventType]:
+        for name in value:
+            if not NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: lower-case letters, digits and _, from a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _outcomes_declared(self) -> EventsConfig:
+        for role, name in self.outcomes.model_dump().items():
+            if name is not None and name not in self.types:
+                raise ValueError(f"outcomes.{role}: {name!r} is not a declared event type")
+        return self
+
+
+class StreamingView(Strict):
+    """A Feast feature view the event stream keeps up to date through Feast's push
+    path: a decayed count of the person's recent events per item (or in total).
+
+    The view must be keyed by the user entity, have a `PushSource` as its source and
+    a float field for each key: `field` with `{item_id}` replaced by each catalogue
+    item's id (`per: item`), or one field (`per: total`). A person without a row,
+    or whose row is older than the view's TTL, reads as `default` (no recent events
+    is normal, not a missing feature)."""
+
+    view: str
+    """Name of the feature view in the project's Feast repository."""
+    push_source: str
+    """Name of its PushSource (what `store.push` is given)."""
+    events: list[str] = Field(min_length=1)
+    """Event types that count."""
+    per: Literal["item", "total"] = "item"
+    field: str
+    """Field name; with `per: item` it holds `{item_id}`."""
+    half_life_s: float = Field(gt=0)
+    """An event counts 1 when it happens and half as much `half_life_s` later."""
+    default: float = 0.0
+
+    @model_validator(mode="after")
+    def _template(self) -> StreamingView:
+        has_slot = "{item_id}" in self.field
+        if (self.per == "item") != has_slot:
+            raise ValueError("`field` holds {item_id} exactly when `per` is item")
+        return self
 
 
 class ProjectFile(Strict):
@@ -154,6 +247,10 @@ class ProjectFile(Strict):
     `demo_user_ids()`, the ids `rankgate setup` writes demo consent for."""
     setup_models: list[SetupModel] = Field(default_factory=list)
     """Versions `rankgate setup` trains when the home has none of that name."""
+    events: EventsConfig | None = None
+    """Event types `POST /v1/events` accepts; unset: the project takes no events."""
+    streaming: list[StreamingView] = Field(default_factory=list)
+    """Feature views kept fresh from the event stream."""
 
     @field_validator("name")
     @classmethod
@@ -167,6 +264,16 @@ class ProjectFile(Strict):
         names = [c.name for c in self.context]
         if len(set(names)) != len(names):
             raise ValueError("context: each feature name once")
+        views = [s.view for s in self.streaming]
+        if len(set(views)) != len(views):
+            raise ValueError("streaming: each view once")
+        for index, streaming in enumerate(self.streaming):
+            known = self.events.types if self.events else {}
+            for name in streaming.events:
+                if name not in known:
+                    raise ValueError(
+                        f"streaming.{index}.events: {name!r} is not a declared event type"
+                    )
         return self
 
 
@@ -213,6 +320,11 @@ class Project:
     def item_id(self, value: Any) -> ItemId:
         """An item id read from a file, as the project's type."""
         return int(value) if self.spec.item.id_type == "int" else str(value)
+
+    @cached_property
+    def streaming(self) -> dict[str, StreamingView]:
+        """Streaming views by name."""
+        return {s.view: s for s in self.spec.streaming}
 
     @cached_property
     def context(self) -> dict[str, ContextFeature]:

@@ -77,6 +77,7 @@ def check_project(folder: Path | None = None) -> list[str]:
     with data_folder(project, found) as data_dir:
         views, infos = check_definitions(project, data_dir, found)
         catalogue = check_catalogue(project, views, data_dir, found)
+        check_streaming(project, views, catalogue, found)
         logged = check_interactions(project, data_dir, found)
         policies = check_policies(project, catalogue, infos, found)
         check_models(project, infos, policies, logged, found)
@@ -190,6 +191,40 @@ def check_catalogue(
     return catalogue
 
 
+def check_streaming(
+    project: Project, views: list[FeatureView], catalogue: list[ItemId] | None, found: Findings
+) -> None:
+    """The per-item fields of each streaming view against the catalogue (the rest of a
+    streaming declaration is checked with the definitions)."""
+    from features.history import countable
+    from features.store import check_streaming_fields
+
+    if not project.spec.streaming:
+        return
+    problems = check_streaming_fields(project, views, catalogue) if catalogue is not None else []
+    for problem in problems:
+        found.problem(problem)
+    names = {v.name for v in views}
+    for streaming in project.spec.streaming:
+        if streaming.view not in names:
+            continue  # reported with the definitions
+        if not any(countable(project, streaming)):
+            found.note(
+                f"streaming view {streaming.view}: the interaction log records none of its "
+                f"events ({', '.join(streaming.events)}): a model trained on it sees its "
+                f"default ({streaming.default:g})"
+            )
+    if not problems:
+        found.ok(
+            "streaming: "
+            + "; ".join(
+                f"{s.view} (push source {s.push_source}, {', '.join(s.events)} per {s.per}, "
+                f"half-life {s.half_life_s:g} s)"
+                for s in project.spec.streaming
+            )
+        )
+
+
 def check_interactions(project: Project, data_dir: Path, found: Findings) -> set[str] | None:
     """The columns of the log the popularity fallback and training read (None: no log,
     or a log that cannot be read), each declared column present."""
@@ -299,7 +334,7 @@ def check_models(
     """Each setup model: its FEATURES.yaml resolves against the repository's views and
     the declared context, its training settings are valid, and some purpose may use it."""
     from features.spec import load_features_file, resolve
-    from model_store.train import TrainParams
+    from model_store.train import trainer_params
 
     models = project.spec.setup_models
     if models and (project.spec.interactions is None or not project.spec.interactions.user_column):
@@ -309,7 +344,7 @@ def check_models(
         )
     for n, model in enumerate(models):
         try:
-            TrainParams.model_validate(model.params)
+            trainer_params(model.trainer, model.params)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in ("setup_models", n, "params", *first["loc"]))

@@ -36,6 +36,34 @@ def shadow(namespace: str, version: str) -> str:
     return f"{namespace}:shadow:{version}"
 
 
+def events(namespace: str) -> str:
+    return f"{namespace}:events"
+
+
+def event_seen(namespace: str, event_digest: str) -> str:
+    return f"{namespace}:events:seen:{event_digest}"
+
+
+def consumer_lease(namespace: str) -> str:
+    return f"{namespace}:events:consumer"
+
+
+def streaming_state(namespace: str, view: str, user_key: str) -> str:
+    return f"{namespace}:streaming:{view}:{user_key}"
+
+
+def decision(namespace: str, request_id: str) -> str:
+    return f"{namespace}:decision:{request_id}"
+
+
+def outcomes(namespace: str, version: str, variant: str) -> str:
+    return f"{namespace}:outcomes:{version}:{variant}"
+
+
+def outcomes_unjoined(namespace: str) -> str:
+    return f"{namespace}:outcomes_unjoined"
+
+
 def setup_marker(namespace: str, step: str) -> str:
     return f"{namespace}:setup:{step}"
 
@@ -109,7 +137,72 @@ SETUP_MARKERS = RedisKey(
     "a step whose result lives in Redis is done (`materialized`, `demo_consent`)",
     personal=False,
 )
-KEYS = (CONSENT, AUDIT, FEAST_ROWS, API_KEYS, ROLLBACKS, ROUTING_EVENTS, SHADOW, SETUP_MARKERS)
+EVENTS = RedisKey(
+    events(NS),
+    "stream",
+    "`/v1/events`, once each event is durable (`serving/events.py`)",
+    "one entry per accepted event: `StoredEvent` JSON (pseudonymous user key)",
+    personal=True,
+)
+EVENT_SEEN = RedisKey(
+    event_seen(NS, "<sha256(event_id)>"),
+    "string",
+    "`/v1/events`",
+    "an event id was accepted (idempotency), expires after `events.dedup_s`",
+    personal=False,
+)
+CONSUMER_LEASE = RedisKey(
+    consumer_lease(NS),
+    "string",
+    "the event consumer",
+    "the name of the one consumer replica that may read the stream now (expires)",
+    personal=False,
+)
+STREAMING_STATE = RedisKey(
+    streaming_state(NS, "<view>", "<user_key>"),
+    "hash",
+    "the event consumer (`features/streaming.py`)",
+    "a person's decayed counts of a streaming view, their time and the last event applied",
+    personal=True,
+)
+DECISIONS = RedisKey(
+    decision(NS, "<request_id>"),
+    "hash",
+    "every ranking decision, beside its audit record",
+    "version, variant, shown items and the outcomes joined to it; expires",
+    personal=True,
+)
+OUTCOMES = RedisKey(
+    outcomes(NS, "<version>", "<variant>"),
+    "hash",
+    "the event consumer, joining outcomes to decisions",
+    "impressions, clicks, conversions (in total and per position), decisions with outcomes",
+    personal=False,
+)
+OUTCOMES_UNJOINED = RedisKey(
+    outcomes_unjoined(NS),
+    "hash",
+    "the event consumer, for outcomes no decision takes",
+    "`<outcome>:<reason>` (unknown_request, item_not_shown, other_user, no_request_id) -> count",
+    personal=False,
+)
+KEYS = (
+    CONSENT,
+    AUDIT,
+    FEAST_ROWS,
+    API_KEYS,
+    ROLLBACKS,
+    ROUTING_EVENTS,
+    SHADOW,
+    SETUP_MARKERS,
+    EVENTS,
+    EVENT_SEEN,
+    CONSUMER_LEASE,
+    STREAMING_STATE,
+    DECISIONS,
+    OUTCOMES,
+    OUTCOMES_UNJOINED,
+)
 
 
 def markdown_table() -> str:

@@ -151,13 +151,16 @@ class Environment:
         views = self.feast.list_feature_views()
         return {view.name: {f.name for f in view.features} for view in views} or None
 
-    def materialize(self) -> None:
+    def materialize(self) -> list[str]:
+        """Materialize every view but the streaming ones (their rows come only from the
+        event stream); returns the views materialized."""
         from features.store import materialize
 
         if self.feature_views() is None:
             raise RankgateError("feature repository not applied: run `rankgate features apply`")
-        materialize(self.feast)
+        names = materialize(self.feast, skip=set(self.project.streaming))
         self.redis.set(self.marker_key("materialized"), self.digest(self.sources()))
+        return names
 
     def model_rows(self) -> list[tuple[str, str, str, str, str]]:
         rows = []
@@ -205,7 +208,7 @@ def changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def run_setup(say: Say, force: bool = False) -> bool:
     """Bring the home to a ready state for the project. Returns True when anything was done."""
     from features.spec import load_features_file
-    from model_store.train import TrainParams, train
+    from model_store.train import train, trainer_params
 
     env = Environment.open()
     did = False
@@ -244,7 +247,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
         say(f"• project sources: {reason}")
         from feast import FeatureView
 
-        from features.store import checked_definitions, load_catalogue
+        from features.store import checked_definitions, checked_streaming_fields, load_catalogue
 
         prepare = project.prepare_function()
         if prepare is not None:
@@ -254,6 +257,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
         objects = checked_definitions(project, env.data_dir)
         views = [o for o in objects if isinstance(o, FeatureView)]
         catalogue = load_catalogue(project, views, env.data_dir)
+        checked_streaming_fields(project, views, catalogue)
         policies = load_policy_set(project.policies, catalogue, project.item_type)
         say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")
         say("• feature repository: applying ...")
@@ -266,6 +270,9 @@ def run_setup(say: Say, force: bool = False) -> bool:
     else:
         say("• online store: materializing feature views into Redis ...")
         env.materialize()
+        if project.streaming:
+            streamed = ", ".join(project.streaming)
+            say(f"    not materialized (kept fresh from the event stream): {streamed}")
         did = True
 
     infos = env.view_infos()
@@ -294,7 +301,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
                 continue
         say(f"• model {version}: training ...")
         try:
-            params = TrainParams.model_validate(model.params)
+            params = trainer_params(model.trainer, model.params)
         except ValueError as exc:
             raise ConfigError(
                 f"{project.file}: field 'setup_models' ({version}).params: {exc}"

@@ -37,6 +37,8 @@ from rankgate.pseudonym import user_key as pseudonymise
 from serving import edge
 from serving.auth import KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
+from serving.consumer import EventConsumer
+from serving.events import EventLog, EventRules, EventsAccepted, StoredEvent, parse_events
 from serving.openapi import openapi_document
 from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet, Ranker
@@ -123,6 +125,14 @@ class ClientGone(RankgateError):
 
     status_code = CLIENT_CLOSED
     rejection = "client_closed"
+
+
+class EventsNotDeclared(RankgateError):
+    """The project declares no event types (rankgate.yaml `events`)."""
+
+    status_code = 404
+    error = "events_not_declared"
+    rejection = "events_not_declared"
 
 
 class NotConfigured(RankgateError):
@@ -214,6 +224,9 @@ class ServingState:
 
     pipeline: RankPipeline
     ranker: Ranker
+    events: EventLog
+    event_rules: EventRules | None
+    """None: the project declares no events."""
 
     @property
     def config(self) -> ServingConfig:
@@ -297,9 +310,12 @@ class RankIngress(BatchedScoring):
     explainers and limits; requests then run `RankPipeline.rank`.
     """
 
-    def __init__(self, ranker: DeploymentHandle | None = None) -> None:
+    def __init__(
+        self, ranker: DeploymentHandle | None = None, consumer: DeploymentHandle | None = None
+    ) -> None:
         self.runtime = Runtime.open()
         self.remote_ranker = ranker
+        self.consumer = consumer
         self.state: ServingState | None = None
         self.keys = KeyCache(self.runtime.redis, self.runtime.home.namespace)
         self.config_error: str | None = None
@@ -341,7 +357,13 @@ class RankIngress(BatchedScoring):
         # Swap only when everything above succeeded: a bad config changes nothing.
         self.runtime.use_policies(*policies)
         self.tune_batching(config.batching)
-        self.state = ServingState(pipeline, Ranker(models))
+        declared = self.runtime.project.spec.events
+        self.state = ServingState(
+            pipeline,
+            Ranker(models),
+            EventLog(self.runtime.redis, self.runtime.home.namespace, config.events),
+            EventRules(pipeline.rules, declared, config.events) if declared else None,
+        )
         self.keys.keep_fresh(config.auth.refresh_s)
         pipeline.publish_canary_weight()
 
@@ -404,6 +426,28 @@ class RankIngress(BatchedScoring):
         response = await pipeline.rank(parsed, app=caller.app, queued_ms=waited_ms)
         return Response(response.model_dump_json(exclude_unset=True), media_type="application/json")
 
+    @api.post(
+        "/v1/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses={**ERROR_RESPONSES, 404: {"model": ErrorBody, "description": "No event types"}},
+    )
+    async def post_events(self, request: Request, credentials: Bearer) -> Response:
+        """Record a batch of events (impressions, clicks, the project's own types). 202
+        once every event of it is durable in the event stream; a repeated `event_id`
+        is counted as a duplicate and changes nothing. The key needs the `events` scope."""
+        state = self.serving()
+        caller = await self.caller(credentials)
+        KeyCache.authorize_scope(caller, "events")
+        if state.event_rules is None:
+            raise EventsNotDeclared("this project declares no event types (rankgate.yaml events)")
+        events = parse_events(await body_of(request, state.config), state.event_rules)
+        accepted = await state.events.append([StoredEvent.of(event) for event in events])
+        metrics = self.runtime.metrics
+        metrics.events.labels("accepted").inc(accepted.accepted)
+        metrics.events.labels("duplicate").inc(accepted.duplicates)
+        return JSONResponse(accepted.model_dump(), status_code=202)
+
     @api.post("/v1/consent", response_model=ConsentRecorded, responses=ERROR_RESPONSES)
     async def post_consent(self, request: Request, credentials: Bearer) -> Response:
         """Record consent decisions; the user id travels in the body."""
@@ -455,8 +499,15 @@ class RankIngress(BatchedScoring):
         responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
     )
     async def metrics(self) -> Response:
-        """Prometheus text format: this replica's rankgate_* metrics."""
-        return Response(self.runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text format: this replica's rankgate_* metrics, and the event
+        consumer's (streaming features, outcomes) when it answers within a second."""
+        text = self.runtime.metrics.render()
+        if self.consumer is not None:
+            try:
+                text += await asyncio.wait_for(self.consumer.metrics_text.remote(), 1.0)
+            except Exception as exc:  # noqa: BLE001 - the replica's own metrics still answer
+                logger.warning("event consumer metrics unavailable: %s", type(exc).__name__)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
@@ -494,6 +545,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         parsed = AppArgs.model_validate(args or {})
     except ValidationError as exc:
         raise ConfigError(validation_message("serve_config.yaml args", exc)) from exc
-    if parsed.ranker_placement == "deployment":
-        return RankIngress.bind(RankerDeployment.bind())  # type: ignore[attr-defined]
-    return RankIngress.bind()  # type: ignore[attr-defined]
+    ranker = RankerDeployment.bind() if parsed.ranker_placement == "deployment" else None  # type: ignore[attr-defined]
+    return RankIngress.bind(ranker, EventConsumer.bind())  # type: ignore[attr-defined]

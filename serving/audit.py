@@ -11,6 +11,17 @@ pipeline writes it, `rankgate audit tail/replay` and `rankgate privacy forget`
 read it back. `rankgate audit replay` re-scores a personalized decision from
 these and checks that it reproduces the recorded ranking.
 
+Beside each record, in the same pipelined batch, the decision index:
+
+    redis_keys.decision(namespace, request_id)   hash, expires after events.decision_ttl_s
+
+with `u` (the pseudonymous user key: erasure finds a person's decisions by it),
+`v` (model version, "" when the fallback answered), `var` (variant, or
+`fallback`), `items` (JSON list of the answer's item ids, best first) and `at`.
+Outcomes (impressions, clicks, conversions) join it by request id
+(serving/feedback.py). It is written only when the project declares outcome
+event types: without them nothing would ever read it.
+
 Records are queued in memory and written by one background task in pipelined
 batches, so a request pays for a queue put, not for a Redis round trip, and a
 short Redis outage loses nothing (up to `MAX_PENDING` records wait for it).
@@ -25,6 +36,7 @@ import json
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -45,6 +57,9 @@ class RecordedFeatures(BaseModel):
     """View -> age of its row in seconds."""
     context: dict[str, str] = {}
     """The request's context (context features are model inputs)."""
+    events_through: float | None = None
+    """Acceptance time (Unix s) of the newest event in the streaming views read: with
+    the record's `at`, how old the freshest streaming feature was."""
 
 
 class AuditRecord(BaseModel):
@@ -100,22 +115,89 @@ class AuditRecord(BaseModel):
         return record
 
 
+FALLBACK_VARIANT = "fallback"
+"""The variant of a decision the fallback answered (its version is "")."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What outcomes join: who was answered, by which model, with which items."""
+
+    request_id: str
+    user_key: str
+    version: str
+    """"" when the fallback answered (also when it answered for a chosen model)."""
+    variant: str
+    items: list[int | str]
+    """The answer's item ids, best first (position n is items[n - 1])."""
+    at: float
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> Decision:
+        # A degraded answer's items are the fallback's ranking, not the model's: its
+        # outcomes must not count for the model (the degraded-rate rule covers it).
+        model = record.model if record.fallback is None else None
+        return cls(
+            request_id=record.request_id,
+            user_key=record.user_key,
+            version=model.version if model is not None else "",
+            variant=model.variant if model is not None else FALLBACK_VARIANT,
+            items=[item for item, _ in record.items],
+            at=record.at,
+        )
+
+    def fields(self) -> dict[str, str]:
+        """The decision hash as written (field names are read by serving/feedback.py
+        and by erasure, which looks for `u`)."""
+        return {
+            "u": self.user_key,
+            "v": self.version,
+            "var": self.variant,
+            "items": json.dumps(self.items, separators=(",", ":")),
+            "at": repr(self.at),
+        }
+
+
+@dataclass(frozen=True)
+class Pending:
+    record: str | None
+    """The audit record's JSON (None: the audit stream is off)."""
+    decision: Decision | None
+    """The decision index entry (None: the project has no outcomes to join)."""
+
+
 class AuditWriter:
-    def __init__(self, client: aioredis.Redis, namespace: str, max_records: int) -> None:
+    """Queues audit records and decision index entries; one background task writes them."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        max_records: int,
+        decision_ttl_s: float | None = None,
+    ) -> None:
         self.client = client
+        self.namespace = namespace
         self.key = redis_keys.audit(namespace)
         self.max_records = max_records
-        self.pending: deque[str] = deque()
+        self.decision_ttl_s = decision_ttl_s
+        """How long a decision waits for its outcomes; None: no decision index."""
+        self.pending: deque[Pending] = deque()
         self.dropped = 0
         self.written = 0
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def record(self, entry: AuditRecord) -> None:
+    def record(self, entry: AuditRecord, audit: bool = True) -> None:
+        """Queue the audit record (unless `audit` is off) and, when outcomes are
+        joined, the decision index entry."""
+        decision = Decision.of(entry) if self.decision_ttl_s is not None else None
+        if not audit and decision is None:
+            return
         if len(self.pending) >= MAX_PENDING:
             self.pending.popleft()  # Redis has been away too long: keep the newest
             self.dropped += 1
-        self.pending.append(entry.stored())
+        self.pending.append(Pending(entry.stored() if audit else None, decision))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
         self.wakeup.set()
@@ -129,10 +211,8 @@ class AuditWriter:
             batch = [self.pending[n] for n in range(min(BATCH, len(self.pending)))]
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for record in batch:
-                        pipe.xadd(
-                            self.key, {"record": record}, maxlen=self.max_records, approximate=True
-                        )
+                    for entry in batch:
+                        self._write(pipe, entry)
                     await pipe.execute()
             except (OSError, aioredis.RedisError) as exc:
                 logger.warning(
@@ -145,6 +225,14 @@ class AuditWriter:
             for _ in batch:
                 self.pending.popleft()
             self.written += len(batch)
+
+    def _write(self, pipe: Any, entry: Pending) -> None:
+        if entry.record is not None:
+            pipe.xadd(self.key, {"record": entry.record}, maxlen=self.max_records, approximate=True)
+        if entry.decision is not None and self.decision_ttl_s is not None:
+            key = redis_keys.decision(self.namespace, entry.decision.request_id)
+            pipe.hset(key, mapping=entry.decision.fields())
+            pipe.expire(key, max(1, round(self.decision_ttl_s)))
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued record is written (tests, shutdown)."""

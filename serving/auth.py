@@ -109,6 +109,13 @@ class KeyCache:
         return await asyncio.shield(self.task)
 
     @staticmethod
+    def authorize_scope(entry: ApiKey, scope: str) -> None:
+        if scope not in entry.scopes:
+            raise Forbidden(
+                f"this API key has no {scope!r} scope (`rankgate keys create APP --scope {scope}`)"
+            )
+
+    @staticmethod
     def authorize(entry: ApiKey, purposes: list[str]) -> None:
         for purpose in purposes:
             if purpose not in entry.purposes:

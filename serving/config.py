@@ -111,6 +111,26 @@ class PolicyConfig(Strict):
         return folder if folder.is_absolute() else PROJECT_ROOT / folder
 
 
+class EventLimits(Strict):
+    """What `POST /v1/events` accepts, and how long the stream keeps what it needs."""
+
+    max_batch: int = Field(500, ge=1, le=10_000)
+    """Events per request."""
+    max_future_s: float = Field(300.0, ge=0)
+    """An event's timestamp may be at most this far ahead of the server's clock."""
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """...and at most this old; also how long an event id is remembered (a repeat
+    within it changes nothing)."""
+    max_stream_len: int = Field(1_000_000, ge=1000)
+    """Retention: the stream is trimmed to about this many events."""
+    decision_ttl_s: float = Field(24 * 3600.0, gt=0)
+    """How long a decision waits for its outcomes (impressions, clicks) to join it."""
+
+    @property
+    def dedup_s(self) -> float:
+        return self.max_age_s
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "score", "explain"], min_length=1
@@ -133,3 +153,4 @@ class ServingConfig(Strict):
     auth: AuthConfig = AuthConfig()
     policy: PolicyConfig = PolicyConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    events: EventLimits = EventLimits()

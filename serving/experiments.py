@@ -4,6 +4,9 @@
     routing_events     stream: one entry per rollback (the audit record)
     shadow(version)    hash: requests, errors, overlap_sum, score_diff_sum
 
+and where the click-rate rule reads them: outcomes(version, variant), the
+counters the event consumer keeps (serving/feedback.py).
+
 Every replica reads the rollback hash, so a canary one replica rolls back is
 rolled back on all of them within `ROLLBACK_SYNC_S`.
 """
@@ -19,7 +22,8 @@ import redis
 import redis.asyncio as aioredis
 
 from rankgate import redis_keys
-from serving.routing import RollbackEvent
+from serving.feedback import read_outcomes_async
+from serving.routing import Exposure, RollbackEvent
 
 logger = logging.getLogger("ray.serve")
 ROLLBACK_SYNC_S = 1.0
@@ -51,6 +55,13 @@ class ExperimentLog:
     async def rolled_back(self) -> set[str]:
         raw = await self.client.hkeys(redis_keys.rollbacks(self.namespace))  # type: ignore[misc]
         return {k.decode() if isinstance(k, bytes) else k for k in raw}
+
+    async def exposures(self, canary: str, stable: str) -> tuple[Exposure, Exposure]:
+        """Joined impressions and clicks of the canary since it started, and of stable
+        over the same time (from where stable stood when the canary was promoted)."""
+        canary_totals = await read_outcomes_async(self.client, self.namespace, canary, "canary")
+        stable_totals = await read_outcomes_async(self.client, self.namespace, stable, "stable")
+        return canary_totals.exposure, stable_totals.since(canary_totals)
 
     async def record_shadow(
         self, version: str, overlap: float | None, score_diff: float | None

@@ -4,6 +4,11 @@ User features are read per request (one HMGET per view, concurrently, through
 Feast's async Redis read); item features change rarely and are held in memory
 as an encoded `ItemTable`, re-read every `item_refresh_s`. A user feature older
 than its view's TTL is stale, and the request degrades rather than ranking on it.
+
+Streaming views (rankgate.yaml `streaming`) are the exception: a person with no
+row, or a row older than the TTL, has no recent events, which is normal, so the
+view reads as its default. Their row time says which events a decision includes
+(`UserFeatures.events_through`, see features/streaming.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from feast.type_map import feast_value_type_to_python_type
 
 from features.spec import ViewInfo
 from features.store import load_catalogue, view_infos
+from features.streaming import decayed, through_of
 from features.vector import ItemTable
 from rankgate.project import ItemId, Project
 
@@ -39,6 +45,8 @@ class UserFeatures:
     """View -> age of its row in seconds (views with no row are absent)."""
     missing_views: list[str]
     stale_views: list[str]
+    events_through: float | None = None
+    """Acceptance time (Unix s) of the newest event the streaming views read include."""
 
     @property
     def found(self) -> bool:
@@ -62,6 +70,10 @@ class FeatureFetcher:
         self.user_join_key = project.spec.user.join_key
         self.item_join_key = project.spec.item.join_key
         self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir)
+        self.streaming_defaults = {
+            name: spec.default for name, spec in project.streaming.items() if name in self.views
+        }
+        self.half_life_s = {name: spec.half_life_s for name, spec in project.streaming.items()}
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
 
@@ -123,14 +135,31 @@ class FeatureFetcher:
         values: dict[str, Any] = {}
         ages: dict[str, float] = {}
         missing, stale = [], []
+        through: float | None = None
         for view, [(stamp, row)] in zip(user_views, results, strict=True):
             # Feast answers an unknown entity with an epoch timestamp and empty values.
             if stamp is None or not row or all(v.WhichOneof("val") is None for v in row.values()):
+                stamp = row = None
+            age = None if stamp is None else (now - stamp).total_seconds()
+            expired = age is not None and view in self.ttl_s and age > self.ttl_s[view]
+            if view in self.streaming_defaults:
+                if stamp is None or expired:
+                    default = self.streaming_defaults[view]
+                    values.update(dict.fromkeys(fields[view], default))
+                    continue
+                through = max(through or 0.0, through_of(stamp))
+            if stamp is None or row is None or age is None:
                 missing.append(view)
                 continue
-            ages[view] = (now - stamp).total_seconds()
-            if view in self.ttl_s and ages[view] > self.ttl_s[view]:
+            if expired:
                 stale.append(view)
+            ages[view] = age
             for name, value in row.items():
                 values[name] = feast_value_type_to_python_type(value)
-        return UserFeatures(values, ages, missing, stale)
+            if view in self.streaming_defaults:
+                # Counts as of now: what training computes for the moment of a decision.
+                half_life = self.half_life_s[view]
+                for name in row:
+                    if isinstance(values[name], float):
+                        values[name] = decayed(values[name], age, half_life)
+        return UserFeatures(values, ages, missing, stale, through)

@@ -86,6 +86,20 @@ class ServingMetrics:
             registry=r,
         )
 
+        self.events = Counter(
+            "rankgate_events_received",
+            "Events posted, by result (accepted, duplicate)",
+            ["result"],
+            registry=r,
+        )
+        self.event_to_decision = Histogram(
+            "rankgate_event_to_decision_seconds",
+            "From an event's acceptance (202) to the first decision of this replica whose "
+            "streaming features include it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+
     def observe(self, request: RankRequest, response: RankResponse) -> None:
         version = response.model.version if response.model else ""
         variant = response.model.variant if response.model else ""

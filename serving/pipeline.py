@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
+from cachetools import LRUCache
 
 from features.vector import build_matrix, user_fields
 from rankgate.project import ItemId
@@ -37,8 +38,15 @@ from serving.metrics import ServingMetrics
 from serving.outcomes import FallbackReason
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.requests import parse_rank
-from serving.routing import Router
-from serving.schemas import ModelRef, RankedItem, RankRequest, RankResponse, RequestRules
+from serving.routing import RollbackEvent, Router
+from serving.schemas import (
+    Freshness,
+    ModelRef,
+    RankedItem,
+    RankRequest,
+    RankResponse,
+    RequestRules,
+)
 from serving.stages import (
     Deadline,
     RankContext,
@@ -52,6 +60,8 @@ from serving.topk import SCORE_DIGITS, plain_item_id, top_k
 __all__ = ["Deadline", "RankPipeline", "ScoreFn", "Services", "audit_record", "merge_fields"]
 
 ROLLBACK_CHECK_S = 0.05
+SEEN_PEOPLE = 100_000
+"""People whose newest included event a replica remembers (event-to-decision latency)."""
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
@@ -93,6 +103,8 @@ class RankPipeline:
         self.background: set[asyncio.Task[None]] = set()
         self.rollbacks_synced_at = 0.0
         self.rollback_checked_at = 0.0
+        # Person -> acceptance time of the newest event a decision of theirs included.
+        self.events_seen: LRUCache[str, float] = LRUCache(SEEN_PEOPLE)
         # What a request may say here: this config's bounds, this policy, this catalogue.
         self.rules = RequestRules.of(
             config.limits,
@@ -154,9 +166,19 @@ class RankPipeline:
                 )
         response = answer(context, deadline)
         self.metrics.observe(request, response)
-        if self.config.audit.enabled:
-            self.audit.record(audit_record(context, response, app))
+        if response.freshness is not None:
+            self.observe_freshness(context.key, response.freshness.events_through)
+        if self.config.audit.enabled or self.audit.decision_ttl_s is not None:
+            self.audit.record(audit_record(context, response, app), self.config.audit.enabled)
         return response
+
+    def observe_freshness(self, key: str, through: float) -> None:
+        """The first decision to include a person's newest event measures how long the
+        event took from its 202 to a decision (per replica: with several, the first
+        replica to serve the person after it counts)."""
+        if self.events_seen.get(key, 0.0) < through:
+            self.events_seen[key] = through
+            self.metrics.event_to_decision.observe(max(time.time() - through, 0.0))
 
     # -- experiments -----------------------------------------------------------
 
@@ -182,17 +204,36 @@ class RankPipeline:
         self.rollback_checked_at = now
         event = self.router.check_rollback(now)
         if event is not None:
-            self.metrics.rollbacks.labels(event.version, event.rule).inc()
-            self.publish_canary_weight()
-            self._spawn(self.experiments.record_rollback(event))
+            self._rolled_back(event)
         if time.monotonic() - self.rollbacks_synced_at > ROLLBACK_SYNC_S:
             self.rollbacks_synced_at = time.monotonic()
             self._spawn(self._sync_rollbacks())
+            self._spawn(self._check_outcomes())
+
+    def _rolled_back(self, event: RollbackEvent) -> None:
+        self.metrics.rollbacks.labels(event.version, event.rule).inc()
+        self.publish_canary_weight()
+        self._spawn(self.experiments.record_rollback(event))
 
     async def _sync_rollbacks(self) -> None:
         with contextlib.suppress(OSError, aioredis.RedisError):
             self.router.rolled_back |= await self.experiments.rolled_back()
         self.publish_canary_weight()
+
+    async def _check_outcomes(self) -> None:
+        """The click-rate rule: outcomes arrive through the event stream, not the
+        request windows, so both variants' joined counters are read from Redis (off
+        the response path; when Redis does not answer, the next sync tries again)."""
+        canary = self.router.live_canary
+        if canary is None or self.router.config.rollback.ctr_p_value is None:
+            return
+        try:
+            exposures = await self.experiments.exposures(canary, self.router.config.stable)
+        except (OSError, aioredis.RedisError):
+            return
+        event = self.router.check_ctr(*exposures)
+        if event is not None:
+            self._rolled_back(event)
 
     def publish_canary_weight(self) -> None:
         canary = self.router.config.canary
@@ -245,7 +286,13 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
         )
     timings = {name: round(value, 3) for name, value in context.timings.items()}
     timings["total"] = round(deadline.elapsed_ms(), 3)
-    explanation = {"explanation": context.explanation} if context.explanation else {}
+    optional: dict[str, Any] = {}
+    if context.explanation:
+        optional["explanation"] = context.explanation
+    through = context.user.events_through if context.user is not None else None
+    if through is not None and context.scored:
+        age_ms = max(time.time() - through, 0.0) * 1000.0
+        optional["freshness"] = Freshness(events_through=through, event_age_ms=round(age_ms, 3))
     assert context.decision is not None, "the gate stage always decides"
     return RankResponse(
         request_id=uuid.uuid4().hex,
@@ -254,7 +301,7 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
         fallback=context.fallback,
         policy=context.decision.block(),
         timings_ms=timings,
-        **explanation,
+        **optional,
     )
 
 
@@ -274,7 +321,7 @@ def audit_record(
         policy=response.policy,
         model=response.model,
         candidates=[plain_item_id(c) for c in context.eligible],
-        features=RecordedFeatures(values=user.values, age_s=user.age_s, context=request.context)
+        features=recorded_features(user.values, user.age_s, request.context, user.events_through)
         if user
         else None,
         item_table=context.items.digest if context.items is not None else None,
@@ -283,3 +330,17 @@ def audit_record(
         explanation=[item.reasons or [] for item in response.items] if context.reasons else None,
         timings_ms=response.timings_ms,
     )
+
+
+def recorded_features(
+    values: dict[str, Any],
+    age_s: dict[str, float],
+    context: dict[str, str],
+    events_through: float | None,
+) -> RecordedFeatures:
+    """The features part of an audit record; `events_through` only where streaming
+    views held events (records stay as they were without them)."""
+    recorded = RecordedFeatures(values=values, age_s=age_s, context=context)
+    if events_through is not None:
+        recorded.events_through = events_through
+    return recorded

@@ -11,6 +11,11 @@ A change that leaves more users of a purpose without a permitted model than befo
 is refused unless forced. Rolling a canary back gives it the role it had before
 (`previous_role`), so an alternate promoted to canary is an alternate again.
 
+A new canary (another version than the one before, or one that was rolled back)
+starts its click-rate experiment from zero: its `canary` outcome counters are
+reset and stable's counters at that moment are kept as the baseline the
+click-rate rule measures stable from (`reset_canary_outcomes`).
+
 The routing is written back with comments and layout kept. When a server of this
 home is running, the file is applied with `serve deploy`: only `user_config`
 changes, so Ray Serve calls `reconfigure` on the running replicas, without a restart.
@@ -26,16 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
+from rankgate import redis_keys
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, load_policy
 from rankgate.settings import PROJECT_ROOT
 from serving.config import PolicyConfig
+from serving.feedback import (
+    BASELINE_CLICKS,
+    BASELINE_IMPRESSIONS,
+    BASELINE_VERSION,
+    read_outcomes,
+)
 from serving.launch import (
     SERVE_CONFIG,
     ServerInfo,
@@ -383,6 +396,32 @@ class RoutingFile:
             entries.append(entry)
         _write_document(self.path, self.document)
         self.routing = routing
+
+
+def starts_experiment(before: RoutingConfig, version: str, rolled_back: set[str]) -> bool:
+    """Whether making `version` the canary starts a new experiment (rather than changing
+    the weight of the one running)."""
+    canary = before.canary
+    return canary is None or canary.version != version or version in rolled_back
+
+
+def reset_canary_outcomes(client: redis.Redis, namespace: str, version: str, stable: str) -> None:
+    """Start `version`'s canary outcome counters from zero, with stable's impressions
+    and clicks now as the baseline: an earlier experiment of the same version does
+    not decide this one, and stable is compared over the same time."""
+    now = read_outcomes(client, namespace, stable, "stable")
+    key = redis_keys.outcomes(namespace, version, "canary")
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                BASELINE_VERSION: stable,
+                BASELINE_IMPRESSIONS: now.impressions,
+                BASELINE_CLICKS: now.clicks,
+            },
+        )
+        pipe.execute()
 
 
 def write_policy(config_path: Path, folder: Path, revision: str) -> None:

@@ -18,6 +18,12 @@ The router keeps, per variant, a sliding window of outcomes (error, degraded,
 latency). When the canary is worse than stable beyond the rollback rules, with
 enough requests on both sides, its weight goes to 0 and a `RollbackEvent`
 says which rule fired and with what figures.
+
+Clicks come later, through the event stream, so the request windows cannot see
+them: the pipeline reads both variants' joined impressions and clicks from Redis
+(serving/feedback.py) and asks `check_ctr`, which rolls the canary back when,
+with `min_impressions` on both sides, a one-sided Fisher exact test says the
+canary's click rate is below stable's at `ctr_p_value`.
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ class RollbackRules(Strict):
     """Canary p99 latency may be at most this multiple of stable's..."""
     min_p99_delta_ms: float = Field(5.0, ge=0)
     """...and this much above it, so that noise on fast answers does not fire."""
+    min_impressions: int = Field(1000, ge=1)
+    """The click-rate rule waits for this many joined impressions of each variant."""
+    ctr_p_value: float | None = Field(0.05, gt=0, lt=1)
+    """The canary is rolled back when a one-sided test (Fisher exact) finds its click
+    rate below stable's at this significance; null turns the click-rate rule off."""
 
 
 class RoutingConfig(Strict):
@@ -156,6 +167,37 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Exposure:
+    """Joined impressions and clicks of one variant's answers."""
+
+    impressions: int
+    clicks: int
+
+    @property
+    def ctr(self) -> float:
+        return self.clicks / self.impressions if self.impressions else 0.0
+
+    def figures(self) -> dict[str, float]:
+        return {"impressions": self.impressions, "clicks": self.clicks, "ctr": self.ctr}
+
+
+def ctr_below(canary: Exposure, stable: Exposure) -> float:
+    """p-value of a one-sided Fisher exact test that canary's click rate is below stable's.
+
+    A click without its impression (the application reported one, not the other) is
+    counted as a clicked impression: a side never has more clicks than impressions."""
+    # Imported here: commands that only read the routing (`rankgate model status`)
+    # stay light; a serving replica has scipy.stats loaded already (SHAP imports it).
+    from scipy.stats import fisher_exact
+
+    table = [
+        [min(canary.clicks, canary.impressions), max(canary.impressions - canary.clicks, 0)],
+        [min(stable.clicks, stable.impressions), max(stable.impressions - stable.clicks, 0)],
+    ]
+    return float(fisher_exact(table, alternative="less").pvalue)
+
+
+@dataclass(frozen=True)
 class RollbackEvent:
     version: str
     rule: str
@@ -245,20 +287,62 @@ class Router:
         if window is not None:
             window.add(time.monotonic() if now is None else now, error, degraded, latency_ms)
 
-    def check_rollback(self, now: float | None = None) -> RollbackEvent | None:
-        """Roll the canary back when a rule fires; returns the event (once)."""
+    @property
+    def live_canary(self) -> str | None:
+        """The canary version while it has users (not rolled back, weight above 0)."""
         canary = self.config.canary
         if canary is None or canary.version in self.rolled_back or not canary.weight:
             return None
-        now = time.monotonic() if now is None else now
-        rules = self.config.rollback
-        canary_window, stable_window = (
-            self.windows[canary.version],
-            self.windows[self.config.stable],
-        )
+        return canary.version
+
+    def _window_figures(self, canary: str, now: float) -> tuple[dict[str, float], dict[str, float]]:
+        canary_window, stable_window = self.windows[canary], self.windows[self.config.stable]
         canary_window.trim(now)
         stable_window.trim(now)
-        c, s = canary_window.figures(), stable_window.figures()
+        return canary_window.figures(), stable_window.figures()
+
+    def _fire(
+        self, canary: str, rule: str, detail: str, c: dict[str, float], s: dict[str, float]
+    ) -> RollbackEvent:
+        self.rolled_back.add(canary)
+        return RollbackEvent(canary, rule, detail, c, s, time.time())
+
+    def check_ctr(
+        self, canary: Exposure, stable: Exposure, now: float | None = None
+    ) -> RollbackEvent | None:
+        """Roll the canary back when its click rate is significantly below stable's
+        (`min_impressions` each, one-sided Fisher exact p < `ctr_p_value`); the event
+        carries the request windows' figures too. Returns the event (once)."""
+        version, rules = self.live_canary, self.config.rollback
+        if version is None or rules.ctr_p_value is None:
+            return None
+        if min(canary.impressions, stable.impressions) < rules.min_impressions:
+            return None
+        p_value = ctr_below(canary, stable)
+        if p_value >= rules.ctr_p_value:
+            return None
+        c, s = self._window_figures(version, time.monotonic() if now is None else now)
+        detail = (
+            f"canary CTR {canary.ctr:.2%} ({canary.clicks}/{canary.impressions}) vs stable "
+            f"{stable.ctr:.2%} ({stable.clicks}/{stable.impressions}): one-sided Fisher exact "
+            f"p={p_value:.2g} < {rules.ctr_p_value:g}"
+        )
+        return self._fire(
+            version,
+            "ctr",
+            detail,
+            {**c, **canary.figures(), "p_value": p_value},
+            {**s, **stable.figures()},
+        )
+
+    def check_rollback(self, now: float | None = None) -> RollbackEvent | None:
+        """Roll the canary back when a rule of the request windows fires; returns the
+        event (once)."""
+        version = self.live_canary
+        if version is None:
+            return None
+        rules = self.config.rollback
+        c, s = self._window_figures(version, time.monotonic() if now is None else now)
         if c["requests"] < rules.min_requests or s["requests"] < rules.min_requests:
             return None
         fired: tuple[str, str] | None = None
@@ -291,5 +375,4 @@ class Router:
             )
         if fired is None:
             return None
-        self.rolled_back.add(canary.version)
-        return RollbackEvent(canary.version, fired[0], fired[1], c, s, time.time())
+        return self._fire(version, fired[0], fired[1], c, s)

@@ -29,6 +29,7 @@ from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher
+from serving.feedback import project_outcomes
 from serving.gate import ConsentGate
 from serving.metrics import ServingMetrics
 from serving.pipeline import RankPipeline
@@ -139,6 +140,10 @@ class Runtime:
         """A pipeline for `config`; `policies` (from load_policies) default to the current ones."""
         policy_set, fallback = policies or (self.policies, self.fallback)
         self.audit.max_records = config.audit.max_records
+        # Decisions are indexed only for a project whose outcomes can join them.
+        self.audit.decision_ttl_s = (
+            config.events.decision_ttl_s if project_outcomes(self.project) else None
+        )
         services = Services(
             config=config,
             gate=ConsentGate(policy_set.policy),

@@ -308,6 +308,16 @@ class Explanation(BaseModel):
     reason: str | None = None
 
 
+class Freshness(BaseModel):
+    """How fresh the streaming features behind a personalized answer were."""
+
+    events_through: float
+    """Acceptance time (Unix seconds, ms precision) of the newest event they include:
+    an event whose 202 named a stream id at or before it is in this answer."""
+    event_age_ms: float
+    """How long before this answer that event was accepted."""
+
+
 class RankResponse(BaseModel):
     request_id: str
     items: list[RankedItem]
@@ -315,6 +325,8 @@ class RankResponse(BaseModel):
     fallback: Fallback | None
     policy: PolicyBlock
     explanation: Explanation | None = None
+    freshness: Freshness | None = None
+    """Present when the model read a streaming view holding events of this person."""
     timings_ms: dict[str, float]
 
 

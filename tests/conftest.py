@@ -163,14 +163,16 @@ def wait_until_healthy(
 
 
 def test_api_key() -> str:
-    """A key for every purpose of the policy: application `tests`."""
+    """A key for every purpose of the policy and the events scope: application `tests`."""
     from rankgate.api_keys import ApiKeyStore
     from rankgate.policy import load_policy
     from rankgate.setup import Environment
 
     env = Environment.open()
     purposes = list(load_policy().purposes)
-    return ApiKeyStore(env.redis, env.home.namespace).create("tests", purposes, purposes)
+    return ApiKeyStore(env.redis, env.home.namespace).create(
+        "tests", purposes, purposes, ["events"]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,22 @@ def test_redis_killed_and_restarted_under_load(
         time.sleep(2)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(3)
+        time.sleep(0.5)
+        # Events cannot be made durable now: 503 with Retry-After, nothing claimed.
+        event = {
+            "event_id": f"outage-{time.time()}",
+            "type": "click",
+            "user_id": personalizable[0],
+            "item_id": load.answers[0][1]["items"][0]["item_id"],  # an item of the catalogue
+            "timestamp": time.time(),
+        }
+        refused = httpx.post(
+            f"{server.base_url}/v1/events",
+            json={"events": [event]},
+            headers=server.headers,
+            timeout=10,
+        )
+        time.sleep(2.5)
         assert embedded.ensure_running() == url  # restarted on the same address
         restarted_at = time.monotonic()
         resumed = wait_for(lambda: load.personalized(since=restarted_at) > 0, 20)
@@ -73,6 +88,15 @@ def test_redis_killed_and_restarted_under_load(
     )
     assert counts["sent"] > 100
     assert counts["failed"] == 0, load.statuses  # every request answered 200
+    assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
+    # The same event once Redis is back: accepted (the refused attempt left nothing).
+    again = httpx.post(
+        f"{server.base_url}/v1/events",
+        json={"events": [event]},
+        headers=server.headers,
+        timeout=10,
+    )
+    assert again.status_code == 202 and again.json()["accepted"] == 1, again.text
     assert sum(outage.values()) > 0 and set(outage) <= REDIS_DEGRADED
     assert load.personalized(since=restarted_at) > 0  # resumed by itself
     assert not load.degraded(since=restarted_at + resumed + 1.0)  # and stayed so

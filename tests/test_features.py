@@ -4,6 +4,7 @@ parity of the feature vectors built from a model's declaration."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,10 +30,12 @@ def test_the_repository_is_read_from_the_project_with_its_ttls(env: Environment)
     assert {name: (info.entity, len(info.fields)) for name, info in infos.items()} == {
         "visitor_profile": ("user", 4),
         "user_item_affinity": ("user", 80),
+        "recent_clicks": ("user", 80),
         "item_context": ("item", 4),
     }
     ttl = {view.name: view.ttl for view in env.feast.list_feature_views()}
     assert ttl["user_item_affinity"] == timedelta(days=30)
+    assert ttl["recent_clicks"] == timedelta(days=2)
     # The registry is the home's; the Feast project is the home's namespace.
     assert env.feast.project == env.home.namespace
 
@@ -102,3 +105,117 @@ def test_feature_timestamps_are_the_preparation_time(env: Environment) -> None:
     ).to_dict(include_event_timestamps=True)
     assert online["affinity_0__ts"][0] == int(snapshot.timestamp())
     assert get_project().name == "open_bandit"
+
+
+# -- streaming views: not materialized; in training, their value point in time ----
+
+
+def test_setup_does_not_materialize_the_streaming_view(env: Environment) -> None:
+    """recent_clicks' online rows come only from the event stream: after setup, a
+    person's Feast row holds the other user views and not it."""
+    from rankgate import redis_keys
+    from rankgate.privacy import feast_user_key
+    from serving.events import StoredEvent
+
+    # Someone the event stream never heard of (other tests post events for some).
+    stream = redis_keys.events(env.home.namespace)
+    posted = {StoredEvent.read(i, e).user_key for i, e in env.redis.xrange(stream)}
+    key = next(k for k in map(user_key, example_user_ids()) if k not in posted)
+    rows = [
+        name
+        for name in env.redis.scan_iter(match=f"*{key}*", count=1000)
+        if feast_user_key(name, env.home.namespace, "user_key") == key
+    ]
+    views = {f[4:] for name in rows for f in env.redis.hkeys(name) if f.startswith(b"_ts:")}
+    assert views == {b"visitor_profile", b"user_item_affinity"}
+
+
+HOUR = 3600.0
+
+
+def history_log(rows: list[tuple[str, int, float, int]]) -> pd.DataFrame:
+    """A log in the example's columns: (user key, item, seconds after t0, click)."""
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    frame = pd.DataFrame(rows, columns=["user_key", "item_id", "seconds", "click"])
+    frame["timestamp"] = t0 + pd.to_timedelta(frame["seconds"], unit="s")
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def test_a_streaming_value_is_the_decayed_count_of_earlier_clicks() -> None:
+    from features.history import values_at_impressions
+
+    project = get_project()
+    view = project.streaming["recent_clicks"].model_copy(update={"default": -7.0})
+    logs = history_log(
+        [
+            ("a", 1, 0.0, 1),  # a clicks item 1
+            ("a", 1, 0.0, 0),  # the same instant: the click is not yet known
+            ("a", 1, HOUR, 1),  # an hour later: half a click; then a second click
+            ("a", 2, HOUR, 0),  # another item of a person with a row: 0
+            ("b", 1, 2 * HOUR, 0),  # b never clicked: no row, the default
+            ("a", 1, 3 * HOUR, 0),  # 0.5 * 0.25 + 1 * 0.25
+            ("a", 1, 3 * HOUR + 3 * 24 * HOUR, 0),  # 3 days after a's last click: past the TTL
+        ]
+    )
+    items = logs["item_id"].tolist()
+    wanted = [[f"clicks_{i}"] for i in items]
+    ttl = timedelta(days=2).total_seconds()
+
+    def read(view: Any) -> list[float]:
+        values = values_at_impressions(project, view, ttl, logs, items, wanted)
+        return [v[f"clicks_{i}"] for v, i in zip(values, items, strict=True)]
+
+    assert read(view) == [-7.0, -7.0, 0.5, 0.0, -7.0, 0.375, -7.0]
+    # per: total counts every item's clicks in one field.
+    total = view.model_copy(update={"per": "total", "field": "clicks"})
+    values = values_at_impressions(project, total, ttl, logs, items, [["clicks"]] * len(logs))
+    assert [v["clicks"] for v in values] == [-7.0, -7.0, 0.5, 0.5, -7.0, 0.375, -7.0]
+    # A view that counts impressions counts every logged row.
+    assert read(view.model_copy(update={"events": ["impression"]})) == [
+        -7.0,
+        -7.0,
+        1.0,
+        0.0,
+        -7.0,
+        0.5,
+        -7.0,
+    ]
+    # Events the log does not record (the project's own add_to_cart): always the default.
+    assert set(read(view.model_copy(update={"events": ["add_to_cart"]}))) == {-7.0}
+
+
+def test_v3_trains_on_recent_clicks_as_serving_would_have_read_them(env: Environment) -> None:
+    """The training matrix of v3 is v2's plus one column: for each impression, the
+    person's earlier clicks on that item, each halved per hour since, computed here
+    independently (quadratic, from the log)."""
+    project = env.project
+    specs = {
+        version: resolve(
+            load_features_file(project.path(f"models/{version}.yaml")).inputs,
+            env.view_infos(),
+            project,
+        )
+        for version in ("v2", "v3")
+    }
+    v2 = training_set(project, env.views(), env.data_dir, specs["v2"]).matrix
+    v3 = training_set(project, env.views(), env.data_dir, specs["v3"]).matrix
+    np.testing.assert_array_equal(v3[:, :-1], v2)
+    logs = (
+        pd.read_parquet(env.data_dir / "impressions.parquet")
+        .sort_values("timestamp", kind="stable")
+        .reset_index(drop=True)
+    )
+    seconds = logs["timestamp"].astype("int64").to_numpy() / 1e9
+    clicks = logs[logs["click"] == 1]
+    ttl = timedelta(days=2).total_seconds()
+    expected = np.zeros(len(logs))
+    for pos, row in logs.iterrows():
+        mine = clicks[(clicks["user_key"] == row["user_key"])]
+        earlier = seconds[mine.index] < seconds[pos]
+        recent = earlier & (seconds[pos] - seconds[mine.index] <= ttl)
+        if not recent.any():
+            continue  # no row within the TTL: the default, 0
+        same = (mine["item_id"] == row["item_id"]).to_numpy() & earlier
+        expected[pos] = np.sum(0.5 ** ((seconds[pos] - seconds[mine.index][same]) / HOUR))
+    np.testing.assert_allclose(v3[:, -1], expected, rtol=1e-6, atol=1e-12)
+    assert (v3[:, -1] > 0).sum() > 10  # the sample has people who click again

@@ -58,6 +58,44 @@ def test_setup_registers_two_different_versions(env: Environment) -> None:
     assert v1.training_data.fingerprint != v2.training_data.fingerprint
 
 
+def test_setup_registers_v3_a_logistic_regression_that_reads_recent_clicks(
+    env: Environment,
+) -> None:
+    """v3 = v2's inputs + the streaming view, fitted by LogisticRegression, converted with
+    skl2onnx and registered like the others; the recent-clicks count raises the score."""
+    from model_store.native import contributions, load_native, tree_explainer
+    from tests.serving_support import serve_config
+
+    v2, v3 = env.models.manifest("v2"), env.models.manifest("v3")
+    assert v3.feature_names == [*v2.feature_names, "recent_clicks"]
+    assert v3.features[-1].view == "recent_clicks" and v3.features[-1].group == "activity"
+    assert v3.params["trainer"] == "logistic_regression"
+    assert v3.booster is not None and v3.booster.kind == "sklearn"
+    assert v3.onnx.input_name == "features"
+    assert v3.onnx.parity_max_abs_diff is not None and v3.onnx.parity_max_abs_diff <= 1e-5
+    assert v3.training_data is not None and v3.training_data.rows == 10_000
+    assert v3.training_data.positives == 38
+    native = load_native(env.models.path("v3") / v3.booster.file, "sklearn")
+    coefficients = dict(zip(v3.feature_names, native.steps[-1][1].coef_[0], strict=True))
+    assert coefficients["recent_clicks"] > 0
+    # SHAP explains it: the contributions and the base value add up to the log-odds.
+    rows = np.load(env.models.path("v3") / "parity_inputs.npy")[:5]
+    rows[0, -1] = 1.0  # a click on the item a moment ago
+    explainer = tree_explainer(native)
+    values = contributions(explainer, rows)
+    p = native.predict_proba(rows)[:, 1]
+    np.testing.assert_allclose(
+        values.sum(axis=1) + explainer.expected_value, np.log(p / (1 - p)), atol=1e-4
+    )
+    assert values[0, -1] > 0 and values[0, -1] == values[0].max()
+    # Registered, not routed: serve_config.yaml's routing names v2 and v1 only.
+    ingress = next(
+        d for d in serve_config()["applications"][0]["deployments"] if d["name"] == "RankIngress"
+    )
+    routed = {v["version"] for v in ingress["user_config"]["routing"]["versions"]}
+    assert routed == {"v2", "v1"}
+
+
 def test_the_onnx_file_carries_its_version_and_inputs(env: Environment) -> None:
     import onnx
 
@@ -69,7 +107,7 @@ def test_the_onnx_file_carries_its_version_and_inputs(env: Environment) -> None:
     ).feature_names
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_registered_versions_validate(env: Environment, version: str) -> None:
     report = env.models.validate(version, env.view_infos())
     assert report.ok, report.failures()
@@ -206,3 +244,43 @@ def test_a_manifest_that_disagrees_with_the_onnx_input_fails(
     manifest_path.write_text(json.dumps(manifest))
     report = env.models.validate(scratch_version, env.view_infos())
     assert any("model.onnx takes 8 features, the manifest lists 9" in f for f in report.failures())
+
+
+def test_logistic_regression_params_are_its_own() -> None:
+    from model_store.train import LogisticParams
+
+    params = parse_params("C=0.5,class_weight=balanced", "logistic_regression")
+    assert params == LogisticParams(C=0.5, class_weight="balanced")
+    assert params.sklearn() == {"C": 0.5, "class_weight": "balanced", "max_iter": 1000, "tol": 1e-4}
+    with pytest.raises(RankgateError, match="num_leaves: Extra inputs are not permitted"):
+        parse_params("num_leaves=7", "logistic_regression")
+    with pytest.raises(RankgateError, match="C: Input should be greater than 0"):
+        parse_params("C=0", "logistic_regression")
+
+
+def test_train_cli_fits_a_logistic_regression(env: Environment) -> None:
+    features = env.project.path("models/v1.yaml")
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                "model",
+                "train",
+                "--version",
+                "v9-lr",
+                "--trainer",
+                "logistic_regression",
+                "--params",
+                "C=0.5",
+                "--features",
+                str(features),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "v9-lr: coefficients (standardized inputs): user_feature_0 " in result.output
+        manifest = env.models.manifest("v9-lr")
+        assert manifest.params["trainer"] == "logistic_regression" and manifest.params["C"] == 0.5
+        assert manifest.booster is not None and manifest.booster.kind == "sklearn"
+        assert env.models.validate("v9-lr", env.view_infos()).ok
+    finally:
+        shutil.rmtree(env.models.path("v9-lr"), ignore_errors=True)

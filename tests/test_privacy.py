@@ -1,12 +1,16 @@
 """`rankgate privacy forget`: one person's data erased everywhere, nobody else's touched.
 
-Real embedded Redis, real Feast, audit records written by the real pipeline.
+Real embedded Redis, real Feast, audit records written by the real pipeline; a
+streaming view's row pushed through Feast's push path; events, streaming states
+and decision hashes written in the shapes their writers use (serving.events,
+redis_keys).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -19,10 +23,11 @@ from rankgate.consent import demo_consent
 from rankgate.errors import RedisUnavailable
 from rankgate.home import Home
 from rankgate.policy import load_policy
-from rankgate.privacy import Eraser, feast_user_key
+from rankgate.privacy import Eraser, feast_user_key, glob_escape
 from rankgate.pseudonym import user_key
 from rankgate.settings import get_project, get_settings
 from rankgate.setup import Environment
+from serving.events import StoredEvent
 from serving.runtime import Runtime
 from tests.serving_support import example_user_ids
 from tests.test_pipeline import LOOP, make_pipeline, rank
@@ -70,7 +75,11 @@ PREPARED_FILES = (
     "user_item_affinity.parquet",
     "item_context.parquet",
     "impressions.parquet",
+    "recent_clicks.parquet",
 )
+# Not an example user: someone else whose events, streaming state and decisions
+# must survive the erasure (erased when the module is done).
+BYSTANDER = "u-privacy-bystander"
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,30 @@ class Traces:
     consent: dict[bytes, bytes]
     audit_records: int
     offline_rows: dict[str, int]
+    events: int = 0
+    streaming_states: int = 0
+    decisions: int = 0
 
     @classmethod
     def of(cls, env: Environment, uid: str) -> Traces:
         key = user_key(uid)
+        namespace = env.home.namespace
+        events = 0
+        lower = "-"
+        while page := env.redis.xrange(redis_keys.events(namespace), min=lower, count=PAGE):
+            events += sum(StoredEvent.read(i, fields).user_key == key for i, fields in page)
+            lower = "(" + page[-1][0].decode()
+        states = len(
+            list(
+                env.redis.scan_iter(
+                    match=redis_keys.streaming_state(glob_escape(namespace), "*", key)
+                )
+            )
+        )
+        decisions = sum(
+            env.redis.hget(name, "u") == key.encode()
+            for name in env.redis.scan_iter(match=redis_keys.decision(glob_escape(namespace), "*"))
+        )
         views = []
         for name in env.redis.scan_iter(match=f"*{key}*", count=1000):
             if feast_user_key(name, env.home.namespace, "user_key") == key:
@@ -105,6 +134,9 @@ class Traces:
             consent=env.redis.hgetall(redis_keys.consent(env.home.namespace, key)),
             audit_records=audit,
             offline_rows=offline,
+            events=events,
+            streaming_states=states,
+            decisions=decisions,
         )
 
 
@@ -148,14 +180,51 @@ class Forgotten:
     before: Traces
     control_before: Traces
     output: str
+    bystander_before: Traces
+    baseline: Traces
+
+
+def write_event_traces(env: Environment, uid: str, events: int, decisions: int) -> None:
+    """What the event path keeps of a person: a row of the streaming view pushed
+    through Feast, events in the stream, the consumer's state hashes (of the declared
+    view and of one no longer declared) and decision hashes naming them."""
+    from feast.data_source import PushMode
+
+    key, namespace = user_key(uid), env.home.namespace
+    now = datetime.now(UTC)
+    row = {"user_key": [key], "event_timestamp": [pd.Timestamp(now)]}
+    row.update({f"clicks_{i}": [0.5 if i == 3 else 0.0] for i in range(80)})
+    env.feast.push("recent_clicks_push", pd.DataFrame(row), to=PushMode.ONLINE)
+    # Types no streaming view counts: a consumer that may be running changes nothing.
+    for n in range(events):
+        event = StoredEvent(
+            event_id=f"privacy-{uid}-{n}",
+            type=("add_to_cart", "impression")[n % 2],
+            user_key=key,
+            item_id=3 + n,
+            at=now.timestamp(),
+        )
+        env.redis.xadd(redis_keys.events(namespace), {"e": event.stored()})
+    for view in ("recent_clicks", "retired_view"):
+        state = redis_keys.streaming_state(namespace, view, key)
+        env.redis.hset(state, mapping={"clicks_3": "0.5", "at": str(now.timestamp())})
+    for n in range(decisions):
+        decision = redis_keys.decision(namespace, f"privacy-{uid}-{n}")
+        env.redis.hset(decision, mapping={"u": key, "v": "v2", "variant": "stable", "items": "[3]"})
 
 
 @pytest.fixture(scope="module")
-def forgotten(offline_tables: None, people: tuple[str, str], runtime: Runtime) -> Forgotten:
-    """Decisions for both people go through the real pipeline into the audit stream;
-    then the first person is forgotten with the CLI."""
+def forgotten(
+    offline_tables: None, people: tuple[str, str], runtime: Runtime
+) -> Iterator[Forgotten]:
+    """Decisions for both people go through the real pipeline into the audit stream,
+    the person and a bystander have events, streaming rows and states and decision
+    hashes; then the person is forgotten with the CLI."""
     person, control = people
     env = Environment.open()
+    baseline = Traces.of(env, person)  # what earlier tests of the session left
+    write_event_traces(env, person, events=3, decisions=2)
+    write_event_traces(env, BYSTANDER, events=2, decisions=1)
     pipeline = make_pipeline(runtime)
     for uid, requests in ((person, 4), (control, 3)):
         for n in range(requests):
@@ -167,15 +236,25 @@ def forgotten(offline_tables: None, people: tuple[str, str], runtime: Runtime) -
             )
     assert LOOP.run_until_complete(pipeline.audit.flush())
     before, control_before = Traces.of(env, person), Traces.of(env, control)
+    bystander_before = Traces.of(env, BYSTANDER)
     result = CliRunner().invoke(main, ["privacy", "forget", person])
     assert result.exit_code == 0, result.output
-    return Forgotten(person, control, before, control_before, result.output)
+    yield Forgotten(
+        person, control, before, control_before, result.output, bystander_before, baseline
+    )
+    Eraser(env.redis, env.home, env.project).forget(BYSTANDER)
 
 
 def test_the_person_has_data_everywhere_before(forgotten: Forgotten) -> None:
     before = forgotten.before
-    assert before.feature_views == ("user_item_affinity", "visitor_profile")
+    assert before.feature_views == ("recent_clicks", "user_item_affinity", "visitor_profile")
     assert before.consent and before.audit_records >= 4
+    # Decisions: the 2 written above and the 4 the pipeline indexed (the example
+    # project declares outcomes, so each decision is kept for them to join), over
+    # what earlier tests of the session left.
+    base = forgotten.baseline
+    assert (before.events - base.events, before.decisions - base.decisions) == (3, 6)
+    assert before.streaming_states == 2
     assert before.offline_rows["user_profile"] == before.offline_rows["user_item_affinity"] == 1
     assert before.offline_rows["impressions"] >= 1
 
@@ -184,8 +263,9 @@ def test_the_report_counts_what_was_erased(forgotten: Forgotten) -> None:
     key, before = user_key(forgotten.person), forgotten.before
     offline = before.offline_rows
     assert forgotten.output == (
-        f"erased for user key {key[:8]}…: 1 user_item_affinity row, 1 visitor_profile row, "
-        f"1 consent record, {before.audit_records} audit records, "
+        f"erased for user key {key[:8]}…: 1 recent_clicks row, 1 user_item_affinity row, "
+        f"1 visitor_profile row, 1 consent record, {before.audit_records} audit records, "
+        f"{before.events} events, 2 streaming states, {before.decisions} decisions, "
         f"{sum(offline.values())} offline rows (impressions {offline['impressions']}, "
         "user_item_affinity 1, user_profile 1)\n"
     )
@@ -204,6 +284,15 @@ def test_the_control_person_keeps_everything(forgotten: Forgotten, env: Environm
     control = forgotten.control_before
     assert control.feature_views and control.consent and control.audit_records >= 3
     assert Traces.of(env, forgotten.control) == control
+
+
+def test_other_people_keep_their_events_states_and_decisions(
+    forgotten: Forgotten, env: Environment
+) -> None:
+    bystander = Traces.of(env, BYSTANDER)
+    assert bystander == forgotten.bystander_before
+    assert bystander.feature_views == ("recent_clicks",)
+    assert (bystander.events, bystander.streaming_states, bystander.decisions) == (2, 2, 1)
 
 
 def test_a_second_forget_erases_nothing_and_says_so(forgotten: Forgotten) -> None:

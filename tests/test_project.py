@@ -79,6 +79,14 @@ def test_check_passes_on_the_example(example: Path) -> None:
     assert all(line.startswith(("✓", "!")) for line in lines), lines
     assert "✓ catalogue: 80 items (int ids) from item_context" in lines
     assert any(line.startswith("✓ model v2: models/v2.yaml resolves (9 inputs)") for line in lines)
+    assert (
+        "✓ streaming: recent_clicks (push source recent_clicks_push, click per item, "
+        "half-life 3600 s)"
+    ) in lines
+    assert (
+        "✓ model v3: models/v3.yaml resolves (10 inputs); purposes that may use it: "
+        "onsite_personalization"
+    ) in lines
     assert files_of(example) == before  # prepared into a temporary folder, not the project
 
 
@@ -395,6 +403,90 @@ def test_an_interaction_log_without_its_declared_column(skeleton: Path) -> None:
         f"{skeleton / 'rankgate.yaml'}: field 'interactions.outcome_column': "
         "interactions.parquet has no column 'buy'"
     ) in refused(skeleton)
+
+
+def edit_streaming(folder: Path, **changes: Any) -> None:
+    edit_yaml(folder / "rankgate.yaml", lambda raw: raw["streaming"][0].update(changes))
+
+
+def test_a_streaming_view_the_repository_lacks(example: Path) -> None:
+    edit_streaming(example, view="recent_taps")
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.view': the repository defines no "
+        "feature view 'recent_taps'"
+    ) in refused(example)
+
+
+def test_a_streaming_view_fed_by_another_push_source(example: Path) -> None:
+    edit_streaming(example, push_source="clicks_push")
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.push_source': view 'recent_clicks' "
+        "is fed by the push source 'recent_clicks_push', not 'clicks_push'"
+    ) in refused(example)
+
+
+def test_a_streaming_view_without_a_push_source(example: Path) -> None:
+    edit_streaming(example, view="user_item_affinity", field="affinity_{item_id}")
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.push_source': view "
+        "'user_item_affinity' has no PushSource as its source (FileSource)"
+    ) in refused(example)
+
+
+def test_a_streaming_view_keyed_by_items(example: Path) -> None:
+    edit_streaming(example, view="item_context", per="total", field="item_feature_1")
+    message = refused(example)
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.view': view 'item_context' is keyed "
+        "by item, not by the user entity 'user' alone"
+    ) in message
+    # A string field is no count.
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.field': view 'item_context' has no "
+        "float field 'item_feature_1'"
+    ) in message
+
+
+def test_a_streaming_view_without_a_field_for_every_item(example: Path) -> None:
+    definitions = example / "feature_repo" / "definitions.py"
+    definitions.write_text(
+        definitions.read_text().replace(
+            'RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(N_ITEMS)]',
+            'RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(73)]',
+        )
+    )
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'streaming.0.field': view 'recent_clicks' lacks a "
+        "float field for 7 of the 80 catalogue items: clicks_73, clicks_74, clicks_75, "
+        "clicks_76, clicks_77 and 2 more"
+    ) in refused(example)
+
+
+def test_setup_refuses_a_bad_streaming_declaration_before_touching_anything(
+    example: Path, tmp_path: Path
+) -> None:
+    """The definitions setup applies are checked with the streaming declarations."""
+    from features.store import checked_definitions
+
+    edit_streaming(example, push_source="clicks_push")
+    with pytest.raises(FeatureRepoError, match=r"field 'streaming\.0\.push_source'"):
+        checked_definitions(load_project(example), tmp_path)
+
+
+def test_a_streaming_event_type_that_is_not_declared(example: Path) -> None:
+    edit_streaming(example, events=["tap"])
+    message = refused(example)
+    assert message.startswith(f"{example / 'rankgate.yaml'}: field ")
+    assert "streaming.0.events: 'tap' is not a declared event type" in message
+
+
+def test_logistic_regression_settings_training_would_refuse(example: Path) -> None:
+    edit_yaml(
+        example / "rankgate.yaml", lambda raw: raw["setup_models"][2]["params"].update(leaves=7)
+    )
+    assert (
+        f"{example / 'rankgate.yaml'}: field 'setup_models.2.params.leaves' (v3): Extra inputs"
+    ) in refused(example)
 
 
 # -- end to end (slower: about 20 s) ---------------------------------------------

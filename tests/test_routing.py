@@ -14,8 +14,10 @@ from rankgate.errors import ConfigError
 from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.app import parse_config
-from serving.experiments import read_rollbacks, read_shadow
-from serving.routing import Router, RoutingConfig
+from serving.experiments import ExperimentLog, read_rollbacks, read_shadow
+from serving.feedback import read_outcomes
+from serving.promotion import reset_canary_outcomes, starts_experiment
+from serving.routing import Exposure, Router, RoutingConfig
 from tests.serving_support import (
     copy_with_wrong_width,
     example_user_ids,
@@ -267,3 +269,110 @@ def test_a_raising_canary_is_rolled_back_and_recorded(
     # A new replica (or a restart) learns the rollback from Redis.
     fresh = make_pipeline(runtime, routing=section)
     assert fresh.router.rolled_back == {raising_version}
+
+
+# -- the click-rate rule --------------------------------------------------------
+
+
+def ctr_router(**rules: Any) -> Router:
+    return Router(
+        RoutingConfig.model_validate(
+            {**routing("v2", canary="v1", weight=50), "rollback": {"min_impressions": 500, **rules}}
+        )
+    )
+
+
+def test_the_ctr_rule_fires_on_a_significantly_lower_canary_click_rate() -> None:
+    router = ctr_router(ctr_p_value=0.05)
+    # 3 % vs 5 % over 499 impressions: below the minimum exposure, nothing fires.
+    assert router.check_ctr(Exposure(499, 15), Exposure(2000, 100), now=1.0) is None
+    # A lower rate that a one-sided test cannot tell from chance does not fire either.
+    assert router.check_ctr(Exposure(600, 27), Exposure(600, 30), now=1.0) is None
+    # Nor does a better canary.
+    assert router.check_ctr(Exposure(2000, 200), Exposure(2000, 100), now=1.0) is None
+    event = router.check_ctr(Exposure(1000, 30), Exposure(1200, 60), now=1.0)
+    assert event is not None and (event.version, event.rule) == ("v1", "ctr")
+    assert (event.canary["impressions"], event.canary["clicks"]) == (1000, 30)
+    assert (event.stable["impressions"], event.stable["clicks"]) == (1200, 60)
+    assert event.canary["ctr"] == 0.03 and event.stable["ctr"] == 0.05
+    assert 0 < event.canary["p_value"] < 0.05
+    assert "canary CTR 3.00% (30/1000) vs stable 5.00% (60/1200)" in event.detail
+    assert "requests" in event.canary  # the windows' figures come along
+    assert router.canary_weight == 0
+    assert router.check_ctr(Exposure(1000, 0), Exposure(1200, 60), now=1.0) is None  # once
+
+
+def test_the_ctr_rule_needs_the_minimum_on_both_sides_and_can_be_turned_off() -> None:
+    assert ctr_router().check_ctr(Exposure(5000, 0), Exposure(499, 100)) is None
+    assert ctr_router(ctr_p_value=None).check_ctr(Exposure(5000, 0), Exposure(5000, 500)) is None
+    # The default significance is 0.05, and the rule does not wait for the request windows.
+    event = ctr_router().check_ctr(Exposure(5000, 0), Exposure(5000, 500))
+    assert event is not None and event.canary["requests"] == 0
+
+
+def test_clicks_reported_without_their_impressions_do_not_break_the_test() -> None:
+    event = ctr_router().check_ctr(Exposure(500, 600), Exposure(500, 100))
+    assert event is None  # capped at one click per impression: the canary is not worse
+
+
+@pytest.fixture
+def outcome_counters(env: Environment) -> Iterator[dict[str, str]]:
+    namespace = env.home.namespace
+    keys = {
+        "canary": redis_keys.outcomes(namespace, "v1", "canary"),
+        "stable": redis_keys.outcomes(namespace, "v2", "stable"),
+    }
+    env.redis.delete(redis_keys.rollbacks(namespace), *keys.values())
+    yield keys
+    env.redis.delete(redis_keys.rollbacks(namespace), *keys.values())
+
+
+def test_the_pipeline_rolls_a_canary_with_fewer_clicks_back_from_the_counters(
+    runtime, env: Environment, outcome_counters: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    section = {
+        **routing("v2", canary="v1", weight=50),
+        "rollback": {"min_impressions": 200, "ctr_p_value": 0.01},
+    }
+    pipeline = make_pipeline(runtime, routing=section)
+    granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
+    # What the event consumer keeps (serving/feedback.py): stable gets 10 % clicks.
+    env.redis.hset(outcome_counters["stable"], mapping={"impressions": 400, "clicks": 40})
+    env.redis.hset(outcome_counters["canary"], mapping={"impressions": 150, "clicks": 1})
+    pipeline.rollbacks_synced_at = pipeline.rollback_checked_at = 0.0  # due now
+    rank(pipeline, user_id=granted, purpose="onsite_personalization", region="US")
+    drain(pipeline)
+    assert pipeline.router.rolled_back == set()  # 150 canary impressions: too few
+    env.redis.hset(outcome_counters["canary"], mapping={"impressions": 300, "clicks": 3})
+    pipeline.rollbacks_synced_at = pipeline.rollback_checked_at = 0.0  # due now
+    rank(pipeline, user_id=granted, purpose="onsite_personalization", region="US")
+    drain(pipeline)
+    assert pipeline.router.rolled_back == {"v1"}
+    recorded = read_rollbacks(env.redis, env.home.namespace)["v1"]
+    assert recorded["rule"] == "ctr" and "1.00% (3/300)" in recorded["detail"]
+    assert recorded["canary"]["clicks"] == 3 and recorded["stable"]["impressions"] == 400
+    fired = runtime.metrics.registry.get_sample_value(
+        "rankgate_rollbacks_total", {"model_version": "v1", "rule": "ctr"}
+    )
+    assert fired is not None and fired >= 1
+
+
+def test_a_new_canary_counts_from_zero_and_stable_from_where_it_stood(
+    runtime, env: Environment, outcome_counters: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    namespace = env.home.namespace
+    env.redis.hset(outcome_counters["canary"], mapping={"impressions": 900, "clicks": 2})
+    env.redis.hset(outcome_counters["stable"], mapping={"impressions": 5000, "clicks": 500})
+    before = config(stable="v2", canary="v1", weight=10)
+    assert not starts_experiment(before, "v1", set())  # a new weight, the same experiment
+    assert starts_experiment(before, "v1", {"v1"})  # rolled back: a new one
+    assert starts_experiment(config(stable="v2"), "v1", set())
+    reset_canary_outcomes(env.redis, namespace, "v1", "v2")
+    env.redis.hincrby(outcome_counters["stable"], "impressions", 300)
+    env.redis.hincrby(outcome_counters["stable"], "clicks", 15)
+    canary = read_outcomes(env.redis, namespace, "v1", "canary")
+    stable = read_outcomes(env.redis, namespace, "v2", "stable")
+    assert canary.exposure == Exposure(0, 0)
+    assert stable.since(canary) == Exposure(300, 15)
+    log = ExperimentLog(runtime.redis, namespace)  # as the pipeline reads them
+    assert LOOP.run_until_complete(log.exposures("v1", "v2")) == (Exposure(0, 0), Exposure(300, 15))

@@ -100,7 +100,7 @@ def test_a_second_home_is_independent(ready_home: Home, other_home: Home) -> Non
     other_url = EmbeddedRedis(other_home).running_url()
     assert other_url is not None and other_url != session_url
     assert other_home.namespace != ready_home.namespace
-    assert env.models.versions() == ["v1", "v2"]
+    assert env.models.versions() == ["v1", "v2", "v3"]
     assert env.models.path("v1").is_relative_to(other_home.root)
     assert run_setup(lambda _line: None) is False
     # A setup model whose manifest no longer loads (written by an older rankgate) is

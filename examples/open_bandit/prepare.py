@@ -45,6 +45,7 @@ RAW_AFFINITY_COLUMNS = [f"user-item_affinity_{i}" for i in range(N_ITEMS)]
 # Feast field names: the raw "user-item_affinity_i" is renamed to "affinity_i".
 AFFINITY_COLUMNS = [f"affinity_{i}" for i in range(N_ITEMS)]
 ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
+RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(N_ITEMS)]
 VISITOR_COLUMNS = PROFILE_COLUMNS + RAW_AFFINITY_COLUMNS
 
 
@@ -91,7 +92,8 @@ def demo_user_ids() -> list[str]:
 
 
 def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, int]:
-    """Write the offline tables Feast and training read, keyed by pseudonymous user key."""
+    """Write the offline tables Feast and training read, keyed by pseudonymous user key
+    (and the empty batch source of the streaming view `recent_clicks`)."""
     import pandas as pd
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -119,4 +121,22 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     affinity.to_parquet(data_dir / "user_item_affinity.parquet", index=False)
     items.to_parquet(data_dir / "item_context.parquet", index=False)
     logs.to_parquet(data_dir / "impressions.parquet", index=False)
+    recent_clicks_table().to_parquet(data_dir / "recent_clicks.parquet", index=False)
     return {"users": len(visitors), "items": len(items), "impressions": len(logs)}
+
+
+def recent_clicks_table() -> pd.DataFrame:
+    """The batch source behind the `recent_clicks` push source, with no rows: Feast needs
+    the table for its registry and historical retrieval, but the view's online rows
+    come only from the event stream (training computes its values from the log)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "user_key": pd.Series([], dtype="string"),
+            "event_timestamp": pd.Series([], dtype="datetime64[ns, UTC]"),
+        }
+    )
+    for column in RECENT_CLICK_COLUMNS:
+        frame[column] = pd.Series([], dtype="float32")
+    return frame

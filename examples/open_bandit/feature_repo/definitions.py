@@ -1,4 +1,4 @@
-"""Feast definitions of the Open Bandit example: two user views and one item view.
+"""Feast definitions of the Open Bandit example: three user views and one item view.
 
 A plain Feast repository file: `feast apply` reads it, and so does rankgate. The
 offline sources are the tables the example's prepare.py writes into the folder
@@ -10,7 +10,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureView, Field, FileSource, ValueType
+from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Float32, Float64, String
 
 DATA = Path(os.environ.get("RANKGATE_DATA_DIR") or Path(__file__).parent / "data")
@@ -19,6 +19,7 @@ N_ITEMS = 80
 PROFILE_COLUMNS = [f"user_feature_{i}" for i in range(4)]
 AFFINITY_COLUMNS = [f"affinity_{i}" for i in range(N_ITEMS)]
 ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
+RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(N_ITEMS)]
 
 # A person, known to the feature store only by their pseudonymous key: an HMAC of
 # the application's user id (rankgate.pseudonym). The raw id never reaches Feast,
@@ -87,4 +88,29 @@ item_context = FeatureView(
     ),
     online=True,
     tags={"group": "item"},
+)
+
+# The visitor's recent clicks per item (behavioural data): a decayed count, an event
+# counting 1 when it happens and half as much an hour later (rankgate.yaml
+# `streaming`). Its rows come only from the event stream: rankgate's consumer
+# pushes each person's counts through the push source (`store.push`), and setup
+# does not materialize it. The batch source behind the push source is what Feast
+# needs for historical retrieval; prepare.py writes it empty.
+recent_clicks_push = PushSource(
+    name="recent_clicks_push",
+    batch_source=FileSource(
+        name="recent_clicks_source",
+        path=str(DATA / "recent_clicks.parquet"),
+        timestamp_field="event_timestamp",
+    ),
+)
+
+recent_clicks = FeatureView(
+    name="recent_clicks",
+    entities=[user],
+    ttl=timedelta(days=2),
+    schema=[Field(name=name, dtype=Float32) for name in RECENT_CLICK_COLUMNS],
+    source=recent_clicks_push,
+    online=True,
+    tags={"group": "activity"},
 )

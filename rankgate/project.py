@@ -132,6 +132,14 @@ class SetupModel(Strict):
     same), or LogisticRegression's (model_store.train.LogisticParams)."""
 
 
+def named(value: dict[str, Any]) -> dict[str, Any]:
+    """A mapping whose keys are names: lower-case letters, digits and _, from a letter."""
+    for name in value:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: lower-case letters, digits and _, from a letter")
+    return value
+
+
 class EventField(Strict):
     """A field an event type carries beside the common ones (`fields.<name>`)."""
 
@@ -149,10 +157,7 @@ class EventType(Strict):
     @field_validator("fields")
     @classmethod
     def _names(cls, value: dict[str, EventField]) -> dict[str, EventField]:
-        for name in value:
-            if not NAME.fullmatch(name):
-                raise ValueError(f"{name!r}: lower-case letters, digits and _, from a letter")
-        return value
+        return named(value)
 
 
 class Outcomes(Strict):
@@ -176,10 +181,7 @@ class EventsConfig(Strict):
     @field_validator("types")
     @classmethod
     def _type_names(cls, value: dict[str, EventType]) -> dict[str, EventType]:
-        for name in value:
-            if not NAME.fullmatch(name):
-                raise ValueError(f"{name!r}: lower-case letters, digits and _, from a letter")
-        return value
+        return named(value)
 
     @model_validator(mode="after")
     def _outcomes_declared(self) -> EventsConfig:

@@ -327,7 +327,7 @@ def test_the_example_boosts_on_a_catalogue_without_their_items(example: Path) ->
 
 
 def test_an_empty_catalogue(skeleton: Path) -> None:
-    (skeleton / "items.csv").write_text("item_id\n")
+    (skeleton / "items.csv").write_text("product_id\n")
     edit_yaml(skeleton / "rankgate.yaml", lambda raw: raw.update(catalogue={"file": "items.csv"}))
     message = refused(skeleton)
     assert (
@@ -359,7 +359,7 @@ def test_an_entity_the_repository_lacks(skeleton: Path) -> None:
 
 def test_string_item_ids_declared_for_an_integer_entity(skeleton: Path) -> None:
     edit_yaml(skeleton / "rankgate.yaml", lambda raw: raw["item"].update(id_type="string"))
-    assert "field 'item.id_type': string ids, but entity 'item' is INT64" in refused(skeleton)
+    assert "field 'item.id_type': string ids, but entity 'product' is INT64" in refused(skeleton)
 
 
 def test_setup_model_settings_training_would_refuse(skeleton: Path) -> None:

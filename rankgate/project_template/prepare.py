@@ -10,11 +10,12 @@ segments, items in a few categories, and logged impressions whose clicks depend
 on segment, category, price and device, so a model has something to learn.
 Replace it with a step that exports your own tables, written the same way:
 
-  user_profile.parquet     user_key, event_timestamp, <user view fields>
-  item_attributes.parquet  item_id, event_timestamp, <item view fields>
-  interactions.parquet     user_key, item_id, click, timestamp, <context columns>
+  user_profile.parquet     shopper_key, event_timestamp, <user view fields>
+  item_attributes.parquet  product_id, event_timestamp, <item view fields>
+  interactions.parquet     shopper_key, product_id, clicked, shown_at, <context columns>
 
-User tables hold the pseudonymous key `user_key(user_id)`, never the raw id.
+The column names are this sample's own (rankgate.yaml declares them). User tables
+hold the pseudonymous key `rankgate.pseudonym.user_key(user_id)`, never the raw id.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     price = rng.lognormal(3.0, 0.6, N_ITEMS).round(2)
     users = pd.DataFrame(
         {
-            "user_key": [user_key(user_id) for user_id in demo_user_ids()],
+            "shopper_key": [user_key(user_id) for user_id in demo_user_ids()],
             "event_timestamp": snapshot,
             "segment": np.array(SEGMENTS)[segment_of],
             "visits_30d": visits.astype("int64"),
@@ -64,7 +65,7 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     )
     items = pd.DataFrame(
         {
-            "item_id": np.arange(1, N_ITEMS + 1, dtype="int64"),
+            "product_id": np.arange(1, N_ITEMS + 1, dtype="int64"),
             "event_timestamp": snapshot,
             "category": np.array(CATEGORIES)[category_of],
             "price": price,
@@ -88,10 +89,10 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     seconds = np.sort(rng.integers(0, 30 * 24 * 3600, N_IMPRESSIONS))
     interactions = pd.DataFrame(
         {
-            "user_key": users["user_key"].to_numpy()[user_at],
-            "item_id": items["item_id"].to_numpy()[item_at],
-            "click": click.astype("int64"),
-            "timestamp": pd.Timestamp(LOG_END - timedelta(days=30))
+            "shopper_key": users["shopper_key"].to_numpy()[user_at],
+            "product_id": items["product_id"].to_numpy()[item_at],
+            "clicked": click.astype("int64"),
+            "shown_at": pd.Timestamp(LOG_END - timedelta(days=30))
             + pd.to_timedelta(seconds, unit="s"),
             "device": device,
         }

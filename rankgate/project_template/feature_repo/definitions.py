@@ -22,18 +22,18 @@ DATA = Path(os.environ.get("RANKGATE_DATA_DIR") or Path(__file__).parent / "data
 # A person, known to the feature store only by their pseudonymous key: an HMAC of
 # your application's user id (rankgate.pseudonym.user_key), a string. Write that
 # key, never the raw id, into the user tables: what Feast stores ends up in Redis.
-user = Entity(
-    name="user",
-    join_keys=["user_key"],
+shopper = Entity(
+    name="shopper",
+    join_keys=["shopper_key"],
     value_type=ValueType.STRING,
     description="A person, keyed by the HMAC of their user id.",
 )
 
 # An item of the catalogue. Its value type must match rankgate.yaml's item.id_type
 # (INT64 for int ids, STRING for string ids).
-item = Entity(
-    name="item",
-    join_keys=["item_id"],
+product = Entity(
+    name="product",
+    join_keys=["product_id"],
     value_type=ValueType.INT64,
     description="A catalogue item.",
 )
@@ -44,7 +44,7 @@ item = Entity(
 # old a row may be before Feast treats it as missing.
 user_profile = FeatureView(
     name="user_profile",
-    entities=[user],
+    entities=[shopper],
     ttl=timedelta(days=90),
     schema=[
         Field(name="segment", dtype=String, description="Customer segment."),
@@ -64,7 +64,7 @@ user_profile = FeatureView(
 # the catalogue (rankgate.yaml `catalogue: {view: item_attributes}`).
 item_attributes = FeatureView(
     name="item_attributes",
-    entities=[item],
+    entities=[product],
     ttl=timedelta(days=365),
     schema=[
         Field(name="category", dtype=String, description="Product category."),

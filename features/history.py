@@ -31,12 +31,8 @@ import numpy as np
 import pandas as pd
 
 from features.spec import item_field
+from features.streaming import decayed
 from rankgate.project import ItemId, Project, StreamingView
-
-
-def decayed(value: float, elapsed_s: float, half_life_s: float) -> float:
-    """A count `elapsed_s` seconds later (an event counts half as much per half-life)."""
-    return value * 0.5 ** (max(elapsed_s, 0.0) / half_life_s)
 
 
 def countable(project: Project, view: StreamingView) -> tuple[bool, bool]:

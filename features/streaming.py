@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from features.spec import item_field
 from rankgate.project import ItemId, StreamingView
 
 AT, THROUGH = "_at", "_through"
@@ -102,9 +103,7 @@ class StreamingCounts:
         self.spec = spec
         self.types = frozenset(spec.events)
         if spec.per == "item":
-            self.field_of_item = {
-                item: spec.field.replace("{item_id}", str(item)) for item in catalogue
-            }
+            self.field_of_item = {item: item_field(spec.field, item) for item in catalogue}
             self.fields = list(self.field_of_item.values())
         else:
             self.field_of_item = {}
@@ -123,7 +122,7 @@ class StreamingCounts:
         return self.field_of_item.get(item_id)
 
     def decay(self, seconds: float) -> float:
-        return float(0.5 ** (max(seconds, 0.0) / self.spec.half_life_s))
+        return decayed(1.0, seconds, self.spec.half_life_s)
 
     def apply(self, state: CountState, events: Sequence[Counted]) -> int:
         """Add the events not applied before to `state` (in place); how many were new."""
@@ -160,5 +159,6 @@ class StreamingCounts:
 
 
 def decayed(value: float, age_s: float, half_life_s: float) -> float:
-    """A count read `age_s` after the time it was pushed for."""
+    """A count `age_s` seconds later: an event counts half as much per half-life (the
+    one rule of streaming counts, online and in training)."""
     return float(value * 0.5 ** (max(age_s, 0.0) / half_life_s))

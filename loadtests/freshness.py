@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests.drive import percentile
 from model_store.store import ModelStore
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
@@ -105,13 +106,6 @@ class Background(threading.Thread):
                     self.refused += batch
                 next_at += interval
                 self.stop.wait(max(next_at - time.monotonic(), 0.0))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_freshness(

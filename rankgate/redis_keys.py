@@ -148,7 +148,7 @@ EVENT_SEEN = RedisKey(
     event_seen(NS, "<sha256(event_id)>"),
     "string",
     "`/v1/events`",
-    "an event id was accepted (idempotency), expires after `events.dedup_s`",
+    "an event id was accepted (idempotency), expires after `events.max_age_s`",
     personal=False,
 )
 CONSUMER_LEASE = RedisKey(

@@ -126,10 +126,6 @@ class EventLimits(Strict):
     decision_ttl_s: float = Field(24 * 3600.0, gt=0)
     """How long a decision waits for its outcomes (impressions, clicks) to join it."""
 
-    @property
-    def dedup_s(self) -> float:
-        return self.max_age_s
-
 
 class PipelineConfig(Strict):
     stages: list[str] = Field(

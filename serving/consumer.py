@@ -368,8 +368,6 @@ class EventConsumer:
         self.config = ConsumerConfig()
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
-        self.batches = 0
-        self.started = time.time()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         try:
@@ -430,21 +428,12 @@ class EventConsumer:
         if self.joiner is not None:
             await self.joiner.join(events)
         await self.reader.ack([stream_id for stream_id, _ in entries])
-        self.batches += 1
         newest = entries[-1][0].decode()
         self.metrics.lag.set(max(time.time() - stream_time(newest), 0.0))
         return len(entries)
 
     async def metrics_text(self) -> bytes:
         return self.metrics.render()
-
-    async def status(self) -> dict[str, Any]:
-        return {
-            "name": self.reader.name,
-            "running": self.task is not None and not self.task.done(),
-            "batches": self.batches,
-            "started": self.started,
-        }
 
     async def __del__(self) -> None:
         self.stopping = True

@@ -154,9 +154,7 @@ class Event(BaseModel):
             if value is None:
                 if spec.required:
                     problems.append(f"{name!r} is required for {self.type} events")
-            elif spec.type == "number" and (
-                isinstance(value, str) or isinstance(value, bool)  # noqa: SIM101
-            ):
+            elif spec.type == "number" and isinstance(value, str | bool):
                 problems.append(f"{name!r} must be a number")
             elif spec.type == "string" and not isinstance(value, str):
                 problems.append(f"{name!r} must be a string")
@@ -335,7 +333,7 @@ class EventLog:
         keys = [self.stream] + [
             redis_keys.event_seen(self.namespace, event_digest(e.event_id)) for e in events
         ]
-        args: list[Any] = [self.limits.max_stream_len, int(self.limits.dedup_s)]
+        args: list[Any] = [self.limits.max_stream_len, int(self.limits.max_age_s)]
         args += [event.stored() for event in events]
         try:
             ids = await self.append_script(keys=keys, args=args)

@@ -30,7 +30,6 @@ a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
@@ -44,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from rankgate import redis_keys
 from rankgate.project import Outcomes, Project
-from serving.events import StoredEvent
+from serving.events import StoredEvent, event_digest
 from serving.routing import Exposure
 
 ROLES = ("impression", "click", "conversion")
@@ -275,7 +274,7 @@ class OutcomeJoiner:
 
 def marker(event_id: str) -> str:
     """The decision hash's field that says this event was counted."""
-    return MARKER_PREFIX + hashlib.sha256(event_id.encode()).hexdigest()[:32]
+    return MARKER_PREFIX + event_digest(event_id)
 
 
 # -- reading the counters -----------------------------------------------------

@@ -27,11 +27,10 @@ from serving.promotion import reset_canary_outcomes
 from tests.conftest import Server
 from tests.serving_support import deploy, health, ingress_user_config, routing
 
+# The served project's outcome types (the example declares them; the test fails,
+# not skips, if they are gone).
 OUTCOMES = project_outcomes(get_project())
-pytestmark = pytest.mark.skipif(
-    OUTCOMES is None or OUTCOMES.impression is None or OUTCOMES.click is None,
-    reason="the served project declares no impression and click outcomes (events.outcomes)",
-)
+assert OUTCOMES is not None and OUTCOMES.impression and OUTCOMES.click, OUTCOMES
 # Deterministic click rates: stable's first item is clicked in every 3rd answer,
 # the canary's in every 25th (about 6.7 % and 0.8 % of impressions at k=5).
 STABLE_EVERY, CANARY_EVERY, K = 3, 25, 5

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,12 +30,41 @@ class Region(Strict):
     description: str = ""
 
 
+class EpsilonGreedy(Strict):
+    """With probability `epsilon` an answer is k of the allowed items drawn uniformly
+    at random, in random order; otherwise the model's top k."""
+
+    method: Literal["epsilon_greedy"]
+    epsilon: float = Field(gt=0, le=1)
+
+
+class PlackettLuce(Strict):
+    """Items are drawn one position at a time, each with probability proportional to
+    exp(z / temperature), where z is the item's score standardized over the allowed
+    items; no item moves more than `max_shift` places from its model rank."""
+
+    method: Literal["plackett_luce"]
+    temperature: float = Field(gt=0)
+    """In standard deviations of the scores: small keeps the model's order, large
+    shuffles within the cap."""
+    max_shift: int = Field(2, ge=1, le=4)
+    """How far an item may move up or down from its model rank. The cap also keeps
+    the exact propensity computation small (it grows as C(2 x max_shift, max_shift))."""
+
+
+Exploration = Annotated[EpsilonGreedy | PlackettLuce, Field(discriminator="method")]
+
+
 class Purpose(Strict):
     description: str = ""
     explicit_consent: bool
     """True: a recorded "granted" consent is needed in every region."""
     feature_views: list[str] = Field(min_length=1)
     """Feast views a model may read for this purpose."""
+    exploration: Exploration | None = None
+    """How answers for this purpose may depart from the model's order to learn what
+    it ranks low, with the propensity of each shown item logged (off when absent).
+    Only people the gate clears are ever explored on."""
 
 
 class ItemRule(Strict):

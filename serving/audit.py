@@ -62,6 +62,21 @@ class RecordedFeatures(BaseModel):
     the record's `at`, how old the freshest streaming feature was."""
 
 
+class Choice(BaseModel):
+    """How the shown items were chosen (what off-policy evaluation needs to know)."""
+
+    method: str
+    """top_k (the model's order), fallback (the rules' order), or the purpose's
+    exploration method (epsilon_greedy, plackett_luce)."""
+    deterministic: bool
+    explored: bool = False
+    """An exploration draw that differs from the model's top k."""
+    seed: int | None = None
+    """The draw's seed: `rankgate audit replay` draws the same answer."""
+    exploration: dict[str, Any] | None = None
+    """The exploration settings the draw used (from the policy)."""
+
+
 class AuditRecord(BaseModel):
     """One decision as the audit stream keeps it (no raw user id).
 
@@ -94,6 +109,11 @@ class AuditRecord(BaseModel):
     explanation: list[list[Reason]] | None
     """Reasons per returned item, when they were computed."""
     timings_ms: dict[str, float]
+    propensities: list[float] | None = None
+    """Per shown item, the probability with which the serving policy put it at its
+    position: 1 for a deterministic ranking (absent in records older than this field)."""
+    choice: Choice | None = None
+    """How the items were chosen (absent in records older than this field)."""
     stream_id: str | None = None
     """Id of the stream entry: set when read back, never written."""
 

@@ -79,6 +79,13 @@ class ServingMetrics:
             ["model_version", "rule"],
             registry=r,
         )
+        self.exploration = Counter(
+            "rankgate_exploration_answers",
+            "Model answers of purposes with exploration, by whether the drawn answer differs "
+            "from the model's top k (the share explored is explored=true over all)",
+            ["purpose", "method", "explored"],
+            registry=r,
+        )
         self.shadow_scores = Counter(
             "rankgate_shadow_scores",
             "Shadow scorings by result",

@@ -27,7 +27,7 @@ from cachetools import LRUCache
 from features.vector import build_matrix, user_fields
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
-from serving.audit import AuditRecord, AuditWriter, RecordedFeatures
+from serving.audit import AuditRecord, AuditWriter, Choice, RecordedFeatures
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
@@ -329,6 +329,24 @@ def audit_record(
         fallback=response.fallback,
         explanation=[item.reasons or [] for item in response.items] if context.reasons else None,
         timings_ms=response.timings_ms,
+        propensities=context.propensities,
+        choice=choice(context),
+    )
+
+
+def choice(context: RankContext) -> Choice:
+    """How a decision's items were chosen, for its audit record."""
+    if context.fallback is not None:
+        return Choice(method="fallback", deterministic=True)
+    exploration = context.exploration
+    if exploration is None:
+        return Choice(method="top_k", deterministic=True)
+    return Choice(
+        method=exploration.method,
+        deterministic=False,
+        explored=context.explored,
+        seed=context.exploration_seed,
+        exploration=exploration.model_dump(),
     )
 
 

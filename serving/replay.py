@@ -14,10 +14,13 @@ from model_store.store import ModelStore
 from rankgate import redis_keys
 from rankgate.errors import RankgateError
 from rankgate.home import Home
+from rankgate.policy import Exploration
 from serving.audit import AuditRecord
-from serving.topk import SCORE_DIGITS, top_k
+from serving.topk import SCORE_DIGITS, Pick, top_k
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from features.vector import ItemTable
 
 SCAN_CHUNK = 1000
@@ -94,6 +97,20 @@ class Replay:
     replayed: Ranking
 
 
+def ranking(record: AuditRecord, candidates: list[int | str], scores: np.ndarray) -> list[Pick]:
+    """The recorded decision's ranking of these scores: the model's top k, or the
+    same exploration draw (its settings and seed are in the record)."""
+    choice = record.choice
+    if choice is None or choice.deterministic or choice.seed is None:
+        return top_k(candidates, scores, record.k)
+    from pydantic import TypeAdapter
+
+    from serving.exploration import explore
+
+    exploration = TypeAdapter(Exploration).validate_python(choice.exploration)
+    return explore(exploration, candidates, scores, record.k, choice.seed).picks
+
+
 def replay(record: AuditRecord, home: Home, items: ItemTable) -> Replay:
     """Re-score a recorded decision with its model version and recorded features."""
     # Imported here, not at the top: `rankgate audit tail` only reads the stream
@@ -120,7 +137,7 @@ def replay(record: AuditRecord, home: Home, items: ItemTable) -> Replay:
     scores = scorer.score(matrix)
     replayed: Ranking = [
         [pick.item_id, round(pick.score, SCORE_DIGITS)]
-        for pick in top_k(candidates, scores, record.k)
+        for pick in ranking(record, candidates, scores)
     ]
     same = replayed == recorded
     table_note = (

@@ -38,9 +38,11 @@ import numpy as np
 from features.vector import ItemTable, build_matrix
 from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError
+from rankgate.policy import Exploration
 from rankgate.project import ItemId
 from serving.config import ServingConfig
 from serving.explainer import Explainer
+from serving.exploration import Selection, explore, greedy, new_seed
 from serving.fallback import RuleFallback
 from serving.feature_fetch import FeatureFetcher, UserFeatures
 from serving.gate import ConsentGate, GateDecision
@@ -49,7 +51,7 @@ from serving.outcomes import FallbackReason
 from serving.ranker import LoadedModel, ModelSet, ModelUnavailable
 from serving.routing import Router
 from serving.schemas import Explanation, Fallback, ModelRef, RankRequest
-from serving.topk import Pick, top_k
+from serving.topk import Pick
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 
@@ -116,6 +118,14 @@ class RankContext:
     matrix: np.ndarray | None = None
     picks: list[Pick[ItemId]] = field(default_factory=list)
     ranked: list[tuple[ItemId, float]] = field(default_factory=list)
+    propensities: list[float] = field(default_factory=list)
+    """Per shown item, the probability the serving policy put it at its position."""
+    exploration: Exploration | None = None
+    """The purpose's exploration, when the answer was drawn by it (None: deterministic)."""
+    exploration_seed: int | None = None
+    """The seed of that draw: replay draws the same answer."""
+    explored: bool = False
+    """The drawn answer differs from the model's top k."""
     reasons: list[list] | None = None
     explanation: Explanation | None = None
     reason: FallbackReason | None = None
@@ -298,9 +308,27 @@ class ScoreStage(Stage):
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
         context.matrix = matrix
-        context.picks = top_k(context.eligible, scores, request.k)
+        selection = self.select(context, scores)
+        context.picks, context.propensities = selection.picks, selection.propensities
+        context.explored = selection.explored
         context.ranked = [(pick.item_id, pick.score) for pick in context.picks]
         return COMPLETED
+
+    def select(self, context: RankContext, scores: np.ndarray) -> Selection:
+        """The model's top k, or a draw of the purpose's exploration (the gate has
+        cleared this person: the score stage runs only for them)."""
+        request = context.request
+        exploration = self.services.gate.policy.purposes[request.purpose].exploration
+        if exploration is None:
+            return greedy(context.eligible, scores, request.k)
+        context.exploration, context.exploration_seed = exploration, new_seed()
+        selection = explore(
+            exploration, context.eligible, scores, request.k, context.exploration_seed
+        )
+        self.services.metrics.exploration.labels(
+            request.purpose, exploration.method, str(selection.explored).lower()
+        ).inc()
+        return selection
 
 
 class ExplainStage(Stage):
@@ -351,6 +379,8 @@ class RuleFallbackStage(Stage):
         detail = {"detail": context.detail} if context.detail else {}
         context.fallback = Fallback(reason=context.reason, strategy=fallback.strategy, **detail)
         context.ranked = fallback.rank(context.eligible, context.request.k)
+        context.propensities = [1.0] * len(context.ranked)
+        context.exploration, context.exploration_seed, context.explored = None, None, False
         context.reasons = None
         if context.request.explain:
             context.explanation = Explanation(status="omitted", reason="not_personalized")

@@ -600,6 +600,7 @@ def model_promote(
     from serving.promotion import (
         Move,
         RoutingFile,
+        record_change,
         reset_canary_outcomes,
         routing_applied,
         starts_experiment,
@@ -634,6 +635,7 @@ def model_promote(
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
+    record_change(env.redis, env.home.namespace, "promote", version, routing)
     _apply(env, path, routing_applied(new))
 
 
@@ -647,12 +649,13 @@ def model_retire(version: str, force: bool, config_path: Path | None) -> None:
 
     Refused for the stable version, and when a purpose would lose its permitted
     model, unless --force."""
-    from serving.promotion import Move, RoutingFile, routing_applied
+    from serving.promotion import Move, RoutingFile, record_change, routing_applied
 
     env, path = _promotion_context(config_path)
     routing = RoutingFile.open(path)
     new = routing.change(Move(version, None), env.models, force, click.echo)
     click.echo(f"{path}: {version} left the routing")
+    record_change(env.redis, env.home.namespace, "retire", version, routing)
     _apply(env, path, routing_applied(new))
 
 
@@ -663,7 +666,7 @@ def model_retire(version: str, force: bool, config_path: Path | None) -> None:
 def model_rollback(force: bool, config_path: Path | None) -> None:
     """Take the canary out (stable serves everyone) and apply it; a canary that was an
     alternate or a shadow before its promotion gets that role back."""
-    from serving.promotion import RoutingFile, rollback_move, routing_applied
+    from serving.promotion import RoutingFile, record_change, rollback_move, routing_applied
 
     env, path = _promotion_context(config_path)
     routing = RoutingFile.open(path)
@@ -674,7 +677,39 @@ def model_rollback(force: bool, config_path: Path | None) -> None:
     new = routing.change(move, env.models, force, click.echo)
     back = f"back to {move.role}" if move.role else "out of the routing"
     click.echo(f"{path}: canary {move.version} {back}; {new.stable} is stable for all users")
+    record_change(env.redis, env.home.namespace, "rollback", move.version, routing)
     _apply(env, path, routing_applied(new))
+
+
+@model.command("history")
+@click.option("--count", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@fails_cleanly
+def model_history(count: int) -> None:
+    """The audit of routing changes: promotions, retirements and rollbacks (automatic
+    ones with their rule), newest last, with forced changes and their evidence."""
+    from datetime import UTC, datetime
+
+    from rankgate.setup import Environment
+    from serving.experiments import read_routing_events
+
+    env = Environment.open()
+    entries = read_routing_events(env.redis, env.home.namespace, count)
+    if not entries:
+        click.echo("no routing changes recorded")
+    for entry in entries:
+        when = datetime.fromtimestamp(entry["at"], UTC).isoformat(timespec="seconds")
+        if entry["event"] == "rollback":
+            click.echo(
+                f"{when}  automatic rollback of {entry['version']}: rule {entry['rule']}: "
+                f"{entry['detail']}"
+            )
+            continue
+        role = entry.get("role") or "out of the routing"
+        weight = f" at {entry['weight']:g} %" if entry.get("weight") is not None else ""
+        forced = "  FORCED past: " + "; ".join(entry["overrode"]) if entry.get("overrode") else ""
+        click.echo(f"{when}  {entry['event']} {entry['version']} -> {role}{weight}{forced}")
+        for line in entry.get("evidence_lines", []):
+            click.echo(f"    {line}")
 
 
 @model.command("status")

@@ -119,8 +119,8 @@ ROLLBACKS = RedisKey(
 ROUTING_EVENTS = RedisKey(
     routing_events(NS),
     "stream",
-    "replicas, on an automatic canary rollback",
-    "one entry per rollback",
+    "replicas, on an automatic canary rollback; `rankgate model promote/retire/rollback`",
+    "one entry per routing change (rule or evidence figures, forced or not)",
     personal=False,
 )
 SHADOW = RedisKey(

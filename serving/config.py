@@ -7,6 +7,7 @@ and the running configuration stays as it was.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -127,6 +128,36 @@ class EventLimits(Strict):
     """How long a decision waits for its outcomes (impressions, clicks) to join it."""
 
 
+class EvaluationRequirement(Strict):
+    """Off-policy evidence a version needs before `rankgate model promote --canary` or
+    `--stable` gives it traffic: its estimated click rate against stable's, from
+    logged decisions with propensities (model_store/offpolicy.py)."""
+
+    min_lift: float = Field(0.0, ge=-1)
+    """The lower confidence bound of (version - stable) must be at least this share of
+    stable's estimate: 0 asks for evidence that it is no worse, 0.05 for 5 % better,
+    -0.05 accepts up to 5 % worse."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Two-sided level of the bootstrap interval of the difference."""
+    min_effective_sample_size: float = Field(100.0, ge=1)
+    """Fewer effective samples (of the version's importance weights) is too little
+    evidence: refused."""
+    estimator: Literal["ips", "snips", "dr"] = "snips"
+    source: Literal["logs", "audit"] = "logs"
+    """logs: the project's logged interactions (rankgate.yaml `interactions`, with
+    position and propensity columns); audit: rankgate's own decisions joined with
+    their outcomes, since `since`."""
+    since: str = "7d"
+    """How far back the audit source reads (a duration, an ISO time, a stream id)."""
+    draws: int = Field(1000, ge=100, le=20_000)
+    """Bootstrap draws."""
+
+
+class PromotionConfig(Strict):
+    require_evaluation: EvaluationRequirement | None = None
+    """Off (null): promotion needs no off-policy evidence."""
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "score", "explain"], min_length=1
@@ -150,3 +181,4 @@ class ServingConfig(Strict):
     policy: PolicyConfig = PolicyConfig()
     pipeline: PipelineConfig = PipelineConfig()
     events: EventLimits = EventLimits()
+    promotion: PromotionConfig = PromotionConfig()

@@ -1,7 +1,9 @@
 """Where routing experiments leave their traces in Redis (key names: rankgate.redis_keys):
 
     rollbacks          hash: canary version -> RollbackEvent as JSON
-    routing_events     stream: one entry per rollback (the audit record)
+    routing_events     stream: the audit of routing changes, one entry per automatic
+                       rollback and per change made with `rankgate model promote`,
+                       `retire` or `rollback` (forced ones and their evidence included)
     shadow(version)    hash: requests, errors, overlap_sum, score_diff_sum
 
 and where the click-rate rule reads them: outcomes(version, variant), the
@@ -75,6 +77,25 @@ class ExperimentLog:
                 pipe.hincrbyfloat(key, "overlap_sum", overlap)
                 pipe.hincrbyfloat(key, "score_diff_sum", score_diff)
             await pipe.execute()
+
+
+def record_routing_change(client: redis.Redis, namespace: str, change: dict[str, Any]) -> None:
+    """Append a change made from the command line to the audit of routing changes:
+    `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures."""
+    client.xadd(
+        redis_keys.routing_events(namespace),
+        {"event": change["command"], "data": json.dumps(change, separators=(",", ":"))},
+        maxlen=10_000,
+    )
+
+
+def read_routing_events(client: redis.Redis, namespace: str, count: int) -> list[dict[str, Any]]:
+    """The newest `count` entries of the audit of routing changes, oldest first."""
+    entries = client.xrevrange(redis_keys.routing_events(namespace), count=count)
+    return [
+        {"event": fields[b"event"].decode(), **json.loads(fields[b"data"])}
+        for _, fields in reversed(entries)  # type: ignore[arg-type]
+    ]
 
 
 def read_rollbacks(client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:

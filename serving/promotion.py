@@ -27,12 +27,12 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
@@ -42,7 +42,8 @@ from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, load_policy
 from rankgate.settings import PROJECT_ROOT
-from serving.config import PolicyConfig
+from serving.config import PolicyConfig, PromotionConfig
+from serving.experiments import record_routing_change
 from serving.feedback import (
     BASELINE_CLICKS,
     BASELINE_IMPRESSIONS,
@@ -240,15 +241,16 @@ class RoutingChange:
             p: s for p, s in unserved(self.served_after).items() if s > TOLERANCE and p not in lost
         }
 
-    def guard(self, force: bool, say: Say) -> None:
-        """Refuse a change that takes personalization away, unless forced; then say so loudly."""
+    def guard(self, force: bool, say: Say) -> list[str]:
+        """Refuse a change that takes personalization away, unless forced; then say so
+        loudly. Returns what was forced past (for the audit of routing changes)."""
         lost = self.losses()
         for purpose, share in self.still_unserved().items():
             say(
                 f"warning: {purpose} still has no permitted model for {_percent(share)} of its users"
             )
         if not lost:
-            return
+            return []
         described = "; ".join(
             f"{p} would be left without a permitted model for {_percent(s)} of its users"
             for p, s in lost.items()
@@ -265,6 +267,7 @@ class RoutingChange:
                 f"WARNING (--force): {purpose} loses personalization for {_percent(share)} of "
                 "its users: they get the non-personalized fallback (no_permitted_model)"
             )
+        return [described]
 
     def table(self) -> list[str]:
         """Which purposes each version serves, before and after (share of users when not all)."""
@@ -361,19 +364,20 @@ class RoutingFile:
     node: Any
     routing: RoutingConfig
     purposes: dict[str, frozenset[str]]
+    promotion: PromotionConfig
+    overrode: list[str] = field(default_factory=list)
+    """What the last change was forced past."""
 
     @classmethod
     def open(cls, path: Path) -> RoutingFile:
         document, node = read_routing(path)
         user_config = ingress_deployment(document).get("user_config", {})
-        try:
-            policy_config = PolicyConfig.model_validate(plain(user_config.get("policy") or {}))
-        except ValidationError as exc:
-            raise ConfigError(validation_message(f"{path} policy", exc)) from exc
+        policy_config = _section(path, user_config, "policy", PolicyConfig)
         folder = policy_config.folder
         policy = load_policy(folder / "policy.yaml" if folder is not None else None)
         routing = validate_routing(plain(node), path)
-        return cls(path, document, node, routing, permitted_views(policy))
+        promotion = _section(path, user_config, "promotion", PromotionConfig)
+        return cls(path, document, node, routing, permitted_views(policy), promotion)
 
     def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
         """Plan `move`, show who serves what before and after, refuse or write it."""
@@ -382,7 +386,7 @@ class RoutingFile:
         say("who answers each purpose (share of its users, when not all):")
         for line in planned.table():
             say(line)
-        planned.guard(force, say)
+        self.overrode += planned.guard(force, say)
         self.write(planned.after)
         return planned.after
 
@@ -396,6 +400,44 @@ class RoutingFile:
             entries.append(entry)
         _write_document(self.path, self.document)
         self.routing = routing
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _section(path: Path, user_config: Any, name: str, model: type[Section]) -> Section:
+    try:
+        return model.model_validate(plain(user_config.get(name) or {}))
+    except ValidationError as exc:
+        raise ConfigError(validation_message(f"{path} {name}", exc)) from exc
+
+
+def record_change(
+    client: redis.Redis,
+    namespace: str,
+    command: str,
+    version: str,
+    routing: RoutingFile,
+    evidence: list[str] | None = None,
+) -> None:
+    """Append the change just written to the audit of routing changes: the version's
+    role after it, what was forced past, and the evidence shown."""
+    route = next((r for r in routing.routing.versions if r.version == version), None)
+    record_routing_change(
+        client,
+        namespace,
+        {
+            "command": command,
+            "at": time.time(),
+            "version": version,
+            "role": route.role if route else None,
+            "weight": route.weight if route else None,
+            "config": str(routing.path),
+            "forced": bool(routing.overrode),
+            "overrode": routing.overrode,
+            "evidence_lines": evidence or [],
+        },
+    )
 
 
 def starts_experiment(before: RoutingConfig, version: str, rolled_back: set[str]) -> bool:

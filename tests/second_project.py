@@ -479,6 +479,24 @@ def train_models(raw: RawData, out: Path) -> dict[str, Path]:
     return paths
 
 
+def train_shuffled(raw: RawData, out: Path, seed: int = 3) -> dict[str, Path]:
+    """A deliberately worse storefront model: the same inputs and learner as `gb`,
+    fitted to the clicks shuffled across impressions (it learns no preference)."""
+    import joblib
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = training_matrix(raw, GB_INPUTS)
+    model = GradientBoostingClassifier(n_estimators=80, max_depth=3, random_state=0)
+    model.fit(x, np.random.default_rng(seed).permutation(y))
+    onnx_model = to_onnx(model, x[:1], options={type(model): {"zipmap": False}}, target_opset=15)
+    paths = {"onnx": out / "gb-shuffled.onnx", "joblib": out / "gb-shuffled.joblib"}
+    paths["onnx"].write_bytes(onnx_model.SerializeToString())
+    joblib.dump(model, paths["joblib"])
+    return paths
+
+
 def popularity(raw: RawData, skus: list[str]) -> dict[str, float]:
     """The fallback scores the project's rules describe, computed from the raw log:
     smoothed click rate, times the boost."""

@@ -135,59 +135,115 @@ def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable
     return ItemTable({project.item_id(i): row for i, row in items.to_dict("index").items()})
 
 
+@dataclass
+class LoggedRows:
+    """A log's rows and, per row, what a model would have read then: the user's
+    offline view values, the streaming views' values at the row's time, the row's
+    context. Training and off-policy evaluation read logs through this one class."""
+
+    project: Project
+    logs: pd.DataFrame
+    """The log sorted by time (when it has a time column), rows of unknown items dropped."""
+    item_ids: list[Any]
+    """The row's item id, as the project's type."""
+    users: dict[Any, dict[str, Any]]
+    items: ItemTable
+    contexts: list[str]
+    streamed: list[dict[str, float]] | None
+
+    @classmethod
+    def read(
+        cls,
+        project: Project,
+        views: Sequence[FeatureView],
+        data_dir: Path,
+        specs: Sequence[FeatureSpec],
+        path: Path | None = None,
+        required: Sequence[str] = (),
+        every_item: Sequence[Any] | None = None,
+    ) -> LoggedRows:
+        """The project's interaction log (or `path`, with the same columns); ModelStoreError
+        names the field when a needed column (the `required` fields of `interactions`
+        among them) is not declared or not in the log."""
+        spec = project.spec.interactions
+        if spec is None or spec.user_column is None:
+            raise ModelStoreError(
+                f"{project.file}: field 'interactions': this needs a log with a user column; "
+                "train elsewhere and use `rankgate model register`",
+                422,
+            )
+        for name in required:
+            if getattr(spec, name) is None:
+                raise ModelStoreError(
+                    f"{project.file}: field 'interactions.{name}': not declared", 422
+                )
+        logs = read_table(path or project.path(spec.path, data_dir))
+        wanted = [spec.user_column, spec.item_column, spec.outcome_column]
+        wanted += [getattr(spec, name) for name in required]
+        missing = [c for c in wanted if c not in logs]
+        if missing:
+            raise ModelStoreError(
+                f"{project.file}: field 'interactions': the log has no column {missing[0]!r}", 422
+            )
+        if spec.time_column and spec.time_column in logs:
+            logs = logs.sort_values(spec.time_column, kind="stable")
+        logs = logs.reset_index(drop=True)
+        users: dict[Any, dict[str, Any]] = {}
+        by_name = {v.name: v for v in views}
+        user_views = {s.view for s in specs if s.source == "user" and s.view}
+        for name in sorted(user_views - set(project.streaming)):
+            rows = latest_rows(by_name[name], project, project.spec.user.join_key)
+            for key, row in rows.to_dict("index").items():
+                users.setdefault(key, {}).update(row)
+        items = load_item_table(project, views)
+        item_ids = [project.item_id(i) for i in logs[spec.item_column]]
+        known = np.array([i in items for i in item_ids]) if len(items) else np.ones(len(logs), bool)
+        if not known.all() and any(s.source == "item" for s in specs):
+            logs, item_ids = (
+                logs[known].reset_index(drop=True),
+                [i for i, k in zip(item_ids, known, strict=True) if k],
+            )
+        contexts = [c for c in project.context if c in logs.columns]
+        streamed = streaming_values(project, by_name, logs, item_ids, specs, every_item)
+        return cls(project, logs, item_ids, users, items, contexts, streamed)
+
+    @property
+    def user_column(self) -> str:
+        spec = self.project.spec.interactions
+        assert spec is not None and spec.user_column is not None
+        return spec.user_column
+
+    def user(self, row: int, key: Any) -> dict[str, Any]:
+        """What the model read of user `key` at log row `row`."""
+        user = self.users.get(key, {})
+        return user if self.streamed is None else {**user, **self.streamed[row]}
+
+    def context(self, row: int) -> dict[str, Any]:
+        return self.logs.loc[row, self.contexts].to_dict() if self.contexts else {}
+
+
 def training_set(
     project: Project,
     views: Sequence[FeatureView],
     data_dir: Path,
     specs: Sequence[FeatureSpec],
 ) -> TrainingSet:
+    logged = LoggedRows.read(project, views, data_dir, specs)
+    logs, items = logged.logs, logged.items
     spec = project.spec.interactions
-    if spec is None or spec.user_column is None:
-        raise ModelStoreError(
-            f"{project.file}: field 'interactions': training needs a log with a user column; "
-            "train elsewhere and use `rankgate model register`",
-            422,
-        )
-    logs = read_table(project.path(spec.path, data_dir))
-    missing = [
-        c for c in (spec.user_column, spec.item_column, spec.outcome_column) if c not in logs
-    ]
-    if missing:
-        raise ModelStoreError(
-            f"{project.file}: field 'interactions': the log has no column {missing[0]!r}", 422
-        )
-    if spec.time_column and spec.time_column in logs:
-        logs = logs.sort_values(spec.time_column, kind="stable")
-    logs = logs.reset_index(drop=True)
-    users: dict[Any, dict[str, Any]] = {}
-    by_name = {v.name: v for v in views}
-    user_views = {s.view for s in specs if s.source == "user" and s.view}
-    for name in sorted(user_views - set(project.streaming)):
-        rows = latest_rows(by_name[name], project, project.spec.user.join_key)
-        for key, row in rows.to_dict("index").items():
-            users.setdefault(key, {}).update(row)
-    items = load_item_table(project, views)
-    item_ids = [project.item_id(i) for i in logs[spec.item_column]]
-    known = np.array([i in items for i in item_ids]) if len(items) else np.ones(len(logs), bool)
-    if not known.all() and any(s.source == "item" for s in specs):
-        logs, item_ids = (
-            logs[known].reset_index(drop=True),
-            [i for i, k in zip(item_ids, known, strict=True) if k],
-        )
-    contexts = [c for c in project.context if c in logs.columns]
-    streamed = streaming_values(project, by_name, logs, item_ids, specs)
+    assert spec is not None
     matrix = np.empty((len(logs), len(specs)), dtype=np.float32)
-    ids = np.array(item_ids, dtype=object)
-    for key, positions in logs.groupby(spec.user_column).indices.items():
-        if contexts or streamed is not None:
+    ids = np.array(logged.item_ids, dtype=object)
+    for key, positions in logs.groupby(logged.user_column).indices.items():
+        if logged.contexts or logged.streamed is not None:
             for pos in positions:
-                context = logs.loc[pos, contexts].to_dict() if contexts else {}
-                user = users.get(key, {})
-                if streamed is not None:
-                    user = {**user, **streamed[pos]}
-                matrix[pos] = build_matrix(specs, user, items, [ids[pos]], context)
+                matrix[pos] = build_matrix(
+                    specs, logged.user(pos, key), items, [ids[pos]], logged.context(pos)
+                )
         else:
-            matrix[positions] = build_matrix(specs, users.get(key, {}), items, list(ids[positions]))
+            matrix[positions] = build_matrix(
+                specs, logged.users.get(key, {}), items, list(ids[positions])
+            )
     return TrainingSet(
         matrix=matrix,
         labels=logs[spec.outcome_column].to_numpy(dtype=np.int8),
@@ -203,9 +259,11 @@ def streaming_values(
     logs: pd.DataFrame,
     item_ids: Sequence[Any],
     specs: Sequence[FeatureSpec],
+    every_item: Sequence[Any] | None = None,
 ) -> list[dict[str, float]] | None:
     """Per log row, the streaming-view fields the specs read, as serving would have read
-    them at the row's time (None: the specs read no streaming view)."""
+    them at the row's time (None: the specs read no streaming view): of the row's item,
+    or of `every_item` (what scoring a whole catalogue at that row reads)."""
     streaming = [
         project.streaming[name]
         for name in dict.fromkeys(s.view for s in specs if s.view in project.streaming)
@@ -226,8 +284,14 @@ def streaming_values(
     for view in streaming:
         mine = [s for s in specs if s.view == view.view]
         wanted = [
-            list(dict.fromkeys(s.field_for(item) if s.per_item else s.field for s in mine))
-            for item in item_ids
+            list(
+                dict.fromkeys(
+                    s.field_for(item) if s.per_item else s.field
+                    for s in mine
+                    for item in ([row_item] if every_item is None else every_item)
+                )
+            )
+            for row_item in item_ids
         ]
         values = values_at_impressions(
             project, view, ttl_seconds(views[view.view]), logs, item_ids, wanted

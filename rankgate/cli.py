@@ -554,7 +554,9 @@ CONFIG_OPTION = click.option(
 FORCE_OPTION = click.option(
     "--force",
     is_flag=True,
-    help="Apply even if a purpose loses its permitted model (its users get the fallback).",
+    help="Apply even if a purpose loses its permitted model (its users get the fallback) or the "
+    "version lacks the evidence promotion.require_evaluation asks for; recorded in the audit "
+    "of routing changes (rankgate model history).",
 )
 
 
@@ -625,6 +627,10 @@ def model_promote(
         )
     routing = RoutingFile.open(path)
     before = routing.routing
+    evidence: list[str] = []
+    requirement = routing.promotion.require_evaluation
+    if requirement is not None and role in ("canary", "stable") and version != before.stable:
+        evidence = _require_evidence(env, version, before.stable, requirement, force, routing)
     new = routing.change(Move(version, role, canary), env.models, force, click.echo)
     if role == "canary":
         namespace = env.home.namespace
@@ -635,8 +641,47 @@ def model_promote(
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
-    record_change(env.redis, env.home.namespace, "promote", version, routing)
+    record_change(env.redis, env.home.namespace, "promote", version, routing, evidence)
     _apply(env, path, routing_applied(new))
+
+
+def _require_evidence(env, version, stable, requirement, force, routing) -> list[str]:  # type: ignore[no-untyped-def]
+    """The promotion gate: off-policy evidence that `version` is not worse than stable
+    (serving/evidence.py). Refuses unless forced; a forced pass is noted in `routing`
+    for the audit of routing changes. Returns the evidence's lines."""
+    from serving.evidence import gather, logged_decisions
+    from serving.promotion import PromotionRefused
+
+    decisions, source = logged_decisions(
+        env, [version, stable], requirement.source, requirement.since
+    )
+    found = gather(
+        env,
+        version,
+        stable,
+        decisions,
+        source,
+        requirement.estimator,
+        requirement.confidence,
+        requirement.draws,
+        requirement.min_effective_sample_size,
+    )
+    lines = found.lines()
+    for line in lines:
+        click.echo(line)
+    failures = found.failures(requirement)
+    if not failures:
+        click.echo(f"{version} passes promotion.require_evaluation")
+        return lines
+    described = "; ".join(failures)
+    if not force:
+        raise PromotionRefused(
+            f"refused by promotion.require_evaluation: {described}. Gather more evidence "
+            "(a shadow, exploration) or pass --force (recorded in the audit of routing changes)"
+        )
+    click.echo(f"WARNING (--force): promoted without the required evidence: {described}")
+    routing.overrode.append(f"promotion.require_evaluation: {described}")
+    return lines
 
 
 @model.command("retire")
@@ -681,6 +726,145 @@ def model_rollback(force: bool, config_path: Path | None) -> None:
     _apply(env, path, routing_applied(new))
 
 
+@model.command("evaluate")
+@click.argument("version")
+@click.option(
+    "--against", default=None, help="Compare with this version (default: the logs' own policy)."
+)
+@click.option(
+    "--logs",
+    "logs_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A log file with the columns rankgate.yaml `interactions` declares (default: the project's log).",
+)
+@click.option(
+    "--audit", is_flag=True, help="Evaluate on rankgate's audit log joined with outcomes."
+)
+@click.option("--since", default="7d", show_default=True, help="With --audit: how far back.")
+@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999))
+@click.option("--draws", default=1000, show_default=True, type=click.IntRange(100, 20_000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@fails_cleanly
+def model_evaluate(
+    version: str,
+    against: str | None,
+    logs_path: Path | None,
+    audit: bool,
+    since: str,
+    confidence: float,
+    draws: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Estimate VERSION's click rate off-policy from logged decisions with propensities:
+    IPS, self-normalized IPS and doubly robust (VERSION's scores as the reward model),
+    each with a bootstrap interval and the effective sample size, and a verdict against
+    --against (or the logging policy's observed click rate)."""
+    import json
+
+    from model_store.evaluation import evaluate_versions, offline_items
+    from model_store.offpolicy import ESTIMATORS
+    from rankgate.setup import Environment
+    from serving.evidence import logged_decisions
+
+    if audit and logs_path is not None:
+        raise RankgateError("choose one of --logs FILE and --audit")
+    env = Environment.open()
+    versions = [version] + ([against] if against and against != version else [])
+    for name in versions:
+        if not env.models.exists(name):
+            raise RankgateError(f"no model version {name!r} in this home", 404)
+    decisions, source = logged_decisions(
+        env, versions, "audit" if audit else "logs", since, logs_path
+    )
+    result = evaluate_versions(
+        env.models,
+        offline_items(env.project, env.views()),
+        decisions,
+        versions,
+        confidence,
+        draws,
+        seed,
+    )
+    figures: dict = {
+        "source": source,
+        "slots": result.n,
+        "clicks": result.clicks,
+        "logged_click_rate": result.logged_value,
+        "confidence": confidence,
+        "versions": {
+            v: {name: e.__dict__ for name, e in found.items()}
+            for v, found in result.estimates.items()
+        },
+    }
+    if against and against != version:
+        figures["comparisons"] = {
+            name: {
+                "difference": c.difference,
+                "low": c.low,
+                "high": c.high,
+                "verdict": c.verdict,
+            }
+            for name in ESTIMATORS
+            for c in [result.compare(version, against, name)]
+        }
+    if as_json:
+        click.echo(json.dumps(figures, indent=2, default=str))
+        return
+    click.echo(
+        f"{source}: {result.n} logged slots, {result.clicks} clicks; the logging policy's "
+        f"click rate {result.logged_value:.4f}"
+    )
+    if result.clicks < 100:
+        click.echo(
+            f"  with {result.clicks} clicks the intervals are wide: read them, not the estimates"
+        )
+    if not audit and logs_path is None:
+        in_sample = [
+            v for v in versions if env.models.manifest(v).lineage.made_by == "rankgate model train"
+        ]
+        if in_sample:
+            click.echo(
+                f"  {', '.join(in_sample)} learned from these logs: on them its estimate is "
+                "optimistic (evaluate on logs it has not seen: --logs FILE or --audit)"
+            )
+    click.echo(
+        f"{'version':<12} {'estimator':<9} {'estimate':>9}  {confidence:.0%} interval{'':<9} effective n"
+    )
+    for v, found in result.estimates.items():
+        for name, e in found.items():
+            click.echo(
+                f"{v:<12} {name:<9} {e.value:>9.4f}  [{e.low:.4f}, {e.high:.4f}]{'':<4} "
+                f"{e.effective_sample_size:>9.0f}"
+            )
+    for name in ESTIMATORS:
+        if against and against != version:
+            c = result.compare(version, against, name)
+            click.echo(
+                f"{name}: {version} - {against} = {c.difference:+.4f} "
+                f"[{c.low:+.4f}, {c.high:+.4f}]: {_verdict(c.verdict)}"
+            )
+        else:
+            e = result.estimates[version][name]
+            verdict = (
+                "better"
+                if e.low > result.logged_value
+                else "worse"
+                if e.high < result.logged_value
+                else "cannot tell"
+            )
+            click.echo(
+                f"{name}: {version} against the logging policy ({result.logged_value:.4f}): "
+                f"{_verdict(verdict)}"
+            )
+
+
+def _verdict(verdict: str) -> str:
+    return "cannot tell with this much data" if verdict == "cannot tell" else verdict
+
+
 @model.command("history")
 @click.option("--count", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @fails_cleanly
@@ -714,10 +898,17 @@ def model_history(count: int) -> None:
 
 @model.command("status")
 @CONFIG_OPTION
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    help="How far back shadows are evaluated off-policy on the audit log.",
+)
 @fails_cleanly
-def model_status(config_path: Path | None) -> None:
+def model_status(config_path: Path | None, since: str) -> None:
     """Routing, automatic rollbacks (which rule fired, with what figures), shadow
-    agreement, and the outcomes joined to each version's decisions (CTR)."""
+    agreement and each shadow's off-policy click-rate estimate against stable, and
+    the outcomes joined to each version's decisions (CTR)."""
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
@@ -755,6 +946,9 @@ def model_status(config_path: Path | None) -> None:
                 f"mean |score diff| {agreement['mean_abs_score_diff']:.4f}"
             )
         click.echo(line)
+        if route["role"] == "shadow":
+            for evidence in _shadow_evidence(env, route["version"], routing, since):
+                click.echo(f"      {evidence}")
     rollbacks = read_rollbacks(env.redis, env.home.namespace)
     if not rollbacks:
         click.echo("automatic rollbacks: none")
@@ -776,6 +970,25 @@ def model_status(config_path: Path | None) -> None:
                 f"degraded {f['degraded_rate']:.1%}, p99 {f['p99_ms']:.1f} ms{clicks}"
             )
     _show_outcomes(env.redis, env.home.namespace)
+
+
+def _shadow_evidence(env, shadow: str, routing, since: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """A shadow's click rate estimated off-policy against stable's on the decisions
+    of the audit log since `since` that have outcomes (serving/evidence.py)."""
+    from serving.evidence import gather, logged_decisions
+    from serving.feedback import project_outcomes
+
+    if project_outcomes(env.project) is None:
+        return ["off-policy: the project declares no outcome events"]
+    stable = next(r["version"] for r in routing["versions"] if r["role"] == "stable")
+    try:
+        decisions, source = logged_decisions(env, [shadow, stable], "audit", since)
+        if not decisions:
+            return [f"off-policy: no decisions with outcomes in the {source}"]
+        found = gather(env, shadow, stable, decisions, source, "snips", 0.95, 500)
+    except RankgateError as exc:
+        return [f"off-policy: not evaluated: {exc.message}"]
+    return found.lines()
 
 
 def _show_outcomes(client, namespace: str) -> None:  # type: ignore[no-untyped-def]

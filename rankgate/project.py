@@ -95,6 +95,12 @@ class Interactions(Strict):
     """Column of the person's pseudonymous key (needed to train, not for popularity)."""
     time_column: str | None = None
     """Column of the impression time (training holds out the latest impressions)."""
+    position_column: str | None = None
+    """Column of the shown item's position in its slate (1-based); absent: every row
+    is position 1. Off-policy evaluation (`rankgate model evaluate`) reads it."""
+    propensity_column: str | None = None
+    """Column of the probability with which the logging policy showed this item at
+    this position: what off-policy evaluation needs of a log."""
 
 
 class ContextFeature(Strict):

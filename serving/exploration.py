@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rankgate.policy import EpsilonGreedy, Exploration, PlackettLuce
-from serving.topk import Item, Pick, top_k
+from rankgate.topk import Item, Pick, top_k
 
 SEED_BITS = 63
 

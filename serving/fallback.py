@@ -15,7 +15,7 @@ import numpy as np
 from rankgate.errors import ConfigError
 from rankgate.policy import FallbackRules
 from rankgate.project import ItemId, Project
-from serving.topk import top_k
+from rankgate.topk import top_k
 
 
 def popularity(rules: FallbackRules, project: Project, data_dir: Path) -> dict[ItemId, float]:
@@ -57,5 +57,5 @@ class RuleFallback:
         return np.array([self.score_of.get(i, self.default_score) for i in item_ids])
 
     def rank(self, item_ids: Sequence[ItemId], k: int) -> list[tuple[ItemId, float]]:
-        """Top-k (item, score), best first (serving.topk)."""
+        """Top-k (item, score), best first (rankgate.topk)."""
         return [(pick.item_id, pick.score) for pick in top_k(item_ids, self.scores(item_ids), k)]

@@ -27,6 +27,7 @@ from cachetools import LRUCache
 from features.vector import build_matrix, user_fields
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
+from rankgate.topk import SCORE_DIGITS, plain_item_id, top_k
 from serving.audit import AuditRecord, AuditWriter, Choice, RecordedFeatures
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
@@ -55,7 +56,6 @@ from serving.stages import (
     StageRunner,
     merge_fields,
 )
-from serving.topk import SCORE_DIGITS, plain_item_id, top_k
 
 __all__ = ["Deadline", "RankPipeline", "ScoreFn", "Services", "audit_record", "merge_fields"]
 

@@ -15,8 +15,8 @@ from rankgate import redis_keys
 from rankgate.errors import RankgateError
 from rankgate.home import Home
 from rankgate.policy import Exploration
+from rankgate.topk import SCORE_DIGITS, Pick, top_k
 from serving.audit import AuditRecord
-from serving.topk import SCORE_DIGITS, Pick, top_k
 
 if TYPE_CHECKING:
     import numpy as np

@@ -40,6 +40,7 @@ from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError
 from rankgate.policy import Exploration
 from rankgate.project import ItemId
+from rankgate.topk import Pick
 from serving.config import ServingConfig
 from serving.explainer import Explainer
 from serving.exploration import Selection, explore, greedy, new_seed
@@ -51,7 +52,6 @@ from serving.outcomes import FallbackReason
 from serving.ranker import LoadedModel, ModelSet, ModelUnavailable
 from serving.routing import Router
 from serving.schemas import Explanation, Fallback, ModelRef, RankRequest
-from serving.topk import Pick
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 

@@ -135,6 +135,8 @@ def generate(seed: int = 11) -> RawData:
         "device": device,
         "shown_at": [(start + timedelta(minutes=int(m))).isoformat() for m in minutes],
         "clicked": (rng.random(n) < sigmoid(logit)).astype(int),
+        # One slot, filled uniformly at random: what off-policy evaluation reads.
+        "propensity": np.full(n, 1.0 / N_PRODUCTS),
     }
     impressions = pd.DataFrame(rows).sort_values("shown_at", kind="stable")
     return RawData(customers, products, impressions.reset_index(drop=True))
@@ -164,6 +166,8 @@ interactions:
   outcome_column: clicked
   user_column: customer_key
   time_column: shown_at
+  # One product per impression, chosen uniformly at random (probability 1/37).
+  propensity_column: propensity
 
 # The shopper's device, sent with each request; the storefront model reads it.
 context:

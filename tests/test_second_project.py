@@ -403,3 +403,65 @@ def test_the_openapi_document_says_items_are_the_shops_strings(shop: Shop) -> No
     assert listed["items"]["type"] == "string"
     assert sorted(listed["items"]["enum"]) == SKUS
     assert props["context"]["properties"]["device"]["enum"] == DEVICES
+
+
+def test_the_promotion_gate_refuses_a_worse_version_unless_forced(
+    shop: Shop, tmp_path: Path
+) -> None:
+    """A storefront model fitted to shuffled clicks, estimated off-policy on the shop's
+    uniformly logged impressions, is refused with the figures; --force promotes it and
+    the audit of routing changes keeps what was overridden."""
+    import yaml
+
+    from tests.second_project import train_shuffled
+    from tests.serving_support import SERVE_CONFIG
+
+    env = {
+        **os.environ,
+        "RANKGATE_HOME": str(shop.home.root),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    shuffled = train_shuffled(shop.raw, tmp_path / "trained")
+    finished(
+        start(
+            shop.project,
+            env,
+            *("model", "register", "gb-shuffled", "--onnx", str(shuffled["onnx"])),
+            *("--features", str(shop.project / "models" / "gb.yaml")),
+            *("--booster", str(shuffled["joblib"])),
+        )
+    )
+    document = yaml.safe_load(SERVE_CONFIG.read_text())
+    ingress = next(
+        d for d in document["applications"][0]["deployments"] if d["name"] == "RankIngress"
+    )
+    ingress["user_config"]["routing"] = routing("gb-1", alternate=["lr-1"])
+    requirement = {"min_lift": -0.05, "min_effective_sample_size": 50, "draws": 400}
+    ingress["user_config"]["promotion"] = {"require_evaluation": requirement}
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(document))
+    promote = ("model", "promote", "gb-shuffled", "--canary", "10", "--config", str(config))
+
+    refused = start(shop.project, env, *promote)
+    output, _ = refused.communicate(timeout=180)
+    print(output)
+    assert refused.returncode == 1, output
+    assert "refused by promotion.require_evaluation" in output
+    assert "effective sample size" in output and "gb-shuffled" in output and "worse" in output
+    after = yaml.safe_load(config.read_text())
+    versions = next(
+        d for d in after["applications"][0]["deployments"] if d["name"] == "RankIngress"
+    )["user_config"]["routing"]["versions"]
+    assert [v["version"] for v in versions] == ["gb-1", "lr-1"]  # nothing changed
+
+    forced = finished(start(shop.project, env, *promote, "--force"))
+    assert "WARNING (--force): promoted without the required evidence" in forced
+    assert "gb-shuffled is now canary at 10 %" in forced
+    history = finished(start(shop.project, env, "model", "history"))
+    print(history)
+    assert "promote gb-shuffled -> canary at 10 %  FORCED past: promotion.require_evaluation" in (
+        history
+    )
+    assert "off-policy evidence" in history

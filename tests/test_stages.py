@@ -21,6 +21,7 @@ from features.spec import FeatureSpec
 from features.vector import ItemTable
 from rankgate.consent import ConsentState
 from rankgate.policy import Policy
+from rankgate.topk import top_k
 from serving.config import ServingConfig
 from serving.feature_fetch import UserFeatures
 from serving.gate import ConsentGate
@@ -38,7 +39,6 @@ from serving.stages import (
     StageResult,
     StageRunner,
 )
-from serving.topk import top_k
 
 CATALOGUE = [1, 2, 3, 4, 5, 6]
 USER = "u-1"

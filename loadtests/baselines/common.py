@@ -6,8 +6,8 @@ from typing import Any
 
 from features.vector import build_matrix, user_fields
 from model_store.store import ModelStore
+from rankgate import topk
 from rankgate.pseudonym import user_key
-from serving import topk
 from serving.feature_fetch import FeatureFetcher
 from serving.ranker import LoadedModel, ModelSet
 from serving.runtime import Runtime

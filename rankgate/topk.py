@@ -1,4 +1,5 @@
-"""Top-k: the one ordering of scored items, for the ranker, the fallback, shadows and replay.
+"""Top-k: the one ordering of scored items, for the ranker, the fallback, shadows, replay
+and off-policy evaluation.
 
 Best first; equal scores are ordered by item id, so the same scores always give
 the same answer, and `rankgate audit replay` can check a ranking exactly. Item ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,3 +137,105 @@ def test_a_canary_clicked_less_is_rolled_back_by_the_ctr_rule(
     assert status.exit_code == 0, status.output
     assert "automatic rollback of v1" in status.output and "rule ctr fired" in status.output
     assert "CTR by position" in status.output
+
+
+@pytest.mark.usefixtures("restore")
+def test_the_audit_log_joined_with_outcomes_evaluates_versions_and_shadows(
+    server: Server, personalizable: list[str], tmp_path: Path
+) -> None:
+    """Answers drawn by epsilon-greedy exploration, with v1 in shadow: their impressions
+    and clicks make logged slots with the logged propensities; `model evaluate --audit`
+    and `model status` estimate v1 against stable on them."""
+    import json
+
+    import yaml
+
+    from rankgate.policy import load_policy_set, policy_dir
+    from serving.audit_logs import read_audit_logs
+
+    assert OUTCOMES is not None and OUTCOMES.impression and OUTCOMES.click
+    policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
+    policy["purposes"]["onsite_personalization"]["exploration"] = {
+        "method": "epsilon_greedy",
+        "epsilon": 0.5,
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (tmp_path / "fallback.yaml").write_bytes((policy_dir() / "fallback.yaml").read_bytes())
+    digest = load_policy_set(tmp_path).digest
+    deploy(
+        server,
+        "shadow-exploring",
+        ingress_user_config(policy={"dir": str(tmp_path)}, routing=routing("v2", shadow=["v1"])),
+        lambda h: h["policy_digest"] == digest,
+    )
+    env = Environment.open()
+    started = time.time()
+    answered: list[str] = []
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=10) as client:
+        events = []
+        for n in range(90):
+            user = personalizable[n % len(personalizable)]
+            answer = client.post(
+                "/v1/rank",
+                json={
+                    "user_id": user,
+                    "purpose": "onsite_personalization",
+                    "region": "US",
+                    "k": 3,
+                    "budget_ms": 500,
+                },
+            ).json()
+            if answer["fallback"] is not None:
+                continue
+            request_id, items = answer["request_id"], [i["item_id"] for i in answer["items"]]
+            answered.append(request_id)
+            events += [outcome(OUTCOMES.impression, user, i, request_id) for i in items]
+            if n % 4 == 0:
+                events.append(outcome(OUTCOMES.click, user, items[n % 3], request_id))
+        for start in range(0, len(events), 100):
+            posted = client.post("/v1/events", json={"events": events[start : start + 100]})
+            assert posted.status_code == 202, posted.text
+    deadline = time.monotonic() + 30
+    while True:
+        logs = read_audit_logs(env.redis, env.home.namespace, OUTCOMES, "10m")
+        mine = {d.group for d in logs.decisions} & set(answered)
+        if len(mine) == len(answered) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert len(mine) == len(answered) > 60, (len(mine), len(answered), logs.skipped)
+    ours = [d for d in logs.decisions if d.group in mine]
+    assert all(len(d.shown) == 3 for d in ours)
+    propensities = {s.propensity for d in ours for s in d.shown}
+    assert any(p < 1 for p in propensities)  # what exploration logged
+    since = f"{int(time.time() - started) + 5}s"
+    result = CliRunner().invoke(
+        main,
+        ["model", "evaluate", "v1", "--against", "v2", "--audit", "--since", since, "--json"]
+        + ["--draws", "200"],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["slots"] == 3 * len(answered), figures["source"]
+    assert figures["clicks"] == sum(1 for e in events if e["type"] == OUTCOMES.click)
+    for name in ("ips", "snips", "dr"):
+        found = figures["versions"]["v1"][name]
+        assert found["low"] <= found["value"] <= found["high"]
+    print(
+        f"\naudit: {figures['slots']} slots, {figures['clicks']} clicks; v1 snips "
+        f"{figures['versions']['v1']['snips']['value']:.4f} vs v2 "
+        f"{figures['versions']['v2']['snips']['value']:.4f}, "
+        f"{figures['comparisons']['snips']['verdict']}"
+    )
+    # The status of a config whose routing has v1 in shadow, as the server serves it.
+    document = yaml.safe_load(server.config_path.read_text())
+    for deployment in document["applications"][0]["deployments"]:
+        if deployment["name"] == "RankIngress":
+            deployment["user_config"]["routing"] = routing("v2", shadow=["v1"])
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(document))
+    status = CliRunner().invoke(
+        main, ["model", "status", "--since", since, "--config", str(config)]
+    )
+    assert status.exit_code == 0, status.output
+    assert "off-policy evidence (audit since" in status.output, status.output
+    assert "v1 " in status.output and "effective sample size" in status.output

@@ -42,7 +42,8 @@ from serving.launch import (
     stop_server,
 )
 
-RATES = (0.0, 0.05, 0.25)
+RATES = (0.0, 0.01, 0.05, 0.25)
+"""0, the configured default (serve_config.yaml), and larger shares."""
 FIGURES = ("scored", "explained", "skipped", "seconds")
 Say = Callable[[str], None]
 COMMAND = "rankgate bench --explain-sampling"

@@ -230,7 +230,7 @@ def serve(config_path: Path | None, port: int | None) -> None:
 @click.option(
     "--explain-sampling",
     is_flag=True,
-    help="Instead: answers with explainer.sample_rate 0 against 0.05 and 0.25, in "
+    help="Instead: answers with explainer.sample_rate 0 against 0.01, 0.05 and 0.25, in "
     "interleaved rounds on one server (--repeats rounds).",
 )
 @fails_cleanly

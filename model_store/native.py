@@ -89,8 +89,20 @@ def standardized_linear(model: Any) -> tuple[Any, tuple[np.ndarray, np.ndarray]]
     return raw, (np.asarray(scaler.mean_), np.diag(np.asarray(scaler.scale_) ** 2))
 
 
-def contributions(explainer: Any, matrix: np.ndarray) -> np.ndarray:
-    """SHAP values of the positive class: shape (rows, features)."""
+def contributions(explainer: Any, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """SHAP values of the positive class: shape (rows, features).
+
+    `threads` caps the threads a LightGBM model computes with (None: LightGBM's
+    default, every core). SHAP's TreeExplainer computes a LightGBM model's values
+    with LightGBM's own TreeSHAP (`pred_contrib`) but cannot pass it a thread
+    count, so with a cap that call is made here: the same values, on fewer cores
+    (work done beside the serving path must leave the other core to it)."""
+    booster: Any = getattr(getattr(explainer, "model", None), "original_model", None)
+    if threads is not None and type(booster).__module__.startswith("lightgbm"):
+        # The last column is the expected value (the bias), not a feature.
+        # num_iteration=-1: every tree, as TreeExplainer asks for.
+        raw = booster.predict(matrix, num_iteration=-1, pred_contrib=True, num_threads=threads)
+        return np.asarray(raw)[:, :-1].reshape(len(matrix), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         values = explainer.shap_values(matrix)

@@ -227,6 +227,12 @@ def serve(config_path: Path | None, port: int | None) -> None:
     is_flag=True,
     help="Instead: event-to-decision latency at 0, 100 and 1,000 events/s.",
 )
+@click.option(
+    "--explain-sampling",
+    is_flag=True,
+    help="Instead: answers with explainer.sample_rate 0 against 0.01, 0.05 and 0.25, in "
+    "interleaved rounds on one server (--repeats rounds).",
+)
 @fails_cleanly
 def bench(
     concurrency: str | None,
@@ -235,6 +241,7 @@ def bench(
     output: Path,
     overload: bool,
     freshness: bool,
+    explain_sampling: bool,
 ) -> None:
     """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
     from loadtests.bench import run_bench
@@ -255,6 +262,13 @@ def bench(
         run_freshness(list(RATES), duration, repeats, output, click.echo)
         click.echo((output / "freshness.md").read_text())
         click.echo(f"written: {output / 'freshness.md'}, {output / 'freshness.json'}")
+        return
+    if explain_sampling:
+        from loadtests.explain_sampling import run_explain_sampling
+
+        run_explain_sampling(levels, duration, repeats, output, click.echo)
+        click.echo((output / "explain_sampling.md").read_text())
+        click.echo(f"written: {output / 'explain_sampling.md'}, {output / 'explain_sampling.json'}")
         return
     if overload:
         run_overload(levels, duration, repeats, output, click.echo)

@@ -521,6 +521,10 @@ class RankIngress(BatchedScoring):
                 "config_error": self.config_error,
                 "replica_started": self.replica_started,
                 "models": {"loaded": sorted(models.loaded), "unavailable": models.errors},
+                "sampled_explanations": {
+                    "sample_rate": pipeline.config.explainer.sample_rate,
+                    "outstanding": pipeline.worker.outstanding,
+                },
                 "routing": {
                     "salt": router.config.salt,
                     "versions": [r.model_dump() for r in router.config.versions],

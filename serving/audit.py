@@ -6,9 +6,9 @@ A record (`AuditRecord`) holds the request id, the pseudonymous user key (never
 the raw id), the purpose and region, the policy version and its checks, the
 model version and variant, the user feature values the model read and their age,
 the digest of the item table used, the candidates, the ranking, the fallback
-reason, the explanation when one was computed, and the stage timings. The
-pipeline writes it, `rankgate audit tail/replay` and `rankgate privacy forget`
-read it back. `rankgate audit replay` re-scores a personalized decision from
+reason, the explanation when one was asked for or sampled (`explained` says
+which), and the stage timings. The pipeline writes it, `rankgate audit
+tail/replay` and `rankgate privacy forget` read it back. `rankgate audit replay` re-scores a personalized decision from
 these and checks that it reproduces the recorded ranking.
 
 Beside each record, in the same pipelined batch, the decision index:
@@ -24,7 +24,10 @@ event types: without them nothing would ever read it.
 
 Records are queued in memory and written by one background task in pipelined
 batches, so a request pays for a queue put, not for a Redis round trip, and a
-short Redis outage loses nothing (up to `MAX_PENDING` records wait for it).
+short Redis outage loses nothing (up to `MAX_PENDING` records wait for it). The
+record of a decision sampled for an explanation is held until its explanation
+is computed (milliseconds after the answer), so the stream's order is nearly,
+not exactly, the order of decisions (`at` is exact).
 Retention: the stream is trimmed to about `audit.max_records` entries.
 """
 
@@ -37,13 +40,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
 from rankgate import redis_keys
-from serving.schemas import Fallback, ModelRef, PolicyBlock, Reason
+from serving.schemas import ExplanationStatus, Fallback, ModelRef, PolicyBlock, Reason
 
 logger = logging.getLogger("ray.serve")
 MAX_PENDING = 50_000
@@ -77,6 +80,18 @@ class Choice(BaseModel):
     """The exploration settings the draw used (from the policy)."""
 
 
+class ExplanationNote(BaseModel):
+    """How a record's `explanation` came about, or why it has none."""
+
+    kind: Literal["requested", "sampled"]
+    """requested: the request asked (`explain: true`) and the answer carried it;
+    sampled: chosen by `explainer.sample_rate`, computed after the answer was sent."""
+    status: ExplanationStatus
+    reason: str | None = None
+    """Why it was omitted (budget_exhausted, explainer_unavailable, explainer_error,
+    queue_full, not_personalized)."""
+
+
 class AuditRecord(BaseModel):
     """One decision as the audit stream keeps it (no raw user id).
 
@@ -107,7 +122,11 @@ class AuditRecord(BaseModel):
     """The answer: (item id, score), best first."""
     fallback: Fallback | None
     explanation: list[list[Reason]] | None
-    """Reasons per returned item, when they were computed."""
+    """Reasons per returned item (the first `explainer.max_items`; [] after them),
+    when they were computed."""
+    explained: ExplanationNote | None = None
+    """Set when an explanation was asked for or sampled (absent from records older
+    than sampling, and from decisions neither asked nor sampled)."""
     timings_ms: dict[str, float]
     propensities: list[float] | None = None
     """Per shown item, the probability with which the serving policy put it at its
@@ -203,6 +222,8 @@ class AuditWriter:
         self.decision_ttl_s = decision_ttl_s
         """How long a decision waits for its outcomes; None: no decision index."""
         self.pending: deque[Pending] = deque()
+        self.held = 0
+        """Records to be queued later (waiting for their sampled explanation)."""
         self.dropped = 0
         self.written = 0
         self.wakeup = asyncio.Event()
@@ -221,6 +242,15 @@ class AuditWriter:
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
         self.wakeup.set()
+
+    def hold(self) -> None:
+        """A record will be queued later by `release`: `flush` waits for it too."""
+        self.held += 1
+
+    def release(self, entry: AuditRecord, audit: bool = True) -> None:
+        """Queue a record announced by `hold`."""
+        self.held -= 1
+        self.record(entry, audit)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -255,11 +285,11 @@ class AuditWriter:
             pipe.expire(key, max(1, round(self.decision_ttl_s)))
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every queued record is written (tests, shutdown)."""
+        """Wait until every queued or held record is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
+        while (self.pending or self.held) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return not self.pending
+        return not (self.pending or self.held)
 
     async def close(self) -> None:
         await self.flush()

@@ -80,6 +80,13 @@ class ExplainerConfig(Strict):
     ms_per_row_estimate: float = Field(1.0, gt=0)
     """Expected SHAP cost per row; the explainer is skipped when the rest of the
     budget cannot cover it."""
+    sample_rate: float = Field(0.01, ge=0, le=1)
+    """Share of model-ranked decisions explained after the answer is sent, into
+    their audit records (serving/sampling.py); 0: none. Chosen by a hash of the
+    request id: uniform, whoever the person and whatever the answer."""
+    sample_queue: int = Field(64, ge=1, le=10_000)
+    """Sampled explanations waiting or being computed at most; a sample beyond it
+    is skipped (its record says `queue_full`): a burst never builds a backlog."""
 
 
 class AuditConfig(Strict):

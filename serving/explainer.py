@@ -4,7 +4,9 @@ has no explainer: its answers say `explainer_unavailable`, never an invented rea
 
 Only the returned top-k rows are explained (SHAP costs about a millisecond per
 ten rows here), each with its top positive contributions rendered as
-plain-language reasons from policies/reasons.yaml.
+plain-language reasons from policies/reasons.yaml. The same two steps
+(`contributions`, then `reasons`) serve explanations asked for on the response
+path (serving/stages.py) and those sampled after it (serving/sampling.py).
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ class Explainer:
         native = load_native(model_dir / manifest.booster.file, manifest.booster.kind)
         self.tree = tree_explainer(native)
 
-    def explain(self, matrix: np.ndarray) -> list[list[Reason]]:
-        """Reasons per row: the features that raised its score most (log-odds units)."""
-        values = contributions(self.tree, matrix)
+    def contributions(self, rows: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """SHAP values per row and input (rows x features, log-odds units, in the
+        order of `specs`): what reasons are chosen from, and what a monitor of
+        explanations aggregates. `threads`: see model_store.native.contributions."""
+        return contributions(self.tree, rows, threads)
+
+    def reasons(self, values: np.ndarray) -> list[list[Reason]]:
+        """Reasons per row of `contributions`: the inputs that raised its score most."""
         limit = self.templates.max_reasons_per_item
         explained = []
         for row in values:

@@ -63,10 +63,35 @@ class ServingMetrics:
         )
         self.explanations = Counter(
             "rankgate_explanations",
-            "Explain requests by status and reason",
-            ["status", "reason"],
+            "Explanations by kind (requested: explain true, in the answer; sampled: after "
+            "the answer, into the audit record), status and reason when omitted",
+            ["kind", "status", "reason", "model_version"],
             registry=r,
         )
+        self.scored = Counter(
+            "rankgate_scored_decisions",
+            "Answers the model ranked (no fallback, at least one item): what explanation "
+            "coverage is a share of",
+            ["model_version"],
+            registry=r,
+        )
+        self.coverage = Gauge(
+            "rankgate_explanation_coverage_ratio",
+            "Explained (requested or sampled) / scored decisions of this replica since it "
+            "started; over a window: rate of rankgate_explanations_total{status=explained} "
+            "over rate of rankgate_scored_decisions_total",
+            ["model_version"],
+            registry=r,
+        )
+        self.sampled_seconds = Histogram(
+            "rankgate_sampled_explanation_seconds",
+            "Compute time of a sampled explanation (off the response path)",
+            ["model_version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Per version: (explained, scored), the coverage gauge's terms.
+        self.coverage_counts: dict[str, list[int]] = {}
         self.canary_weight = Gauge(
             "rankgate_canary_weight_percent",
             "Share of users routed to the canary now",
@@ -122,10 +147,26 @@ class ServingMetrics:
             self.fallbacks.labels(response.fallback.reason, version, variant).inc()
         for stage, ms in response.timings_ms.items():
             self.stage_seconds.labels(stage, version, variant).observe(ms / 1000.0)
+        if response.fallback is None and response.model is not None and response.items:
+            self.scored.labels(version).inc()
+            self._cover(version, scored=1)
         if response.explanation is not None:
-            self.explanations.labels(
-                response.explanation.status, response.explanation.reason or ""
-            ).inc()
+            self.explained(
+                "requested", version, response.explanation.status, response.explanation.reason
+            )
+
+    def explained(self, kind: str, version: str, status: str, reason: str | None = None) -> None:
+        """One explanation, asked for or sampled, given or omitted."""
+        self.explanations.labels(kind, status, reason or "", version).inc()
+        if status == "explained":
+            self._cover(version, explained=1)
+
+    def _cover(self, version: str, explained: int = 0, scored: int = 0) -> None:
+        counts = self.coverage_counts.setdefault(version, [0, 0])
+        counts[0] += explained
+        counts[1] += scored
+        if counts[1]:
+            self.coverage.labels(version).set(counts[0] / counts[1])
 
     def rejected(self, outcome: str) -> None:
         """A request answered with a 4xx/503 before ranking (bad_request, unauthorized, ...)."""

@@ -6,8 +6,9 @@ deployment, as placement config says. The stages (serving/stages.py: gate ->
 route -> fetch -> score -> explain) each get what is left of the request's
 budget; a stage that fails or would overrun degrades the answer to the fallback,
 which names its reason. Only bad input raises. Beside the answer the pipeline
-feeds the canary's window, scores shadows off the response path and writes the
-audit record.
+feeds the canary's window, scores shadows off the response path, explains a
+sample of decisions after answering (serving/sampling.py) and writes the audit
+record.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from features.vector import build_matrix, user_fields
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
 from rankgate.topk import SCORE_DIGITS, plain_item_id, top_k
-from serving.audit import AuditRecord, AuditWriter, Choice, RecordedFeatures
+from serving.audit import AuditRecord, AuditWriter, Choice, ExplanationNote, RecordedFeatures
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
@@ -40,7 +41,9 @@ from serving.outcomes import FallbackReason
 from serving.ranker import ModelSet, ModelUnavailable
 from serving.requests import parse_rank
 from serving.routing import RollbackEvent, Router
+from serving.sampling import ExplanationObserver, ExplanationWorker, Outcome, chosen
 from serving.schemas import (
+    ExplanationStatus,
     Freshness,
     ModelRef,
     RankedItem,
@@ -94,10 +97,24 @@ class RankPipeline:
     metrics: Delegated[ServingMetrics] = Delegated()
     fields_of: Delegated[dict[str, dict[str, list[str]]]] = Delegated()
 
-    def __init__(self, services: Services, experiments: ExperimentLog, audit: AuditWriter) -> None:
+    def __init__(
+        self,
+        services: Services,
+        experiments: ExperimentLog,
+        audit: AuditWriter,
+        worker: ExplanationWorker | None = None,
+        explanation_observers: list[ExplanationObserver] | None = None,
+    ) -> None:
         self.services = services
         self.experiments = experiments
         self.audit = audit
+        self.worker = worker or ExplanationWorker()
+        # Called with each explanation of the sample of traffic (serving/sampling.py):
+        # computed for it, or asked for by a request the sample chose. Only the
+        # sample: explanations asked for follow whoever asks, the sample is uniform.
+        self.explanation_observers: list[ExplanationObserver] = (
+            explanation_observers if explanation_observers is not None else []
+        )
         config, fetcher = services.config, services.fetcher
         self.runner = StageRunner.build(config.pipeline.stages, config.pipeline.fallback, services)
         self.background: set[asyncio.Task[None]] = set()
@@ -169,7 +186,9 @@ class RankPipeline:
         if response.freshness is not None:
             self.observe_freshness(context.key, response.freshness.events_through)
         if self.config.audit.enabled or self.audit.decision_ttl_s is not None:
-            self.audit.record(audit_record(context, response, app), self.config.audit.enabled)
+            record = audit_record(context, response, app)
+            if not self._sample(context, record):
+                self.audit.record(record, self.config.audit.enabled)
         return response
 
     def observe_freshness(self, key: str, through: float) -> None:
@@ -179,6 +198,73 @@ class RankPipeline:
         if self.events_seen.get(key, 0.0) < through:
             self.events_seen[key] = through
             self.metrics.event_to_decision.observe(max(time.time() - through, 0.0))
+
+    # -- explanations on a sample of traffic ----------------------------------
+
+    def _sample(self, context: RankContext, record: AuditRecord) -> bool:
+        """Explain the decision off the response path if the sample chooses it.
+        True: its record is held, and written once the explanation is in."""
+        config = self.config
+        if not (
+            config.audit.enabled
+            and context.scored
+            and context.ranked
+            and context.model_ref is not None
+            and chosen(record.request_id, config.explainer.sample_rate)
+        ):
+            return False
+        version = context.model_ref.version
+        if context.contributions is not None:  # asked for and given: not computed twice
+            self._observe_explanation(version, context.contributions)
+            return False
+        explainer = self.explainers.get(version)
+        if explainer is None:
+            self._note_sample(record, version, "omitted", "explainer_unavailable")
+            return False
+        rows = context.explained_rows(config.explainer.max_items)
+        limit = config.explainer.sample_queue
+
+        def done(outcome: Outcome) -> None:
+            self._sample_done(record, version, outcome)
+
+        if not self.worker.submit(explainer, rows, limit, done):
+            self._note_sample(record, version, "omitted", "queue_full")
+            return False
+        self.audit.hold()
+        return True
+
+    def _sample_done(self, record: AuditRecord, version: str, outcome: Outcome) -> None:
+        """On the event loop: the sampled explanation into its record, and the record out."""
+        try:
+            if outcome.reasons is None or outcome.contributions is None:
+                self._note_sample(record, version, "omitted", "explainer_error")
+                return
+            # The shape of an explanation asked for: [] for items after max_items.
+            missing = len(record.items) - len(outcome.reasons)
+            record.explanation = outcome.reasons + [[] for _ in range(missing)]
+            self._note_sample(record, version, "explained")
+            self.metrics.sampled_seconds.labels(version).observe(outcome.seconds)
+            self._observe_explanation(version, outcome.contributions)
+        finally:
+            self.audit.release(record)
+
+    def _note_sample(
+        self,
+        record: AuditRecord,
+        version: str,
+        status: ExplanationStatus,
+        reason: str | None = None,
+    ) -> None:
+        note = {"reason": reason} if reason else {}
+        record.explained = ExplanationNote(kind="sampled", status=status, **note)
+        self.metrics.explained("sampled", version, status, reason)
+
+    def _observe_explanation(self, version: str, contributions: np.ndarray) -> None:
+        for observer in self.explanation_observers:
+            try:
+                observer(version, contributions)
+            except Exception:  # an observer never costs a record or an answer
+                logger.exception("explanation observer %r failed", observer)
 
     # -- experiments -----------------------------------------------------------
 
@@ -331,6 +417,7 @@ def audit_record(
         timings_ms=response.timings_ms,
         propensities=context.propensities,
         choice=choice(context),
+        **requested_note(context),
     )
 
 
@@ -348,6 +435,16 @@ def choice(context: RankContext) -> Choice:
         seed=context.exploration_seed,
         exploration=exploration.model_dump(),
     )
+
+
+def requested_note(context: RankContext) -> dict[str, ExplanationNote]:
+    """`explained` of a record whose request asked for an explanation (else nothing:
+    records stay as they were)."""
+    given = context.explanation
+    if not context.request.explain or given is None:
+        return {}
+    note = {"reason": given.reason} if given.reason else {}
+    return {"explained": ExplanationNote(kind="requested", status=given.status, **note)}
 
 
 def recorded_features(

@@ -6,7 +6,7 @@ Heavy and shared by every request; built once in a deployment's `__init__`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -35,6 +35,7 @@ from serving.metrics import ServingMetrics
 from serving.pipeline import RankPipeline
 from serving.ranker import ModelSet
 from serving.routing import Router
+from serving.sampling import ExplanationObserver, ExplanationWorker
 from serving.stages import ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
@@ -54,6 +55,10 @@ class Runtime:
     templates: ReasonTemplates
     metrics: ServingMetrics
     audit: AuditWriter
+    worker: ExplanationWorker = field(default_factory=ExplanationWorker)
+    """Computes sampled explanations; one per replica, whatever the config."""
+    explanation_observers: list[ExplanationObserver] = field(default_factory=list)
+    """Handed to every pipeline built here: registered once, they survive reconfigures."""
 
     @classmethod
     def open(cls) -> Runtime:
@@ -157,5 +162,9 @@ class Runtime:
             metrics=self.metrics,
         )
         return RankPipeline(
-            services, ExperimentLog(self.redis, self.home.namespace), audit=self.audit
+            services,
+            ExperimentLog(self.redis, self.home.namespace),
+            audit=self.audit,
+            worker=self.worker,
+            explanation_observers=self.explanation_observers,
         )

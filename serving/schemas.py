@@ -303,8 +303,11 @@ class PolicyBlock(BaseModel):
     checks: list[PolicyCheck]
 
 
+ExplanationStatus = Literal["explained", "omitted"]
+
+
 class Explanation(BaseModel):
-    status: Literal["explained", "omitted"]
+    status: ExplanationStatus
     reason: str | None = None
 
 

@@ -127,6 +127,8 @@ class RankContext:
     explored: bool = False
     """The drawn answer differs from the model's top k."""
     reasons: list[list] | None = None
+    contributions: np.ndarray | None = None
+    """SHAP values of the explained rows (rows x model inputs), when explained."""
     explanation: Explanation | None = None
     reason: FallbackReason | None = None
     detail: str | None = None
@@ -144,6 +146,12 @@ class RankContext:
     def require_model(self) -> tuple[ModelRef, LoadedModel]:
         assert self.model_ref is not None and self.model is not None, "the route stage runs first"
         return self.model_ref, self.model
+
+    def explained_rows(self, max_items: int) -> np.ndarray:
+        """The model inputs of the returned items an explanation covers (the first
+        `max_items`, best first): the rows SHAP explains, asked for or sampled."""
+        assert self.matrix is not None, "score runs first"
+        return self.matrix[[pick.position for pick in self.picks[:max_items]]]
 
 
 @dataclass
@@ -344,27 +352,26 @@ class ExplainStage(Stage):
         if not context.request.explain:
             return SKIPPED
         model_ref, _ = context.require_model()
-        assert context.matrix is not None, "score runs first"
-        rows = context.matrix[[pick.position for pick in context.picks]]
-        context.reasons, context.explanation = self.explain(model_ref.version, rows, deadline)
+        context.explanation = self.explain(context, model_ref.version, deadline)
         return COMPLETED
 
-    def explain(
-        self, version: str, rows: np.ndarray, deadline: Deadline
-    ) -> tuple[list[list] | None, Explanation]:
+    def explain(self, context: RankContext, version: str, deadline: Deadline) -> Explanation:
+        """Fills the context's reasons and contributions; says whether it could."""
         explainer = self.services.explainers.get(version)
         if explainer is None:
-            return None, Explanation(status="omitted", reason="explainer_unavailable")
+            return Explanation(status="omitted", reason="explainer_unavailable")
         limits = self.services.config.explainer
-        rows = rows[: limits.max_items]
+        rows = context.explained_rows(limits.max_items)
         needed_s = len(rows) * limits.ms_per_row_estimate / 1000.0
         if deadline.remaining_s() < needed_s:
-            return None, Explanation(status="omitted", reason="budget_exhausted")
+            return Explanation(status="omitted", reason="budget_exhausted")
         try:
-            reasons: list[list] = explainer.explain(rows)
+            values = explainer.contributions(rows)
+            context.reasons = explainer.reasons(values)
         except Exception:  # noqa: BLE001 - an explainer error never fails the answer
-            return None, Explanation(status="omitted", reason="explainer_error")
-        return reasons, Explanation(status="explained")
+            return Explanation(status="omitted", reason="explainer_error")
+        context.contributions = values
+        return Explanation(status="explained")
 
 
 class RuleFallbackStage(Stage):

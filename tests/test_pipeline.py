@@ -487,3 +487,70 @@ def test_item_table_is_cached_and_refreshed_from_the_online_store(runtime: Runti
     LOOP.run_until_complete(refresh())
     assert fetcher.items is not cached
     assert fetcher.items.digest == cached.digest and fetcher.items.item_ids == cached.item_ids
+
+
+# -- explanations on a sample of traffic ----------------------------------------------
+
+SAMPLE_ALL = {"max_items": 10, "ms_per_row_estimate": 1.0, "sample_rate": 1.0, "sample_queue": 64}
+
+
+def records_of(pipeline: RankPipeline, env: Environment, request_ids: list[str]) -> list[Any]:
+    from serving import replay
+
+    assert LOOP.run_until_complete(pipeline.audit.flush())
+    found = {r.request_id: r for r in replay.tail(env.redis, env.home.namespace, 2000)}
+    return [found[rid] for rid in request_ids]
+
+
+def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
+    runtime: Runtime, env: Environment
+) -> None:
+    pipeline = make_pipeline(runtime, explainer=SAMPLE_ALL)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def observer(version: str, contributions: np.ndarray) -> None:
+        seen.append((version, contributions.shape))
+
+    pipeline.explanation_observers.append(observer)
+    try:
+        uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=2)
+        body = {"user_id": uid, "purpose": "onsite_personalization", "region": "US", "k": 12}
+        answers = [rank(pipeline, **body) for _ in range(3)]
+        asked = rank(pipeline, **body, explain=True, budget_ms=500)
+        denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
+        refused = rank(pipeline, **{**body, "user_id": denied})
+        records = records_of(pipeline, env, [a.request_id for a in [*answers, asked, refused]])
+    finally:
+        pipeline.explanation_observers.remove(observer)
+    assert all(item.reasons is None for a in answers for item in a.items)
+    assert all(a.explanation is None for a in answers)
+    given = [item.reasons or [] for item in asked.items]
+    assert len(given) == 12 and given[:10] and given[10:] == [[], []]  # max_items: 10
+    for record in records[:3]:
+        assert record.explained is not None
+        assert (record.explained.kind, record.explained.status) == ("sampled", "explained")
+        assert record.explanation == given  # the same rows, the same reasons as asked for
+    assert records[3].explained is not None and records[3].explained.kind == "requested"
+    assert records[3].explanation == given
+    # No model ranked the refused person: nothing to explain, nothing said about it.
+    assert records[4].fallback is not None and records[4].explained is None
+    assert records[4].explanation is None
+    # Each explanation of the sample, the one asked for included, reaches the observers.
+    width = len(pipeline.models.loaded["v2"].specs)
+    assert seen == [("v2", (10, width))] * 4
+
+
+def test_a_sample_that_cannot_be_explained_still_writes_its_record(
+    runtime: Runtime, env: Environment
+) -> None:
+    pipeline = make_pipeline(runtime, explainer=SAMPLE_ALL)
+    pipeline.explainers = {}
+    uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=2)
+    response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
+    (record,) = records_of(pipeline, env, [response.request_id])
+    assert record.explanation is None and record.explained is not None
+    assert record.explained.model_dump(exclude_unset=True) == {
+        "kind": "sampled",
+        "status": "omitted",
+        "reason": "explainer_unavailable",
+    }

@@ -124,13 +124,18 @@ class Scorer:
 
 
 class Explainer:
+    """Contributions are the inputs themselves; the reason names the price."""
+
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
 
-    def explain(self, rows: np.ndarray) -> list[list]:
+    def contributions(self, rows: np.ndarray, threads: int | None = None) -> np.ndarray:
         if self.error is not None:
             raise self.error
-        return [[f"price {row[0]:g}"] for row in rows]
+        return rows.astype(float)
+
+    def reasons(self, values: np.ndarray) -> list[list]:
+        return [[f"price {row[0]:g}"] for row in values]
 
 
 class Fallback:

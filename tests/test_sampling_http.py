@@ -1,0 +1,110 @@
+"""Explanations on a sample of traffic, on the real server: in the audit records at the
+configured rate, never in the answers, the same as asked-for ones, counted in /metrics."""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from rankgate.setup import Environment
+from serving.audit import AuditRecord
+from serving.sampling import chosen
+from tests.conftest import Server
+from tests.serving_support import deploy, ingress_user_config
+from tests.test_audit_http import wait_for
+from tests.test_sampling import binomial_bounds
+
+RATE = 0.25
+DECISIONS = 240
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def sampled(record: AuditRecord) -> bool:
+    note = record.explained
+    return note is not None and note.kind == "sampled" and note.status == "explained"
+
+
+def test_sampled_explanations_reach_the_audit_records_at_the_configured_rate(
+    server: Server, env: Environment, personalizable: list[str], restore: None
+) -> None:
+    explainer = {**ingress_user_config()["explainer"], "sample_rate": RATE}
+    deploy(
+        server,
+        "sampling",
+        ingress_user_config(explainer=explainer),
+        lambda h: h["sampled_explanations"]["sample_rate"] == RATE,
+    )
+    before = metric(
+        server,
+        "rankgate_explanations_total",
+        kind="sampled",
+        status="explained",
+        model_version="v2",
+    )
+    bodies: dict[str, dict[str, object]] = {}
+    with httpx.Client(headers=server.headers, timeout=10) as client:
+        for user_id in itertools.islice(itertools.cycle(personalizable), DECISIONS):
+            body = {"user_id": user_id, "purpose": "onsite_personalization", "region": "US"}
+            response = client.post(f"{server.base_url}/v1/rank", json=body)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            # The answer never carries a sampled explanation: only one asked for.
+            assert "explanation" not in answer
+            assert all("reasons" not in item for item in answer["items"])
+            bodies[answer["request_id"]] = body
+        records = wait_for(env, list(bodies))
+        assert all(rid in records for rid in bodies)
+        scored = [
+            records[rid] for rid in bodies if records[rid].fallback is None and records[rid].items
+        ]
+        assert len(scored) > DECISIONS * 0.9
+        explained = [r for r in scored if sampled(r)]
+        low, high = binomial_bounds(len(scored), RATE)
+        assert low <= len(explained) <= high, (len(explained), len(scored))
+        # Exactly the decisions whose request ids the sample chooses, and only model answers.
+        assert [r.request_id for r in explained] == [
+            r.request_id for r in scored if chosen(r.request_id, RATE)
+        ]
+        assert not any(records[rid].explained for rid in bodies if records[rid].fallback)
+        # The coverage counters agree with the records.
+        after = metric(
+            server,
+            "rankgate_explanations_total",
+            kind="sampled",
+            status="explained",
+            model_version="v2",
+        )
+        assert after - before == len(explained)
+        covered = metric(
+            server, "rankgate_explanations_total", status="explained", model_version="v2"
+        )
+        total = metric(server, "rankgate_scored_decisions_total", model_version="v2")
+        coverage = metric(server, "rankgate_explanation_coverage_ratio", model_version="v2")
+        assert abs(coverage - covered / total) < 1e-9 and 0 < coverage <= 1
+        # They name the model's inputs, and say what an explanation asked for says.
+        names = {spec.name for spec in env.models.manifest("v2").specs}
+        assert {
+            reason.feature for r in explained for row in r.explanation or [] for reason in row
+        } <= names
+        for record in explained[:4]:
+            asked = client.post(
+                f"{server.base_url}/v1/rank",
+                json={**bodies[record.request_id], "explain": True, "budget_ms": 500},
+            ).json()
+            assert [[i["item_id"], i["score"]] for i in asked["items"]] == [
+                list(item) for item in record.items
+            ]
+            recorded = [[reason.model_dump() for reason in row] for row in record.explanation or []]
+            assert recorded == [i.get("reasons", []) for i in asked["items"]]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 
 import httpx
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from rankgate.cli import main
 from rankgate.setup import Environment
 from serving.audit import AuditRecord
 from serving.sampling import chosen
@@ -98,6 +100,9 @@ def test_sampled_explanations_reach_the_audit_records_at_the_configured_rate(
         assert {
             reason.feature for r in explained for row in r.explanation or [] for reason in row
         } <= names
+        # A record with a sampled explanation replays like any other.
+        replayed = CliRunner().invoke(main, ["audit", "replay", explained[0].request_id])
+        assert replayed.exit_code == 0 and "reproduced: v2" in replayed.output, replayed.output
         for record in explained[:4]:
             asked = client.post(
                 f"{server.base_url}/v1/rank",

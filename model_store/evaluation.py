@@ -36,6 +36,7 @@ from model_store.offpolicy import (
     LoggedSlots,
     compare,
     estimate,
+    logging_policy,
     on_policy_value,
 )
 from model_store.onnx_scoring import OnnxScorer
@@ -190,18 +191,19 @@ class Evaluation:
     draws: int
     seed: int
     min_effective_sample_size: float
-    comparisons: dict[tuple[str, str, str], Comparison] = field(default_factory=dict)
+    comparisons: dict[tuple[str, str, Estimator], Comparison] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return len(next(iter(self.slots.values())).reward)
 
-    def compare(self, a: str, b: str, estimator: Estimator) -> Comparison:
-        key = (a, b, estimator)
+    def compare(self, a: str, b: str | None, estimator: Estimator) -> Comparison:
+        """`a` against version `b`, or against the logging policy (b None)."""
+        key = (a, b or "", estimator)
         if key not in self.comparisons:
             self.comparisons[key] = compare(
                 self.slots[a],
-                self.slots[b],
+                self.slots[b] if b is not None else logging_policy(self.slots[a]),
                 estimator,
                 self.confidence,
                 self.draws,

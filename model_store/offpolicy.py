@@ -68,6 +68,12 @@ class LoggedSlots:
         return np.asarray(self.target / self.propensity, dtype=np.float64)
 
     @property
+    def weighted_clicks(self) -> int:
+        """Rewarded slots the target policy gives weight: with none, every resample is
+        click-free and its interval collapses to [0, 0], which is no evidence."""
+        return int(((self.weights > 0) & (np.asarray(self.reward) > 0)).sum())
+
+    @property
     def effective_sample_size(self) -> float:
         w = self.weights
         total = float((w * w).sum())
@@ -96,6 +102,8 @@ class Comparison:
     low: float
     high: float
     verdict: Verdict
+    weighted_clicks: int
+    """The fewer of a's and b's clicks on slots they give weight (see `min_clicks`)."""
 
 
 def _terms(slots: LoggedSlots) -> dict[str, np.ndarray]:
@@ -194,11 +202,13 @@ def compare(
     draws: int = 1000,
     seed: int = 0,
     min_effective_sample_size: float = 10.0,
+    min_clicks: int = 5,
 ) -> Comparison:
     """Target policy a against b on the same logged slots (same rows, same order):
     the difference a - b with a paired bootstrap interval, and a verdict. With fewer
-    effective samples than `min_effective_sample_size` on either side the verdict
-    is always "cannot tell"."""
+    effective samples than `min_effective_sample_size`, or fewer clicks than
+    `min_clicks` on the slots it weighs, on either side, the verdict is always
+    "cannot tell"."""
     if len(a.reward) != len(b.reward) or not np.array_equal(a.reward, b.reward):
         raise ValueError("compare needs both policies evaluated on the same logged slots")
     (ga, groups), (gb, _) = _grouped(a), _grouped(b)
@@ -207,8 +217,25 @@ def compare(
     low, high = _interval(diffs, confidence)
     ea = estimate(a, (estimator,), confidence, draws, seed)[estimator]
     eb = estimate(b, (estimator,), confidence, draws, seed)[estimator]
-    enough = min(ea.effective_sample_size, eb.effective_sample_size) >= min_effective_sample_size
+    clicks = min(a.weighted_clicks, b.weighted_clicks)
+    enough = (
+        min(ea.effective_sample_size, eb.effective_sample_size) >= min_effective_sample_size
+        and clicks >= min_clicks
+    )
     verdict: Verdict = (
         "better" if enough and low > 0 else "worse" if enough and high < 0 else "cannot tell"
     )
-    return Comparison(estimator, ea, eb, ea.value - eb.value, low, high, verdict)
+    return Comparison(estimator, ea, eb, ea.value - eb.value, low, high, verdict, clicks)
+
+
+def logging_policy(slots: LoggedSlots) -> LoggedSlots:
+    """The logging policy itself as a target on its own slots (every weight 1): what a
+    version is compared with when no other version is named."""
+    return LoggedSlots(
+        reward=slots.reward,
+        propensity=slots.propensity,
+        target=slots.propensity,
+        target_q=slots.logged_q,
+        logged_q=slots.logged_q,
+        group=slots.group,
+    )

@@ -813,17 +813,19 @@ def model_evaluate(
             for v, found in result.estimates.items()
         },
     }
-    if against and against != version:
-        figures["comparisons"] = {
-            name: {
-                "difference": c.difference,
-                "low": c.low,
-                "high": c.high,
-                "verdict": c.verdict,
-            }
-            for name in ESTIMATORS
-            for c in [result.compare(version, against, name)]
+    baseline = against if against and against != version else None
+    figures["against"] = baseline or "the logging policy"
+    figures["comparisons"] = {
+        name: {
+            "difference": c.difference,
+            "low": c.low,
+            "high": c.high,
+            "verdict": c.verdict,
+            "weighted_clicks": c.weighted_clicks,
         }
+        for name in ESTIMATORS
+        for c in [result.compare(version, baseline, name)]
+    }
     if as_json:
         click.echo(json.dumps(figures, indent=2, default=str))
         return
@@ -854,25 +856,12 @@ def model_evaluate(
                 f"{e.effective_sample_size:>9.0f}"
             )
     for name in ESTIMATORS:
-        if against and against != version:
-            c = result.compare(version, against, name)
-            click.echo(
-                f"{name}: {version} - {against} = {c.difference:+.4f} "
-                f"[{c.low:+.4f}, {c.high:+.4f}]: {_verdict(c.verdict)}"
-            )
-        else:
-            e = result.estimates[version][name]
-            verdict = (
-                "better"
-                if e.low > result.logged_value
-                else "worse"
-                if e.high < result.logged_value
-                else "cannot tell"
-            )
-            click.echo(
-                f"{name}: {version} against the logging policy ({result.logged_value:.4f}): "
-                f"{_verdict(verdict)}"
-            )
+        c = result.compare(version, baseline, name)
+        click.echo(
+            f"{name}: {version} - {baseline or 'the logging policy'} = {c.difference:+.4f} "
+            f"[{c.low:+.4f}, {c.high:+.4f}], {c.weighted_clicks} clicks weighed: "
+            f"{_verdict(c.verdict)}"
+        )
 
 
 def _verdict(verdict: str) -> str:

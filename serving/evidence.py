@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 from rankgate.errors import RankgateError
 from serving.config import EvaluationRequirement
 
+MIN_CLICKS = 5
+"""Fewer clicks on the slots an estimate weighs is no evidence (its interval collapses)."""
+
 if TYPE_CHECKING:
     from model_store.evaluation import LoggedDecision
     from model_store.offpolicy import Estimator
@@ -54,6 +57,8 @@ class Evidence:
     effective_sample_size: float
     slots: int
     clicks: int
+    weighted_clicks: int
+    """Clicks on the slots the estimate weighs (the fewer of the two versions')."""
     verdict: str
     """better | worse | cannot tell"""
     deterministic_logs: bool
@@ -69,7 +74,8 @@ class Evidence:
             (
                 f"difference {self.value - self.baseline_value:+.4f}, "
                 f"{self.confidence:.0%} interval [{self.low:+.4f}, {self.high:+.4f}], "
-                f"effective sample size {self.effective_sample_size:.0f}: {self.verdict}"
+                f"effective sample size {self.effective_sample_size:.0f}, "
+                f"{self.weighted_clicks} clicks weighed: {self.verdict}"
             ),
         ]
         if self.deterministic_logs:
@@ -87,6 +93,11 @@ class Evidence:
             failed.append(
                 f"effective sample size {self.effective_sample_size:.0f} is below "
                 f"{requirement.min_effective_sample_size:g}"
+            )
+        if self.weighted_clicks < MIN_CLICKS:
+            failed.append(
+                f"only {self.weighted_clicks} clicks fall where the estimate has weight "
+                f"(at least {MIN_CLICKS} are needed)"
             )
         floor = requirement.min_lift * self.baseline_value
         if self.low < floor:
@@ -180,6 +191,7 @@ def gather(
         effective_sample_size=comparison.a.effective_sample_size,
         slots=result.n,
         clicks=result.clicks,
+        weighted_clicks=comparison.weighted_clicks,
         verdict=comparison.verdict,
         deterministic_logs=all(s.propensity == 1.0 for d in decisions for s in d.shown),
     )

@@ -53,7 +53,7 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
     assert "10000 logged slots, 38 clicks" in result.output
     assert "the intervals are wide" in result.output
     assert "v2 learned from these logs" in result.output
-    assert "against the logging policy (0.0038)" in result.output
+    assert "v2 - the logging policy = " in result.output and "clicks weighed" in result.output
 
 
 def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from model_store.offpolicy import ESTIMATORS, LoggedSlots, compare, estimate, on_policy_value
+from model_store.offpolicy import (
+    ESTIMATORS,
+    LoggedSlots,
+    compare,
+    estimate,
+    logging_policy,
+    on_policy_value,
+)
 
 N_CONTEXTS, N_ITEMS = 60, 8
 
@@ -141,3 +148,18 @@ def test_bad_slots_are_refused() -> None:
         LoggedSlots(np.ones(2), np.array([0.5, 0.0]), np.ones(2), np.ones(2), np.ones(2))
     with pytest.raises(ValueError, match="target"):
         LoggedSlots(np.ones(2), np.ones(2), np.ones(3), np.ones(2), np.ones(2))
+
+
+def test_no_clicks_where_the_target_has_weight_cannot_tell() -> None:
+    """A deterministic ranking on uniform logs of 80 items keeps about 125 of 10,000
+    slots; when none of the 38 clicks falls there, every resample is click-free and
+    the interval collapses to [0, 0]: that is no evidence of being worse."""
+    rng = np.random.default_rng(0)
+    reward = np.zeros(10_000)
+    reward[rng.choice(10_000, 38, replace=False)] = 1.0
+    target = np.zeros(10_000)
+    target[np.flatnonzero(reward == 0)[:125]] = 1.0
+    slots = LoggedSlots(reward, np.full(10_000, 0.0125), target, np.zeros(10_000), np.zeros(10_000))
+    assert estimate(slots, draws=200)["ips"].high == 0.0
+    result = compare(slots, logging_policy(slots), "ips", draws=200)
+    assert result.weighted_clicks == 0 and result.verdict == "cannot tell"

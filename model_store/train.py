@@ -32,7 +32,7 @@ from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
 from features.store import read_table, source_path
 from features.vector import ItemTable, build_matrix
 from model_store.manifest import Manifest, Metrics, TrainingData
-from model_store.register import Candidate, register
+from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
 from rankgate.errors import ModelStoreError, RankgateError
 from rankgate.project import Project
@@ -133,6 +133,19 @@ def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable
         return ItemTable({})
     items = latest_rows(view, project, project.spec.item.join_key)
     return ItemTable({project.item_id(i): row for i, row in items.to_dict("index").items()})
+
+
+def log_rows(
+    project: Project, views: Sequence[FeatureView], data_dir: Path, specs: Sequence[FeatureSpec]
+) -> ReferenceRows | None:
+    """The project's interaction log as rows of `specs` (a registered version's drift
+    reference); None when the project has no log with a user column."""
+    spec = project.spec.interactions
+    if spec is None or spec.user_column is None:
+        return None
+    return ReferenceRows(
+        training_set(project, views, data_dir, specs).matrix, "project interaction log"
+    )
 
 
 def training_set(
@@ -410,6 +423,7 @@ def train(
                 sample_rows=dataset.matrix[np.sort(parity_rows)],
                 made_by="rankgate model train",
                 features_source=features_source,
+                reference_rows=lambda _specs: ReferenceRows(dataset.matrix, "training matrix"),
             ),
         )
     progress(f"{version}: registered at {store.path(version)}")

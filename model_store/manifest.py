@@ -13,6 +13,8 @@ from rankgate.config_files import Strict
 ONNX_FILE = "model.onnx"
 PARITY_INPUTS_FILE = "parity_inputs.npy"
 MANIFEST_FILE = "manifest.json"
+REFERENCE_FILE = "drift_reference.json"
+"""The version's drift reference (model_store/reference.py), when it has one."""
 MAX_PARITY_DIFF = 1e-5
 BoosterKind = Literal["lightgbm", "xgboost", "sklearn"]
 # The file name of a native tree model beside model.onnx, by kind.

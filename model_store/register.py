@@ -11,15 +11,16 @@ written:
   - a score of sample rows runs and gives one finite number per row;
   - with a native tree model (`--booster`), ONNX and native agree to 1e-5.
 It then writes the version folder (ONNX with its version and inputs in
-`metadata_props`, the booster, the parity rows, manifest.json with hashes,
-inputs and lineage) into a staging folder and renames it into place.
+`metadata_props`, the booster, the parity rows, the drift reference when there
+are reference rows, manifest.json with hashes, inputs and lineage) into a staging
+folder and renames it into place.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
@@ -36,6 +37,7 @@ from model_store.manifest import (
     MAX_PARITY_DIFF,
     ONNX_FILE,
     PARITY_INPUTS_FILE,
+    REFERENCE_FILE,
     Booster,
     BoosterKind,
     Lineage,
@@ -47,6 +49,7 @@ from model_store.manifest import (
 )
 from model_store.native import load_native, predict_native
 from model_store.onnx_scoring import OnnxScorer
+from model_store.reference import compute_reference, native_explain
 from model_store.store import ModelStore, check_version_name, sha256_file, write_json
 from rankgate.errors import ModelStoreError, VersionExists
 from rankgate.project import Project
@@ -71,6 +74,16 @@ class Candidate:
     """Rows to score and compare (training rows); default: synthetic rows."""
     made_by: str = "rankgate model register"
     features_source: str | None = None
+    reference_rows: Callable[[Sequence[FeatureSpec]], ReferenceRows | None] | None = None
+    """The rows the drift reference describes, given the resolved inputs (None, or a
+    None result: the version gets no reference)."""
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    matrix: np.ndarray
+    source: str
+    """What the rows are, as the reference names them."""
 
 
 def booster_kind_of(path: Path) -> BoosterKind:
@@ -143,6 +156,20 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def write_reference(
+    rows: ReferenceRows,
+    specs: Sequence[FeatureSpec],
+    folder: Path,
+    output_name: str,
+    booster: Booster | None,
+) -> Path:
+    """The drift reference of the version in `folder`: its inputs, its ONNX scores (as
+    served) and, with a native model, its explanations on the reference rows."""
+    scores = OnnxScorer(folder / ONNX_FILE, output_name).score(rows.matrix)
+    explain = native_explain(folder / booster.file, booster.kind) if booster else None
+    return compute_reference(specs, rows.matrix, scores, rows.source, explain).write(folder)
+
+
 def register(
     store: ModelStore, project: Project, views: Mapping[str, ViewInfo], candidate: Candidate
 ) -> Manifest:
@@ -207,6 +234,9 @@ def register(
                 )
             booster = Booster(kind=kind, file=BOOSTER_FILES[kind])
             shutil.copyfile(candidate.booster, staging / booster.file)
+        reference = candidate.reference_rows(specs) if candidate.reference_rows else None
+        if reference is not None:
+            write_reference(reference, specs, staging, output_name, booster)
 
         manifest = Manifest(
             name=store.name,
@@ -242,3 +272,24 @@ def register(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def add_reference(store: ModelStore, version: str, rows: ReferenceRows) -> Path:
+    """Give a version registered before drift references existed its reference (from
+    `rows`), listed with its hash in the manifest. Nothing the version scores with
+    changes; a version that has one keeps it."""
+    manifest = store.manifest(version)
+    folder = store.path(version)
+    if REFERENCE_FILE in manifest.artifacts:
+        raise ModelStoreError(f"model version {version!r} already has a drift reference", 409)
+    report = store.check_hashes(version)
+    if not report.ok:
+        raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
+    reference = write_reference(
+        rows, manifest.specs, folder, manifest.onnx.output_name, manifest.booster
+    )
+    manifest.artifacts[REFERENCE_FILE] = sha256_file(reference)
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    write_json(tmp, manifest.model_dump(mode="json"))
+    tmp.replace(folder / MANIFEST_FILE)
+    return reference

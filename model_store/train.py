@@ -32,7 +32,7 @@ from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
 from features.store import read_table, source_path
 from features.vector import ItemTable, build_matrix
 from model_store.manifest import Manifest, Metrics, TrainingData
-from model_store.register import Candidate, register
+from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
 from rankgate.errors import ModelStoreError, RankgateError
 from rankgate.project import Project
@@ -220,6 +220,19 @@ class LoggedRows:
 
     def context(self, row: int) -> dict[str, Any]:
         return self.logs.loc[row, self.contexts].to_dict() if self.contexts else {}
+
+
+def log_rows(
+    project: Project, views: Sequence[FeatureView], data_dir: Path, specs: Sequence[FeatureSpec]
+) -> ReferenceRows | None:
+    """The project's interaction log as rows of `specs` (a registered version's drift
+    reference); None when the project has no log with a user column."""
+    spec = project.spec.interactions
+    if spec is None or spec.user_column is None:
+        return None
+    return ReferenceRows(
+        training_set(project, views, data_dir, specs).matrix, "project interaction log"
+    )
 
 
 def training_set(
@@ -474,6 +487,7 @@ def train(
                 sample_rows=dataset.matrix[np.sort(parity_rows)],
                 made_by="rankgate model train",
                 features_source=features_source,
+                reference_rows=lambda _specs: ReferenceRows(dataset.matrix, "training matrix"),
             ),
         )
     progress(f"{version}: registered at {store.path(version)}")

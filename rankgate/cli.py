@@ -469,8 +469,9 @@ def model_register(
     """Register a ranker trained anywhere as VERSION, after checking it against the
     project's Feast registry; registered versions are never overwritten."""
     from features.spec import load_features_file
-    from model_store.manifest import Metrics
+    from model_store.manifest import REFERENCE_FILE, Metrics
     from model_store.register import Candidate, register
+    from model_store.train import log_rows
     from rankgate.config_files import load_yaml_model
     from rankgate.setup import Environment
 
@@ -489,9 +490,15 @@ def model_register(
             booster=booster,
             metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
             features_source=str(features_path.resolve()),
+            reference_rows=lambda specs: log_rows(env.project, env.views(), env.data_dir, specs),
         ),
     )
     parity = manifest.onnx.parity_max_abs_diff
+    reference = (
+        "drift reference from the interaction log"
+        if REFERENCE_FILE in manifest.artifacts
+        else "no drift reference: the project has no interaction log"
+    )
     click.echo(
         f"{version}: registered at {env.models.path(version)} ({len(manifest.features)} inputs; "
         + (
@@ -499,8 +506,32 @@ def model_register(
             if parity is not None
             else "no tree model: answers say explainer_unavailable"
         )
-        + ")"
+        + f"; {reference})"
     )
+
+
+@model.command("reference")
+@click.argument("version")
+@fails_cleanly
+def model_reference(version: str) -> None:
+    """Give VERSION, registered before drift references existed, its drift reference:
+    the project's interaction log built with its inputs, its scores and (with a native
+    model) mean |SHAP| per feature group; added to its manifest with its hash."""
+    from model_store.register import add_reference
+    from model_store.train import log_rows
+    from rankgate.setup import Environment
+
+    env = Environment.open(redis=False)
+    specs = env.models.manifest(version).specs
+    rows = log_rows(env.project, env.views(), env.data_dir, specs)
+    if rows is None:
+        raise RankgateError(
+            f"{env.project.file}: no interaction log with a user column: there is nothing "
+            "to build a drift reference from",
+            422,
+        )
+    path = add_reference(env.models, version, rows)
+    click.echo(f"{version}: drift reference of {len(rows.matrix)} logged rows at {path}")
 
 
 @model.command("validate")
@@ -611,7 +642,9 @@ def model_promote(
     """Change VERSION's role in the routing and apply it to the running server.
 
     Shows which purposes each version serves before and after, and refuses a change
-    that leaves users of a purpose without a permitted model, unless --force."""
+    that leaves users of a purpose without a permitted model, unless --force; so too,
+    with `drift.block_promotion` in the serve config, a version with a drift flag."""
+    from serving.drift_report import read_drift
     from serving.experiments import clear_rollback, read_rollbacks
     from serving.promotion import (
         Move,
@@ -640,6 +673,8 @@ def model_promote(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
         )
     routing = RoutingFile.open(path)
+    drift = read_drift(env.redis, env.home.namespace, version)
+    routing.guard_drift(version, role, drift, force, click.echo)
     before = routing.routing
     evidence: list[str] = []
     requirement = routing.promotion.require_evaluation
@@ -909,9 +944,10 @@ def model_history(count: int) -> None:
 )
 @fails_cleanly
 def model_status(config_path: Path | None, since: str) -> None:
-    """Routing, automatic rollbacks (which rule fired, with what figures), shadow
-    agreement and each shadow's off-policy click-rate estimate against stable, and
-    the outcomes joined to each version's decisions (CTR)."""
+    """Routing, drift per version (rows in the window, the most drifted inputs, score
+    and explanation drift, flags), automatic rollbacks (which rule fired, with what
+    figures), shadow agreement and each shadow's off-policy click-rate estimate
+    against stable, and the outcomes joined to each version's decisions (CTR)."""
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
@@ -949,6 +985,7 @@ def model_status(config_path: Path | None, since: str) -> None:
                 f"mean |score diff| {agreement['mean_abs_score_diff']:.4f}"
             )
         click.echo(line)
+        click.echo(f"      drift: {_drift_line(env, route['version'])}")
         if route["role"] == "shadow":
             for evidence in _shadow_evidence(env, route["version"], routing, since):
                 click.echo(f"      {evidence}")
@@ -992,6 +1029,23 @@ def _shadow_evidence(env, shadow: str, routing, since: str) -> list[str]:  # typ
     except RankgateError as exc:
         return [f"off-policy: not evaluated: {exc.message}"]
     return found.lines()
+
+
+def _drift_line(env, version: str) -> str:  # type: ignore[no-untyped-def]
+    """A version's drift as the replicas last wrote it, or why there is none."""
+    from model_store.manifest import REFERENCE_FILE
+    from serving.drift_report import read_drift
+
+    figures = read_drift(env.redis, env.home.namespace, version)
+    if figures is not None:
+        return figures.describe()
+    try:
+        has_reference = REFERENCE_FILE in env.models.manifest(version).artifacts
+    except RankgateError:
+        has_reference = False
+    if not has_reference:
+        return f"no reference (`rankgate model reference {version}` adds one)"
+    return "no figures (no server has scored with it within the drift window)"
 
 
 def _show_outcomes(client, namespace: str) -> None:  # type: ignore[no-untyped-def]

@@ -36,6 +36,10 @@ def shadow(namespace: str, version: str) -> str:
     return f"{namespace}:shadow:{version}"
 
 
+def drift(namespace: str, version: str) -> str:
+    return f"{namespace}:drift:{version}"
+
+
 def events(namespace: str) -> str:
     return f"{namespace}:events"
 
@@ -130,6 +134,14 @@ SHADOW = RedisKey(
     "requests, errors, overlap_sum, score_diff_sum",
     personal=False,
 )
+DRIFT = RedisKey(
+    drift(NS, "<version>"),
+    "hash",
+    "replicas, every `drift.refresh_s` (`serving/drift.py`); expires after `drift.window_s`",
+    "the version's drift figures over the window: rows, PSI per input, score PSI, "
+    "explanation shift, flags, thresholds",
+    personal=False,
+)
 SETUP_MARKERS = RedisKey(
     setup_marker(NS, "<step>"),
     "string",
@@ -194,6 +206,7 @@ KEYS = (
     ROLLBACKS,
     ROUTING_EVENTS,
     SHADOW,
+    DRIFT,
     SETUP_MARKERS,
     EVENTS,
     EVENT_SEEN,

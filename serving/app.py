@@ -365,6 +365,8 @@ class RankIngress(BatchedScoring):
             EventRules(pipeline.rules, declared, config.events) if declared else None,
         )
         self.keys.keep_fresh(config.auth.refresh_s)
+        self.runtime.watch_drift(config, models)
+        self.runtime.drift.keep_fresh(self.runtime.redis, self.runtime.home.namespace)
         pipeline.publish_canary_weight()
 
     def refuse(self, message: str) -> None:
@@ -525,6 +527,7 @@ class RankIngress(BatchedScoring):
                     "sample_rate": pipeline.config.explainer.sample_rate,
                     "outstanding": pipeline.worker.outstanding,
                 },
+                "drift": pipeline.config.drift.model_dump(),
                 "routing": {
                     "salt": router.config.salt,
                     "versions": [r.model_dump() for r in router.config.versions],

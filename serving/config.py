@@ -165,6 +165,33 @@ class PromotionConfig(Strict):
     """Off (null): promotion needs no off-policy evidence."""
 
 
+class DriftConfig(Strict):
+    """Drift of each loaded version against the reference kept with it at registration
+    (serving/drift.py): PSI per input and of the scores, and the shift of its
+    explanations, over a sliding window of the rows it scored."""
+
+    window_s: float = Field(3600.0, ge=10, le=7 * 24 * 3600)
+    """Length of the sliding window of live rows compared with the reference."""
+    min_rows: int = Field(500, ge=1)
+    """Scored rows (candidate items) the window needs before a figure may raise a flag."""
+    feature_psi: float = Field(0.25, gt=0)
+    """Flag `feature` when an input's population stability index exceeds this
+    (0.1: a moderate shift, 0.25: a large one)."""
+    score_psi: float = Field(0.25, gt=0)
+    """Flag `score` when the PSI of the scores exceeds this."""
+    explanation_shift: float = Field(0.3, gt=0, le=2)
+    """Flag `explanation` when the L1 distance between the shares of mean |SHAP| per
+    feature group (live explanations vs the reference) exceeds this (0..2)."""
+    min_explained_rows: int = Field(100, ge=1)
+    """Explained rows the window needs before explanation drift may raise a flag
+    (explanations are a sample of traffic: fewer rows than scored ones)."""
+    block_promotion: bool = False
+    """`rankgate model promote` refuses a version with a flag (unless --force)."""
+    refresh_s: float = Field(5.0, gt=0, le=600)
+    """How often a replica folds the rows it scored into the window, updates the
+    metrics and writes the figures to Redis (for `rankgate model status`)."""
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "score", "explain"], min_length=1
@@ -189,3 +216,4 @@ class ServingConfig(Strict):
     pipeline: PipelineConfig = PipelineConfig()
     events: EventLimits = EventLimits()
     promotion: PromotionConfig = PromotionConfig()
+    drift: DriftConfig = DriftConfig()

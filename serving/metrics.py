@@ -117,6 +117,39 @@ class ServingMetrics:
             ["model_version", "result"],
             registry=r,
         )
+        self.feature_psi = Gauge(
+            "rankgate_feature_psi",
+            "Population stability index of an input over the drift window, against the "
+            "version's reference (0.1 moderate, 0.25 large shift)",
+            ["model_version", "feature"],
+            registry=r,
+        )
+        self.score_psi = Gauge(
+            "rankgate_score_psi",
+            "Population stability index of the scores over the drift window",
+            ["model_version"],
+            registry=r,
+        )
+        self.explanation_drift = Gauge(
+            "rankgate_explanation_drift",
+            "L1 distance (0..2) between the shares of mean |SHAP| per feature group of live "
+            "explanations and of the reference",
+            ["model_version"],
+            registry=r,
+        )
+        self.drift_flag = Gauge(
+            "rankgate_drift_flag",
+            "1 while a drift figure of the kind (feature, score, explanation) exceeds its "
+            "threshold with enough rows in the window",
+            ["model_version", "kind"],
+            registry=r,
+        )
+        self.drift_rows = Gauge(
+            "rankgate_drift_window_rows",
+            "Scored rows (candidate items) in the drift window",
+            ["model_version"],
+            registry=r,
+        )
 
         self.events = Counter(
             "rankgate_events_received",

@@ -115,6 +115,10 @@ class RankPipeline:
         self.explanation_observers: list[ExplanationObserver] = (
             explanation_observers if explanation_observers is not None else []
         )
+        if services.drift is not None:
+            observe = services.drift.observe_explanations
+            if observe not in self.explanation_observers:
+                self.explanation_observers.append(observe)
         config, fetcher = services.config, services.fetcher
         self.runner = StageRunner.build(config.pipeline.stages, config.pipeline.fallback, services)
         self.background: set[asyncio.Task[None]] = set()
@@ -172,6 +176,10 @@ class RankPipeline:
             timings=self.runner.timings(queued_ms),
         )
         await self.runner.run(context, deadline)
+        drift = self.services.drift
+        if drift is not None and context.scored and context.scores is not None:
+            assert context.model_ref is not None and context.matrix is not None
+            drift.observe(context.model_ref.version, context.matrix, context.scores)
         if context.model_ref is not None:
             self._observe(context.model_ref, context.reason, deadline.elapsed_ms())
         if context.scored and context.user is not None:
@@ -341,6 +349,8 @@ class RankPipeline:
                 raise ModelUnavailable(self.models.errors.get(version, version))
             matrix = build_matrix(model.specs, user.values, self.fetcher.items, eligible, context)
             scores = model.scorer.score(matrix)
+            if self.services.drift is not None:
+                self.services.drift.observe(version, matrix, scores)
             k = len(live)
             shadow_top = {pick.item_id for pick in top_k(eligible, scores, k)}
             overlap = len(shadow_top & {item for item, _ in live}) / k if k else 1.0

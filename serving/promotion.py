@@ -42,7 +42,8 @@ from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, load_policy
 from rankgate.settings import PROJECT_ROOT
-from serving.config import PolicyConfig, PromotionConfig
+from serving.config import DriftConfig, PolicyConfig, PromotionConfig
+from serving.drift_report import DriftFigures
 from serving.experiments import record_routing_change
 from serving.feedback import (
     BASELINE_CLICKS,
@@ -365,6 +366,7 @@ class RoutingFile:
     routing: RoutingConfig
     purposes: dict[str, frozenset[str]]
     promotion: PromotionConfig
+    drift: DriftConfig = field(default_factory=DriftConfig)
     overrode: list[str] = field(default_factory=list)
     """What the last change was forced past."""
 
@@ -377,7 +379,26 @@ class RoutingFile:
         policy = load_policy(folder / "policy.yaml" if folder is not None else None)
         routing = validate_routing(plain(node), path)
         promotion = _section(path, user_config, "promotion", PromotionConfig)
-        return cls(path, document, node, routing, permitted_views(policy), promotion)
+        drift = _section(path, user_config, "drift", DriftConfig)
+        return cls(path, document, node, routing, permitted_views(policy), promotion, drift)
+
+    def guard_drift(
+        self, version: str, role: Role, figures: DriftFigures | None, force: bool, say: Say
+    ) -> None:
+        """With `drift.block_promotion`, refuse to give a flagged version users (a shadow
+        serves nobody: allowed), unless forced; a forced promotion says what it overrode."""
+        if not self.drift.block_promotion or role == "shadow":
+            return
+        if figures is None or not figures.flags:
+            return
+        described = f"{version} has drift flags ({figures.describe()})"
+        if not force:
+            raise PromotionRefused(
+                f"refused: {described}; drift.block_promotion is on in {self.path}. "
+                "Pass --force to promote it anyway"
+            )
+        say(f"WARNING (--force): {described}")
+        self.overrode.append(described)
 
     def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
         """Plan `move`, show who serves what before and after, refuse or write it."""

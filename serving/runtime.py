@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from features.store import feature_store
+from model_store.reference import DriftReference
 from model_store.store import ModelStore
 from rankgate.consent import AsyncConsentStore
-from rankgate.errors import ConfigError, RankgateError
+from rankgate.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
 from rankgate.project import Project
@@ -25,6 +26,7 @@ from rankgate.redis_server import (
 from rankgate.settings import Settings, get_project, get_settings
 from serving.audit import AuditWriter
 from serving.config import AuditConfig, PolicyConfig, ServingConfig
+from serving.drift import DriftMonitor, VersionInputs
 from serving.experiments import ExperimentLog
 from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.fallback import RuleFallback
@@ -54,6 +56,8 @@ class Runtime:
     models: ModelStore
     templates: ReasonTemplates
     metrics: ServingMetrics
+    drift: DriftMonitor
+    """One per replica: its windows outlive reconfigures that keep their version."""
     audit: AuditWriter
     worker: ExplanationWorker = field(default_factory=ExplanationWorker)
     """Computes sampled explanations; one per replica, whatever the config."""
@@ -76,6 +80,7 @@ class Runtime:
         store = feature_store(settings, url, serving=True, project=project)
         fetcher = FeatureFetcher(store, project, home.data_dir)
         policies = load_policy_set(project.policies, fetcher.catalogue, project.item_type)
+        metrics = ServingMetrics()
         return cls(
             settings=settings,
             home=home,
@@ -87,7 +92,8 @@ class Runtime:
             fallback=RuleFallback(policies.fallback, project, home.data_dir),
             models=ModelStore(home),
             templates=load_reason_templates(),
-            metrics=ServingMetrics(),
+            metrics=metrics,
+            drift=DriftMonitor(metrics),
             audit=AuditWriter(client, home.namespace, AuditConfig().max_records),
         )
 
@@ -133,6 +139,21 @@ class Runtime:
                 logger.warning("explainer for %s unavailable: %s", version, exc)
         return models, explainers
 
+    def watch_drift(self, config: ServingConfig, models: ModelSet) -> None:
+        """Drift windows for the loaded versions, with the reference each was registered
+        with (a version without one is counted, not compared)."""
+        store, versions = ModelStore(self.home, config.models.name), {}
+        for version, model in models.loaded.items():
+            try:
+                reference = DriftReference.load(store.path(version))
+            except ModelStoreError as exc:
+                logger.warning("drift reference of %s unusable: %s", version, exc)
+                reference = None
+            versions[version] = VersionInputs(
+                [s.name for s in model.specs], [s.group for s in model.specs], reference
+            )
+        self.drift.use(config.drift, versions)
+
     def pipeline(
         self,
         config: ServingConfig,
@@ -160,6 +181,7 @@ class Runtime:
             explainers=explainers,
             fallback=fallback,
             metrics=self.metrics,
+            drift=self.drift,
         )
         return RankPipeline(
             services,

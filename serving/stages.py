@@ -42,6 +42,7 @@ from rankgate.policy import Exploration
 from rankgate.project import ItemId
 from rankgate.topk import Pick
 from serving.config import ServingConfig
+from serving.drift import DriftMonitor
 from serving.explainer import Explainer
 from serving.exploration import Selection, explore, greedy, new_seed
 from serving.fallback import RuleFallback
@@ -116,6 +117,8 @@ class RankContext:
     items: ItemTable | None = None
     """The item table the matrix was built from (its digest goes to the audit record)."""
     matrix: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    """The model's score of each row of `matrix`."""
     picks: list[Pick[ItemId]] = field(default_factory=list)
     ranked: list[tuple[ItemId, float]] = field(default_factory=list)
     propensities: list[float] = field(default_factory=list)
@@ -170,6 +173,8 @@ class Services:
     metrics: ServingMetrics
     fields_of: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     """The fields each loaded version reads per user view (the Feast reads it needs)."""
+    drift: DriftMonitor | None = None
+    """Watches the rows each version scores for drift (None: not watched)."""
     merged_fields: dict[tuple[str, ...], dict[str, list[str]]] = field(default_factory=dict)
 
     def fields_for(self, versions: tuple[str, ...]) -> dict[str, list[str]]:
@@ -315,7 +320,7 @@ class ScoreStage(Stage):
             return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
-        context.matrix = matrix
+        context.matrix, context.scores = matrix, scores
         selection = self.select(context, scores)
         context.picks, context.propensities = selection.picks, selection.propensities
         context.explored = selection.explored

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from features.spec import FeaturesFile, load_features_file
-from model_store.manifest import MANIFEST_FILE, ONNX_FILE
+from model_store.manifest import MANIFEST_FILE, ONNX_FILE, REFERENCE_FILE
+from model_store.reference import DriftReference
 from model_store.train import TrainParams, parse_params
 from rankgate.cli import main
 from rankgate.errors import ModelStoreError, RankgateError, VersionExists
@@ -39,7 +40,12 @@ def test_setup_registers_two_different_versions(env: Environment) -> None:
     assert v1.params != v2.params
     assert v2.feature_names == [i.name for i in v2_inputs(env).inputs]
     for manifest in (v1, v2):
-        assert set(manifest.artifacts) == {"model.onnx", "booster.txt", "parity_inputs.npy"}
+        assert set(manifest.artifacts) == {
+            "model.onnx",
+            "booster.txt",
+            "parity_inputs.npy",
+            "drift_reference.json",
+        }
         assert manifest.onnx.parity_max_abs_diff is not None
         assert manifest.onnx.parity_max_abs_diff <= 1e-5
         assert manifest.training_data is not None and manifest.metrics is not None
@@ -96,6 +102,65 @@ def test_setup_registers_v3_a_logistic_regression_that_reads_recent_clicks(
     assert routed == {"v2", "v1"}
 
 
+def test_trained_versions_keep_a_drift_reference(env: Environment) -> None:
+    """Bins per input and of the scores over the training matrix, and mean |SHAP|
+    per feature group, in a file the manifest hashes."""
+    for version in ("v1", "v2", "v3"):
+        manifest = env.models.manifest(version)
+        reference = DriftReference.load(env.models.path(version))
+        assert reference is not None and reference.source == "training matrix"
+        assert reference.rows == 10_000 and list(reference.features) == manifest.feature_names
+        for bins in [*reference.features.values(), reference.score]:
+            assert len(bins.proportions) == len(bins.edges) + 2
+            assert sum(bins.proportions) == pytest.approx(1.0)
+        assert len(reference.score.edges) >= 5  # scores spread over quantile bins
+        assert reference.shap_groups is not None and reference.shap_rows == 500
+        assert set(reference.shap_groups) == {f.group for f in manifest.features}
+        assert REFERENCE_FILE in manifest.artifacts
+
+
+def test_model_reference_gives_an_older_version_one(env: Environment, scratch_version: str) -> None:
+    folder = env.models.path(scratch_version)
+    (folder / REFERENCE_FILE).unlink()
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["artifacts"][REFERENCE_FILE]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert env.models.validate(scratch_version, env.view_infos()).ok
+
+    result = CliRunner().invoke(main, ["model", "reference", scratch_version])
+    assert result.exit_code == 0, result.output
+    reference = DriftReference.load(folder)
+    assert reference is not None and reference.source == "project interaction log"
+    assert reference.rows == 10_000 and reference.shap_groups is not None
+    assert REFERENCE_FILE in env.models.manifest(scratch_version).artifacts
+    assert env.models.validate(scratch_version, env.view_infos()).ok
+    again = CliRunner().invoke(main, ["model", "reference", scratch_version])
+    assert again.exit_code == 1 and "already has a drift reference" in again.output
+
+
+def test_register_builds_the_reference_from_the_interaction_log(env: Environment) -> None:
+    v1 = env.models.path("v1")
+    features = env.models.manifest("v1").lineage.features_source
+    assert features is not None
+    try:
+        result = CliRunner().invoke(
+            main,
+            [
+                *("model", "register", "registered-ref", "--onnx", str(v1 / ONNX_FILE)),
+                *("--features", features, "--booster", str(v1 / "booster.txt")),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "drift reference from the interaction log" in result.output
+        reference = DriftReference.load(env.models.path("registered-ref"))
+        assert reference is not None and reference.source == "project interaction log"
+        # The same rows as v1's training matrix: the same bins.
+        trained = DriftReference.load(v1)
+        assert trained is not None and reference.features == trained.features
+    finally:
+        shutil.rmtree(env.models.path("registered-ref"), ignore_errors=True)
+
+
 def test_the_onnx_file_carries_its_version_and_inputs(env: Environment) -> None:
     import onnx
 
@@ -140,7 +205,8 @@ def test_manifest_hash_mismatch_is_reported(env: Environment, scratch_version: s
     manifest["artifacts"]["model.onnx"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     report = env.models.validate(scratch_version, env.view_infos())
-    assert report.failures() == ["sha256 model.onnx: is " + report.checks[2][2].split("is ")[1]]
+    detail = next(d for name, _, d in report.checks if name == "sha256 model.onnx")
+    assert report.failures() == ["sha256 model.onnx: is " + detail.split("is ")[1]]
     assert "manifest says 000000000000" in report.failures()[0]
 
 

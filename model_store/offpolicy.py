@@ -34,6 +34,9 @@ import numpy as np
 Estimator = Literal["ips", "snips", "dr"]
 ESTIMATORS: tuple[Estimator, ...] = ("ips", "snips", "dr")
 Verdict = Literal["better", "worse", "cannot tell"]
+MIN_CLICKS = 5
+"""Fewer clicks on the slots an estimate weighs is no evidence: its resamples are
+mostly click-free and its interval collapses toward [0, 0]."""
 CHUNK = 64
 """Bootstrap draws computed at once (bounds the resampling matrix's memory)."""
 
@@ -202,7 +205,7 @@ def compare(
     draws: int = 1000,
     seed: int = 0,
     min_effective_sample_size: float = 10.0,
-    min_clicks: int = 5,
+    min_clicks: int = MIN_CLICKS,
 ) -> Comparison:
     """Target policy a against b on the same logged slots (same rows, same order):
     the difference a - b with a paired bootstrap interval, and a verdict. With fewer

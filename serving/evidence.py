@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model_store.offpolicy import MIN_CLICKS
 from rankgate.errors import RankgateError
 from serving.config import EvaluationRequirement
-
-MIN_CLICKS = 5
-"""Fewer clicks on the slots an estimate weighs is no evidence (its interval collapses)."""
 
 if TYPE_CHECKING:
     from model_store.evaluation import LoggedDecision

@@ -187,18 +187,18 @@ def test_a_feast_repo_without_feature_store_yaml(skeleton: Path) -> None:
 def test_a_feature_reference_the_registry_lacks(skeleton: Path) -> None:
     features = skeleton / "models" / "FEATURES.yaml"
     features.write_text(
-        features.read_text().replace("user_profile:visits_30d", "user_profile:visits_90d")
+        features.read_text().replace("shopper_profile:visits_30d", "shopper_profile:visits_90d")
     )
     message = refused(skeleton)
     assert (
-        f"{features}: inputs.1 (visits_30d): view 'user_profile' has no field 'visits_90d'"
+        f"{features}: inputs.1 (visits_30d): view 'shopper_profile' has no field 'visits_90d'"
         in message
     )
 
 
 def test_a_feature_view_the_registry_lacks(skeleton: Path) -> None:
     features = skeleton / "models" / "FEATURES.yaml"
-    features.write_text(features.read_text().replace("user_profile:segment", "user_history:seg"))
+    features.write_text(features.read_text().replace("shopper_profile:segment", "user_history:seg"))
     assert f"{features}: inputs.0 (segment): no feature view 'user_history'" in refused(skeleton)
 
 
@@ -388,7 +388,7 @@ def test_problems_are_reported_together(skeleton: Path) -> None:
 
 def test_a_failing_prepare_step_is_named(skeleton: Path) -> None:
     prepare = skeleton / "prepare.py"
-    prepare.write_text(prepare.read_text().replace("N_USERS = 300", "N_USERS = -1"))
+    prepare.write_text(prepare.read_text().replace("N_SHOPPERS = 300", "N_SHOPPERS = -1"))
     assert (
         f"{skeleton / 'rankgate.yaml'}: field 'prepare': prepare.py failed: ValueError"
         in refused(skeleton)

@@ -10,9 +10,9 @@ segments, items in a few categories, and logged impressions whose clicks depend
 on segment, category, price and device, so a model has something to learn.
 Replace it with a step that exports your own tables, written the same way:
 
-  user_profile.parquet     shopper_key, event_timestamp, <user view fields>
-  item_attributes.parquet  product_id, event_timestamp, <item view fields>
-  interactions.parquet     shopper_key, product_id, clicked, shown_at, <context columns>
+  shopper_profile.parquet     shopper_key, updated_at, <user view fields>
+  item_attributes.parquet     product_id, updated_at, <item view fields>
+  interactions.parquet        shopper_key, product_id, clicked, shown_at, <context columns>
 
 The column names are this sample's own (rankgate.yaml declares them). User tables
 hold the pseudonymous key `rankgate.pseudonym.user_key(user_id)`, never the raw id.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from rankgate.pseudonym import user_key
 
-N_USERS = 300
-N_ITEMS = 40
+N_SHOPPERS = 300
+N_PRODUCTS = 40
 N_IMPRESSIONS = 6000
 SEGMENTS = ["new", "regular", "loyal", "bargain"]
 CATEGORIES = ["books", "garden", "kitchen", "sports", "toys"]
@@ -38,35 +38,35 @@ SEED = 20260101
 
 def demo_user_ids() -> list[str]:
     """The sample's user ids: the ids your application would send."""
-    return [f"user-{n:04d}" for n in range(N_USERS)]
+    return [f"user-{n:04d}" for n in range(N_SHOPPERS)]
 
 
-def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, int]:
+def prepare(data_dir: Path) -> dict[str, int]:
     """Write the sample's tables into `data_dir`; returns their row counts."""
     import numpy as np
     import pandas as pd
 
     data_dir.mkdir(parents=True, exist_ok=True)
     # Feature rows carry the time they were prepared: a view's TTL counts from it.
-    snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0)
+    updated = datetime.now(UTC).replace(microsecond=0)
     rng = np.random.default_rng(SEED)
 
-    segment_of = rng.integers(0, len(SEGMENTS), N_USERS)
-    category_of = rng.integers(0, len(CATEGORIES), N_ITEMS)
-    visits = rng.poisson(4, N_USERS)
-    price = rng.lognormal(3.0, 0.6, N_ITEMS).round(2)
+    segment_of = rng.integers(0, len(SEGMENTS), N_SHOPPERS)
+    category_of = rng.integers(0, len(CATEGORIES), N_PRODUCTS)
+    visits = rng.poisson(4, N_SHOPPERS)
+    price = rng.lognormal(3.0, 0.6, N_PRODUCTS).round(2)
     users = pd.DataFrame(
         {
             "shopper_key": [user_key(user_id) for user_id in demo_user_ids()],
-            "event_timestamp": snapshot,
+            "updated_at": updated,
             "segment": np.array(SEGMENTS)[segment_of],
             "visits_30d": visits.astype("int64"),
         }
     )
     items = pd.DataFrame(
         {
-            "product_id": np.arange(1, N_ITEMS + 1, dtype="int64"),
-            "event_timestamp": snapshot,
+            "product_id": np.arange(1, N_PRODUCTS + 1, dtype="int64"),
+            "updated_at": updated,
             "category": np.array(CATEGORIES)[category_of],
             "price": price,
         }
@@ -75,8 +75,8 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     # Who saw what, and whether they clicked: each segment has its taste for each
     # category; cheaper items, frequent visitors and the app click a little more.
     taste = rng.normal(0.0, 1.0, (len(SEGMENTS), len(CATEGORIES)))
-    user_at = rng.integers(0, N_USERS, N_IMPRESSIONS)
-    item_at = rng.integers(0, N_ITEMS, N_IMPRESSIONS)
+    user_at = rng.integers(0, N_SHOPPERS, N_IMPRESSIONS)
+    item_at = rng.integers(0, N_PRODUCTS, N_IMPRESSIONS)
     device = rng.choice(DEVICES, N_IMPRESSIONS, p=[0.5, 0.3, 0.2])
     logit = (
         -1.8
@@ -98,7 +98,7 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
         }
     )
 
-    users.to_parquet(data_dir / "user_profile.parquet", index=False)
+    users.to_parquet(data_dir / "shopper_profile.parquet", index=False)
     items.to_parquet(data_dir / "item_attributes.parquet", index=False)
     interactions.to_parquet(data_dir / "interactions.parquet", index=False)
     return {"users": len(users), "items": len(items), "interactions": len(interactions)}

@@ -42,8 +42,8 @@ product = Entity(
 # are copied into Redis by materialization and read per request. A purpose of
 # policies/policy.yaml may use it only where it lists this view. The TTL says how
 # old a row may be before Feast treats it as missing.
-user_profile = FeatureView(
-    name="user_profile",
+shopper_profile = FeatureView(
+    name="shopper_profile",
     entities=[shopper],
     ttl=timedelta(days=90),
     schema=[
@@ -51,9 +51,9 @@ user_profile = FeatureView(
         Field(name="visits_30d", dtype=Int64, description="Visits in the last 30 days."),
     ],
     source=FileSource(
-        name="user_profile_source",
-        path=str(DATA / "user_profile.parquet"),
-        timestamp_field="event_timestamp",
+        name="shopper_profile_source",
+        path=str(DATA / "shopper_profile.parquet"),
+        timestamp_field="updated_at",
     ),
     online=True,
     tags={"group": "profile"},
@@ -73,7 +73,7 @@ item_attributes = FeatureView(
     source=FileSource(
         name="item_attributes_source",
         path=str(DATA / "item_attributes.parquet"),
-        timestamp_field="event_timestamp",
+        timestamp_field="updated_at",
     ),
     online=True,
     tags={"group": "item"},

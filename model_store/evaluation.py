@@ -41,7 +41,7 @@ from model_store.offpolicy import (
 )
 from model_store.onnx_scoring import OnnxScorer
 from model_store.store import ModelStore
-from model_store.train import LoggedRows, load_item_table
+from model_store.train import LoggedRows
 from rankgate.errors import ModelStoreError
 from rankgate.project import ItemId, Project
 from rankgate.topk import top_k
@@ -242,11 +242,6 @@ def evaluate_versions(
         seed=seed,
         min_effective_sample_size=min_effective_sample_size,
     )
-
-
-def offline_items(project: Project, views: Sequence[FeatureView]) -> ItemTable:
-    """The item table as training reads it (the item view's offline rows)."""
-    return load_item_table(project, views)
 
 
 def union_specs(models: ModelStore, versions: Sequence[str]) -> list[FeatureSpec]:

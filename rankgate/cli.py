@@ -676,10 +676,13 @@ def model_promote(
     drift = read_drift(env.redis, env.home.namespace, version)
     routing.guard_drift(version, role, drift, force, click.echo)
     before = routing.routing
-    evidence: list[str] = []
     requirement = routing.promotion.require_evaluation
-    if requirement is not None and role in ("canary", "stable") and version != before.stable:
-        evidence = _require_evidence(env, version, before.stable, requirement, force, routing)
+    evidence = (
+        _evidence(env, version, before.stable, requirement)
+        if requirement is not None and role in ("canary", "stable") and version != before.stable
+        else None
+    )
+    routing.guard_evidence(version, evidence, force, click.echo)
     new = routing.change(Move(version, role, canary), env.models, force, click.echo)
     if role == "canary":
         namespace = env.home.namespace
@@ -690,21 +693,19 @@ def model_promote(
     click.echo(
         f"{path}: {version} is now {role}" + (f" at {canary:g} %" if canary is not None else "")
     )
-    record_change(env.redis, env.home.namespace, "promote", version, routing, evidence)
+    lines = evidence.lines() if evidence is not None else None
+    record_change(env.redis, env.home.namespace, "promote", version, routing, lines)
     _apply(env, path, routing_applied(new))
 
 
-def _require_evidence(env, version, stable, requirement, force, routing) -> list[str]:  # type: ignore[no-untyped-def]
-    """The promotion gate: off-policy evidence that `version` is not worse than stable
-    (serving/evidence.py). Refuses unless forced; a forced pass is noted in `routing`
-    for the audit of routing changes. Returns the evidence's lines."""
+def _evidence(env, version: str, stable: str, requirement):  # type: ignore[no-untyped-def]
+    """Off-policy evidence of `version` against stable, as the gate asks for it."""
     from serving.evidence import gather, logged_decisions
-    from serving.promotion import PromotionRefused
 
     decisions, source = logged_decisions(
         env, [version, stable], requirement.source, requirement.since
     )
-    found = gather(
+    return gather(
         env,
         version,
         stable,
@@ -715,22 +716,6 @@ def _require_evidence(env, version, stable, requirement, force, routing) -> list
         requirement.draws,
         requirement.min_effective_sample_size,
     )
-    lines = found.lines()
-    for line in lines:
-        click.echo(line)
-    failures = found.failures(requirement)
-    if not failures:
-        click.echo(f"{version} passes promotion.require_evaluation")
-        return lines
-    described = "; ".join(failures)
-    if not force:
-        raise PromotionRefused(
-            f"refused by promotion.require_evaluation: {described}. Gather more evidence "
-            "(a shadow, exploration) or pass --force (recorded in the audit of routing changes)"
-        )
-    click.echo(f"WARNING (--force): promoted without the required evidence: {described}")
-    routing.overrode.append(f"promotion.require_evaluation: {described}")
-    return lines
 
 
 @model.command("retire")
@@ -813,8 +798,9 @@ def model_evaluate(
     --against (or the logging policy's observed click rate)."""
     import json
 
-    from model_store.evaluation import evaluate_versions, offline_items
+    from model_store.evaluation import evaluate_versions
     from model_store.offpolicy import ESTIMATORS
+    from model_store.train import load_item_table
     from rankgate.setup import Environment
     from serving.evidence import logged_decisions
 
@@ -830,7 +816,7 @@ def model_evaluate(
     )
     result = evaluate_versions(
         env.models,
-        offline_items(env.project, env.views()),
+        load_item_table(env.project, env.views()),
         decisions,
         versions,
         confidence,

@@ -163,11 +163,12 @@ def gather(
     seed: int = 0,
 ) -> Evidence:
     """`version` against `baseline` on `decisions` with one estimator."""
-    from model_store.evaluation import evaluate_versions, offline_items
+    from model_store.evaluation import evaluate_versions
+    from model_store.train import load_item_table
 
     result = evaluate_versions(
         env.models,
-        offline_items(env.project, env.views()),
+        load_item_table(env.project, env.views()),
         decisions,
         [version, baseline],
         confidence,

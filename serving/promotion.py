@@ -62,6 +62,7 @@ from serving.routing import ReturnRole, Role, Router, RoutingConfig, VersionRout
 
 if TYPE_CHECKING:
     from model_store.store import ModelStore
+    from serving.evidence import Evidence
 
 Say = Callable[[str], None]
 Purposes = Mapping[str, frozenset[str]]
@@ -399,6 +400,30 @@ class RoutingFile:
             )
         say(f"WARNING (--force): {described}")
         self.overrode.append(described)
+
+    def guard_evidence(
+        self, version: str, evidence: Evidence | None, force: bool, say: Say
+    ) -> None:
+        """With `promotion.require_evaluation`, refuse a version whose off-policy
+        evidence (serving/evidence.py) fails it, unless forced; a forced promotion says
+        what it overrode. `evidence` is None when the gate does not apply."""
+        requirement = self.promotion.require_evaluation
+        if requirement is None or evidence is None:
+            return
+        for line in evidence.lines():
+            say(line)
+        failures = evidence.failures(requirement)
+        if not failures:
+            say(f"{version} passes promotion.require_evaluation")
+            return
+        described = "; ".join(failures)
+        if not force:
+            raise PromotionRefused(
+                f"refused by promotion.require_evaluation: {described}. Gather more evidence "
+                "(a shadow, exploration) or pass --force (recorded in the audit of routing changes)"
+            )
+        say(f"WARNING (--force): promoted without the required evidence: {described}")
+        self.overrode.append(f"promotion.require_evaluation: {described}")
 
     def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
         """Plan `move`, show who serves what before and after, refuse or write it."""

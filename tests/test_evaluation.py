@@ -59,9 +59,10 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
 def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     """Slots where the version shows the logged item at its position weigh 80 (1 / 0.0125)."""
     from features.store import load_catalogue
-    from model_store.evaluation import decisions_from_logs, offline_items, slots_for
+    from model_store.evaluation import decisions_from_logs, slots_for
     from model_store.manifest import ONNX_FILE
     from model_store.onnx_scoring import OnnxScorer
+    from model_store.train import load_item_table
     from rankgate.topk import top_k
 
     views = env.views()
@@ -70,7 +71,7 @@ def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     decisions = decisions_from_logs(env.project, views, env.data_dir, manifest.specs, catalogue)[
         :300
     ]
-    items = offline_items(env.project, views)
+    items = load_item_table(env.project, views)
     scorer = OnnxScorer(env.models.path("v2") / ONNX_FILE, manifest.onnx.output_name)
     slots = slots_for(decisions, manifest.specs, items, scorer)
     assert set(np.unique(slots.weights)) <= {0.0, 80.0}

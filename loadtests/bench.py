@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests.drive import write_results
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
@@ -425,7 +426,5 @@ def run_bench(
         "targets": evaluate(results),
         "notes": notes or [],
     }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "bench.md").write_text(render_markdown(report))
+    write_results(output, "bench", report, render_markdown)
     return report

@@ -14,13 +14,10 @@ did meanwhile (explanations computed, skipped, their compute time, from
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.bench import drive, process_env, wait_ready, workload
+from loadtests.drive import stamped, write_results
 from serving.launch import (
     SERVE_CONFIG,
     dashboard_address,
@@ -149,19 +147,15 @@ def run_explain_sampling(
                         sample[rate][key] += after[key] - before[key]
         finally:
             stop_server(process)
-    report = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "command": COMMAND,
-        "duration_s": duration,
-        "rounds": repeats,
-        "rates": list(RATES),
-        "results": summarize(runs),
-        "sample": {str(rate): figures for rate, figures in sample.items()},
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "explain_sampling.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "explain_sampling.md").write_text(render(report))
+    report = stamped(
+        command=COMMAND,
+        duration_s=duration,
+        rounds=repeats,
+        rates=list(RATES),
+        results=summarize(runs),
+        sample={str(rate): figures for rate, figures in sample.items()},
+    )
+    write_results(output, "explain_sampling", report, render)
     return report
 
 

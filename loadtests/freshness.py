@@ -21,22 +21,19 @@ goes to `<output>/freshness.json` and `<output>/freshness.md`.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from loadtests.drive import percentile
+from loadtests.drive import percentile, stamped, write_results
 from model_store.store import ModelStore
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
@@ -189,14 +186,12 @@ def run_freshness(
                         )
         finally:
             stop_server(process)
-    report = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "version": version,
-        "view": view,
-        "duration_s": duration,
-        "repeats": repeats,
-        "results": {
+    report = stamped(
+        version=version,
+        view=view,
+        duration_s=duration,
+        repeats=repeats,
+        results={
             str(rate): {
                 "probes": len(samples[rate]["client"]),
                 "background_events": posted[rate],
@@ -208,10 +203,8 @@ def run_freshness(
             }
             for rate in rates
         },
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "freshness.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "freshness.md").write_text(render(report))
+    )
+    write_results(output, "freshness", report, render)
     return report
 
 

@@ -119,6 +119,16 @@ class DriftWindow:
     ) -> None:
         self.version = version
         self.features = list(features)
+        missing = [
+            n for n in self.features if reference is not None and n not in reference.features
+        ]
+        if missing:
+            # A reference of other inputs compares nothing: the version is counted, not
+            # compared (drift never stops a version from serving).
+            logger.warning(
+                "drift reference of %s lacks its inputs %s: not compared", version, missing
+            )
+            reference = None
         self.reference = reference
         self.config = config
         self.pending: deque[tuple[float, np.ndarray, np.ndarray]] = deque(maxlen=MAX_PENDING)

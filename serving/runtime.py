@@ -149,15 +149,6 @@ class Runtime:
             except ModelStoreError as exc:
                 logger.warning("drift reference of %s unusable: %s", version, exc)
                 reference = None
-            names = [s.name for s in model.specs]
-            missing = [n for n in names if reference is not None and n not in reference.features]
-            if missing:
-                # A reference of other inputs compares nothing: the version is counted,
-                # not compared (drift never stops a version from serving).
-                logger.warning(
-                    "drift reference of %s lacks its inputs %s: not compared", version, missing
-                )
-                reference = None
             versions[version] = VersionInputs(
                 [s.name for s in model.specs], [s.group for s in model.specs], reference
             )

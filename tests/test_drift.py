@@ -115,6 +115,16 @@ def test_explanation_drift(window: DriftWindow) -> None:
     assert l1_shift({"a": 1.0}, {"b": 3.0}) == pytest.approx(2.0)
 
 
+def test_a_reference_without_the_versions_inputs_is_not_compared(window: DriftWindow) -> None:
+    """A version whose inputs the reference lacks (a copy with another input list) is
+    counted as having no reference; building its window never raises."""
+    names = [s.name for s in SPECS] + ["extra"]
+    other = DriftWindow("v1-other", names, ["g"] * len(names), window.reference, window.config)
+    assert other.reference is None
+    other.observe(np.zeros((2, len(names)), dtype=np.float32), np.zeros(2))
+    assert other.figures().rows == 2 and not other.figures().has_reference
+
+
 def test_monitor_without_reference_counts_rows_and_reports_it() -> None:
     metrics = ServingMetrics()
     monitor = DriftMonitor(metrics)

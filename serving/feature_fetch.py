@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from feast import FeatureStore
-from feast.infra.online_stores.redis import RedisOnlineStore
+from feast import FeatureStore, FeatureView, RepoConfig
+from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type
@@ -53,6 +53,65 @@ class UserFeatures:
         return not self.missing_views
 
 
+SCALARS = frozenset(
+    {"int32_val", "int64_val", "float_val", "double_val", "bool_val", "string_val", "bytes_val"}
+)
+
+
+def python_value(value: Value) -> Any:
+    """A Feast value as Python: scalars directly (the common case on the request path),
+    everything else through Feast's own conversion."""
+    kind = value.WhichOneof("val")
+    if kind in SCALARS:
+        return getattr(value, kind)
+    return feast_value_type_to_python_type(value)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """One HMGET for several user views: Feast's hash fields of each view (its
+    features and its `_ts:` field), concatenated; `decode` splits the reply."""
+
+    views: list[str]
+    fv_names: list[str]
+    requested: list[list[str]]
+    """Per view, the feature names and then the view's timestamp field, as Feast reads them."""
+    hset_keys: list[str | bytes]
+
+    @classmethod
+    def of(
+        cls,
+        online: RedisOnlineStore,
+        config: RepoConfig,
+        views: Mapping[str, FeatureView],
+        infos: Mapping[str, ViewInfo],
+        fields: Mapping[str, list[str]],
+    ) -> ReadPlan:
+        names, fv_names, requested, hset_keys = [], [], [], []
+        for view in sorted(v for v in fields if infos[v].entity == "user"):
+            fv_name = _versioned_fv_name(views[view], config)
+            # Feast appends the timestamp field to the list it gets: a copy.
+            wanted, keys = online._generate_hset_keys_for_features(
+                views[view], list(fields[view]), fv_name_override=fv_name
+            )
+            names.append(view)
+            fv_names.append(fv_name)
+            requested.append(wanted)
+            hset_keys += keys
+        return cls(names, fv_names, requested, hset_keys)
+
+    def decode(
+        self, online: RedisOnlineStore, raw: list[bytes | None]
+    ) -> list[tuple[datetime | None, dict[str, Value] | None]]:
+        """Per view, Feast's (row time, values) of the reply."""
+        results, start = [], 0
+        for fv_name, wanted in zip(self.fv_names, self.requested, strict=True):
+            values = raw[start : start + len(wanted)]
+            start += len(wanted)
+            results.append(online._get_features_for_entity(values, fv_name, wanted))
+        return results
+
+
 class FeatureFetcher:
     """Reads the online store of one project's Feast repository (one home)."""
 
@@ -76,6 +135,7 @@ class FeatureFetcher:
         self.half_life_s = {name: spec.half_life_s for name, spec in project.streaming.items()}
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
+        self._plans: dict[tuple[tuple[str, tuple[str, ...]], ...], ReadPlan] = {}
 
     def _user_entity(self, key: str) -> EntityKey:
         return EntityKey(join_keys=[self.user_join_key], entity_values=[Value(string_val=key)])
@@ -121,25 +181,36 @@ class FeatureFetcher:
         except Exception as exc:  # noqa: BLE001 - keep serving the table we have
             logger.warning("item table refresh failed, keeping the cached one: %s", exc)
 
+    def read_plan(self, fields: Mapping[str, list[str]]) -> ReadPlan:
+        """How to read these fields of the user views: Feast's hash fields per view,
+        computed once per field set (a request pays a dictionary lookup)."""
+        key = tuple((view, tuple(names)) for view, names in sorted(fields.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = ReadPlan.of(self.online, self.config, self.views, self.infos, fields)
+            self._plans[key] = plan
+        return plan
+
     async def fetch_user(self, user_key: str, fields: Mapping[str, list[str]]) -> UserFeatures:
-        """The person's rows of the user views, only the fields named per view."""
-        user_views = sorted(v for v in fields if self.infos[v].entity == "user")
-        entity = [self._user_entity(user_key)]
-        results = await asyncio.gather(
-            *[
-                self.online.online_read_async(self.config, self.views[v], entity, list(fields[v]))
-                for v in user_views
-            ]
+        """The person's rows of the user views, only the fields named per view: one
+        HMGET of Feast's hash of the person (every user view lives in it), decoded
+        by Feast."""
+        plan = self.read_plan(fields)
+        (redis_key,) = self.online._generate_redis_keys_for_entities(
+            self.config, [self._user_entity(user_key)]
         )
+        client = await self.online._get_client_async(self.config.online_store)
+        raw = await client.hmget(redis_key, plan.hset_keys) if plan.hset_keys else []
         now = datetime.now(UTC)
         values: dict[str, Any] = {}
         ages: dict[str, float] = {}
         missing, stale = [], []
         through: float | None = None
-        for view, [(stamp, row)] in zip(user_views, results, strict=True):
+        for view, (stamp, row) in zip(plan.views, plan.decode(self.online, raw), strict=True):
+            converted = {name: python_value(value) for name, value in (row or {}).items()}
             # Feast answers an unknown entity with an epoch timestamp and empty values.
-            if stamp is None or not row or all(v.WhichOneof("val") is None for v in row.values()):
-                stamp = row = None
+            if stamp is None or all(value is None for value in converted.values()):
+                stamp = None
             age = None if stamp is None else (now - stamp).total_seconds()
             expired = age is not None and view in self.ttl_s and age > self.ttl_s[view]
             if view in self.streaming_defaults:
@@ -148,18 +219,17 @@ class FeatureFetcher:
                     values.update(dict.fromkeys(fields[view], default))
                     continue
                 through = max(through or 0.0, through_of(stamp))
-            if stamp is None or row is None or age is None:
+            if stamp is None or age is None:
                 missing.append(view)
                 continue
             if expired:
                 stale.append(view)
             ages[view] = age
-            for name, value in row.items():
-                values[name] = feast_value_type_to_python_type(value)
             if view in self.streaming_defaults:
                 # Counts as of now: what training computes for the moment of a decision.
                 half_life = self.half_life_s[view]
-                for name in row:
-                    if isinstance(values[name], float):
-                        values[name] = decayed(values[name], age, half_life)
+                for name, value in converted.items():
+                    if isinstance(value, float):
+                        converted[name] = decayed(value, age, half_life)
+            values.update(converted)
         return UserFeatures(values, ages, missing, stale, through)

@@ -39,7 +39,7 @@ from rankgate.errors import ConfigError
 from rankgate.home import Home
 from rankgate.project import Project
 from rankgate.settings import PROJECT_ROOT, get_project
-from serving import edge
+from serving import edge, without_feast_metrics_dir
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
@@ -140,7 +140,7 @@ def serve_env(
 ) -> dict[str, str]:
     """The server's environment: `base` (default: this process's) with the fast path,
     the edge's settings, and the home, project and Redis the replicas must use."""
-    env = dict(os.environ if base is None else base)
+    env = without_feast_metrics_dir(dict(os.environ if base is None else base))
     for name, value in FAST_PATH_ENV.items():
         env.setdefault(name, value)
     # HAProxy runs as rankgate-haproxy, which adds the connection guards to the

@@ -8,7 +8,10 @@ scrape target sees across restarts with `rate()` as usual.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from serving.outcomes import FallbackReason
 from serving.schemas import RankRequest, RankResponse
@@ -21,6 +24,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "rankgate_rank_requests",
@@ -165,6 +169,15 @@ class ServingMetrics:
             registry=r,
         )
 
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: the request path pays a dictionary lookup,
+        not prometheus_client's label checks and lock."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def observe(self, request: RankRequest, response: RankResponse) -> None:
         version = response.model.version if response.model else ""
         variant = response.model.variant if response.model else ""
@@ -174,14 +187,15 @@ class ServingMetrics:
             outcome = "degraded"
         else:
             outcome = "non_personalized"
-        self.requests.labels(outcome, request.purpose, version, variant).inc()
-        self.decisions.labels(request.purpose, response.policy.decision).inc()
+        child = self.child
+        child(self.requests, outcome, request.purpose, version, variant).inc()
+        child(self.decisions, request.purpose, response.policy.decision).inc()
         if response.fallback is not None:
-            self.fallbacks.labels(response.fallback.reason, version, variant).inc()
+            child(self.fallbacks, response.fallback.reason, version, variant).inc()
         for stage, ms in response.timings_ms.items():
-            self.stage_seconds.labels(stage, version, variant).observe(ms / 1000.0)
+            child(self.stage_seconds, stage, version, variant).observe(ms / 1000.0)
         if response.fallback is None and response.model is not None and response.items:
-            self.scored.labels(version).inc()
+            child(self.scored, version).inc()
             self._cover(version, scored=1)
         if response.explanation is not None:
             self.explained(
@@ -199,7 +213,7 @@ class ServingMetrics:
         counts[0] += explained
         counts[1] += scored
         if counts[1]:
-            self.coverage.labels(version).set(counts[0] / counts[1])
+            self.child(self.coverage, version).set(counts[0] / counts[1])
 
     def rejected(self, outcome: str) -> None:
         """A request answered with a 4xx/503 before ranking (bad_request, unauthorized, ...)."""

@@ -86,10 +86,8 @@ class AsyncConsentStore:
     async def read(self, key: str, purpose: str, timeout_s: float) -> ConsentState | None:
         """Consent of the person for the purpose; None when it cannot be read in time."""
         try:
-            raw = await asyncio.wait_for(
-                self.client.hget(redis_keys.consent(self.namespace, key), purpose),  # type: ignore[arg-type]
-                timeout=max(timeout_s, 0.0),
-            )
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                raw = await self.client.hget(redis_keys.consent(self.namespace, key), purpose)  # type: ignore[misc]
         except (TimeoutError, OSError, aioredis.RedisError):
             return None
         return parse_state(raw)

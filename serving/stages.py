@@ -286,7 +286,7 @@ class FetchStage(Stage):
         except Exception as exc:  # noqa: BLE001 - the online store failed: degrade
             return StageResult.degraded(FallbackReason.FEATURE_ERROR, type(exc).__name__)
         for view, age in user.age_s.items():
-            services.metrics.feature_age.labels(view).observe(age)
+            services.metrics.child(services.metrics.feature_age, view).observe(age)
         if user.missing_views:
             return StageResult.degraded(
                 FallbackReason.FEATURES_MISSING, ",".join(user.missing_views)
@@ -439,12 +439,13 @@ class StageRunner:
     ) -> StageResult:
         if stage.on_timeout is None:
             return await stage.run(context, deadline)
+        if deadline.remaining_s() <= 0:
+            return stage.on_timeout
+        # asyncio.timeout, not wait_for: the stage runs in the request's own task
+        # (no task per stage).
         try:
-            if deadline.remaining_s() <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(
-                stage.run(context, deadline), timeout=deadline.remaining_s()
-            )
+            async with asyncio.timeout(deadline.remaining_s()):
+                return await stage.run(context, deadline)
         except TimeoutError:
             return stage.on_timeout
 

@@ -54,6 +54,20 @@ def encode(value: Any, encoding: Encoding) -> float:
         return MISSING
 
 
+def encode_all(values: Sequence[Any], encoding: Encoding) -> np.ndarray:
+    """`encode` of each value (float64): numbers in one numpy conversion, where they
+    all are numbers or missing (None and NaN become MISSING, as in `encode`)."""
+    if encoding == "number":
+        try:
+            column = np.array(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            column = None
+        if column is not None and column.shape == (len(values),):
+            column[np.isnan(column)] = MISSING
+            return column
+    return np.array([encode(value, encoding) for value in values], dtype=np.float64)
+
+
 class ItemTable:
     """The item view's rows for the whole catalogue, encoded per column on first use."""
 
@@ -82,9 +96,8 @@ class ItemTable:
         key = (field, encoding)
         column = self._columns.get(key)
         if column is None:
-            column = np.array(
-                [encode(self._rows[i].get(field), encoding) for i in self.item_ids],
-                dtype=np.float32,
+            column = encode_all([self._rows[i].get(field) for i in self.item_ids], encoding).astype(
+                np.float32
             )
             self._columns[key] = column
         return column
@@ -126,7 +139,9 @@ def build_matrix(
         elif spec.source == "context":
             matrix[:, col] = encode((context or {}).get(spec.field), spec.encoding)
         elif spec.per_item:
-            matrix[:, col] = [encode(user.get(spec.field_for(i)), spec.encoding) for i in item_ids]
+            matrix[:, col] = encode_all(
+                [user.get(spec.field_for(i)) for i in item_ids], spec.encoding
+            )
         else:
             matrix[:, col] = encode(user.get(spec.field), spec.encoding)
     return matrix

@@ -43,8 +43,20 @@ def top_k(
     item_ids: Sequence[Item], scores: Sequence[float] | np.ndarray, k: int
 ) -> list[Pick[Item]]:
     """The `k` best of `item_ids` by `scores` (same length), best first, ties by item id."""
-    ids = [plain_item_id(item) for item in item_ids]
-    values = [float(score) for score in scores]
-    # (is a string, id): never compares an int with a str.
-    order = sorted(range(len(ids)), key=lambda n: (-values[n], isinstance(ids[n], str), ids[n]))
-    return [Pick(n, ids[n], values[n]) for n in order[:k]]
+    import numpy as np
+
+    values = np.asarray(scores, dtype=np.float64)
+    keys = np.asarray(item_ids) if len(item_ids) else None
+    if keys is not None and (
+        keys.dtype.kind in "iu"
+        or (keys.dtype.kind == "U" and all(isinstance(item, str) for item in item_ids))
+    ):
+        # One kind of id (as a catalogue has): sort in numpy, by score then id.
+        order = np.lexsort((keys, -values))[:k].tolist()
+    else:
+        ids = [plain_item_id(item) for item in item_ids]
+        # (is a string, id): never compares an int with a str.
+        order = sorted(
+            range(len(ids)), key=lambda n: (-values[n], isinstance(ids[n], str), ids[n])
+        )[:k]
+    return [Pick(n, plain_item_id(item_ids[n]), float(values[n])) for n in order]

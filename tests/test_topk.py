@@ -37,3 +37,23 @@ def test_k_beyond_the_items_and_empty_input() -> None:
 def test_other_item_id_types_are_refused() -> None:
     with pytest.raises(TypeError, match="ints or strings"):
         plain_item_id(1.5)
+
+
+@pytest.mark.parametrize("kind", ["int", "str", "mixed"])
+def test_numpy_order_is_the_python_order(kind: str) -> None:
+    """Sorting in numpy (one kind of id) gives exactly the order of the plain
+    sort by (-score, is a string, id), ties included (replay compares them)."""
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(1, 120))
+        numbers = rng.permutation(10_000)[:n].tolist()
+        ids: list[Any] = {
+            "int": numbers,
+            "str": [f"sku-{i}" for i in numbers],
+            "mixed": [i if i % 2 else f"sku-{i}" for i in numbers],
+        }[kind]
+        scores = rng.integers(0, 5, n) / 4.0  # many ties
+        expected = sorted(range(n), key=lambda j: (-scores[j], isinstance(ids[j], str), ids[j]))[
+            :10
+        ]
+        assert [p.position for p in top_k(ids, scores, 10)] == expected

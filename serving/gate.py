@@ -14,6 +14,7 @@ Rules (policies/policy.yaml):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from rankgate.consent import ConsentState
 from rankgate.policy import Policy
@@ -32,7 +33,9 @@ class GateDecision:
     checks: list[PolicyCheck] = field(default_factory=list)
     policy_version: str = ""
 
+    @cached_property
     def block(self) -> PolicyBlock:
+        """The answer's policy block (one per decision: answers share it, nobody edits it)."""
         return PolicyBlock(
             decision="personalize" if self.personalize else "non_personalized",
             version=self.policy_version,
@@ -45,6 +48,8 @@ class ConsentGate:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        # A decision is a function of its arguments and the policy: made once each.
+        self.decisions: dict[tuple[str, str, ConsentState | None, str | None], GateDecision] = {}
 
     def unread(self, purpose: str, region: str, why: str) -> GateDecision:
         """Consent was not read (the request's budget was spent before the gate ran):
@@ -60,6 +65,15 @@ class ConsentGate:
     ) -> GateDecision:
         """`consent` None means the consent store could not be read (or, with
         `unread_because`, was not read)."""
+        key = (purpose, region, consent, unread_because)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.decisions[key] = self._decide(*key)
+        return decision
+
+    def _decide(
+        self, purpose: str, region: str, consent: ConsentState | None, unread_because: str | None
+    ) -> GateDecision:
         rules = self.policy.purposes[purpose]
         regime = self.policy.regions[region].regime
         excluded = self.policy.excluded_items(purpose, region)

@@ -395,7 +395,7 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
         items=items,
         model=context.model_ref,
         fallback=context.fallback,
-        policy=context.decision.block(),
+        policy=context.decision.block,
         timings_ms=timings,
         **optional,
     )

@@ -90,7 +90,7 @@ def test_gate_rules(
     assert decision.personalize is allowed and decision.reason == reason
     if not allowed:
         assert decision.allowed_views == frozenset()
-    assert decision.block().version == load_policy().version
+    assert decision.block.version == load_policy().version
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ Outcomes (impressions, clicks, conversions) join it by request id
 event types: without them nothing would ever read it.
 
 Records are queued in memory and written by one background task in pipelined
-batches, so a request pays for a queue put, not for a Redis round trip, and a
-short Redis outage loses nothing (up to `MAX_PENDING` records wait for it). The
+batches (it waits `LINGER_S` for a batch to gather), so a request pays for a
+queue put, not for a Redis round trip, and a short Redis outage loses nothing (up to `MAX_PENDING` records wait for it). The
 record of a decision sampled for an explanation is held until its explanation
 is computed (milliseconds after the answer), so the stream's order is nearly,
 not exactly, the order of decisions (`at` is exact).
@@ -51,6 +51,8 @@ from serving.schemas import ExplanationStatus, Fallback, ModelRef, PolicyBlock, 
 logger = logging.getLogger("ray.serve")
 MAX_PENDING = 50_000
 BATCH = 256
+LINGER_S = 0.01
+"""How long the writer waits for more records before it writes a batch smaller than BATCH."""
 
 
 class RecordedFeatures(BaseModel):
@@ -138,9 +140,7 @@ class AuditRecord(BaseModel):
 
     def stored(self) -> str:
         """The JSON the stream keeps."""
-        return json.dumps(
-            self.model_dump(exclude_unset=True, exclude={"stream_id"}), separators=(",", ":")
-        )
+        return self.model_dump_json(exclude_unset=True, exclude={"stream_id"})
 
     def shown(self) -> str:
         """One line for `rankgate audit tail`: the record with its stream id."""
@@ -258,6 +258,10 @@ class AuditWriter:
             if not self.pending:
                 self.wakeup.clear()
                 await self.wakeup.wait()
+            if len(self.pending) < BATCH:
+                # Let a few more records come: one pipeline for several decisions
+                # costs the event loop far less than one each.
+                await asyncio.sleep(LINGER_S)
             batch = [self.pending[n] for n in range(min(BATCH, len(self.pending)))]
             try:
                 async with self.client.pipeline(transaction=False) as pipe:

@@ -250,7 +250,14 @@ class BatchedScoring:
     )
     async def score_many(self, requests: list[tuple[str, np.ndarray]]) -> list[Any]:
         self.observe_batch([version for version, _ in requests])
-        return self.scoring_ranker().score_batch(requests)
+        ranker = self.scoring_ranker()
+        if len(requests) == 1:
+            # A lone request (the batcher found nobody waiting): scored right here,
+            # no hop to a thread.
+            return ranker.score_batch(requests)
+        # Several waited: onnxruntime releases the GIL, so in a worker thread the
+        # batch is scored while the event loop reads and answers other requests.
+        return await asyncio.to_thread(ranker.score_batch, requests)
 
     def scoring_ranker(self) -> Ranker:
         raise NotImplementedError
@@ -386,7 +393,8 @@ class RankIngress(BatchedScoring):
 
     def observe_batch(self, versions: list[str]) -> None:
         for version in set(versions):
-            self.runtime.metrics.batch_size.labels(version).observe(versions.count(version))
+            metrics = self.runtime.metrics
+            metrics.child(metrics.batch_size, version).observe(versions.count(version))
 
     async def score_remote(self, version: str, matrix: np.ndarray) -> np.ndarray:
         assert self.remote_ranker is not None

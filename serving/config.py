@@ -64,9 +64,10 @@ class ModelsConfig(Strict):
 
 class BatchingConfig(Strict):
     max_batch_size: int = Field(16, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.0005, ge=0, le=0.1)
-    """How long the first request of a batch waits for company. Small: at low
-    traffic a lone request pays the full wait."""
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=0.1)
+    """How long the first request of a batch waits for company. 0: a batch is
+    scored as soon as the ranker is free, with whoever queued while it was busy
+    (a lone request never waits; under load batches form by themselves)."""
 
 
 class FeaturesConfig(Strict):

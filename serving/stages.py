@@ -371,7 +371,9 @@ class ExplainStage(Stage):
         if deadline.remaining_s() < needed_s:
             return Explanation(status="omitted", reason="budget_exhausted")
         try:
-            values = explainer.contributions(rows)
+            # One thread: for the few rows of an answer LightGBM's thread pool costs
+            # more than it saves (10 rows: 1.2 ms on one thread, 3.7 ms on the pool).
+            values = explainer.contributions(rows, threads=1)
             context.reasons = explainer.reasons(values)
         except Exception:  # noqa: BLE001 - an explainer error never fails the answer
             return Explanation(status="omitted", reason="explainer_error")

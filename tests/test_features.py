@@ -78,6 +78,30 @@ def test_online_features_match_the_training_rows(env: Environment) -> None:
             )
 
 
+def test_the_fetcher_reads_what_feast_reads(env: Environment) -> None:
+    """The request path's one HMGET per person gives Feast's own values, and an
+    unknown person reads as missing in every view."""
+    import asyncio
+
+    from serving.feature_fetch import FeatureFetcher
+
+    fetcher = FeatureFetcher(env.feast, env.project, env.data_dir)
+    fields = user_fields(v2_specs(env), env.view_infos())
+    uid = example_user_ids()[3]
+
+    async def read() -> tuple[Any, Any]:
+        known = await fetcher.fetch_user(user_key(uid), fields)
+        return known, await fetcher.fetch_user(user_key("u-nobody"), fields)
+
+    known, nobody = asyncio.run(read())
+    refs = [f"{view}:{name}" for view, names in fields.items() for name in names]
+    online = env.feast.get_online_features(features=refs, entity_rows=[{"user_key": user_key(uid)}])
+    expected = {k: v[0] for k, v in online.to_dict().items() if k != "user_key"}
+    assert known.values == expected and len(expected) == sum(map(len, fields.values()))
+    assert not known.missing_views and set(known.age_s) == set(fields)
+    assert sorted(nobody.missing_views) == sorted(fields) and nobody.values == {}
+
+
 def test_encodings_are_the_documented_ones() -> None:
     import hashlib
 

@@ -247,9 +247,13 @@ class AuditWriter:
         """A record will be queued later by `release`: `flush` waits for it too."""
         self.held += 1
 
+    def unhold(self) -> None:
+        """A record announced by `hold` was queued some other way (or not at all)."""
+        self.held -= 1
+
     def release(self, entry: AuditRecord, audit: bool = True) -> None:
         """Queue a record announced by `hold`."""
-        self.held -= 1
+        self.unhold()
         self.record(entry, audit)
 
     async def _run(self) -> None:

@@ -194,10 +194,21 @@ class RankPipeline:
         if response.freshness is not None:
             self.observe_freshness(context.key, response.freshness.events_through)
         if self.config.audit.enabled or self.audit.decision_ttl_s is not None:
+            # Built and queued on the event loop's next turn, once the answer is on
+            # its way: the record's cost is off the response path. Held until then,
+            # so that a flush waits for it.
+            self.audit.hold()
+            asyncio.get_running_loop().call_soon(self._record, context, response, app)
+        return response
+
+    def _record(self, context: RankContext, response: RankResponse, app: str | None) -> None:
+        """The decision's audit record, queued (or held for its sampled explanation)."""
+        try:
             record = audit_record(context, response, app)
             if not self._sample(context, record):
                 self.audit.record(record, self.config.audit.enabled)
-        return response
+        finally:
+            self.audit.unhold()
 
     def observe_freshness(self, key: str, through: float) -> None:
         """The first decision to include a person's newest event measures how long the

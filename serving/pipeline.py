@@ -384,12 +384,16 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
     """The JSON answer of a request the stages have run."""
     # Optional parts are left unset, not set to None: the JSON answer carries
     # `reasons`, `explanation` and `detail` only when there is something to say.
+    # Built without validation (model_construct): every value comes from the stages,
+    # typed, and the answer is on the response path.
     reasons = context.reasons
     items = []
     for n, (item, score) in enumerate(context.ranked):
         extra = {"reasons": reasons[n]} if reasons and n < len(reasons) else {}
         items.append(
-            RankedItem(item_id=item, rank=n + 1, score=round(score, SCORE_DIGITS), **extra)
+            RankedItem.model_construct(
+                item_id=item, rank=n + 1, score=round(score, SCORE_DIGITS), **extra
+            )
         )
     timings = {name: round(value, 3) for name, value in context.timings.items()}
     timings["total"] = round(deadline.elapsed_ms(), 3)
@@ -401,7 +405,7 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
         age_ms = max(time.time() - through, 0.0) * 1000.0
         optional["freshness"] = Freshness(events_through=through, event_age_ms=round(age_ms, 3))
     assert context.decision is not None, "the gate stage always decides"
-    return RankResponse(
+    return RankResponse.model_construct(
         request_id=uuid.uuid4().hex,
         items=items,
         model=context.model_ref,

@@ -29,25 +29,28 @@ class ProcessMemory:
 
 def process_label(name: str, cmdline: list[str]) -> str:
     """A short readable name: Ray's process titles (`ray::ServeReplica:...`), the
-    script a Python process runs, or the executable's name."""
+    script or module a Python process runs, or the executable's name."""
     if not cmdline:
         return name
     first = cmdline[0]
     if first.startswith(("ray::", "ray-dashboard-")):
         return first.split(" ")[0]
     program = os.path.basename(first.split(" ")[0])
-    if program.startswith("python"):
-        rest = [a for a in cmdline[1:] if not a.startswith("-")]
-        if "-m" in cmdline[1:]:
-            index = cmdline.index("-m")
-            if index + 1 < len(cmdline):
-                return f"python -m {cmdline[index + 1]}"
-        if rest:
-            return f"python {os.path.basename(rest[0])}"
+    if not program.startswith("python"):
+        return program or name
+    arguments = cmdline[1:]
+    for flag in ("-m", "-c"):
+        if flag in arguments and arguments.index(flag) + 1 < len(arguments):
+            value = arguments[arguments.index(flag) + 1]
+            # `-c` code: its first statement is enough to tell what it is.
+            return f"python {flag} {value.split(';')[0].strip()[:60]}"
+    scripts = [a for a in arguments if not a.startswith("-")]
+    if not scripts:
         return program
-    if program == "serve" or (len(cmdline) > 1 and os.path.basename(cmdline[1]) == "serve"):
-        return "serve run"
-    return program or name
+    script = os.path.basename(scripts[0])
+    if script == "serve" and len(scripts) > 1:
+        return f"serve {scripts[1]}"
+    return f"python {script}"
 
 
 def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int | None:

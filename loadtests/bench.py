@@ -205,9 +205,13 @@ def wait_ready(
     api_key: str,
     timeout_s: float = 240,
     interval_s: float = 0.5,
+    progress: Callable[[], None] | None = None,
 ) -> None:
+    """Until a rank request gets 200 with items; `progress` is called at each try."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if progress is not None:
+            progress()
         if process.poll() is not None:
             raise RuntimeError(f"server exited ({process.returncode}); see {log}")
         try:
@@ -524,22 +528,46 @@ def ranker_load(work: Workload, rounds: int) -> dict[str, Any]:
     return _load_process(arguments, work.api_key, (work.duration * 2 + 5) * rounds + 120)
 
 
+READY_PHASES = {
+    "setup checked": "serving ",
+    "Ray started": "Started a local Ray instance",
+    "config submitted": "Submitted deploy config",
+}
+"""Lines of `rankgate serve`'s output that mark how far a start has got."""
+
+
+def phases_seen(text: str, seen: dict[str, float], elapsed: float) -> None:
+    """Record `elapsed` for each phase whose line is in `text` for the first time."""
+    for phase, marker in READY_PHASES.items():
+        if phase not in seen and marker in text:
+            seen[phase] = round(elapsed, 2)
+
+
 def ready_time(work: Workload, starts: int) -> tuple[dict[str, Any], memory.ProcessMemory | None]:
     """Seconds from starting `rankgate serve --port P` until a rank request gets 200,
-    per start; and the memory of the `rankgate serve` process itself (last start)."""
+    per start, with when each phase showed in its output; and the memory of the
+    `rankgate serve` process itself (last start)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     env["RANKGATE_HOME"] = str(work.env.home.root)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
     )
-    times, wrapper = [], None
+    times, phases, wrapper = [], [], None
     for n in range(starts):
         port = free_port()
         log = work.env.home.root / "bench" / f"ready-{n + 1}.log"
         log.unlink(missing_ok=True)
         command = [sys.executable, "-m", "rankgate.cli", "serve", "--port", str(port)]
+        seen: dict[str, float] = {}
         started_at = time.perf_counter()
         process = start_server(command, env, log)
+
+        def progress(
+            log: Path = log, seen: dict[str, float] = seen, started_at: float = started_at
+        ) -> None:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            phases_seen(text, seen, time.perf_counter() - started_at)
+
         try:
             wait_ready(
                 f"http://127.0.0.1:{port}/v1/rank",
@@ -548,13 +576,16 @@ def ready_time(work: Workload, starts: int) -> tuple[dict[str, Any], memory.Proc
                 log,
                 work.api_key,
                 interval_s=0.1,
+                progress=progress,
             )
             times.append(round(time.perf_counter() - started_at, 2))
+            progress()
             wrapper = memory.measure(process.pid)
         finally:
             stop_server(process)
-        work.say(f"    start {n + 1}: ready after {times[-1]:.2f} s")
-    figures = {"starts_s": times, "median_s": round(statistics.median(times), 2)}
+        phases.append(seen)
+        work.say(f"    start {n + 1}: ready after {times[-1]:.2f} s ({seen})")
+    figures = {"starts_s": times, "median_s": round(statistics.median(times), 2), "phases": phases}
     if wrapper is not None:
         wrapper = memory.ProcessMemory(
             wrapper.pid, "rankgate serve (CLI, at ready time)", wrapper.rss_bytes, wrapper.pss_bytes

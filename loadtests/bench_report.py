@@ -504,13 +504,26 @@ def _memory(memory: dict[str, Any] | None) -> list[str]:
 def _ready(ready: dict[str, Any] | None) -> list[str]:
     if not ready:
         return []
-    return [
+    lines = [
         "",
         "## Ready time",
         "",
         (
             f"`rankgate serve --port P` on the bench's (set-up) home, from start until it "
             f"answers a rank request with 200: {', '.join(f'{s:g} s' for s in ready['starts_s'])}"
-            f" (median {ready['median_s']} s); each start stopped with SIGINT to its process group."
+            f" (median {ready['median_s']} s); each start stopped with SIGINT to its process "
+            "group. Seconds from start until its output showed each phase:"
         ),
     ]
+    phases = ready.get("phases") or []
+    names = list(dict.fromkeys(name for seen in phases for name in seen))
+    if phases:
+        lines += [
+            "",
+            "| start | " + " | ".join(names) + " | answers 200 |",
+            "|---:|" + "---:|" * (len(names) + 1),
+        ]
+        for n, (seen, total) in enumerate(zip(phases, ready["starts_s"], strict=True)):
+            cells = " | ".join(_cell(seen.get(name)) for name in names)
+            lines.append(f"| {n + 1} | {cells} | {total:g} |")
+    return lines

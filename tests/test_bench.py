@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from loadtests import bench_report, memory, wrk
+from loadtests.bench import phases_seen
 from loadtests.drive import Arrival, open_loop_summary
 
 WRK_STDOUT = """Running 6s test @ http://127.0.0.1:4000/v1/rank
@@ -269,7 +270,11 @@ def synthetic_report(**changes: Any) -> dict[str, Any]:
             **memory.aggregate([memory.ProcessMemory(1, "serve run", 1000 * memory.MIB, None)]),
         },
         "ranker": None,
-        "ready": {"starts_s": [11.0, 12.0], "median_s": 11.5},
+        "ready": {
+            "starts_s": [11.0, 12.0],
+            "median_s": 11.5,
+            "phases": [{"setup checked": 2.5, "Ray started": 6.0}, {"setup checked": 2.0}],
+        },
         "skipped": ["ranker"],
         "notes": ["a note"],
     }
@@ -301,6 +306,15 @@ def test_the_report_says_which_targets_are_met() -> None:
     assert "Closed-loop load: **wrk**" in text
     assert "| 1 | 590 | 1.7 | 4.25 | 695 | 1.25 |" in text
     assert "- a note" in text
+    assert "| start | setup checked | Ray started | answers 200 |" in text
+    assert "| 2 | 2 | — | 12 |" in text
+
+
+def test_ready_phases_are_taken_from_the_servers_output() -> None:
+    seen: dict[str, float] = {}
+    phases_seen("nothing to do\nserving /h/ray/serve_config.yaml (Ctrl-C stops)\n", seen, 1.234)
+    phases_seen("serving ...\nINFO -- Started a local Ray instance. View ...\n", seen, 5.0)
+    assert seen == {"setup checked": 1.23, "Ray started": 5.0}
 
 
 def test_missed_targets_say_missed() -> None:

@@ -215,7 +215,7 @@ def serve(config_path: Path | None, port: int | None) -> None:
 )
 @click.option(
     "--warmup",
-    default=1.5,
+    default=1.0,
     show_default=True,
     type=click.FloatRange(min=0),
     help="Seconds of warm-up before each measured run.",

@@ -593,8 +593,11 @@ def ready_time(work: Workload, starts: int) -> tuple[dict[str, Any], memory.Proc
     return figures, wrapper
 
 
-def machine() -> dict[str, Any]:
+def machine(load_at_start: float | None = None) -> dict[str, Any]:
+    """What the run ran on; the load average tells how busy a shared machine was."""
     return {
+        "load_1min_start": load_at_start,
+        "load_1min_end": round(os.getloadavg()[0], 2),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -634,6 +637,7 @@ def run_bench(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Measure, evaluate the targets, write `<output>/bench.{json,md}`."""
+    load_at_start = round(os.getloadavg()[0], 2)
     wanted = {OURS, FLOOR, *(EXTRAS[e] for e in extras)}
     systems = [s for s in SYSTEMS if s.name in wanted]
     parts = set(PARTS) - set(skip)
@@ -684,7 +688,7 @@ def run_bench(
     report: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command or command_line(),
-        "machine": machine(),
+        "machine": machine(load_at_start),
         "driver": {"closed_loop": chosen.name, "why": chosen.why, "open_loop": "python (asyncio)"},
         "duration_s": duration,
         "warmup_s": warmup,

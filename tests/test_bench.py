@@ -119,9 +119,11 @@ def test_peak_is_the_best_level_within_p99_and_its_ratio_has_a_spread() -> None:
     # rankgate's c=8 median p99 is 50 ms: within; c=32 is not.
     assert bench_report.peak(rows["rankgate"]) == {"rps": 450, "concurrency": 8}
     found = bench_report.peaks(runs, rows)
-    assert found["ratio"] == 0.9
+    assert found["ratio_of_medians"] == 0.9
     # Round 1: 400/500; round 2: c=8 had p99 60 ms, so c=1's 110 is that round's peak.
     assert found["ratio_spread"]["per_round"] == [0.8, 0.22]
+    # Judged like the other ratios: within each round, the median over rounds.
+    assert found["ratio"] == 0.51
 
 
 def test_a_level_with_errors_is_no_peak() -> None:
@@ -244,6 +246,8 @@ def synthetic_report(**changes: Any) -> dict[str, Any]:
             "python": "3.11",
             "ray": "2",
             "onnxruntime": "1",
+            "load_1min_start": 1.5,
+            "load_1min_end": 2.25,
         },
         "driver": {"closed_loop": "wrk", "why": "wrk found on PATH", "open_loop": "python"},
         "duration_s": 6.0,
@@ -304,6 +308,7 @@ def test_the_report_says_which_targets_are_met() -> None:
     assert target_line(text, "ready after").endswith("**met**")
     assert "Command: `rankgate bench --duration 6`" in text
     assert "Closed-loop load: **wrk**" in text
+    assert "at the start and end of the run: 1.5 and 2.25." in text
     assert "| 1 | 590 | 1.7 | 4.25 | 695 | 1.25 |" in text
     assert "- a note" in text
     assert "| start | setup checked | Ray started | answers 200 |" in text

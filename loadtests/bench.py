@@ -1,31 +1,47 @@
-"""`rankgate bench`: rankgate against two baselines, in the same run.
+"""`rankgate bench`: rankgate against the floor (plain FastAPI), interleaved, in one run.
 
-Systems, each started fresh on a free loopback port, then driven by a separate
-load process (loadtests.drive) at each concurrency for a fixed time:
+rankgate (`serve run` of serve_config.yaml with the fast path of `rankgate
+serve`) and the floor (loadtests/baselines/plain_fastapi.py, one process) are
+started once, each on a free loopback port, and stay up together. Then, round
+by round, every concurrency is driven on rankgate then the floor (A B A B...),
+so a drift of the machine hits both; ratios are taken within each round. The
+naive Ray Serve graph and rankgate with its audit log off join on request
+(`--with naive,no-audit`).
 
-- rankgate: `serve run` of serve_config.yaml with the fast path of `rankgate serve`.
-- naive Ray Serve graph (baseline b): loadtests/baselines/naive_graph.py.
-- plain FastAPI (baseline a): loadtests/baselines/plain_fastapi.py.
+Closed-loop load comes from `wrk` where it is installed (or installable, see
+loadtests.wrk), else from the Python driver (loadtests.drive); the report says
+which. Besides the main table the run measures, in this order:
 
-All three read the same user features from the same Redis through Feast and
-score the same candidates (the whole catalogue) with the same ONNX model (the stable version); explain off. The
-figures, the machine's core count and the targets' status go to
-`<output>/bench.json` and `<output>/bench.md`.
+- `explain: true` at concurrency 1 on the same server, right after each round's
+  run without it;
+- the open loop (loadtests.drive --rate) at 25, 50 and 80 % of rankgate's peak;
+- the server's stage timings (`timings_ms`), from a Python-driver pass;
+- the memory of the whole stack (loadtests.memory), after the load;
+- the ranker under load against raw onnxruntime (loadtests.ranker_load), with
+  the servers stopped;
+- the ready time of `rankgate serve` (two starts).
+
+All read the same user features from the same Redis through Feast and score
+the same candidates (the whole catalogue) with the same ONNX model (the stable
+version). The figures, the targets' status (loadtests.bench_report) and the
+command go to `<output>/bench.json` and `<output>/bench.md`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -34,10 +50,26 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests import memory
+from loadtests.bench_report import (
+    BUDGET_LEVEL_MAX,
+    FLOOR,
+    OURS,
+    budget_fallbacks,
+    evaluate,
+    median_row,
+    peak,
+    peaks,
+    ratios,
+    render_markdown,
+    spread,
+)
 from loadtests.drive import write_results
+from loadtests.wrk import ensure_wrk, run_wrk
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
+from rankgate.redis_server import EmbeddedRedis
 from rankgate.settings import PROJECT_ROOT
 from rankgate.setup import Environment
 from serving.launch import (
@@ -51,11 +83,18 @@ from serving.launch import (
     stop_server,
 )
 
-TARGET_PEAK_RATIO = 3.0
-TARGET_P99_MS = 50.0
-TARGET_P50_RATIO = 0.5
-
 Say = Callable[[str], None]
+
+DEFAULT_LEVELS = [1, 4, 8, 16, 32]
+DEFAULT_DURATION_S = 6.0
+DEFAULT_ROUNDS = 3
+DEFAULT_WARMUP_S = 1.0
+OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
+READY_STARTS = 2
+PARTS = ("explain", "open-loop", "stages", "memory", "ranker", "ready")
+"""What a run measures besides the main table; each can be skipped (--skip)."""
+EXTRAS = {"naive": "naive_graph", "no-audit": "rankgate_no_audit"}
+"""Systems that join the run on request (--with)."""
 
 
 @dataclass
@@ -105,7 +144,7 @@ def _plain_command(env: Environment, port: int) -> list[str]:
 
 SYSTEMS = [
     System(
-        "rankgate",
+        OURS,
         "rankgate (Ray Serve, HAProxy ingress, in-process stages)",
         _rankgate_command,
         True,
@@ -116,8 +155,8 @@ SYSTEMS = [
         _rankgate_no_audit_command,
         True,
     ),
-    System("naive_graph", "baseline (b): naive Ray Serve graph", _naive_command, False),
-    System("plain_fastapi", "baseline (a): plain FastAPI, one process", _plain_command, False),
+    System("naive_graph", "naive Ray Serve graph", _naive_command, False),
+    System(FLOOR, "floor: plain FastAPI, one process", _plain_command, False),
 ]
 
 
@@ -134,10 +173,21 @@ def request_bodies(env: Environment, count: int = 200) -> list[dict[str, Any]]:
     return [{"user_id": u, "purpose": purpose, "region": region, "k": 10} for u in granted]
 
 
-def process_env(env: Environment, fast_path: bool) -> dict[str, str]:
+def process_env(env: Environment, fast_path: bool, name: str = OURS) -> dict[str, str]:
+    """A server's environment. A fast-path server other than the main one gets
+    HAProxy files of its own, so two can run side by side on one home."""
     assert env.redis_url is not None
     if fast_path:
-        return serve_env(env.home, env.redis_url)
+        base = dict(os.environ)
+        if name != OURS:
+            digest = hashlib.sha256(f"{env.home.root}:{name}".encode()).hexdigest()[:10]
+            folder = Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(folder / "haproxy.cfg"))
+            base.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(folder / "admin.sock"))
+            base.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(folder))
+            base.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(folder / "server-state"))
+        return serve_env(env.home, env.redis_url, base=base)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     base.update(
         RANKGATE_HOME=str(env.home.root),
@@ -154,9 +204,14 @@ def wait_ready(
     log: Path,
     api_key: str,
     timeout_s: float = 240,
+    interval_s: float = 0.5,
+    progress: Callable[[], None] | None = None,
 ) -> None:
+    """Until a rank request gets 200 with items; `progress` is called at each try."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if progress is not None:
+            progress()
         if process.poll() is not None:
             raise RuntimeError(f"server exited ({process.returncode}); see {log}")
         try:
@@ -167,8 +222,24 @@ def wait_ready(
                 return
         except (httpx.HTTPError, ValueError):
             pass
-        time.sleep(0.5)
+        time.sleep(interval_s)
     raise RuntimeError(f"server not ready in {timeout_s:.0f}s; see {log}")
+
+
+def _load_process(arguments: list[str], api_key: str, timeout_s: float) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "RANKGATE_API_KEY": api_key},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments[:2])} failed: {result.stderr[-2000:]}")
+    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 def drive(
@@ -178,46 +249,23 @@ def drive(
     bodies_file: Path,
     api_key: str,
     extra: tuple[str, ...] = (),
+    warmup: float | None = None,
 ) -> dict[str, Any]:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtests.drive",
-            url,
-            "--concurrency",
-            str(concurrency),
-            "--duration",
-            str(duration),
-            "--bodies",
-            str(bodies_file),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration * 4 + 60,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "RANKGATE_API_KEY": api_key},
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """A closed-loop run of the Python driver in a process of its own."""
+    arguments = ["loadtests.drive", url, "--concurrency", str(concurrency)]
+    arguments += ["--duration", str(duration), "--bodies", str(bodies_file), *extra]
+    if warmup is not None:
+        arguments += ["--warmup", str(warmup)]
+    return _load_process(arguments, api_key, duration * 4 + 60)
 
 
-def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of each figure over repeated runs; outcomes and stages of the median-throughput run."""
-    by_throughput = sorted(runs, key=lambda r: r["throughput_rps"])
-    middle = by_throughput[len(by_throughput) // 2]
-    return {
-        "concurrency": runs[0]["concurrency"],
-        "runs": len(runs),
-        "throughput_rps": round(statistics.median(r["throughput_rps"] for r in runs), 1),
-        "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 2),
-        "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 2),
-        "errors": sum(r["errors"] for r in runs),
-        "requests": sum(r["requests"] for r in runs),
-        "outcomes": middle["outcomes"],
-        "server_stage_median_ms": middle["server_stage_median_ms"],
-    }
+def drive_open(
+    url: str, rate: float, duration: float, warmup: float, bodies_file: Path, api_key: str
+) -> dict[str, Any]:
+    """An open-loop run of the Python driver (requests due at a fixed rate)."""
+    arguments = ["loadtests.drive", url, "--rate", f"{rate:.3f}", "--duration", str(duration)]
+    arguments += ["--warmup", str(warmup), "--bodies", str(bodies_file)]
+    return _load_process(arguments, api_key, (duration + warmup) * 4 + 60)
 
 
 @dataclass
@@ -232,6 +280,8 @@ class Workload:
     bodies_file: Path
     api_key: str
     say: Say
+    folder: Path = field(default_factory=Path)
+    """A temporary folder for this run's files."""
 
 
 @contextlib.contextmanager
@@ -242,7 +292,33 @@ def workload(levels: list[int], duration: float, repeats: int, say: Say) -> Iter
     with tempfile.TemporaryDirectory() as folder, temporary_key("bench") as api_key:
         bodies_file = Path(folder) / "bodies.json"
         bodies_file.write_text(json.dumps(bodies))
-        yield Workload(env, levels, duration, repeats, bodies, bodies_file, api_key, say)
+        yield Workload(
+            env, levels, duration, repeats, bodies, bodies_file, api_key, say, Path(folder)
+        )
+
+
+@contextlib.contextmanager
+def started_process(
+    work: Workload,
+    name: str,
+    label: str,
+    command: list[str],
+    port: int,
+    fast_path: bool,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A fresh server from `command` on `port`, answering; yields its /v1/rank URL and
+    process, and stops it (SIGINT to its process group) afterwards."""
+    url = f"http://127.0.0.1:{port}/v1/rank"
+    log = work.env.home.root / "bench" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    work.say(f"• {label}: starting on port {port}")
+    process = start_server(command, process_env(work.env, fast_path, name), log)
+    try:
+        wait_ready(url, work.bodies[0], process, log, work.api_key)
+        yield url, process
+    finally:
+        stop_server(process)
 
 
 @contextlib.contextmanager
@@ -250,154 +326,300 @@ def started(
     work: Workload, name: str, label: str, command: list[str], port: int, fast_path: bool
 ) -> Iterator[str]:
     """A fresh server from `command` on `port`, answering; yields its /v1/rank URL."""
-    url = f"http://127.0.0.1:{port}/v1/rank"
-    log = work.env.home.root / "bench" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)
-    work.say(f"• {label}: starting on port {port}")
-    process = start_server(command, process_env(work.env, fast_path), log)
-    try:
-        wait_ready(url, work.bodies[0], process, log, work.api_key)
+    with started_process(work, name, label, command, port, fast_path) as (url, _):
         yield url
-    finally:
-        stop_server(process)
 
 
-def run_system(system: System, work: Workload) -> list[dict[str, Any]]:
-    port = free_port()
-    command = system.command(work.env, port)
-    say = work.say
-    with started(work, system.name, system.label, command, port, system.fast_path) as url:
-        results = []
-        for level in work.levels:
-            runs = [
-                drive(url, level, work.duration, work.bodies_file, work.api_key)
-                for _ in range(work.repeats)
-            ]
-            summary = median_of(runs)
-            say(
-                f"    c={level:<3} {summary['throughput_rps']:8.1f} req/s  p50 {summary['p50_ms']:7.2f} ms"
-                f"  p99 {summary['p99_ms']:7.2f} ms  errors {summary['errors']}"
+@dataclass
+class Driver:
+    """Closed-loop load: wrk when there is one, else the Python driver."""
+
+    wrk: str | None
+    why: str
+    warmup: float
+
+    @property
+    def name(self) -> str:
+        return "wrk" if self.wrk else "python (loadtests.drive)"
+
+    def closed(
+        self, work: Workload, url: str, concurrency: int, bodies: list[dict[str, Any]], file: Path
+    ) -> dict[str, Any]:
+        if self.wrk:
+            encoded = [json.dumps(b).encode() for b in bodies]
+            return run_wrk(
+                self.wrk, url, concurrency, work.duration, self.warmup, encoded, work.api_key
             )
-            results.append(summary)
-        return results
+        return drive(url, concurrency, work.duration, file, work.api_key, warmup=self.warmup)
 
 
-def evaluate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    ours, naive, plain = results["rankgate"], results["naive_graph"], results["plain_fastapi"]
-    within = [r for r in ours if r["p99_ms"] <= TARGET_P99_MS and r["errors"] == 0]
-    ours_peak = max((r["throughput_rps"] for r in within), default=0.0)
-    naive_peak = max(r["throughput_rps"] for r in naive)
-    plain_peak = max(r["throughput_rps"] for r in plain)
-    c1 = {
-        name: next(r for r in rows if r["concurrency"] == 1)["p50_ms"]
-        for name, rows in results.items()
-    }
-    peak_ratio = ours_peak / naive_peak
-    p50_ratio = c1["rankgate"] / c1["naive_graph"]
-    return {
-        "peak_rps_within_p99": {
-            "rankgate": ours_peak,
-            "naive_graph": naive_peak,
-            "plain_fastapi": plain_peak,
-        },
-        "peak_ratio_vs_naive": round(peak_ratio, 2),
-        "peak_target_met": peak_ratio >= TARGET_PEAK_RATIO,
-        "p50_c1_ms": c1,
-        "p50_c1_ratio_vs_naive": round(p50_ratio, 3),
-        "p50_target_met": p50_ratio <= TARGET_P50_RATIO,
-        "peak_ratio_vs_plain": round(ours_peak / plain_peak, 2),
-        "audit_cost": audit_cost(ours, results["rankgate_no_audit"]),
-        "p50_c1_ratio_vs_plain": round(c1["rankgate"] / c1["plain_fastapi"], 2),
-    }
+def choose_driver(choice: str, allow_install: bool, warmup: float, say: Say) -> Driver:
+    if choice == "python":
+        return Driver(None, "the Python driver was asked for (--driver python)", warmup)
+    path, why = ensure_wrk(allow_install, say)
+    if path is None and choice == "wrk":
+        raise RuntimeError(f"--driver wrk: {why}")
+    return Driver(path, why, warmup)
 
 
-def audit_cost(with_audit: list[dict[str, Any]], without: list[dict[str, Any]]) -> dict[str, Any]:
-    """What writing the audit log costs, per concurrency: p50 difference and throughput ratio."""
-    cost = {}
-    for on, off in zip(with_audit, without, strict=True):
-        cost[str(on["concurrency"])] = {
-            "p50_ms_added": round(on["p50_ms"] - off["p50_ms"], 2),
-            "throughput_ratio": round(on["throughput_rps"] / off["throughput_rps"], 3),
-        }
-    return cost
-
-
-def audit_line(cost: dict[str, dict[str, float]]) -> str:
-    figures = "; ".join(
-        f"c={c}: p50 {v['p50_ms_added']:+} ms, throughput ×{v['throughput_ratio']}"
-        for c, v in cost.items()
+def _say_run(say: Say, prefix: str, run: dict[str, Any]) -> None:
+    say(
+        f"    {prefix} {run['throughput_rps']:8.1f} req/s  p50 {run['p50_ms']:7.2f} ms"
+        f"  p99 {run['p99_ms']:7.2f} ms  errors {run['errors']}"
     )
-    return f"- Decision audit log: {figures} (rankgate with the log vs the same server without it)."
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# rankgate benchmark",
-        "",
-        (
-            f"Measured {report['measured_at']} on {report['machine']['cores']} cores "
-            f"({report['machine']['platform']}), Python {report['machine']['python']}, "
-            f"Ray {report['machine']['ray']}, onnxruntime {report['machine']['onnxruntime']}."
-        ),
-        (
-            f"Each figure is the median of {report['repeats']} runs of {report['duration_s']:g} s "
-            "(after 2 s of warm-up) from a separate load process on the same machine; "
-            "all systems read the same Feast/Redis features and score the same candidates "
-            "with the same ONNX model (the stable version), explain off. Command: `rankgate bench`."
-        ),
-        "",
-        "| system | concurrency | req/s | p50 ms | p99 ms | errors | answers |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for system in SYSTEMS:
-        for row in report["results"][system.name]:
-            outcomes = ", ".join(f"{k} {v}" for k, v in sorted(row["outcomes"].items()))
-            lines.append(
-                f"| {system.label} | {row['concurrency']} | {row['throughput_rps']} | {row['p50_ms']} "
-                f"| {row['p99_ms']} | {row['errors']} | {outcomes} |"
+@dataclass
+class Run:
+    """One benchmark run's settings and what it has measured so far."""
+
+    work: Workload
+    driver: Driver
+    systems: list[System]
+    rounds: int
+    parts: set[str]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    explain_runs: list[dict[str, Any]] = field(default_factory=list)
+    explain_file: Path = field(default_factory=Path)
+
+    def interleaved(self, urls: dict[str, str]) -> None:
+        """Round by round, every level on every system in turn (A B A B)."""
+        work, say = self.work, self.work.say
+        explain_bodies = [{**b, "explain": True} for b in work.bodies]
+        self.explain_file = work.folder / "bodies-explain.json"
+        self.explain_file.write_text(json.dumps(explain_bodies))
+        self.runs = {s.name: {str(c): [] for c in work.levels} for s in self.systems}
+        for n in range(self.rounds):
+            say(f"• round {n + 1}/{self.rounds}")
+            for level in work.levels:
+                for system in self.systems:
+                    run = self.driver.closed(
+                        work, urls[system.name], level, work.bodies, work.bodies_file
+                    )
+                    self.runs[system.name][str(level)].append(run)
+                    _say_run(say, f"{system.name:<18} c={level:<3}", run)
+                if level == 1 and "explain" in self.parts:
+                    run = self.driver.closed(work, urls[OURS], 1, explain_bodies, self.explain_file)
+                    self.explain_runs.append(run)
+                    _say_run(say, f"{'rankgate explain':<18} c=1  ", run)
+
+    def results(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: [median_row(level_runs) for level_runs in levels.values()]
+            for name, levels in self.runs.items()
+        }
+
+    def explain(self) -> dict[str, Any] | None:
+        if not self.explain_runs:
+            return None
+        without = self.runs[OURS]["1"]
+        added = [a["p50_ms"] - b["p50_ms"] for a, b in zip(self.explain_runs, without, strict=True)]
+        outcomes: dict[str, int] = {}
+        for run in self.explain_runs:
+            for key, count in run["outcomes"].items():
+                outcomes[key] = outcomes.get(key, 0) + count
+        return {
+            "p50_without_ms": round(statistics.median(r["p50_ms"] for r in without), 2),
+            "p50_with_ms": round(statistics.median(r["p50_ms"] for r in self.explain_runs), 2),
+            "p99_with_ms": round(statistics.median(r["p99_ms"] for r in self.explain_runs), 2),
+            "added_ms": spread(added, 2),
+            "outcomes": outcomes,
+            "runs": self.explain_runs,
+        }
+
+    def open_loop(self, url: str, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        work, say = self.work, self.work.say
+        found = peak(results[OURS])
+        source = f"best level with p99 ≤ 50 ms: c={found['concurrency']}"
+        if not found["rps"]:
+            found = {"rps": max(r["throughput_rps"] for r in results[OURS])}
+            source = "no level had p99 ≤ 50 ms: the highest throughput measured"
+        by_share: dict[float, list[dict[str, Any]]] = {s: [] for s in OPEN_LOOP_SHARES}
+        for n in range(self.rounds):
+            for share in OPEN_LOOP_SHARES:
+                rate = max(1.0, found["rps"] * share)
+                run = drive_open(
+                    url, rate, work.duration, self.driver.warmup, work.bodies_file, work.api_key
+                )
+                by_share[share].append(run)
+                say(
+                    f"    open loop round {n + 1} {share:.0%} ({rate:.0f}/s): achieved "
+                    f"{run['achieved_rps']:.1f}/s  p50 {run['p50_ms']:.2f}  p99 {run['p99_ms']:.2f}"
+                    f"  p99.9 {run['p999_ms']:.2f} ms  lag p99 {run['driver_lag_ms']['p99']:.2f} ms"
+                )
+        return {
+            "peak_rps": found["rps"],
+            "peak_source": source,
+            "duration_s": work.duration,
+            "rounds": self.rounds,
+            "connections": by_share[OPEN_LOOP_SHARES[0]][0]["connections"],
+            "rows": [open_loop_row(share, runs) for share, runs in by_share.items()],
+        }
+
+    def stages(self, url: str, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Stage medians at concurrency 1 and at the peak level."""
+        work = self.work
+        levels = sorted({1, peak(results[OURS])["concurrency"] or max(work.levels)})
+        rows = []
+        if self.driver.wrk is None:
+            source = "the middle round's Python-driver runs"
+            for level in levels:
+                run = self.runs[OURS][str(level)][len(self.runs[OURS][str(level)]) // 2]
+                rows.append(_stage_row(level, run))
+        else:
+            source = (
+                "a Python-driver pass after the rounds (wrk does not read the answers' timings)"
             )
-    t = report["targets"]
-    mark = {True: "met", False: "MISSED"}
-    lines += [
-        "",
-        "## Targets",
-        "",
-        (
-            f"- Peak throughput with p99 ≤ {TARGET_P99_MS:g} ms: rankgate {t['peak_rps_within_p99']['rankgate']} req/s "
-            f"vs naive graph {t['peak_rps_within_p99']['naive_graph']} req/s = **{t['peak_ratio_vs_naive']}×** "
-            f"(target ≥ {TARGET_PEAK_RATIO:g}×): **{mark[t['peak_target_met']]}**"
-        ),
-        (
-            f"- p50 at concurrency 1: rankgate {t['p50_c1_ms']['rankgate']} ms vs naive graph "
-            f"{t['p50_c1_ms']['naive_graph']} ms = **{t['p50_c1_ratio_vs_naive']}×** (target ≤ {TARGET_P50_RATIO:g}×): "
-            f"**{mark[t['p50_target_met']]}**"
-        ),
-        audit_line(t["audit_cost"]),
-        (
-            f"- Against plain FastAPI (baseline a): peak {t['peak_ratio_vs_plain']}×, "
-            f"p50 at concurrency 1 {t['p50_c1_ratio_vs_plain']}×."
-        ),
-        "",
-        "## Where rankgate's time goes",
-        "",
-        (
-            "Server-side stage medians (ms) reported by the answers, per concurrency; the rest of the "
-            "client's latency is HTTP, HAProxy and Ray Serve's replica."
-        ),
-        "",
-        "| concurrency | policy | features | rank | total (server) | client p50 |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["results"]["rankgate"]:
-        stages = row["server_stage_median_ms"]
-        lines.append(
-            f"| {row['concurrency']} | {stages.get('policy', '')} | {stages.get('features', '')} "
-            f"| {stages.get('rank', '')} | {stages.get('total', '')} | {row['p50_ms']} |"
+            for level in levels:
+                run = drive(url, level, work.duration, work.bodies_file, work.api_key, warmup=1.0)
+                rows.append(_stage_row(level, run))
+        return {"source": source, "rows": rows}
+
+
+def open_loop_row(share: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in runs), 2)
+
+    return {
+        "share": share,
+        "offered_rps": median("offered_rps"),
+        "achieved_rps": median("achieved_rps"),
+        "p50_ms": median("p50_ms"),
+        "p99_ms": median("p99_ms"),
+        "p999_ms": median("p999_ms"),
+        "errors": sum(r["errors"] for r in runs),
+        "fallbacks": sum(r["fallbacks"] for r in runs),
+        "budget_fallbacks": sum(r["budget_fallbacks"] for r in runs),
+        "driver_lag_p99_ms": round(statistics.median(r["driver_lag_ms"]["p99"] for r in runs), 2),
+        "driver_lag_max_ms": round(max(r["driver_lag_ms"]["max"] for r in runs), 2),
+        "sent_late_share": round(statistics.median(r["sent_late_share"] for r in runs), 4),
+        "runs": runs,
+    }
+
+
+def _stage_row(level: int, run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "concurrency": level,
+        "stages": run["server_stage_median_ms"],
+        "client_p50_ms": run["p50_ms"],
+    }
+
+
+def redis_pid(env: Environment) -> int | None:
+    """The embedded Redis-compatible server's pid, when this home runs one."""
+    if os.environ.get("REDIS_URL"):
+        return None
+    try:
+        return int(EmbeddedRedis(env.home).pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def stack_memory(server_pid: int, env: Environment) -> list[memory.ProcessMemory]:
+    extra = [pid] if (pid := redis_pid(env)) is not None else []
+    return memory.stack([server_pid], extra)
+
+
+def ranker_load(work: Workload, rounds: int) -> dict[str, Any]:
+    body = work.bodies[0]
+    arguments = ["loadtests.ranker_load", "--user-id", body["user_id"]]
+    arguments += ["--purpose", body["purpose"], "--region", body["region"]]
+    arguments += ["--duration", str(work.duration), "--rounds", str(rounds)]
+    return _load_process(arguments, work.api_key, (work.duration * 2 + 5) * rounds + 120)
+
+
+READY_PHASES = {
+    "setup checked": "serving ",
+    "Ray started": "Started a local Ray instance",
+    "config submitted": "Submitted deploy config",
+}
+"""Lines of `rankgate serve`'s output that mark how far a start has got."""
+
+
+def phases_seen(text: str, seen: dict[str, float], elapsed: float) -> None:
+    """Record `elapsed` for each phase whose line is in `text` for the first time."""
+    for phase, marker in READY_PHASES.items():
+        if phase not in seen and marker in text:
+            seen[phase] = round(elapsed, 2)
+
+
+def ready_time(work: Workload, starts: int) -> tuple[dict[str, Any], memory.ProcessMemory | None]:
+    """Seconds from starting `rankgate serve --port P` until a rank request gets 200,
+    per start, with when each phase showed in its output; and the memory of the
+    `rankgate serve` process itself (last start)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    env["RANKGATE_HOME"] = str(work.env.home.root)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+    )
+    times, phases, wrapper = [], [], None
+    for n in range(starts):
+        port = free_port()
+        log = work.env.home.root / "bench" / f"ready-{n + 1}.log"
+        log.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "rankgate.cli", "serve", "--port", str(port)]
+        seen: dict[str, float] = {}
+        started_at = time.perf_counter()
+        process = start_server(command, env, log)
+
+        def progress(
+            log: Path = log, seen: dict[str, float] = seen, started_at: float = started_at
+        ) -> None:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            phases_seen(text, seen, time.perf_counter() - started_at)
+
+        try:
+            wait_ready(
+                f"http://127.0.0.1:{port}/v1/rank",
+                work.bodies[0],
+                process,
+                log,
+                work.api_key,
+                interval_s=0.1,
+                progress=progress,
+            )
+            times.append(round(time.perf_counter() - started_at, 2))
+            progress()
+            wrapper = memory.measure(process.pid)
+        finally:
+            stop_server(process)
+        phases.append(seen)
+        work.say(f"    start {n + 1}: ready after {times[-1]:.2f} s ({seen})")
+    figures = {"starts_s": times, "median_s": round(statistics.median(times), 2), "phases": phases}
+    if wrapper is not None:
+        wrapper = memory.ProcessMemory(
+            wrapper.pid, "rankgate serve (CLI, at ready time)", wrapper.rss_bytes, wrapper.pss_bytes
         )
-    if report.get("notes"):
-        lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
-    return "\n".join(lines) + "\n"
+    return figures, wrapper
+
+
+def machine(load_at_start: float | None = None) -> dict[str, Any]:
+    """What the run ran on; the load average tells how busy a shared machine was."""
+    return {
+        "load_1min_start": load_at_start,
+        "load_1min_end": round(os.getloadavg()[0], 2),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "ray": version("ray"),
+        "onnxruntime": version("onnxruntime"),
+        "wrk": _wrk_version(),
+    }
+
+
+def _wrk_version() -> str | None:
+    import shutil
+
+    path = shutil.which("wrk")
+    if not path:
+        return None
+    result = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return (result.stdout or result.stderr).splitlines()[0].strip() if result.stdout else None
+
+
+def command_line() -> str:
+    """How this run was asked for, as `rankgate ...`."""
+    return shlex.join(["rankgate", *sys.argv[1:]])
 
 
 def run_bench(
@@ -407,24 +629,85 @@ def run_bench(
     output: Path,
     say: Say,
     notes: list[str] | None = None,
+    warmup: float = DEFAULT_WARMUP_S,
+    extras: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    driver: str = "auto",
+    allow_install: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
+    """Measure, evaluate the targets, write `<output>/bench.{json,md}`."""
+    load_at_start = round(os.getloadavg()[0], 2)
+    wanted = {OURS, FLOOR, *(EXTRAS[e] for e in extras)}
+    systems = [s for s in SYSTEMS if s.name in wanted]
+    parts = set(PARTS) - set(skip)
+    chosen = choose_driver(driver, allow_install, warmup, say)
+    say(f"• closed-loop driver: {chosen.name} ({chosen.why})")
+    figures: dict[str, Any] = {}
+    stack: list[memory.ProcessMemory] = []
     with workload(levels, duration, repeats, say) as work:
-        results = {s.name: run_system(s, work) for s in SYSTEMS}
-    report = {
+        run = Run(work, chosen, systems, repeats, parts)
+        with contextlib.ExitStack() as servers:
+            urls, processes = {}, {}
+            for system in systems:
+                port = free_port()
+                urls[system.name], processes[system.name] = servers.enter_context(
+                    started_process(
+                        work,
+                        system.name,
+                        system.label,
+                        system.command(work.env, port),
+                        port,
+                        system.fast_path,
+                    )
+                )
+            run.interleaved(urls)
+            results = run.results()
+            if "open-loop" in parts:
+                say("• open loop")
+                figures["open_loop"] = run.open_loop(urls[OURS], results)
+            if "stages" in parts:
+                say("• stage timings")
+                figures["stages"] = run.stages(urls[OURS], results)
+            if "memory" in parts:
+                stack = stack_memory(processes[OURS].pid, work.env)
+            say("• stopping the servers")
+        if "ranker" in parts:
+            say("• ranker under load against raw onnxruntime")
+            figures["ranker"] = ranker_load(work, repeats)
+        if "ready" in parts:
+            say(f"• ready time of `rankgate serve` ({READY_STARTS} starts)")
+            figures["ready"], wrapper = ready_time(work, READY_STARTS)
+            if wrapper is not None and stack:
+                stack.append(wrapper)
+    if stack:
+        figures["memory"] = {
+            "measured": "After the load rounds, with both servers up",
+            **memory.aggregate(stack),
+        }
+    report: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "ray": version("ray"),
-            "onnxruntime": version("onnxruntime"),
-        },
+        "command": command or command_line(),
+        "machine": machine(load_at_start),
+        "driver": {"closed_loop": chosen.name, "why": chosen.why, "open_loop": "python (asyncio)"},
         "duration_s": duration,
-        "repeats": repeats,
+        "warmup_s": warmup,
+        "rounds": repeats,
         "concurrency": levels,
+        "systems": {s.name: s.label for s in systems},
         "results": results,
-        "targets": evaluate(results),
+        "ratios": {
+            str(level): ratios(run.runs[OURS][str(level)], run.runs[FLOOR][str(level)])
+            for level in levels
+        },
+        "peak": peaks(run.runs, results),
+        "budget_fallbacks": budget_fallbacks(run.runs[OURS], BUDGET_LEVEL_MAX),
+        "explain": run.explain(),
+        **figures,
+        "skipped": sorted(set(PARTS) - parts),
         "notes": notes or [],
+        "runs": run.runs,
     }
+    report["targets"] = evaluate(report)
     write_results(output, "bench", report, render_markdown)
     return report

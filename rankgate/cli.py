@@ -195,21 +195,55 @@ def serve(config_path: Path | None, port: int | None) -> None:
 @click.option(
     "--concurrency",
     default=None,
-    help="Comma-separated levels (default 1,8,32; with --overload 8,32,64,128,256).",
+    help="Comma-separated levels (default 1,4,8,16,32; with --overload 8,32,64,128,256; "
+    "with --explain-sampling 1,8,32).",
 )
 @click.option(
     "--duration",
-    default=8.0,
-    show_default=True,
+    default=None,
     type=click.FloatRange(min=1),
-    help="Seconds per run.",
+    help="Seconds per run (default 6; 8 with --overload, --freshness, --explain-sampling).",
 )
 @click.option(
     "--repeats",
+    "--rounds",
+    "repeats",
     default=3,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Runs per level (medians are reported).",
+    help="Rounds (every level on every system per round; medians are reported).",
+)
+@click.option(
+    "--warmup",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds of warm-up before each measured run.",
+)
+@click.option(
+    "--with",
+    "extras",
+    default="",
+    help="Also measure: naive (a naive Ray Serve graph), no-audit (rankgate without its "
+    "audit log). Comma-separated.",
+)
+@click.option(
+    "--skip",
+    default="",
+    help="Leave out parts: explain, open-loop, stages, memory, ranker, ready. Comma-separated.",
+)
+@click.option(
+    "--driver",
+    type=click.Choice(["auto", "wrk", "python"]),
+    default="auto",
+    show_default=True,
+    help="Closed-loop load: wrk where installed (auto installs Debian's wrk when missing "
+    "and permitted), else the Python driver.",
+)
+@click.option(
+    "--no-install",
+    is_flag=True,
+    help="Never install wrk; use the Python driver when it is missing.",
 )
 @click.option(
     "--output",
@@ -236,46 +270,73 @@ def serve(config_path: Path | None, port: int | None) -> None:
 @fails_cleanly
 def bench(
     concurrency: str | None,
-    duration: float,
+    duration: float | None,
     repeats: int,
+    warmup: float,
+    extras: str,
+    skip: str,
+    driver: str,
+    no_install: bool,
     output: Path,
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
 ) -> None:
-    """Benchmark rankgate against a plain FastAPI server and a naive Ray Serve graph."""
-    from loadtests.bench import run_bench
+    """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
+
+    Reports the issue's targets (latency, peak throughput, budget fallbacks, ranker
+    against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
+    """
+    from loadtests.bench import DEFAULT_DURATION_S, DEFAULT_LEVELS, EXTRAS, PARTS, run_bench
     from loadtests.overload import LEVELS, run_overload
     from rankgate.setup import run_setup
 
-    text = concurrency or (",".join(map(str, LEVELS)) if overload else "1,8,32")
+    default = LEVELS if overload else [1, 8, 32] if explain_sampling else DEFAULT_LEVELS
+    text = concurrency or ",".join(map(str, default))
     try:
         levels = sorted({int(c) for c in text.split(",") if c.strip()})
     except ValueError as exc:
         raise RankgateError(f"--concurrency: {text!r} is not a list of integers") from exc
     if not levels or min(levels) < 1 or (1 not in levels and not overload):
         raise RankgateError("--concurrency: positive integers, including 1")
+    chosen_extras = tuple(e.strip() for e in extras.split(",") if e.strip())
+    chosen_skip = tuple(p.strip() for p in skip.split(",") if p.strip())
+    if unknown := [e for e in chosen_extras if e not in EXTRAS]:
+        raise RankgateError(f"--with: unknown {', '.join(unknown)} (known: {', '.join(EXTRAS)})")
+    if unknown := [p for p in chosen_skip if p not in PARTS]:
+        raise RankgateError(f"--skip: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
     run_setup(lambda _line: None)
     if freshness:
         from loadtests.freshness import RATES, run_freshness
 
-        run_freshness(list(RATES), duration, repeats, output, click.echo)
+        run_freshness(list(RATES), duration or 8.0, repeats, output, click.echo)
         click.echo((output / "freshness.md").read_text())
         click.echo(f"written: {output / 'freshness.md'}, {output / 'freshness.json'}")
         return
     if explain_sampling:
         from loadtests.explain_sampling import run_explain_sampling
 
-        run_explain_sampling(levels, duration, repeats, output, click.echo)
+        run_explain_sampling(levels, duration or 8.0, repeats, output, click.echo)
         click.echo((output / "explain_sampling.md").read_text())
         click.echo(f"written: {output / 'explain_sampling.md'}, {output / 'explain_sampling.json'}")
         return
     if overload:
-        run_overload(levels, duration, repeats, output, click.echo)
+        run_overload(levels, duration or 8.0, repeats, output, click.echo)
         click.echo((output / "overload.md").read_text())
         click.echo(f"written: {output / 'overload.md'}, {output / 'overload.json'}")
         return
-    run_bench(levels, duration, repeats, output, click.echo)
+    run_bench(
+        levels,
+        duration or DEFAULT_DURATION_S,
+        repeats,
+        output,
+        click.echo,
+        warmup=warmup,
+        extras=chosen_extras,
+        skip=chosen_skip,
+        driver=driver,
+        allow_install=not no_install,
+    )
     click.echo((output / "bench.md").read_text())
     click.echo(f"written: {output / 'bench.md'}, {output / 'bench.json'}")
 

@@ -1,0 +1,367 @@
+"""The benchmark's pure parts: wrk's summary, ratios and peaks, open-loop accounting,
+memory totals and the report's targets. No server is started here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtests import bench_report, memory, wrk
+from loadtests.bench import phases_seen
+from loadtests.drive import Arrival, open_loop_summary
+
+WRK_STDOUT = """Running 6s test @ http://127.0.0.1:4000/v1/rank
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.10ms    1.20ms  40.00ms   90.00%
+  1200 requests in 6.00s, 1.2MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:    200.00
+RANKGATE_WRK {"requests":1200,"duration_us":6000000,"socket_errors":{"connect":0,"read":1,"write":0,"timeout":1},"status_errors":3,"latency_us":{"50":2500.0,"99":9000.0,"99.9":15250.0},"latency_mean_us":3100.0,"latency_max_us":40000.0,"outcomes":{"personalized":1190,"fallback:budget_exhausted":7,"http_503":3}}
+"""
+
+
+def test_wrk_summary_is_read_from_its_marked_line() -> None:
+    raw = wrk.parse_output(WRK_STDOUT)
+    figures = wrk.summarize(raw, concurrency=4)
+    assert figures["driver"] == "wrk"
+    assert figures["requests"] == 1200
+    assert figures["throughput_rps"] == 200.0
+    assert (figures["p50_ms"], figures["p99_ms"], figures["p999_ms"]) == (2.5, 9.0, 15.25)
+    # Non-2xx answers and socket errors are both errors.
+    assert figures["errors"] == 3 + 2
+    assert figures["ok"] == 1197
+    assert figures["outcomes"]["fallback:budget_exhausted"] == 7
+    assert figures["outcomes"]["socket_error"] == 2
+
+
+def test_wrk_without_a_summary_line_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no summary line"):
+        wrk.parse_output("Running 6s test\nRequests/sec: 1.0\n")
+
+
+def test_the_lua_script_carries_every_body_and_the_key_safely() -> None:
+    bodies = [json.dumps({"user_id": "u-1", "note": "a]]b"}).encode(), b'{"user_id": "u-2"}']
+    script = wrk.lua_script(bodies, "key-123")
+    # A body containing "]]" gets a long bracket of a higher level.
+    assert '[=[{"user_id": "u-1", "note": "a]]b"}]=]' in script
+    assert '[[{"user_id": "u-2"}]]' in script
+    assert "[[key-123]]" in script
+    assert '"RANKGATE_WRK "' in script
+    assert "latency:percentile(q)" in script
+    for q in ("50", "99", "99.9"):
+        assert q in script
+    assert wrk.lua_long_string("x]=]y]]") == "[==[x]=]y]]]==]"
+
+
+def test_wrk_reads_whole_seconds() -> None:
+    command = wrk.wrk_command("wrk", "http://h/v1/rank", 8, 2.5, Path("s.lua"))
+    assert command[:4] == ["wrk", "-t1", "-c8", "-d3s"]
+
+
+def run(level: int, rps: float, p50: float, p99: float, **outcomes: int) -> dict[str, Any]:
+    return {
+        "concurrency": level,
+        "throughput_rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p99 * 1.5,
+        "errors": 0,
+        "requests": int(rps * 6),
+        "outcomes": {k.replace("__", ":"): v for k, v in outcomes.items()} or {"ranked": 1},
+    }
+
+
+def test_ratios_are_taken_within_each_round() -> None:
+    ours = [run(1, 100, 2.0, 4), run(1, 90, 3.0, 4), run(1, 120, 2.0, 4)]
+    floor = [run(1, 200, 1.0, 2), run(1, 100, 2.0, 2), run(1, 150, 1.0, 2)]
+    figures = bench_report.ratios(ours, floor)
+    assert figures["throughput"]["per_round"] == [0.5, 0.9, 0.8]
+    assert figures["throughput"]["median"] == 0.8
+    assert (figures["throughput"]["min"], figures["throughput"]["max"]) == (0.5, 0.9)
+    assert figures["p50"]["per_round"] == [2.0, 1.5, 2.0]
+    assert figures["p50"]["median"] == 2.0
+
+
+def test_median_row_keeps_the_spread_and_adds_up_answers() -> None:
+    row = bench_report.median_row(
+        [
+            run(8, 100, 5, 20, personalized=10),
+            run(8, 300, 4, 30, personalized=5, fallback__budget_exhausted=1),
+            run(8, 200, 6, 10, personalized=7),
+        ]
+    )
+    assert row["throughput_rps"] == 200
+    assert row["throughput_rps_spread"] == [100, 300]
+    assert row["p99_ms"] == 20
+    assert row["outcomes"] == {"personalized": 22, "fallback:budget_exhausted": 1}
+
+
+def test_peak_is_the_best_level_within_p99_and_its_ratio_has_a_spread() -> None:
+    runs = {
+        "rankgate": {
+            "1": [run(1, 100, 1, 3), run(1, 110, 1, 3)],
+            "8": [run(8, 400, 10, 40), run(8, 500, 10, 60)],
+            "32": [run(32, 600, 40, 120), run(32, 650, 40, 130)],
+        },
+        "plain_fastapi": {
+            "1": [run(1, 200, 1, 2), run(1, 200, 1, 2)],
+            "8": [run(8, 500, 5, 20), run(8, 500, 5, 20)],
+            "32": [run(32, 700, 20, 80), run(32, 700, 20, 80)],
+        },
+    }
+    rows = {
+        name: [bench_report.median_row(r) for r in levels.values()] for name, levels in runs.items()
+    }
+    # rankgate's c=8 median p99 is 50 ms: within; c=32 is not.
+    assert bench_report.peak(rows["rankgate"]) == {"rps": 450, "concurrency": 8}
+    found = bench_report.peaks(runs, rows)
+    assert found["ratio_of_medians"] == 0.9
+    # Round 1: 400/500; round 2: c=8 had p99 60 ms, so c=1's 110 is that round's peak.
+    assert found["ratio_spread"]["per_round"] == [0.8, 0.22]
+    # Judged like the other ratios: within each round, the median over rounds.
+    assert found["ratio"] == 0.51
+
+
+def test_a_level_with_errors_is_no_peak() -> None:
+    broken = {**run(8, 900, 5, 10), "errors": 3}
+    assert bench_report.peak([run(1, 100, 1, 2), broken]) == {"rps": 100, "concurrency": 1}
+    assert bench_report.peak([broken]) == {"rps": 0.0, "concurrency": None}
+
+
+def test_budget_fallbacks_count_only_levels_up_to_16() -> None:
+    levels = {
+        "1": [run(1, 1, 1, 1, fallback__budget_exhausted=1)],
+        "16": [run(16, 1, 1, 1, fallback__budget_exhausted=2)] * 2,
+        "32": [run(32, 1, 1, 1, fallback__budget_exhausted=50)],
+    }
+    assert bench_report.budget_fallbacks(levels, 16) == 5
+
+
+def test_open_loop_latency_counts_from_when_a_request_was_due() -> None:
+    # 10 requests due every 10 ms; the server answers in 2 ms, but the 6th waited
+    # 30 ms behind a stall and the driver sent the 4th 3 ms late.
+    arrivals = []
+    for i in range(10):
+        due = i * 0.010
+        sent = due + (0.003 if i == 3 else 0.0)
+        done = sent + (0.032 if i == 5 else 0.002)
+        outcome = "fallback:budget_exhausted" if i == 5 else "personalized"
+        arrivals.append(Arrival(due, sent, done, outcome))
+    arrivals.append(Arrival(0.1, 0.1, 0.102, "http_503"))
+    figures = open_loop_summary(arrivals, rate=100.0, duration_s=0.1, max_outstanding=2)
+    assert figures["requests"] == 11
+    assert figures["p50_ms"] == pytest.approx(2.0)
+    # The 4th: 3 ms late + 2 ms = 5 ms from due; the 6th: 32 ms.
+    assert figures["p99_ms"] == pytest.approx(32.0)
+    assert figures["errors"] == 1
+    assert figures["fallbacks"] == 1 and figures["budget_fallbacks"] == 1
+    assert figures["driver_lag_ms"]["max"] == pytest.approx(3.0)
+    assert figures["sent_late_share"] == pytest.approx(1 / 11, abs=1e-4)
+    # 11 answers between t=0 and the last one done at 102 ms.
+    assert figures["achieved_rps"] == pytest.approx(11 / 0.102, abs=0.1)
+    assert figures["max_outstanding"] == 2
+
+
+def test_open_loop_latency_includes_queueing_behind_a_slow_server() -> None:
+    # Due every 10 ms, each answered 15 ms after the previous: the wait piles up.
+    arrivals, free_at = [], 0.0
+    for i in range(5):
+        due = i * 0.010
+        free_at = max(free_at, due) + 0.015
+        arrivals.append(Arrival(due, due, free_at, "personalized"))
+    latencies = sorted(round((a.done - a.due) * 1000, 3) for a in arrivals)
+    assert latencies == [15.0, 20.0, 25.0, 30.0, 35.0]
+    assert open_loop_summary(arrivals, 100.0, 0.05)["p99_ms"] == 35.0
+
+
+def test_memory_totals_of_rss_and_pss() -> None:
+    mib = memory.MIB
+    processes = [
+        memory.ProcessMemory(1, "serve run", 200 * mib, 120 * mib),
+        memory.ProcessMemory(2, "ray::ServeReplica:rankgate:RankIngress", 500 * mib, 300 * mib),
+        memory.ProcessMemory(3, "valkey-server", 15 * mib, None),
+    ]
+    figures = memory.aggregate(processes)
+    assert figures["count"] == 3
+    assert figures["rss_total_mib"] == 715.0
+    assert figures["pss_total_mib"] == 420.0
+    assert figures["pss_missing"] == 1
+    assert [p["pid"] for p in figures["processes"]] == [2, 1, 3]
+    assert figures["processes"][2]["pss_mib"] is None
+
+
+def test_pss_is_read_from_smaps_rollup(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "smaps_rollup").write_text(
+        "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  2048 kB\nPss:  1024 kB\n"
+    )
+    assert memory.pss_bytes(42, proc=tmp_path) == 1024 * 1024
+    assert memory.pss_bytes(43, proc=tmp_path) is None
+
+
+def test_process_labels() -> None:
+    label = memory.process_label
+    assert label("ray::ServeRepli", ["ray::ServeReplica:rankgate:RankIngress"]) == (
+        "ray::ServeReplica:rankgate:RankIngress"
+    )
+    assert label("python3", ["/v/bin/python3", "/v/bin/serve", "run", "c.yaml"]) == "serve run"
+    assert label("python3", ["/v/bin/python3", "-u", "/x/dashboard.py", "--port=1"]) == (
+        "python dashboard.py"
+    )
+    assert label("python", ["python", "-m", "loadtests.baselines.plain_fastapi"]) == (
+        "python -m loadtests.baselines.plain_fastapi"
+    )
+    assert label("python3", ["/v/python3", "-B", "-c", "from a import main; main(1)"]) == (
+        "python -c from a import main"
+    )
+    assert label("valkey-server", ["/x/valkey-server 127.0.0.1:1"]) == "valkey-server"
+    assert label("haproxy", []) == "haproxy"
+
+
+def synthetic_report(**changes: Any) -> dict[str, Any]:
+    """A small report as loadtests.bench builds it: two levels, two rounds."""
+    runs = {
+        "rankgate": {
+            "1": [run(1, 600, 1.6, 4.0), run(1, 580, 1.8, 4.5)],
+            "16": [run(16, 1900, 8.0, 30.0), run(16, 1850, 8.5, 35.0)],
+        },
+        "plain_fastapi": {
+            "1": [run(1, 700, 1.2, 3.0), run(1, 690, 1.3, 3.0)],
+            "16": [run(16, 2000, 7.0, 25.0), run(16, 2000, 7.0, 25.0)],
+        },
+    }
+    results = {
+        name: [bench_report.median_row(r) for r in levels.values()] for name, levels in runs.items()
+    }
+    report: dict[str, Any] = {
+        "measured_at": "2026-01-01T00:00:00+00:00",
+        "command": "rankgate bench --duration 6",
+        "machine": {
+            "cores": 2,
+            "platform": "Linux",
+            "python": "3.11",
+            "ray": "2",
+            "onnxruntime": "1",
+            "load_1min_start": 1.5,
+            "load_1min_end": 2.25,
+        },
+        "driver": {"closed_loop": "wrk", "why": "wrk found on PATH", "open_loop": "python"},
+        "duration_s": 6.0,
+        "warmup_s": 1.5,
+        "rounds": 2,
+        "concurrency": [1, 16],
+        "systems": {"rankgate": "rankgate", "plain_fastapi": "floor"},
+        "results": results,
+        "ratios": {
+            level: bench_report.ratios(runs["rankgate"][level], runs["plain_fastapi"][level])
+            for level in ("1", "16")
+        },
+        "peak": bench_report.peaks(runs, results),
+        "budget_fallbacks": 0,
+        "explain": {
+            "p50_without_ms": 1.7,
+            "p50_with_ms": 4.9,
+            "p99_with_ms": 8.0,
+            "added_ms": bench_report.spread([3.1, 3.3], 2),
+            "outcomes": {"personalized": 10},
+        },
+        "memory": {
+            "measured": "After the load rounds",
+            **memory.aggregate([memory.ProcessMemory(1, "serve run", 1000 * memory.MIB, None)]),
+        },
+        "ranker": None,
+        "ready": {
+            "starts_s": [11.0, 12.0],
+            "median_s": 11.5,
+            "phases": [{"setup checked": 2.5, "Ray started": 6.0}, {"setup checked": 2.0}],
+        },
+        "skipped": ["ranker"],
+        "notes": ["a note"],
+    }
+    report.update(changes)
+    report["targets"] = bench_report.evaluate(report)
+    return report
+
+
+def target_line(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"- {start}"))
+
+
+def test_the_report_says_which_targets_are_met() -> None:
+    text = bench_report.render_markdown(synthetic_report())
+    # p50 at c=1: 1.7 ms ≤ 2 ms; against the floor 1.4× (median of 1.333 and 1.385) ≤ 1.5×.
+    assert target_line(text, "p50 at concurrency 1, end").endswith("**met**")
+    assert target_line(text, "p50 at concurrency 1 against").endswith("**met**")
+    assert target_line(text, "p99 at concurrency 1").endswith("**met**")
+    # Peak: 1875 vs 2000 req/s = 0.9375× ≥ 0.9×.
+    assert "0.938×" in target_line(text, "peak throughput")
+    assert target_line(text, "peak throughput").endswith("**met**")
+    assert target_line(text, "budget fallbacks").endswith("**met**")
+    # Explain adds 3.2 ms > 2 ms.
+    assert target_line(text, "`explain: true`").endswith("**MISSED**")
+    assert target_line(text, "ranker under load").endswith("**not measured**")
+    assert target_line(text, "whole stack RSS").endswith("**met**")
+    assert target_line(text, "ready after").endswith("**met**")
+    assert "Command: `rankgate bench --duration 6`" in text
+    assert "Closed-loop load: **wrk**" in text
+    assert "at the start and end of the run: 1.5 and 2.25." in text
+    assert "| 1 | 590 | 1.7 | 4.25 | 695 | 1.25 |" in text
+    assert "- a note" in text
+    assert "| start | setup checked | Ray started | answers 200 |" in text
+    assert "| 2 | 2 | — | 12 |" in text
+
+
+def test_ready_phases_are_taken_from_the_servers_output() -> None:
+    seen: dict[str, float] = {}
+    phases_seen("nothing to do\nserving /h/ray/serve_config.yaml (Ctrl-C stops)\n", seen, 1.234)
+    phases_seen("serving ...\nINFO -- Started a local Ray instance. View ...\n", seen, 5.0)
+    assert seen == {"setup checked": 1.23, "Ray started": 5.0}
+
+
+def test_missed_targets_say_missed() -> None:
+    report = synthetic_report(
+        budget_fallbacks=4,
+        ready={"starts_s": [20.0, 22.0], "median_s": 21.0},
+        memory={
+            "measured": "After the load rounds",
+            **memory.aggregate(
+                [memory.ProcessMemory(1, "serve run", 2000 * memory.MIB, 900 * memory.MIB)]
+            ),
+        },
+        ranker={
+            "concurrency": 16,
+            "rows_per_request": 79,
+            "batching": {},
+            "rounds": 1,
+            "duration_s": 5,
+            "under_load": [{"rows_per_s": 50.0, "mean_batch_requests": 8.0}],
+            "raw": [{"rows_per_s": 100.0, "rows": 632}],
+            "under_load_rows_per_s": 50.0,
+            "raw_rows_per_s": 100.0,
+            "mean_batch_requests": 8.0,
+            "ratio": bench_report.spread([0.5]),
+        },
+    )
+    text = bench_report.render_markdown(report)
+    assert target_line(text, "budget fallbacks").endswith("**MISSED**")
+    assert target_line(text, "ready after").endswith("**MISSED**")
+    assert "2000 MiB RSS (900 MiB PSS)" in target_line(text, "whole stack RSS")
+    assert target_line(text, "whole stack RSS").endswith("**MISSED**")
+    assert target_line(text, "ranker under load").endswith("**MISSED**")
+    assert {t["key"]: t["met"] for t in report["targets"]}["ranker_ratio"] is False
+
+
+def test_a_floor_without_a_peak_leaves_the_ratio_undecided() -> None:
+    slow = {
+        "rankgate": {"1": [run(1, 100, 1, 3)]},
+        "plain_fastapi": {"1": [run(1, 200, 1, 90)]},
+    }
+    rows = {n: [bench_report.median_row(r) for r in lv.values()] for n, lv in slow.items()}
+    report = synthetic_report(peak=bench_report.peaks(slow, rows))
+    line = target_line(bench_report.render_markdown(report), "peak throughput")
+    assert "floor none (no level had p99 ≤ 50 ms" in line
+    assert line.endswith("**not measured**")

@@ -389,12 +389,11 @@ def answer(context: RankContext, deadline: Deadline) -> RankResponse:
     reasons = context.reasons
     items = []
     for n, (item, score) in enumerate(context.ranked):
-        extra = {"reasons": reasons[n]} if reasons and n < len(reasons) else {}
-        items.append(
-            RankedItem.model_construct(
-                item_id=item, rank=n + 1, score=round(score, SCORE_DIGITS), **extra
-            )
-        )
+        fields: dict[str, Any] = {"item_id": item, "rank": n + 1}
+        fields["score"] = round(score, SCORE_DIGITS)
+        if reasons and n < len(reasons):
+            fields["reasons"] = reasons[n]
+        items.append(RankedItem.model_construct(**fields))
     timings = {name: round(value, 3) for name, value in context.timings.items()}
     timings["total"] = round(deadline.elapsed_ms(), 3)
     optional: dict[str, Any] = {}

@@ -144,6 +144,30 @@ def serve_env(
     return env
 
 
+def application_env(home: Home) -> dict[str, str]:
+    """Environment of the application's own processes (the task that imports and builds
+    it, and its replicas), set in its runtime_env by `derived_config`.
+
+    Python's optimized mode (PYTHONOPTIMIZE=1, like `python -O`): Feast decorates its
+    classes with typeguard's `@typechecked`, which re-reads and recompiles their
+    modules when they are imported unless Python runs optimized; that is about 3 s
+    of CPU in each of these processes before it can serve. What is lost there:
+    typeguard's checks of Feast's own arguments (the objects are read from the
+    registry setup built, with the checks on) and `assert` statements. Their bytecode
+    is cached in `<home>/pycache` (written even when PYTHONDONTWRITEBYTECODE is set:
+    never into the source tree). PYTHONOPTIMIZE=0 in `rankgate serve`'s environment
+    turns it off.
+    """
+    optimize = os.environ.get("PYTHONOPTIMIZE") or "1"
+    if optimize == "0":
+        return {}
+    return {
+        "PYTHONOPTIMIZE": optimize,
+        "PYTHONPYCACHEPREFIX": str(home.root / "pycache"),
+        "PYTHONDONTWRITEBYTECODE": "",
+    }
+
+
 def derived_config(
     home: Home,
     base: Path = SERVE_CONFIG,
@@ -152,7 +176,9 @@ def derived_config(
     runtime_env: dict[str, str] | None = None,
     name: str = "serve_config",
 ) -> Path:
-    """A copy of `base` in the home with the port, ingress user_config or env replaced."""
+    """A copy of `base` in the home with the port, ingress user_config or env replaced,
+    and `application_env` in the application's runtime_env (every deploy of the home's
+    server writes the same, so a routing change reconfigures in place)."""
     config = yaml.safe_load(base.read_text())
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
@@ -161,8 +187,9 @@ def derived_config(
         for deployment in app["deployments"]:
             if deployment["name"] == "RankIngress":
                 deployment["user_config"] = user_config
-    if runtime_env:
-        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(runtime_env)
+    env_vars = {**application_env(home), **(runtime_env or {})}
+    if env_vars:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
     target = home.root / "ray" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -5,8 +5,7 @@ has no explainer: its answers say `explainer_unavailable`, never an invented rea
 A replica builds its explainers in the background (`background=True`): loading
 the tree model's library (LightGBM, scikit-learn) costs about a second of CPU
 that need not delay the replica's start. An explanation asked for before its
-explainer is built waits for it; one that cannot be built is then taken out (its
-requests say `explainer_unavailable`, as when it is missing).
+explainer is built waits for it.
 
 Only the returned top-k rows are explained (SHAP costs about a millisecond per
 ten rows here), each with its top positive contributions rendered as
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +56,15 @@ class Explainer:
         specs: Sequence[FeatureSpec],
         templates: ReasonTemplates,
         background: bool = False,
-        on_failure: Callable[[], object] | None = None,
     ) -> None:
         """Loads the tree model and builds its SHAP explainer now (errors raise here),
-        or with `background` in a thread of its own: a missing tree model still raises
-        here; a build that fails calls `on_failure` and raises at use."""
+        or with `background` in a thread of its own (an error then raises at first use)."""
         if manifest.booster is None:
             raise ModelStoreError(f"{manifest.version}: registered without a tree model")
-        booster = model_dir / manifest.booster.file
-        if not booster.is_file():
-            raise ModelStoreError(f"{booster}: file not found")
         self.specs = list(specs)
         self.templates = templates
         self.version = manifest.version
-        self._booster = (booster, manifest.booster.kind)
-        self._on_failure = on_failure
+        self._booster = (model_dir / manifest.booster.file, manifest.booster.kind)
         self._tree: Any = None
         self._error: Exception | None = None
         self._built = threading.Event()
@@ -89,8 +82,6 @@ class Explainer:
         except Exception as exc:  # noqa: BLE001 - raised where the explainer is used
             self._error = exc
             logger.warning("explainer for %s unavailable: %s", self.version, exc)
-            if self._on_failure is not None:
-                self._on_failure()
         finally:
             self._built.set()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 
 import redis.asyncio as aioredis
 
@@ -126,13 +125,13 @@ class Runtime:
 
         A version that fails to load is logged and kept out; requests that would use
         it degrade and say why. Explainers are built in the background (the replica
-        does not wait for them); one without a tree model, or that fails to build, is
-        kept out (its requests say `explainer_unavailable`).
+        does not wait for them): one without a tree model is kept out (its requests
+        say `explainer_unavailable`), one that fails to build says `explainer_error`.
         """
         models = ModelSet(ModelStore(self.home, config.models.name), config.routing.all_versions)
         for version, error in models.errors.items():
             logger.warning("model %s unavailable: %s", version, error)
-        explainers: dict[str, Explainer] = {}
+        explainers = {}
         for version, model in models.loaded.items():
             try:
                 explainers[version] = Explainer(
@@ -141,9 +140,6 @@ class Runtime:
                     model.specs,
                     self.templates,
                     background=True,
-                    # The pipeline reads this dict: a version whose explainer fails
-                    # to build is taken out, as if it had none.
-                    on_failure=partial(explainers.pop, version, None),
                 )
             except Exception as exc:  # noqa: BLE001 - explanations degrade, scoring goes on
                 logger.warning("explainer for %s unavailable: %s", version, exc)

@@ -2,11 +2,6 @@
 file (LightGBM, XGBoost or scikit-learn trees). A version registered without one
 has no explainer: its answers say `explainer_unavailable`, never an invented reason.
 
-A replica builds its explainers in the background (`background=True`): loading
-the tree model's library (LightGBM, scikit-learn) costs about a second of CPU
-that need not delay the replica's start. An explanation asked for before its
-explainer is built waits for it.
-
 Only the returned top-k rows are explained (SHAP costs about a millisecond per
 ten rows here), each with its top positive contributions rendered as
 plain-language reasons from policies/reasons.yaml. The same two steps
@@ -16,11 +11,8 @@ path (serving/stages.py) and those sampled after it (serving/sampling.py).
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,8 +24,6 @@ from rankgate.config_files import load_yaml_model
 from rankgate.errors import ModelStoreError
 from rankgate.policy import policy_dir
 from serving.schemas import Reason
-
-logger = logging.getLogger("ray.serve")
 
 
 class ReasonTemplates(BaseModel):
@@ -55,43 +45,13 @@ class Explainer:
         manifest: Manifest,
         specs: Sequence[FeatureSpec],
         templates: ReasonTemplates,
-        background: bool = False,
     ) -> None:
-        """Loads the tree model and builds its SHAP explainer now (errors raise here),
-        or with `background` in a thread of its own (an error then raises at first use)."""
         if manifest.booster is None:
             raise ModelStoreError(f"{manifest.version}: registered without a tree model")
         self.specs = list(specs)
         self.templates = templates
-        self.version = manifest.version
-        self._booster = (model_dir / manifest.booster.file, manifest.booster.kind)
-        self._tree: Any = None
-        self._error: Exception | None = None
-        self._built = threading.Event()
-        if not background:
-            self._build()
-            if self._error is not None:
-                raise self._error
-            return
-        name = f"explainer-{manifest.version}"
-        threading.Thread(target=self._build, name=name, daemon=True).start()
-
-    def _build(self) -> None:
-        try:
-            self._tree = tree_explainer(load_native(*self._booster))
-        except Exception as exc:  # noqa: BLE001 - raised where the explainer is used
-            self._error = exc
-            logger.warning("explainer for %s unavailable: %s", self.version, exc)
-        finally:
-            self._built.set()
-
-    @property
-    def tree(self) -> Any:
-        """The SHAP explainer (waits until it is built; raises what stopped it)."""
-        self._built.wait()
-        if self._error is not None:
-            raise self._error
-        return self._tree
+        native = load_native(model_dir / manifest.booster.file, manifest.booster.kind)
+        self.tree = tree_explainer(native)
 
     def contributions(self, rows: np.ndarray, threads: int | None = None) -> np.ndarray:
         """SHAP values per row and input (rows x features, log-odds units, in the

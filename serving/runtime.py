@@ -123,10 +123,8 @@ class Runtime:
     def load_models(self, config: ServingConfig) -> tuple[ModelSet, dict[str, Explainer]]:
         """ONNX sessions and SHAP explainers of the configured versions.
 
-        A version that fails to load is logged and kept out; requests that would use
-        it degrade and say why. Explainers are built in the background (the replica
-        does not wait for them): one without a tree model is kept out (its requests
-        say `explainer_unavailable`), one that fails to build says `explainer_error`.
+        A version that fails to load, or whose explainer does, is logged and kept
+        out; requests that would use it degrade and say why.
         """
         models = ModelSet(ModelStore(self.home, config.models.name), config.routing.all_versions)
         for version, error in models.errors.items():
@@ -135,11 +133,7 @@ class Runtime:
         for version, model in models.loaded.items():
             try:
                 explainers[version] = Explainer(
-                    self.models.path(version),
-                    model.manifest,
-                    model.specs,
-                    self.templates,
-                    background=True,
+                    self.models.path(version), model.manifest, model.specs, self.templates
                 )
             except Exception as exc:  # noqa: BLE001 - explanations degrade, scoring goes on
                 logger.warning("explainer for %s unavailable: %s", version, exc)

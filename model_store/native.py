@@ -5,6 +5,14 @@ They serve two purposes: registration checks the ONNX conversion against them
 scikit-learn linear model behind a StandardScaler (what `trainer:
 logistic_regression` fits). Each kind is loaded by its own library, imported only
 when a model of that kind is loaded.
+
+The two kinds `rankgate setup` trains are explained without importing the shap
+package (which brings numba and LLVM: ~75 MB and most of a second in every
+serving replica), with the very computation SHAP makes for them: a LightGBM
+booster's values come from LightGBM's own TreeSHAP (`pred_contrib`, which is
+what TreeExplainer calls for LightGBM), a standardized linear model's are
+coef * (x - mean) (LinearExplainer's interventional values). Any other model is
+given to SHAP.
 """
 
 from __future__ import annotations
@@ -52,12 +60,52 @@ def predict_native(model: Any, kind: BoosterKind, matrix: np.ndarray) -> np.ndar
     return np.asarray(model.predict_proba(matrix)[:, 1], dtype=np.float64)
 
 
+class LightGBMTreeShap:
+    """SHAP values of a LightGBM booster as TreeExplainer computes them: LightGBM's
+    TreeSHAP (`pred_contrib`) over every tree, without its last column (the base value)."""
+
+    def __init__(self, booster: Any) -> None:
+        self.booster = booster
+
+    @property
+    def expected_value(self) -> float:
+        """The base value: what the contributions of any row add to (log-odds)."""
+        row = np.zeros((1, self.booster.num_feature()))
+        return float(self.booster.predict(row, num_iteration=-1, pred_contrib=True)[0, -1])
+
+    def shap_values(self, matrix: np.ndarray, threads: int | None = None) -> np.ndarray:
+        options = {} if threads is None else {"num_threads": threads}
+        # num_iteration=-1: every tree, as TreeExplainer asks for.
+        raw = self.booster.predict(matrix, num_iteration=-1, pred_contrib=True, **options)
+        return np.asarray(raw)[:, :-1].reshape(len(matrix), -1)
+
+
+class LinearShap:
+    """SHAP values of a linear model with independent inputs, as LinearExplainer gives
+    them for a (mean, covariance) background: coef * (x - mean) in log-odds."""
+
+    def __init__(self, coef: np.ndarray, intercept: float, mean: np.ndarray) -> None:
+        self.coef, self.intercept, self.mean = coef, intercept, mean
+        self.expected_value = float(np.dot(coef, mean) + intercept)
+
+    def shap_values(self, matrix: np.ndarray) -> np.ndarray:
+        return np.array(np.multiply(matrix - self.mean, self.coef))
+
+
 def tree_explainer(model: Any) -> Any:
-    """SHAP's explainer of the model: a linear one for a standardized linear pipeline,
-    else TreeExplainer (which refuses what is not a tree model)."""
+    """The model's SHAP explainer: a LightGBM booster's own TreeSHAP, linear SHAP for a
+    standardized linear pipeline, else shap's TreeExplainer (which refuses what is not
+    a tree model)."""
+    if type(model).__module__.startswith("lightgbm") and type(model).__name__ == "Booster":
+        return LightGBMTreeShap(model)
+    linear = standardized_linear(model)
+    if linear is not None:
+        raw, (mean, _) = linear
+        coef, intercept = np.asarray(raw.coef_), np.asarray(raw.intercept_).reshape(-1)
+        if coef.ndim == 2 and coef.shape[0] == 1 and intercept.size == 1:  # binary
+            return LinearShap(coef[0], float(intercept[0]), mean)
     import shap
 
-    linear = standardized_linear(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if linear is not None:
@@ -97,6 +145,8 @@ def contributions(explainer: Any, matrix: np.ndarray, threads: int | None = None
     with LightGBM's own TreeSHAP (`pred_contrib`) but cannot pass it a thread
     count, so with a cap that call is made here: the same values, on fewer cores
     (work done beside the serving path must leave the other core to it)."""
+    if isinstance(explainer, LightGBMTreeShap):
+        return explainer.shap_values(matrix, threads)
     booster: Any = getattr(getattr(explainer, "model", None), "original_model", None)
     if threads is not None and type(booster).__module__.startswith("lightgbm"):
         # The last column is the expected value (the bias), not a feature.

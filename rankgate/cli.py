@@ -165,7 +165,7 @@ def serve(config_path: Path | None, port: int | None) -> None:
     import os
 
     from rankgate.setup import Environment, run_setup
-    from serving.launch import SERVE_CONFIG, derived_config, run_serve, serve_env
+    from serving.launch import SERVE_CONFIG, derived_config, exec_serve, serve_env
 
     run_setup(click.echo)
     env = Environment.open()
@@ -185,10 +185,11 @@ def serve(config_path: Path | None, port: int | None) -> None:
         else None,
     )
     click.echo(f"serving {config} (Ctrl-C stops)")
-    status = run_serve(
+    # This process becomes a small supervisor of `serve run` (same process id): what
+    # setup imported (Feast, pandas, the trainers) is not kept while the server runs.
+    exec_serve(
         env.home, base, config, serve_env(env.home, env.redis_url, config=base, project=env.project)
     )
-    sys.exit(status)
 
 
 @main.command()

@@ -8,6 +8,7 @@ Layout (all created on demand):
     <home>/feast/           Feast registry
     <home>/models/<name>/<version>/   model versions (see model_store)
     <home>/redis/           embedded Redis-compatible server: config, data, log, pid
+    <home>/pycache/         bytecode of the server's application processes (serving/launch.py)
 """
 
 from __future__ import annotations

@@ -206,10 +206,11 @@ def changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def run_setup(say: Say, force: bool = False) -> bool:
-    """Bring the home to a ready state for the project. Returns True when anything was done."""
-    from features.spec import load_features_file
-    from model_store.train import train, trainer_params
+    """Bring the home to a ready state for the project. Returns True when anything was done.
 
+    A home whose sources are unchanged is checked without Feast, pandas or the
+    trainers (the catalogue as the last setup read it): `rankgate serve` starts
+    the server sooner."""
     env = Environment.open()
     did = False
     project = env.project
@@ -232,7 +233,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
     )
     if current:
         say("✓ project sources: unchanged since the last setup")
-        catalogue = env.catalogue()
+        catalogue = recorded["catalogue"] if "catalogue" in recorded else env.catalogue()
         policies = load_policy_set(project.policies, catalogue, project.item_type)
         say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")
     else:
@@ -275,7 +276,6 @@ def run_setup(say: Say, force: bool = False) -> bool:
             say(f"    not materialized (kept fresh from the event stream): {streamed}")
         did = True
 
-    infos = env.view_infos()
     trained_from = recorded.get("models", {})
     for model in project.spec.setup_models:
         version = model.version
@@ -300,6 +300,9 @@ def run_setup(say: Say, force: bool = False) -> bool:
                 say(f"✓ model {version}: already registered")
                 continue
         say(f"• model {version}: training ...")
+        from features.spec import load_features_file
+        from model_store.train import train, trainer_params
+
         try:
             params = trainer_params(model.trainer, model.params)
         except ValueError as exc:
@@ -311,7 +314,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
             env.models,
             project,
             env.views(),
-            infos,
+            env.view_infos(),
             env.data_dir,
             version,
             params,

@@ -17,21 +17,15 @@ it fast and self-contained on one machine:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import httpx
 import yaml
 
 from rankgate.config_files import validation_message
@@ -40,6 +34,12 @@ from rankgate.home import Home
 from rankgate.project import Project
 from rankgate.settings import PROJECT_ROOT, get_project
 from serving import edge, without_feast_metrics_dir
+from serving.supervisor import (
+    ServerInfo,
+    dashboard_address,  # noqa: F401 - callers import it from here
+    supervise,
+)
+from serving.supervisor import command_line as supervisor_command_line
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
@@ -53,47 +53,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerInfo:
-    """What a running `rankgate serve` (or the test server) left in `<home>/ray/server.json`."""
-
-    base_config: Path
-    port: int
-    dashboard: str
-
-    @classmethod
-    def path(cls, home: Home) -> Path:
-        return home.root / "ray" / "server.json"
-
-    @classmethod
-    def read(cls, home: Home) -> ServerInfo | None:
-        try:
-            raw = json.loads(cls.path(home).read_text())
-            return cls(Path(raw["base_config"]), int(raw["port"]), str(raw["dashboard"]))
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def write(self, home: Home) -> None:
-        self.path(home).parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "base_config": str(self.base_config),
-            "port": self.port,
-            "dashboard": self.dashboard,
-        }
-        self.path(home).write_text(json.dumps(payload) + "\n")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            response = httpx.get(f"{self.base_url}/healthz", timeout=2)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
 
 
 def haproxy_dir(home: Home) -> Path:
@@ -185,6 +144,30 @@ def serve_env(
     return env
 
 
+def application_env(home: Home) -> dict[str, str]:
+    """Environment of the application's own processes (the task that imports and builds
+    it, and its replicas), set in its runtime_env by `derived_config`.
+
+    Python's optimized mode (PYTHONOPTIMIZE=1, like `python -O`): Feast decorates its
+    classes with typeguard's `@typechecked`, which re-reads and recompiles their
+    modules when they are imported unless Python runs optimized; that is about 3 s
+    of CPU in each of these processes before it can serve. What is lost there:
+    typeguard's checks of Feast's own arguments (the objects are read from the
+    registry setup built, with the checks on) and `assert` statements. Their bytecode
+    is cached in `<home>/pycache` (written even when PYTHONDONTWRITEBYTECODE is set:
+    never into the source tree). PYTHONOPTIMIZE=0 in `rankgate serve`'s environment
+    turns it off.
+    """
+    optimize = os.environ.get("PYTHONOPTIMIZE") or "1"
+    if optimize == "0":
+        return {}
+    return {
+        "PYTHONOPTIMIZE": optimize,
+        "PYTHONPYCACHEPREFIX": str(home.root / "pycache"),
+        "PYTHONDONTWRITEBYTECODE": "",
+    }
+
+
 def derived_config(
     home: Home,
     base: Path = SERVE_CONFIG,
@@ -193,7 +176,9 @@ def derived_config(
     runtime_env: dict[str, str] | None = None,
     name: str = "serve_config",
 ) -> Path:
-    """A copy of `base` in the home with the port, ingress user_config or env replaced."""
+    """A copy of `base` in the home with the port, ingress user_config or env replaced,
+    and `application_env` in the application's runtime_env (every deploy of the home's
+    server writes the same, so a routing change reconfigures in place)."""
     config = yaml.safe_load(base.read_text())
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
@@ -202,8 +187,9 @@ def derived_config(
         for deployment in app["deployments"]:
             if deployment["name"] == "RankIngress":
                 deployment["user_config"] = user_config
-    if runtime_env:
-        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(runtime_env)
+    env_vars = {**application_env(home), **(runtime_env or {})}
+    if env_vars:
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
     target = home.root / "ray" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -285,51 +271,24 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None
         process.wait()
 
 
-DASHBOARD_LINE = re.compile(r"dashboard at \S*?(http://[0-9.]+:\d+)")
-
-
-def dashboard_address(text: str) -> str | None:
-    """The Ray dashboard address `serve run` prints when it starts a local instance."""
-    found = DASHBOARD_LINE.findall(text)
-    return found[-1] if found else None
+def server_port(config: Path) -> int:
+    return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
 
 
 def run_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> int:
-    """`serve run` in the foreground, echoing its output; records the server in
-    `<home>/ray/server.json` (config, port, dashboard) so `rankgate model promote`
-    can apply routing changes to it. Ctrl-C reaches `serve run`, which shuts down."""
-    port = int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
-    dashboard = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
-    command = serve_run_command(config)
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    """`serve run` in the foreground, supervised from this process (serving/supervisor.py)."""
+    return supervise(
+        ServerInfo.path(home), base_config, server_port(config), serve_run_command(config), env
     )
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child handles Ctrl-C
-    info = ServerInfo(base_config, port, dashboard)
 
-    def announce_when_ready() -> None:
-        # Ray's own "deployed" line can sit in a log buffer: say it plainly here.
-        while process.poll() is None:
-            if info.health() is not None:
-                print(
-                    f"rankgate ready at {info.base_url} (callers need an API key: "
-                    "rankgate keys create APP --purpose PURPOSE)",
-                    flush=True,
-                )
-                return
-            time.sleep(1)
 
-    threading.Thread(target=announce_when_ready, daemon=True).start()
-    try:
-        info.write(home)
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            found = dashboard_address(line)
-            if found:
-                ServerInfo(base_config, port, found).write(home)
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        ServerInfo.path(home).unlink(missing_ok=True)
+def exec_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> NoReturn:
+    """Replace this process (same id, same terminal and process group) with the small
+    supervisor of `serve run` (serving/supervisor.py), which runs with `env`: what
+    setup imported is not kept for the server's whole life."""
+    command = supervisor_command_line(
+        ServerInfo.path(home), base_config, server_port(config), serve_run_command(config)
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env)

@@ -17,6 +17,7 @@ waits on `serve run` should not keep them for the server's whole life. So
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -111,12 +112,38 @@ def supervise(
     env: dict[str, str] | None = None,
 ) -> int:
     """Run `command` (`serve run`) in the foreground, echoing its output; record the
-    server in `server_file` while it runs. Ctrl-C reaches the command, which shuts down."""
+    server in `server_file` while it runs.
+
+    Ctrl-C (SIGINT) and SIGTERM, to this process or to its process group, reach the
+    command as SIGINT: `serve run` shuts Serve down cleanly, HAProxy included. (A
+    SIGTERM straight to `serve run` kills it at once and leaves HAProxy holding
+    the port, so the command runs in its own session and only hears it from
+    here.) A second signal terminates the command's session."""
     dashboard = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    children: list[subprocess.Popen[str]] = []
+    signals: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        signals.append(signum)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                if len(signals) == 1:
+                    child.send_signal(signal.SIGINT)
+                else:
+                    os.killpg(child.pid, signal.SIGTERM)
+
+    # Handled here, not ignored: a handled signal is back to its default in the
+    # command (an ignored one, as in a background job, would stay ignored).
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child handles Ctrl-C
+    children.append(process)
     info = ServerInfo(base_config, port, dashboard)
 
     def announce_when_ready() -> None:
@@ -143,7 +170,8 @@ def supervise(
                 ServerInfo(base_config, port, found).write_file(server_file)
         return process.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server_file.unlink(missing_ok=True)
 
 

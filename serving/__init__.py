@@ -28,4 +28,7 @@ if "prometheus_client.values" not in sys.modules:
         if os.path.basename(os.environ.get(_name, "")).startswith("feast_metrics_"):
             del os.environ[_name]
 
-import prometheus_client.values  # noqa: F401 - before any import of Feast
+try:
+    import prometheus_client.values  # noqa: F401 - before any import of Feast
+except ImportError:  # `rankgate serve`'s supervisor runs without site-packages (nor Feast)
+    pass

@@ -69,6 +69,22 @@ api = FastAPI(
 )
 
 
+async def serve_rank(request: Request) -> Response:
+    """POST /v1/rank as a plain Starlette route, ahead of FastAPI's: the same handler
+    (`RankIngress.answer_rank`) and error answers, without FastAPI's per-request
+    dependency solving and endpoint wrapping (about 150 us a request, measured with
+    the app's own middleware in both). The key is read as `HTTPBearer` reads it."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    ingress = serve.get_replica_context().servable_object
+    return await ingress.answer_rank(  # type: ignore[attr-defined,no-any-return]
+        request, token if token and scheme.lower() == "bearer" else None
+    )
+
+
+# Registered before `@serve.ingress(api)` below, which keeps the app as it is then.
+api.router.routes.insert(0, Route("/v1/rank", serve_rank, methods=["POST"]))
+
+
 # Documents the scheme in the OpenAPI document; the ingress checks the key itself
 # so that missing and wrong keys get the same JSON 401.
 Bearer = Annotated[
@@ -557,21 +573,6 @@ class RankIngress(BatchedScoring):
                 },
             }
         )
-
-
-async def serve_rank(request: Request) -> Response:
-    """POST /v1/rank as a plain Starlette route, ahead of FastAPI's: the same handler
-    (`RankIngress.answer_rank`) and error answers, without FastAPI's per-request
-    dependency solving and endpoint wrapping (about 150 us a request, measured with
-    the app's own middleware in both). The key is read as `HTTPBearer` reads it."""
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-    ingress = serve.get_replica_context().servable_object
-    return await ingress.answer_rank(  # type: ignore[attr-defined,no-any-return]
-        request, token if token and scheme.lower() == "bearer" else None
-    )
-
-
-api.router.routes.insert(0, Route("/v1/rank", serve_rank, methods=["POST"]))
 
 
 class AppArgs(BaseModel):

@@ -85,7 +85,7 @@ class LinearShap:
     them for a (mean, covariance) background: coef * (x - mean) in log-odds."""
 
     def __init__(self, coef: np.ndarray, intercept: float, mean: np.ndarray) -> None:
-        self.coef, self.intercept, self.mean = coef, intercept, mean
+        self.coef, self.mean = coef, mean
         self.expected_value = float(np.dot(coef, mean) + intercept)
 
     def shap_values(self, matrix: np.ndarray) -> np.ndarray:
@@ -96,8 +96,9 @@ def tree_explainer(model: Any) -> Any:
     """The model's SHAP explainer: a LightGBM booster's own TreeSHAP, linear SHAP for a
     standardized linear pipeline, else shap's TreeExplainer (which refuses what is not
     a tree model)."""
-    if type(model).__module__.startswith("lightgbm") and type(model).__name__ == "Booster":
-        return LightGBMTreeShap(model)
+    booster = getattr(model, "booster_", model)  # LightGBM's scikit-learn wrapper holds one
+    if type(booster).__module__.startswith("lightgbm") and type(booster).__name__ == "Booster":
+        return LightGBMTreeShap(booster)
     linear = standardized_linear(model)
     if linear is not None:
         raw, (mean, _) = linear
@@ -141,18 +142,10 @@ def contributions(explainer: Any, matrix: np.ndarray, threads: int | None = None
     """SHAP values of the positive class: shape (rows, features).
 
     `threads` caps the threads a LightGBM model computes with (None: LightGBM's
-    default, every core). SHAP's TreeExplainer computes a LightGBM model's values
-    with LightGBM's own TreeSHAP (`pred_contrib`) but cannot pass it a thread
-    count, so with a cap that call is made here: the same values, on fewer cores
-    (work done beside the serving path must leave the other core to it)."""
+    default, every core): work done beside the serving path leaves the other core
+    to it, and the few rows of an answer are faster on one thread."""
     if isinstance(explainer, LightGBMTreeShap):
         return explainer.shap_values(matrix, threads)
-    booster: Any = getattr(getattr(explainer, "model", None), "original_model", None)
-    if threads is not None and type(booster).__module__.startswith("lightgbm"):
-        # The last column is the expected value (the bias), not a feature.
-        # num_iteration=-1: every tree, as TreeExplainer asks for.
-        raw = booster.predict(matrix, num_iteration=-1, pred_contrib=True, num_threads=threads)
-        return np.asarray(raw)[:, :-1].reshape(len(matrix), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         values = explainer.shap_values(matrix)

@@ -394,9 +394,12 @@ class RankIngress(BatchedScoring):
         self.runtime.watch_drift(config, models)
         self.runtime.drift.keep_fresh(self.runtime.redis, self.runtime.home.namespace)
         pipeline.publish_canary_weight()
-        # Everything loaded so far (Ray, Feast, models, the item table) lives as long
-        # as the replica: out of the collector's sight, a full collection scans only
-        # what requests allocate (no multi-millisecond pauses in the tail).
+        # What the replica holds now (Ray, Feast, models, the item table) lives until
+        # the next reconfigure: out of the collector's sight, a full collection scans
+        # only what requests allocate (no multi-millisecond pauses in the tail). What
+        # the previous config held is collected first, never frozen for good.
+        gc.unfreeze()
+        gc.collect()
         gc.freeze()
 
     def refuse(self, message: str) -> None:

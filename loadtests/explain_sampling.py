@@ -29,7 +29,6 @@ from loadtests.bench import drive, process_env, wait_ready, workload
 from loadtests.drive import stamped, write_results
 from serving.launch import (
     SERVE_CONFIG,
-    dashboard_address,
     derived_config,
     free_port,
     ray_client_env,
@@ -39,6 +38,7 @@ from serving.launch import (
     start_server,
     stop_server,
 )
+from serving.supervisor import dashboard_address
 
 RATES = (0.0, 0.01, 0.05, 0.25)
 """0, the configured default (serve_config.yaml), and larger shares."""

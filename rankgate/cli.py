@@ -999,8 +999,8 @@ def model_status(config_path: Path | None, since: str) -> None:
     from datetime import UTC, datetime
 
     from serving.experiments import read_rollbacks, read_shadow
-    from serving.launch import ServerInfo
     from serving.promotion import plain, read_routing
+    from serving.supervisor import ServerInfo
 
     env, path = _promotion_context(config_path)
     _, routing = read_routing(path)

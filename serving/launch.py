@@ -34,11 +34,7 @@ from rankgate.home import Home
 from rankgate.project import Project
 from rankgate.settings import PROJECT_ROOT, get_project
 from serving import edge, without_feast_metrics_dir
-from serving.supervisor import (
-    ServerInfo,
-    dashboard_address,  # noqa: F401 - callers import it from here
-    supervise,
-)
+from serving.supervisor import ServerInfo
 from serving.supervisor import command_line as supervisor_command_line
 
 SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
@@ -55,12 +51,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def haproxy_dir(home: Home) -> Path:
-    """HAProxy's files of this home's server (Ray adds a folder per node below it)."""
+def haproxy_dir(home: Home, instance: str = "") -> Path:
+    """HAProxy's files of this home's server (Ray adds a folder per node below it);
+    `instance` names another server of the same home (the benchmark runs several)."""
     # Per home, but short: Ray adds a 56-character node id below it, and HAProxy's
     # admin socket path may not exceed 97 characters.
-    digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:10]
+    name = f"{home.root}:{instance}" if instance else str(home.root)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
+
+
+def ingress_deployment(config: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """The RankIngress deployment of a serve config: its options and `user_config`."""
+    document = yaml.safe_load(config.read_text())
+    for app in document.get("applications", []):
+        for deployment in app.get("deployments", []):
+            if deployment.get("name") == "RankIngress":
+                return dict(deployment)
+    raise ConfigError(f"{config}: no RankIngress deployment")
 
 
 def edge_guards(config: Path = SERVE_CONFIG) -> edge.EdgeGuards:
@@ -69,13 +77,7 @@ def edge_guards(config: Path = SERVE_CONFIG) -> edge.EdgeGuards:
 
     from serving.config import ServingConfig
 
-    document = yaml.safe_load(config.read_text())
-    user_config = next(
-        d.get("user_config") or {}
-        for app in document.get("applications", [])
-        for d in app.get("deployments", [])
-        if d.get("name") == "RankIngress"
-    )
+    user_config = ingress_deployment(config).get("user_config") or {}
     try:
         serving = ServingConfig.model_validate(user_config)
     except ValidationError as exc:
@@ -96,9 +98,11 @@ def serve_env(
     base: dict[str, str] | None = None,
     config: Path = SERVE_CONFIG,
     project: Project | None = None,
+    instance: str = "",
 ) -> dict[str, str]:
     """The server's environment: `base` (default: this process's) with the fast path,
-    the edge's settings, and the home, project and Redis the replicas must use."""
+    the edge's settings, and the home, project and Redis the replicas must use;
+    `instance`: see `haproxy_dir`."""
     env = without_feast_metrics_dir(dict(os.environ if base is None else base))
     for name, value in FAST_PATH_ENV.items():
         env.setdefault(name, value)
@@ -121,7 +125,7 @@ def serve_env(
     # HAProxy retries on another replica (ranking, consent writes and events are
     # idempotent) and otherwise answers 503 with Retry-After (serving/edge.py).
     env.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response")
-    haproxy = haproxy_dir(home)
+    haproxy = haproxy_dir(home, instance)
     haproxy.mkdir(parents=True, exist_ok=True)
     env.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(haproxy / "haproxy.cfg"))
     env.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(haproxy / "admin.sock"))
@@ -273,13 +277,6 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None
 
 def server_port(config: Path) -> int:
     return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
-
-
-def run_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> int:
-    """`serve run` in the foreground, supervised from this process (serving/supervisor.py)."""
-    return supervise(
-        ServerInfo.path(home), base_config, server_port(config), serve_run_command(config), env
-    )
 
 
 def exec_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> NoReturn:

@@ -53,12 +53,12 @@ from serving.feedback import (
 )
 from serving.launch import (
     SERVE_CONFIG,
-    ServerInfo,
     derived_config,
     ray_client_env,
     serve_deploy_command,
 )
 from serving.routing import ReturnRole, Role, Router, RoutingConfig, VersionRoute
+from serving.supervisor import ServerInfo
 
 if TYPE_CHECKING:
     from model_store.store import ModelStore

@@ -11,8 +11,8 @@ waits on `serve run` should not keep them for the server's whole life. So
   `rankgate model promote` can apply routing changes to it; the file is removed
   when the server stops;
 - it says "rankgate ready at ..." once /healthz answers;
-- Ctrl-C reaches `serve run` (same process group), which shuts its Ray
-  instance down; this process ignores it and waits.
+- Ctrl-C or SIGTERM (to it or to its process group) reaches `serve run` as
+  SIGINT, which shuts its Ray instance down, HAProxy included (see `supervise`).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def dashboard_address(self) -> str:
-        from serving.launch import dashboard_address
+        from serving.supervisor import dashboard_address
 
         return dashboard_address(self.log()) or "http://127.0.0.1:8265"
 
@@ -181,7 +181,6 @@ def server(ready_home: Home) -> Iterator[Server]:
     from rankgate.redis_server import resolve_redis_url
     from serving.launch import (
         SERVE_CONFIG,
-        ServerInfo,
         derived_config,
         free_port,
         serve_env,
@@ -189,6 +188,7 @@ def server(ready_home: Home) -> Iterator[Server]:
         start_server,
         stop_server,
     )
+    from serving.supervisor import ServerInfo
 
     port = free_port()
     # The server runs a copy of serve_config.yaml that tests may promote on; the

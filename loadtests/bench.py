@@ -30,7 +30,6 @@ command go to `<output>/bench.json` and `<output>/bench.md`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -63,9 +62,10 @@ from loadtests.bench_report import (
     ratios,
     render_markdown,
     spread,
+    summed_outcomes,
 )
 from loadtests.drive import write_results
-from loadtests.wrk import ensure_wrk, run_wrk
+from loadtests.wrk import ensure_wrk, run_wrk, wrk_version
 from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
@@ -73,9 +73,9 @@ from rankgate.redis_server import EmbeddedRedis
 from rankgate.settings import PROJECT_ROOT
 from rankgate.setup import Environment
 from serving.launch import (
-    SERVE_CONFIG,
     derived_config,
     free_port,
+    ingress_deployment,
     serve_binary,
     serve_env,
     serve_run_command,
@@ -87,7 +87,6 @@ Say = Callable[[str], None]
 
 DEFAULT_LEVELS = [1, 4, 8, 16, 32]
 DEFAULT_DURATION_S = 6.0
-DEFAULT_ROUNDS = 3
 DEFAULT_WARMUP_S = 1.0
 OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
 READY_STARTS = 2
@@ -111,9 +110,7 @@ def _rankgate_command(env: Environment, port: int) -> list[str]:
 
 def _rankgate_no_audit_command(env: Environment, port: int) -> list[str]:
     # The same server with the decision audit log off: the difference is its cost.
-    user_config = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"][0][
-        "user_config"
-    ]
+    user_config = ingress_deployment()["user_config"]
     user_config["audit"] = {**user_config.get("audit", {}), "enabled": False}
     return serve_run_command(
         derived_config(env.home, port=port, user_config=user_config, name="bench-no-audit")
@@ -178,16 +175,7 @@ def process_env(env: Environment, fast_path: bool, name: str = OURS) -> dict[str
     HAProxy files of its own, so two can run side by side on one home."""
     assert env.redis_url is not None
     if fast_path:
-        base = dict(os.environ)
-        if name != OURS:
-            digest = hashlib.sha256(f"{env.home.root}:{name}".encode()).hexdigest()[:10]
-            folder = Path(tempfile.gettempdir()) / f"rg-haproxy-{digest}"
-            folder.mkdir(parents=True, exist_ok=True)
-            base.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(folder / "haproxy.cfg"))
-            base.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(folder / "admin.sock"))
-            base.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(folder))
-            base.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(folder / "server-state"))
-        return serve_env(env.home, env.redis_url, base=base)
+        return serve_env(env.home, env.redis_url, instance="" if name == OURS else name)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     base.update(
         RANKGATE_HOME=str(env.home.root),
@@ -414,16 +402,12 @@ class Run:
             return None
         without = self.runs[OURS]["1"]
         added = [a["p50_ms"] - b["p50_ms"] for a, b in zip(self.explain_runs, without, strict=True)]
-        outcomes: dict[str, int] = {}
-        for run in self.explain_runs:
-            for key, count in run["outcomes"].items():
-                outcomes[key] = outcomes.get(key, 0) + count
         return {
             "p50_without_ms": round(statistics.median(r["p50_ms"] for r in without), 2),
             "p50_with_ms": round(statistics.median(r["p50_ms"] for r in self.explain_runs), 2),
             "p99_with_ms": round(statistics.median(r["p99_ms"] for r in self.explain_runs), 2),
             "added_ms": spread(added, 2),
-            "outcomes": outcomes,
+            "outcomes": summed_outcomes(self.explain_runs),
             "runs": self.explain_runs,
         }
 
@@ -603,18 +587,8 @@ def machine(load_at_start: float | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "ray": version("ray"),
         "onnxruntime": version("onnxruntime"),
-        "wrk": _wrk_version(),
+        "wrk": wrk_version(),
     }
-
-
-def _wrk_version() -> str | None:
-    import shutil
-
-    path = shutil.which("wrk")
-    if not path:
-        return None
-    result = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
-    return (result.stdout or result.stderr).splitlines()[0].strip() if result.stdout else None
 
 
 def command_line() -> str:

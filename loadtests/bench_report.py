@@ -39,19 +39,24 @@ def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
     }
 
 
-def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One system at one concurrency: medians over rounds, their spread, and the
-    answers of all rounds added up."""
+def summed_outcomes(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """The answers of several runs, by outcome, added up."""
     outcomes: dict[str, int] = {}
     for run in runs:
         for key, count in run["outcomes"].items():
             outcomes[key] = outcomes.get(key, 0) + count
+    return outcomes
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system at one concurrency: medians over rounds, their spread, and the
+    answers of all rounds added up."""
     row: dict[str, Any] = {
         "concurrency": runs[0]["concurrency"],
         "runs": len(runs),
         "errors": sum(r["errors"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
-        "outcomes": outcomes,
+        "outcomes": summed_outcomes(runs),
     }
     for figure in ("throughput_rps", "p50_ms", "p99_ms", "p999_ms"):
         values = [r[figure] for r in runs if r.get(figure) is not None]

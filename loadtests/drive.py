@@ -285,6 +285,26 @@ async def open_loop(
     return summary
 
 
+def stamped(**figures: Any) -> dict[str, Any]:
+    """A benchmark report: when and on how many cores it was measured, then its figures."""
+    from datetime import UTC, datetime
+
+    return {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        **figures,
+    }
+
+
+def write_results(
+    output: Path, name: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str]
+) -> None:
+    """`<name>.json` (the figures) and `<name>.md` (the table) in `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / f"{name}.md").write_text(render(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("url")
@@ -330,23 +350,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def stamped(**figures: Any) -> dict[str, Any]:
-    """A benchmark report: when and on how many cores it was measured, then its figures."""
-    from datetime import UTC, datetime
-
-    return {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        **figures,
-    }
-
-
-def write_results(
-    output: Path, name: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str]
-) -> None:
-    """`<name>.json` (the figures) and `<name>.md` (the table) in `output`."""
-    output.mkdir(parents=True, exist_ok=True)
-    (output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / f"{name}.md").write_text(render(report))

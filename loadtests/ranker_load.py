@@ -31,28 +31,26 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import yaml
 
 from features.vector import ItemTable, build_matrix, user_fields
+from loadtests.baselines.common import stable_version
+from loadtests.bench_report import spread
 from model_store.store import ModelStore
 from rankgate.consent import ConsentState
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key
 from serving.config import BatchingConfig
 from serving.gate import ConsentGate
-from serving.launch import SERVE_CONFIG
+from serving.launch import ingress_deployment
 from serving.ranker import LoadedModel, ModelSet, Ranker
 from serving.runtime import Runtime
 
 
 def ingress_settings() -> tuple[BatchingConfig, int, str]:
     """serve_config.yaml's RankIngress: its batching, max_ongoing_requests, stable version."""
-    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
-    ingress = next(d for d in app["deployments"] if d["name"] == "RankIngress")
-    user_config = ingress["user_config"]
-    stable = next(v["version"] for v in user_config["routing"]["versions"] if v["role"] == "stable")
-    batching = BatchingConfig.model_validate(user_config.get("batching", {}))
-    return batching, int(ingress.get("max_ongoing_requests", 16)), str(stable)
+    ingress = ingress_deployment()
+    batching = BatchingConfig.model_validate(ingress["user_config"].get("batching", {}))
+    return batching, int(ingress.get("max_ongoing_requests", 16)), stable_version()
 
 
 def batched_scorer(ranker: Ranker, batching: BatchingConfig, max_ongoing: int) -> Any:
@@ -125,15 +123,6 @@ def raw(model: LoadedModel, matrix: np.ndarray, duration_s: float) -> dict[str, 
         calls += 1
     wall = time.perf_counter() - started
     return {"rows_per_s": round(calls * len(matrix) / wall, 1), "rows": len(matrix)}
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "per_round": [round(v, 3) for v in values],
-    }
 
 
 async def measure(

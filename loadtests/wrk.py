@@ -208,6 +208,16 @@ def run_wrk(
         return summarize(parse_output(result.stdout), concurrency)
 
 
+def wrk_version() -> str | None:
+    """The first line `wrk --version` prints, when wrk is installed."""
+    path = shutil.which("wrk")
+    if path is None:
+        return None
+    result = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    lines = (result.stdout or result.stderr).splitlines()
+    return lines[0].strip() if lines else None
+
+
 def install_permitted() -> bool:
     """Installing Debian's wrk is possible here: root, with apt-get."""
     return os.geteuid() == 0 and shutil.which("apt-get") is not None

@@ -69,9 +69,9 @@ def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
 
 def ingress_user_config(**overrides: Any) -> dict[str, Any]:
     """The RankIngress user_config of serve_config.yaml, with top-level sections replaced."""
-    app = serve_config()["applications"][0]
-    config = next(d for d in app["deployments"] if d["name"] == "RankIngress")["user_config"]
-    return {**config, **overrides}
+    from serving.launch import ingress_deployment
+
+    return {**ingress_deployment()["user_config"], **overrides}
 
 
 def user_with(consent_store, purpose: str, state: ConsentState, skip: int = 0) -> str:  # type: ignore[no-untyped-def]

@@ -15,13 +15,9 @@ from serving.runtime import Runtime
 
 def stable_version() -> str:
     """The version serve_config.yaml serves as stable: the one every system scores with."""
-    import yaml
+    from serving.launch import ingress_deployment
 
-    from serving.launch import SERVE_CONFIG
-
-    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
-    ingress = next(d for d in app["deployments"] if d["name"] == "RankIngress")
-    versions = ingress["user_config"]["routing"]["versions"]
+    versions = ingress_deployment()["user_config"]["routing"]["versions"]
     return str(next(v["version"] for v in versions if v["role"] == "stable"))
 
 

@@ -24,10 +24,11 @@ event types: without them nothing would ever read it.
 
 Records are queued in memory and written by one background task in pipelined
 batches (it waits `LINGER_S` for a batch to gather), so a request pays for a
-queue put, not for a Redis round trip, and a short Redis outage loses nothing (up to `MAX_PENDING` records wait for it). The
-record of a decision sampled for an explanation is held until its explanation
-is computed (milliseconds after the answer), so the stream's order is nearly,
-not exactly, the order of decisions (`at` is exact).
+queue put, not for a Redis round trip, and a short Redis outage loses nothing
+(up to `MAX_PENDING` records wait for it). The record of a decision sampled for
+an explanation is held until its explanation is computed (milliseconds after
+the answer), so the stream's order is nearly, not exactly, the order of
+decisions (`at` is exact).
 Retention: the stream is trimmed to about `audit.max_records` entries.
 """
 

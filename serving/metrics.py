@@ -24,7 +24,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "rankgate_rank_requests",
@@ -172,7 +172,7 @@ class ServingMetrics:
     def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
         """`metric.labels(*labels)`, kept: the request path pays a dictionary lookup,
         not prometheus_client's label checks and lock."""
-        key = (id(metric), labels)
+        key = (metric, labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
@@ -204,7 +204,7 @@ class ServingMetrics:
 
     def explained(self, kind: str, version: str, status: str, reason: str | None = None) -> None:
         """One explanation, asked for or sampled, given or omitted."""
-        self.explanations.labels(kind, status, reason or "", version).inc()
+        self.child(self.explanations, kind, status, reason or "", version).inc()
         if status == "explained":
             self._cover(version, explained=1)
 
@@ -217,7 +217,7 @@ class ServingMetrics:
 
     def rejected(self, outcome: str) -> None:
         """A request answered with a 4xx/503 before ranking (bad_request, unauthorized, ...)."""
-        self.requests.labels(outcome, "", "", "").inc()
+        self.child(self.requests, outcome, "", "", "").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -375,7 +375,8 @@ class RankPipeline:
         except Exception as exc:  # noqa: BLE001 - a shadow's failure never reaches the answer
             logger.warning("shadow %s failed: %s", version, type(exc).__name__)
             result = (None, None)
-        self.metrics.shadow_scores.labels(version, "error" if result[0] is None else "ok").inc()
+        outcome = "error" if result[0] is None else "ok"
+        self.metrics.child(self.metrics.shadow_scores, version, outcome).inc()
         with contextlib.suppress(OSError, aioredis.RedisError):
             await self.experiments.record_shadow(version, *result)
 

@@ -338,8 +338,12 @@ class ScoreStage(Stage):
         selection = explore(
             exploration, context.eligible, scores, request.k, context.exploration_seed
         )
-        self.services.metrics.exploration.labels(
-            request.purpose, exploration.method, str(selection.explored).lower()
+        metrics = self.services.metrics
+        metrics.child(
+            metrics.exploration,
+            request.purpose,
+            exploration.method,
+            str(selection.explored).lower(),
         ).inc()
         return selection
 

@@ -91,18 +91,34 @@ class ServingOfflineStore(OfflineStore):
         )
 
 
+def registry_path(home: Home, store: str | None) -> str:
+    """Where the Feast registry lives: in the artifact store when there is one
+    (RANKGATE_STORE; Feast reads and writes `s3://` and `gs://` registries itself),
+    else in the home."""
+    if store is None:
+        return str(home.feast_dir / "registry.db")
+    from model_store.artifacts import ArtifactStore
+
+    return ArtifactStore(store).registry_path
+
+
 def repo_config(
-    home: Home, redis_url: str, serving: bool = False, project: Project | None = None
+    home: Home,
+    redis_url: str,
+    serving: bool = False,
+    project: Project | None = None,
+    store: str | None = None,
 ) -> RepoConfig:
     """The home's Feast configuration; `serving`: as the replicas use it (serving
-    Redis options, no offline store)."""
+    Redis options, no offline store); `store`: the artifact store's URI, whose
+    registry it reads."""
     project = project or get_project()
     raw = repo_settings(project)
     connection = feast_connection_string(redis_url) + (SERVING_REDIS_OPTIONS if serving else "")
     return RepoConfig(
         project=home.namespace,
         provider=raw.get("provider", "local"),
-        registry={"registry_type": "file", "path": str(home.feast_dir / "registry.db")},
+        registry={"registry_type": "file", "path": registry_path(home, store)},
         # skip_dedup: rows are written as given (one round trip). The event consumer
         # serializes the updates of a person itself, and `rankgate events replay` must
         # be able to write a row again with the timestamp it had.
@@ -120,12 +136,17 @@ def feature_store(
     redis_url: str | None = None,
     serving: bool = False,
     project: Project | None = None,
+    home: Home | None = None,
 ) -> FeatureStore:
     settings = settings or get_settings()
-    home = Home.from_settings(settings)
+    home = home or Home.from_settings(settings)
     home.feast_dir.mkdir(parents=True, exist_ok=True)
     url = redis_url or resolve_redis_url(settings)
-    return FeatureStore(config=repo_config(home, url, serving, project or get_project(settings)))
+    return FeatureStore(
+        config=repo_config(
+            home, url, serving, project or get_project(settings), store=settings.store
+        )
+    )
 
 
 @contextmanager
@@ -379,20 +400,37 @@ def source_path(view: FeatureView, project: Project) -> Path:
     return path if path.is_absolute() else project.feast_repo / path
 
 
-def load_catalogue(project: Project, views: list[FeatureView], data_dir: Path) -> list[ItemId]:
-    """Every item id of the catalogue, sorted, as the project's type. ConfigError
+def catalogue_path(project: Project, views: list[FeatureView], data_dir: Path) -> Path:
+    """The file the catalogue is read from: its view's source, or `catalogue.file`."""
+    spec = project.spec.catalogue
+    if spec.view is None:
+        return project.path(spec.file or "", data_dir)
+    view = next((v for v in views if v.name == spec.view), None)
+    if view is None:
+        raise ConfigError(f"{project.file}: field 'catalogue.view': no feature view {spec.view!r}")
+    return source_path(view, project)
+
+
+def serving_files(project: Project, views: list[FeatureView], data_dir: Path) -> dict[str, Path]:
+    """The tables the serving path reads, by role: the catalogue, and the interaction
+    log when the project has one (the popularity fallback). What `rankgate publish`
+    copies to the artifact store for a cluster's replicas."""
+    files = {"catalogue": catalogue_path(project, views, data_dir)}
+    if project.spec.interactions is not None:
+        files["interactions"] = project.path(project.spec.interactions.path, data_dir)
+    return files
+
+
+def load_catalogue(
+    project: Project, views: list[FeatureView], data_dir: Path, path: Path | None = None
+) -> list[ItemId]:
+    """Every item id of the catalogue, sorted, as the project's type; `path`: the
+    catalogue's file when it was fetched (default: `catalogue_path`). ConfigError
     (file and field) when the source is missing, empty or of the wrong type."""
     spec = project.spec.catalogue
     column = spec.column or project.spec.item.join_key
-    if spec.view is not None:
-        view = next((v for v in views if v.name == spec.view), None)
-        if view is None:
-            raise ConfigError(
-                f"{project.file}: field 'catalogue.view': no feature view {spec.view!r}"
-            )
-        path, field = source_path(view, project), "catalogue.view"
-    else:
-        path, field = project.path(spec.file or "", data_dir), "catalogue.file"
+    field = "catalogue.view" if spec.view is not None else "catalogue.file"
+    path = path or catalogue_path(project, views, data_dir)
     frame = read_table(path)
     if column not in frame.columns:
         raise ConfigError(f"{project.file}: field {field!r}: {path} has no column {column!r}")

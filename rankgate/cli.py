@@ -555,6 +555,11 @@ def model_register(
             reference_rows=lambda specs: log_rows(env.project, env.views(), env.data_dir, specs),
         ),
     )
+    if env.settings.store is not None:
+        from model_store.artifacts import ArtifactStore
+
+        ArtifactStore(env.settings.store).publish_version(env.models, version)
+        click.echo(f"{version}: published to {env.settings.store}")
     parity = manifest.onnx.parity_max_abs_diff
     reference = (
         "drift reference from the interaction log"
@@ -1291,6 +1296,111 @@ def policy_deploy(folder: Path | None, config_path: Path | None) -> None:
     write_policy(path, checked.folder, checked.digest)
     click.echo(f"{path}: policy {checked.policy.version} from {checked.folder} ({checked.digest})")
     _apply(env, path, lambda h: h.get("policy_digest") == checked.digest)
+
+
+# -- past one machine ----------------------------------------------------------
+
+STORE_OPTION = click.option(
+    "--store",
+    default=None,
+    help="Artifact store URI (s3://bucket/prefix, gs://bucket/prefix, file:///path); "
+    "default: RANKGATE_STORE.",
+)
+
+
+def _store_uri(store: str | None) -> str:
+    from pydantic import ValidationError
+
+    from rankgate.settings import Settings, get_settings
+
+    if store is None:
+        store = get_settings().store
+        if store is None:
+            raise click.UsageError("no artifact store: pass --store URI or set RANKGATE_STORE")
+        return store
+    try:
+        checked = Settings(store=store).store
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"], param_hint="--store") from exc
+    assert checked is not None
+    return checked
+
+
+@main.command()
+@STORE_OPTION
+@fails_cleanly
+def publish(store: str | None) -> None:
+    """Copy what a cluster's replicas serve from the home to the artifact store: the
+    namespace, the Feast registry, the serving tables and every model version
+    (registered versions are immutable there too)."""
+    from model_store.artifacts import ArtifactStore
+    from rankgate.setup import Environment
+    from serving.cluster import publish as publish_home
+
+    env = Environment.open(redis=False)
+    target = ArtifactStore(_store_uri(store))
+    done = publish_home(env.home, env.project, env.views(), target, env.models.name, click.echo)
+    tables = ", ".join(f"{role} {sha[:12]}" for role, sha in done.files.items())
+    click.echo(
+        f"{target.uri}: namespace {env.home.namespace}; registry "
+        f"{'copied' if done.registry else 'already there'}; tables {tables}; "
+        f"{len(done.versions)} model version(s) published, {len(done.present)} already there"
+    )
+
+
+@main.group()
+def cluster() -> None:
+    """Serving on a Ray cluster whose nodes share no filesystem (README "Running on a cluster")."""
+
+
+@cluster.command("config")
+@STORE_OPTION
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve config to start from (default: serve_config.yaml).",
+)
+@click.option(
+    "--replicas", type=click.IntRange(1, 1000), default=None, help="RankIngress replicas."
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address the proxies bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write it here (default: standard output).",
+)
+@fails_cleanly
+def cluster_config_command(
+    store: str | None,
+    config_path: Path | None,
+    replicas: int | None,
+    host: str,
+    port: int | None,
+    output: Path | None,
+) -> None:
+    """A serve config for a cluster: the store's URI, the project's files and the
+    checked policy files carried inside it, no local path (for `serve deploy`, or a
+    RayService's serveConfigV2)."""
+    from rankgate.settings import get_project
+    from serving.cluster import cluster_config, dump
+    from serving.launch import SERVE_CONFIG
+
+    document = cluster_config(
+        get_project(), _store_uri(store), config_path or SERVE_CONFIG, host, port, replicas
+    )
+    text = dump(document)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(
+            f"{output}: serve config for a cluster reading {document['applications'][0]['runtime_env']['env_vars']['RANKGATE_STORE']}"
+        )
 
 
 # -- keys --------------------------------------------------------------------

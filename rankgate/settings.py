@@ -7,6 +7,7 @@ versions and the embedded Redis server's data. Two homes never share state.
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # derived with it are only pseudonymous against people who don't read this file:
 # production deployments must set RANKGATE_USER_KEY_SECRET.
 DEV_USER_KEY_SECRET = "rankgate-dev-secret-do-not-use-in-production"
+
+STORE_SCHEMES = ("s3", "gs", "file")
+"""Artifact store URIs: object stores Feast's registry and fsspec both read, or a path."""
 
 
 class Settings(BaseSettings):
@@ -45,15 +49,38 @@ class Settings(BaseSettings):
     user_key_secret: str = DEV_USER_KEY_SECRET
     """Key of the HMAC that turns user ids into the pseudonymous keys stored in Redis."""
 
-    @field_validator("home", "project")
+    store: str | None = None
+    """Where a cluster's replicas get what they serve (RANKGATE_STORE): a URI of the
+    artifact store (`s3://bucket/prefix`, `gs://bucket/prefix` or `file:///path`)
+    holding model versions, the Feast registry and the tables the serving path reads
+    (model_store/artifacts.py). Unset: everything is read from the home (one machine)."""
+
+    cache: Path = Field(default=Path(tempfile.gettempdir()) / "rankgate-cache")
+    """Node-local folder (RANKGATE_CACHE) where a replica keeps what it fetched from
+    the store, each file checked against its sha256."""
+
+    @field_validator("home", "project", "cache")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "store")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in STORE_SCHEMES:
+            raise ValueError(
+                f"{value!r}: use {', '.join(s + '://' for s in STORE_SCHEMES)} "
+                "(Feast reads its registry from these)"
+            )
+        return value.rstrip("/")
 
     @property
     def uses_dev_secret(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -30,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
+from model_store.artifacts import ArtifactStore, StoreError
 from model_store.store import ModelStore
 from rankgate.api_keys import ApiKey
 from rankgate.config_files import validation_message
@@ -37,6 +39,7 @@ from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.pseudonym import user_key as pseudonymise
+from rankgate.settings import get_settings
 from serving import edge
 from serving.auth import KeyCache
 from serving.config import BatchingConfig, ModelsConfig, ServingConfig
@@ -311,7 +314,12 @@ class RankerDeployment(BatchedScoring):
     """Scores for all ingress replicas (placement `deployment`)."""
 
     def __init__(self) -> None:
-        self.home = Home.from_settings()
+        settings = get_settings()
+        # On a cluster: the node's cache of the artifact store (serving/runtime.py).
+        self.store = ArtifactStore(settings.store) if settings.store else None
+        self.home = (
+            self.store.cache_home(settings.cache) if self.store else Home.from_settings(settings)
+        )
         self.ranker = Ranker(ModelSet(ModelStore(self.home), []))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -319,7 +327,11 @@ class RankerDeployment(BatchedScoring):
             config = RankerConfig.model_validate(user_config)
         except ValidationError as exc:
             raise ConfigError(validation_message("RankerDeployment user_config", exc)) from exc
-        self.ranker = Ranker(ModelSet(ModelStore(self.home, config.models.name), config.versions))
+        models = ModelStore(self.home, config.models.name)
+        if self.store is not None:
+            for version in config.versions:
+                self.store.fetch_version(models, version)
+        self.ranker = Ranker(ModelSet(models, config.versions))
         self.tune_batching(config.batching)
 
     def scoring_ranker(self) -> Ranker:
@@ -337,9 +349,12 @@ class RankIngress(BatchedScoring):
     """
 
     def __init__(
-        self, ranker: DeploymentHandle | None = None, consumer: DeploymentHandle | None = None
+        self,
+        ranker: DeploymentHandle | None = None,
+        consumer: DeploymentHandle | None = None,
+        carried: dict[str, str] | None = None,
     ) -> None:
-        self.runtime = Runtime.open()
+        self.runtime = Runtime.open(carried)
         self.remote_ranker = ranker
         self.consumer = consumer
         self.state: ServingState | None = None
@@ -347,6 +362,8 @@ class RankIngress(BatchedScoring):
         self.config_error: str | None = None
         # Changes on restart only: shows that a routing change reconfigured in place.
         self.replica_started = uuid.uuid4().hex
+        # Which Ray node this replica runs on (operators of a cluster ask /healthz).
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.openapi_cache: tuple[RequestRules | None, dict[str, Any]] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -354,12 +371,14 @@ class RankIngress(BatchedScoring):
         the field named; a bad config deployed later is refused and logged, and the
         running one keeps serving (so a typo never takes the service down)."""
         try:
+            # On a cluster the routed versions come from the artifact store first.
+            self.runtime.fetch_versions(parse_config(user_config))
             config = parse_config(
                 user_config,
                 ModelStore(self.runtime.home, user_config.get("models", {}).get("name", "ranker")),
             )
             policies = self.runtime.load_policies(config.policy)
-        except ConfigError as exc:
+        except (ConfigError, StoreError) as exc:
             if self.state is None:
                 raise
             self.refuse(exc.message)
@@ -561,6 +580,7 @@ class RankIngress(BatchedScoring):
                 "policy_digest": self.runtime.policies.digest,
                 "config_error": self.config_error,
                 "replica_started": self.replica_started,
+                "node_id": self.node_id,
                 "models": {"loaded": sorted(models.loaded), "unavailable": models.errors},
                 "sampled_explanations": {
                     "sample_rate": pipeline.config.explainer.sample_rate,
@@ -584,6 +604,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ranker_placement: Literal["in_process", "deployment"] = "in_process"
+    project: dict[str, str] | None = None
+    """The project's files (relative path -> text), carried for a cluster whose nodes
+    do not see the project folder (`rankgate cluster config` writes them)."""
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -592,4 +615,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     except ValidationError as exc:
         raise ConfigError(validation_message("serve_config.yaml args", exc)) from exc
     ranker = RankerDeployment.bind() if parsed.ranker_placement == "deployment" else None  # type: ignore[attr-defined]
-    return RankIngress.bind(ranker, EventConsumer.bind())  # type: ignore[attr-defined]
+    consumer = EventConsumer.bind(parsed.project)  # type: ignore[attr-defined]
+    return RankIngress.bind(ranker, consumer, parsed.project)  # type: ignore[attr-defined]

@@ -25,7 +25,11 @@ event types: without them nothing would ever read it.
 Records are queued in memory and written by one background task in pipelined
 batches (it waits `LINGER_S` for a batch to gather), so a request pays for a
 queue put, not for a Redis round trip, and a short Redis outage loses nothing
-(up to `MAX_PENDING` records wait for it). The record of a decision sampled for
+(up to `MAX_PENDING` records wait for it). What a replica has queued is lost if
+its node vanishes; with `audit.before_answer` an answer leaves only once its
+record is written (or `BEFORE_ANSWER_WAIT_S` has passed: a Redis outage delays
+answers by that much, never refuses them), so every answer a client received
+has its record. The record of a decision sampled for
 an explanation is held until its explanation is computed (milliseconds after
 the answer), so the stream's order is nearly, not exactly, the order of
 decisions (`at` is exact).
@@ -54,6 +58,8 @@ MAX_PENDING = 50_000
 BATCH = 256
 LINGER_S = 0.01
 """How long the writer waits for more records before it writes a batch smaller than BATCH."""
+BEFORE_ANSWER_WAIT_S = 0.5
+"""With `audit.before_answer`: how long an answer waits for its record at most."""
 
 
 class RecordedFeatures(BaseModel):
@@ -204,6 +210,8 @@ class Pending:
     """The audit record's JSON (None: the audit stream is off)."""
     decision: Decision | None
     """The decision index entry (None: the project has no outcomes to join)."""
+    written: asyncio.Future[None] | None = None
+    """Resolved once written (an answer that waits for its record: `audit.before_answer`)."""
 
 
 class AuditWriter:
@@ -230,16 +238,20 @@ class AuditWriter:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def record(self, entry: AuditRecord, audit: bool = True) -> None:
+    def record(
+        self, entry: AuditRecord, audit: bool = True, written: asyncio.Future[None] | None = None
+    ) -> None:
         """Queue the audit record (unless `audit` is off) and, when outcomes are
-        joined, the decision index entry."""
+        joined, the decision index entry; `written` is resolved once they are in Redis."""
         decision = Decision.of(entry) if self.decision_ttl_s is not None else None
         if not audit and decision is None:
+            if written is not None and not written.done():
+                written.set_result(None)
             return
         if len(self.pending) >= MAX_PENDING:
             self.pending.popleft()  # Redis has been away too long: keep the newest
             self.dropped += 1
-        self.pending.append(Pending(entry.stored() if audit else None, decision))
+        self.pending.append(Pending(entry.stored() if audit else None, decision, written))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
         self.wakeup.set()
@@ -252,10 +264,12 @@ class AuditWriter:
         """A record announced by `hold` was queued some other way (or not at all)."""
         self.held -= 1
 
-    def release(self, entry: AuditRecord, audit: bool = True) -> None:
+    def release(
+        self, entry: AuditRecord, audit: bool = True, written: asyncio.Future[None] | None = None
+    ) -> None:
         """Queue a record announced by `hold`."""
         self.unhold()
-        self.record(entry, audit)
+        self.record(entry, audit, written)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -263,9 +277,10 @@ class AuditWriter:
             if not self.pending:
                 self.wakeup.clear()
                 await self.wakeup.wait()
-            if len(self.pending) < BATCH:
+            if len(self.pending) < BATCH and self.pending[-1].written is None:
                 # Let a few more records come: one pipeline for several decisions
-                # costs the event loop far less than one each.
+                # costs the event loop far less than one each. Not when an answer
+                # waits for its record: those that queue meanwhile form the next batch.
                 await asyncio.sleep(LINGER_S)
             batch = [self.pending[n] for n in range(min(BATCH, len(self.pending)))]
             try:
@@ -282,7 +297,9 @@ class AuditWriter:
                 continue
             backoff = 0.05
             for _ in batch:
-                self.pending.popleft()
+                done = self.pending.popleft().written
+                if done is not None and not done.done():
+                    done.set_result(None)
             self.written += len(batch)
 
     def _write(self, pipe: Any, entry: Pending) -> None:

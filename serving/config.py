@@ -95,6 +95,11 @@ class AuditConfig(Strict):
     """Off only to measure what the audit log costs (`rankgate bench`)."""
     max_records: int = Field(100_000, ge=100)
     """Retention: the audit stream is trimmed to about this many decisions."""
+    before_answer: bool = False
+    """Send an answer only once its record (and a sampled explanation) is written:
+    no answered decision is missing from the stream when a node vanishes, for one
+    Redis round trip per request. Off: records are written just after the answer
+    (a replica killed in those milliseconds takes them with it)."""
 
 
 class AuthConfig(Strict):
@@ -109,6 +114,10 @@ class PolicyConfig(Strict):
     revision: str | None = None
     """Digest of the files as checked by `rankgate policy deploy`; replicas refuse
     files that differ from it. Changing it is what makes Ray Serve re-read them."""
+    files: dict[str, str] | None = None
+    """The policy files themselves (name -> text: policy.yaml, fallback.yaml,
+    reasons.yaml), carried in the config for a cluster whose replicas do not see
+    the project folder (`rankgate cluster config`); they win over `dir`."""
 
     @property
     def folder(self) -> Path | None:

@@ -37,20 +37,19 @@ from prometheus_client import Counter as PromCounter
 from pydantic import Field, ValidationError
 from ray import serve
 
-from features.store import feature_store, load_catalogue
+from features.store import load_catalogue
 from features.streaming import CountState, StreamingCounts, row_time
 from rankgate import redis_keys
 from rankgate.config_files import Strict, validation_message
 from rankgate.consent import ConsentState, parse_state
 from rankgate.errors import ConfigError
-from rankgate.home import Home
 from rankgate.policy import Policy, load_policy_set
 from rankgate.project import Project
-from rankgate.redis_server import SERVING_CONNECT_TIMEOUT_S, resolve_redis_url
-from rankgate.settings import get_project, get_settings
+from rankgate.redis_server import SERVING_CONNECT_TIMEOUT_S
 from serving.events import StoredEvent, stream_time
 from serving.feedback import OutcomeJoiner, project_outcomes
 from serving.gate import ConsentGate
+from serving.runtime import ServingSources
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
@@ -336,17 +335,15 @@ def parse_entries(
 class EventConsumer:
     """Reads the event stream into streaming features and outcomes (see the module)."""
 
-    def __init__(self) -> None:
-        settings = get_settings()
-        home = Home.from_settings(settings)
-        self.project = get_project(settings)
-        url = resolve_redis_url(settings)
+    def __init__(self, carried: Mapping[str, str] | None = None) -> None:
+        """`carried`: the project's files carried in the application's args (a cluster)."""
+        sources = ServingSources.open(carried)
+        home, self.project, store = sources.home, sources.project, sources.feast
         self.client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
+            sources.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
         )
-        store = feature_store(settings, url, serving=True, project=self.project)
         views = store.list_feature_views()
-        catalogue = load_catalogue(self.project, views, home.data_dir)
+        catalogue = load_catalogue(self.project, views, home.data_dir, sources.files["catalogue"])
         policies = load_policy_set(self.project.policies, catalogue, self.project.item_type)
         self.metrics = ConsumerMetrics()
         self.updater = StreamingUpdater(

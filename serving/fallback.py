@@ -18,24 +18,27 @@ from rankgate.project import ItemId, Project
 from rankgate.topk import top_k
 
 
-def popularity(rules: FallbackRules, project: Project, data_dir: Path) -> dict[ItemId, float]:
+def popularity(
+    rules: FallbackRules, project: Project, log_path: Path | None
+) -> dict[ItemId, float]:
     """(outcomes + prior) / (impressions + prior) per item of the interaction log."""
     from features.store import read_table
 
     log = project.spec.interactions
-    if log is None:
+    if log is None or log_path is None:
         raise ConfigError(
             f"{project.policies / 'fallback.yaml'}: field 'strategy': popularity needs the "
             f"project's interaction log ({project.file}: interactions), or use strategy static"
         )
-    frame = read_table(project.path(log.path, data_dir), [log.item_column, log.outcome_column])
+    frame = read_table(log_path, [log.item_column, log.outcome_column])
     stats = frame.groupby(log.item_column)[log.outcome_column].agg(["sum", "count"])
     ctr = (stats["sum"] + rules.prior_clicks) / (stats["count"] + rules.prior_impressions)
     return {project.item_id(i): float(s) for i, s in ctr.items()}
 
 
 class RuleFallback:
-    def __init__(self, rules: FallbackRules, project: Project, data_dir: Path) -> None:
+    def __init__(self, rules: FallbackRules, project: Project, log_path: Path | None) -> None:
+        """`log_path`: the interaction log (features.store.serving_files), if the project has one."""
         self.rules = rules
         if rules.strategy == "static":
             # Best first: the first item scores 1, the last above 0; the rest score 0.
@@ -43,7 +46,7 @@ class RuleFallback:
             self.score_of = {item: (n - pos) / n for pos, item in enumerate(rules.ranking)}
             self.default_score = 0.0
         else:
-            self.score_of = popularity(rules, project, data_dir)
+            self.score_of = popularity(rules, project, log_path)
             self.default_score = rules.prior_clicks / rules.prior_impressions
         for boost in rules.boosts:
             for item in boost.items:

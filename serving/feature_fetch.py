@@ -115,7 +115,14 @@ class ReadPlan:
 class FeatureFetcher:
     """Reads the online store of one project's Feast repository (one home)."""
 
-    def __init__(self, store: FeatureStore, project: Project, data_dir: Path) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        project: Project,
+        data_dir: Path,
+        catalogue_file: Path | None = None,
+    ) -> None:
+        """`catalogue_file`: the catalogue's table when it was fetched (a cluster)."""
         self.store = store
         self.config = store.config
         self.project = project
@@ -128,7 +135,7 @@ class FeatureFetcher:
         }
         self.user_join_key = project.spec.user.join_key
         self.item_join_key = project.spec.item.join_key
-        self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir)
+        self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir, catalogue_file)
         self.streaming_defaults = {
             name: spec.default for name, spec in project.streaming.items() if name in self.views
         }

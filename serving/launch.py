@@ -148,6 +148,12 @@ def serve_env(
     return env
 
 
+def optimize_level() -> str | None:
+    """PYTHONOPTIMIZE for the application's processes (see `application_env`); None: off."""
+    optimize = os.environ.get("PYTHONOPTIMIZE") or "1"
+    return None if optimize == "0" else optimize
+
+
 def application_env(home: Home) -> dict[str, str]:
     """Environment of the application's own processes (the task that imports and builds
     it, and its replicas), set in its runtime_env by `derived_config`.
@@ -162,8 +168,8 @@ def application_env(home: Home) -> dict[str, str]:
     never into the source tree). PYTHONOPTIMIZE=0 in `rankgate serve`'s environment
     turns it off.
     """
-    optimize = os.environ.get("PYTHONOPTIMIZE") or "1"
-    if optimize == "0":
+    optimize = optimize_level()
+    if optimize is None:
         return {}
     return {
         "PYTHONOPTIMIZE": optimize,

@@ -29,7 +29,14 @@ from features.vector import build_matrix, user_fields
 from rankgate.project import ItemId
 from rankgate.pseudonym import user_key as pseudonymise
 from rankgate.topk import SCORE_DIGITS, plain_item_id, top_k
-from serving.audit import AuditRecord, AuditWriter, Choice, ExplanationNote, RecordedFeatures
+from serving.audit import (
+    BEFORE_ANSWER_WAIT_S,
+    AuditRecord,
+    AuditWriter,
+    Choice,
+    ExplanationNote,
+    RecordedFeatures,
+)
 from serving.config import ServingConfig
 from serving.experiments import ROLLBACK_SYNC_S, ExperimentLog
 from serving.explainer import Explainer
@@ -193,7 +200,16 @@ class RankPipeline:
         self.metrics.observe(request, response)
         if response.freshness is not None:
             self.observe_freshness(context.key, response.freshness.events_through)
-        if self.config.audit.enabled or self.audit.decision_ttl_s is not None:
+        if self.config.audit.before_answer and (
+            self.config.audit.enabled or self.audit.decision_ttl_s is not None
+        ):
+            written = asyncio.get_running_loop().create_future()
+            self._record(context, response, app, written)
+            # Bounded: a Redis outage delays answers, never refuses them (the record
+            # stays queued and is written when Redis is back).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(written), BEFORE_ANSWER_WAIT_S)
+        elif self.config.audit.enabled or self.audit.decision_ttl_s is not None:
             # Built and queued on the event loop's next turn, once the answer is on
             # its way: the record's cost is off the response path. Held until then,
             # so that a flush waits for it.
@@ -201,12 +217,21 @@ class RankPipeline:
             asyncio.get_running_loop().call_soon(self._record, context, response, app)
         return response
 
-    def _record(self, context: RankContext, response: RankResponse, app: str | None) -> None:
-        """The decision's audit record, queued (or held for its sampled explanation)."""
+    def _record(
+        self,
+        context: RankContext,
+        response: RankResponse,
+        app: str | None,
+        written: asyncio.Future[None] | None = None,
+    ) -> None:
+        """The decision's audit record, queued (or held for its sampled explanation);
+        `written`: resolved once it is in Redis."""
+        if written is not None:
+            self.audit.hold()
         try:
             record = audit_record(context, response, app)
-            if not self._sample(context, record):
-                self.audit.record(record, self.config.audit.enabled)
+            if not self._sample(context, record, written):
+                self.audit.record(record, self.config.audit.enabled, written)
         finally:
             self.audit.unhold()
 
@@ -220,7 +245,9 @@ class RankPipeline:
 
     # -- explanations on a sample of traffic ----------------------------------
 
-    def _sample(self, context: RankContext, record: AuditRecord) -> bool:
+    def _sample(
+        self, context: RankContext, record: AuditRecord, written: asyncio.Future[None] | None = None
+    ) -> bool:
         """Explain the decision off the response path if the sample chooses it.
         True: its record is held, and written once the explanation is in."""
         config = self.config
@@ -244,7 +271,7 @@ class RankPipeline:
         limit = config.explainer.sample_queue
 
         def done(outcome: Outcome) -> None:
-            self._sample_done(record, version, outcome)
+            self._sample_done(record, version, outcome, written)
 
         if not self.worker.submit(explainer, rows, limit, done):
             self._note_sample(record, version, "omitted", "queue_full")
@@ -252,7 +279,13 @@ class RankPipeline:
         self.audit.hold()
         return True
 
-    def _sample_done(self, record: AuditRecord, version: str, outcome: Outcome) -> None:
+    def _sample_done(
+        self,
+        record: AuditRecord,
+        version: str,
+        outcome: Outcome,
+        written: asyncio.Future[None] | None = None,
+    ) -> None:
         """On the event loop: the sampled explanation into its record, and the record out."""
         try:
             if outcome.reasons is None or outcome.contributions is None:
@@ -265,7 +298,7 @@ class RankPipeline:
             self.metrics.sampled_seconds.labels(version).observe(outcome.seconds)
             self._observe_explanation(version, outcome.contributions)
         finally:
-            self.audit.release(record)
+            self.audit.release(record, written=written)
 
     def _note_sample(
         self,

@@ -6,18 +6,23 @@ Heavy and shared by every request; built once in a deployment's `__init__`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis.asyncio as aioredis
+from feast import FeatureStore
 
-from features.store import feature_store
+from features.store import feature_store, serving_files
+from model_store.artifacts import ArtifactStore, StoreError
 from model_store.reference import DriftReference
 from model_store.store import ModelStore
+from rankgate.carried import materialize
 from rankgate.consent import AsyncConsentStore
 from rankgate.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, PolicySet, load_policy_set
-from rankgate.project import Project
+from rankgate.project import Project, load_project
 from rankgate.redis_server import (
     SERVING_CONNECT_TIMEOUT_S,
     SERVING_SOCKET_TIMEOUT_S,
@@ -44,6 +49,54 @@ logger = logging.getLogger("ray.serve")
 
 
 @dataclass
+class ServingSources:
+    """Where a replica reads what it serves.
+
+    One machine: the home and the project folder. A cluster (RANKGATE_STORE set): the
+    node's cache of the artifact store, filled from it (model_store/artifacts.py), and
+    the project files carried in the application's args (rankgate/carried.py); the
+    Feast registry is read from the store by Feast itself.
+    """
+
+    settings: Settings
+    home: Home
+    project: Project
+    redis_url: str
+    feast: FeatureStore
+    """As replicas use it (serving Redis options, no offline store)."""
+    files: dict[str, Path]
+    """The tables the serving path reads, by role (features.store.serving_files)."""
+    store: ArtifactStore | None
+
+    @classmethod
+    def open(cls, carried: Mapping[str, str] | None = None) -> ServingSources:
+        settings = get_settings()
+        store = ArtifactStore(settings.store) if settings.store else None
+        if store is None:
+            home = Home.from_settings(settings)
+            if not (home.feast_dir / "registry.db").exists():
+                raise RankgateError(f"{home.root} is not set up: run `rankgate setup` first", 503)
+        else:
+            home = store.cache_home(settings.cache)
+            store.fetch_home(home)
+            if not store.has_registry():
+                raise StoreError(f"{store.uri}: no Feast registry; run `rankgate publish`")
+        project = (
+            load_project(materialize(carried, home.root / "project", "args.project"))
+            if carried
+            else get_project(settings)
+        )
+        url = resolve_redis_url(settings)
+        feast = feature_store(settings, url, serving=True, project=project, home=home)
+        files = (
+            store.fetch_files(home)
+            if store is not None
+            else serving_files(project, feast.list_feature_views(), home.data_dir)
+        )
+        return cls(settings, home, project, url, feast, files, store)
+
+
+@dataclass
 class Runtime:
     settings: Settings
     home: Home
@@ -63,22 +116,25 @@ class Runtime:
     """Computes sampled explanations; one per replica, whatever the config."""
     explanation_observers: list[ExplanationObserver] = field(default_factory=list)
     """Handed to every pipeline built here: registered once, they survive reconfigures."""
+    sources: ServingSources | None = None
+    """Where it read what it serves (the home, or the artifact store's cache)."""
 
     @classmethod
-    def open(cls) -> Runtime:
-        settings = get_settings()
-        home = Home.from_settings(settings)
-        project = get_project(settings)
-        if not (home.feast_dir / "registry.db").exists():
-            raise RankgateError(f"{home.root} is not set up: run `rankgate setup` first", 503)
-        url = resolve_redis_url(settings)
+    def open(cls, carried: Mapping[str, str] | None = None) -> Runtime:
+        """`carried`: the project's files carried in the application's args (a cluster)."""
+        sources = ServingSources.open(carried)
+        settings, home, project, url = (
+            sources.settings,
+            sources.home,
+            sources.project,
+            sources.redis_url,
+        )
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=SERVING_SOCKET_TIMEOUT_S,
             socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S,
         )
-        store = feature_store(settings, url, serving=True, project=project)
-        fetcher = FeatureFetcher(store, project, home.data_dir)
+        fetcher = FeatureFetcher(sources.feast, project, home.data_dir, sources.files["catalogue"])
         policies = load_policy_set(project.policies, fetcher.catalogue, project.item_type)
         metrics = ServingMetrics()
         return cls(
@@ -89,24 +145,35 @@ class Runtime:
             redis=client,
             fetcher=fetcher,
             policies=policies,
-            fallback=RuleFallback(policies.fallback, project, home.data_dir),
+            fallback=RuleFallback(policies.fallback, project, sources.files.get("interactions")),
             models=ModelStore(home),
-            templates=load_reason_templates(),
+            templates=load_reason_templates(project.policies / "reasons.yaml"),
             metrics=metrics,
             drift=DriftMonitor(metrics),
             audit=AuditWriter(client, home.namespace, AuditConfig().max_records),
+            sources=sources,
         )
+
+    def fetch_versions(self, config: ServingConfig) -> None:
+        """On a cluster: the configured versions into this node's cache, each file
+        checked against its manifest (a version the store lacks stays unknown)."""
+        if self.sources is None or self.sources.store is None:
+            return
+        models = ModelStore(self.home, config.models.name)
+        for version in config.routing.all_versions:
+            self.sources.store.fetch_version(models, version)
 
     @property
     def policy(self) -> Policy:
         return self.policies.policy
 
     def load_policies(self, config: PolicyConfig) -> tuple[PolicySet, RuleFallback]:
-        """The policy files the config names; ConfigError (file and field) if they are bad
-        or differ from the revision that was checked."""
-        policies = load_policy_set(
-            config.folder or self.project.policies, self.fetcher.catalogue, self.project.item_type
-        )
+        """The policy files the config names or carries; ConfigError (file and field) if
+        they are bad or differ from the revision that was checked."""
+        folder = config.folder or self.project.policies
+        if config.files is not None:
+            folder = materialize(config.files, self.home.root / "policies", "policy.files")
+        policies = load_policy_set(folder, self.fetcher.catalogue, self.project.item_type)
         if config.revision is not None and config.revision != policies.digest:
             raise ConfigError(
                 f"{policies.folder}: the policy files changed after they were checked "
@@ -115,7 +182,8 @@ class Runtime:
             )
         if policies.digest == self.policies.digest:
             return self.policies, self.fallback
-        return policies, RuleFallback(policies.fallback, self.project, self.home.data_dir)
+        log = self.sources.files.get("interactions") if self.sources else None
+        return policies, RuleFallback(policies.fallback, self.project, log)
 
     def use_policies(self, policies: PolicySet, fallback: RuleFallback) -> None:
         self.policies, self.fallback = policies, fallback

@@ -172,18 +172,44 @@ def serve(config_path: Path | None, port: int | None) -> None:
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))
     base = (config_path or SERVE_CONFIG).resolve()
-    config = derived_config(
-        env.home,
-        base=base,
-        port=port,
-        runtime_env={
-            "RANKGATE_HOME": str(env.home.root),
-            "RANKGATE_PROJECT": str(env.project.root),
-            "REDIS_URL": env.redis_url,
-        }
-        if remote
-        else None,
-    )
+    if remote and env.settings.store:
+        # A cluster: replicas read the artifact store and the config, never this machine.
+        import yaml
+
+        from model_store.artifacts import ArtifactStore
+        from serving.cluster import cluster_config, publish
+
+        publish(env.home, env.project, env.views(), ArtifactStore(env.settings.store))
+        document = cluster_config(
+            env.project,
+            env.settings.store,
+            base,
+            host=yaml.safe_load(base.read_text()).get("http_options", {}).get("host", "0.0.0.0"),
+            port=port,
+            env_vars={"REDIS_URL": env.redis_url},
+        )
+        config = env.home.root / "ray" / "serve_config.cluster.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(document, sort_keys=False))
+    else:
+        if remote:
+            click.echo(
+                "RANKGATE_STORE is not set: the replicas read the home and the project from "
+                "their node's filesystem, so every node must see them (README, "
+                '"Running on a cluster")'
+            )
+        config = derived_config(
+            env.home,
+            base=base,
+            port=port,
+            runtime_env={
+                "RANKGATE_HOME": str(env.home.root),
+                "RANKGATE_PROJECT": str(env.project.root),
+                "REDIS_URL": env.redis_url,
+            }
+            if remote
+            else None,
+        )
     click.echo(f"serving {config} (Ctrl-C stops)")
     # This process becomes a small supervisor of `serve run` (same process id): what
     # setup imported (Feast, pandas, the trainers) is not kept while the server runs.

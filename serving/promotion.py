@@ -35,8 +35,10 @@ import redis
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.scalarstring import LiteralScalarString
 
 from rankgate import redis_keys
+from rankgate.carried import policy_files
 from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
@@ -513,12 +515,20 @@ def reset_canary_outcomes(client: redis.Redis, namespace: str, version: str, sta
 
 
 def write_policy(config_path: Path, folder: Path, revision: str) -> None:
-    """Point the RankIngress user_config at a checked policy folder (`rankgate policy deploy`)."""
+    """Point the RankIngress user_config at a checked policy folder (`rankgate policy deploy`),
+    or put the files themselves into a config that carries them (a cluster's)."""
     try:
         document = _yaml().load(config_path.read_text())
     except OSError as exc:
         raise ConfigError(f"{config_path}: {exc}") from exc
     user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
+    if "files" in (user_config.get("policy") or {}):
+        # A cluster's config carries its policy files (`rankgate cluster config`): the
+        # checked files go into it, since its replicas cannot read the folder.
+        files = {name: LiteralScalarString(text) for name, text in policy_files(folder).items()}
+        user_config["policy"] = CommentedMap({"revision": revision, "files": CommentedMap(files)})
+        _write_document(config_path, document)
+        return
     # Inside the project the folder is written relative to it, so the file stays portable.
     shown = folder.relative_to(PROJECT_ROOT) if folder.is_relative_to(PROJECT_ROOT) else folder
     section = CommentedMap({"dir": str(shown), "revision": revision})

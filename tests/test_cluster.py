@@ -38,8 +38,6 @@ from serving.audit import AuditRecord
 from serving.launch import free_port, ray_client_env, serve_binary
 from tests.serving_support import Load, copy_with_wrong_width, ingress_user_config, routing
 
-pytestmark = pytest.mark.slow
-
 STORE_URI = "s3://rankgate/cluster"
 CANARY = "vc-raises"
 NODE_LOSS_WINDOW_S = 10.0
@@ -143,6 +141,7 @@ def check_answer(answer: dict[str, Any], catalogue: set[Any]) -> None:
     assert [i["rank"] for i in items] == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_two_nodes_serve_from_the_store_and_survive_losing_one(
     ready_home: Home,
     personalizable: list[str],
@@ -353,3 +352,50 @@ def test_a_version_fetched_from_the_store_is_checked_against_its_manifest(
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": "other"}))
     with pytest.raises(VersionExists):
         store.publish_version(models, "v2")
+
+
+def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
+    runtime, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`rankgate cluster config`, then `rankgate policy deploy` into it: the replica
+    reads the policy from the config, checked against the digest deployed with it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from rankgate.carried import project_files
+    from serving.app import AppArgs, parse_config
+    from serving.cluster import cluster_config, dump
+    from serving.promotion import write_policy
+
+    project = runtime.project
+    config = cluster_config(project, "s3://bucket/prefix", replicas=3)
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay accept
+    text = dump(config)
+    for local in (str(runtime.home.root), str(project.root)):
+        assert local not in text
+    app = config["applications"][0]
+    assert AppArgs.model_validate(app["args"]).project == project_files(project)
+    assert app["runtime_env"]["env_vars"]["RANKGATE_STORE"] == "s3://bucket/prefix"
+    assert ingress(config)["num_replicas"] == 3
+
+    changed = tmp_path / "policies"
+    shutil.copytree(project.policies, changed)
+    policy = changed / "policy.yaml"
+    policy.write_text(policy.read_text().replace("version:", "version: changed-", 1))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    from rankgate.policy import load_policy_set
+
+    checked = load_policy_set(changed)
+    write_policy(path, changed, checked.digest)
+    deployed = parse_config(ingress(yaml.safe_load(path.read_text()))["user_config"])
+    assert deployed.policy.files is not None and deployed.policy.dir is None
+    policies, _fallback = runtime.load_policies(deployed.policy)
+    assert policies.digest == checked.digest
+    assert policies.policy.version.startswith("changed-")
+    assert "|" in path.read_text()  # the files stay readable blocks
+
+    tampered = deployed.policy.model_copy(
+        update={"files": {**deployed.policy.files, "policy.yaml": policy.read_text() + "\n# x"}}
+    )
+    with pytest.raises(Exception, match="changed after they were checked"):
+        runtime.load_policies(tampered)

@@ -16,6 +16,7 @@ a cluster's dashboard, or what a KubeRay RayService embeds as `serveConfigV2`.
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,19 @@ class Published:
     """Versions the store already held, unchanged."""
 
 
+def minimized_log(project: Project, path: Path, folder: Path) -> Path:
+    """What the popularity fallback reads of the interaction log: its item and outcome
+    columns only. No user key leaves the home, so the store and the nodes' caches
+    hold nothing of a person that erasure would have to reach."""
+    from features.store import read_table
+
+    log = project.spec.interactions
+    assert log is not None
+    target = folder / "interactions.parquet"
+    read_table(path, [log.item_column, log.outcome_column]).to_parquet(target, index=False)
+    return target
+
+
 def publish(
     home: Home,
     project: Project,
@@ -65,7 +79,11 @@ def publish(
         published.registry = True
     elif not store.has_registry():
         raise ConfigError(f"{home.root} has no Feast registry: run `rankgate setup` first")
-    published.files = store.publish_files(serving_files(project, views, home.data_dir))
+    files = serving_files(project, views, home.data_dir)
+    with tempfile.TemporaryDirectory(prefix="rankgate-publish-") as scratch:
+        if "interactions" in files:
+            files["interactions"] = minimized_log(project, files["interactions"], Path(scratch))
+        published.files = store.publish_files(files)
     models = ModelStore(home, model_name)
     for version in models.versions():
         if store.publish_version(models, version):

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 
@@ -55,8 +56,9 @@ def wait_for_port(port: int, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """An S3 server over a folder of the head's (each top-level folder is a bucket)."""
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """An S3 server over a folder of the head's (each top-level folder is a bucket):
+    `env` (what clients need), `root` (the folder)."""
     root = tmp_path_factory.mktemp("head-only-store")
     (root / "rankgate").mkdir()
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
@@ -73,12 +75,15 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     )
     try:
         wait_for_port(port, 20)
-        yield {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": access,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        yield SimpleNamespace(
+            env={
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": access,
+                "AWS_SECRET_ACCESS_KEY": secret,
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+            root=root,
+        )
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=10)
@@ -145,7 +150,7 @@ def check_answer(answer: dict[str, Any], catalogue: set[Any]) -> None:
 def test_two_nodes_serve_from_the_store_and_survive_losing_one(
     ready_home: Home,
     personalizable: list[str],
-    s3_env: dict[str, str],
+    s3: SimpleNamespace,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -155,6 +160,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
     from serving.cluster import cluster_config, publish
     from tests.conftest import test_api_key
 
+    s3_env: dict[str, str] = s3.env
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     env = Environment.open()
@@ -168,6 +174,12 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
     finally:
         shutil.rmtree(raises)
     assert {"v1", "v2", CANARY} <= set(published.versions + published.present)
+    # The log goes out without its user keys (erasure need not reach the store).
+    log = env.project.spec.interactions
+    assert log is not None
+    stored = s3.root / "rankgate" / "cluster" / "data" / "interactions.parquet"
+    columns = set(pd.read_parquet(stored).columns)
+    assert columns == {log.item_column, log.outcome_column}
 
     port, dashboard_port = free_port(), free_port()
     config = cluster_config(
@@ -237,7 +249,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
             assert cached, f"{name} has no cached v2"
 
         # Under load, one worker node dies; the other replica keeps answering.
-        with Load(server, personalizable, concurrency=4, region="US") as load:
+        with Load(server, personalizable, concurrency=3, region="US", budget_ms=1000) as load:
             time.sleep(5)
             killed_at = time.monotonic()
             cluster.remove_node(workers["worker1"], allow_graceful=False)
@@ -289,7 +301,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
         }
         deploy(config, tmp_path / "cluster-canary.yaml", dashboard)
         wait_for_replicas(base_url, 2, 60, lambda h: h["routing"]["canary_weight"] == 50)
-        with Load(server, personalizable, concurrency=4, region="US") as load:
+        with Load(server, personalizable, concurrency=3, region="US", budget_ms=1000) as load:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 probes = replicas_seen(base_url, 6).values()

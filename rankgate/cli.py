@@ -165,13 +165,13 @@ def serve(config_path: Path | None, port: int | None) -> None:
     import os
 
     from rankgate.setup import Environment, run_setup
-    from serving.launch import SERVE_CONFIG, derived_config, exec_serve, serve_env
+    from serving.launch import derived_config, exec_serve, project_serve_config, serve_env
 
     run_setup(click.echo)
     env = Environment.open()
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))
-    base = (config_path or SERVE_CONFIG).resolve()
+    base = (config_path or project_serve_config(env.project)).resolve()
     config = derived_config(
         env.home,
         base=base,
@@ -249,8 +249,9 @@ def serve(config_path: Path | None, port: int | None) -> None:
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path(__file__).resolve().parent.parent / "loadtests" / "results",
-    show_default=True,
+    default=None,
+    help="Folder for the results (default: loadtests/results/ of a source checkout, else "
+    "results/ in the home).",
 )
 @click.option(
     "--overload",
@@ -278,7 +279,7 @@ def bench(
     skip: str,
     driver: str,
     no_install: bool,
-    output: Path,
+    output: Path | None,
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
@@ -288,6 +289,7 @@ def bench(
     Reports the issue's targets (latency, peak throughput, budget fallbacks, ranker
     against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
     """
+    from loadtests import results_folder
     from loadtests.bench import DEFAULT_DURATION_S, DEFAULT_LEVELS, EXTRAS, PARTS, run_bench
     from loadtests.overload import LEVELS, run_overload
     from rankgate.setup import run_setup
@@ -307,6 +309,7 @@ def bench(
     if unknown := [p for p in chosen_skip if p not in PARTS]:
         raise RankgateError(f"--skip: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
     run_setup(lambda _line: None)
+    output = output or results_folder()
     if freshness:
         from loadtests.freshness import RATES, run_freshness
 
@@ -357,14 +360,16 @@ def bench(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for Locust's CSV, HTML report and log (default: loadtests/results/locust).",
+    help="Folder for Locust's CSV, HTML report and log (default: locust/ in the results "
+    "folder: loadtests/results/ of a source checkout, else results/ in the home).",
 )
 @click.option(
     "--slo",
     "slo_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: loadtests/slo.yaml).",
+    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: the slo.yaml shipped "
+    "in rankgate's loadtests package).",
 )
 @click.option(
     "--api-key",
@@ -654,7 +659,8 @@ CONFIG_OPTION = click.option(
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Serve config to edit (default: the one the running server uses, else serve_config.yaml).",
+    help="Serve config to edit (default: the one the running server uses, else the project's "
+    "serve_config.yaml).",
 )
 
 

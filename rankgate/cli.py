@@ -36,7 +36,8 @@ def fails_cleanly(func: F) -> F:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="The rankgate project (a folder with rankgate.yaml); default: RANKGATE_PROJECT, "
-    "or the Open Bandit example.",
+    "else the current folder if it holds a rankgate.yaml, else (in a source checkout) the "
+    "Open Bandit example.",
 )
 def main(project: Path | None) -> None:
     """rankgate: ranked, policy-compliant answers for one person and one purpose.

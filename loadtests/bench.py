@@ -70,7 +70,7 @@ from rankgate.api_keys import temporary_key
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
 from rankgate.redis_server import EmbeddedRedis
-from rankgate.settings import PROJECT_ROOT
+from rankgate.settings import SOURCE_CHECKOUT, put_checkout_on_path
 from rankgate.setup import Environment
 from serving.launch import (
     derived_config,
@@ -180,8 +180,8 @@ def process_env(env: Environment, fast_path: bool, name: str = OURS) -> dict[str
     base.update(
         RANKGATE_HOME=str(env.home.root),
         REDIS_URL=env.redis_url,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
     )
+    put_checkout_on_path(base)
     return base
 
 
@@ -221,7 +221,7 @@ def _load_process(arguments: list[str], api_key: str, timeout_s: float) -> dict[
         text=True,
         check=False,
         timeout=timeout_s,
-        cwd=PROJECT_ROOT,
+        cwd=SOURCE_CHECKOUT,
         env={**os.environ, "RANKGATE_API_KEY": api_key},
     )
     if result.returncode != 0:
@@ -533,9 +533,7 @@ def ready_time(work: Workload, starts: int) -> tuple[dict[str, Any], memory.Proc
     `rankgate serve` process itself (last start)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     env["RANKGATE_HOME"] = str(work.env.home.root)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-    )
+    put_checkout_on_path(env)
     times, phases, wrapper = [], [], None
     for n in range(starts):
         port = free_port()

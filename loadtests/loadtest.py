@@ -34,14 +34,15 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from loadtests import require_locust, results_folder
 from rankgate.api_keys import temporary_key
 from rankgate.config_files import load_yaml_model
 from rankgate.errors import RankgateError
-from rankgate.settings import PROJECT_ROOT
+from rankgate.resources import shipped
+from rankgate.settings import SOURCE_CHECKOUT, put_checkout_on_path
 
-LOCUSTFILE = PROJECT_ROOT / "loadtests" / "locustfile.py"
-DEFAULT_SLO = PROJECT_ROOT / "loadtests" / "slo.yaml"
-DEFAULT_OUTPUT = PROJECT_ROOT / "loadtests" / "results" / "locust"
+LOCUSTFILE = shipped("loadtests", "locustfile.py")
+DEFAULT_SLO = shipped("loadtests", "slo.yaml")
 OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"  # same names as in the locustfile
 API_KEY_ENV = "RANKGATE_API_KEY"
 TEMPORARY_KEY_APP = "loadtest"
@@ -201,7 +202,7 @@ def locust_env(outcomes_path: Path, api_key: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
     env[OUTCOMES_ENV] = str(outcomes_path)
     env[API_KEY_ENV] = api_key
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    put_checkout_on_path(env)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -270,8 +271,9 @@ def run_loadtest(
 
     Without `api_key`, a temporary key of this home (application `loadtest`, every
     purpose) is created for the run and revoked afterwards. `output_dir` and
-    `slo_path` default to DEFAULT_OUTPUT and DEFAULT_SLO.
+    `slo_path` default to `locust/` in `results_folder()` and DEFAULT_SLO.
     """
+    require_locust()
     if users < 1 or spawn_rate <= 0:
         raise RankgateError("--users must be at least 1 and --spawn-rate positive")
     run_time_seconds(run_time)  # a bad --run-time is refused before anything runs
@@ -280,7 +282,7 @@ def run_loadtest(
     host = host.rstrip("/")
     check_server(host)
 
-    output_dir = output_dir or DEFAULT_OUTPUT
+    output_dir = output_dir or results_folder() / "locust"
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "stats": output_dir / "locust_stats.csv",
@@ -350,7 +352,7 @@ def _run_locust(
         try:
             completed = subprocess.run(
                 command,
-                cwd=PROJECT_ROOT,
+                cwd=SOURCE_CHECKOUT,
                 env=locust_env(files["outcomes"], api_key),
                 stdout=log,
                 stderr=subprocess.STDOUT,

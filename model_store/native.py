@@ -44,7 +44,10 @@ def load_native(path: Path, kind: BoosterKind) -> Any:
 
         return joblib.load(path)  # the project's own file: trusted as its code is
     except ImportError as exc:
-        raise ModelStoreError(f"--booster: a {kind} model needs the {exc.name} package") from exc
+        raise ModelStoreError(
+            f"--booster: a {kind} model needs the {exc.name} package"
+            + (" (pip install 'rankgate[xgboost]')" if kind == "xgboost" else "")
+        ) from exc
     except Exception as exc:
         raise ModelStoreError(f"{path}: not a {kind} model ({exc})", 422) from exc
 

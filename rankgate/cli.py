@@ -36,7 +36,8 @@ def fails_cleanly(func: F) -> F:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="The rankgate project (a folder with rankgate.yaml); default: RANKGATE_PROJECT, "
-    "or the Open Bandit example.",
+    "else the current folder if it holds a rankgate.yaml, else (in a source checkout) the "
+    "Open Bandit example.",
 )
 def main(project: Path | None) -> None:
     """rankgate: ranked, policy-compliant answers for one person and one purpose.
@@ -165,13 +166,13 @@ def serve(config_path: Path | None, port: int | None) -> None:
     import os
 
     from rankgate.setup import Environment, run_setup
-    from serving.launch import SERVE_CONFIG, derived_config, exec_serve, serve_env
+    from serving.launch import derived_config, exec_serve, project_serve_config, serve_env
 
     run_setup(click.echo)
     env = Environment.open()
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))
-    base = (config_path or SERVE_CONFIG).resolve()
+    base = (config_path or project_serve_config(env.project)).resolve()
     if remote and env.settings.store:
         # A cluster: replicas read the artifact store and the config, never this machine.
         import yaml
@@ -275,8 +276,9 @@ def serve(config_path: Path | None, port: int | None) -> None:
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path(__file__).resolve().parent.parent / "loadtests" / "results",
-    show_default=True,
+    default=None,
+    help="Folder for the results (default: loadtests/results/ of a source checkout, else "
+    "results/ in the home).",
 )
 @click.option(
     "--overload",
@@ -304,7 +306,7 @@ def bench(
     skip: str,
     driver: str,
     no_install: bool,
-    output: Path,
+    output: Path | None,
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
@@ -314,6 +316,7 @@ def bench(
     Reports the issue's targets (latency, peak throughput, budget fallbacks, ranker
     against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
     """
+    from loadtests import results_folder
     from loadtests.bench import DEFAULT_DURATION_S, DEFAULT_LEVELS, EXTRAS, PARTS, run_bench
     from loadtests.overload import LEVELS, run_overload
     from rankgate.setup import run_setup
@@ -333,6 +336,7 @@ def bench(
     if unknown := [p for p in chosen_skip if p not in PARTS]:
         raise RankgateError(f"--skip: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
     run_setup(lambda _line: None)
+    output = output or results_folder()
     if freshness:
         from loadtests.freshness import RATES, run_freshness
 
@@ -383,14 +387,16 @@ def bench(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for Locust's CSV, HTML report and log (default: loadtests/results/locust).",
+    help="Folder for Locust's CSV, HTML report and log (default: locust/ in the results "
+    "folder: loadtests/results/ of a source checkout, else results/ in the home).",
 )
 @click.option(
     "--slo",
     "slo_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: loadtests/slo.yaml).",
+    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: the slo.yaml shipped "
+    "in rankgate's loadtests package).",
 )
 @click.option(
     "--api-key",
@@ -685,7 +691,8 @@ CONFIG_OPTION = click.option(
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Serve config to edit (default: the one the running server uses, else serve_config.yaml).",
+    help="Serve config to edit (default: the one the running server uses, else the project's "
+    "serve_config.yaml).",
 )
 
 
@@ -1414,10 +1421,15 @@ def cluster_config_command(
     RayService's serveConfigV2)."""
     from rankgate.settings import get_project
     from serving.cluster import cluster_config, dump
-    from serving.launch import SERVE_CONFIG
+    from serving.launch import project_serve_config
 
     document = cluster_config(
-        get_project(), _store_uri(store), config_path or SERVE_CONFIG, host, port, replicas
+        get_project(),
+        _store_uri(store),
+        config_path or project_serve_config(get_project()),
+        host,
+        port,
+        replicas,
     )
     text = dump(document)
     if output is None:

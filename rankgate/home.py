@@ -27,7 +27,7 @@ class Home:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Home:
-        home = cls((settings or get_settings()).home)
+        home = cls((settings or get_settings()).home_folder)
         home.root.mkdir(parents=True, exist_ok=True)
         return home
 

@@ -13,10 +13,7 @@ from pydantic import Field, model_validator
 from rankgate.config_files import Strict, load_yaml_model, parse_yaml_model, read_config_bytes
 from rankgate.errors import ConfigError
 from rankgate.project import ItemId
-from rankgate.settings import PROJECT_ROOT, get_project
-
-# Commented starting points `rankgate init` copies into a new project.
-TEMPLATE_DIR = PROJECT_ROOT / "policies"
+from rankgate.settings import get_project
 
 
 def policy_dir() -> Path:

@@ -27,7 +27,7 @@ from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import PolicySet, load_policy_set
 from rankgate.project import ItemId, Project, load_project
-from rankgate.settings import get_project, get_settings
+from rankgate.settings import default_home, get_project, get_settings
 
 if TYPE_CHECKING:
     from feast import FeatureView
@@ -110,7 +110,7 @@ def data_folder(project: Project, found: Findings) -> Iterator[Path]:
     project's prepare step writes into, or (without one) the home's data folder."""
     if project.spec.prepare is None:
         # Not Home.from_settings(): that creates the home, and a check writes nothing.
-        data_dir = Home(get_settings().home).data_dir
+        data_dir = Home(get_settings().home or default_home(project.root)).data_dir
         found.ok(f"data: no prepare step; sources read from {data_dir}")
         yield data_dir
         return

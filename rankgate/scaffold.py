@@ -1,8 +1,9 @@
 """`rankgate init FOLDER`: a new project skeleton whose comments teach what each part is.
 
-The skeleton is the folder project_template/ beside this module (rankgate.yaml, a
-Feast repository, model declarations, a prepare step that generates a small sample
-shop, a README) plus the policy templates of the top-level policies/ folder. It
+The skeleton is the folder project_template/ shipped in this package (rankgate.yaml,
+a Feast repository, commented policies, model declarations, a prepare step that
+generates a small sample shop, a README) plus the serve config shipped with
+rankgate, so the project owns its routing (`rankgate model promote` edits it). It
 works as written: `rankgate project check` passes on it and `rankgate --project
 FOLDER setup` trains its models, so a new user replaces one working part at a time.
 """
@@ -16,11 +17,10 @@ import shutil
 from pathlib import Path
 
 from rankgate.errors import ConfigError
-from rankgate.policy import TEMPLATE_DIR
 from rankgate.project import NAME, PROJECT_FILE
+from rankgate.resources import SERVE_CONFIG_NAME, default_serve_config, shipped
 
-TEMPLATE = Path(__file__).resolve().with_name("project_template")
-POLICY_FILES = ("policy.yaml", "fallback.yaml", "reasons.yaml")
+TEMPLATE = shipped("rankgate", "project_template")
 # Written wherever the project's name belongs (rankgate.yaml, feature_store.yaml, README).
 NAME_TOKEN = "__PROJECT_NAME__"
 
@@ -47,8 +47,7 @@ def skeleton_files() -> dict[str, Path]:
         # Not what a hand run of Feast or Python leaves in the template folder.
         if path.is_file() and "__pycache__" not in path.parts and path.suffix not in {".db", ".pyc"}
     }
-    for name in POLICY_FILES:
-        files[f"policies/{name}"] = TEMPLATE_DIR / name
+    files[SERVE_CONFIG_NAME] = default_serve_config()
     return files
 
 

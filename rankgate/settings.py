@@ -3,22 +3,58 @@
 Everything the project writes at run time lives under one state folder, the
 *home*: the prepared project data, the Feast registry and offline files, model
 versions and the embedded Redis server's data. Two homes never share state.
+
+Where nothing is set, the project is the current folder when it holds a
+rankgate.yaml, else (running from a source checkout) the repository's example;
+the home is `.rankgate/` in the project (in the repository for its examples).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import MutableMapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rankgate.errors import ConfigError
+from rankgate.project import PROJECT_FILE
 
 if TYPE_CHECKING:
     from rankgate.project import Project
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+def _source_checkout() -> Path | None:
+    """The repository rankgate runs from (an editable install, or PYTHONPATH), if any.
+
+    Installed from a wheel, the package's parent is site-packages, which holds no
+    pyproject.toml: only a checkout has examples to fall back on."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "examples").is_dir() else None
+
+
+SOURCE_CHECKOUT = _source_checkout()
+
+
+def put_checkout_on_path(env: MutableMapping[str, str]) -> None:
+    """Put the source checkout first on a child process's PYTHONPATH when rankgate runs
+    from one (the child must import these packages, however it is started); installed,
+    children import rankgate from site-packages and PYTHONPATH is left as it is."""
+    if SOURCE_CHECKOUT is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(SOURCE_CHECKOUT), env.get("PYTHONPATH")])
+        )
+
+
+NO_PROJECT = (
+    "no rankgate project selected: run in a project folder (one with rankgate.yaml), "
+    "set RANKGATE_PROJECT or pass `rankgate --project FOLDER`; `rankgate init FOLDER` "
+    "writes a new project"
+)
 
 # Development default for the pseudonymisation key. It is public, so user keys
 # derived with it are only pseudonymous against people who don't read this file:
@@ -34,12 +70,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RANKGATE_", extra="ignore")
 
-    home: Path = Field(default=PROJECT_ROOT / ".rankgate")
-    """State folder (RANKGATE_HOME). Default: `.rankgate/` in the project (git-ignored)."""
+    home: Path | None = None
+    """State folder (RANKGATE_HOME). Default: `.rankgate/` in the project (git-ignored);
+    for a project inside a source checkout, `.rankgate/` in the repository."""
 
-    project: Path = Field(default=PROJECT_ROOT / "examples" / "default")
+    project: Path | None = None
     """The rankgate project served (RANKGATE_PROJECT, or `--project`): a folder with a
-    rankgate.yaml. Default: the project `examples/default` links to."""
+    rankgate.yaml. Default: the current folder when it holds one, else, in a source
+    checkout, the project `examples/default` links to; else none (an error where a
+    command needs one)."""
 
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "RANKGATE_REDIS_URL")
@@ -61,8 +100,16 @@ class Settings(BaseSettings):
 
     @field_validator("home", "project", "cache")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if self.project is None:
+            self.project = default_project()
+        if self.home is None and self.project is not None:
+            self.home = default_home(self.project)
+        return self
 
     @field_validator("redis_url", "store")
     @classmethod
@@ -86,6 +133,39 @@ class Settings(BaseSettings):
     def uses_dev_secret(self) -> bool:
         return self.user_key_secret == DEV_USER_KEY_SECRET
 
+    @property
+    def project_folder(self) -> Path:
+        """The selected project's folder; a clear error when none is selected."""
+        if self.project is None:
+            raise ConfigError(NO_PROJECT)
+        return self.project
+
+    @property
+    def home_folder(self) -> Path:
+        """The state folder: RANKGATE_HOME, else the selected project's default."""
+        if self.home is None:
+            raise ConfigError(f"{NO_PROJECT} (or set RANKGATE_HOME)")
+        return self.home
+
+
+def default_project(cwd: Path | None = None) -> Path | None:
+    """The project when none is named: `cwd` (default: the current folder) if it
+    holds a rankgate.yaml, else a checkout's example, else none."""
+    folder = (cwd or Path.cwd()).resolve()
+    if (folder / PROJECT_FILE).is_file():
+        return folder
+    if SOURCE_CHECKOUT is not None:
+        return (SOURCE_CHECKOUT / "examples" / "default").resolve()
+    return None
+
+
+def default_home(project: Path) -> Path:
+    """`.rankgate/` in the project; in the repository for a project of a checkout
+    (its examples), so `./run` keeps the one home it always had."""
+    if SOURCE_CHECKOUT is not None and project.is_relative_to(SOURCE_CHECKOUT):
+        return SOURCE_CHECKOUT / ".rankgate"
+    return project / ".rankgate"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -101,4 +181,4 @@ def _project_at(folder: Path) -> Project:
 
 def get_project(settings: Settings | None = None) -> Project:
     """The project these settings select, loaded once per process."""
-    return _project_at((settings or get_settings()).project)
+    return _project_at((settings or get_settings()).project_folder)

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rankgate.config_files import Strict
-from rankgate.settings import PROJECT_ROOT
+from rankgate.settings import get_project
 from serving.routing import RoutingConfig
 
 
@@ -126,7 +126,7 @@ class PolicyConfig(Strict):
         if not self.dir:
             return None
         folder = Path(self.dir)
-        return folder if folder.is_absolute() else PROJECT_ROOT / folder
+        return folder if folder.is_absolute() else get_project().root / folder
 
 
 class EventLimits(Strict):

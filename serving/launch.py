@@ -32,17 +32,26 @@ from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError
 from rankgate.home import Home
 from rankgate.project import Project
-from rankgate.settings import PROJECT_ROOT, get_project
+from rankgate.resources import SERVE_CONFIG_NAME, default_serve_config
+from rankgate.settings import SOURCE_CHECKOUT, get_project, put_checkout_on_path
 from serving import edge, without_feast_metrics_dir
 from serving.supervisor import ServerInfo
 from serving.supervisor import command_line as supervisor_command_line
 
-SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
+# Shipped with the package; a project's own serve_config.yaml wins (project_serve_config).
+SERVE_CONFIG = default_serve_config()
 
 FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
+
+
+def project_serve_config(project: Project | None = None) -> Path:
+    """The serve config of a project: its own serve_config.yaml (`rankgate init` writes
+    one), else the one shipped with rankgate."""
+    own = (project or get_project()).root / SERVE_CONFIG_NAME
+    return own if own.is_file() else SERVE_CONFIG
 
 
 def free_port() -> int:
@@ -143,8 +152,8 @@ def serve_env(
     env["RANKGATE_HOME"] = str(home.root)
     env["RANKGATE_PROJECT"] = str((project or get_project()).root)
     env["REDIS_URL"] = redis_url
-    # Replicas import the project's packages from here, however Ray was started.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # Replicas import rankgate's packages from a checkout, however Ray was started.
+    put_checkout_on_path(env)
     return env
 
 
@@ -259,7 +268,7 @@ def start_server(
             return subprocess.Popen(
                 command,
                 env=env,
-                cwd=PROJECT_ROOT,
+                cwd=SOURCE_CHECKOUT,  # installed: the caller's folder, as `rankgate serve`
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -43,7 +43,7 @@ from rankgate.config_files import validation_message
 from rankgate.errors import ConfigError, RankgateError
 from rankgate.home import Home
 from rankgate.policy import Policy, load_policy
-from rankgate.settings import PROJECT_ROOT
+from rankgate.settings import SOURCE_CHECKOUT, get_project
 from serving.config import DriftConfig, PolicyConfig, PromotionConfig
 from serving.drift_report import DriftFigures
 from serving.experiments import record_routing_change
@@ -56,6 +56,7 @@ from serving.feedback import (
 from serving.launch import (
     SERVE_CONFIG,
     derived_config,
+    project_serve_config,
     ray_client_env,
     serve_deploy_command,
 )
@@ -530,7 +531,8 @@ def write_policy(config_path: Path, folder: Path, revision: str) -> None:
         _write_document(config_path, document)
         return
     # Inside the project the folder is written relative to it, so the file stays portable.
-    shown = folder.relative_to(PROJECT_ROOT) if folder.is_relative_to(PROJECT_ROOT) else folder
+    project = get_project().root
+    shown = folder.relative_to(project) if folder.is_relative_to(project) else folder
     section = CommentedMap({"dir": str(shown), "revision": revision})
     section.fa.set_flow_style()
     user_config["policy"] = section
@@ -578,5 +580,15 @@ def apply_running(
 
 
 def default_config(home: Home) -> Path:
+    """The running server's config, else the project's; never the copy inside an
+    installed rankgate (an upgrade would overwrite the change)."""
     info = ServerInfo.read(home)
-    return info.base_config if info is not None else SERVE_CONFIG
+    config = info.base_config if info is not None else project_serve_config()
+    if SOURCE_CHECKOUT is None and config.resolve() == SERVE_CONFIG.resolve():
+        project = get_project().root
+        raise ConfigError(
+            f"the project {project} has no serve_config.yaml of its own, and the one "
+            f"installed with rankgate is not edited: `cp {SERVE_CONFIG} {project}/` (or pass "
+            "--config FILE)"
+        )
+    return config

@@ -4,7 +4,7 @@
 Setup imports Feast, pandas, onnx and the model trainers; a process that only
 waits on `serve run` should not keep them for the server's whole life. So
 `rankgate serve` sets up, then replaces itself (exec, same process id) with
-`python -m serving.supervisor`, which imports only the standard library:
+`python -S` running serving.supervisor, which imports only the standard library:
 
 - it echoes `serve run`'s output and records the server in
   `<home>/ray/server.json` (config, port, Ray dashboard address) so that
@@ -175,13 +175,23 @@ def supervise(
         server_file.unlink(missing_ok=True)
 
 
+# `-S` leaves site-packages off the path, and with it an installed rankgate: the
+# folder this package was imported from (site-packages, or a checkout) is added by
+# hand, after the standard library.
+BOOT = (
+    "import sys; sys.path.append(sys.argv.pop(1)); "
+    "from serving.supervisor import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def command_line(server_file: Path, base_config: Path, port: int, command: list[str]) -> list[str]:
     """How to start this module as its own process (`-S`: it needs no site-packages)."""
     return [
         sys.executable,
         "-S",
-        "-m",
-        "serving.supervisor",
+        "-c",
+        BOOT,
+        str(Path(__file__).resolve().parent.parent),
         str(server_file),
         str(base_config),
         str(port),

@@ -14,14 +14,13 @@ import yaml
 
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
-from rankgate.settings import PROJECT_ROOT, get_project
+from rankgate.settings import get_project
+from serving.launch import SERVE_CONFIG
 from serving.outcomes import FallbackReason
 
 if TYPE_CHECKING:
     from rankgate.home import Home
     from tests.conftest import Server
-
-SERVE_CONFIG = PROJECT_ROOT / "serve_config.yaml"
 
 
 # Near misses of a valid identifier: each must be refused wherever the identifier

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rankgate.home import Home
 from rankgate.redis_server import resolve_redis_url
-from rankgate.settings import PROJECT_ROOT
+from tests import REPO
 
 HEAVY_MODULES = (
     "ray",
@@ -106,9 +106,7 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
     report_path = tmp_path / "report.json"
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-        ),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     completed = subprocess.run(
         [
@@ -119,7 +117,7 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
             json.dumps(LIGHT_COMMANDS),
             str(report_path),
         ],
-        cwd=PROJECT_ROOT,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

@@ -8,9 +8,9 @@ import tomllib
 import grimp
 from importlinter.cli import lint_imports
 
-from rankgate.settings import PROJECT_ROOT
+from tests import REPO
 
-PYPROJECT = PROJECT_ROOT / "pyproject.toml"
+PYPROJECT = REPO / "pyproject.toml"
 CONFIG = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]
 
 

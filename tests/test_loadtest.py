@@ -129,7 +129,7 @@ def test_bad_slo_file_is_refused_naming_file_and_field(tmp_path: Path) -> None:
 
 def test_locustfile_runs_without_the_runner(server: Server, tmp_path: Path) -> None:
     """Plain `locust -f loadtests/locustfile.py --host ...`, as the README documents."""
-    from rankgate.settings import PROJECT_ROOT
+    from tests import REPO
 
     completed = subprocess.run(
         [
@@ -149,7 +149,7 @@ def test_locustfile_runs_without_the_runner(server: Server, tmp_path: Path) -> N
             "3",
             "--only-summary",
         ],
-        cwd=PROJECT_ROOT,
+        cwd=REPO,
         env={**os.environ, "RANKGATE_API_KEY": server.api_key},
         capture_output=True,
         text=True,

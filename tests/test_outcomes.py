@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-from rankgate.settings import PROJECT_ROOT
 from serving.metrics import ServingMetrics
 from serving.outcomes import DEGRADED, FallbackReason
 from serving.schemas import Fallback, PolicyBlock, RankRequest, RankResponse
+from tests import REPO
 
 # A purpose of its own: once Feast has turned on prometheus_client's multiprocess
 # mode (PROMETHEUS_MULTIPROC_DIR), values are per process and label set, whichever
@@ -29,7 +29,7 @@ def answer(reason: FallbackReason | None) -> RankResponse:
 
 
 def test_the_readme_table_names_exactly_the_reasons() -> None:
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     table = readme.split("| `fallback.reason` | counts as | when |", 1)[1].split("\n\n", 1)[0]
     documented = {
         name: kind.strip() == "degraded"

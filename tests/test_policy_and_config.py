@@ -130,12 +130,10 @@ def test_the_grafana_dashboard_queries_only_metrics_the_server_exports() -> None
     import json
     import re
 
-    from rankgate.settings import PROJECT_ROOT
     from serving.metrics import ServingMetrics
+    from tests import REPO
 
-    dashboard = json.loads(
-        (PROJECT_ROOT / "loadtests" / "grafana" / "rankgate-dashboard.json").read_text()
-    )
+    dashboard = json.loads((REPO / "loadtests" / "grafana" / "rankgate-dashboard.json").read_text())
     used = {
         name
         for panel in dashboard["panels"]

@@ -29,9 +29,10 @@ from rankgate.home import Home
 from rankgate.project import load_project
 from rankgate.project_check import check_project
 from rankgate.scaffold import write_skeleton
-from rankgate.settings import PROJECT_ROOT
+from serving.launch import SERVE_CONFIG
+from tests import REPO
 
-EXAMPLE = PROJECT_ROOT / "examples" / "open_bandit"
+EXAMPLE = REPO / "examples" / "open_bandit"
 
 
 @pytest.fixture
@@ -111,8 +112,10 @@ def test_the_skeleton_is_named_after_its_folder_and_teaches(tmp_path: Path) -> N
     )
     for name in ("policy.yaml", "fallback.yaml", "reasons.yaml"):
         assert (folder / "policies" / name).read_bytes() == (
-            PROJECT_ROOT / "policies" / name
+            REPO / "rankgate" / "project_template" / "policies" / name
         ).read_bytes()
+    # The project owns its serve config (routing), a copy of the one rankgate ships.
+    assert (folder / "serve_config.yaml").read_bytes() == SERVE_CONFIG.read_bytes()
     # Every file explains itself (YAML comments, Python docstrings and comments).
     for path in folder.rglob("*"):
         if path.suffix in {".yaml", ".py"}:
@@ -506,7 +509,7 @@ def test_setup_on_a_fresh_skeleton_trains_and_registers_its_models(tmp_path: Pat
         for key, value in os.environ.items()
         if key not in {"REDIS_URL", "RANKGATE_REDIS_URL", "RANKGATE_PROJECT"}
     }
-    env.update(RANKGATE_HOME=str(home), PYTHONPATH=str(PROJECT_ROOT))
+    env.update(RANKGATE_HOME=str(home), PYTHONPATH=str(REPO))
     try:
         result = subprocess.run(
             [sys.executable, "-m", "rankgate.cli", "--project", str(folder), "setup"],

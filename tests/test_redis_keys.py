@@ -6,7 +6,7 @@ import re
 
 from rankgate import redis_keys
 from rankgate.privacy import ERASED
-from rankgate.settings import PROJECT_ROOT
+from tests import REPO
 
 PACKAGES = ("rankgate", "features", "model_store", "serving", "loadtests")
 # A key name built by hand: an f-string that puts the namespace before a colon.
@@ -14,11 +14,11 @@ HAND_MADE_KEY = re.compile(r"\{[^{}]*namespace[^{}]*\}:")
 
 
 def test_no_module_builds_a_key_name_itself() -> None:
-    home = PROJECT_ROOT / "rankgate" / "redis_keys.py"
+    home = REPO / "rankgate" / "redis_keys.py"
     found = [
-        f"{path.relative_to(PROJECT_ROOT)}:{number}: {line.strip()}"
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
         for package in PACKAGES
-        for path in sorted((PROJECT_ROOT / package).rglob("*.py"))
+        for path in sorted((REPO / package).rglob("*.py"))
         if path != home
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if HAND_MADE_KEY.search(line)
@@ -31,7 +31,7 @@ def test_erasure_covers_every_kind_of_key_that_names_people() -> None:
 
 
 def test_the_readme_lists_the_keys_of_the_module() -> None:
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     assert redis_keys.markdown_table() in readme, (
         "README.md's Redis key table differs from rankgate.redis_keys.markdown_table()"
     )

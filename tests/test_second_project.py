@@ -34,7 +34,7 @@ import pytest
 from rankgate.home import Home
 from rankgate.project import load_project
 from rankgate.redis_server import EmbeddedRedis
-from rankgate.settings import PROJECT_ROOT
+from tests import REPO
 from tests.conftest import wait_until_healthy
 from tests.second_project import (
     BOOSTED,
@@ -122,9 +122,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     env = {
         **os.environ,
         "RANKGATE_HOME": str(home.root),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-        ),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     process = None
     try:
@@ -419,9 +417,7 @@ def test_the_promotion_gate_refuses_a_worse_version_unless_forced(
     env = {
         **os.environ,
         "RANKGATE_HOME": str(shop.home.root),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-        ),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     shuffled = train_shuffled(shop.raw, tmp_path / "trained")
     finished(

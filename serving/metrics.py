@@ -153,7 +153,7 @@ class Family:
 
     def labels(self, *values: str) -> Series:
         """The series of these label values, made once and kept: the request path pays
-        a dictionary lookup, not a tag dictionary or prometheus_client's checks and lock."""
+        a dictionary lookup, not a new tag dictionary or prometheus_client's checks."""
         found = self.series.get(values)
         if found is None:
             if self.ray:
@@ -171,8 +171,9 @@ class Family:
             self.metric.remove(*values)
 
     def flush(self, gauges_due: bool) -> None:
-        for series in list(self.series.values()):
-            series.flush(gauges_due)
+        if self.ray:  # a local registry holds its values itself
+            for series in list(self.series.values()):
+                series.flush(gauges_due)
 
     def inc(self, amount: float = 1) -> None:
         self.labels().inc(amount)

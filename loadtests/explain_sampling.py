@@ -8,8 +8,8 @@ load process (loadtests.drive) runs each concurrency. Odd rounds take the rates
 in reverse order, so a drift of the machine during the run does not favour one
 rate. Per rate and concurrency: the medians over rounds of req/s, p50 and p99,
 their spread (lowest-highest round), the ratio to rate 0, and what the sample
-did meanwhile (explanations computed, skipped, their compute time, from
-/metrics). Written to `<output>/explain_sampling.json` and `.md`.
+did meanwhile (explanations computed, skipped, their compute time, from the
+server's metrics on Ray's metrics agents). Written to `<output>/explain_sampling.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.bench import drive, process_env, wait_ready, workload
 from loadtests.drive import stamped, write_results
+from loadtests.ray_metrics import ray_session_dir, scrape, total
 from serving.launch import (
     SERVE_CONFIG,
     derived_config,
@@ -45,6 +45,9 @@ RATES = (0.0, 0.01, 0.05, 0.25)
 FIGURES = ("scored", "explained", "skipped", "seconds")
 Say = Callable[[str], None]
 COMMAND = "rankgate bench --explain-sampling"
+REPORT_INTERVAL_MS = 1000
+"""How often Ray's metrics agents get the replicas' records (Ray's shortest; 10 s by default)."""
+METRICS_SETTLE_S = 2.5 * REPORT_INTERVAL_MS / 1000
 
 
 def ingress_config(rate: float) -> dict[str, Any]:
@@ -58,21 +61,19 @@ def ingress_config(rate: float) -> dict[str, Any]:
     return config
 
 
-def sampled_figures(base: str) -> dict[str, float]:
-    """The server's counters now: decisions the model ranked, and of the sample:
-    explained, skipped, compute seconds."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    figures = dict.fromkeys(FIGURES, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "rankgate_explanations_total" and sample.labels["kind"] == "sampled":
-                key = "explained" if sample.labels["status"] == "explained" else "skipped"
-                figures[key] += sample.value
-            elif sample.name == "rankgate_sampled_explanation_seconds_sum":
-                figures["seconds"] += sample.value
-            elif sample.name == "rankgate_scored_decisions_total":
-                figures["scored"] += sample.value
-    return figures
+def sampled_figures(home: Path) -> dict[str, float]:
+    """The server's counters now, over its replicas: decisions the model ranked, and
+    of the sample: explained, skipped, compute seconds. Read after METRICS_SETTLE_S, so
+    that what the replicas recorded has reached Ray's metrics agents."""
+    time.sleep(METRICS_SETTLE_S)
+    samples = scrape(ray_session_dir(home))
+    explained = total(samples, "rankgate_explanations_total", kind="sampled", status="explained")
+    return {
+        "scored": total(samples, "rankgate_scored_decisions_total"),
+        "explained": explained,
+        "skipped": total(samples, "rankgate_explanations_total", kind="sampled") - explained,
+        "seconds": total(samples, "rankgate_sampled_explanation_seconds_sum"),
+    }
 
 
 class Server:
@@ -124,16 +125,16 @@ def run_explain_sampling(
         server = Server(work.env, port, log, say)
         url = f"{server.base}/v1/rank"
         say(f"• rankgate on port {port}; sample rates {', '.join(f'{r:g}' for r in RATES)}")
-        process = start_server(
-            serve_run_command(server.config(RATES[0])), process_env(work.env, True), log
-        )
+        env = process_env(work.env, True)
+        env["RAY_metrics_report_interval_ms"] = str(REPORT_INTERVAL_MS)
+        process = start_server(serve_run_command(server.config(RATES[0])), env, log)
         try:
             wait_ready(url, work.bodies[0], process, log, work.api_key)
             for round_number in range(repeats):
                 order = RATES if round_number % 2 == 0 else tuple(reversed(RATES))
                 for rate in order:
                     server.apply(rate)
-                    before = sampled_figures(server.base)
+                    before = sampled_figures(work.env.home.root)
                     for level in levels:
                         result = drive(url, level, duration, work.bodies_file, work.api_key)
                         runs[rate][level].append(result)
@@ -142,7 +143,7 @@ def run_explain_sampling(
                             f"{result['throughput_rps']:8.1f} req/s  p50 {result['p50_ms']:6.2f} ms"
                             f"  p99 {result['p99_ms']:6.2f} ms  errors {result['errors']}"
                         )
-                    after = sampled_figures(server.base)
+                    after = sampled_figures(work.env.home.root)
                     for key in FIGURES:
                         sample[rate][key] += after[key] - before[key]
         finally:
@@ -206,7 +207,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         (
             "What the sample did during each rate's runs, warm-ups included (from the "
-            "server's /metrics): decisions the model ranked, explanations computed after the "
+            "server's metrics): decisions the model ranked, explanations computed after the "
             "answer, samples skipped, and the mean compute time of one (10 rows)."
         ),
         "",

@@ -21,10 +21,9 @@ import numpy as np
 import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -356,6 +355,7 @@ class RankIngress(BatchedScoring):
     ) -> None:
         self.runtime = Runtime.open(carried)
         self.remote_ranker = ranker
+        # Bound so that the application deploys the event consumer with the ingress.
         self.consumer = consumer
         self.state: ServingState | None = None
         self.keys = KeyCache(self.runtime.redis, self.runtime.home.namespace)
@@ -552,22 +552,6 @@ class RankIngress(BatchedScoring):
         if self.openapi_cache is None or self.openapi_cache[0] is not rules:
             self.openapi_cache = (rules, openapi_document(api, rules))
         return self.openapi_cache[1]
-
-    @api.get(
-        "/metrics",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
-    )
-    async def metrics(self) -> Response:
-        """Prometheus text format: this replica's rankgate_* metrics, and the event
-        consumer's (streaming features, outcomes) when it answers within a second."""
-        text = self.runtime.metrics.render()
-        if self.consumer is not None:
-            try:
-                text += await asyncio.wait_for(self.consumer.metrics_text.remote(), 1.0)
-            except Exception as exc:  # noqa: BLE001 - the replica's own metrics still answer
-                logger.warning("event consumer metrics unavailable: %s", type(exc).__name__)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/healthz")
     async def healthz(self) -> Response:

@@ -32,8 +32,6 @@ import pandas as pd
 import redis.asyncio as aioredis
 from feast import FeatureStore
 from feast.data_source import PushMode
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client import Counter as PromCounter
 from pydantic import Field, ValidationError
 from ray import serve
 
@@ -49,6 +47,7 @@ from rankgate.redis_server import SERVING_CONNECT_TIMEOUT_S
 from serving.events import StoredEvent, stream_time
 from serving.feedback import OutcomeJoiner, project_outcomes
 from serving.gate import ConsentGate
+from serving.metrics import Metrics
 from serving.runtime import ServingSources
 
 logger = logging.getLogger("ray.serve")
@@ -77,58 +76,46 @@ class ConsumerConfig(Strict):
     """A replica that stops renewing its lease is replaced after this long."""
 
 
-class ConsumerMetrics:
-    """The consumer's own Prometheus registry (the ingress's /metrics adds it)."""
+class ConsumerMetrics(Metrics):
+    """What the event consumer counts (through Ray's metrics, like the ingress's)."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.read = PromCounter(
-            "rankgate_events_consumed", "Events read from the stream, by type", ["type"], registry=r
+    def __init__(self, to_ray: bool | None = None) -> None:
+        super().__init__(to_ray)
+        self.read = self.counter(
+            "rankgate_events_consumed", "Events read from the stream, by type", ["type"]
         )
-        self.applied = PromCounter(
-            "rankgate_streaming_events_applied",
-            "Events applied to a streaming view",
-            ["view"],
-            registry=r,
+        self.applied = self.counter(
+            "rankgate_streaming_events_applied", "Events applied to a streaming view", ["view"]
         )
-        self.unused = PromCounter(
+        self.unused = self.counter(
             "rankgate_streaming_events_unused",
             "Events of a counted type not turned into features, by reason "
             "(not_permitted: consent; unknown_item; redelivered: applied before)",
             ["view", "reason"],
-            registry=r,
         )
-        self.rows = PromCounter(
+        self.rows = self.counter(
             "rankgate_streaming_rows_pushed",
             "Rows pushed to the online store through Feast's push path",
             ["view"],
-            registry=r,
         )
-        self.event_to_feature = Histogram(
+        self.event_to_feature = self.histogram(
             "rankgate_event_to_feature_seconds",
             "From an event's acceptance (202) to its streaming feature being readable",
+            LATENCY_BUCKETS,
             ["view"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.failures = PromCounter(
+        self.failures = self.counter(
             "rankgate_consumer_failures",
             "Batches that failed and will be delivered again, by stage",
             ["stage"],
-            registry=r,
         )
-        self.malformed = PromCounter(
-            "rankgate_events_malformed", "Stream entries that are not events", registry=r
+        self.malformed = self.counter(
+            "rankgate_events_malformed", "Stream entries that are not events"
         )
-        self.lag = Gauge(
+        self.lag = self.gauge(
             "rankgate_consumer_lag_seconds",
             "Age of the newest entry of the last batch when it was done",
-            registry=r,
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 def view_purposes(policy: Policy, views: Sequence[str]) -> dict[str, list[str]]:
@@ -357,7 +344,7 @@ class EventConsumer:
         )
         outcomes = project_outcomes(self.project)
         self.joiner = (
-            OutcomeJoiner(self.client, home.namespace, outcomes, self.metrics.registry)
+            OutcomeJoiner(self.client, home.namespace, outcomes, self.metrics)
             if outcomes is not None
             else None
         )
@@ -428,9 +415,6 @@ class EventConsumer:
         newest = entries[-1][0].decode()
         self.metrics.lag.set(max(time.time() - stream_time(newest), 0.0))
         return len(entries)
-
-    async def metrics_text(self) -> bytes:
-        return self.metrics.render()
 
     async def __del__(self) -> None:
         self.stopping = True

@@ -39,11 +39,11 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from rankgate import redis_keys
 from rankgate.project import Outcomes, Project
 from serving.events import StoredEvent, event_digest
+from serving.metrics import Metrics
 from serving.routing import Exposure
 
 ROLES = ("impression", "click", "conversion")
@@ -144,30 +144,27 @@ class OutcomeJoiner:
         client: aioredis.Redis,
         namespace: str,
         outcomes: Outcomes,
-        registry: CollectorRegistry,
+        metrics: Metrics,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.roles = outcome_roles(outcomes)
         self.script = client.register_script(JOIN_SCRIPT)
-        self.joined_total = Counter(
+        self.joined_total = metrics.counter(
             "rankgate_outcomes_joined",
             "Outcome events joined to a decision, by its model version and variant, the "
             "outcome and the item's position in the answer",
             ["model_version", "variant", "outcome", "position"],
-            registry=registry,
         )
-        self.unjoined_total = Counter(
+        self.unjoined_total = metrics.counter(
             "rankgate_outcomes_unjoined",
             "Outcome events no decision took, by outcome and reason",
             ["outcome", "reason"],
-            registry=registry,
         )
-        self.ctr = Gauge(
+        self.ctr = metrics.gauge(
             "rankgate_ctr",
             "Click-through rate of a model version and variant: joined clicks / impressions",
             ["model_version", "variant"],
-            registry=registry,
         )
 
     async def join(self, events: Sequence[StoredEvent]) -> JoinCounts:

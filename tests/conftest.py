@@ -200,6 +200,9 @@ def server(ready_home: Home) -> Iterator[Server]:
     env = serve_env(ready_home, resolve_redis_url(), config=base)
     edge_log = EdgeLog()
     env["RAY_SERVE_HAPROXY_LOG_TARGET"] = edge_log.target
+    # Ray's metrics agents get what replicas record every second (Ray's shortest
+    # report interval; 10 s by default), so metric tests wait little.
+    env["RAY_metrics_report_interval_ms"] = "1000"
     process = start_server(serve_run_command(config), env, log_path)
     base_url = f"http://127.0.0.1:{port}"
     try:

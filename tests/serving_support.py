@@ -6,12 +6,15 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 import yaml
+from prometheus_client.samples import Sample
 
+from loadtests.ray_metrics import own_processes, ray_session_dir, scrape
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
 from rankgate.settings import get_project
@@ -236,39 +239,10 @@ def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> No
     wait_until_healthy(server.base_url, None, 60, server.log_path, expect=expect)
 
 
-def own_processes(home: Path, marker: bytes) -> list[tuple[int, bytes]]:
-    """(pid, command line) of this home's server processes whose command line has `marker`.
-
-    Other Ray instances may run on the machine (other homes, other work): a process
-    is ours when its environment names our home."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in command and f"RANKGATE_HOME={home}".encode() in environ:
-            found.append((int(entry.name), command))
-    return found
-
-
 def replica_pids(home: Home, deployment: str = "RankIngress") -> list[int]:
     """Replica processes of this home's server (Ray titles them ray::ServeReplica:...)."""
     title = f"ServeReplica:rankgate:{deployment}".encode()
     return [pid for pid, _ in own_processes(home.root, title)]
-
-
-def ray_session_dir(home: Path) -> Path:
-    """The Ray session folder of this home's server, from its raylet's command line
-    (never `session_latest`, which names whichever instance started last)."""
-    for _, command in own_processes(home, b"raylet"):
-        for arg in command.split(b"\0"):
-            if arg.startswith(b"--session_dir="):
-                return Path(arg.split(b"=", 1)[1].decode())
-    raise AssertionError(f"no raylet of the server of {home} found")
 
 
 def edge_config(home: Home) -> str:
@@ -285,3 +259,23 @@ def edge_config(home: Home) -> str:
 
 def health(server: Server) -> dict[str, Any]:
     return httpx.get(f"{server.base_url}/healthz", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def ray_metrics(server: Server) -> list[Sample]:
+    """The server's metrics as Prometheus scrapes them: every agent Ray's
+    service-discovery file lists (loadtests/ray_metrics.py)."""
+    return scrape(ray_session_dir(server.home.root))
+
+
+def metrics_when(
+    server: Server, condition: Callable[[list[Sample]], bool], timeout_s: float = 30
+) -> list[Sample]:
+    """Scrapes until `condition` holds, or the time is up: the last scrape. Replicas hand
+    their records to Ray every 0.1 s and Ray reports them every second (the session
+    server's RAY_metrics_report_interval_ms), so what was recorded shows up soon."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = ray_metrics(server)
+        if condition(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)

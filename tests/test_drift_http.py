@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,16 @@ import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
+from prometheus_client.samples import Sample
 
+from loadtests.ray_metrics import PREFIX
 from rankgate.cli import main
 from rankgate.consent import ConsentState
 from rankgate.pseudonym import user_key
 from rankgate.setup import Environment
 from serving.drift_report import DriftFigures, read_drift
 from tests.conftest import Server
-from tests.serving_support import deploy, ingress_user_config, routing
-from tests.test_http import scrape
+from tests.serving_support import deploy, ingress_user_config, metrics_when, routing
 
 PURPOSE = "onsite_personalization"
 WINDOW_S = 20.0
@@ -81,18 +82,31 @@ def figures_after(env: Environment, version: str, rows: int, timeout_s: float = 
         time.sleep(0.1)
 
 
-def gauges(server: Server, version: str) -> dict[str, float]:
-    found = {}
-    for (name, labels), value in scrape(server).items():
-        label = dict(labels)
-        if label.get("model_version") != version:
-            continue
-        if name == "rankgate_drift_flag":
-            found[f"flag:{label['kind']}"] = value
-        elif name == "rankgate_feature_psi":
-            found[f"psi:{label['feature']}"] = value
-        elif name in ("rankgate_score_psi", "rankgate_drift_window_rows"):
-            found[name] = value
+def gauges(
+    server: Server, version: str, ready: Callable[[dict[str, float]], bool]
+) -> dict[str, float]:
+    """The drift gauges of `version` (the highest of any replica) once `ready` holds
+    of them, or the last ones read when 30 s have passed."""
+    found: dict[str, float] = {}
+
+    def read(samples: list[Sample]) -> bool:
+        found.clear()
+        for sample in samples:
+            label, name = sample.labels, sample.name.removeprefix(PREFIX)
+            if label.get("model_version") != version:
+                continue
+            if name == "rankgate_drift_flag":
+                key = f"flag:{label['kind']}"
+            elif name == "rankgate_feature_psi":
+                key = f"psi:{label['feature']}"
+            elif name in ("rankgate_score_psi", "rankgate_drift_window_rows"):
+                key = name
+            else:
+                continue
+            found[key] = max(found.get(key, sample.value), sample.value)
+        return ready(found)
+
+    metrics_when(server, read)
     return found
 
 
@@ -108,7 +122,8 @@ def test_shifted_requests_raise_the_drift_flag(
     assert ordinary.has_reference and ordinary.flags == []
     assert max(ordinary.feature_psi.values()) < 0.25 and ordinary.score_psi is not None
     assert ordinary.score_psi < 0.25
-    metrics = gauges(server, "v2")
+    rows = len(users) * catalogue
+    metrics = gauges(server, "v2", lambda m: m.get("rankgate_drift_window_rows", 0) >= rows)
     assert metrics["flag:feature"] == 0 and metrics["flag:score"] == 0
     assert metrics["rankgate_drift_window_rows"] >= len(users) * catalogue
 
@@ -122,7 +137,7 @@ def test_shifted_requests_raise_the_drift_flag(
     assert "feature" in shifted.flags
     top_name, top_psi = shifted.top_features(1)[0]
     assert top_psi > 1.0 and top_psi > 4 * max(ordinary.feature_psi.values())
-    metrics = gauges(server, "v2")
+    metrics = gauges(server, "v2", lambda m: m.get("flag:feature") == 1)
     assert metrics["flag:feature"] == 1 and metrics[f"psi:{top_name}"] > 1.0
 
     # The shadow scored copies of the same requests: its inputs shifted too.

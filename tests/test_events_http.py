@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from features.streaming import CountState, row_time
+from loadtests.ray_metrics import total
 from rankgate import redis_keys
 from rankgate.api_keys import ApiKeyStore
 from rankgate.consent import ConsentState
@@ -29,6 +30,8 @@ from tests.serving_support import (
     deploy,
     health,
     ingress_user_config,
+    metrics_when,
+    ray_metrics,
     replica_pids,
     routing,
     user_with,
@@ -151,9 +154,14 @@ def test_a_click_changes_the_next_ranking_through_the_streaming_feature(
     entries = env.redis.xrevrange(redis_keys.audit(env.home.namespace), count=50)
     records = [e[1][b"record"].decode() for e in entries]
     assert any(after["request_id"] in r and '"events_through"' in r for r in records)
-    metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
-    assert "rankgate_event_to_decision_seconds_count" in metrics
-    assert 'rankgate_streaming_events_applied_total{view="recent_clicks"}' in metrics
+    # The ingress timed the event into a decision; the consumer applied it to the view.
+    fed = ("rankgate_event_to_decision_seconds_count", {})
+    applied = ("rankgate_streaming_events_applied_total", {"view": "recent_clicks"})
+    metrics = metrics_when(
+        server, lambda s: all(total(s, n, **labels) for n, labels in (fed, applied))
+    )
+    assert total(metrics, fed[0]) >= 1
+    assert total(metrics, applied[0], **applied[1]) >= 1
 
 
 def test_events_of_people_who_may_not_be_personalized_are_not_features(
@@ -162,13 +170,17 @@ def test_events_of_people_who_may_not_be_personalized_are_not_features(
     server = streaming_server
     env = Environment.open()
     denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
+    unused = {"view": STREAMING_VIEW, "reason": "not_permitted"}
+    name = "rankgate_streaming_events_unused_total"
+    before = total(ray_metrics(server), name, **unused)
     posted = post_events(server, [click(denied, 1, region="US"), click(denied, 2)])
     assert posted.status_code == 202
     consumed(env, max(posted.json()["stream_ids"]))
     state = redis_keys.streaming_state(env.home.namespace, STREAMING_VIEW, user_key(denied))
     assert not env.redis.exists(state)
-    metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
-    assert 'reason="not_permitted"' in metrics
+    # Counted as unused, both (the consumer's own series, through Ray's metrics).
+    metrics = metrics_when(server, lambda s: total(s, name, **unused) - before >= 2)
+    assert total(metrics, name, **unused) - before == 2
 
 
 def test_killing_the_consumer_mid_stream_loses_no_event(streaming_server: Server) -> None:

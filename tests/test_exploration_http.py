@@ -11,14 +11,15 @@ import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
+from prometheus_client.samples import Sample
 
+from loadtests.ray_metrics import total
 from rankgate.cli import main
 from rankgate.consent import ConsentState
 from rankgate.setup import Environment
 from tests.conftest import Server
-from tests.serving_support import deploy, ingress_user_config, user_with
+from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics, user_with
 from tests.test_audit_http import decide, wait_for
-from tests.test_http import scrape
 
 PURPOSE = "onsite_personalization"
 EXPLORATION = {"method": "plackett_luce", "temperature": 1.0, "max_shift": 2}
@@ -41,11 +42,11 @@ def exploring(server: Server, tmp_path: Path) -> Iterator[None]:
     deploy(server, "default", ingress_user_config(), lambda h: h["policy_digest"] == default)
 
 
-def explored_counts(server: Server) -> dict[str, float]:
+def explored_counts(samples: list[Sample]) -> dict[str, float]:
+    """Exploration answers of PURPOSE by `explored`, summed over replicas."""
+    name = "rankgate_exploration_answers_total"
     return {
-        dict(labels)["explored"]: value
-        for (name, labels), value in scrape(server).items()
-        if name == "rankgate_exploration_answers_total" and dict(labels)["purpose"] == PURPOSE
+        flag: total(samples, name, purpose=PURPOSE, explored=flag) for flag in ("true", "false")
     }
 
 
@@ -65,7 +66,7 @@ def test_deterministic_answers_log_probability_one(server: Server, env: Environm
 def test_exploration_draws_logs_and_replays(server: Server, env: Environment) -> None:
     granted = [user_with(env.consent, PURPOSE, ConsentState.GRANTED, skip=n) for n in range(5)]
     denied = user_with(env.consent, PURPOSE, ConsentState.DENIED)
-    before = explored_counts(server)
+    before = explored_counts(ray_metrics(server))
     ids = [
         decide(server, user_id=granted[n % 5], purpose=PURPOSE, region="US", k=5, budget_ms=500)
         for n in range(60)
@@ -102,9 +103,13 @@ def test_exploration_draws_logs_and_replays(server: Server, env: Environment) ->
         assert record.choice.method == "fallback" and record.propensities == [1.0] * len(
             record.items
         )
-    after = explored_counts(server)
-    gained = {k: after.get(k, 0) - before.get(k, 0) for k in ("true", "false")}
-    assert gained == {"true": len(explored), "false": len(drawn) - len(explored)}
+
+    def gained(samples: list[Sample]) -> dict[str, float]:
+        after = explored_counts(samples)
+        return {k: after[k] - before[k] for k in after}
+
+    counted = gained(metrics_when(server, lambda s: sum(gained(s).values()) >= len(drawn)))
+    assert counted == {"true": len(explored), "false": len(drawn) - len(explored)}
 
     # Replay draws the same answer from the recorded seed.
     result = CliRunner().invoke(main, ["audit", "replay", sample.request_id])

@@ -30,6 +30,7 @@ from serving.feedback import (
     read_unjoined,
     wilson_interval,
 )
+from serving.metrics import Metrics
 from serving.pipeline import RankPipeline
 from serving.runtime import Runtime
 from serving.schemas import RankResponse
@@ -83,8 +84,8 @@ def event(
 
 
 def joiner(runtime: Runtime, env: Environment) -> tuple[OutcomeJoiner, CollectorRegistry]:
-    registry = CollectorRegistry()
-    return OutcomeJoiner(runtime.redis, env.home.namespace, OUTCOMES, registry), registry
+    metrics = Metrics(to_ray=False)
+    return OutcomeJoiner(runtime.redis, env.home.namespace, OUTCOMES, metrics), metrics.registry
 
 
 def test_each_decision_is_indexed_beside_its_audit_record(

@@ -14,7 +14,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
+from prometheus_client.samples import Sample
 
+from loadtests.ray_metrics import total
 from rankgate import redis_keys
 from rankgate.consent import ConsentState
 from rankgate.home import Home
@@ -28,7 +30,9 @@ from tests.serving_support import (
     deploy,
     health,
     ingress_user_config,
+    metrics_when,
     near_miss,
+    ray_metrics,
     routing,
     user_with,
 )
@@ -483,21 +487,10 @@ def test_openapi_document_follows_a_reconfigure(server: Server, tmp_path: Path) 
     assert health(server)["config_error"] is None
 
 
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_metrics_move_by_the_right_amounts(server: Server, env: Environment) -> None:
     granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
-    before = scrape(server)
+    before = ray_metrics(server)
     for _ in range(3):
         # A generous budget: the counts under test are the outcomes' labels, not
         # whether a busy machine answers within the default 50 ms.
@@ -519,11 +512,20 @@ def test_metrics_move_by_the_right_amounts(server: Server, env: Environment) -> 
             == 200
         )
     assert post_rank(server, user_id=granted, purpose="telepathy", region="US").status_code == 422
-    after = scrape(server)
+    # Summed over replicas, as Prometheus would (sum by the labels named).
+    after: list[Sample] = []
 
     def moved(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    def all_in(samples: list[Sample]) -> bool:
+        nonlocal after
+        after = samples
+        return moved("rankgate_rank_requests_total") == 6 and (
+            moved("rankgate_stage_seconds_count", stage="total") == 5
+        )
+
+    after = metrics_when(server, all_in)
 
     on = {"purpose": "onsite_personalization"}
     assert (

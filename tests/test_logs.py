@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.ray_metrics import ray_session_dir
 from rankgate.setup import Environment
 from serving.launch import (
     derived_config,
@@ -21,7 +22,7 @@ from serving.launch import (
     serve_env,
 )
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import deploy, ingress_user_config, ray_session_dir
+from tests.serving_support import deploy, ingress_user_config
 
 ACCESS_LOGS = {"log_level": "INFO", "enable_access_log": True}
 

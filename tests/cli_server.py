@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from rankgate.settings import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 RANKGATE = str(Path(sys.executable).with_name("rankgate"))
 

@@ -12,11 +12,15 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
 
-from rankgate.settings import PROJECT_ROOT
+from serving.launch import SERVE_CONFIG
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 
@@ -130,7 +134,7 @@ def test_it_serves_the_example_on_0_0_0_0_at_the_exposed_port(parsed: list[Instr
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     port = argv[argv.index("--port") + 1]
     assert last["EXPOSE"].value.split() == [port]
-    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
     assert port == str(serve_config["http_options"]["port"])
     assert last["STOPSIGNAL"].value == "SIGTERM"
     assert f"127.0.0.1:{port}/healthz" in last["HEALTHCHECK"].value

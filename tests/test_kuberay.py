@@ -20,7 +20,10 @@ import jsonschema
 import pytest
 import yaml
 
-from rankgate.settings import PROJECT_ROOT
+from serving.launch import SERVE_CONFIG
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 MANIFEST = PROJECT_ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 CRD_NAME = "ray.io_rayservices.yaml"
@@ -123,7 +126,7 @@ def test_serve_config_is_ray_serve_s_and_rankgate_s(manifest: dict[str, Any]) ->
 def test_serve_config_keeps_serve_config_yaml_s_settings(manifest: dict[str, Any]) -> None:
     """Whatever serve_config.yaml sets for RankIngress's user_config and the other
     deployments is the same in the cluster (the cluster's config may add to it)."""
-    ours = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    ours = yaml.safe_load(SERVE_CONFIG.read_text())
     cluster = serve_config(manifest)
     for name in ("RankIngress", "EventConsumer"):
         mine, theirs = deployment(ours, name), deployment(cluster, name)

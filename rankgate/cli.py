@@ -160,15 +160,44 @@ def users(consent: str | None, purpose: str, limit: int) -> None:
     default=None,
     help="HTTP port (default: from the config).",
 )
+@click.option(
+    "--host",
+    default=None,
+    envvar="RANKGATE_SERVE_HOST",
+    help="Address to listen on, e.g. 0.0.0.0 in a container (default: from the config, "
+    "127.0.0.1). Env: RANKGATE_SERVE_HOST.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="RANKGATE_LOG_FORMAT",
+    help="json: Ray Serve's logs (files and console) and this command's output as one "
+    "JSON object a line. Env: RANKGATE_LOG_FORMAT.",
+)
 @fails_cleanly
-def serve(config_path: Path | None, port: int | None) -> None:
-    """Set up if needed, then serve POST /v1/rank on Ray Serve (blocks; Ctrl-C stops)."""
+def serve(config_path: Path | None, port: int | None, host: str | None, log_format: str) -> None:
+    """Set up if needed, then serve POST /v1/rank on Ray Serve (blocks; Ctrl-C or
+    SIGTERM stops)."""
     import os
 
     from rankgate.setup import Environment, run_setup
-    from serving.launch import derived_config, exec_serve, project_serve_config, serve_env
+    from serving.launch import (
+        derived_config,
+        exec_serve,
+        project_serve_config,
+        serve_env,
+        server_host,
+        stop_on_signals,
+    )
+    from serving.supervisor import log_record
 
-    run_setup(click.echo)
+    def say(message: str) -> None:
+        click.echo(log_record(message, "rankgate") if log_format == "json" else message)
+
+    stop_on_signals()
+    run_setup(say)
     env = Environment.open()
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))
@@ -185,7 +214,8 @@ def serve(config_path: Path | None, port: int | None) -> None:
             env.project,
             env.settings.store,
             base,
-            host=yaml.safe_load(base.read_text()).get("http_options", {}).get("host", "0.0.0.0"),
+            host=host
+            or yaml.safe_load(base.read_text()).get("http_options", {}).get("host", "0.0.0.0"),
             port=port,
             env_vars={"REDIS_URL": env.redis_url},
         )
@@ -194,7 +224,7 @@ def serve(config_path: Path | None, port: int | None) -> None:
         config.write_text(yaml.safe_dump(document, sort_keys=False))
     else:
         if remote:
-            click.echo(
+            say(
                 "RANKGATE_STORE is not set: the replicas read the home and the project from "
                 "their node's filesystem, so every node must see them (README, "
                 '"Running on a cluster")'
@@ -210,13 +240,16 @@ def serve(config_path: Path | None, port: int | None) -> None:
             }
             if remote
             else None,
+            host=host,
+            log_format=log_format,
         )
-    click.echo(f"serving {config} (Ctrl-C stops)")
+    say(f"serving {config} (Ctrl-C stops)")
+    server = serve_env(env.home, env.redis_url, config=base, project=env.project)
+    if log_format == "json":  # Ray's own loggers in `serve run` and its workers
+        server.setdefault("RAY_LOGGING_CONFIG_ENCODING", "JSON")
     # This process becomes a small supervisor of `serve run` (same process id): what
     # setup imported (Feast, pandas, the trainers) is not kept while the server runs.
-    exec_serve(
-        env.home, base, config, serve_env(env.home, env.redis_url, config=base, project=env.project)
-    )
+    exec_serve(env.home, base, config, server, host=server_host(config), log_format=log_format)
 
 
 @main.command()

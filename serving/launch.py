@@ -194,13 +194,20 @@ def derived_config(
     user_config: dict[str, Any] | None = None,
     runtime_env: dict[str, str] | None = None,
     name: str = "serve_config",
+    host: str | None = None,
+    log_format: str = "text",
 ) -> Path:
-    """A copy of `base` in the home with the port, ingress user_config or env replaced,
-    and `application_env` in the application's runtime_env (every deploy of the home's
-    server writes the same, so a routing change reconfigures in place)."""
+    """A copy of `base` in the home with the port, host, ingress user_config or env
+    replaced, `application_env` in the application's runtime_env (every deploy of the
+    home's server writes the same, so a routing change reconfigures in place), and
+    Ray Serve's logs in JSON with `log_format="json"` (`json_serve_logs`)."""
     config = yaml.safe_load(base.read_text())
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
+    if host is not None:
+        config.setdefault("http_options", {})["host"] = host
+    if log_format == "json":
+        json_serve_logs(config)
     app = config["applications"][0]
     if user_config is not None:
         for deployment in app["deployments"]:
@@ -213,6 +220,29 @@ def derived_config(
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+def json_serve_logs(config: dict[str, Any]) -> None:
+    """Ray Serve's own logs (controller, proxies) and every application's and
+    deployment's in JSON: `logging_config.encoding` at each level that has one."""
+    for holder in [config, *config.get("applications", [])]:
+        holder.setdefault("logging_config", {})["encoding"] = "JSON"
+        for deployment in holder.get("deployments", []):
+            if "logging_config" in deployment:
+                deployment["logging_config"]["encoding"] = "JSON"
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM end this process (exit status 128 + the signal) while it
+    sets up, however it was started: a background job inherits SIGINT ignored, and a
+    container's PID 1 never hears a signal it does not handle. (Once the server
+    runs, the supervisor handles both.)"""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
 
 
 def serve_binary() -> str:
@@ -294,12 +324,28 @@ def server_port(config: Path) -> int:
     return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
 
 
-def exec_serve(home: Home, base_config: Path, config: Path, env: dict[str, str]) -> NoReturn:
+def server_host(config: Path) -> str:
+    return str(yaml.safe_load(config.read_text()).get("http_options", {}).get("host", "127.0.0.1"))
+
+
+def exec_serve(
+    home: Home,
+    base_config: Path,
+    config: Path,
+    env: dict[str, str],
+    host: str = "127.0.0.1",
+    log_format: str = "text",
+) -> NoReturn:
     """Replace this process (same id, same terminal and process group) with the small
     supervisor of `serve run` (serving/supervisor.py), which runs with `env`: what
     setup imported is not kept for the server's whole life."""
     command = supervisor_command_line(
-        ServerInfo.path(home), base_config, server_port(config), serve_run_command(config)
+        ServerInfo.path(home),
+        base_config,
+        server_port(config),
+        serve_run_command(config),
+        host=host,
+        log_format=log_format,
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -552,7 +552,9 @@ def apply_running(
     if info is None or info.health() is None or info.base_config.resolve() != config_path.resolve():
         say("no running server uses this config: the change applies at the next `rankgate serve`")
         return False
-    deployed = derived_config(home, base=config_path, port=info.port)
+    deployed = derived_config(
+        home, base=config_path, port=info.port, host=info.host, log_format=info.log_format
+    )
     result = subprocess.run(
         serve_deploy_command(deployed, info.dashboard),
         env=ray_client_env(env),

@@ -247,3 +247,20 @@ def restore(server: Server) -> Iterator[None]:
         ingress_user_config(),
         lambda h: h["routing"]["canary_weight"] == 0 and not h["routing"]["rolled_back"],
     )
+
+
+@pytest.fixture(scope="session")
+def cli_home() -> Iterator[Path]:
+    """A second home, set up by `rankgate setup` as a person would run it, for the tests
+    that start `rankgate serve` itself (they must not touch the session server's home:
+    its server.json, HAProxy folder and Ray instance). Its embedded Redis is stopped
+    afterwards."""
+    from tests.cli_server import run_cli
+
+    home = Path(tempfile.mkdtemp(prefix="rankgate-cli-home-"))
+    try:
+        run_cli(home, "setup")
+        yield home
+    finally:
+        EmbeddedRedis(Home(home)).stop()
+        shutil.rmtree(home, ignore_errors=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -13,14 +16,18 @@ import pytest
 import yaml
 
 from loadtests.ray_metrics import ray_session_dir
+from rankgate.home import Home
 from rankgate.setup import Environment
 from serving.launch import (
+    SERVE_CONFIG,
     derived_config,
+    free_port,
     haproxy_dir,
     ray_client_env,
     serve_deploy_command,
     serve_env,
 )
+from tests.cli_server import cli_env, run_cli, start
 from tests.conftest import Server, wait_until_healthy
 from tests.serving_support import deploy, ingress_user_config
 
@@ -118,3 +125,73 @@ def test_no_raw_user_id_reaches_any_log(server: Server) -> None:
     ]
     assert len(edge) >= len(calls), server.edge_log.lines[since:][-10:]
     assert not [line for line in server.edge_log.lines if probe in line]
+
+
+def json_lines(path: Path) -> list[dict[str, object]]:
+    """Every non-empty line of a log file, parsed: a line that is no JSON object fails."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{path}:{number} is not JSON: {line[:200]}") from None
+            assert isinstance(record, dict), f"{path}:{number}: {line[:200]}"
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_json_logs_parse_and_carry_no_raw_user_id(cli_home: Path, tmp_path: Path) -> None:
+    """`rankgate serve --log-format json`: what the command prints (setup, the
+    supervisor, `serve run`'s output) and the Serve logs of the application's
+    replicas are JSON lines, and no log of the run names a raw user id."""
+    config = tmp_path / "serve_config.yaml"
+    document = yaml.safe_load(SERVE_CONFIG.read_text())
+    document["applications"][0]["logging_config"] = dict(ACCESS_LOGS)
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    # Throughput-optimized Serve keeps up to 1000 replica log records in memory;
+    # one at a time puts the access lines in the files while the test reads them.
+    env = cli_env(cli_home, RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="1")
+    args = ["--log-format", "json", "--config", str(config)]
+    server = start(cli_home, free_port(), tmp_path / "serve.log", args=args, env=env)
+    probe = f"json-log-probe-{uuid.uuid4().hex}"
+    try:
+        server.wait_ready()
+        key = run_cli(
+            cli_home, "keys", "create", "json-logs", "--purpose", "onsite_personalization"
+        )
+        headers = {"Authorization": f"Bearer {key.split()[-1]}"}
+        url = server.base_url
+        ask = {"user_id": probe, "purpose": "onsite_personalization", "region": "US"}
+        consent = {"purposes": {"onsite_personalization": True}, "source": "cmp"}
+        calls = [
+            httpx.post(f"{url}/v1/rank", json=ask, headers=headers, timeout=10),
+            httpx.post(f"{url}/v1/rank", json={**ask, "region": "XX"}, headers=headers, timeout=10),
+            httpx.post(f"{url}/v1/consent", json={"user_id": probe, **consent}, headers=headers),
+            httpx.put(f"{url}/v1/consent/{probe}", json=consent, headers=headers, timeout=10),
+        ]
+        assert [c.status_code for c in calls] == [200, 422, 200, 200]
+        session = ray_session_dir(cli_home) / "logs"
+        server.snapshot = server.processes()
+    finally:
+        if server.process.poll() is None:
+            os.kill(server.process.pid, signal.SIGTERM)
+        try:
+            server.wait_gone(60)
+        finally:
+            server.kill_everything()
+    printed = json_lines(server.log_path)
+    messages = [str(r.get("message")) for r in printed]
+    assert any(m.startswith("rankgate ready at") for m in messages), messages[-20:]
+    assert any("Got KeyboardInterrupt" in m for m in messages), messages[-20:]
+    replica_logs = sorted((session / "serve").glob("replica_rankgate_*.log"))
+    assert replica_logs, sorted(p.name for p in (session / "serve").iterdir())
+    records = [record for path in replica_logs for record in json_lines(path)]
+    routes = {record.get("route") for record in records}
+    assert "/v1/consent/{user_id}" in routes, routes  # the access log was on, in JSON
+    files = [server.log_path, *session.rglob("*"), *haproxy_dir(Home(cli_home)).rglob("*")]
+    files = [f for f in files if f.is_file()]
+    assert len(files) > 10
+    named = [str(f) for f in files if probe.encode() in f.read_bytes()]
+    assert not named

@@ -1431,6 +1431,12 @@ def cluster() -> None:
 @click.option(
     "--replicas", type=click.IntRange(1, 1000), default=None, help="RankIngress replicas."
 )
+@click.option(
+    "--max-per-node",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="At most this many RankIngress replicas on one node (1: a lost node takes one).",
+)
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the proxies bind.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port.")
 @click.option(
@@ -1445,6 +1451,7 @@ def cluster_config_command(
     store: str | None,
     config_path: Path | None,
     replicas: int | None,
+    max_per_node: int | None,
     host: str,
     port: int | None,
     output: Path | None,
@@ -1463,6 +1470,7 @@ def cluster_config_command(
         host,
         port,
         replicas,
+        max_per_node=max_per_node,
     )
     text = dump(document)
     if output is None:

@@ -119,6 +119,7 @@ def cluster_config(
     port: int | None = None,
     replicas: int | None = None,
     env_vars: dict[str, str] | None = None,
+    max_per_node: int | None = None,
 ) -> dict[str, Any]:
     """`base` made self-contained for a cluster: nothing in it names a local path.
 
@@ -138,6 +139,8 @@ def cluster_config(
         raise ConfigError(f"{base}: no RankIngress deployment")
     if replicas is not None:
         ingress["num_replicas"] = replicas
+    if max_per_node is not None:  # spreads the replicas: a lost node takes one of them
+        ingress["max_replicas_per_node"] = max_per_node
     user_config = ingress.setdefault("user_config", {})
     user_config["policy"] = {"revision": checked.digest, "files": policy_files(project.policies)}
     # Python's optimized mode as on one machine (serving/launch.py), without the

@@ -42,7 +42,8 @@ CRD_PLACES = tuple(
 @pytest.fixture(scope="module")
 def schema() -> dict[str, Any]:
     found = [place for place in CRD_PLACES if place.is_file()]
-    assert found, f"KubeRay's RayService CRD is in none of {[str(p) for p in CRD_PLACES]}"
+    if not found:  # fetched data may not be committed (tests/data/kuberay/README.md)
+        pytest.skip(f"KubeRay's RayService CRD is in none of {[str(p) for p in CRD_PLACES]}")
     crd = yaml.safe_load(found[0].read_text())
     assert crd["spec"]["names"]["kind"] == "RayService"
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v["served"]]
@@ -149,3 +150,19 @@ def test_secrets_and_the_store_come_from_the_environment(manifest: dict[str, Any
         assert ports["serve"] == 8000 and ports["metrics"] == 8080
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert requests["memory"] and limits["memory"]
+
+
+def test_serve_config_is_what_rankgate_cluster_config_renders(manifest: dict[str, Any]) -> None:
+    """No hand-edited copy: serveConfigV2 is the rendered, self-contained config of the
+    example (project and policy files inside it, the store's URI in its environment)."""
+    from rankgate.settings import get_project
+    from serving.cluster import cluster_config
+    from serving.launch import project_serve_config
+
+    embedded = serve_config(manifest)
+    store = embedded["applications"][0]["runtime_env"]["env_vars"]["RANKGATE_STORE"]
+    project = get_project()
+    rendered = cluster_config(
+        project, store, project_serve_config(project), replicas=2, max_per_node=1
+    )
+    assert embedded == rendered

@@ -65,7 +65,7 @@ class Installed:
 
     def rankgate(
         self, *args: str, cwd: Path, timeout_s: float = 300
-    ) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [self.bin("rankgate"), *args],
             cwd=cwd,

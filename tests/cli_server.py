@@ -169,9 +169,13 @@ class CliServer:
         )
 
     def kill_everything(self) -> None:
-        """Clean-up after a failed test: SIGKILL to what the snapshot still has."""
+        """Clean-up after a failed test: SIGKILL to what still runs of the server
+        (taken now when no snapshot was: killing a wrapper such as unshare leaves
+        its child running)."""
         import signal
 
+        if not self.snapshot:
+            self.snapshot = self.processes()
         for line in self.left_behind():
             try:
                 os.kill(int(line.split()[0]), signal.SIGKILL)

@@ -27,7 +27,7 @@ import yaml
 from features.store import serving_files
 from model_store.artifacts import ArtifactStore
 from model_store.store import DEFAULT_MODEL_NAME, ModelStore
-from rankgate.carried import policy_files, project_files
+from rankgate.carried import project_files
 from rankgate.errors import ConfigError
 from rankgate.home import Home
 from rankgate.policy import load_policy_set
@@ -123,8 +123,8 @@ def cluster_config(
 ) -> dict[str, Any]:
     """`base` made self-contained for a cluster: nothing in it names a local path.
 
-    The project's files go into the application's args, the policy files (checked,
-    with their digest) into RankIngress's user_config, RANKGATE_STORE into the
+    The project's files (its policies included) go into the application's args, the
+    checked policies' digest into RankIngress's user_config, RANKGATE_STORE into the
     application's runtime_env; `env_vars` are added there too."""
     document = copy.deepcopy(yaml.safe_load(base.read_text()))
     http = document.setdefault("http_options", {})
@@ -142,7 +142,10 @@ def cluster_config(
     if max_per_node is not None:  # spreads the replicas: a lost node takes one of them
         ingress["max_replicas_per_node"] = max_per_node
     user_config = ingress.setdefault("user_config", {})
-    user_config["policy"] = {"revision": checked.digest, "files": policy_files(project.policies)}
+    # The policy files travel with the project (args.project: the event consumer reads
+    # them too); the digest pins them. `rankgate policy deploy --config` puts newer
+    # files into this section, which replicas then serve in place.
+    user_config["policy"] = {"revision": checked.digest}
     # Python's optimized mode as on one machine (serving/launch.py), without the
     # home's bytecode folder: a node has no such folder.
     optimize = optimize_level()

@@ -523,9 +523,10 @@ def write_policy(config_path: Path, folder: Path, revision: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{config_path}: {exc}") from exc
     user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
-    if "files" in (user_config.get("policy") or {}):
-        # A cluster's config carries its policy files (`rankgate cluster config`): the
-        # checked files go into it, since its replicas cannot read the folder.
+    carried = any("project" in (app.get("args") or {}) for app in document.get("applications", []))
+    if carried:
+        # A cluster's config carries the project (`rankgate cluster config`): the checked
+        # files go into it, since its replicas cannot read the folder.
         files = {name: LiteralScalarString(text) for name, text in policy_files(folder).items()}
         user_config["policy"] = CommentedMap({"revision": revision, "files": CommentedMap(files)})
         _write_document(config_path, document)

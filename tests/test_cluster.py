@@ -374,6 +374,7 @@ def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
     from ray.serve.schema import ServeDeploySchema
 
     from rankgate.carried import project_files
+    from rankgate.policy import load_policy_set
     from serving.app import AppArgs, parse_config
     from serving.cluster import cluster_config, dump
     from serving.promotion import write_policy
@@ -388,6 +389,8 @@ def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
     assert AppArgs.model_validate(app["args"]).project == project_files(project)
     assert app["runtime_env"]["env_vars"]["RANKGATE_STORE"] == "s3://bucket/prefix"
     assert ingress(config)["num_replicas"] == 3
+    checked_now = load_policy_set(project.policies)
+    assert ingress(config)["user_config"]["policy"] == {"revision": checked_now.digest}
 
     changed = tmp_path / "policies"
     shutil.copytree(project.policies, changed)
@@ -395,8 +398,6 @@ def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
     policy.write_text(policy.read_text().replace("version:", "version: changed-", 1))
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
-    from rankgate.policy import load_policy_set
-
     checked = load_policy_set(changed)
     write_policy(path, changed, checked.digest)
     deployed = parse_config(ingress(yaml.safe_load(path.read_text()))["user_config"])

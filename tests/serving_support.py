@@ -218,25 +218,32 @@ class Load:
 
 def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> None:  # type: ignore[no-untyped-def]
     """`serve deploy` the server's config with this ingress user_config; wait for `expect`."""
-    import subprocess
-
     from rankgate.setup import Environment
-    from serving.launch import derived_config, ray_client_env, serve_deploy_command, serve_env
+    from serving.launch import derived_config, serve_env
     from tests.conftest import wait_until_healthy
 
     port = int(server.base_url.rsplit(":", 1)[1])
     config = derived_config(server.home, port=port, user_config=user_config, name=name)
-    env = ray_client_env(serve_env(server.home, Environment.open().redis_url or ""))
+    env = serve_env(server.home, Environment.open().redis_url or "")
+    serve_deploy(config, server.dashboard_address(), env)
+    wait_until_healthy(server.base_url, None, 60, server.log_path, expect=expect)
+
+
+def serve_deploy(config: Path, dashboard: str, env: dict[str, str]) -> None:
+    """`serve deploy` a config to a Ray dashboard; the CLI's output if it fails."""
+    import subprocess
+
+    from serving.launch import ray_client_env, serve_deploy_command
+
     result = subprocess.run(
-        serve_deploy_command(config, server.dashboard_address()),
-        env=env,
+        serve_deploy_command(config, dashboard),
+        env=ray_client_env(env),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr + result.stdout
-    wait_until_healthy(server.base_url, None, 60, server.log_path, expect=expect)
 
 
 def replica_pids(home: Home, deployment: str = "RankIngress") -> list[int]:

@@ -36,8 +36,14 @@ from model_store.artifacts import ArtifactStore
 from rankgate import redis_keys
 from rankgate.home import Home
 from serving.audit import AuditRecord
-from serving.launch import free_port, ray_client_env, serve_binary
-from tests.serving_support import Load, copy_with_wrong_width, ingress_user_config, routing
+from serving.launch import free_port
+from tests.serving_support import (
+    Load,
+    copy_with_wrong_width,
+    ingress_user_config,
+    routing,
+    serve_deploy,
+)
 
 STORE_URI = "s3://rankgate/cluster"
 CANARY = "vc-raises"
@@ -119,15 +125,7 @@ def wait_for_replicas(base_url: str, count: int, timeout_s: float, expect=None) 
 
 def deploy(config: dict[str, Any], path: Path, dashboard: str) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = subprocess.run(
-        [serve_binary(), "deploy", str(path), "--address", dashboard],
-        env=ray_client_env(dict(os.environ)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
+    serve_deploy(path, dashboard, dict(os.environ))
 
 
 def ingress(config: dict[str, Any]) -> dict[str, Any]:

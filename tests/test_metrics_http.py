@@ -14,7 +14,13 @@ from loadtests.ray_metrics import by_replica, targets, total
 from rankgate.setup import Environment
 from serving.launch import derived_config
 from tests.conftest import Server, wait_until_healthy
-from tests.serving_support import metrics_when, ray_metrics, ray_session_dir, replica_pids
+from tests.serving_support import (
+    metrics_when,
+    ray_metrics,
+    ray_session_dir,
+    replica_pids,
+    serve_deploy,
+)
 
 REQUESTS = 80
 CLIENTS = 4
@@ -23,9 +29,7 @@ CLIENTS = 4
 def scale_ingress(server: Server, replicas: int) -> None:
     """`serve deploy` the server's config with `replicas` RankIngress replicas, and wait
     until HAProxy sends requests to each (each replica names itself in /healthz)."""
-    import subprocess
-
-    from serving.launch import ray_client_env, serve_deploy_command, serve_env
+    from serving.launch import serve_env
 
     port = int(server.base_url.rsplit(":", 1)[1])
     config = derived_config(server.home, port=port, name="two_replicas")
@@ -34,16 +38,11 @@ def scale_ingress(server: Server, replicas: int) -> None:
         if deployment["name"] == "RankIngress":
             deployment["num_replicas"] = replicas
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    env = ray_client_env(serve_env(server.home, Environment.open().redis_url or ""))
-    result = subprocess.run(
-        serve_deploy_command(config, server.dashboard_address()),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    serve_deploy(
+        config,
+        server.dashboard_address(),
+        serve_env(server.home, Environment.open().redis_url or ""),
     )
-    assert result.returncode == 0, result.stderr + result.stdout
     deadline = time.monotonic() + 120
     seen: set[str] = set()
     while len(seen) < replicas and time.monotonic() < deadline:

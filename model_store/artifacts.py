@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +47,6 @@ class StoreError(RankgateError):
     """The artifact store is unreachable, incomplete or holds a file whose sha256 is wrong."""
 
     status_code = 503
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class ArtifactStore:
@@ -201,17 +197,6 @@ class ArtifactStore:
     def _version_path(self, name: str, version: str, *parts: str) -> str:
         return self._path("models", name, check_version_name(version), *parts)
 
-    def versions(self, name: str) -> list[str]:
-        """Published versions (those whose manifest is in place)."""
-        base = self._path("models", name)
-        try:
-            found = self.fs.glob(f"{base}/*/{MANIFEST_FILE}")
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise StoreError(f"{self.uri}: cannot list {base} ({exc})") from exc
-        return sorted(str(path).rstrip("/").split("/")[-2] for path in found)
-
     def publish_version(self, models: ModelStore, version: str) -> bool:
         """Upload a version of the home's model store, manifest last; False when the
         store already holds exactly it. VersionExists when it holds another version
@@ -230,6 +215,11 @@ class ArtifactStore:
             self._upload(folder / name, self._version_path(models.name, version, name))
         self._write(self._version_path(models.name, version, MANIFEST_FILE), manifest)
         return True
+
+    def fetch_versions(self, models: ModelStore, versions: Iterable[str]) -> None:
+        """`fetch_version` of each (those the store lacks stay unknown to `models`)."""
+        for version in versions:
+            self.fetch_version(models, version)
 
     def fetch_version(self, models: ModelStore, version: str) -> bool:
         """Make `models` (a cache's model store) hold the version as published: every

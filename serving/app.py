@@ -124,14 +124,19 @@ def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -
                     f"(known: {', '.join(sorted(STAGES))})"
                 )
     if store is not None:
-        for index, route in enumerate(config.routing.versions):
-            if not store.exists(route.version):
-                known = ", ".join(store.versions()) or "none"
-                raise ConfigError(
-                    f"serve_config.yaml user_config: field 'routing.versions.{index}.version': "
-                    f"unknown model version {route.version!r} (known: {known})"
-                )
+        check_versions(config, store)
     return config
+
+
+def check_versions(config: ServingConfig, store: ModelStore) -> None:
+    """ConfigError naming the field when a routed version is not in `store`."""
+    for index, route in enumerate(config.routing.versions):
+        if not store.exists(route.version):
+            known = ", ".join(store.versions()) or "none"
+            raise ConfigError(
+                f"serve_config.yaml user_config: field 'routing.versions.{index}.version': "
+                f"unknown model version {route.version!r} (known: {known})"
+            )
 
 
 class RequestTimeout(RankgateError):
@@ -328,8 +333,7 @@ class RankerDeployment(BatchedScoring):
             raise ConfigError(validation_message("RankerDeployment user_config", exc)) from exc
         models = ModelStore(self.home, config.models.name)
         if self.store is not None:
-            for version in config.versions:
-                self.store.fetch_version(models, version)
+            self.store.fetch_versions(models, config.versions)
         self.ranker = Ranker(ModelSet(models, config.versions))
         self.tune_batching(config.batching)
 
@@ -371,12 +375,11 @@ class RankIngress(BatchedScoring):
         the field named; a bad config deployed later is refused and logged, and the
         running one keeps serving (so a typo never takes the service down)."""
         try:
+            config = parse_config(user_config)
+            versions = ModelStore(self.runtime.home, config.models.name)
             # On a cluster the routed versions come from the artifact store first.
-            self.runtime.fetch_versions(parse_config(user_config))
-            config = parse_config(
-                user_config,
-                ModelStore(self.runtime.home, user_config.get("models", {}).get("name", "ranker")),
-            )
+            self.runtime.fetch_versions(versions, config.routing.all_versions)
+            check_versions(config, versions)
             policies = self.runtime.load_policies(config.policy)
         except (ConfigError, StoreError) as exc:
             if self.state is None:

@@ -6,7 +6,7 @@ Heavy and shared by every request; built once in a deployment's `__init__`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,14 +154,11 @@ class Runtime:
             sources=sources,
         )
 
-    def fetch_versions(self, config: ServingConfig) -> None:
-        """On a cluster: the configured versions into this node's cache, each file
-        checked against its manifest (a version the store lacks stays unknown)."""
-        if self.sources is None or self.sources.store is None:
-            return
-        models = ModelStore(self.home, config.models.name)
-        for version in config.routing.all_versions:
-            self.sources.store.fetch_version(models, version)
+    def fetch_versions(self, models: ModelStore, versions: Iterable[str]) -> None:
+        """On a cluster: `versions` into this node's cache (`models`), each file checked
+        against its manifest (a version the store lacks stays unknown)."""
+        if self.sources is not None and self.sources.store is not None:
+            self.sources.store.fetch_versions(models, versions)
 
     @property
     def policy(self) -> Policy:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from features.spec import item_field
 from features.streaming import decayed
-from rankgate.project import ItemId, Project, StreamingView
+from rankgate.core.project import ItemId, Project, StreamingView
 
 
 def countable(project: Project, view: StreamingView) -> tuple[bool, bool]:

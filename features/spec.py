@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rankgate.config_files import Strict, load_yaml_model
-from rankgate.errors import FeatureRepoError
-from rankgate.project import ItemId, Project
+from rankgate.core.config_files import Strict, load_yaml_model
+from rankgate.core.errors import FeatureRepoError
+from rankgate.core.project import ItemId, Project
 
 ITEM_PLACEHOLDER = "{item_id}"
 Encoding = Literal["number", "hash"]

@@ -25,21 +25,21 @@ from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.repo_config import FeastConfigBaseModel
 
 from features.spec import ViewInfo
-from rankgate.errors import ConfigError, FeatureRepoError
-from rankgate.home import Home
-from rankgate.project import DATA_DIR_VARIABLE, ItemId, Project
-from rankgate.redis_server import (
+from rankgate.core.errors import ConfigError, FeatureRepoError
+from rankgate.core.home import Home
+from rankgate.core.project import DATA_DIR_VARIABLE, ItemId, Project
+from rankgate.core.redis_server import (
     SERVING_REDIS_OPTIONS,
     feast_connection_string,
     resolve_redis_url,
 )
-from rankgate.settings import Settings, get_project, get_settings
+from rankgate.core.settings import Settings, get_project, get_settings
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # How Feast encodes entity keys into Redis key names; whoever reads those names
-# back (rankgate.privacy) decodes them with the same version.
+# back (rankgate.ops.erasure) decodes them with the same version.
 ENTITY_KEY_SERIALIZATION_VERSION = 3
 
 

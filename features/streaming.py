@@ -1,7 +1,7 @@
 """Streaming features: decayed counts of a person's recent events, per item or in total.
 
 A streaming view (rankgate.yaml `streaming`) is a Feast feature view whose source
-is a PushSource. The event consumer (serving/consumer.py) applies each event of
+is a PushSource. The event consumer (serving/events/consumer.py) applies each event of
 the counted types to the person's state and pushes the resulting row to the
 online store with `FeatureStore.push_async(..., to=PushMode.ONLINE)`.
 
@@ -32,13 +32,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from features.spec import item_field
-from rankgate.project import ItemId, StreamingView
+from rankgate.core.project import ItemId, StreamingView
 
 AT, THROUGH = "_at", "_through"
 
 
 class Counted(Protocol):
-    """What a streaming count needs of an event (serving.events.StoredEvent)."""
+    """What a streaming count needs of an event (serving.events.intake.StoredEvent)."""
 
     @property
     def type(self) -> str: ...

@@ -33,7 +33,7 @@ from features.spec import (
     ViewInfo,
     template_fields,
 )
-from rankgate.project import ItemId
+from rankgate.core.project import ItemId
 
 MISSING = -1.0
 

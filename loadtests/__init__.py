@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rankgate.errors import RankgateError
-from rankgate.settings import SOURCE_CHECKOUT, get_settings
+from rankgate.core.errors import RankgateError
+from rankgate.core.settings import SOURCE_CHECKOUT, get_settings
 
 LOADTEST_EXTRA = "pip install 'rankgate[loadtest]'"
 

@@ -66,13 +66,13 @@ from loadtests.bench_report import (
 )
 from loadtests.drive import write_results
 from loadtests.wrk import ensure_wrk, run_wrk, wrk_version
-from rankgate.api_keys import temporary_key
-from rankgate.consent import ConsentState
-from rankgate.pseudonym import user_key
-from rankgate.redis_server import EmbeddedRedis
-from rankgate.settings import SOURCE_CHECKOUT, put_checkout_on_path
-from rankgate.setup import Environment
-from serving.launch import (
+from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_server import EmbeddedRedis
+from rankgate.core.settings import SOURCE_CHECKOUT, put_checkout_on_path
+from rankgate.governance.api_keys import temporary_key
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
+from serving.ops.launch import (
     derived_config,
     free_port,
     ingress_deployment,
@@ -160,7 +160,7 @@ SYSTEMS = [
 def request_bodies(env: Environment, count: int = 200) -> list[dict[str, Any]]:
     """Personalizable requests (consent granted for the policy's first purpose, in its
     first region), the whole catalogue as candidates."""
-    from rankgate.policy import load_policy
+    from rankgate.governance.policy import load_policy
 
     policy = load_policy()
     purpose, region = next(iter(policy.purposes)), next(iter(policy.regions))

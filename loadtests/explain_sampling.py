@@ -27,7 +27,7 @@ import yaml
 from loadtests.bench import drive, process_env, wait_ready, workload
 from loadtests.drive import stamped, write_results
 from loadtests.ray_metrics import ray_session_dir, scrape, total
-from serving.launch import (
+from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
     free_port,
@@ -38,7 +38,7 @@ from serving.launch import (
     start_server,
     stop_server,
 )
-from serving.supervisor import dashboard_address
+from serving.ops.supervisor import dashboard_address
 
 RATES = (0.0, 0.01, 0.05, 0.25)
 """0, the configured default (serve_config.yaml), and larger shares."""

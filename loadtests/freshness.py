@@ -35,14 +35,14 @@ import yaml
 
 from loadtests.drive import percentile, stamped, write_results
 from model_store.store import ModelStore
-from rankgate.api_keys import temporary_key
-from rankgate.consent import ConsentState
-from rankgate.errors import RankgateError
-from rankgate.policy import load_policy
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
-from serving.events import stream_time
-from serving.launch import SERVE_CONFIG, derived_config, free_port, serve_run_command
+from rankgate.core.errors import RankgateError
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.api_keys import temporary_key
+from rankgate.governance.consent import ConsentState
+from rankgate.governance.policy import load_policy
+from rankgate.ops.setup import Environment
+from serving.events.intake import stream_time
+from serving.ops.launch import SERVE_CONFIG, derived_config, free_port, serve_run_command
 
 RATES = (0, 100, 1000)
 Say = Callable[[str], None]
@@ -109,7 +109,7 @@ def run_freshness(
     rates: list[int], duration: float, repeats: int, output: Path, say: Say
 ) -> dict[str, Any]:
     from loadtests.bench import process_env, wait_ready
-    from serving.launch import start_server, stop_server
+    from serving.ops.launch import start_server, stop_server
 
     env = Environment.open()
     version, view = streaming_version(env)

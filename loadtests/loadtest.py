@@ -9,7 +9,7 @@ SLO of `loadtests/slo.yaml` is evaluated:
 - p99_ms: 99th percentile latency of all requests (Locust's aggregated row);
 - max_error_rate: failed requests / requests;
 - max_fallback_rate: degraded 200 rank answers / 200 rank answers (degraded:
-  the fallback reasons `serving.outcomes.FallbackReason` marks degraded;
+  the fallback reasons `serving.contract.reasons.FallbackReason` marks degraded;
   `no_consent` is policy).
 
 Files written to the output folder: locust_stats.csv (and Locust's other CSVs),
@@ -35,11 +35,11 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadtests import require_locust, results_folder
-from rankgate.api_keys import temporary_key
-from rankgate.config_files import load_yaml_model
-from rankgate.errors import RankgateError
-from rankgate.resources import shipped
-from rankgate.settings import SOURCE_CHECKOUT, put_checkout_on_path
+from rankgate.core.config_files import load_yaml_model
+from rankgate.core.errors import RankgateError
+from rankgate.core.resources import shipped
+from rankgate.core.settings import SOURCE_CHECKOUT, put_checkout_on_path
+from rankgate.governance.api_keys import temporary_key
 
 LOCUSTFILE = shipped("loadtests", "locustfile.py")
 DEFAULT_SLO = shipped("loadtests", "slo.yaml")

@@ -46,7 +46,7 @@ from typing import Any
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment as LocustEnvironment
 
-from serving.outcomes import DEGRADED
+from serving.contract.reasons import DEGRADED
 
 OUTCOMES_ENV = "RANKGATE_LOADTEST_OUTCOMES"
 API_KEY_ENV = "RANKGATE_API_KEY"
@@ -90,11 +90,11 @@ def build_pool() -> UserPool:
     Using the server's gate logic (not a copy of the rules) keeps the request names
     honest if the policy file changes.
     """
-    from rankgate.consent import ConsentState
-    from rankgate.policy import load_policy
-    from rankgate.pseudonym import user_key
-    from rankgate.setup import Environment
-    from serving.gate import ConsentGate
+    from rankgate.core.pseudonym import user_key
+    from rankgate.governance.consent import ConsentState
+    from rankgate.governance.policy import load_policy
+    from rankgate.ops.setup import Environment
+    from serving.ranking.gate import ConsentGate
 
     env = Environment.open()
     ids = env.project.demo_user_ids()

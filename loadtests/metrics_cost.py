@@ -25,8 +25,8 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from serving.metrics import ServingMetrics
-from serving.schemas import ModelRef, PolicyBlock, RankedItem, RankRequest, RankResponse
+from serving.contract.schemas import ModelRef, PolicyBlock, RankedItem, RankRequest, RankResponse
+from serving.observe.metrics import ServingMetrics
 
 REQUEST = RankRequest.model_construct(user_id="u-1", purpose="onsite_personalization", region="EU")
 RESPONSE = RankResponse(
@@ -104,8 +104,8 @@ def run_in_replica(rounds: int, number: int) -> dict[str, list[float]]:
     import ray
     from ray import serve
 
-    from rankgate.settings import put_checkout_on_path
-    from serving.launch import free_port
+    from rankgate.core.settings import put_checkout_on_path
+    from serving.ops.launch import free_port
 
     put_checkout_on_path(os.environ)
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)

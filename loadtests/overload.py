@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from loadtests.bench import Workload, drive, started, workload
-from rankgate.setup import Environment
-from serving.launch import (
+from rankgate.ops.setup import Environment
+from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
     free_port,

@@ -2,7 +2,7 @@
 
 `python -m loadtests.ranker_load --user-id U --purpose P --region R` builds the
 server's real pieces: the item table from the fetcher (Runtime.open), the stable
-model (serving.ranker.ModelSet from the model store), the items the consent
+model (serving.ranking.ranker.ModelSet from the model store), the items the consent
 gate leaves eligible for (P, R), and U's features from the online store. Then,
 in rounds:
 
@@ -36,13 +36,13 @@ from features.vector import ItemTable, build_matrix, user_fields
 from loadtests.baselines.common import stable_version
 from loadtests.bench_report import spread
 from model_store.store import ModelStore
-from rankgate.consent import ConsentState
-from rankgate.project import ItemId
-from rankgate.pseudonym import user_key
-from serving.config import BatchingConfig
-from serving.gate import ConsentGate
-from serving.launch import ingress_deployment
-from serving.ranker import LoadedModel, ModelSet, Ranker
+from rankgate.core.project import ItemId
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.consent import ConsentState
+from serving.contract.config import BatchingConfig
+from serving.ops.launch import ingress_deployment
+from serving.ranking.gate import ConsentGate
+from serving.ranking.ranker import LoadedModel, ModelSet, Ranker
 from serving.runtime import Runtime
 
 

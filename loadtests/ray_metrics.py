@@ -1,6 +1,6 @@
 """A local rankgate server's metrics, read as Prometheus reads them.
 
-Replicas export their metrics through Ray (serving/metrics.py): each node's Ray
+Replicas export their metrics through Ray (serving/observe/metrics.py): each node's Ray
 metrics agent serves them, and Ray lists the agents in its service-discovery
 file, `<session dir>/prom_metrics_service_discovery.json` (what
 loadtests/grafana/prometheus.yml gives Prometheus). `scrape` reads every target

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from model_store.manifest import MANIFEST_FILE
 from model_store.store import ModelStore, check_version_name, sha256_file
-from rankgate.errors import ModelStoreError, RankgateError, VersionExists
-from rankgate.home import Home
+from rankgate.core.errors import ModelStoreError, RankgateError, VersionExists
+from rankgate.core.home import Home
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem

@@ -6,7 +6,7 @@ each shown position whose outcome is known (`Shown`: item, the logging policy's
 propensity, reward). Two sources make them: the project's interaction log
 (`decisions_from_logs`: each row is one shown position, its candidates the whole
 catalogue) and rankgate's own audit log joined with outcomes
-(serving/audit_logs.py).
+(serving/ops/audit_evidence.py).
 
 `slots_for` scores each decision's candidates with a version (through the one
 feature builder, `features.vector.build_matrix`, and onnxruntime, many decisions
@@ -42,9 +42,9 @@ from model_store.offpolicy import (
 from model_store.onnx_scoring import OnnxScorer
 from model_store.store import ModelStore
 from model_store.train import LoggedRows
-from rankgate.errors import ModelStoreError
-from rankgate.project import ItemId, Project
-from rankgate.topk import top_k
+from rankgate.core.errors import ModelStoreError
+from rankgate.core.project import ItemId, Project
+from rankgate.core.topk import top_k
 
 if TYPE_CHECKING:
     from feast import FeatureView

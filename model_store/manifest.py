@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from features.spec import Encoding, FeatureSpec, Source
-from rankgate.config_files import Strict
+from rankgate.core.config_files import Strict
 
 ONNX_FILE = "model.onnx"
 PARITY_INPUTS_FILE = "parity_inputs.npy"

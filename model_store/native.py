@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from model_store.manifest import BoosterKind
-from rankgate.errors import ModelStoreError
+from rankgate.core.errors import ModelStoreError
 
 
 def load_native(path: Path, kind: BoosterKind) -> Any:

@@ -7,7 +7,7 @@ reference rows per bin. A missing value (-1, features.vector.MISSING) is a bin o
 its own; a column with few distinct values gets a bin per value; any other column
 gets quantile bins (about `BINS`, fewer where quantiles coincide). With a native
 model, also the mean |SHAP| per feature group over a sample of rows. The serving
-side (serving/drift.py) bins live rows with the same edges and compares.
+side (serving/observe/drift.py) bins live rows with the same edges and compares.
 
 A version made without data rankgate can read has no reference, and says so: none
 is ever invented.
@@ -25,8 +25,8 @@ from pydantic import Field
 from features.spec import FeatureSpec
 from features.vector import MISSING
 from model_store.manifest import REFERENCE_FILE
-from rankgate.config_files import Strict
-from rankgate.errors import ModelStoreError
+from rankgate.core.config_files import Strict
+from rankgate.core.errors import ModelStoreError
 
 BINS = 10
 SHAP_SAMPLE_ROWS = 500

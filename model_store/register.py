@@ -51,8 +51,8 @@ from model_store.native import load_native, predict_native
 from model_store.onnx_scoring import OnnxScorer
 from model_store.reference import compute_reference, native_explain
 from model_store.store import ModelStore, check_version_name, sha256_file, write_json
-from rankgate.errors import ModelStoreError, VersionExists
-from rankgate.project import Project
+from rankgate.core.errors import ModelStoreError, VersionExists
+from rankgate.core.project import Project
 
 SAMPLE_ROWS = 256
 LIBRARIES = ("onnx", "onnxruntime", "lightgbm", "xgboost", "scikit-learn", "shap")

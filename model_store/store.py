@@ -31,8 +31,8 @@ from model_store.manifest import (
     PARITY_INPUTS_FILE,
     Manifest,
 )
-from rankgate.errors import ModelStoreError, UnknownVersion, VersionExists
-from rankgate.home import Home
+from rankgate.core.errors import ModelStoreError, UnknownVersion, VersionExists
+from rankgate.core.home import Home
 
 if TYPE_CHECKING:
     from features.spec import ViewInfo

@@ -34,8 +34,8 @@ from features.vector import ItemTable, build_matrix
 from model_store.manifest import Manifest, Metrics, TrainingData
 from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
-from rankgate.errors import ModelStoreError, RankgateError
-from rankgate.project import Project
+from rankgate.core.errors import ModelStoreError, RankgateError
+from rankgate.core.project import Project
 
 ONNX_INPUT = "features"
 ONNX_OPSET = 15  # highest opset onnxmltools 1.16 converts LightGBM to

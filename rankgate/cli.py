@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from rankgate.errors import RankgateError
+from rankgate.core.errors import RankgateError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,7 +49,7 @@ def main(project: Path | None) -> None:
     if project is not None:
         import os
 
-        from rankgate.settings import get_settings
+        from rankgate.core.settings import get_settings
 
         # Every command, and the server processes `serve` starts, read it from here.
         os.environ["RANKGATE_PROJECT"] = str(project.expanduser().resolve())
@@ -69,7 +69,7 @@ def main(project: Path | None) -> None:
 def setup(force: bool) -> None:
     """Prepare everything the server needs from the project's sources; safe to run again
     (redoes what changed since the last run, and says what)."""
-    from rankgate.setup import run_setup
+    from rankgate.ops.setup import run_setup
 
     run_setup(click.echo, force=force)
 
@@ -81,7 +81,7 @@ def setup(force: bool) -> None:
 def init(folder: Path, name: str | None) -> None:
     """Write a new project skeleton into FOLDER: rankgate.yaml, a Feast repository,
     policies and a model declaration, each commented with what to fill in."""
-    from rankgate.scaffold import write_skeleton
+    from rankgate.ops.scaffold import write_skeleton
 
     for line in write_skeleton(folder, name):
         click.echo(line)
@@ -100,7 +100,7 @@ def project() -> None:
 def project_check(folder: Path | None) -> None:
     """Validate a project (default: the selected one) without starting anything:
     rankgate.yaml, its Feast definitions, catalogue, policies and model declarations."""
-    from rankgate.project_check import check_project
+    from rankgate.ops.project_check import check_project
 
     for line in check_project(folder):
         click.echo(line)
@@ -111,9 +111,9 @@ def project_check(folder: Path | None) -> None:
 def project_env() -> None:
     """Print the exports Feast's own CLI needs in the project's repository:
     `eval "$(rankgate project env)"`, then `feast apply` there works."""
-    from rankgate.home import Home
-    from rankgate.redis_server import connect, feast_connection_string, resolve_redis_url
-    from rankgate.settings import get_project
+    from rankgate.core.home import Home
+    from rankgate.core.redis_server import connect, feast_connection_string, resolve_redis_url
+    from rankgate.core.settings import get_project
 
     url = resolve_redis_url()
     connect(url)
@@ -140,7 +140,7 @@ def project_env() -> None:
 @fails_cleanly
 def users(consent: str | None, purpose: str, limit: int) -> None:
     """List the project's demo user ids and their consent state, to know whom to ask about."""
-    from rankgate.setup import list_users
+    from rankgate.ops.setup import list_users
 
     for line in list_users(purpose, consent, limit):
         click.echo(line)
@@ -182,8 +182,8 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     SIGTERM stops)."""
     import os
 
-    from rankgate.setup import Environment, run_setup
-    from serving.launch import (
+    from rankgate.ops.setup import Environment, run_setup
+    from serving.ops.launch import (
         derived_config,
         exec_serve,
         project_serve_config,
@@ -191,7 +191,7 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
         server_host,
         stop_on_signals,
     )
-    from serving.supervisor import log_record
+    from serving.ops.supervisor import log_record
 
     def say(message: str) -> None:
         click.echo(log_record(message, "rankgate") if log_format == "json" else message)
@@ -207,7 +207,7 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
         import yaml
 
         from model_store.artifacts import ArtifactStore
-        from serving.cluster import cluster_config, publish
+        from serving.ops.cluster import cluster_config, publish
 
         publish(env.home, env.project, env.views(), ArtifactStore(env.settings.store))
         document = cluster_config(
@@ -352,7 +352,7 @@ def bench(
     from loadtests import results_folder
     from loadtests.bench import DEFAULT_DURATION_S, DEFAULT_LEVELS, EXTRAS, PARTS, run_bench
     from loadtests.overload import LEVELS, run_overload
-    from rankgate.setup import run_setup
+    from rankgate.ops.setup import run_setup
 
     default = LEVELS if overload else [1, 8, 32] if explain_sampling else DEFAULT_LEVELS
     text = concurrency or ",".join(map(str, default))
@@ -471,7 +471,7 @@ def features() -> None:
 @fails_cleanly
 def features_apply() -> None:
     """Register entities and feature views in the home's Feast registry."""
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open()
     views = env.apply_features()
@@ -483,7 +483,7 @@ def features_apply() -> None:
 def features_materialize() -> None:
     """Load the latest feature values into the Redis online store (every view but the
     streaming ones, which the event stream keeps fresh)."""
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open()
     names = env.materialize()
@@ -528,7 +528,7 @@ def model_train(version: str, trainer: str, params: str | None, features_path: P
     register`). Default inputs: those of the project's last setup model."""
     from features.spec import load_features_file
     from model_store.train import parse_params, train
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open(redis=False)
     if features_path is None:
@@ -599,8 +599,8 @@ def model_register(
     from model_store.manifest import REFERENCE_FILE, Metrics
     from model_store.register import Candidate, register
     from model_store.train import log_rows
-    from rankgate.config_files import load_yaml_model
-    from rankgate.setup import Environment
+    from rankgate.core.config_files import load_yaml_model
+    from rankgate.ops.setup import Environment
 
     env = Environment.open(redis=False)
     infos = env.view_infos()
@@ -651,7 +651,7 @@ def model_reference(version: str) -> None:
     model) mean |SHAP| per feature group; added to its manifest with its hash."""
     from model_store.register import add_reference
     from model_store.train import log_rows
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open(redis=False)
     specs = env.models.manifest(version).specs
@@ -671,7 +671,7 @@ def model_reference(version: str) -> None:
 @fails_cleanly
 def model_validate(version: str) -> None:
     """Recheck hashes, ONNX/native parity and features of a version."""
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open()
     report = env.models.validate(version, env.view_infos())
@@ -688,7 +688,7 @@ def model_validate(version: str) -> None:
 @fails_cleanly
 def model_list() -> None:
     """Show the registered versions and their state."""
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     env = Environment.open(redis=False)
     rows = env.model_rows()
@@ -704,16 +704,16 @@ def model_list() -> None:
 
 
 def _promotion_context(config_path: Path | None):  # type: ignore[no-untyped-def]
-    from rankgate.setup import Environment
-    from serving.promotion import default_config
+    from rankgate.ops.setup import Environment
+    from serving.ops.promotion import default_config
 
     env = Environment.open()
     return env, (config_path or default_config(env.home))
 
 
 def _apply(env, config_path: Path, expect) -> None:  # type: ignore[no-untyped-def]
-    from serving.launch import serve_env
-    from serving.promotion import apply_running
+    from serving.ops.launch import serve_env
+    from serving.ops.promotion import apply_running
 
     assert env.redis_url is not None
     apply_running(env.home, config_path, serve_env(env.home, env.redis_url), expect, click.echo)
@@ -777,9 +777,10 @@ def model_promote(
     Shows which purposes each version serves before and after, and refuses a change
     that leaves users of a purpose without a permitted model, unless --force; so too,
     with `drift.block_promotion` in the serve config, a version with a drift flag."""
-    from serving.drift_report import read_drift
-    from serving.experiments import clear_rollback, read_rollbacks
-    from serving.promotion import (
+    from serving.contract.config import Role
+    from serving.observe.drift_figures import read_drift
+    from serving.observe.routing_log import clear_rollback, read_rollbacks
+    from serving.ops.promotion import (
         Move,
         RoutingFile,
         record_change,
@@ -787,7 +788,6 @@ def model_promote(
         routing_applied,
         starts_experiment,
     )
-    from serving.routing import Role
 
     roles: dict[Role, bool] = {
         "canary": canary is not None,
@@ -833,7 +833,7 @@ def model_promote(
 
 def _evidence(env, version: str, stable: str, requirement):  # type: ignore[no-untyped-def]
     """Off-policy evidence of `version` against stable, as the gate asks for it."""
-    from serving.evidence import gather, logged_decisions
+    from serving.ops.evidence import gather, logged_decisions
 
     decisions, source = logged_decisions(
         env, [version, stable], requirement.source, requirement.since
@@ -861,7 +861,7 @@ def model_retire(version: str, force: bool, config_path: Path | None) -> None:
 
     Refused for the stable version, and when a purpose would lose its permitted
     model, unless --force."""
-    from serving.promotion import Move, RoutingFile, record_change, routing_applied
+    from serving.ops.promotion import Move, RoutingFile, record_change, routing_applied
 
     env, path = _promotion_context(config_path)
     routing = RoutingFile.open(path)
@@ -878,7 +878,7 @@ def model_retire(version: str, force: bool, config_path: Path | None) -> None:
 def model_rollback(force: bool, config_path: Path | None) -> None:
     """Take the canary out (stable serves everyone) and apply it; a canary that was an
     alternate or a shadow before its promotion gets that role back."""
-    from serving.promotion import RoutingFile, record_change, rollback_move, routing_applied
+    from serving.ops.promotion import RoutingFile, record_change, rollback_move, routing_applied
 
     env, path = _promotion_context(config_path)
     routing = RoutingFile.open(path)
@@ -934,8 +934,8 @@ def model_evaluate(
     from model_store.evaluation import evaluate_versions
     from model_store.offpolicy import ESTIMATORS
     from model_store.train import load_item_table
-    from rankgate.setup import Environment
-    from serving.evidence import logged_decisions
+    from rankgate.ops.setup import Environment
+    from serving.ops.evidence import logged_decisions
 
     if audit and logs_path is not None:
         raise RankgateError("choose one of --logs FILE and --audit")
@@ -1030,8 +1030,8 @@ def model_history(count: int) -> None:
     ones with their rule), newest last, with forced changes and their evidence."""
     from datetime import UTC, datetime
 
-    from rankgate.setup import Environment
-    from serving.experiments import read_routing_events
+    from rankgate.ops.setup import Environment
+    from serving.observe.routing_log import read_routing_events
 
     env = Environment.open()
     entries = read_routing_events(env.redis, env.home.namespace, count)
@@ -1069,9 +1069,9 @@ def model_status(config_path: Path | None, since: str) -> None:
     against stable, and the outcomes joined to each version's decisions (CTR)."""
     from datetime import UTC, datetime
 
-    from serving.experiments import read_rollbacks, read_shadow
-    from serving.promotion import plain, read_routing
-    from serving.supervisor import ServerInfo
+    from serving.observe.routing_log import read_rollbacks, read_shadow
+    from serving.ops.promotion import plain, read_routing
+    from serving.ops.supervisor import ServerInfo
 
     env, path = _promotion_context(config_path)
     _, routing = read_routing(path)
@@ -1133,9 +1133,9 @@ def model_status(config_path: Path | None, since: str) -> None:
 
 def _shadow_evidence(env, shadow: str, routing, since: str) -> list[str]:  # type: ignore[no-untyped-def]
     """A shadow's click rate estimated off-policy against stable's on the decisions
-    of the audit log since `since` that have outcomes (serving/evidence.py)."""
-    from serving.evidence import gather, logged_decisions
-    from serving.feedback import project_outcomes
+    of the audit log since `since` that have outcomes (serving/ops/evidence.py)."""
+    from serving.observe.outcomes import project_outcomes
+    from serving.ops.evidence import gather, logged_decisions
 
     if project_outcomes(env.project) is None:
         return ["off-policy: the project declares no outcome events"]
@@ -1153,7 +1153,7 @@ def _shadow_evidence(env, shadow: str, routing, since: str) -> list[str]:  # typ
 def _drift_line(env, version: str) -> str:  # type: ignore[no-untyped-def]
     """A version's drift as the replicas last wrote it, or why there is none."""
     from model_store.manifest import REFERENCE_FILE
-    from serving.drift_report import read_drift
+    from serving.observe.drift_figures import read_drift
 
     figures = read_drift(env.redis, env.home.namespace, version)
     if figures is not None:
@@ -1170,7 +1170,7 @@ def _drift_line(env, version: str) -> str:  # type: ignore[no-untyped-def]
 def _show_outcomes(client, namespace: str) -> None:  # type: ignore[no-untyped-def]
     """Joined outcomes per version and variant: CTR with its 95 % Wilson interval,
     CTR per position, conversions, decisions with outcomes; unjoined outcomes."""
-    from serving.feedback import outcome_keys, read_outcomes, read_unjoined
+    from serving.observe.outcomes import outcome_keys, read_outcomes, read_unjoined
 
     found = outcome_keys(client, namespace)
     if not found:
@@ -1220,8 +1220,8 @@ def audit() -> None:
 @fails_cleanly
 def audit_tail(count: int, follow: bool) -> None:
     """Print the most recent decisions, one JSON record per line."""
-    from rankgate.setup import Environment
-    from serving import replay
+    from rankgate.ops.setup import Environment
+    from serving.ops import audit_replay as replay
 
     env = Environment.open()
     records = replay.tail(env.redis, env.home.namespace, count)
@@ -1238,9 +1238,9 @@ def audit_tail(count: int, follow: bool) -> None:
 @fails_cleanly
 def audit_replay(request_id: str) -> None:
     """Re-score a decision from its recorded features and model version."""
-    from rankgate.setup import Environment
-    from serving import replay
-    from serving.feature_fetch import FeatureFetcher
+    from rankgate.ops.setup import Environment
+    from serving.ops import audit_replay as replay
+    from serving.ranking.feature_fetch import FeatureFetcher
 
     env = Environment.open()
     record = replay.find(env.redis, env.home.namespace, request_id)
@@ -1277,10 +1277,10 @@ def events_replay(since: str) -> None:
     import redis.asyncio as aioredis
 
     from features.store import load_catalogue
-    from rankgate.policy import load_policy_set
-    from rankgate.setup import Environment
-    from serving.consumer import ConsumerConfig
-    from serving.event_replay import replay_streaming, since_stream_id
+    from rankgate.governance.policy import load_policy_set
+    from rankgate.ops.setup import Environment
+    from serving.events.consumer import ConsumerConfig
+    from serving.events.replay import replay_streaming, since_stream_id
 
     since_stream_id(since)  # a bad --since is refused before anything is touched
     env = Environment.open()
@@ -1333,8 +1333,8 @@ FOLDER_ARGUMENT = click.argument(
 def policy_check(folder: Path | None) -> None:
     """Validate policy.yaml and fallback.yaml of FOLDER (default: the project's policies),
     with their item ids against the project's catalogue."""
-    from rankgate.policy import load_policy_set
-    from rankgate.setup import Environment
+    from rankgate.governance.policy import load_policy_set
+    from rankgate.ops.setup import Environment
 
     env = Environment.open(redis=False)
     checked = load_policy_set(folder, env.catalogue(), env.project.item_type)
@@ -1352,9 +1352,9 @@ def policy_deploy(folder: Path | None, config_path: Path | None) -> None:
     """Check FOLDER's policy files, then serve them: the config names the folder and the
     digest of the files checked, and the running server re-reads them in place. A file
     with an error is refused here, and by the server, which keeps its current policy."""
-    from rankgate.policy import load_policy_set
-    from rankgate.setup import Environment
-    from serving.promotion import write_policy
+    from rankgate.governance.policy import load_policy_set
+    from rankgate.ops.setup import Environment
+    from serving.ops.promotion import write_policy
 
     project_env = Environment.open(redis=False)
     checked = load_policy_set(folder, project_env.catalogue(), project_env.project.item_type)
@@ -1377,7 +1377,7 @@ STORE_OPTION = click.option(
 def _store_uri(store: str | None) -> str:
     from pydantic import ValidationError
 
-    from rankgate.settings import Settings, get_settings
+    from rankgate.core.settings import Settings, get_settings
 
     if store is None:
         store = get_settings().store
@@ -1400,8 +1400,8 @@ def publish(store: str | None) -> None:
     namespace, the Feast registry, the serving tables and every model version
     (registered versions are immutable there too)."""
     from model_store.artifacts import ArtifactStore
-    from rankgate.setup import Environment
-    from serving.cluster import publish as publish_home
+    from rankgate.ops.setup import Environment
+    from serving.ops.cluster import publish as publish_home
 
     env = Environment.open(redis=False)
     target = ArtifactStore(_store_uri(store))
@@ -1459,9 +1459,9 @@ def cluster_config_command(
     """A serve config for a cluster: the store's URI, the project's files and the
     checked policy files carried inside it, no local path (for `serve deploy`, or a
     RayService's serveConfigV2)."""
-    from rankgate.settings import get_project
-    from serving.cluster import cluster_config, dump
-    from serving.launch import project_serve_config
+    from rankgate.core.settings import get_project
+    from serving.ops.cluster import cluster_config, dump
+    from serving.ops.launch import project_serve_config
 
     document = cluster_config(
         get_project(),
@@ -1491,8 +1491,8 @@ def keys() -> None:
 
 
 def _key_store():  # type: ignore[no-untyped-def]
-    from rankgate.api_keys import ApiKeyStore
-    from rankgate.setup import Environment
+    from rankgate.governance.api_keys import ApiKeyStore
+    from rankgate.ops.setup import Environment
 
     env = Environment.open()
     return ApiKeyStore(env.redis, env.home.namespace)
@@ -1517,8 +1517,8 @@ def _key_store():  # type: ignore[no-untyped-def]
 @fails_cleanly
 def keys_create(app: str, purposes: tuple[str, ...], scopes: tuple[str, ...]) -> None:
     """Create a key for APP; it is printed once, as the last word."""
-    from rankgate.api_keys import check_app
-    from rankgate.policy import load_policy
+    from rankgate.governance.api_keys import check_app
+    from rankgate.governance.policy import load_policy
 
     check_app(app)  # a bad name is refused before Redis is even opened
 
@@ -1571,8 +1571,8 @@ def privacy() -> None:
 @fails_cleanly
 def privacy_forget(user_id: str) -> None:
     """Erase USER_ID's feature rows, consent record, audit records and offline rows."""
-    from rankgate.privacy import Eraser, checked_user_id
-    from rankgate.setup import Environment
+    from rankgate.ops.erasure import Eraser, checked_user_id
+    from rankgate.ops.setup import Environment
 
     checked_user_id(user_id)  # a bad id is refused before Redis is even opened
     env = Environment.open()
@@ -1592,7 +1592,7 @@ def redis_group() -> None:
 @fails_cleanly
 def redis_start() -> None:
     """Start the embedded server of this home (or check REDIS_URL) and print its address."""
-    from rankgate.redis_server import connect, describe, resolve_redis_url
+    from rankgate.core.redis_server import connect, describe, resolve_redis_url
 
     url = resolve_redis_url()
     connect(url)
@@ -1603,9 +1603,9 @@ def redis_start() -> None:
 @fails_cleanly
 def redis_stop() -> None:
     """Save and stop the embedded server of this home."""
-    from rankgate.home import Home
-    from rankgate.redis_server import EmbeddedRedis
-    from rankgate.settings import get_settings
+    from rankgate.core.home import Home
+    from rankgate.core.redis_server import EmbeddedRedis
+    from rankgate.core.settings import get_settings
 
     if get_settings().redis_url:
         raise RankgateError("REDIS_URL is set: rankgate does not stop a server it did not start")
@@ -1617,9 +1617,9 @@ def redis_stop() -> None:
 @fails_cleanly
 def redis_status() -> None:
     """Say which server this home uses and whether it answers."""
-    from rankgate.home import Home
-    from rankgate.redis_server import EmbeddedRedis, connect, describe
-    from rankgate.settings import get_settings
+    from rankgate.core.home import Home
+    from rankgate.core.redis_server import EmbeddedRedis, connect, describe
+    from rankgate.core.settings import get_settings
 
     settings = get_settings()
     if settings.redis_url:

@@ -7,10 +7,10 @@ import sys
 # (for its pre-fork feature server), and prometheus_client imported after that,
 # or in a process that inherited it, keeps every metric value in mmap'd files: a
 # lock, a getpid() and a file write per increment on the request path. A serving
-# process keeps its metrics in memory (serving/metrics.py): unless prometheus_client
+# process keeps its metrics in memory (serving/observe/metrics.py): unless prometheus_client
 # has already chosen, a folder Feast chose is dropped and the choice is made now,
 # before any import of Feast (`rankgate serve` also keeps it out of the server's
-# environment: serving/launch.py).
+# environment: serving/ops/launch.py).
 FEAST_METRICS_ENV = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
 
 

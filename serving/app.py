@@ -32,31 +32,31 @@ from starlette.routing import Route
 
 from model_store.artifacts import ArtifactStore, StoreError
 from model_store.store import ModelStore
-from rankgate.api_keys import ApiKey
-from rankgate.config_files import validation_message
-from rankgate.consent import AsyncConsentStore
-from rankgate.errors import ConfigError, RankgateError
-from rankgate.home import Home
-from rankgate.pseudonym import user_key as pseudonymise
-from rankgate.settings import get_settings
-from serving import edge
-from serving.auth import KeyCache
-from serving.config import BatchingConfig, ModelsConfig, ServingConfig
-from serving.consumer import EventConsumer
-from serving.events import EventLog, EventRules, EventsAccepted, StoredEvent, parse_events
-from serving.openapi import openapi_document
-from serving.pipeline import RankPipeline
-from serving.ranker import ModelSet, Ranker
-from serving.requests import BadRequest, parse_consent
-from serving.runtime import Runtime
-from serving.schemas import (
+from rankgate.core.config_files import validation_message
+from rankgate.core.errors import ConfigError, RankgateError
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key as pseudonymise
+from rankgate.core.settings import get_settings
+from rankgate.governance.api_keys import ApiKey
+from rankgate.governance.consent import AsyncConsentStore
+from serving.contract.config import BatchingConfig, ModelsConfig, ServingConfig
+from serving.contract.parsing import BadRequest, parse_consent
+from serving.contract.schemas import (
     ConsentRecorded,
     ErrorBody,
     ErrorProblem,
     RankResponse,
     RequestRules,
 )
-from serving.stages import STAGES
+from serving.events.consumer import EventConsumer
+from serving.events.intake import EventLog, EventRules, EventsAccepted, StoredEvent, parse_events
+from serving.http import edge
+from serving.http.auth import KeyCache
+from serving.http.openapi import openapi_document
+from serving.ranking.pipeline import RankPipeline
+from serving.ranking.ranker import ModelSet, Ranker
+from serving.ranking.stages import STAGES
+from serving.runtime import Runtime
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,7 +64,7 @@ api = FastAPI(
     title="rankgate",
     version="1",
     description="Ranked, policy-compliant items for one person and one purpose, within a latency budget.",
-    # Served by the ingress from its loaded config and policy (serving/openapi.py).
+    # Served by the ingress from its loaded config and policy (serving/http/openapi.py).
     openapi_url=None,
     docs_url=None,
     redoc_url=None,

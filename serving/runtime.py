@@ -17,33 +17,33 @@ from features.store import feature_store, serving_files
 from model_store.artifacts import ArtifactStore, StoreError
 from model_store.reference import DriftReference
 from model_store.store import ModelStore
-from rankgate.carried import materialize
-from rankgate.consent import AsyncConsentStore
-from rankgate.errors import ConfigError, ModelStoreError, RankgateError
-from rankgate.home import Home
-from rankgate.policy import Policy, PolicySet, load_policy_set
-from rankgate.project import Project, load_project
-from rankgate.redis_server import (
+from rankgate.core.errors import ConfigError, ModelStoreError, RankgateError
+from rankgate.core.home import Home
+from rankgate.core.project import Project, load_project
+from rankgate.core.project_files import materialize
+from rankgate.core.redis_server import (
     SERVING_CONNECT_TIMEOUT_S,
     SERVING_SOCKET_TIMEOUT_S,
     resolve_redis_url,
 )
-from rankgate.settings import Settings, get_project, get_settings
-from serving.audit import AuditWriter
-from serving.config import AuditConfig, PolicyConfig, ServingConfig
-from serving.drift import DriftMonitor, VersionInputs
-from serving.experiments import ExperimentLog
-from serving.explainer import Explainer, ReasonTemplates, load_reason_templates
-from serving.fallback import RuleFallback
-from serving.feature_fetch import FeatureFetcher
-from serving.feedback import project_outcomes
-from serving.gate import ConsentGate
-from serving.metrics import ServingMetrics
-from serving.pipeline import RankPipeline
-from serving.ranker import ModelSet
-from serving.routing import Router
-from serving.sampling import ExplanationObserver, ExplanationWorker
-from serving.stages import ScoreFn, Services
+from rankgate.core.settings import Settings, get_project, get_settings
+from rankgate.governance.consent import AsyncConsentStore
+from rankgate.governance.policy import Policy, PolicySet, load_policy_set
+from serving.contract.config import AuditConfig, PolicyConfig, ServingConfig
+from serving.observe.audit import AuditWriter
+from serving.observe.drift import DriftMonitor, VersionInputs
+from serving.observe.metrics import ServingMetrics
+from serving.observe.outcomes import project_outcomes
+from serving.observe.routing_log import ExperimentLog
+from serving.observe.sampling import ExplanationObserver, ExplanationWorker
+from serving.ranking.explainer import Explainer, ReasonTemplates, load_reason_templates
+from serving.ranking.fallback import RuleFallback
+from serving.ranking.feature_fetch import FeatureFetcher
+from serving.ranking.gate import ConsentGate
+from serving.ranking.pipeline import RankPipeline
+from serving.ranking.ranker import ModelSet
+from serving.ranking.routing import Router
+from serving.ranking.stages import ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,7 +54,7 @@ class ServingSources:
 
     One machine: the home and the project folder. A cluster (RANKGATE_STORE set): the
     node's cache of the artifact store, filled from it (model_store/artifacts.py), and
-    the project files carried in the application's args (rankgate/carried.py); the
+    the project files carried in the application's args (rankgate/core/project_files.py); the
     Feast registry is read from the store by Feast itself.
     """
 

@@ -21,9 +21,9 @@ os.environ["RANKGATE_HOME"] = str(_SESSION_HOME)
 os.environ.pop("REDIS_URL", None)
 os.environ.pop("RANKGATE_REDIS_URL", None)
 
-from rankgate.home import Home
-from rankgate.redis_server import EmbeddedRedis
-from rankgate.settings import get_settings
+from rankgate.core.home import Home
+from rankgate.core.redis_server import EmbeddedRedis
+from rankgate.core.settings import get_settings
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def session_home() -> Iterator[Home]:
 @pytest.fixture(scope="session")
 def ready_home(session_home: Home) -> Home:
     """The session home after a full `rankgate setup` (data, Feast, v1 + v2, consent)."""
-    from rankgate.setup import run_setup
+    from rankgate.ops.setup import run_setup
 
     run_setup(lambda _line: None)
     return session_home
@@ -46,7 +46,7 @@ def ready_home(session_home: Home) -> Home:
 
 @pytest.fixture
 def env(ready_home: Home):  # type: ignore[no-untyped-def]
-    from rankgate.setup import Environment
+    from rankgate.ops.setup import Environment
 
     return Environment.open()
 
@@ -129,7 +129,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def dashboard_address(self) -> str:
-        from serving.supervisor import dashboard_address
+        from serving.ops.supervisor import dashboard_address
 
         return dashboard_address(self.log()) or "http://127.0.0.1:8265"
 
@@ -164,9 +164,9 @@ def wait_until_healthy(
 
 def test_api_key() -> str:
     """A key for every purpose of the policy and the events scope: application `tests`."""
-    from rankgate.api_keys import ApiKeyStore
-    from rankgate.policy import load_policy
-    from rankgate.setup import Environment
+    from rankgate.governance.api_keys import ApiKeyStore
+    from rankgate.governance.policy import load_policy
+    from rankgate.ops.setup import Environment
 
     env = Environment.open()
     purposes = list(load_policy().purposes)
@@ -178,8 +178,8 @@ def test_api_key() -> str:
 @pytest.fixture(scope="session")
 def server(ready_home: Home) -> Iterator[Server]:
     """The real thing: `serve run` on a copy of serve_config.yaml with a free port."""
-    from rankgate.redis_server import resolve_redis_url
-    from serving.launch import (
+    from rankgate.core.redis_server import resolve_redis_url
+    from serving.ops.launch import (
         SERVE_CONFIG,
         derived_config,
         free_port,
@@ -188,7 +188,7 @@ def server(ready_home: Home) -> Iterator[Server]:
         start_server,
         stop_server,
     )
-    from serving.supervisor import ServerInfo
+    from serving.ops.supervisor import ServerInfo
 
     port = free_port()
     # The server runs a copy of serve_config.yaml that tests may promote on; the
@@ -219,9 +219,9 @@ def server(ready_home: Home) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def personalizable(ready_home: Home) -> list[str]:
     """Example users the policy may personalize on-site in the US (not objected)."""
-    from rankgate.consent import ConsentState
-    from rankgate.pseudonym import user_key
-    from rankgate.setup import Environment
+    from rankgate.core.pseudonym import user_key
+    from rankgate.governance.consent import ConsentState
+    from rankgate.ops.setup import Environment
     from tests.serving_support import example_user_ids
 
     ids = example_user_ids()
@@ -232,8 +232,8 @@ def personalizable(ready_home: Home) -> list[str]:
 @pytest.fixture
 def restore(server: Server) -> Iterator[None]:
     """Put the server's config file, its routing, policy and rollback records back afterwards."""
-    from rankgate import redis_keys
-    from rankgate.setup import Environment
+    from rankgate.core import redis_keys
+    from rankgate.ops.setup import Environment
     from tests.serving_support import deploy, ingress_user_config
 
     original = server.config_path.read_text()

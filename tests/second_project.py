@@ -277,14 +277,14 @@ PREPARE = '''\
 """Trail Outfitters' prepare step: pseudonymise the shop's exports for Feast.
 
 The exports in raw/ carry raw customer ids; the tables written here carry only
-their pseudonymous key (rankgate.pseudonym.user_key), and a snapshot time.
+their pseudonymous key (rankgate.core.pseudonym.user_key), and a snapshot time.
 """
 
 from pathlib import Path
 
 import pandas as pd
 
-from rankgate.pseudonym import user_key
+from rankgate.core.pseudonym import user_key
 
 RAW = Path(__file__).resolve().parent / "raw"
 

@@ -15,14 +15,14 @@ import yaml
 from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import own_processes, ray_session_dir, scrape
-from rankgate.consent import ConsentState
-from rankgate.pseudonym import user_key
-from rankgate.settings import get_project
-from serving.launch import SERVE_CONFIG
-from serving.outcomes import FallbackReason
+from rankgate.core.pseudonym import user_key
+from rankgate.core.settings import get_project
+from rankgate.governance.consent import ConsentState
+from serving.contract.reasons import FallbackReason
+from serving.ops.launch import SERVE_CONFIG
 
 if TYPE_CHECKING:
-    from rankgate.home import Home
+    from rankgate.core.home import Home
     from tests.conftest import Server
 
 
@@ -71,7 +71,7 @@ def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
 
 def ingress_user_config(**overrides: Any) -> dict[str, Any]:
     """The RankIngress user_config of serve_config.yaml, with top-level sections replaced."""
-    from serving.launch import ingress_deployment
+    from serving.ops.launch import ingress_deployment
 
     return {**ingress_deployment()["user_config"], **overrides}
 
@@ -218,8 +218,8 @@ class Load:
 
 def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> None:  # type: ignore[no-untyped-def]
     """`serve deploy` the server's config with this ingress user_config; wait for `expect`."""
-    from rankgate.setup import Environment
-    from serving.launch import derived_config, serve_env
+    from rankgate.ops.setup import Environment
+    from serving.ops.launch import derived_config, serve_env
     from tests.conftest import wait_until_healthy
 
     port = int(server.base_url.rsplit(":", 1)[1])
@@ -233,7 +233,7 @@ def serve_deploy(config: Path, dashboard: str, env: dict[str, str]) -> None:
     """`serve deploy` a config to a Ray dashboard; the CLI's output if it fails."""
     import subprocess
 
-    from serving.launch import ray_client_env, serve_deploy_command
+    from serving.ops.launch import ray_client_env, serve_deploy_command
 
     result = subprocess.run(
         serve_deploy_command(config, dashboard),
@@ -254,7 +254,7 @@ def replica_pids(home: Home, deployment: str = "RankIngress") -> list[int]:
 
 def edge_config(home: Home) -> str:
     """The HAProxy configuration the server of `home` runs (with rankgate's guards)."""
-    from serving.launch import haproxy_dir
+    from serving.ops.launch import haproxy_dir
 
     for _, command in own_processes(home.root, b"raylet"):
         for arg in command.split(b"\0"):

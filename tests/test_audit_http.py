@@ -9,15 +9,15 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.errors import RankgateError
-from rankgate.setup import Environment
-from serving import replay
-from serving.audit import AuditRecord
-from serving.outcomes import FallbackReason
-from serving.schemas import ModelRef
+from rankgate.core import redis_keys
+from rankgate.core.errors import RankgateError
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
+from serving.contract.reasons import FallbackReason
+from serving.contract.schemas import ModelRef
+from serving.observe.audit import AuditRecord
+from serving.ops import audit_replay as replay
 from tests.conftest import Server
 from tests.serving_support import user_with
 

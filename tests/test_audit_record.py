@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from serving.audit import AuditRecord
-from serving.outcomes import FallbackReason
+from serving.contract.reasons import FallbackReason
+from serving.observe.audit import AuditRecord
 
 # As the stream keeps them: a personalized decision with reasons, and a fallback
 # with a detail from a record older than API keys (no "app").

@@ -9,12 +9,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate import redis_keys
-from rankgate.api_keys import ApiKeyError, ApiKeyStore, key_digest
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
+from rankgate.core import redis_keys
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.api_keys import ApiKeyError, ApiKeyStore, key_digest
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
 from tests.conftest import Server
 from tests.serving_support import user_with
 
@@ -179,8 +179,8 @@ def test_key_checks_while_redis_is_unreachable(env: Environment) -> None:
 
     import redis.asyncio as aioredis
 
-    from serving.auth import AuthUnavailable, KeyCache, Unauthorized
-    from serving.launch import free_port
+    from serving.http.auth import AuthUnavailable, KeyCache, Unauthorized
+    from serving.ops.launch import free_port
 
     key = store(env).create("offline-check", ["onsite_personalization"], PURPOSES)
 

@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rankgate.home import Home
-from rankgate.redis_server import resolve_redis_url
+from rankgate.core.home import Home
+from rankgate.core.redis_server import resolve_redis_url
 from tests import REPO
 
 HEAVY_MODULES = (

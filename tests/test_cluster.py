@@ -33,10 +33,10 @@ import pytest
 import yaml
 
 from model_store.artifacts import ArtifactStore
-from rankgate import redis_keys
-from rankgate.home import Home
-from serving.audit import AuditRecord
-from serving.launch import free_port
+from rankgate.core import redis_keys
+from rankgate.core.home import Home
+from serving.observe.audit import AuditRecord
+from serving.ops.launch import free_port
 from tests.serving_support import (
     Load,
     copy_with_wrong_width,
@@ -155,8 +155,8 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
 ) -> None:
     from ray.cluster_utils import Cluster
 
-    from rankgate.setup import Environment
-    from serving.cluster import cluster_config, publish
+    from rankgate.ops.setup import Environment
+    from serving.ops.cluster import cluster_config, publish
     from tests.conftest import test_api_key
 
     s3_env: dict[str, str] = s3.env
@@ -347,7 +347,7 @@ def test_a_version_fetched_from_the_store_is_checked_against_its_manifest(
     """file:// store: what a replica fetches is what was published, or nothing."""
     from model_store.artifacts import StoreError
     from model_store.store import ModelStore
-    from rankgate.errors import VersionExists
+    from rankgate.core.errors import VersionExists
 
     models = ModelStore(ready_home)
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
@@ -382,11 +382,11 @@ def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
     reads the policy from the config, checked against the digest deployed with it."""
     from ray.serve.schema import ServeDeploySchema
 
-    from rankgate.carried import project_files
-    from rankgate.policy import load_policy_set
+    from rankgate.core.project_files import project_files
+    from rankgate.governance.policy import load_policy_set
     from serving.app import AppArgs, parse_config
-    from serving.cluster import cluster_config, dump
-    from serving.promotion import write_policy
+    from serving.ops.cluster import cluster_config, dump
+    from serving.ops.promotion import write_policy
 
     project = runtime.project
     config = cluster_config(project, "s3://bucket/prefix", replicas=3)

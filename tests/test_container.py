@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.launch import SERVE_CONFIG
+from serving.ops.launch import SERVE_CONFIG
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
 

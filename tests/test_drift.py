@@ -7,10 +7,17 @@ import pytest
 
 from features.spec import FeatureSpec
 from model_store.reference import Bins, bin_index, compute_reference
-from serving.config import DriftConfig
-from serving.drift import WINDOW_BUCKETS, DriftMonitor, DriftWindow, VersionInputs, l1_shift, psi
-from serving.drift_report import DriftFigures
-from serving.metrics import ServingMetrics
+from serving.contract.config import DriftConfig
+from serving.observe.drift import (
+    WINDOW_BUCKETS,
+    DriftMonitor,
+    DriftWindow,
+    VersionInputs,
+    l1_shift,
+    psi,
+)
+from serving.observe.drift_figures import DriftFigures
+from serving.observe.metrics import ServingMetrics
 
 SPECS = [
     FeatureSpec("price", "item", "items", "price", "number", "item"),

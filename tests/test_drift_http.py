@@ -18,10 +18,10 @@ from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import PREFIX
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
-from serving.drift_report import DriftFigures, read_drift
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
+from serving.observe.drift_figures import DriftFigures, read_drift
 from tests.conftest import Server
 from tests.serving_support import deploy, ingress_user_config, metrics_when, routing
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rankgate.api_keys import ApiKeyStore
-from rankgate.setup import Environment
-from serving.config import ConnectionsConfig
+from rankgate.governance.api_keys import ApiKeyStore
+from rankgate.ops.setup import Environment
+from serving.contract.config import ConnectionsConfig
 from tests.conftest import Server
 from tests.serving_support import edge_config
 

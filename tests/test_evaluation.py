@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from rankgate.cli import main
-from rankgate.setup import Environment
+from rankgate.ops.setup import Environment
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     from model_store.manifest import ONNX_FILE
     from model_store.onnx_scoring import OnnxScorer
     from model_store.train import load_item_table
-    from rankgate.topk import top_k
+    from rankgate.core.topk import top_k
 
     views = env.views()
     manifest = env.models.manifest("v2")

@@ -15,14 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from features.streaming import CountState, StreamingCounts, decayed, row_time, through_of
-from rankgate import redis_keys
-from rankgate.home import Home
-from rankgate.project import EventsConfig, StreamingView
-from rankgate.pseudonym import user_key
-from serving.config import BudgetConfig, EventLimits, LimitsConfig
-from serving.events import EventLog, EventRules, StoredEvent, parse_events
-from serving.requests import BadRequest
-from serving.schemas import RequestRules
+from rankgate.core import redis_keys
+from rankgate.core.home import Home
+from rankgate.core.project import EventsConfig, StreamingView
+from rankgate.core.pseudonym import user_key
+from serving.contract.config import BudgetConfig, EventLimits, LimitsConfig
+from serving.contract.parsing import BadRequest
+from serving.contract.schemas import RequestRules
+from serving.events.intake import EventLog, EventRules, StoredEvent, parse_events
 
 TYPES = EventsConfig.model_validate(
     {
@@ -230,7 +230,7 @@ def test_row_time_encodes_the_stream_id_to_the_millisecond() -> None:
 
 
 def test_append_is_idempotent_and_durable(session_home: Home) -> None:
-    from rankgate.redis_server import resolve_redis_url
+    from rankgate.core.redis_server import resolve_redis_url
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(resolve_redis_url())

@@ -18,13 +18,13 @@ import pytest
 
 from features.streaming import CountState, row_time
 from loadtests.ray_metrics import total
-from rankgate import redis_keys
-from rankgate.api_keys import ApiKeyStore
-from rankgate.consent import ConsentState
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
-from serving.consumer import GROUP
-from serving.events import stream_time
+from rankgate.core import redis_keys
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.api_keys import ApiKeyStore
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
+from serving.events.consumer import GROUP
+from serving.events.intake import stream_time
 from tests.conftest import Server
 from tests.serving_support import (
     deploy,

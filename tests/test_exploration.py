@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from rankgate.errors import ConfigError
-from rankgate.policy import EpsilonGreedy, PlackettLuce, load_policy
-from serving.exploration import explore, greedy
+from rankgate.core.errors import ConfigError
+from rankgate.governance.policy import EpsilonGreedy, PlackettLuce, load_policy
+from serving.ranking.exploration import explore, greedy
 
 ITEMS = list(range(30))
 SCORES = list(np.random.default_rng(7).random(30))
@@ -91,7 +91,7 @@ def test_fewer_candidates_than_k_shows_them_all() -> None:
 
 
 def test_a_bad_exploration_in_the_policy_file_names_the_field(tmp_path: Path) -> None:
-    from rankgate.policy import policy_dir
+    from rankgate.governance.policy import policy_dir
 
     policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
     purpose = next(iter(policy["purposes"]))

@@ -15,8 +15,8 @@ from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import total
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.setup import Environment
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
 from tests.conftest import Server
 from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics, user_with
 from tests.test_audit_http import decide, wait_for
@@ -28,7 +28,7 @@ EXPLORATION = {"method": "plackett_luce", "temperature": 1.0, "max_shift": 2}
 @pytest.fixture
 def exploring(server: Server, tmp_path: Path) -> Iterator[None]:
     """The server with exploration enabled for PURPOSE; the default policy afterwards."""
-    from rankgate.policy import load_policy_set, policy_dir
+    from rankgate.governance.policy import load_policy_set, policy_dir
 
     policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
     policy["purposes"][PURPOSE]["exploration"] = EXPLORATION
@@ -120,6 +120,6 @@ def test_exploration_draws_logs_and_replays(server: Server, env: Environment) ->
 def test_exploration_is_off_by_default(server: Server) -> None:
     health = httpx.get(f"{server.base_url}/healthz", timeout=10)
     assert health.status_code == 200
-    from rankgate.policy import load_policy
+    from rankgate.governance.policy import load_policy
 
     assert all(p.exploration is None for p in load_policy().purposes.values())

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.home import Home
-from rankgate.policy import policy_dir
-from rankgate.redis_server import EmbeddedRedis
-from rankgate.setup import Environment
-from serving.outcomes import FallbackReason
+from rankgate.core import redis_keys
+from rankgate.core.home import Home
+from rankgate.core.redis_server import EmbeddedRedis
+from rankgate.governance.policy import policy_dir
+from rankgate.ops.setup import Environment
+from serving.contract.reasons import FallbackReason
 from tests.conftest import Server
 from tests.serving_support import (
     Load,

@@ -12,9 +12,9 @@ import pandas as pd
 from features.spec import load_features_file, resolve
 from features.vector import ItemTable, build_matrix, hash_code, user_fields
 from model_store.train import load_item_table, training_set
-from rankgate.pseudonym import user_key
-from rankgate.settings import get_project
-from rankgate.setup import Environment
+from rankgate.core.pseudonym import user_key
+from rankgate.core.settings import get_project
+from rankgate.ops.setup import Environment
 from tests.serving_support import example_user_ids
 
 
@@ -83,7 +83,7 @@ def test_the_fetcher_reads_what_feast_reads(env: Environment) -> None:
     unknown person reads as missing in every view."""
     import asyncio
 
-    from serving.feature_fetch import FeatureFetcher
+    from serving.ranking.feature_fetch import FeatureFetcher
 
     fetcher = FeatureFetcher(env.feast, env.project, env.data_dir)
     fields = user_fields(v2_specs(env), env.view_infos())
@@ -137,9 +137,9 @@ def test_feature_timestamps_are_the_preparation_time(env: Environment) -> None:
 def test_setup_does_not_materialize_the_streaming_view(env: Environment) -> None:
     """recent_clicks' online rows come only from the event stream: after setup, a
     person's Feast row holds the other user views and not it."""
-    from rankgate import redis_keys
-    from rankgate.privacy import feast_user_key
-    from serving.events import StoredEvent
+    from rankgate.core import redis_keys
+    from rankgate.ops.erasure import feast_user_key
+    from serving.events.intake import StoredEvent
 
     # Someone the event stream never heard of (other tests post events for some).
     stream = redis_keys.events(env.home.namespace)

@@ -14,26 +14,19 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
-from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.consent import ConsentState
-from rankgate.project import Outcomes
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
-from serving.events import StoredEvent
-from serving.feedback import (
-    JOIN_SCRIPT,
-    OutcomeJoiner,
-    Unjoined,
-    marker,
-    read_outcomes,
-    read_unjoined,
-    wilson_interval,
-)
-from serving.metrics import Metrics
-from serving.pipeline import RankPipeline
+from rankgate.core import redis_keys
+from rankgate.core.project import Outcomes
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
+from serving.contract.schemas import RankResponse
+from serving.events.intake import StoredEvent
+from serving.events.outcome_join import JOIN_SCRIPT, OutcomeJoiner, Unjoined, marker
+from serving.observe.metrics import Metrics
+from serving.observe.outcomes import read_outcomes, read_unjoined, wilson_interval
+from serving.ranking.pipeline import RankPipeline
 from serving.runtime import Runtime
-from serving.schemas import RankResponse
 from tests.serving_support import user_with
 from tests.test_pipeline import LOOP, make_pipeline, rank
 

@@ -17,12 +17,12 @@ import redis
 from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import total
-from rankgate import redis_keys
-from rankgate.consent import ConsentState
-from rankgate.home import Home
-from rankgate.pseudonym import user_key
-from rankgate.redis_server import EmbeddedRedis
-from rankgate.setup import Environment
+from rankgate.core import redis_keys
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_server import EmbeddedRedis
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
 from tests.conftest import Server
 from tests.serving_support import (
     NEAR_MISSES,
@@ -408,8 +408,8 @@ def openapi(server: Server) -> dict[str, Any]:
 def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home: Home) -> None:
     """Enums of the loaded policy, bounds of the loaded config, the catalogue's ids
     and the identifier patterns: what the validators check, the document says."""
-    from rankgate.policy import load_policy
-    from rankgate.setup import Environment
+    from rankgate.governance.policy import load_policy
+    from rankgate.ops.setup import Environment
     from serving.app import parse_config
 
     document = openapi(server)
@@ -450,7 +450,7 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
 
 @pytest.fixture
 def default_config_afterwards(server: Server) -> Iterator[None]:
-    from rankgate.policy import load_policy_set
+    from rankgate.governance.policy import load_policy_set
 
     yield
     digest = load_policy_set().digest
@@ -462,7 +462,7 @@ def test_openapi_document_follows_a_reconfigure(server: Server, tmp_path: Path) 
     """A new policy and new limits, deployed without a restart, are in the next document."""
     import yaml
 
-    from rankgate.policy import load_policy_set, policy_dir
+    from rankgate.governance.policy import load_policy_set, policy_dir
 
     policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
     policy["regions"]["UK"] = {"regime": "opt_in"}

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serving.launch import SERVE_CONFIG
+from serving.ops.launch import SERVE_CONFIG
 from tests import REPO
 
 MANIFEST = REPO / "deploy" / "kuberay" / "rayservice.yaml"
@@ -100,7 +100,7 @@ def test_a_missing_required_field_fails(manifest: dict[str, Any]) -> None:
 def test_serve_config_is_ray_serve_s_and_rankgate_s(manifest: dict[str, Any]) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.config import ServingConfig
+    from serving.contract.config import ServingConfig
 
     config = serve_config(manifest)
     parsed = ServeDeploySchema.model_validate(config)
@@ -148,9 +148,9 @@ def test_secrets_and_the_store_come_from_the_environment(manifest: dict[str, Any
 def test_serve_config_is_what_rankgate_cluster_config_renders(manifest: dict[str, Any]) -> None:
     """No hand-edited copy: serveConfigV2 is the rendered, self-contained config of the
     example (project and policy files inside it, the store's URI in its environment)."""
-    from rankgate.settings import get_project
-    from serving.cluster import cluster_config
-    from serving.launch import project_serve_config
+    from rankgate.core.settings import get_project
+    from serving.ops.cluster import cluster_config
+    from serving.ops.launch import project_serve_config
 
     embedded = serve_config(manifest)
     store = embedded["applications"][0]["runtime_env"]["env_vars"]["RANKGATE_STORE"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from rankgate.home import Home
-from rankgate.redis_server import EmbeddedRedis
-from serving.launch import free_port
+from rankgate.core.home import Home
+from rankgate.core.redis_server import EmbeddedRedis
+from serving.ops.launch import free_port
 from tests.cli_server import CliServer, command_of, start
 
 # Measured here: 10-15 s from the signal to the last process (a replica drains for

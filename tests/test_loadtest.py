@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from loadtests.loadtest import DEFAULT_SLO, SloConfig, load_slo, run_loadtest
 from rankgate.cli import main
-from rankgate.errors import ConfigError, RankgateError
+from rankgate.core.errors import ConfigError, RankgateError
 from tests.conftest import Server
 
 

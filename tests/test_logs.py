@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from loadtests.ray_metrics import ray_session_dir
-from rankgate.home import Home
-from rankgate.setup import Environment
-from serving.launch import (
+from rankgate.core.home import Home
+from rankgate.ops.setup import Environment
+from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
     free_port,

@@ -11,8 +11,8 @@ import httpx
 import yaml
 
 from loadtests.ray_metrics import by_replica, targets, total
-from rankgate.setup import Environment
-from serving.launch import derived_config
+from rankgate.ops.setup import Environment
+from serving.ops.launch import derived_config
 from tests.conftest import Server, wait_until_healthy
 from tests.serving_support import (
     metrics_when,
@@ -29,7 +29,7 @@ CLIENTS = 4
 def scale_ingress(server: Server, replicas: int) -> None:
     """`serve deploy` the server's config with `replicas` RankIngress replicas, and wait
     until HAProxy sends requests to each (each replica names itself in /healthz)."""
-    from serving.launch import serve_env
+    from serving.ops.launch import serve_env
 
     port = int(server.base_url.rsplit(":", 1)[1])
     config = derived_config(server.home, port=port, name="two_replicas")

@@ -16,8 +16,8 @@ from model_store.manifest import MANIFEST_FILE, ONNX_FILE, REFERENCE_FILE
 from model_store.reference import DriftReference
 from model_store.train import TrainParams, parse_params
 from rankgate.cli import main
-from rankgate.errors import ModelStoreError, RankgateError, VersionExists
-from rankgate.setup import Environment
+from rankgate.core.errors import ModelStoreError, RankgateError, VersionExists
+from rankgate.ops.setup import Environment
 from tests.serving_support import train_version
 
 
@@ -270,7 +270,7 @@ def test_bad_params_name_the_parameter(text: str, message: str) -> None:
 
 
 def test_bad_version_name_and_unknown_feature(env: Environment) -> None:
-    from rankgate.errors import FeatureRepoError
+    from rankgate.core.errors import FeatureRepoError
 
     with pytest.raises(ModelStoreError, match="version '../x'"):
         train_version(env, "../x", TrainParams())

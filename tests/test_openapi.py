@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from serving.app import api
-from serving.config import BudgetConfig, LimitsConfig
-from serving.openapi import MAX_LISTED_ITEM_IDS, item_id_schema, openapi_document
-from serving.schemas import RequestRules
+from serving.contract.config import BudgetConfig, LimitsConfig
+from serving.contract.schemas import RequestRules
+from serving.http.openapi import MAX_LISTED_ITEM_IDS, item_id_schema, openapi_document
 
 
 def test_item_ids_are_a_range_or_a_list() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from serving.metrics import ServingMetrics
-from serving.outcomes import DEGRADED, FallbackReason
-from serving.schemas import Fallback, PolicyBlock, RankRequest, RankResponse
+from serving.contract.reasons import DEGRADED, FallbackReason
+from serving.contract.schemas import Fallback, PolicyBlock, RankRequest, RankResponse
+from serving.observe.metrics import ServingMetrics
 from tests import REPO
 
 # A purpose of its own: once Feast has turned on prometheus_client's multiprocess

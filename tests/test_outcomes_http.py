@@ -18,13 +18,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.settings import get_project
-from rankgate.setup import Environment
-from serving.experiments import read_rollbacks
-from serving.feedback import project_outcomes, read_outcomes
-from serving.promotion import reset_canary_outcomes
+from rankgate.core import redis_keys
+from rankgate.core.settings import get_project
+from rankgate.ops.setup import Environment
+from serving.observe.outcomes import project_outcomes, read_outcomes
+from serving.observe.routing_log import read_rollbacks
+from serving.ops.promotion import reset_canary_outcomes
 from tests.conftest import Server
 from tests.serving_support import deploy, health, ingress_user_config, routing
 
@@ -150,8 +150,8 @@ def test_the_audit_log_joined_with_outcomes_evaluates_versions_and_shadows(
 
     import yaml
 
-    from rankgate.policy import load_policy_set, policy_dir
-    from serving.audit_logs import read_audit_logs
+    from rankgate.governance.policy import load_policy_set, policy_dir
+    from serving.ops.audit_evidence import read_audit_logs
 
     assert OUTCOMES is not None and OUTCOMES.impression and OUTCOMES.click
     policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.launch import free_port
+from serving.ops.launch import free_port
 from tests import REPO
 from tests.conftest import wait_until_healthy
 
@@ -140,8 +140,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 def test_the_wheel_is_what_the_new_virtualenv_imports(installed: Installed, tmp_path: Path) -> None:
     code = (
         "import json, sys, rankgate, serving, loadtests.locustfile as _;"
-        "from rankgate.settings import SOURCE_CHECKOUT;"
-        "from serving.launch import SERVE_CONFIG;"
+        "from rankgate.core.settings import SOURCE_CHECKOUT;"
+        "from serving.ops.launch import SERVE_CONFIG;"
         "print(json.dumps([rankgate.__file__, serving.__file__, str(SERVE_CONFIG),"
         " SOURCE_CHECKOUT, sys.path]))"
     )

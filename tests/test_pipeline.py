@@ -15,15 +15,15 @@ import pytest
 from feast.infra.online_stores.redis import RedisOnlineStore
 
 from features.store import repo_config
-from rankgate.consent import ConsentState
-from rankgate.setup import Environment
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
 from serving.app import parse_config
-from serving.outcomes import FallbackReason
-from serving.pipeline import RankPipeline
-from serving.ranker import Ranker
-from serving.requests import BadRequest
+from serving.contract.parsing import BadRequest
+from serving.contract.reasons import FallbackReason
+from serving.contract.schemas import RankRequest, RankResponse
+from serving.ranking.pipeline import RankPipeline
+from serving.ranking.ranker import Ranker
 from serving.runtime import Runtime
-from serving.schemas import RankRequest, RankResponse
 from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
 
 # One event loop for the module: the async Redis clients stay bound to the loop
@@ -109,7 +109,7 @@ def test_scores_equal_the_native_model_on_the_same_rows(
     import lightgbm as lgb
 
     from features.vector import build_matrix
-    from rankgate.pseudonym import user_key
+    from rankgate.core.pseudonym import user_key
 
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=1)
     candidates = [1, 2, 3, 17, 42]
@@ -203,7 +203,7 @@ def test_fallback_order_is_popularity_with_boosts(pipeline: RankPipeline, env: E
 def test_unknown_user_with_consent_gets_the_fallback(
     pipeline: RankPipeline, env: Environment
 ) -> None:
-    from rankgate.pseudonym import user_key
+    from rankgate.core.pseudonym import user_key
 
     env.consent.record(user_key("u-newcomer"), {"onsite_personalization": True}, source="test")
     response = rank(pipeline, user_id="u-newcomer", purpose="onsite_personalization", region="EU")
@@ -496,7 +496,7 @@ SAMPLE_ALL = {"max_items": 10, "ms_per_row_estimate": 1.0, "sample_rate": 1.0, "
 
 
 def records_of(pipeline: RankPipeline, env: Environment, request_ids: list[str]) -> list[Any]:
-    from serving import replay
+    from serving.ops import audit_replay as replay
 
     assert LOOP.run_until_complete(pipeline.audit.flush())
     found = {r.request_id: r for r in replay.tail(env.redis, env.home.namespace, 2000)}

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rankgate.consent import ConsentState
-from rankgate.errors import ConfigError
-from rankgate.policy import load_fallback_rules, load_policy, policy_dir
+from rankgate.core.errors import ConfigError
+from rankgate.governance.consent import ConsentState
+from rankgate.governance.policy import load_fallback_rules, load_policy, policy_dir
 from serving.app import AppArgs, RankerDeployment, RankIngress, build_app, parse_config
-from serving.explainer import load_reason_templates
-from serving.gate import ConsentGate
+from serving.ranking.explainer import load_reason_templates
+from serving.ranking.gate import ConsentGate
 from tests.serving_support import ingress_user_config
 
 
@@ -130,7 +130,7 @@ def test_the_grafana_dashboard_queries_only_metrics_the_server_exports() -> None
     import json
     import re
 
-    from serving.metrics import ServingMetrics
+    from serving.observe.metrics import ServingMetrics
     from tests import REPO
 
     dashboard = json.loads((REPO / "loadtests" / "grafana" / "rankgate-dashboard.json").read_text())

@@ -2,7 +2,7 @@
 
 Real embedded Redis, real Feast, audit records written by the real pipeline; a
 streaming view's row pushed through Feast's push path; events, streaming states
-and decision hashes written in the shapes their writers use (serving.events,
+and decision hashes written in the shapes their writers use (serving.events.intake,
 redis_keys).
 """
 
@@ -17,17 +17,17 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from rankgate import redis_keys
 from rankgate.cli import main
-from rankgate.consent import demo_consent
-from rankgate.errors import RedisUnavailable
-from rankgate.home import Home
-from rankgate.policy import load_policy
-from rankgate.privacy import Eraser, feast_user_key, glob_escape
-from rankgate.pseudonym import user_key
-from rankgate.settings import get_project, get_settings
-from rankgate.setup import Environment
-from serving.events import StoredEvent
+from rankgate.core import redis_keys
+from rankgate.core.errors import RedisUnavailable
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
+from rankgate.core.settings import get_project, get_settings
+from rankgate.governance.consent import demo_consent
+from rankgate.governance.policy import load_policy
+from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
+from rankgate.ops.setup import Environment
+from serving.events.intake import StoredEvent
 from serving.runtime import Runtime
 from tests.serving_support import example_user_ids
 from tests.test_pipeline import LOOP, make_pipeline, rank

@@ -24,12 +24,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from rankgate.cli import main
-from rankgate.errors import ConfigError, FeatureRepoError, ModelStoreError
-from rankgate.home import Home
-from rankgate.project import load_project
-from rankgate.project_check import check_project
-from rankgate.scaffold import write_skeleton
-from serving.launch import SERVE_CONFIG
+from rankgate.core.errors import ConfigError, FeatureRepoError, ModelStoreError
+from rankgate.core.home import Home
+from rankgate.core.project import load_project
+from rankgate.ops.project_check import check_project
+from rankgate.ops.scaffold import write_skeleton
+from serving.ops.launch import SERVE_CONFIG
 from tests import REPO
 
 EXAMPLE = REPO / "examples" / "open_bandit"
@@ -499,7 +499,7 @@ def test_logistic_regression_settings_training_would_refuse(example: Path) -> No
 def test_setup_on_a_fresh_skeleton_trains_and_registers_its_models(tmp_path: Path) -> None:
     """`rankgate --project <skeleton> setup` in its own home: sample data, Feast,
     materialization and both setup models, as a new user would run it."""
-    from rankgate.redis_server import EmbeddedRedis
+    from rankgate.core.redis_server import EmbeddedRedis
 
     folder = tmp_path / "shop"
     write_skeleton(folder, None)

@@ -15,11 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from rankgate.cli import main
-from rankgate.errors import ConfigError
-from rankgate.home import Home
-from rankgate.policy import load_policy
-from rankgate.pseudonym import user_key
-from serving.promotion import (
+from rankgate.core.errors import ConfigError
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.policy import load_policy
+from serving.contract.config import Role, RoutingConfig
+from serving.ops.promotion import (
     Move,
     PromotionRefused,
     RoutingChange,
@@ -30,7 +31,7 @@ from serving.promotion import (
     rollback_move,
     unserved,
 )
-from serving.routing import Role, Router, RoutingConfig
+from serving.ranking.routing import Router
 from tests.serving_support import SERVE_CONFIG, ingress_user_config, routing
 
 PURPOSES = permitted_views(load_policy())

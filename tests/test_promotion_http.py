@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from model_store.train import TrainParams
 from rankgate.cli import main
-from rankgate.setup import Environment
+from rankgate.ops.setup import Environment
 from tests.conftest import Server
 from tests.serving_support import (
     Load,

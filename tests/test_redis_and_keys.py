@@ -7,11 +7,16 @@ import sys
 
 import pytest
 
-from rankgate.errors import RedisUnavailable
-from rankgate.home import Home
-from rankgate.pseudonym import user_key
-from rankgate.redis_server import EmbeddedRedis, connect, feast_connection_string, resolve_redis_url
-from rankgate.settings import get_settings
+from rankgate.core.errors import RedisUnavailable
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_server import (
+    EmbeddedRedis,
+    connect,
+    feast_connection_string,
+    resolve_redis_url,
+)
+from rankgate.core.settings import get_settings
 from tests.serving_support import example_user_ids
 
 

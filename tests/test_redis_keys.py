@@ -1,11 +1,11 @@
-"""Every Redis key is named in rankgate.redis_keys: writers, erasure and the README agree."""
+"""Every Redis key is named in rankgate.core.redis_keys: writers, erasure and the README agree."""
 
 from __future__ import annotations
 
 import re
 
-from rankgate import redis_keys
-from rankgate.privacy import ERASED
+from rankgate.core import redis_keys
+from rankgate.ops.erasure import ERASED
 from tests import REPO
 
 PACKAGES = ("rankgate", "features", "model_store", "serving", "loadtests")
@@ -14,7 +14,7 @@ HAND_MADE_KEY = re.compile(r"\{[^{}]*namespace[^{}]*\}:")
 
 
 def test_no_module_builds_a_key_name_itself() -> None:
-    home = REPO / "rankgate" / "redis_keys.py"
+    home = REPO / "rankgate" / "core" / "redis_keys.py"
     found = [
         f"{path.relative_to(REPO)}:{number}: {line.strip()}"
         for package in PACKAGES
@@ -23,7 +23,7 @@ def test_no_module_builds_a_key_name_itself() -> None:
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if HAND_MADE_KEY.search(line)
     ]
-    assert not found, "name Redis keys in rankgate/redis_keys.py:\n" + "\n".join(found)
+    assert not found, "name Redis keys in rankgate/core/redis_keys.py:\n" + "\n".join(found)
 
 
 def test_erasure_covers_every_kind_of_key_that_names_people() -> None:
@@ -33,7 +33,7 @@ def test_erasure_covers_every_kind_of_key_that_names_people() -> None:
 def test_the_readme_lists_the_keys_of_the_module() -> None:
     readme = (REPO / "README.md").read_text()
     assert redis_keys.markdown_table() in readme, (
-        "README.md's Redis key table differs from rankgate.redis_keys.markdown_table()"
+        "README.md's Redis key table differs from rankgate.core.redis_keys.markdown_table()"
     )
 
 

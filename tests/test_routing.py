@@ -8,16 +8,17 @@ from typing import Any
 
 import pytest
 
-from rankgate import redis_keys
-from rankgate.consent import ConsentState
-from rankgate.errors import ConfigError
-from rankgate.pseudonym import user_key
-from rankgate.setup import Environment
+from rankgate.core import redis_keys
+from rankgate.core.errors import ConfigError
+from rankgate.core.pseudonym import user_key
+from rankgate.governance.consent import ConsentState
+from rankgate.ops.setup import Environment
 from serving.app import parse_config
-from serving.experiments import ExperimentLog, read_rollbacks, read_shadow
-from serving.feedback import read_outcomes
-from serving.promotion import reset_canary_outcomes, starts_experiment
-from serving.routing import Exposure, Router, RoutingConfig
+from serving.contract.config import RoutingConfig
+from serving.observe.outcomes import Exposure, read_outcomes
+from serving.observe.routing_log import ExperimentLog, read_rollbacks, read_shadow
+from serving.ops.promotion import reset_canary_outcomes, starts_experiment
+from serving.ranking.routing import Router
 from tests.serving_support import (
     copy_with_wrong_width,
     example_user_ids,
@@ -336,7 +337,7 @@ def test_the_pipeline_rolls_a_canary_with_fewer_clicks_back_from_the_counters(
     }
     pipeline = make_pipeline(runtime, routing=section)
     granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
-    # What the event consumer keeps (serving/feedback.py): stable gets 10 % clicks.
+    # What the event consumer keeps (serving/observe/outcomes.py): stable gets 10 % clicks.
     env.redis.hset(outcome_counters["stable"], mapping={"impressions": 400, "clicks": 40})
     env.redis.hset(outcome_counters["canary"], mapping={"impressions": 150, "clicks": 1})
     pipeline.rollbacks_synced_at = pipeline.rollback_checked_at = 0.0  # due now

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.sampling import ExplanationWorker, Outcome, chosen
+from serving.observe.sampling import ExplanationWorker, Outcome, chosen
 
 
 def binomial_bounds(n: int, rate: float, sigmas: float = 4.5) -> tuple[float, float]:

@@ -11,9 +11,9 @@ from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import total
 from rankgate.cli import main
-from rankgate.setup import Environment
-from serving.audit import AuditRecord
-from serving.sampling import chosen
+from rankgate.ops.setup import Environment
+from serving.observe.audit import AuditRecord
+from serving.observe.sampling import chosen
 from tests.conftest import Server
 from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics
 from tests.test_audit_http import wait_for

@@ -31,9 +31,9 @@ import joblib
 import numpy as np
 import pytest
 
-from rankgate.home import Home
-from rankgate.project import load_project
-from rankgate.redis_server import EmbeddedRedis
+from rankgate.core.home import Home
+from rankgate.core.project import load_project
+from rankgate.core.redis_server import EmbeddedRedis
 from tests import REPO
 from tests.conftest import wait_until_healthy
 from tests.second_project import (
@@ -104,10 +104,10 @@ def finished(command: subprocess.Popen[str], timeout_s: float = 180) -> str:
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
-    from rankgate.api_keys import ApiKeyStore
-    from rankgate.policy import load_policy
-    from rankgate.redis_server import connect
-    from serving.launch import (
+    from rankgate.core.redis_server import connect
+    from rankgate.governance.api_keys import ApiKeyStore
+    from rankgate.governance.policy import load_policy
+    from serving.ops.launch import (
         derived_config,
         free_port,
         serve_env,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from rankgate.cli import main
-from rankgate.consent import ConsentState, demo_consent
-from rankgate.home import Home
-from rankgate.pseudonym import user_key
-from rankgate.settings import get_project
-from rankgate.setup import Environment, run_setup
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
+from rankgate.core.settings import get_project
+from rankgate.governance.consent import ConsentState, demo_consent
+from rankgate.ops.setup import Environment, run_setup
 from tests.serving_support import example_user_ids
 
 
@@ -28,7 +28,7 @@ def test_a_changed_source_is_named_and_prepared_again(ready_home: Home, tmp_path
     import json
     import shutil
 
-    from rankgate.setup import SETUP_FILE, changed_files
+    from rankgate.ops.setup import SETUP_FILE, changed_files
 
     recorded = json.loads((ready_home.root / SETUP_FILE).read_text())
     assert "rankgate.yaml" in recorded["sources"]["files"]
@@ -91,7 +91,7 @@ def test_users_command_rejects_unknown_purpose(ready_home: Home) -> None:
 
 
 def test_a_second_home_is_independent(ready_home: Home, other_home: Home) -> None:
-    from rankgate.redis_server import EmbeddedRedis
+    from rankgate.core.redis_server import EmbeddedRedis
 
     session_url = EmbeddedRedis(ready_home).running_url()
     env = Environment.open()  # opens the other home now

@@ -19,18 +19,18 @@ import pytest
 
 from features.spec import FeatureSpec
 from features.vector import ItemTable
-from rankgate.consent import ConsentState
-from rankgate.policy import Policy
-from rankgate.topk import top_k
-from serving.config import ServingConfig
-from serving.feature_fetch import UserFeatures
-from serving.gate import ConsentGate
-from serving.metrics import ServingMetrics
-from serving.outcomes import FallbackReason
-from serving.ranker import ModelUnavailable
-from serving.routing import Router
-from serving.schemas import RankRequest
-from serving.stages import (
+from rankgate.core.topk import top_k
+from rankgate.governance.consent import ConsentState
+from rankgate.governance.policy import Policy
+from serving.contract.config import ServingConfig
+from serving.contract.reasons import FallbackReason
+from serving.contract.schemas import RankRequest
+from serving.observe.metrics import ServingMetrics
+from serving.ranking.feature_fetch import UserFeatures
+from serving.ranking.gate import ConsentGate
+from serving.ranking.ranker import ModelUnavailable
+from serving.ranking.routing import Router
+from serving.ranking.stages import (
     COMPLETED,
     Deadline,
     RankContext,
@@ -343,7 +343,7 @@ def test_nothing_eligible_is_an_empty_personalized_answer() -> None:
 
 
 def test_unknown_stage_names_are_config_errors() -> None:
-    from rankgate.errors import ConfigError
+    from rankgate.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown stage 'teleport'"):
         StageRunner.build(["gate", "teleport"], "rules", services())

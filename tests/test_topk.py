@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rankgate.topk import Pick, plain_item_id, top_k
+from rankgate.core.topk import Pick, plain_item_id, top_k
 
 
 def test_best_first_and_ties_by_item_id() -> None:

@@ -12,7 +12,7 @@ profiles), and their `user_id` is derived from it:
 
 so the same visitor gets the same id on every machine. The values are the file's
 own text, read with the csv module. The ids are raw user ids like any
-application's: only their pseudonymous key (rankgate.pseudonym) is written to
+application's: only their pseudonymous key (rankgate.core.pseudonym) is written to
 the tables, and so to Feast and Redis.
 
 Feast needs an event time per feature row. The sample's logs are from November
@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rankgate.pseudonym import user_key
+from rankgate.core.pseudonym import user_key
 
 if TYPE_CHECKING:
     import pandas as pd

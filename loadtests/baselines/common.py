@@ -6,16 +6,16 @@ from typing import Any
 
 from features.vector import build_matrix, user_fields
 from model_store.store import ModelStore
-from rankgate import topk
-from rankgate.pseudonym import user_key
-from serving.feature_fetch import FeatureFetcher
-from serving.ranker import LoadedModel, ModelSet
+from rankgate.core import topk
+from rankgate.core.pseudonym import user_key
+from serving.ranking.feature_fetch import FeatureFetcher
+from serving.ranking.ranker import LoadedModel, ModelSet
 from serving.runtime import Runtime
 
 
 def stable_version() -> str:
     """The version serve_config.yaml serves as stable: the one every system scores with."""
-    from serving.launch import ingress_deployment
+    from serving.ops.launch import ingress_deployment
 
     versions = ingress_deployment()["user_config"]["routing"]["versions"]
     return str(next(v["version"] for v in versions if v["role"] == "stable"))

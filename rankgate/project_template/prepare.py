@@ -15,7 +15,7 @@ Replace it with a step that exports your own tables, written the same way:
   interactions.parquet        shopper_key, product_id, clicked, shown_at, <context columns>
 
 The column names are this sample's own (rankgate.yaml declares them). User tables
-hold the pseudonymous key `rankgate.pseudonym.user_key(user_id)`, never the raw id.
+hold the pseudonymous key `rankgate.core.pseudonym.user_key(user_id)`, never the raw id.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from rankgate.pseudonym import user_key
+from rankgate.core.pseudonym import user_key
 
 N_SHOPPERS = 300
 N_PRODUCTS = 40

@@ -22,7 +22,7 @@ ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
 RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(N_ITEMS)]
 
 # A person, known to the feature store only by their pseudonymous key: an HMAC of
-# the application's user id (rankgate.pseudonym). The raw id never reaches Feast,
+# the application's user id (rankgate.core.pseudonym). The raw id never reaches Feast,
 # so it never reaches Redis either.
 user = Entity(
     name="user",

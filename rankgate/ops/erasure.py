@@ -1,0 +1,325 @@
+"""Right to be forgotten: erase what a home keeps about one person.
+
+A person is stored only under their pseudonymous key (rankgate.core.pseudonym), so
+that key finds everything. In Redis, every kind of key that rankgate.core.redis_keys
+marks as naming people (`ERASED`; the other kinds hold no user keys):
+
+    Feast online rows   hashes named by Feast, one per entity key, with a
+                        `_ts:<view>` field per feature view
+    consent record      the person's consent hash
+    audit records       entries of the audit stream whose record names the user key
+    events              entries of the event stream whose stored event's `user` is the key
+    streaming states    the consumer's per-view state hashes of the person (any view,
+                        declared or not); their Feast rows of streaming views are
+                        online rows like the others
+    decisions           decision hashes (outcomes joined to a ranking) whose `u` is the key
+
+and outside it:
+
+    offline rows        rows with the user join key column (rankgate.yaml `user.join_key`)
+                        in every Parquet table of the home's data folder (what the
+                        project's prepare step wrote) and in the project's own
+                        Parquet sources of user views and its interaction log: the
+                        sources `rankgate features materialize` and training read
+
+The offline rows go first, so a materialize running meanwhile
+cannot bring back rows erased from Redis afterwards. Erasing twice erases
+nothing the second time, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
+from feast.infra.key_encoding_utils import deserialize_entity_key
+
+from features.store import ENTITY_KEY_SERIALIZATION_VERSION
+from rankgate.core import redis_keys
+from rankgate.core.errors import RankgateError, RedisUnavailable
+from rankgate.core.home import Home
+from rankgate.core.project import Project
+from rankgate.core.pseudonym import user_key
+from serving.contract.config import LimitsConfig
+from serving.contract.schemas import check_user_id
+from serving.events.intake import StoredEvent
+from serving.observe.audit import AuditRecord
+
+SCAN_COUNT = 1000
+AUDIT_PAGE = 1000
+DECISION_USER_FIELD = "u"
+"""The field of a decision hash (redis_keys.decision) that holds its user key."""
+SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
+ERASED = (
+    redis_keys.FEAST_ROWS,
+    redis_keys.CONSENT,
+    redis_keys.AUDIT,
+    redis_keys.EVENTS,
+    redis_keys.STREAMING_STATE,
+    redis_keys.DECISIONS,
+)
+"""The kinds of Redis key `forget` erases the person from: every kind that names people."""
+
+
+def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
+    """A user id by the API's rules (serving.contract.schemas); the error never repeats the id."""
+    if not user_id:
+        raise RankgateError("user id: empty", 422)
+    try:
+        return check_user_id(user_id, limits or LimitsConfig())
+    except ValueError as exc:
+        raise RankgateError(f"user id: {exc}", 422) from exc
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def shown_key(key: str) -> str:
+    return key[:SHOWN_KEY_CHARS] + "…"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    """What one `forget` erased, per kind."""
+
+    user_key: str
+    feature_rows: dict[str, int]
+    """Feast online rows per feature view."""
+    consent_records: int
+    audit_records: int
+    offline_rows: dict[str, int]
+    """Rows per prepared table (file name without `.parquet`)."""
+    events: int = 0
+    """Entries of the event stream."""
+    streaming_states: int = 0
+    """The event consumer's state hashes (one per streaming view)."""
+    decisions: int = 0
+    """Decision hashes (a ranking and the outcomes joined to it)."""
+
+    @property
+    def erased_anything(self) -> bool:
+        return bool(
+            sum(self.feature_rows.values())
+            or self.consent_records
+            or self.audit_records
+            or sum(self.offline_rows.values())
+            or self.events
+            or self.streaming_states
+            or self.decisions
+        )
+
+    def summary(self) -> str:
+        """One line for people: counts and a short prefix of the key, never the raw id."""
+        who = f"user key {shown_key(self.user_key)}"
+        if not self.erased_anything:
+            return (
+                f"nothing to erase for {who}: no feature rows, consent record, audit records, "
+                "events, streaming states, decisions or offline rows (already forgotten, "
+                "or never known)"
+            )
+        parts = [_plural(n, f"{view} row") for view, n in self.feature_rows.items()]
+        parts.append(_plural(self.consent_records, "consent record"))
+        parts.append(_plural(self.audit_records, "audit record"))
+        parts.append(_plural(self.events, "event"))
+        parts.append(_plural(self.streaming_states, "streaming state"))
+        parts.append(_plural(self.decisions, "decision"))
+        offline = _plural(sum(self.offline_rows.values()), "offline row")
+        tables = ", ".join(f"{table} {n}" for table, n in self.offline_rows.items() if n)
+        parts.append(f"{offline} ({tables})" if tables else offline)
+        return f"erased for {who}: " + ", ".join(parts)
+
+
+def feast_user_key(redis_key: bytes, project: str, join_key: str) -> str | None:
+    """The user key a Feast online row of `project` is keyed by; None for any other key."""
+    suffix = project.encode()
+    if not redis_key.endswith(suffix):
+        return None
+    try:
+        entity = deserialize_entity_key(
+            redis_key[: -len(suffix)],
+            entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
+        )
+    except (ValueError, struct.error):
+        return None  # not an entity key: some other key that merely contains the bytes
+    for name, value in zip(entity.join_keys, entity.entity_values, strict=False):
+        if name == join_key and value.WhichOneof("val") == "string_val":
+            return str(value.string_val)
+    return None
+
+
+def erase_offline_rows(tables: list[Path], column: str, key: str) -> dict[str, int]:
+    """Drop the person's rows from every table with the user column; rows erased per table."""
+    erased: dict[str, int] = {}
+    for path in tables:
+        if not path.exists() or column not in pq.read_schema(path).names:
+            continue
+        table = pq.read_table(path)
+        mine = pc.fill_null(pc.equal(table[column], key), False)
+        count = int(pc.sum(mine).as_py() or 0)
+        erased[path.stem] = count
+        if count:
+            # Written aside and renamed over: a reader sees the old table or the new one.
+            tmp = path.with_suffix(".erasing")
+            pq.write_table(table.filter(pc.invert(mine)), tmp)
+            os.replace(tmp, path)
+    return erased
+
+
+def offline_tables(home: Home, project: Project) -> list[Path]:
+    """The Parquet tables a person's rows may be in: the home's data folder (what the
+    prepare step wrote) and the project's file sources of user views and its log."""
+    tables = set(home.data_dir.rglob("*.parquet")) if home.data_dir.exists() else set()
+    if project.spec.interactions is not None:
+        tables.add(project.path(project.spec.interactions.path, home.data_dir))
+    if (home.feast_dir / "registry.db").exists():
+        from feast import FeatureStore
+
+        from features.store import repo_config, source_path
+
+        # Only the registry is read: no Redis connection is made.
+        store = FeatureStore(config=repo_config(home, "redis://127.0.0.1:6379/0", project=project))
+        for view in store.list_feature_views():
+            if project.spec.user.entity in view.entities:
+                try:
+                    tables.add(source_path(view, project))
+                except RankgateError:
+                    continue  # not a file source: nothing rankgate can rewrite
+    return sorted(p for p in tables if p.suffix == ".parquet")
+
+
+class Eraser:
+    """Erases one person from a home: offline tables first, then Redis.
+
+    Lifecycle: `Eraser(client, home)`, then `forget(user_id)` per request. Redis is
+    checked before anything is touched; a Redis that fails half-way is reported
+    as such, and running `forget` again finishes the job.
+    """
+
+    def __init__(self, client: redis.Redis, home: Home, project: Project) -> None:
+        self.client = client
+        self.namespace = home.namespace
+        self.feast_project = home.namespace  # the Feast project of a home is its namespace
+        self.join_key = project.spec.user.join_key
+        self.tables = offline_tables(home, project)
+
+    def forget(self, user_id: str) -> ErasureReport:
+        key = user_key(checked_user_id(user_id))
+        with self._redis("nothing was erased"):
+            self.client.ping()
+        offline = erase_offline_rows(self.tables, self.join_key, key)
+        with self._redis("run the command again to finish erasing"):
+            feature_rows = self.erase_feature_rows(key)
+            consent = int(self.client.delete(redis_keys.consent(self.namespace, key)))  # type: ignore[arg-type]
+            audit = self.erase_audit_records(key)
+            events = self.erase_events(key)
+            states = self.erase_streaming_states(key)
+            decisions = self.erase_decisions(key)
+        return ErasureReport(key, feature_rows, consent, audit, offline, events, states, decisions)
+
+    def erase_feature_rows(self, key: str) -> dict[str, int]:
+        """Delete every Feast online row keyed by the person; rows per feature view.
+
+        A SCAN for key names containing the user key, each confirmed by decoding its
+        entity key, finds rows under any entity key that includes the person, and
+        rows of views no longer in the registry.
+        """
+        rows: Counter[str] = Counter()
+        names = [
+            name
+            for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
+            if feast_user_key(name, self.feast_project, self.join_key) == key
+        ]
+        if not names:
+            return dict(rows)
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hkeys(name)
+            fields = pipe.execute()
+        for hash_fields in fields:
+            rows.update(f[4:].decode() for f in hash_fields if f.startswith(b"_ts:"))
+        self.client.delete(*names)
+        return dict(sorted(rows.items()))
+
+    def erase_audit_records(self, key: str) -> int:
+        """XDEL every decision of the person, paging through the stream oldest first."""
+        return self._erase_stream_entries(
+            redis_keys.audit(self.namespace),
+            key,
+            lambda fields: AuditRecord.read(fields.get(b"record", b"")).user_key,
+        )
+
+    def erase_events(self, key: str) -> int:
+        """XDEL every event of the person from the event stream."""
+        return self._erase_stream_entries(
+            redis_keys.events(self.namespace),
+            key,
+            lambda fields: StoredEvent.read(b"0-0", fields).user_key,
+        )
+
+    def _erase_stream_entries(
+        self, stream: str, key: str, owner: Callable[[dict[bytes, bytes]], str]
+    ) -> int:
+        """XDEL the entries of `stream` whose `owner` is the key; entries erased."""
+        needle = key.encode()
+        mine: list[bytes] = []
+        lower = "-"
+        while True:
+            page = self.client.xrange(stream, min=lower, count=AUDIT_PAGE)
+            for stream_id, fields in page:  # type: ignore[union-attr]
+                # The substring test is cheap; parsing confirms it is the entry's user key.
+                if any(needle in value for value in fields.values()) and owner(fields) == key:
+                    mine.append(stream_id)
+            if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
+                break
+            lower = "(" + page[-1][0].decode()  # type: ignore[index]
+        erased = 0
+        for start in range(0, len(mine), AUDIT_PAGE):
+            erased += int(self.client.xdel(stream, *mine[start : start + AUDIT_PAGE]))  # type: ignore[arg-type]
+        return erased
+
+    def erase_streaming_states(self, key: str) -> int:
+        """Delete the consumer's state hashes of the person, whatever the view."""
+        pattern = redis_keys.streaming_state(glob_escape(self.namespace), "*", glob_escape(key))
+        names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT))
+        return int(self.client.delete(*names)) if names else 0  # type: ignore[arg-type]
+
+    def erase_decisions(self, key: str) -> int:
+        """Delete the decision hashes whose user (`u`) is the person."""
+        pattern = redis_keys.decision(glob_escape(self.namespace), "*")
+        names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT, _type="hash"))
+        mine = []
+        for start in range(0, len(names), SCAN_COUNT):
+            batch = names[start : start + SCAN_COUNT]
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in batch:
+                    pipe.hget(name, DECISION_USER_FIELD)
+                owners = pipe.execute()
+            mine += [n for n, owner in zip(batch, owners, strict=True) if owner == key.encode()]
+        erased = 0
+        for start in range(0, len(mine), SCAN_COUNT):
+            erased += int(self.client.delete(*mine[start : start + SCAN_COUNT]))  # type: ignore[arg-type]
+        return erased
+
+    @contextmanager
+    def _redis(self, consequence: str) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            kwargs = self.client.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+            raise RedisUnavailable(f"Redis unreachable at {where}: {exc}; {consequence}") from exc

@@ -1,0 +1,84 @@
+"""Request bodies in, validated requests out: every problem of a body at once.
+
+Schema and policy are checked in one pass (the models of serving/contract/schemas.py read
+the replica's `RequestRules`), so a 422 names every field that is wrong, not
+only the first kind of problem found.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from rankgate.core.errors import RankgateError
+from serving.contract.schemas import (
+    ConsentRequest,
+    ConsentWrite,
+    ErrorProblem,
+    RankRequest,
+    RequestRules,
+    check_user_id,
+)
+
+
+class BadRequest(RankgateError):
+    """Input the API refuses; carries the problems, each naming its field."""
+
+    status_code = 422
+    rejection = "bad_request"
+
+    def __init__(self, problems: list[ErrorProblem], status_code: int = 422) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.problem}" for p in problems), status_code)
+        self.problems: list[ErrorProblem] = problems
+        self.error = "body_too_large" if status_code == 413 else "invalid_request"
+
+
+def problems_of(exc: ValidationError) -> list[ErrorProblem]:
+    problems = []
+    for error in exc.errors():
+        # A dict key's error is located at ("purposes", "telepathy", "[key]"): the
+        # key names the field well enough.
+        loc = [str(p) for p in error["loc"] if p != "[key]"]
+        where = ".".join(loc) or "body"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "json_invalid":
+            where, message = (
+                "body",
+                f"not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})",
+            )
+        problems.append(ErrorProblem(field=where, problem=message))
+    return problems
+
+
+def parse_rank(body: bytes, rules: RequestRules) -> RankRequest:
+    try:
+        return RankRequest.model_validate_json(body, context={"rules": rules})
+    except ValidationError as exc:
+        raise BadRequest(problems_of(exc)) from exc
+
+
+def parse_consent(
+    body: bytes, rules: RequestRules, path_user_id: str | None = None
+) -> ConsentWrite:
+    """A consent write: the id in the body (`POST /v1/consent`), or, for the path form
+    (`PUT /v1/consent/{user_id}`), in the path and the rest in the body."""
+    context = {"rules": rules}
+    if path_user_id is None:
+        try:
+            return ConsentWrite.model_validate_json(body, context=context)
+        except ValidationError as exc:
+            raise BadRequest(problems_of(exc)) from exc
+    problems = []
+    try:
+        check_user_id(path_user_id, rules.limits)
+    except ValueError as exc:
+        problems.append(ErrorProblem(field="user_id", problem=str(exc)))
+    try:
+        decisions = ConsentRequest.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        problems += problems_of(exc)
+    if problems:
+        raise BadRequest(problems)
+    # Both parts are valid: nothing left to check.
+    return ConsentWrite.model_construct(user_id=path_user_id, **dict(decisions))

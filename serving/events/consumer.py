@@ -1,0 +1,427 @@
+"""The event consumer: turns the event stream into streaming features and outcomes.
+
+A Ray Serve deployment of the application (`EventConsumer`), started with the
+server and restarted by Ray when it dies. It reads the stream with a consumer
+group (at-least-once): an entry is acknowledged only after its feature updates
+were pushed to the online store and its outcome was joined, so an entry a dead
+replica had read is delivered again, and both updates are idempotent.
+
+One replica reads at a time: it holds a lease in Redis (`consumer_lease`,
+renewed every second, `lease_s` long). A replica that takes the lease over first
+claims every entry its predecessor left pending, then reads its own pending
+entries, then new ones, so each person's events are applied in stream order.
+
+Data minimization: an event becomes a streaming feature only when the person may
+be personalized with that view for some purpose that permits it, by the gate's
+own rule (with the event's region; without one, only a recorded grant counts).
+The others are counted (`rankgate_streaming_events_unused_total`), not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import redis.asyncio as aioredis
+from feast import FeatureStore
+from feast.data_source import PushMode
+from pydantic import Field, ValidationError
+from ray import serve
+
+from features.store import load_catalogue
+from features.streaming import CountState, StreamingCounts, row_time
+from rankgate.core import redis_keys
+from rankgate.core.config_files import Strict, validation_message
+from rankgate.core.errors import ConfigError
+from rankgate.core.project import Project
+from rankgate.core.redis_server import SERVING_CONNECT_TIMEOUT_S
+from rankgate.governance.consent import ConsentState, parse_state
+from rankgate.governance.policy import Policy, load_policy_set
+from serving.events.intake import StoredEvent, stream_time
+from serving.events.outcome_join import OutcomeJoiner
+from serving.observe.metrics import Metrics
+from serving.observe.outcomes import project_outcomes
+from serving.ranking.gate import ConsentGate
+from serving.runtime import ServingSources
+
+logger = logging.getLogger("ray.serve")
+GROUP = "rankgate-consumer"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Take the lease, or renew it when it is ours. KEYS: lease; ARGV: name, ms.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class ConsumerConfig(Strict):
+    """user_config of the EventConsumer deployment."""
+
+    batch: int = Field(256, ge=1, le=10_000)
+    """Stream entries read (and pushed) at a time."""
+    block_ms: int = Field(100, ge=1, le=10_000)
+    """How long a read waits for new entries."""
+    lease_s: float = Field(3.0, gt=0.5, le=60)
+    """A replica that stops renewing its lease is replaced after this long."""
+
+
+class ConsumerMetrics(Metrics):
+    """What the event consumer counts (through Ray's metrics, like the ingress's)."""
+
+    def __init__(self, to_ray: bool | None = None) -> None:
+        super().__init__(to_ray)
+        self.read = self.counter(
+            "rankgate_events_consumed", "Events read from the stream, by type", ["type"]
+        )
+        self.applied = self.counter(
+            "rankgate_streaming_events_applied", "Events applied to a streaming view", ["view"]
+        )
+        self.unused = self.counter(
+            "rankgate_streaming_events_unused",
+            "Events of a counted type not turned into features, by reason "
+            "(not_permitted: consent; unknown_item; redelivered: applied before)",
+            ["view", "reason"],
+        )
+        self.rows = self.counter(
+            "rankgate_streaming_rows_pushed",
+            "Rows pushed to the online store through Feast's push path",
+            ["view"],
+        )
+        self.event_to_feature = self.histogram(
+            "rankgate_event_to_feature_seconds",
+            "From an event's acceptance (202) to its streaming feature being readable",
+            LATENCY_BUCKETS,
+            ["view"],
+        )
+        self.failures = self.counter(
+            "rankgate_consumer_failures",
+            "Batches that failed and will be delivered again, by stage",
+            ["stage"],
+        )
+        self.malformed = self.counter(
+            "rankgate_events_malformed", "Stream entries that are not events"
+        )
+        self.lag = self.gauge(
+            "rankgate_consumer_lag_seconds",
+            "Age of the newest entry of the last batch when it was done",
+        )
+
+
+def view_purposes(policy: Policy, views: Sequence[str]) -> dict[str, list[str]]:
+    """Each streaming view and the purposes that may read it."""
+    return {
+        view: [name for name, p in policy.purposes.items() if view in p.feature_views]
+        for view in views
+    }
+
+
+def timestamp_field(view: Any) -> str:
+    """The column of row times a push to `view` carries (its batch source's)."""
+    source = view.batch_source
+    if source is None or not source.timestamp_field:
+        raise ConfigError(f"streaming view {view.name!r}: its source names no timestamp_field")
+    return str(source.timestamp_field)
+
+
+class StreamingUpdater:
+    """Applies a batch of events to the streaming views and pushes the changed rows."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        store: FeatureStore,
+        project: Project,
+        views: Sequence[StreamingCounts],
+        policy: Policy,
+        metrics: ConsumerMetrics,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.store = store
+        self.views = list(views)
+        self.gate = ConsentGate(policy)
+        self.purposes = view_purposes(policy, [v.view for v in self.views])
+        self.join_key = project.spec.user.join_key
+        self.metrics = metrics
+        feast_views = {v.name: v for v in store.list_feature_views()}
+        self.timestamp_field = {v.view: timestamp_field(feast_views[v.view]) for v in self.views}
+
+    async def consent_of(self, keys: Sequence[str]) -> dict[str, dict[str, ConsentState]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(redis_keys.consent(self.namespace, key))
+            rows = await pipe.execute()
+        return {
+            key: {name.decode(): parse_state(value) for name, value in row.items()}
+            for key, row in zip(keys, rows, strict=True)
+        }
+
+    def permitted(self, view: str, consent: Mapping[str, ConsentState], region: str | None) -> bool:
+        """May this person's events become features of `view`? As the gate decides."""
+        for purpose in self.purposes[view]:
+            state = consent.get(purpose, ConsentState.UNKNOWN)
+            if region is None:
+                if state is ConsentState.GRANTED:
+                    return True
+            elif self.gate.decide(purpose, region, state).personalize:
+                return True
+        return False
+
+    async def apply(self, events: Sequence[StoredEvent]) -> int:
+        """Apply and push; how many events changed a feature."""
+        counted = [(v, e) for v in self.views for e in events if v.counts(e)]
+        if not counted:
+            return 0
+        consent = await self.consent_of(sorted({e.user_key for _, e in counted}))
+        touched: dict[tuple[str, str], list[StoredEvent]] = {}
+        for view, event in counted:
+            if view.field_of(event.item_id) is None:
+                self.metrics.unused.labels(view.view, "unknown_item").inc()
+            elif not self.permitted(view.view, consent[event.user_key], event.region):
+                self.metrics.unused.labels(view.view, "not_permitted").inc()
+            else:
+                touched.setdefault((view.view, event.user_key), []).append(event)
+        if not touched:
+            return 0
+        by_name = {v.view: v for v in self.views}
+        keys = list(touched)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for view_name, user in keys:
+                pipe.hgetall(redis_keys.streaming_state(self.namespace, view_name, user))
+            raw = await pipe.execute()
+        states = {key: CountState.read(row) for key, row in zip(keys, raw, strict=True)}
+        applied: Counter[str] = Counter()
+        for key, batch in touched.items():
+            new = by_name[key[0]].apply(states[key], batch)
+            applied[key[0]] += new
+            if len(batch) > new:
+                self.metrics.unused.labels(key[0], "redelivered").inc(len(batch) - new)
+        # State first (with its marker), then the rows: a crash in between pushes the
+        # same rows again on redelivery, and the marker keeps the counts from doubling.
+        async with self.client.pipeline(transaction=True) as pipe:
+            for (view_name, user), state in states.items():
+                pipe.hset(
+                    redis_keys.streaming_state(self.namespace, view_name, user),
+                    mapping=state.stored(),  # type: ignore[arg-type]
+                )
+            await pipe.execute()
+        for view in self.views:
+            rows = [(user, s) for (name, user), s in states.items() if name == view.view]
+            if rows:
+                await self.push(view, rows)
+        pushed_at = time.time()
+        for (view_name, _), batch in touched.items():
+            for event in batch:
+                self.metrics.event_to_feature.labels(view_name).observe(
+                    max(pushed_at - event.accepted_at, 0.0)
+                )
+        for name, count in applied.items():
+            self.metrics.applied.labels(name).inc(count)
+        return sum(applied.values())
+
+    async def push(self, view: StreamingCounts, rows: Sequence[tuple[str, CountState]]) -> None:
+        frame = pd.DataFrame(
+            [
+                {
+                    self.join_key: user,
+                    self.timestamp_field[view.view]: row_time(state.through or "0-0"),
+                    **view.row(state, as_of=row_time(state.through or "0-0").timestamp()),
+                }
+                for user, state in rows
+            ]
+        )
+        await self.store.push_async(view.spec.push_source, frame, to=PushMode.ONLINE)
+        self.metrics.rows.labels(view.view).inc(len(rows))
+
+
+class EventReader:
+    """The consumer-group side of the stream: lease, claim, read, acknowledge."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str, name: str) -> None:
+        self.client = client
+        self.stream = redis_keys.events(namespace)
+        self.lease_key = redis_keys.consumer_lease(namespace)
+        self.name = name
+        self.lease_script = client.register_script(LEASE)
+        self.own_pending = True
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def hold_lease(self, lease_s: float) -> bool:
+        return bool(
+            await self.lease_script(keys=[self.lease_key], args=[self.name, int(lease_s * 1000)])
+        )
+
+    async def release(self) -> None:
+        if (await self.client.get(self.lease_key)) == self.name.encode():
+            await self.client.delete(self.lease_key)
+
+    async def take_over(self) -> int:
+        """Claim every entry other consumers left pending (they no longer hold the lease)."""
+        claimed, start = 0, "0-0"
+        while True:
+            result = await self.client.xautoclaim(
+                self.stream, GROUP, self.name, min_idle_time=0, start_id=start, count=1000
+            )
+            start, entries = result[0], result[1]
+            claimed += len(entries)
+            if start in (b"0-0", "0-0"):
+                break
+        self.own_pending = True
+        return claimed
+
+    async def read(self, count: int, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Own pending entries first (delivered but not acknowledged), then new ones."""
+        if self.own_pending:
+            reply = await self.client.xreadgroup(GROUP, self.name, {self.stream: "0"}, count=count)
+            entries = reply[0][1] if reply else []
+            if entries:
+                return entries  # type: ignore[no-any-return]
+            self.own_pending = False
+        reply = await self.client.xreadgroup(
+            GROUP, self.name, {self.stream: ">"}, count=count, block=block_ms
+        )
+        return reply[0][1] if reply else []  # type: ignore[no-any-return]
+
+    async def ack(self, ids: Sequence[bytes]) -> None:
+        if ids:
+            await self.client.xack(self.stream, GROUP, *ids)
+
+
+def parse_entries(
+    entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]], metrics: ConsumerMetrics
+) -> list[StoredEvent]:
+    events = []
+    for stream_id, entry in entries:
+        try:
+            events.append(StoredEvent.read(stream_id, entry))
+        except (KeyError, ValueError, TypeError):
+            metrics.malformed.inc()  # acknowledged with the batch: it can never succeed
+    return events
+
+
+# Deployment options (replicas, CPUs) are set in serve_config.yaml only; one replica.
+@serve.deployment
+class EventConsumer:
+    """Reads the event stream into streaming features and outcomes (see the module)."""
+
+    def __init__(self, carried: Mapping[str, str] | None = None) -> None:
+        """`carried`: the project's files carried in the application's args (a cluster)."""
+        sources = ServingSources.open(carried)
+        home, self.project, store = sources.home, sources.project, sources.feast
+        self.client = aioredis.Redis.from_url(
+            sources.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
+        )
+        views = store.list_feature_views()
+        catalogue = load_catalogue(self.project, views, home.data_dir, sources.files["catalogue"])
+        policies = load_policy_set(self.project.policies, catalogue, self.project.item_type)
+        self.metrics = ConsumerMetrics()
+        self.updater = StreamingUpdater(
+            self.client,
+            home.namespace,
+            store,
+            self.project,
+            [StreamingCounts(spec, catalogue) for spec in self.project.spec.streaming],
+            policies.policy,
+            self.metrics,
+        )
+        outcomes = project_outcomes(self.project)
+        self.joiner = (
+            OutcomeJoiner(self.client, home.namespace, outcomes, self.metrics)
+            if outcomes is not None
+            else None
+        )
+        self.reader = EventReader(self.client, home.namespace, f"consumer-{uuid.uuid4().hex[:12]}")
+        self.config = ConsumerConfig()
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        try:
+            self.config = ConsumerConfig.model_validate(user_config or {})
+        except ValidationError as exc:
+            raise ConfigError(validation_message("EventConsumer user_config", exc)) from exc
+        self.start()
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def check_health(self) -> None:
+        """Ray restarts the replica when this raises: a loop that died is a dead consumer."""
+        if self.task is not None and self.task.done() and not self.stopping:
+            error = self.task.exception() if not self.task.cancelled() else None
+            raise RuntimeError(f"the event loop stopped: {error!r}")
+        self.start()
+
+    async def run(self) -> None:
+        backoff = 0.05
+        leased = False
+        while not self.stopping:
+            try:
+                if not await self.reader.hold_lease(self.config.lease_s):
+                    leased = False
+                    await asyncio.sleep(min(1.0, self.config.lease_s / 3))
+                    continue
+                if not leased:
+                    await self.reader.ensure_group()
+                    claimed = await self.reader.take_over()
+                    leased = True
+                    logger.info(
+                        "event consumer %s took the lease (%d entries claimed)",
+                        self.reader.name,
+                        claimed,
+                    )
+                await self.step()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the entries stay pending: retried
+                logger.warning("event consumer: %s: %s", type(exc).__name__, exc)
+                self.metrics.failures.labels(type(exc).__name__).inc()
+                self.reader.own_pending = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def step(self) -> int:
+        """One batch: read, apply, join, acknowledge; renews the lease as it goes."""
+        entries = await self.reader.read(self.config.batch, self.config.block_ms)
+        if not entries:
+            return 0
+        events = parse_entries(entries, self.metrics)
+        for event in events:
+            self.metrics.read.labels(event.type).inc()
+        await self.updater.apply(events)
+        if self.joiner is not None:
+            await self.joiner.join(events)
+        await self.reader.ack([stream_id for stream_id, _ in entries])
+        newest = entries[-1][0].decode()
+        self.metrics.lag.set(max(time.time() - stream_time(newest), 0.0))
+        return len(entries)
+
+    async def __del__(self) -> None:
+        self.stopping = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        with contextlib.suppress(Exception):
+            await self.reader.release()

@@ -1,0 +1,128 @@
+"""Where routing experiments leave their traces in Redis (key names: rankgate.core.redis_keys):
+
+    rollbacks          hash: canary version -> RollbackEvent as JSON
+    routing_events     stream: the audit of routing changes, one entry per automatic
+                       rollback and per change made with `rankgate model promote`,
+                       `retire` or `rollback` (forced ones and their evidence included)
+    shadow(version)    hash: requests, errors, overlap_sum, score_diff_sum
+
+and where the click-rate rule reads them: outcomes(version, variant), the
+counters the event consumer keeps (serving/observe/outcomes.py).
+
+Every replica reads the rollback hash, so a canary one replica rolls back is
+rolled back on all of them within `ROLLBACK_SYNC_S`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from rankgate.core import redis_keys
+from serving.observe.outcomes import Exposure, read_outcomes_async
+
+logger = logging.getLogger("ray.serve")
+ROLLBACK_SYNC_S = 1.0
+
+
+@dataclass(frozen=True)
+class RollbackEvent:
+    version: str
+    rule: str
+    detail: str
+    canary: dict[str, float]
+    stable: dict[str, float]
+    at: float
+
+
+class ExperimentLog:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+
+    async def record_rollback(self, event: RollbackEvent) -> None:
+        payload = json.dumps(asdict(event))
+        logger.warning(
+            "canary %s rolled back: rule %s fired: %s", event.version, event.rule, event.detail
+        )
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(redis_keys.rollbacks(self.namespace), event.version, payload)
+                pipe.xadd(
+                    redis_keys.routing_events(self.namespace),
+                    {"event": "rollback", "data": payload},
+                    maxlen=10_000,
+                )
+                await pipe.execute()
+        except (OSError, aioredis.RedisError) as exc:
+            # The rollback already holds on this replica; others learn it when Redis is back.
+            logger.warning("could not record rollback of %s: %s", event.version, exc)
+
+    async def rolled_back(self) -> set[str]:
+        raw = await self.client.hkeys(redis_keys.rollbacks(self.namespace))  # type: ignore[misc]
+        return {k.decode() if isinstance(k, bytes) else k for k in raw}
+
+    async def exposures(self, canary: str, stable: str) -> tuple[Exposure, Exposure]:
+        """Joined impressions and clicks of the canary since it started, and of stable
+        over the same time (from where stable stood when the canary was promoted)."""
+        canary_totals = await read_outcomes_async(self.client, self.namespace, canary, "canary")
+        stable_totals = await read_outcomes_async(self.client, self.namespace, stable, "stable")
+        return canary_totals.exposure, stable_totals.since(canary_totals)
+
+    async def record_shadow(
+        self, version: str, overlap: float | None, score_diff: float | None
+    ) -> None:
+        key = redis_keys.shadow(self.namespace, version)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "requests", 1)
+            if overlap is None or score_diff is None:
+                pipe.hincrby(key, "errors", 1)
+            else:
+                pipe.hincrbyfloat(key, "overlap_sum", overlap)
+                pipe.hincrbyfloat(key, "score_diff_sum", score_diff)
+            await pipe.execute()
+
+
+def record_routing_change(client: redis.Redis, namespace: str, change: dict[str, Any]) -> None:
+    """Append a change made from the command line to the audit of routing changes:
+    `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures."""
+    client.xadd(
+        redis_keys.routing_events(namespace),
+        {"event": change["command"], "data": json.dumps(change, separators=(",", ":"))},
+        maxlen=10_000,
+    )
+
+
+def read_routing_events(client: redis.Redis, namespace: str, count: int) -> list[dict[str, Any]]:
+    """The newest `count` entries of the audit of routing changes, oldest first."""
+    entries = client.xrevrange(redis_keys.routing_events(namespace), count=count)
+    return [
+        {"event": fields[b"event"].decode(), **json.loads(fields[b"data"])}
+        for _, fields in reversed(entries)  # type: ignore[arg-type]
+    ]
+
+
+def read_rollbacks(client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:
+    raw = client.hgetall(redis_keys.rollbacks(namespace))
+    return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+
+def clear_rollback(client: redis.Redis, namespace: str, version: str) -> None:
+    client.hdel(redis_keys.rollbacks(namespace), version)
+
+
+def read_shadow(client: redis.Redis, namespace: str, version: str) -> dict[str, float]:
+    stored = client.hgetall(redis_keys.shadow(namespace, version))
+    raw = {k.decode(): float(v) for k, v in stored.items()}  # type: ignore[union-attr]
+    scored = raw.get("requests", 0) - raw.get("errors", 0)
+    return {
+        "requests": raw.get("requests", 0),
+        "errors": raw.get("errors", 0),
+        "mean_topk_overlap": raw.get("overlap_sum", 0) / scored if scored else float("nan"),
+        "mean_abs_score_diff": raw.get("score_diff_sum", 0) / scored if scored else float("nan"),
+    }

@@ -1,0 +1,605 @@
+"""Promotion by config: edit the routing section of the serve config and apply it.
+
+`rankgate model promote V --canary PCT | --stable | --shadow | --alternate`,
+`rankgate model retire V` and `rankgate model rollback` each make one `Move` (a
+version takes a role, or leaves the routing). `plan` computes the new routing from
+it in one place, and who answers each purpose before and after by the router's
+own rule (`Router.answer` over `Router.split`). A purpose counts as served when
+every one of its users gets a permitted model: a purpose only the canary may serve
+is served for the canary's share of users and left without a model for the rest.
+A change that leaves more users of a purpose without a permitted model than before
+is refused unless forced. Rolling a canary back gives it the role it had before
+(`previous_role`), so an alternate promoted to canary is an alternate again.
+
+A new canary (another version than the one before, or one that was rolled back)
+starts its click-rate experiment from zero: its `canary` outcome counters are
+reset and stable's counters at that moment are kept as the baseline the
+click-rate rule measures stable from (`reset_canary_outcomes`).
+
+The routing is written back with comments and layout kept. When a server of this
+home is running, the file is applied with `serve deploy`: only `user_config`
+changes, so Ray Serve calls `reconfigure` on the running replicas, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.scalarstring import LiteralScalarString
+
+from rankgate.core import redis_keys
+from rankgate.core.config_files import validation_message
+from rankgate.core.errors import ConfigError, RankgateError
+from rankgate.core.home import Home
+from rankgate.core.project_files import policy_files
+from rankgate.core.settings import SOURCE_CHECKOUT, get_project
+from rankgate.governance.policy import Policy, load_policy
+from serving.contract.config import (
+    DriftConfig,
+    PolicyConfig,
+    PromotionConfig,
+    ReturnRole,
+    Role,
+    RoutingConfig,
+    VersionRoute,
+)
+from serving.observe.drift_figures import DriftFigures
+from serving.observe.outcomes import (
+    BASELINE_CLICKS,
+    BASELINE_IMPRESSIONS,
+    BASELINE_VERSION,
+    read_outcomes,
+)
+from serving.observe.routing_log import record_routing_change
+from serving.ops.launch import (
+    SERVE_CONFIG,
+    derived_config,
+    project_serve_config,
+    ray_client_env,
+    serve_deploy_command,
+)
+from serving.ops.supervisor import ServerInfo
+from serving.ranking.routing import Router
+
+if TYPE_CHECKING:
+    from model_store.store import ModelStore
+    from serving.ops.evidence import Evidence
+
+Say = Callable[[str], None]
+Purposes = Mapping[str, frozenset[str]]
+"""Each purpose of the policy and the feature views it permits."""
+ViewsOf = dict[str, frozenset[str] | None]
+"""Each version and the feature views it reads (None: unknown), as the router takes them."""
+TOLERANCE = 1e-9  # shares are sums of float percents
+
+
+def _yaml() -> YAML:
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 100
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the layout of serve_config.yaml
+    return yaml
+
+
+def ingress_deployment(document: Any) -> Any:
+    for app in document.get("applications", []):
+        for deployment in app.get("deployments", []):
+            if deployment.get("name") == "RankIngress":
+                return deployment
+    raise ConfigError("no RankIngress deployment in the serve config")
+
+
+def read_routing(config_path: Path) -> tuple[Any, Any]:
+    """The parsed document (round-trip) and its routing node."""
+    try:
+        document = _yaml().load(config_path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from exc
+    routing = ingress_deployment(document).get("user_config", {}).get("routing")
+    if routing is None:
+        raise ConfigError(f"{config_path}: RankIngress user_config has no routing section")
+    return document, routing
+
+
+def plain(node: Any) -> Any:
+    return json.loads(json.dumps(node))
+
+
+class PromotionRefused(RankgateError):
+    """A role change that would take personalization away, or break the routing."""
+
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class Move:
+    """One role change: `version` takes `role`, or leaves the routing (role None)."""
+
+    version: str
+    role: Role | None
+    weight: float | None = None
+    """A canary's percent of users."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """Who answers a purpose for a share of its users (version None: no permitted model)."""
+
+    purpose: str
+    version: str | None
+    variant: Role | None
+    share: float
+    """Percent of the purpose's users."""
+
+
+def permitted_views(policy: Policy) -> dict[str, frozenset[str]]:
+    """Each purpose and the views a model may read for it, as the consent gate passes them."""
+    return {name: frozenset(purpose.feature_views) for name, purpose in policy.purposes.items()}
+
+
+def coverage(routing: RoutingConfig, purposes: Purposes, views_of: ViewsOf) -> list[Served]:
+    """Who answers each purpose and for what share of its users, by the router's rule."""
+    router = Router(routing)
+    shares: dict[tuple[str, str | None, Role | None], float] = {}
+    for purpose, allowed in purposes.items():
+        for assigned, share in router.split():
+            chosen = router.answer(assigned, allowed, views_of)
+            key = (purpose, chosen.version, chosen.variant) if chosen else (purpose, None, None)
+            shares[key] = shares.get(key, 0.0) + share
+    return [
+        Served(purpose, version, variant, share)
+        for (purpose, version, variant), share in shares.items()
+    ]
+
+
+def unserved(served: list[Served]) -> dict[str, float]:
+    """Percent of each purpose's users that no permitted model answers."""
+    missing = dict.fromkeys((entry.purpose for entry in served), 0.0)
+    for entry in served:
+        if entry.version is None:
+            missing[entry.purpose] += entry.share
+    return missing
+
+
+def reassign(routing: RoutingConfig, move: Move) -> RoutingConfig:
+    """The routing after `move`. The stable version and the canary come first; a version
+    keeps its place when only its role changes. A canary that a new canary or stable
+    takes over goes back to its `previous_role` (or leaves); a replaced stable leaves."""
+    current = next((r for r in routing.versions if r.version == move.version), None)
+    if current is None and move.role is None:
+        raise PromotionRefused(f"{move.version} is not in the routing")
+    if current is not None and current.role == "stable" and move.role != "stable":
+        raise PromotionRefused(
+            f"{move.version} is the stable version: promote another version --stable first"
+        )
+    if move.role == "canary" and move.weight is None:
+        raise PromotionRefused(f"a canary needs a weight (percent of users) for {move.version}")
+    takes_over = move.role in ("stable", "canary")
+    routes: list[VersionRoute] = []
+    for route in routing.versions:
+        if route.version == move.version:
+            if move.role in ("shadow", "alternate"):
+                routes.append(VersionRoute(version=move.version, role=move.role))
+            continue
+        if route.role == "canary" and takes_over:
+            if route.previous_role is not None:
+                routes.append(VersionRoute(version=route.version, role=route.previous_role))
+            continue
+        if route.role == "stable" and move.role == "stable":
+            continue  # the old stable leaves the routing
+        routes.append(route)
+    if move.role == "stable":
+        routes.insert(0, VersionRoute(version=move.version, role="stable", weight=100))
+    elif move.role == "canary":
+        previous: ReturnRole | None = None
+        if current is not None and current.role == "canary":
+            previous = current.previous_role  # a new weight keeps the role it had before
+        elif current is not None and (current.role == "shadow" or current.role == "alternate"):
+            previous = current.role
+        after_stable = next(i for i, r in enumerate(routes) if r.role == "stable") + 1
+        routes.insert(
+            after_stable,
+            VersionRoute(
+                version=move.version, role="canary", weight=move.weight, previous_role=previous
+            ),
+        )
+    elif move.role is not None and current is None:
+        routes.append(VersionRoute(version=move.version, role=move.role))
+    canary_weight = sum(r.weight or 0.0 for r in routes if r.role == "canary")
+    routes = [
+        r.model_copy(update={"weight": 100 - canary_weight}) if r.role == "stable" else r
+        for r in routes
+    ]
+    try:
+        return RoutingConfig.model_validate(
+            {**routing.model_dump(), "versions": [r.model_dump() for r in routes]}
+        )
+    except ValidationError as exc:
+        raise PromotionRefused(validation_message("the new routing", exc)) from exc
+
+
+def rollback_move(routing: RoutingConfig) -> Move | None:
+    """Taking the canary out: it goes back to the role it had before (or leaves)."""
+    canary = routing.canary
+    return None if canary is None else Move(canary.version, canary.previous_role)
+
+
+@dataclass(frozen=True)
+class RoutingChange:
+    """A routing before and after one move, and who serves each purpose in each."""
+
+    before: RoutingConfig
+    after: RoutingConfig
+    served_before: list[Served]
+    served_after: list[Served]
+
+    def losses(self) -> dict[str, float]:
+        """Purposes that more users would reach without a permitted model: percent after."""
+        before, after = unserved(self.served_before), unserved(self.served_after)
+        return {p: s for p, s in after.items() if s > before.get(p, 0.0) + TOLERANCE}
+
+    def still_unserved(self) -> dict[str, float]:
+        lost = self.losses()
+        return {
+            p: s for p, s in unserved(self.served_after).items() if s > TOLERANCE and p not in lost
+        }
+
+    def guard(self, force: bool, say: Say) -> list[str]:
+        """Refuse a change that takes personalization away, unless forced; then say so
+        loudly. Returns what was forced past (for the audit of routing changes)."""
+        lost = self.losses()
+        for purpose, share in self.still_unserved().items():
+            say(
+                f"warning: {purpose} still has no permitted model for {_percent(share)} of its users"
+            )
+        if not lost:
+            return []
+        described = "; ".join(
+            f"{p} would be left without a permitted model for {_percent(s)} of its users"
+            for p, s in lost.items()
+        )
+        if not force:
+            raise PromotionRefused(
+                f"refused: {described}. They would get the non-personalized fallback "
+                f"(no_permitted_model). First make a version that {' and '.join(lost)} may use "
+                "an alternate (`rankgate model promote V --alternate`), or pass --force to "
+                "accept it"
+            )
+        for purpose, share in lost.items():
+            say(
+                f"WARNING (--force): {purpose} loses personalization for {_percent(share)} of "
+                "its users: they get the non-personalized fallback (no_permitted_model)"
+            )
+        return [described]
+
+    def table(self) -> list[str]:
+        """Which purposes each version serves, before and after (share of users when not all)."""
+        order = [*self.after.all_versions]
+        order += [v for v in self.before.all_versions if v not in order]
+        rows = [("version", "before", "after")]
+        rows += [
+            (
+                version,
+                _cell(self.before, self.served_before, version),
+                _cell(self.after, self.served_after, version),
+            )
+            for version in order
+        ]
+        if any(s.version is None for s in [*self.served_before, *self.served_after]):
+            rows.append(
+                (
+                    "no model",
+                    ", ".join(_serving(self.served_before, None)) or "-",
+                    ", ".join(_serving(self.served_after, None)) or "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        return [
+            f"  {row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip() for row in rows
+        ]
+
+
+def _percent(share: float) -> str:
+    return f"{share:g} %"
+
+
+def _serving(served: list[Served], version: str | None) -> list[str]:
+    """The purposes `version` answers (None: that no model answers), with the share of
+    their users when it is not all of them."""
+    return [
+        s.purpose + ("" if s.share >= 100 - TOLERANCE else f" ({_percent(s.share)})")
+        for s in served
+        if s.version == version
+    ]
+
+
+def _cell(routing: RoutingConfig, served: list[Served], version: str) -> str:
+    route = next((r for r in routing.versions if r.version == version), None)
+    if route is None:
+        return "not routed"
+    label: str = route.role
+    if route.role in ("stable", "canary") and routing.canary is not None:
+        label += f" {_percent(route.weight if route.weight is not None else 100.0)}"
+    return f"{label}: {', '.join(_serving(served, version)) or 'nothing'}"
+
+
+def plan(
+    routing: RoutingConfig, move: Move, purposes: Purposes, views_of: ViewsOf
+) -> RoutingChange:
+    """The routing after `move`, and who answers each purpose before and after it."""
+    after = reassign(routing, move)
+    return RoutingChange(
+        routing, after, coverage(routing, purposes, views_of), coverage(after, purposes, views_of)
+    )
+
+
+def routing_applied(routing: RoutingConfig) -> Callable[[dict[str, Any]], bool]:
+    """Whether a server's /healthz shows exactly this routing."""
+    expected = [route.model_dump() for route in routing.versions]
+    return lambda health: [dict(v) for v in health["routing"]["versions"]] == expected
+
+
+def validate_routing(routing: dict[str, Any], source: Path) -> RoutingConfig:
+    try:
+        return RoutingConfig.model_validate(routing)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(f"{source} routing", exc)) from exc
+
+
+def _write_document(config_path: Path, document: Any) -> None:
+    tmp = config_path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        _yaml().dump(document, handle)
+    tmp.replace(config_path)
+
+
+def _yaml_value(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+@dataclass
+class RoutingFile:
+    """The routing section of a serve config, the purposes of the policy it serves,
+    and the round-trip document it is written back into."""
+
+    path: Path
+    document: Any
+    node: Any
+    routing: RoutingConfig
+    purposes: dict[str, frozenset[str]]
+    promotion: PromotionConfig
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    overrode: list[str] = field(default_factory=list)
+    """What the last change was forced past."""
+
+    @classmethod
+    def open(cls, path: Path) -> RoutingFile:
+        document, node = read_routing(path)
+        user_config = ingress_deployment(document).get("user_config", {})
+        policy_config = _section(path, user_config, "policy", PolicyConfig)
+        folder = policy_config.folder
+        policy = load_policy(folder / "policy.yaml" if folder is not None else None)
+        routing = validate_routing(plain(node), path)
+        promotion = _section(path, user_config, "promotion", PromotionConfig)
+        drift = _section(path, user_config, "drift", DriftConfig)
+        return cls(path, document, node, routing, permitted_views(policy), promotion, drift)
+
+    def guard_drift(
+        self, version: str, role: Role, figures: DriftFigures | None, force: bool, say: Say
+    ) -> None:
+        """With `drift.block_promotion`, refuse to give a flagged version users (a shadow
+        serves nobody: allowed), unless forced; a forced promotion says what it overrode."""
+        if not self.drift.block_promotion or role == "shadow":
+            return
+        if figures is None or not figures.flags:
+            return
+        described = f"{version} has drift flags ({figures.describe()})"
+        if not force:
+            raise PromotionRefused(
+                f"refused: {described}; drift.block_promotion is on in {self.path}. "
+                "Pass --force to promote it anyway"
+            )
+        say(f"WARNING (--force): {described}")
+        self.overrode.append(described)
+
+    def guard_evidence(
+        self, version: str, evidence: Evidence | None, force: bool, say: Say
+    ) -> None:
+        """With `promotion.require_evaluation`, refuse a version whose off-policy
+        evidence (serving/ops/evidence.py) fails it, unless forced; a forced promotion says
+        what it overrode. `evidence` is None when the gate does not apply."""
+        requirement = self.promotion.require_evaluation
+        if requirement is None or evidence is None:
+            return
+        for line in evidence.lines():
+            say(line)
+        failures = evidence.failures(requirement)
+        if not failures:
+            say(f"{version} passes promotion.require_evaluation")
+            return
+        described = "; ".join(failures)
+        if not force:
+            raise PromotionRefused(
+                f"refused by promotion.require_evaluation: {described}. Gather more evidence "
+                "(a shadow, exploration) or pass --force (recorded in the audit of routing changes)"
+            )
+        say(f"WARNING (--force): promoted without the required evidence: {described}")
+        self.overrode.append(f"promotion.require_evaluation: {described}")
+
+    def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
+        """Plan `move`, show who serves what before and after, refuse or write it."""
+        views_of = models.views_of([*self.routing.all_versions, move.version])
+        planned = plan(self.routing, move, self.purposes, views_of)
+        say("who answers each purpose (share of its users, when not all):")
+        for line in planned.table():
+            say(line)
+        self.overrode += planned.guard(force, say)
+        self.write(planned.after)
+        return planned.after
+
+    def write(self, routing: RoutingConfig) -> None:
+        entries = self.node["versions"]
+        entries.clear()
+        for route in routing.versions:
+            fields = {k: _yaml_value(v) for k, v in route.model_dump(exclude_none=True).items()}
+            entry = CommentedMap(fields)
+            entry.fa.set_flow_style()  # one line per version, as written by hand
+            entries.append(entry)
+        _write_document(self.path, self.document)
+        self.routing = routing
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _section(path: Path, user_config: Any, name: str, model: type[Section]) -> Section:
+    try:
+        return model.model_validate(plain(user_config.get(name) or {}))
+    except ValidationError as exc:
+        raise ConfigError(validation_message(f"{path} {name}", exc)) from exc
+
+
+def record_change(
+    client: redis.Redis,
+    namespace: str,
+    command: str,
+    version: str,
+    routing: RoutingFile,
+    evidence: list[str] | None = None,
+) -> None:
+    """Append the change just written to the audit of routing changes: the version's
+    role after it, what was forced past, and the evidence shown."""
+    route = next((r for r in routing.routing.versions if r.version == version), None)
+    record_routing_change(
+        client,
+        namespace,
+        {
+            "command": command,
+            "at": time.time(),
+            "version": version,
+            "role": route.role if route else None,
+            "weight": route.weight if route else None,
+            "config": str(routing.path),
+            "forced": bool(routing.overrode),
+            "overrode": routing.overrode,
+            "evidence_lines": evidence or [],
+        },
+    )
+
+
+def starts_experiment(before: RoutingConfig, version: str, rolled_back: set[str]) -> bool:
+    """Whether making `version` the canary starts a new experiment (rather than changing
+    the weight of the one running)."""
+    canary = before.canary
+    return canary is None or canary.version != version or version in rolled_back
+
+
+def reset_canary_outcomes(client: redis.Redis, namespace: str, version: str, stable: str) -> None:
+    """Start `version`'s canary outcome counters from zero, with stable's impressions
+    and clicks now as the baseline: an earlier experiment of the same version does
+    not decide this one, and stable is compared over the same time."""
+    now = read_outcomes(client, namespace, stable, "stable")
+    key = redis_keys.outcomes(namespace, version, "canary")
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                BASELINE_VERSION: stable,
+                BASELINE_IMPRESSIONS: now.impressions,
+                BASELINE_CLICKS: now.clicks,
+            },
+        )
+        pipe.execute()
+
+
+def write_policy(config_path: Path, folder: Path, revision: str) -> None:
+    """Point the RankIngress user_config at a checked policy folder (`rankgate policy deploy`),
+    or put the files themselves into a config that carries them (a cluster's)."""
+    try:
+        document = _yaml().load(config_path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from exc
+    user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
+    carried = any("project" in (app.get("args") or {}) for app in document.get("applications", []))
+    if carried:
+        # A cluster's config carries the project (`rankgate cluster config`): the checked
+        # files go into it, since its replicas cannot read the folder.
+        files = {name: LiteralScalarString(text) for name, text in policy_files(folder).items()}
+        user_config["policy"] = CommentedMap({"revision": revision, "files": CommentedMap(files)})
+        _write_document(config_path, document)
+        return
+    # Inside the project the folder is written relative to it, so the file stays portable.
+    project = get_project().root
+    shown = folder.relative_to(project) if folder.is_relative_to(project) else folder
+    section = CommentedMap({"dir": str(shown), "revision": revision})
+    section.fa.set_flow_style()
+    user_config["policy"] = section
+    _write_document(config_path, document)
+
+
+def apply_running(
+    home: Home,
+    config_path: Path,
+    env: dict[str, str],
+    expect: Callable[[dict[str, Any]], bool],
+    say: Say,
+    timeout_s: float = 60,
+) -> bool:
+    """`serve deploy` the edited config to this home's running server, if any; wait until it serves it."""
+    info = ServerInfo.read(home)
+    if info is None or info.health() is None or info.base_config.resolve() != config_path.resolve():
+        say("no running server uses this config: the change applies at the next `rankgate serve`")
+        return False
+    deployed = derived_config(
+        home, base=config_path, port=info.port, host=info.host, log_format=info.log_format
+    )
+    result = subprocess.run(
+        serve_deploy_command(deployed, info.dashboard),
+        env=ray_client_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RankgateError(
+            f"serve deploy failed: {(result.stderr or result.stdout).strip()[-800:]}"
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = info.health()
+        if health is not None and health.get("config_error"):
+            raise RankgateError(f"the server refused the config: {health['config_error']}")
+        if health is not None and expect(health):
+            say(f"applied to the running server at {info.base_url} (reconfigured in place)")
+            return True
+        time.sleep(0.25)
+    raise RankgateError(
+        f"the server at {info.base_url} did not take the new config within {timeout_s:.0f}s"
+    )
+
+
+def default_config(home: Home) -> Path:
+    """The running server's config, else the project's; never the copy inside an
+    installed rankgate (an upgrade would overwrite the change)."""
+    info = ServerInfo.read(home)
+    config = info.base_config if info is not None else project_serve_config()
+    if SOURCE_CHECKOUT is None and config.resolve() == SERVE_CONFIG.resolve():
+        project = get_project().root
+        raise ConfigError(
+            f"the project {project} has no serve_config.yaml of its own, and the one "
+            f"installed with rankgate is not edited: `cp {SERVE_CONFIG} {project}/` (or pass "
+            "--config FILE)"
+        )
+    return config

@@ -1,0 +1,242 @@
+"""Online feature fetch from Feast's Redis online store.
+
+User features are read per request (one HMGET per view, concurrently, through
+Feast's async Redis read); item features change rarely and are held in memory
+as an encoded `ItemTable`, re-read every `item_refresh_s`. A user feature older
+than its view's TTL is stale, and the request degrades rather than ranking on it.
+
+Streaming views (rankgate.yaml `streaming`) are the exception: a person with no
+row, or a row older than the TTL, has no recent events, which is normal, so the
+view reads as its default. Their row time says which events a decision includes
+(`UserFeatures.events_through`, see features/streaming.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from feast import FeatureStore, FeatureView, RepoConfig
+from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.type_map import feast_value_type_to_python_type
+
+from features.spec import ViewInfo
+from features.store import load_catalogue, view_infos
+from features.streaming import decayed, through_of
+from features.vector import ItemTable
+from rankgate.core.project import ItemId, Project
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    values: dict[str, Any]
+    """Feast field name -> value, over the views read."""
+    age_s: dict[str, float]
+    """View -> age of its row in seconds (views with no row are absent)."""
+    missing_views: list[str]
+    stale_views: list[str]
+    events_through: float | None = None
+    """Acceptance time (Unix s) of the newest event the streaming views read include."""
+
+    @property
+    def found(self) -> bool:
+        return not self.missing_views
+
+
+SCALARS = frozenset(
+    {"int32_val", "int64_val", "float_val", "double_val", "bool_val", "string_val", "bytes_val"}
+)
+
+
+def python_value(value: Value) -> Any:
+    """A Feast value as Python: scalars directly (the common case on the request path),
+    everything else through Feast's own conversion."""
+    kind = value.WhichOneof("val")
+    if kind in SCALARS:
+        return getattr(value, kind)
+    return feast_value_type_to_python_type(value)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """One HMGET for several user views: Feast's hash fields of each view (its
+    features and its `_ts:` field), concatenated; `decode` splits the reply."""
+
+    views: list[str]
+    fv_names: list[str]
+    requested: list[list[str]]
+    """Per view, the feature names and then the view's timestamp field, as Feast reads them."""
+    hset_keys: list[str | bytes]
+
+    @classmethod
+    def of(
+        cls,
+        online: RedisOnlineStore,
+        config: RepoConfig,
+        views: Mapping[str, FeatureView],
+        infos: Mapping[str, ViewInfo],
+        fields: Mapping[str, list[str]],
+    ) -> ReadPlan:
+        names, fv_names, requested, hset_keys = [], [], [], []
+        for view in sorted(v for v in fields if infos[v].entity == "user"):
+            fv_name = _versioned_fv_name(views[view], config)
+            # Feast appends the timestamp field to the list it gets: a copy.
+            wanted, keys = online._generate_hset_keys_for_features(
+                views[view], list(fields[view]), fv_name_override=fv_name
+            )
+            names.append(view)
+            fv_names.append(fv_name)
+            requested.append(wanted)
+            hset_keys += keys
+        return cls(names, fv_names, requested, hset_keys)
+
+    def decode(
+        self, online: RedisOnlineStore, raw: list[bytes | None]
+    ) -> list[tuple[datetime | None, dict[str, Value] | None]]:
+        """Per view, Feast's (row time, values) of the reply."""
+        results, start = [], 0
+        for fv_name, wanted in zip(self.fv_names, self.requested, strict=True):
+            values = raw[start : start + len(wanted)]
+            start += len(wanted)
+            results.append(online._get_features_for_entity(values, fv_name, wanted))
+        return results
+
+
+class FeatureFetcher:
+    """Reads the online store of one project's Feast repository (one home)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        project: Project,
+        data_dir: Path,
+        catalogue_file: Path | None = None,
+    ) -> None:
+        """`catalogue_file`: the catalogue's table when it was fetched (a cluster)."""
+        self.store = store
+        self.config = store.config
+        self.project = project
+        self.online = RedisOnlineStore()
+        views = store.list_feature_views()
+        self.views = {view.name: view for view in views}
+        self.infos: dict[str, ViewInfo] = view_infos(views, project)
+        self.ttl_s = {
+            name: view.ttl.total_seconds() for name, view in self.views.items() if view.ttl
+        }
+        self.user_join_key = project.spec.user.join_key
+        self.item_join_key = project.spec.item.join_key
+        self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir, catalogue_file)
+        self.streaming_defaults = {
+            name: spec.default for name, spec in project.streaming.items() if name in self.views
+        }
+        self.half_life_s = {name: spec.half_life_s for name, spec in project.streaming.items()}
+        self.items = self.read_items()
+        self.items_loaded_at = time.monotonic()
+        self._plans: dict[tuple[tuple[str, tuple[str, ...]], ...], ReadPlan] = {}
+
+    def _user_entity(self, key: str) -> EntityKey:
+        return EntityKey(join_keys=[self.user_join_key], entity_values=[Value(string_val=key)])
+
+    def _item_entity(self, item_id: ItemId) -> EntityKey:
+        value = Value(int64_val=item_id) if isinstance(item_id, int) else Value(string_val=item_id)
+        return EntityKey(join_keys=[self.item_join_key], entity_values=[value])
+
+    def read_items(self) -> ItemTable:
+        """Item view of the whole catalogue, read from the online store (sync, at start);
+        without an item view, the catalogue's ids with no attributes."""
+        name = self.project.spec.item_view
+        if name is None:
+            return ItemTable({item_id: {} for item_id in self.catalogue})
+        rows = self.online.online_read(
+            self.config,
+            self.views[name],
+            [self._item_entity(i) for i in self.catalogue],
+            list(self.infos[name].fields),  # a copy: Feast appends to the list it gets
+        )
+        table: dict[ItemId, dict[str, Any]] = {}
+        for item_id, (_, values) in zip(self.catalogue, rows, strict=True):
+            table[item_id] = {
+                name: feast_value_type_to_python_type(value)
+                for name, value in (values or {}).items()
+            }
+        return ItemTable(table)
+
+    def refresh_items_if_due(self, every_s: float) -> asyncio.Task[None] | None:
+        """Re-read the item table in the background when it is older than `every_s`.
+
+        The request that notices never waits for it; it and the next ones use the
+        current table until the new one is swapped in. Returns the task, if any.
+        """
+        if time.monotonic() - self.items_loaded_at < every_s:
+            return None
+        self.items_loaded_at = time.monotonic()  # one refresh at a time
+        return asyncio.get_running_loop().create_task(self._refresh_items())
+
+    async def _refresh_items(self) -> None:
+        try:
+            self.items = await asyncio.to_thread(self.read_items)
+        except Exception as exc:  # noqa: BLE001 - keep serving the table we have
+            logger.warning("item table refresh failed, keeping the cached one: %s", exc)
+
+    def read_plan(self, fields: Mapping[str, list[str]]) -> ReadPlan:
+        """How to read these fields of the user views: Feast's hash fields per view,
+        computed once per field set (a request pays a dictionary lookup)."""
+        key = tuple((view, tuple(names)) for view, names in sorted(fields.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = ReadPlan.of(self.online, self.config, self.views, self.infos, fields)
+            self._plans[key] = plan
+        return plan
+
+    async def fetch_user(self, user_key: str, fields: Mapping[str, list[str]]) -> UserFeatures:
+        """The person's rows of the user views, only the fields named per view: one
+        HMGET of Feast's hash of the person (every user view lives in it), decoded
+        by Feast."""
+        plan = self.read_plan(fields)
+        (redis_key,) = self.online._generate_redis_keys_for_entities(
+            self.config, [self._user_entity(user_key)]
+        )
+        client = await self.online._get_client_async(self.config.online_store)
+        raw = await client.hmget(redis_key, plan.hset_keys) if plan.hset_keys else []
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {}
+        ages: dict[str, float] = {}
+        missing, stale = [], []
+        through: float | None = None
+        for view, (stamp, row) in zip(plan.views, plan.decode(self.online, raw), strict=True):
+            converted = {name: python_value(value) for name, value in (row or {}).items()}
+            # Feast answers an unknown entity with an epoch timestamp and empty values.
+            if stamp is None or all(value is None for value in converted.values()):
+                stamp = None
+            age = None if stamp is None else (now - stamp).total_seconds()
+            expired = age is not None and view in self.ttl_s and age > self.ttl_s[view]
+            if view in self.streaming_defaults:
+                if stamp is None or expired:
+                    default = self.streaming_defaults[view]
+                    values.update(dict.fromkeys(fields[view], default))
+                    continue
+                through = max(through or 0.0, through_of(stamp))
+            if stamp is None or age is None:
+                missing.append(view)
+                continue
+            if expired:
+                stale.append(view)
+            ages[view] = age
+            if view in self.streaming_defaults:
+                # Counts as of now: what training computes for the moment of a decision.
+                half_life = self.half_life_s[view]
+                for name, value in converted.items():
+                    if isinstance(value, float):
+                        converted[name] = decayed(value, age, half_life)
+            values.update(converted)
+        return UserFeatures(values, ages, missing, stale, through)

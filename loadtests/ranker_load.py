@@ -8,7 +8,7 @@ in rounds:
 
 - **under load**: `--concurrency` coroutines, each building the matrix for the
   eligible items (features.vector.build_matrix) and scoring it through the
-  ingress's own `@serve.batch` (serving.app.BatchedScoring.score_many, with
+  ingress's own `@serve.batch` (serving.runtime.BatchedScoring.score_many, with
   serve_config.yaml's batching), as the ingress does per request. Counts rows
   scored per second and the mean batch (requests per onnxruntime call).
 - **raw**: `InferenceSession.run` on a ready matrix with that round's mean batch
@@ -43,7 +43,7 @@ from serving.contract.config import BatchingConfig
 from serving.ops.launch import ingress_deployment
 from serving.ranking.gate import ConsentGate
 from serving.ranking.ranker import LoadedModel, ModelSet, Ranker
-from serving.runtime import Runtime
+from serving.runtime import ReplicaRuntime
 
 
 def ingress_settings() -> tuple[BatchingConfig, int, str]:
@@ -54,10 +54,10 @@ def ingress_settings() -> tuple[BatchingConfig, int, str]:
 
 
 def batched_scorer(ranker: Ranker, batching: BatchingConfig, max_ongoing: int) -> Any:
-    """An object scoring through serving.app.BatchedScoring, as the ingress does."""
+    """An object scoring through serving.runtime.BatchedScoring, as the ingress does."""
     from ray import serve
 
-    from serving.app import BatchedScoring
+    from serving.runtime import BatchedScoring
 
     # The only thing @serve.batch reads from a replica (for a warning).
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=max_ongoing))
@@ -135,7 +135,7 @@ async def measure(
     rounds: int,
 ) -> dict[str, Any]:
     batching, max_ongoing, version = ingress_settings()
-    runtime = Runtime.open()
+    runtime = ReplicaRuntime.open()
     fetcher = runtime.fetcher
     models = ModelSet(ModelStore(runtime.home), [version])
     model = models.loaded[version]

@@ -54,9 +54,9 @@ def env(ready_home: Home):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def runtime(ready_home: Home):  # type: ignore[no-untyped-def]
     """What a serving replica opens (Redis, Feast, policy, fallback), once per session."""
-    from serving.runtime import Runtime
+    from serving.runtime import ReplicaRuntime
 
-    return Runtime.open()
+    return ReplicaRuntime.open()
 
 
 @pytest.fixture

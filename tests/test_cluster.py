@@ -384,9 +384,10 @@ def test_a_cluster_config_names_no_local_path_and_carries_checked_policies(
 
     from rankgate.core.project_files import project_files
     from rankgate.governance.policy import load_policy_set
-    from serving.app import AppArgs, parse_config
+    from serving.app import AppArgs
     from serving.ops.cluster import cluster_config, dump
     from serving.ops.promotion import write_policy
+    from serving.runtime import parse_config
 
     project = runtime.project
     config = cluster_config(project, "s3://bucket/prefix", replicas=3)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from starlette.requests import Request
 
-from serving.app import ClientGone, RequestTimeout, read_body
 from serving.contract.parsing import BadRequest
 from serving.http import edge
+from serving.http.body import read_body
+from serving.http.errors import ClientGone, RequestTimeout
 
 # A configuration as Ray Serve 2.60 generates it (folders replaced by @DIR@).
 GENERATED = (Path(__file__).parent / "data" / "ray_haproxy.cfg").read_text()

@@ -26,7 +26,7 @@ from serving.events.outcome_join import JOIN_SCRIPT, OutcomeJoiner, Unjoined, ma
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import read_outcomes, read_unjoined, wilson_interval
 from serving.ranking.pipeline import RankPipeline
-from serving.runtime import Runtime
+from serving.runtime import ReplicaRuntime
 from tests.serving_support import user_with
 from tests.test_pipeline import LOOP, make_pipeline, rank
 
@@ -44,14 +44,14 @@ def outcome_keys(env: Environment) -> list[bytes]:
 
 
 @pytest.fixture
-def indexed(runtime: Runtime, env: Environment) -> Iterator[RankPipeline]:
+def indexed(runtime: ReplicaRuntime, env: Environment) -> Iterator[RankPipeline]:
     """A pipeline whose decisions are indexed (as for a project with outcomes); the
     outcome counters it leads to are removed afterwards."""
     env.redis.delete(*outcome_keys(env))
     pipeline = make_pipeline(runtime)
-    runtime.audit.decision_ttl_s = TTL_S
+    runtime.recorder.audit.decision_ttl_s = TTL_S
     yield pipeline
-    runtime.audit.decision_ttl_s = None
+    runtime.recorder.audit.decision_ttl_s = None
     env.redis.delete(*outcome_keys(env))
 
 
@@ -59,7 +59,7 @@ def decide(pipeline: RankPipeline, user_id: str, **body: Any) -> RankResponse:
     response = rank(
         pipeline, user_id=user_id, purpose="onsite_personalization", region="US", **body
     )
-    assert LOOP.run_until_complete(pipeline.audit.flush())
+    assert LOOP.run_until_complete(pipeline.recorder.audit.flush())
     return response
 
 
@@ -76,7 +76,7 @@ def event(
     )
 
 
-def joiner(runtime: Runtime, env: Environment) -> tuple[OutcomeJoiner, CollectorRegistry]:
+def joiner(runtime: ReplicaRuntime, env: Environment) -> tuple[OutcomeJoiner, CollectorRegistry]:
     metrics = Metrics(to_ray=False)
     return OutcomeJoiner(runtime.redis, env.home.namespace, OUTCOMES, metrics), metrics.registry
 
@@ -102,7 +102,9 @@ def test_each_decision_is_indexed_beside_its_audit_record(
         assert 0 < env.redis.ttl(key) <= TTL_S
 
 
-def test_a_project_without_outcomes_indexes_no_decision(runtime: Runtime, env: Environment) -> None:
+def test_a_project_without_outcomes_indexes_no_decision(
+    runtime: ReplicaRuntime, env: Environment
+) -> None:
     project = runtime.project
     # The same project with no events declared: nothing would read a decision index.
     runtime.project = dataclasses.replace(
@@ -110,7 +112,7 @@ def test_a_project_without_outcomes_indexes_no_decision(runtime: Runtime, env: E
     )
     try:
         pipeline = make_pipeline(runtime)
-        assert runtime.audit.decision_ttl_s is None
+        assert runtime.recorder.audit.decision_ttl_s is None
         granted = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
         response = decide(pipeline, granted)
         assert not env.redis.exists(redis_keys.decision(env.home.namespace, response.request_id))
@@ -120,7 +122,7 @@ def test_a_project_without_outcomes_indexes_no_decision(runtime: Runtime, env: E
 
 
 def test_outcomes_join_their_decision_by_position_and_count_once(
-    indexed: RankPipeline, runtime: Runtime, env: Environment
+    indexed: RankPipeline, runtime: ReplicaRuntime, env: Environment
 ) -> None:
     namespace = env.home.namespace
     users = [
@@ -177,7 +179,7 @@ def test_outcomes_join_their_decision_by_position_and_count_once(
 
 
 def test_outcomes_no_decision_takes_are_counted_as_unjoined(
-    indexed: RankPipeline, runtime: Runtime, env: Environment
+    indexed: RankPipeline, runtime: ReplicaRuntime, env: Environment
 ) -> None:
     namespace = env.home.namespace
     user, other = (
@@ -187,7 +189,7 @@ def test_outcomes_no_decision_takes_are_counted_as_unjoined(
     answer = decide(indexed, user, k=3)
     assert answer.model is not None
     shown = {i.item_id for i in answer.items}
-    not_shown = next(i for i in indexed.fetcher.catalogue if i not in shown)
+    not_shown = next(i for i in indexed.services.fetcher.catalogue if i not in shown)
     batch = [
         event("tap", user, answer.items[0].item_id, uuid.uuid4().hex),  # never decided / expired
         event("tap", user, not_shown, answer.request_id),
@@ -231,7 +233,7 @@ def test_a_decision_that_expired_after_its_lookup_is_not_revived(env: Environmen
 
 
 def test_model_status_shows_ctr_with_its_interval_per_position(
-    indexed: RankPipeline, runtime: Runtime, env: Environment
+    indexed: RankPipeline, runtime: ReplicaRuntime, env: Environment
 ) -> None:
     users = [
         user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=n)
@@ -244,7 +246,7 @@ def test_model_status_shows_ctr_with_its_interval_per_position(
         if n % 2 == 0:
             batch.append(event("tap", user, answer.items[0].item_id, answer.request_id))
     LOOP.run_until_complete(joiner(runtime, env)[0].join(batch))
-    model = indexed.router.config.stable
+    model = indexed.services.router.config.stable
     low, high = wilson_interval(2, 8) or (0.0, 0.0)
     assert low < 2 / 8 < high
     result = CliRunner().invoke(main, ["model", "status"])

@@ -410,7 +410,7 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
     and the identifier patterns: what the validators check, the document says."""
     from rankgate.governance.policy import load_policy
     from rankgate.ops.setup import Environment
-    from serving.app import parse_config
+    from serving.runtime import parse_config
 
     document = openapi(server)
     policy, config = load_policy(), parse_config(ingress_user_config())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from serving.app import api
 from serving.contract.config import BudgetConfig, LimitsConfig
 from serving.contract.schemas import RequestRules
+from serving.http.ingress import api
 from serving.http.openapi import MAX_LISTED_ITEM_IDS, item_id_schema, openapi_document
 
 

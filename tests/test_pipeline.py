@@ -17,13 +17,12 @@ from feast.infra.online_stores.redis import RedisOnlineStore
 from features.store import repo_config
 from rankgate.governance.consent import ConsentState
 from rankgate.ops.setup import Environment
-from serving.app import parse_config
-from serving.contract.parsing import BadRequest
+from serving.contract.parsing import BadRequest, parse_rank
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import RankRequest, RankResponse
 from serving.ranking.pipeline import RankPipeline
 from serving.ranking.ranker import Ranker
-from serving.runtime import Runtime
+from serving.runtime import ReplicaRuntime, parse_config
 from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
 
 # One event loop for the module: the async Redis clients stay bound to the loop
@@ -31,7 +30,7 @@ from tests.serving_support import copy_with_wrong_width, ingress_user_config, ro
 LOOP = asyncio.new_event_loop()
 
 
-def make_pipeline(runtime: Runtime, **overrides: Any) -> RankPipeline:
+def make_pipeline(runtime: ReplicaRuntime, **overrides: Any) -> RankPipeline:
     config = parse_config(ingress_user_config(**overrides))
     models, explainers = runtime.load_models(config)
     ranker = Ranker(models)
@@ -42,18 +41,18 @@ def make_pipeline(runtime: Runtime, **overrides: Any) -> RankPipeline:
             raise result
         return result
 
-    pipeline = runtime.pipeline(config, models, explainers, score)
+    pipeline = runtime.build_pipeline(config, models, explainers, score)
     LOOP.run_until_complete(pipeline.warm_up())
     return pipeline
 
 
 @pytest.fixture(scope="module")
-def pipeline(runtime: Runtime) -> RankPipeline:
+def pipeline(runtime: ReplicaRuntime) -> RankPipeline:
     return make_pipeline(runtime)
 
 
 def rank(pipeline: RankPipeline, **body: Any) -> RankResponse:
-    request = pipeline.parse(json.dumps(body).encode())
+    request = parse_rank(json.dumps(body).encode(), pipeline.rules)
     return LOOP.run_until_complete(pipeline.rank(request))
 
 
@@ -80,10 +79,11 @@ def test_a_budget_spent_in_the_queues_is_answered_at_once_without_reading_consen
     pipeline: RankPipeline, env: Environment
 ) -> None:
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
-    request = pipeline.parse(
+    request = parse_rank(
         json.dumps(
             {"user_id": uid, "purpose": "onsite_personalization", "region": "EU", "budget_ms": 100}
-        ).encode()
+        ).encode(),
+        pipeline.rules,
     )
 
     def reads() -> tuple[int, int]:
@@ -121,13 +121,13 @@ def test_scores_equal_the_native_model_on_the_same_rows(
         candidates=candidates,
         k=5,
     )
-    model = pipeline.models.loaded["v2"]
+    model = pipeline.services.models.loaded["v2"]
     user = LOOP.run_until_complete(
-        pipeline.fetcher.fetch_user(user_key(uid), pipeline.fields_of["v2"])
+        pipeline.services.fetcher.fetch_user(user_key(uid), pipeline.services.fields_of["v2"])
     )
     booster = lgb.Booster(model_file=str(env.models.path("v2") / "booster.txt"))
     native = booster.predict(
-        build_matrix(model.specs, user.values, pipeline.fetcher.items, candidates)
+        build_matrix(model.specs, user.values, pipeline.services.fetcher.items, candidates)
     )
     expected = {c: round(float(s), 6) for c, s in zip(candidates, native, strict=True)}
     for item in response.items:
@@ -178,7 +178,7 @@ def test_email_needs_explicit_consent_and_never_uses_affinity(
     assert not {70, 71, 72, 73} & {i.item_id for i in response.items}  # email item rule
 
 
-def test_no_permitted_model_degrades(runtime: Runtime, env: Environment) -> None:
+def test_no_permitted_model_degrades(runtime: ReplicaRuntime, env: Environment) -> None:
     pipeline = make_pipeline(runtime, routing=routing("v2"))
     granted = user_with(env.consent, "email_marketing", ConsentState.GRANTED)
     response = rank(pipeline, user_id=granted, purpose="email_marketing", region="US")
@@ -192,9 +192,9 @@ def test_no_permitted_model_degrades(runtime: Runtime, env: Environment) -> None
 def test_fallback_order_is_popularity_with_boosts(pipeline: RankPipeline, env: Environment) -> None:
     uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US", k=80)
-    fallback = pipeline.fallback
+    fallback = pipeline.services.fallback
     assert [i.item_id for i in response.items] == [
-        item for item, _ in fallback.rank(pipeline.fetcher.catalogue, 80)
+        item for item, _ in fallback.rank(pipeline.services.fetcher.catalogue, 80)
     ]
     boosted = fallback.score_of[17]
     assert boosted == pytest.approx(fallback.scores([17])[0])
@@ -215,10 +215,10 @@ def test_unknown_user_with_consent_gets_the_fallback(
     assert len(response.items) == 10
 
 
-def test_stale_features_degrade(runtime: Runtime, env: Environment) -> None:
+def test_stale_features_degrade(runtime: ReplicaRuntime, env: Environment) -> None:
     pipeline = make_pipeline(runtime)
-    pipeline.fetcher = copy_fetcher(pipeline.fetcher)
-    pipeline.fetcher.ttl_s["user_item_affinity"] = 0.001  # older than this is stale
+    pipeline.services.fetcher = copy_fetcher(pipeline.services.fetcher)
+    pipeline.services.fetcher.ttl_s["user_item_affinity"] = 0.001  # older than this is stale
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="EU")
     assert (
@@ -263,13 +263,13 @@ def blackhole_port() -> Iterator[int]:
 
 
 def test_hung_feature_store_times_out_within_the_budget(
-    runtime: Runtime, env: Environment, blackhole_port: int
+    runtime: ReplicaRuntime, env: Environment, blackhole_port: int
 ) -> None:
     pipeline = make_pipeline(runtime)
-    fetcher = copy_fetcher(pipeline.fetcher)
+    fetcher = copy_fetcher(pipeline.services.fetcher)
     fetcher.config = repo_config(env.home, f"redis://127.0.0.1:{blackhole_port}/0", serving=True)
     fetcher.online = RedisOnlineStore()
-    pipeline.fetcher = fetcher
+    pipeline.services.fetcher = fetcher
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(
         pipeline, user_id=uid, purpose="onsite_personalization", region="EU", budget_ms=30
@@ -281,11 +281,13 @@ def test_hung_feature_store_times_out_within_the_budget(
     assert len(response.items) == 10
 
 
-def test_unreachable_consent_store_fails_closed(runtime: Runtime, env: Environment) -> None:
+def test_unreachable_consent_store_fails_closed(runtime: ReplicaRuntime, env: Environment) -> None:
     import redis.asyncio as aioredis
 
     pipeline = make_pipeline(runtime)
-    pipeline.consent_client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    pipeline.services.consent.client = aioredis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2
+    )
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     before = hmget_calls(env)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
@@ -305,7 +307,7 @@ def broken_versions(env: Environment) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("broken_versions")
-def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environment) -> None:
+def test_onnx_error_degrades_to_rule_based_order(runtime: ReplicaRuntime, env: Environment) -> None:
     pipeline = make_pipeline(runtime, routing=routing("v1-shape"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
@@ -314,7 +316,7 @@ def test_onnx_error_degrades_to_rule_based_order(runtime: Runtime, env: Environm
     assert len(response.items) == 10
 
 
-def test_missing_model_file_degrades(runtime: Runtime, env: Environment) -> None:
+def test_missing_model_file_degrades(runtime: ReplicaRuntime, env: Environment) -> None:
     pipeline = make_pipeline(runtime, routing=routing("v404"))
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
@@ -348,7 +350,7 @@ def test_explain_returns_reasons_for_returned_items(
 
 
 def test_explainer_is_omitted_when_the_budget_cannot_cover_it(
-    runtime: Runtime, env: Environment
+    runtime: ReplicaRuntime, env: Environment
 ) -> None:
     pipeline = make_pipeline(runtime, explainer={"max_items": 10, "ms_per_row_estimate": 500})
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
@@ -366,14 +368,14 @@ def test_explainer_is_omitted_when_the_budget_cannot_cover_it(
 
 
 def test_missing_booster_makes_the_explainer_unavailable_not_the_answer(
-    runtime: Runtime, env: Environment
+    runtime: ReplicaRuntime, env: Environment
 ) -> None:
     copy = env.models.path("v1-nobooster")
     shutil.copytree(env.models.path("v1"), copy)
     try:
         (copy / "booster.txt").unlink()  # hashes now fail: the version does not load
         pipeline = make_pipeline(runtime, routing=routing("v1"))
-        pipeline.explainers = {}
+        pipeline.services.explainers = {}
         uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
         response = rank(
             pipeline, user_id=uid, purpose="onsite_personalization", region="US", explain=True
@@ -428,7 +430,7 @@ def test_bad_input_names_the_field(
 ) -> None:
     request = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU", **body}
     with pytest.raises(BadRequest) as caught:
-        pipeline.parse(json.dumps(request).encode())
+        parse_rank(json.dumps(request).encode(), pipeline.rules)
     assert any(p.field == field and problem in p.problem for p in caught.value.problems), (
         caught.value.problems
     )
@@ -436,36 +438,38 @@ def test_bad_input_names_the_field(
 
 def test_missing_fields_and_broken_json(pipeline: RankPipeline) -> None:
     with pytest.raises(BadRequest) as caught:
-        pipeline.parse(b'{"user_id": "u-1"}')
+        parse_rank(b'{"user_id": "u-1"}', pipeline.rules)
     assert {p.field for p in caught.value.problems} == {"purpose", "region"}
     with pytest.raises(BadRequest) as caught:
-        pipeline.parse(b'{"user_id": ')
+        parse_rank(b'{"user_id": ', pipeline.rules)
     assert caught.value.problems[0].field == "body"
 
 
 def test_schema_and_policy_problems_come_together(pipeline: RankPipeline) -> None:
     body = {"user_id": "u-1", "purpose": "newsletter", "region": "FR", "k": 0}
     with pytest.raises(BadRequest) as caught:
-        pipeline.parse(json.dumps(body).encode())
+        parse_rank(json.dumps(body).encode(), pipeline.rules)
     assert [p.field for p in caught.value.problems] == ["purpose", "region", "k"]
 
 
 def test_integral_floats_are_parsed_as_integers(pipeline: RankPipeline) -> None:
     body = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU"}
-    request = pipeline.parse(json.dumps({**body, "k": 3.0, "candidates": [4.0, 7]}).encode())
+    request = parse_rank(
+        json.dumps({**body, "k": 3.0, "candidates": [4.0, 7]}).encode(), pipeline.rules
+    )
     assert (request.k, request.candidates) == (3, [4, 7])
     assert all(type(n) is int for n in [request.k, *request.candidates])
 
 
-def test_the_rules_are_the_pipelines_config_and_policy(runtime: Runtime) -> None:
+def test_the_rules_are_the_pipelines_config_and_policy(runtime: ReplicaRuntime) -> None:
     limits = {**ingress_user_config()["limits"], "max_k": 20}
     pipeline = make_pipeline(runtime, limits=limits)
     assert pipeline.rules.limits.max_k == 20
-    assert pipeline.rules.regions == tuple(sorted(pipeline.gate.policy.regions))
-    assert pipeline.rules.items == frozenset(pipeline.fetcher.catalogue)
+    assert pipeline.rules.regions == tuple(sorted(pipeline.services.gate.policy.regions))
+    assert pipeline.rules.items == frozenset(pipeline.services.fetcher.catalogue)
     body = {"user_id": "u-1", "purpose": "onsite_personalization", "region": "EU", "k": 21}
     with pytest.raises(BadRequest) as caught:
-        pipeline.parse(json.dumps(body).encode())
+        parse_rank(json.dumps(body).encode(), pipeline.rules)
     assert [(p.field, p.problem) for p in caught.value.problems] == [("k", "between 1 and 20")]
 
 
@@ -473,7 +477,7 @@ def test_request_schema_is_one_model() -> None:
     assert RankRequest.model_json_schema()["additionalProperties"] is False
 
 
-def test_item_table_is_cached_and_refreshed_from_the_online_store(runtime: Runtime) -> None:
+def test_item_table_is_cached_and_refreshed_from_the_online_store(runtime: ReplicaRuntime) -> None:
     fetcher = copy_fetcher(runtime.fetcher)
     cached = fetcher.items
 
@@ -498,13 +502,13 @@ SAMPLE_ALL = {"max_items": 10, "ms_per_row_estimate": 1.0, "sample_rate": 1.0, "
 def records_of(pipeline: RankPipeline, env: Environment, request_ids: list[str]) -> list[Any]:
     from serving.ops import audit_replay as replay
 
-    assert LOOP.run_until_complete(pipeline.audit.flush())
+    assert LOOP.run_until_complete(pipeline.recorder.audit.flush())
     found = {r.request_id: r for r in replay.tail(env.redis, env.home.namespace, 2000)}
     return [found[rid] for rid in request_ids]
 
 
 def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
-    runtime: Runtime, env: Environment
+    runtime: ReplicaRuntime, env: Environment
 ) -> None:
     pipeline = make_pipeline(runtime, explainer=SAMPLE_ALL)
     seen: list[tuple[str, tuple[int, ...]]] = []
@@ -512,7 +516,7 @@ def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
     def observer(version: str, contributions: np.ndarray) -> None:
         seen.append((version, contributions.shape))
 
-    pipeline.explanation_observers.append(observer)
+    pipeline.recorder.observers.append(observer)
     try:
         uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=2)
         body = {"user_id": uid, "purpose": "onsite_personalization", "region": "US", "k": 12}
@@ -522,7 +526,7 @@ def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
         refused = rank(pipeline, **{**body, "user_id": denied})
         records = records_of(pipeline, env, [a.request_id for a in [*answers, asked, refused]])
     finally:
-        pipeline.explanation_observers.remove(observer)
+        pipeline.recorder.observers.remove(observer)
     assert all(item.reasons is None for a in answers for item in a.items)
     assert all(a.explanation is None for a in answers)
     given = [item.reasons or [] for item in asked.items]
@@ -537,15 +541,15 @@ def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
     assert records[4].fallback is not None and records[4].explained is None
     assert records[4].explanation is None
     # Each explanation of the sample, the one asked for included, reaches the observers.
-    width = len(pipeline.models.loaded["v2"].specs)
+    width = len(pipeline.services.models.loaded["v2"].specs)
     assert seen == [("v2", (10, width))] * 4
 
 
 def test_a_sample_that_cannot_be_explained_still_writes_its_record(
-    runtime: Runtime, env: Environment
+    runtime: ReplicaRuntime, env: Environment
 ) -> None:
     pipeline = make_pipeline(runtime, explainer=SAMPLE_ALL)
-    pipeline.explainers = {}
+    pipeline.services.explainers = {}
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=2)
     response = rank(pipeline, user_id=uid, purpose="onsite_personalization", region="US")
     (record,) = records_of(pipeline, env, [response.request_id])

@@ -10,9 +10,10 @@ import yaml
 from rankgate.core.errors import ConfigError
 from rankgate.governance.consent import ConsentState
 from rankgate.governance.policy import load_fallback_rules, load_policy, policy_dir
-from serving.app import AppArgs, RankerDeployment, RankIngress, build_app, parse_config
+from serving.app import AppArgs, RankerDeployment, RankIngress, build_app
 from serving.ranking.explainer import load_reason_templates
 from serving.ranking.gate import ConsentGate
+from serving.runtime import parse_config
 from tests.serving_support import ingress_user_config
 
 

@@ -28,7 +28,7 @@ from rankgate.governance.policy import load_policy
 from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
 from rankgate.ops.setup import Environment
 from serving.events.intake import StoredEvent
-from serving.runtime import Runtime
+from serving.runtime import ReplicaRuntime
 from tests.serving_support import example_user_ids
 from tests.test_pipeline import LOOP, make_pipeline, rank
 
@@ -215,7 +215,7 @@ def write_event_traces(env: Environment, uid: str, events: int, decisions: int) 
 
 @pytest.fixture(scope="module")
 def forgotten(
-    offline_tables: None, people: tuple[str, str], runtime: Runtime
+    offline_tables: None, people: tuple[str, str], runtime: ReplicaRuntime
 ) -> Iterator[Forgotten]:
     """Decisions for both people go through the real pipeline into the audit stream,
     the person and a bystander have events, streaming rows and states and decision
@@ -234,7 +234,7 @@ def forgotten(
                 purpose=("onsite_personalization", "email_marketing")[n % 2],
                 region=("EU", "US")[n % 2],
             )
-    assert LOOP.run_until_complete(pipeline.audit.flush())
+    assert LOOP.run_until_complete(pipeline.recorder.audit.flush())
     before, control_before = Traces.of(env, person), Traces.of(env, control)
     bystander_before = Traces.of(env, BYSTANDER)
     result = CliRunner().invoke(main, ["privacy", "forget", person])

@@ -13,12 +13,12 @@ from rankgate.core.errors import ConfigError
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.consent import ConsentState
 from rankgate.ops.setup import Environment
-from serving.app import parse_config
 from serving.contract.config import RoutingConfig
 from serving.observe.outcomes import Exposure, read_outcomes
 from serving.observe.routing_log import ExperimentLog, read_rollbacks, read_shadow
 from serving.ops.promotion import reset_canary_outcomes, starts_experiment
 from serving.ranking.routing import Router
+from serving.runtime import parse_config
 from tests.serving_support import (
     copy_with_wrong_width,
     example_user_ids,
@@ -179,8 +179,8 @@ def drain(pipeline) -> None:  # type: ignore[no-untyped-def]
     async def wait() -> None:
         import asyncio
 
-        while pipeline.background:
-            await asyncio.gather(*list(pipeline.background))
+        while pipeline.canary.background:
+            await asyncio.gather(*list(pipeline.canary.background))
 
     LOOP.run_until_complete(wait())
 
@@ -250,7 +250,7 @@ def test_a_raising_canary_is_rolled_back_and_recorded(
         ):
             degraded_canary += 1
     drain(pipeline)
-    assert pipeline.router.rolled_back == {raising_version}
+    assert pipeline.services.router.rolled_back == {raising_version}
     # Only the canary users served before the rule had its minimum sample were degraded.
     assert 10 <= degraded_canary <= 30, degraded_canary
     tail = answers[-100:]
@@ -269,7 +269,7 @@ def test_a_raising_canary_is_rolled_back_and_recorded(
     assert record["rule"] == "error_rate" and record["canary"]["requests"] >= 10
     # A new replica (or a restart) learns the rollback from Redis.
     fresh = make_pipeline(runtime, routing=section)
-    assert fresh.router.rolled_back == {raising_version}
+    assert fresh.services.router.rolled_back == {raising_version}
 
 
 # -- the click-rate rule --------------------------------------------------------
@@ -340,15 +340,15 @@ def test_the_pipeline_rolls_a_canary_with_fewer_clicks_back_from_the_counters(
     # What the event consumer keeps (serving/observe/outcomes.py): stable gets 10 % clicks.
     env.redis.hset(outcome_counters["stable"], mapping={"impressions": 400, "clicks": 40})
     env.redis.hset(outcome_counters["canary"], mapping={"impressions": 150, "clicks": 1})
-    pipeline.rollbacks_synced_at = pipeline.rollback_checked_at = 0.0  # due now
+    pipeline.canary.synced_at = pipeline.canary.checked_at = 0.0  # due now
     rank(pipeline, user_id=granted, purpose="onsite_personalization", region="US")
     drain(pipeline)
-    assert pipeline.router.rolled_back == set()  # 150 canary impressions: too few
+    assert pipeline.services.router.rolled_back == set()  # 150 canary impressions: too few
     env.redis.hset(outcome_counters["canary"], mapping={"impressions": 300, "clicks": 3})
-    pipeline.rollbacks_synced_at = pipeline.rollback_checked_at = 0.0  # due now
+    pipeline.canary.synced_at = pipeline.canary.checked_at = 0.0  # due now
     rank(pipeline, user_id=granted, purpose="onsite_personalization", region="US")
     drain(pipeline)
-    assert pipeline.router.rolled_back == {"v1"}
+    assert pipeline.services.router.rolled_back == {"v1"}
     recorded = read_rollbacks(env.redis, env.home.namespace)["v1"]
     assert recorded["rule"] == "ctr" and "1.00% (3/300)" in recorded["detail"]
     assert recorded["canary"]["clicks"] == 3 and recorded["stable"]["impressions"] == 400

@@ -10,7 +10,7 @@ from rankgate.core import topk
 from rankgate.core.pseudonym import user_key
 from serving.ranking.feature_fetch import FeatureFetcher
 from serving.ranking.ranker import LoadedModel, ModelSet
-from serving.runtime import Runtime
+from serving.runtime import ReplicaRuntime
 
 
 def stable_version() -> str:
@@ -23,7 +23,7 @@ def stable_version() -> str:
 
 def open_parts() -> tuple[FeatureFetcher, LoadedModel, dict[str, list[str]]]:
     """The fetcher, the model, and the fields per user view the model reads."""
-    runtime = Runtime.open()
+    runtime = ReplicaRuntime.open()
     version = stable_version()
     models = ModelSet(ModelStore(runtime.home), [version])
     model = models.loaded[version]

@@ -3,8 +3,12 @@ them to responses, and the CLI prints their message and exits non-zero."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
+
+RETRY_SOON: Mapping[str, str] = MappingProxyType({"Retry-After": "1"})
+"""The headers of an answer that a retry may soon get past (a store is unavailable)."""
 
 
 class RankgateError(Exception):
@@ -18,6 +22,8 @@ class RankgateError(Exception):
     problems: Sequence[Any] = ()
     """What is wrong with an input, each naming its field (the answer lists them
     instead of the message)."""
+    headers: Mapping[str, str] | None = None
+    """Headers the answer carries (a retry hint, a closed connection, an auth scheme)."""
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -40,6 +46,7 @@ class RedisUnavailable(RankgateError):
 
     status_code = 503
     error = "unavailable"
+    headers = RETRY_SOON
 
 
 class ModelStoreError(RankgateError):

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
-from rankgate.core.errors import RankgateError
+from rankgate.core.errors import RETRY_SOON, RankgateError
 
 logger = logging.getLogger("ray.serve")
 CONSENT_STATES = ("granted", "denied", "unknown")
@@ -73,6 +73,7 @@ class ConsentStoreUnavailable(RankgateError):
 
     status_code = 503
     error = "consent_store_unavailable"
+    headers = RETRY_SOON
 
 
 class AsyncConsentStore:

@@ -30,6 +30,8 @@ class BadRequest(RankgateError):
         super().__init__("; ".join(f"{p.field}: {p.problem}" for p in problems), status_code)
         self.problems: list[ErrorProblem] = problems
         self.error = "body_too_large" if status_code == 413 else "invalid_request"
+        # A client that sent too much is not kept: its connection is closed.
+        self.headers = {"Connection": "close"} if status_code == 413 else None
 
 
 def problems_of(exc: ValidationError) -> list[ErrorProblem]:

@@ -49,7 +49,7 @@ from serving.events.outcome_join import OutcomeJoiner
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import project_outcomes
 from serving.ranking.gate import ConsentGate
-from serving.runtime import ServingSources
+from serving.runtime import ReplicaRuntime
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
@@ -325,13 +325,14 @@ class EventConsumer:
 
     def __init__(self, carried: Mapping[str, str] | None = None) -> None:
         """`carried`: the project's files carried in the application's args (a cluster)."""
-        sources = ServingSources.open(carried)
-        home, self.project, store = sources.home, sources.project, sources.feast
+        runtime = ReplicaRuntime.open(carried)
+        home, self.project, store = runtime.home, runtime.project, runtime.feast
+        # Its own client: a read of the stream blocks longer than serving reads may.
         self.client = aioredis.Redis.from_url(
-            sources.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
+            runtime.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
         )
         views = store.list_feature_views()
-        catalogue = load_catalogue(self.project, views, home.data_dir, sources.files["catalogue"])
+        catalogue = load_catalogue(self.project, views, home.data_dir, runtime.files["catalogue"])
         policies = load_policy_set(self.project.policies, catalogue, self.project.item_type)
         self.metrics = ConsumerMetrics()
         self.updater = StreamingUpdater(

@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from rankgate.core import redis_keys
-from rankgate.core.errors import RankgateError
+from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.project import EventsConfig, ItemId
 from rankgate.core.pseudonym import user_key as pseudonymise
 from serving.contract.config import EventLimits
@@ -313,6 +313,7 @@ class EventStoreUnavailable(RankgateError):
 
     status_code = 503
     error = "unavailable"
+    headers = RETRY_SOON
     rejection = "events_unavailable"
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from types import MappingProxyType
 
 import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
-from rankgate.core.errors import RankgateError
+from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.governance.api_keys import ApiKey, KeyTable, is_key_shaped
 
 logger = logging.getLogger("ray.serve")
@@ -31,6 +32,7 @@ MISS_REFRESH_S = 0.1
 class Unauthorized(RankgateError):
     status_code = 401
     error = rejection = "unauthorized"
+    headers = MappingProxyType({"WWW-Authenticate": "Bearer"})
 
 
 class Forbidden(RankgateError):
@@ -44,6 +46,7 @@ class AuthUnavailable(RankgateError):
 
     status_code = 503
     error = rejection = "unavailable"
+    headers = RETRY_SOON
 
 
 class KeyCache:

@@ -1,0 +1,122 @@
+"""A finished request: its JSON answer, and what the audit stream keeps of it.
+
+Both are built from the `RankContext` the stages filled (serving/ranking/stages.py); the
+pipeline answers with the first, and hands the second to the decision recorder
+(serving/observe/decisions.py) after the answer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from rankgate.core.topk import SCORE_DIGITS, plain_item_id
+from serving.contract.schemas import Freshness, RankedItem, RankResponse
+from serving.observe.audit import AuditRecord, Choice, ExplanationNote, RecordedFeatures
+from serving.ranking.stages import Deadline, RankContext
+
+
+def answer(context: RankContext, deadline: Deadline) -> RankResponse:
+    """The JSON answer of a request the stages have run."""
+    # Optional parts are left unset, not set to None: the JSON answer carries
+    # `reasons`, `explanation` and `detail` only when there is something to say.
+    # Built without validation (model_construct): every value comes from the stages,
+    # typed, and the answer is on the response path.
+    reasons = context.reasons
+    items = []
+    for n, (item, score) in enumerate(context.ranked):
+        fields: dict[str, Any] = {"item_id": item, "rank": n + 1}
+        fields["score"] = round(score, SCORE_DIGITS)
+        if reasons and n < len(reasons):
+            fields["reasons"] = reasons[n]
+        items.append(RankedItem.model_construct(**fields))
+    timings = {name: round(value, 3) for name, value in context.timings.items()}
+    timings["total"] = round(deadline.elapsed_ms(), 3)
+    optional: dict[str, Any] = {}
+    if context.explanation:
+        optional["explanation"] = context.explanation
+    through = context.user.events_through if context.user is not None else None
+    if through is not None and context.scored:
+        age_ms = max(time.time() - through, 0.0) * 1000.0
+        optional["freshness"] = Freshness(events_through=through, event_age_ms=round(age_ms, 3))
+    assert context.decision is not None, "the gate stage always decides"
+    return RankResponse.model_construct(
+        request_id=uuid.uuid4().hex,
+        items=items,
+        model=context.model_ref,
+        fallback=context.fallback,
+        policy=context.decision.block,
+        timings_ms=timings,
+        **optional,
+    )
+
+
+def audit_record(
+    context: RankContext, response: RankResponse, app: str | None = None
+) -> AuditRecord:
+    """What the audit stream keeps of one decision (no raw user id)."""
+    request, user = context.request, context.user
+    return AuditRecord(
+        request_id=response.request_id,
+        at=time.time(),
+        app=app,
+        user_key=context.key,
+        purpose=request.purpose,
+        region=request.region,
+        k=request.k,
+        policy=response.policy,
+        model=response.model,
+        candidates=[plain_item_id(c) for c in context.eligible],
+        features=recorded_features(user.values, user.age_s, request.context, user.events_through)
+        if user
+        else None,
+        item_table=context.items.digest if context.items is not None else None,
+        items=[(item.item_id, item.score) for item in response.items],
+        fallback=response.fallback,
+        explanation=[item.reasons or [] for item in response.items] if context.reasons else None,
+        timings_ms=response.timings_ms,
+        propensities=context.propensities,
+        choice=choice(context),
+        **requested_note(context),
+    )
+
+
+def choice(context: RankContext) -> Choice:
+    """How a decision's items were chosen, for its audit record."""
+    if context.fallback is not None:
+        return Choice(method="fallback", deterministic=True)
+    exploration = context.exploration
+    if exploration is None:
+        return Choice(method="top_k", deterministic=True)
+    return Choice(
+        method=exploration.method,
+        deterministic=False,
+        explored=context.explored,
+        seed=context.exploration_seed,
+        exploration=exploration.model_dump(),
+    )
+
+
+def requested_note(context: RankContext) -> dict[str, ExplanationNote]:
+    """`explained` of a record whose request asked for an explanation (else nothing:
+    records stay as they were)."""
+    given = context.explanation
+    if not context.request.explain or given is None:
+        return {}
+    note = {"reason": given.reason} if given.reason else {}
+    return {"explained": ExplanationNote(kind="requested", status=given.status, **note)}
+
+
+def recorded_features(
+    values: dict[str, Any],
+    age_s: dict[str, float],
+    context: dict[str, str],
+    events_through: float | None,
+) -> RecordedFeatures:
+    """The features part of an audit record; `events_through` only where streaming
+    views held events (records stay as they were without them)."""
+    recorded = RecordedFeatures(values=values, age_s=age_s, context=context)
+    if events_through is not None:
+        recorded.events_through = events_through
+    return recorded

@@ -8,7 +8,7 @@
 # On start `rankgate serve` runs `rankgate setup` (a check when the home is set up),
 # then Ray Serve, listening on 0.0.0.0. It is the container's PID 1: it handles
 # SIGTERM (`docker stop`) and SIGINT, reaps orphans, and stops what is left before
-# it ends (README "Running the server"). The same image runs the Ray head and worker
+# it ends (docs/operating.md, "Running the server"). The same image runs the Ray head and worker
 # pods of deploy/kuberay/rayservice.yaml.
 #
 # Ray's own image: the Ray version rankgate pins (ray[serve]==2.60.0, checked by

@@ -48,7 +48,7 @@ from tests.serving_support import (
 STORE_URI = "s3://rankgate/cluster"
 CANARY = "vc-raises"
 NODE_LOSS_WINDOW_S = 10.0
-"""Failed requests may follow a node's loss for at most this long (README "Running on a cluster")."""
+"""Failed requests may follow a node's loss for at most this long (docs/cluster.md, "Node loss")."""
 
 
 def wait_for_port(port: int, timeout_s: float) -> None:

@@ -113,7 +113,7 @@ def test_redis_killed_and_restarted_under_load(
     wait_for(all_recorded, 20, step_s=0.5)
 
 
-# Documented in the README ("Faults and what callers see"): killing the only
+# Documented in docs/operating.md ("Faults and what callers see"): killing the only
 # replica fails requests until Ray has started a new one.
 RESTART_WINDOW_S = 45
 
@@ -154,7 +154,7 @@ def test_a_killed_replica_is_restarted_and_only_its_window_fails(
     assert all(t < recovered_at - killed_at + 1.0 for t in failed_at)  # none after recovery
     # Never a bare 500: a request no replica could answer gets 503 with Retry-After;
     # only requests in flight on the killed replica lose their connection
-    # unanswered (documented in the README: Faults); later ones wait for the new one.
+    # unanswered (documented in docs/operating.md: Faults); later ones wait for the new one.
     assert set(statuses) <= {0, 503}, statuses
     assert all(t - killed_at < 0.5 for t, s in load.failures if s == 0)
     assert load.refusals_without_retry_after == statuses[0]

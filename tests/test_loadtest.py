@@ -128,7 +128,7 @@ def test_bad_slo_file_is_refused_naming_file_and_field(tmp_path: Path) -> None:
 
 
 def test_locustfile_runs_without_the_runner(server: Server, tmp_path: Path) -> None:
-    """Plain `locust -f loadtests/locustfile.py --host ...`, as the README documents."""
+    """Plain `locust -f loadtests/locustfile.py --host ...`, as docs/operating.md documents."""
     from tests import REPO
 
     completed = subprocess.run(

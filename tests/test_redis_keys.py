@@ -1,4 +1,5 @@
-"""Every Redis key is named in rankgate.core.redis_keys: writers, erasure and the README agree."""
+"""Every Redis key is named in rankgate.core.redis_keys: writers, erasure and
+docs/reference.md agree."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ def test_erasure_covers_every_kind_of_key_that_names_people() -> None:
     assert set(ERASED) == {key for key in redis_keys.KEYS if key.personal}
 
 
-def test_the_readme_lists_the_keys_of_the_module() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert redis_keys.markdown_table() in readme, (
-        "README.md's Redis key table differs from rankgate.core.redis_keys.markdown_table()"
+def test_the_reference_lists_the_keys_of_the_module() -> None:
+    reference = (REPO / "docs" / "reference.md").read_text()
+    assert redis_keys.markdown_table() in reference, (
+        "docs/reference.md's Redis key table differs from rankgate.core.redis_keys.markdown_table()"
     )
 
 

@@ -2,9 +2,9 @@
 
 Each key of a home starts with its namespace (`home.json`), so homes sharing a
 Redis never meet. Writers build key names only with the functions below.
-`KEYS` describes each kind for people and for erasure: the README's table is
-made from it (`markdown_table`), and `rankgate privacy forget` erases every kind
-that names people (`personal`) and nothing else.
+`KEYS` describes each kind for people and for erasure: the table in
+docs/reference.md is made from it (`markdown_table`), and `rankgate privacy
+forget` erases every kind that names people (`personal`) and nothing else.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ KEYS = (
 
 
 def markdown_table() -> str:
-    """The README's table of keys."""
+    """The table of keys in docs/reference.md ("Redis keys")."""
     rows = [
         "| key | type | written by | holds | names people |",
         "|---|---|---|---|---|",

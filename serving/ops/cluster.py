@@ -4,7 +4,7 @@
     rankgate cluster config --store s3://bucket/rankgate    a serve config for a cluster
 
 A cluster's replicas see neither the operator's home nor the project folder
-(README "Running on a cluster"). `publish` copies what they read from the home
+(docs/cluster.md). `publish` copies what they read from the home
 to the artifact store (model_store/artifacts.py): the namespace, the Feast
 registry, the serving tables and every model version. `cluster config` writes a
 serve config that needs nothing else: the store's URI in the application's

@@ -11,6 +11,7 @@ from rankgate.core.errors import ConfigError
 from rankgate.governance.consent import ConsentState
 from rankgate.governance.policy import load_fallback_rules, load_policy, policy_dir
 from serving.app import AppArgs, RankerDeployment, RankIngress, build_app, parse_config
+from serving.events.consumer import EventConsumer
 from serving.ranking.explainer import load_reason_templates
 from serving.ranking.gate import ConsentGate
 from tests.serving_support import ingress_user_config
@@ -122,7 +123,7 @@ def test_the_shipped_serving_config_is_valid() -> None:
 def test_deployment_options_are_set_in_serve_config_only() -> None:
     # A value in a decorator as well as in the YAML is two values: the YAML wins
     # where it names the option, the decorator silently elsewhere.
-    for deployment in (RankIngress, RankerDeployment):
+    for deployment in (RankIngress, RankerDeployment, EventConsumer):
         assert not deployment._deployment_config.user_configured_option_names, deployment.name
 
 

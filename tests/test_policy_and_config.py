@@ -9,7 +9,7 @@ import yaml
 
 from rankgate.core.errors import ConfigError
 from rankgate.governance.consent import ConsentState
-from rankgate.governance.policy import load_fallback_rules, load_policy, policy_dir
+from rankgate.governance.policy import load_policy, load_policy_set, policy_dir
 from serving.app import AppArgs, RankerDeployment, RankIngress, build_app, parse_config
 from serving.events.consumer import EventConsumer
 from serving.ranking.explainer import load_reason_templates
@@ -30,7 +30,7 @@ def test_shipped_policy_files_load() -> None:
     assert {"onsite_personalization", "email_marketing"} <= set(policy.purposes)
     assert policy.regions["EU"].regime == "opt_in" and policy.regions["US"].regime == "opt_out"
     assert policy.purposes["email_marketing"].explicit_consent is True
-    assert load_fallback_rules().boosts
+    assert load_policy_set().fallback.boosts
     assert load_reason_templates().templates.keys() >= {"profile", "affinity", "item"}
 
 

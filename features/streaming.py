@@ -154,9 +154,6 @@ class StreamingCounts:
             for name in self.fields
         }
 
-    def default_row(self) -> dict[str, Any]:
-        return dict.fromkeys(self.fields, self.spec.default)
-
 
 def decayed(value: float, age_s: float, half_life_s: float) -> float:
     """A count `age_s` seconds later: an event counts half as much per half-life (the

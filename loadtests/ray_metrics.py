@@ -77,13 +77,3 @@ def matches(sample: Sample, name: str, labels: dict[str, str]) -> bool:
 def total(samples: list[Sample], name: str, **labels: str) -> float:
     """The sum of `name` over every series with `labels`: over replicas and nodes."""
     return sum(s.value for s in samples if matches(s, name, labels))
-
-
-def by_replica(samples: list[Sample], name: str, **labels: str) -> dict[str, float]:
-    """The sum of `name` with `labels` per replica (Ray Serve's `replica` tag)."""
-    sums: dict[str, float] = {}
-    for s in samples:
-        if matches(s, name, labels):
-            replica = s.labels.get("replica", "")
-            sums[replica] = sums.get(replica, 0.0) + s.value
-    return sums

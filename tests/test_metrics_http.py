@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import yaml
 
-from loadtests.ray_metrics import by_replica, targets, total
+from loadtests.ray_metrics import Sample, matches, targets, total
 from rankgate.ops.setup import Environment
 from serving.ops.launch import derived_config
 from tests.conftest import Server, wait_until_healthy
@@ -24,6 +24,16 @@ from tests.serving_support import (
 
 REQUESTS = 80
 CLIENTS = 4
+
+
+def by_replica(samples: list[Sample], name: str, **labels: str) -> dict[str, float]:
+    """The sum of `name` with `labels` per replica (Ray Serve's `replica` tag)."""
+    sums: dict[str, float] = {}
+    for s in samples:
+        if matches(s, name, labels):
+            replica = s.labels.get("replica", "")
+            sums[replica] = sums.get(replica, 0.0) + s.value
+    return sums
 
 
 def scale_ingress(server: Server, replicas: int) -> None:

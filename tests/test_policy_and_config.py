@@ -9,8 +9,9 @@ import yaml
 
 from rankgate.core.errors import ConfigError
 from rankgate.governance.consent import ConsentState
-from rankgate.governance.policy import load_fallback_rules, load_policy, policy_dir
+from rankgate.governance.policy import load_policy, load_policy_set, policy_dir
 from serving.app import AppArgs, RankerDeployment, RankIngress, build_app
+from serving.events.consumer import EventConsumer
 from serving.ranking.explainer import load_reason_templates
 from serving.ranking.gate import ConsentGate
 from serving.runtime import parse_config
@@ -30,7 +31,7 @@ def test_shipped_policy_files_load() -> None:
     assert {"onsite_personalization", "email_marketing"} <= set(policy.purposes)
     assert policy.regions["EU"].regime == "opt_in" and policy.regions["US"].regime == "opt_out"
     assert policy.purposes["email_marketing"].explicit_consent is True
-    assert load_fallback_rules().boosts
+    assert load_policy_set().fallback.boosts
     assert load_reason_templates().templates.keys() >= {"profile", "affinity", "item"}
 
 
@@ -123,7 +124,7 @@ def test_the_shipped_serving_config_is_valid() -> None:
 def test_deployment_options_are_set_in_serve_config_only() -> None:
     # A value in a decorator as well as in the YAML is two values: the YAML wins
     # where it names the option, the decorator silently elsewhere.
-    for deployment in (RankIngress, RankerDeployment):
+    for deployment in (RankIngress, RankerDeployment, EventConsumer):
         assert not deployment._deployment_config.user_configured_option_names, deployment.name
 
 

@@ -22,7 +22,6 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
 
 logger = logging.getLogger("ray.serve")
-CONSENT_STATES = ("granted", "denied", "unknown")
 
 
 class ConsentState(StrEnum):

@@ -132,10 +132,6 @@ def load_policy(path: Path | None = None) -> Policy:
     return load_yaml_model(path or policy_dir() / "policy.yaml", Policy)
 
 
-def load_fallback_rules(path: Path | None = None) -> FallbackRules:
-    return load_yaml_model(path or policy_dir() / "fallback.yaml", FallbackRules)
-
-
 def check_items(
     named: list[tuple[Path, str, list[ItemId]]],
     catalogue: Collection[ItemId],

@@ -219,7 +219,7 @@ class PolicyConfig(Strict):
 class EventLimits(Strict):
     """What `POST /v1/events` accepts, and how long the stream keeps what it needs."""
 
-    max_batch: int = Field(500, ge=1, le=10_000)
+    max_batch: int = Field(200, ge=1, le=10_000)
     """Events per request."""
     max_future_s: float = Field(300.0, ge=0)
     """An event's timestamp may be at most this far ahead of the server's clock."""

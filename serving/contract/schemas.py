@@ -7,7 +7,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -342,6 +342,3 @@ class ErrorBody(BaseModel):
     error: str
     problems: list[ErrorProblem] = []
     detail: str | None = None
-
-    def with_status(self, status: int) -> tuple[int, dict[str, Any]]:
-        return status, self.model_dump(exclude_none=True)

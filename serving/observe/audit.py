@@ -233,7 +233,6 @@ class AuditWriter:
         self.pending: deque[Pending] = deque()
         self.held = 0
         """Records to be queued later (waiting for their sampled explanation)."""
-        self.dropped = 0
         self.written = 0
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -250,7 +249,6 @@ class AuditWriter:
             return
         if len(self.pending) >= MAX_PENDING:
             self.pending.popleft()  # Redis has been away too long: keep the newest
-            self.dropped += 1
         self.pending.append(Pending(entry.stored() if audit else None, decision, written))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())

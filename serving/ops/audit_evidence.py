@@ -8,11 +8,11 @@ serving policy logged and the reward (clicked or not). A position counts only on
 its outcome is known: the application reported an impression or a click for it
 (`events.outcomes` in rankgate.yaml); a click is counted where it was shown.
 
-Outcomes are read from the decision index (serving/observe/outcomes.py marks each joined
+Outcomes are read from the decision index (serving/events/outcome_join.py marks each joined
 event in the decision's hash), which expires after `events.decision_ttl_s`: older
 decisions have no known outcomes and are skipped, as are fallback answers (no
 features were read), records written before propensities were logged, and
-decisions without reported outcomes. `AuditLogs.skipped` counts each reason.
+decisions without reported outcomes. `AuditEvidence.skipped` counts each reason.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CHUNK = 500
 
 
 @dataclass
-class AuditLogs:
+class AuditEvidence:
     decisions: list[LoggedDecision] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     """Records not used, by reason."""
@@ -43,12 +43,12 @@ class AuditLogs:
     """Audit records read."""
 
 
-def read_audit_logs(
+def read_audit_evidence(
     client: redis.Redis, namespace: str, outcomes: Outcomes, since: str = "0"
-) -> AuditLogs:
+) -> AuditEvidence:
     """Every model decision recorded since `since` (a duration, ISO time, stream id or
     0) whose outcomes are known, as logged decisions."""
-    logs = AuditLogs()
+    logs = AuditEvidence()
     for chunk in _chunks(client, redis_keys.audit(namespace), since_stream_id(since)):
         logs.records += len(chunk)
         usable = []

@@ -27,6 +27,7 @@ import redis
 from model_store.evaluation import LoggedDecision, Shown
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
+from rankgate.core.streams import stream_pages
 from serving.events.outcome_join import MARKER_PREFIX
 from serving.events.replay import since_stream_id
 from serving.observe.audit import AuditRecord
@@ -72,15 +73,8 @@ def read_audit_evidence(
 
 
 def _chunks(client: redis.Redis, key: str, start: str) -> Iterator[list[AuditRecord]]:
-    lower = start
-    while True:
-        entries = client.xrange(key, min=lower, count=CHUNK)
-        if not entries:
-            return
-        yield [AuditRecord.read(fields[b"record"], stream_id) for stream_id, fields in entries]  # type: ignore[union-attr]
-        if len(entries) < CHUNK:  # type: ignore[arg-type]
-            return
-        lower = "(" + entries[-1][0].decode()  # type: ignore[index]
+    for page in stream_pages(client, key, CHUNK, start):
+        yield [AuditRecord.read(fields[b"record"], stream_id) for stream_id, fields in page]
 
 
 def _unusable(record: AuditRecord) -> str | None:

@@ -151,7 +151,7 @@ def test_the_audit_log_joined_with_outcomes_evaluates_versions_and_shadows(
     import yaml
 
     from rankgate.governance.policy import load_policy_set, policy_dir
-    from serving.ops.audit_evidence import read_audit_logs
+    from serving.ops.audit_evidence import read_audit_evidence
 
     assert OUTCOMES is not None and OUTCOMES.impression and OUTCOMES.click
     policy = yaml.safe_load((policy_dir() / "policy.yaml").read_text())
@@ -197,7 +197,7 @@ def test_the_audit_log_joined_with_outcomes_evaluates_versions_and_shadows(
             assert posted.status_code == 202, posted.text
     deadline = time.monotonic() + 30
     while True:
-        logs = read_audit_logs(env.redis, env.home.namespace, OUTCOMES, "10m")
+        logs = read_audit_evidence(env.redis, env.home.namespace, OUTCOMES, "10m")
         mine = {d.group for d in logs.decisions} & set(answered)
         if len(mine) == len(answered) or time.monotonic() > deadline:
             break

@@ -15,7 +15,7 @@ from rankgate.governance.consent import ConsentState
 from rankgate.ops.setup import Environment
 from serving.contract.config import RoutingConfig
 from serving.observe.outcomes import Exposure, read_outcomes
-from serving.observe.routing_log import ExperimentLog, read_rollbacks, read_shadow
+from serving.observe.routing_log import RoutingLog, read_rollbacks, read_shadow
 from serving.ops.promotion import reset_canary_outcomes, starts_experiment
 from serving.ranking.routing import Router
 from serving.runtime import parse_config
@@ -375,5 +375,5 @@ def test_a_new_canary_counts_from_zero_and_stable_from_where_it_stood(
     stable = read_outcomes(env.redis, namespace, "v2", "stable")
     assert canary.exposure == Exposure(0, 0)
     assert stable.since(canary) == Exposure(300, 15)
-    log = ExperimentLog(runtime.redis, namespace)  # as the pipeline reads them
+    log = RoutingLog(runtime.redis, namespace)  # as the pipeline reads them
     assert LOOP.run_until_complete(log.exposures("v1", "v2")) == (Exposure(0, 0), Exposure(300, 15))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.observe.sampling import ExplanationWorker, Outcome, chosen
+from serving.observe.sampling import ExplanationWorker, SampledExplanation, chosen
 
 
 def binomial_bounds(n: int, rate: float, sigmas: float = 4.5) -> tuple[float, float]:
@@ -57,9 +57,9 @@ class Explainer:
 
 
 async def collect(worker: ExplanationWorker, explainer: Explainer, jobs: int, limit: int):  # type: ignore[no-untyped-def]
-    outcomes: list[tuple[Outcome, str]] = []
+    outcomes: list[tuple[SampledExplanation, str]] = []
 
-    def done(outcome: Outcome) -> None:
+    def done(outcome: SampledExplanation) -> None:
         outcomes.append((outcome, threading.current_thread().name))
 
     accepted = [
@@ -86,7 +86,7 @@ def test_a_full_queue_skips_samples_instead_of_building_a_backlog() -> None:
     worker, explainer = ExplanationWorker(), Explainer()
     explainer.gate.clear()  # the first job blocks the thread: the rest wait
 
-    async def burst() -> tuple[list[bool], list[tuple[Outcome, str]]]:
+    async def burst() -> tuple[list[bool], list[tuple[SampledExplanation, str]]]:
         asyncio.get_running_loop().call_later(0.2, explainer.gate.set)
         return await collect(worker, explainer, 6, limit=2)
 

@@ -49,6 +49,7 @@ from rankgate.core.errors import RankgateError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.project import Project
 from rankgate.core.pseudonym import user_key
+from rankgate.core.streams import stream_pages
 from serving.contract.config import LimitsConfig
 from serving.contract.schemas import check_user_id
 from serving.events.intake import StoredEvent
@@ -277,16 +278,11 @@ class Eraser:
         """XDEL the entries of `stream` whose `owner` is the key; entries erased."""
         needle = key.encode()
         mine: list[bytes] = []
-        lower = "-"
-        while True:
-            page = self.client.xrange(stream, min=lower, count=AUDIT_PAGE)
-            for stream_id, fields in page:  # type: ignore[union-attr]
+        for page in stream_pages(self.client, stream, AUDIT_PAGE):
+            for stream_id, fields in page:
                 # The substring test is cheap; parsing confirms it is the entry's user key.
                 if any(needle in value for value in fields.values()) and owner(fields) == key:
                     mine.append(stream_id)
-            if len(page) < AUDIT_PAGE:  # type: ignore[arg-type]
-                break
-            lower = "(" + page[-1][0].decode()  # type: ignore[index]
         erased = 0
         for start in range(0, len(mine), AUDIT_PAGE):
             erased += int(self.client.xdel(stream, *mine[start : start + AUDIT_PAGE]))  # type: ignore[arg-type]

@@ -318,8 +318,8 @@ class EventStoreUnavailable(RankgateError):
 
 
 class EventLog:
-    """Appends event batches to the stream (the writer side; features/streaming.py and
-    serving/observe/outcomes.py read it)."""
+    """Appends event batches to the stream (the writer side; serving/events/consumer.py
+    reads it)."""
 
     def __init__(self, client: aioredis.Redis, namespace: str, limits: EventLimits) -> None:
         self.client = client

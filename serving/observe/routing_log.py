@@ -40,7 +40,11 @@ class RollbackEvent:
     at: float
 
 
-class ExperimentLog:
+class RoutingLog:
+    """What replicas write and read of the routing's traces: a canary's rollback (kept,
+    and appended to the audit of routing changes), the versions rolled back, the
+    outcomes the click-rate rule compares, and each shadow's agreement."""
+
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
@@ -86,6 +90,10 @@ class ExperimentLog:
                 pipe.hincrbyfloat(key, "overlap_sum", overlap)
                 pipe.hincrbyfloat(key, "score_diff_sum", score_diff)
             await pipe.execute()
+
+
+ExperimentLog = RoutingLog
+"""The former name, until serving/runtime.py and serving/ranking/pipeline.py import RoutingLog."""
 
 
 def record_routing_change(client: redis.Redis, namespace: str, change: dict[str, Any]) -> None:

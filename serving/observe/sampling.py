@@ -66,7 +66,7 @@ class Explains(Protocol):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class SampledExplanation:
     """A sampled explanation as computed: contributions and reasons, or the error."""
 
     contributions: np.ndarray | None
@@ -76,12 +76,16 @@ class Outcome:
     seconds: float
 
 
+Outcome = SampledExplanation
+"""The former name, until serving/ranking/pipeline.py imports SampledExplanation."""
+
+
 @dataclass(frozen=True)
 class Job:
     explainer: Explains
     rows: np.ndarray
     loop: asyncio.AbstractEventLoop
-    done: Callable[[Outcome], None]
+    done: Callable[[SampledExplanation], None]
 
 
 class ExplanationWorker:
@@ -98,16 +102,20 @@ class ExplanationWorker:
         self.thread: threading.Thread | None = None
 
     def submit(
-        self, explainer: Explains, rows: np.ndarray, limit: int, done: Callable[[Outcome], None]
+        self,
+        explainer: Explains,
+        rows: np.ndarray,
+        limit: int,
+        done: Callable[[SampledExplanation], None],
     ) -> bool:
         """Queue a job unless `limit` are outstanding; False: skipped, `done` is never called."""
         if self.outstanding >= limit:
             return False
         self.outstanding += 1
 
-        def deliver(outcome: Outcome) -> None:
+        def deliver(explanation: SampledExplanation) -> None:
             self.outstanding -= 1
-            done(outcome)
+            done(explanation)
 
         self.jobs.put(Job(explainer, rows, asyncio.get_running_loop(), deliver))
         if self.thread is None:
@@ -120,18 +128,18 @@ class ExplanationWorker:
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
-            outcome = compute(job.explainer, job.rows)
+            explanation = compute(job.explainer, job.rows)
             # A closed loop: the replica is stopping, its unwritten records go with it.
             with contextlib.suppress(RuntimeError):
-                job.loop.call_soon_threadsafe(job.done, outcome)
+                job.loop.call_soon_threadsafe(job.done, explanation)
 
 
-def compute(explainer: Explains, rows: np.ndarray) -> Outcome:
+def compute(explainer: Explains, rows: np.ndarray) -> SampledExplanation:
     started = time.perf_counter()
     try:
         values = explainer.contributions(rows, threads=THREADS)
         reasons = explainer.reasons(values)
     except Exception as exc:  # noqa: BLE001 - the record is written all the same, saying so
         logger.warning("sampled explanation failed: %s", type(exc).__name__)
-        return Outcome(None, None, type(exc).__name__, time.perf_counter() - started)
-    return Outcome(values, reasons, None, time.perf_counter() - started)
+        return SampledExplanation(None, None, type(exc).__name__, time.perf_counter() - started)
+    return SampledExplanation(values, reasons, None, time.perf_counter() - started)

@@ -8,11 +8,11 @@ serving policy logged and the reward (clicked or not). A position counts only on
 its outcome is known: the application reported an impression or a click for it
 (`events.outcomes` in rankgate.yaml); a click is counted where it was shown.
 
-Outcomes are read from the decision index (serving/observe/outcomes.py marks each joined
+Outcomes are read from the decision index (serving/events/outcome_join.py marks each joined
 event in the decision's hash), which expires after `events.decision_ttl_s`: older
 decisions have no known outcomes and are skipped, as are fallback answers (no
 features were read), records written before propensities were logged, and
-decisions without reported outcomes. `AuditLogs.skipped` counts each reason.
+decisions without reported outcomes. `AuditEvidence.skipped` counts each reason.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import redis
 from model_store.evaluation import LoggedDecision, Shown
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
+from rankgate.core.streams import stream_pages
 from serving.events.outcome_join import MARKER_PREFIX
 from serving.events.replay import since_stream_id
 from serving.observe.audit import AuditRecord
@@ -35,7 +36,7 @@ CHUNK = 500
 
 
 @dataclass
-class AuditLogs:
+class AuditEvidence:
     decisions: list[LoggedDecision] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     """Records not used, by reason."""
@@ -43,12 +44,12 @@ class AuditLogs:
     """Audit records read."""
 
 
-def read_audit_logs(
+def read_audit_evidence(
     client: redis.Redis, namespace: str, outcomes: Outcomes, since: str = "0"
-) -> AuditLogs:
+) -> AuditEvidence:
     """Every model decision recorded since `since` (a duration, ISO time, stream id or
     0) whose outcomes are known, as logged decisions."""
-    logs = AuditLogs()
+    logs = AuditEvidence()
     for chunk in _chunks(client, redis_keys.audit(namespace), since_stream_id(since)):
         logs.records += len(chunk)
         usable = []
@@ -72,15 +73,8 @@ def read_audit_logs(
 
 
 def _chunks(client: redis.Redis, key: str, start: str) -> Iterator[list[AuditRecord]]:
-    lower = start
-    while True:
-        entries = client.xrange(key, min=lower, count=CHUNK)
-        if not entries:
-            return
-        yield [AuditRecord.read(fields[b"record"], stream_id) for stream_id, fields in entries]  # type: ignore[union-attr]
-        if len(entries) < CHUNK:  # type: ignore[arg-type]
-            return
-        lower = "(" + entries[-1][0].decode()  # type: ignore[index]
+    for page in stream_pages(client, key, CHUNK, start):
+        yield [AuditRecord.read(fields[b"record"], stream_id) for stream_id, fields in page]
 
 
 def _unusable(record: AuditRecord) -> str | None:

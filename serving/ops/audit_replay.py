@@ -14,6 +14,7 @@ from model_store.store import ModelStore
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
+from rankgate.core.streams import stream_pages
 from rankgate.core.topk import SCORE_DIGITS, Pick, top_k
 from rankgate.governance.policy import Exploration
 from serving.observe.audit import AuditRecord
@@ -58,19 +59,14 @@ def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[Au
 def find(client: redis.Redis, namespace: str, request_id: str) -> AuditRecord:
     key = require_stream(client, namespace)
     needle = request_id.encode()
-    upper = "+"
-    while True:
-        entries = client.xrevrange(key, max=upper, count=SCAN_CHUNK)  # type: ignore[arg-type]
-        for entry in entries:  # type: ignore[union-attr]
+    for page in stream_pages(client, key, SCAN_CHUNK, newest_first=True):
+        for entry in page:
             # The substring test is cheap; parsing confirms it is the record's request id.
             if (
                 needle in entry[1][b"record"]
                 and (record := _decode(entry)).request_id == request_id
             ):
                 return record
-        if len(entries) < SCAN_CHUNK:  # type: ignore[arg-type]
-            break
-        upper = "(" + entries[-1][0].decode()  # type: ignore[index]
     total = client.xlen(key)
     oldest = client.xrange(key, count=1)
     since = ""

@@ -15,14 +15,11 @@ a cluster's dashboard, or what a KubeRay RayService embeds as `serveConfigV2`.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from features.store import serving_files
 from model_store.artifacts import ArtifactStore
@@ -33,6 +30,7 @@ from rankgate.core.project import Project
 from rankgate.core.project_files import project_files
 from rankgate.governance.policy import load_policy_set
 from serving.ops.launch import SERVE_CONFIG, optimize_level
+from serving.ops.serve_config import ServeConfig, render
 
 Say = Callable[[str], None]
 
@@ -94,21 +92,9 @@ def publish(
     return published
 
 
-class _BlockDumper(yaml.SafeDumper):
-    """Writes multi-line strings (the carried files) as literal blocks people can read."""
-
-
-def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_BlockDumper.add_representer(str, _text)
-
-
 def dump(document: dict[str, Any]) -> str:
     """YAML of a rendered config (the carried files as literal blocks)."""
-    return yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, width=100)
+    return render(document)
 
 
 def cluster_config(
@@ -126,17 +112,14 @@ def cluster_config(
     The project's files (its policies included) go into the application's args, the
     checked policies' digest into RankIngress's user_config, RANKGATE_STORE into the
     application's runtime_env; `env_vars` are added there too."""
-    document = copy.deepcopy(yaml.safe_load(base.read_text()))
+    config = ServeConfig.read(base).as_plain()
+    document, app, ingress = config.document, config.application, config.ingress
     http = document.setdefault("http_options", {})
     http["host"] = host
     if port is not None:
         http["port"] = port
-    app = document["applications"][0]
     app.setdefault("args", {})["project"] = project_files(project)
     checked = load_policy_set(project.policies)
-    ingress = next((d for d in app.get("deployments", []) if d.get("name") == "RankIngress"), None)
-    if ingress is None:
-        raise ConfigError(f"{base}: no RankIngress deployment")
     if replicas is not None:
         ingress["num_replicas"] = replicas
     if max_per_node is not None:  # spreads the replicas: a lost node takes one of them
@@ -157,4 +140,4 @@ def cluster_config(
             **(env_vars or {}),
         }
     )
-    return dict(document)
+    return config.document

@@ -133,7 +133,7 @@ def logged_decisions(
         )
         return decisions, f"logs {logs}" if logs else "the project's logs"
     from serving.observe.outcomes import project_outcomes
-    from serving.ops.audit_evidence import read_audit_logs
+    from serving.ops.audit_evidence import read_audit_evidence
 
     outcomes = project_outcomes(env.project)
     if outcomes is None:
@@ -142,7 +142,7 @@ def logged_decisions(
             "event types (impression, click) joined to decisions",
             422,
         )
-    audit = read_audit_logs(env.redis, env.home.namespace, outcomes, since)
+    audit = read_audit_evidence(env.redis, env.home.namespace, outcomes, since)
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(audit.skipped.items()))
     described = f"audit since {since}: {audit.records} records" + (
         f" (not used: {skipped})" if skipped else ""

@@ -26,9 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
-from rankgate.core.config_files import validation_message
 from rankgate.core.errors import ConfigError
 from rankgate.core.home import Home
 from rankgate.core.project import Project
@@ -36,6 +33,7 @@ from rankgate.core.resources import SERVE_CONFIG_NAME, default_serve_config
 from rankgate.core.settings import SOURCE_CHECKOUT, get_project, put_checkout_on_path
 from serving import without_feast_metrics_dir
 from serving.http import edge
+from serving.ops.serve_config import ServeConfig, load, plain, render
 from serving.ops.supervisor import ServerInfo
 from serving.ops.supervisor import command_line as supervisor_command_line
 
@@ -73,25 +71,14 @@ def haproxy_dir(home: Home, instance: str = "") -> Path:
 
 def ingress_deployment(config: Path = SERVE_CONFIG) -> dict[str, Any]:
     """The RankIngress deployment of a serve config: its options and `user_config`."""
-    document = yaml.safe_load(config.read_text())
-    for app in document.get("applications", []):
-        for deployment in app.get("deployments", []):
-            if deployment.get("name") == "RankIngress":
-                return dict(deployment)
-    raise ConfigError(f"{config}: no RankIngress deployment")
+    return dict(plain(ServeConfig.read(config).ingress))
 
 
 def edge_guards(config: Path = SERVE_CONFIG) -> edge.EdgeGuards:
     """The HAProxy guards of a serve config: its RankIngress `connections` and body limit."""
-    from pydantic import ValidationError
-
     from serving.contract.config import ServingConfig
 
-    user_config = ingress_deployment(config).get("user_config") or {}
-    try:
-        serving = ServingConfig.model_validate(user_config)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(f"{config} RankIngress user_config", exc)) from exc
+    serving = ServeConfig.read(config).section(ServingConfig)
     guards = serving.connections
     return edge.EdgeGuards(
         header_timeout_s=guards.header_timeout_s,
@@ -202,24 +189,23 @@ def derived_config(
     replaced, `application_env` in the application's runtime_env (every deploy of the
     home's server writes the same, so a routing change reconfigures in place), and
     Ray Serve's logs in JSON with `log_format="json"` (`json_serve_logs`)."""
-    config = yaml.safe_load(base.read_text())
+    serve_config = ServeConfig.read(base).as_plain()
+    config = serve_config.document
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
     if host is not None:
         config.setdefault("http_options", {})["host"] = host
     if log_format == "json":
         json_serve_logs(config)
-    app = config["applications"][0]
     if user_config is not None:
-        for deployment in app["deployments"]:
-            if deployment["name"] == "RankIngress":
-                deployment["user_config"] = user_config
+        serve_config.ingress["user_config"] = user_config
     env_vars = {**application_env(home), **(runtime_env or {})}
     if env_vars:
+        app = serve_config.application
         app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
     target = home.root / "ray" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    target.write_text(render(config))
     return target
 
 
@@ -321,12 +307,16 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None
         process.wait()
 
 
+def _http_option(config: Path, name: str, default: Any) -> Any:
+    return (load(config).get("http_options") or {}).get(name, default)
+
+
 def server_port(config: Path) -> int:
-    return int(yaml.safe_load(config.read_text()).get("http_options", {}).get("port", 8000))
+    return int(_http_option(config, "port", 8000))
 
 
 def server_host(config: Path) -> str:
-    return str(yaml.safe_load(config.read_text()).get("http_options", {}).get("host", "127.0.0.1"))
+    return str(_http_option(config, "host", "127.0.0.1"))
 
 
 def exec_serve(

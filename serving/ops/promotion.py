@@ -23,17 +23,15 @@ changes, so Ray Serve calls `reconfigure` on the running replicas, without a res
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import redis
-from pydantic import BaseModel, ValidationError
-from ruamel.yaml import YAML
+from pydantic import ValidationError
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import LiteralScalarString
 
@@ -68,6 +66,7 @@ from serving.ops.launch import (
     ray_client_env,
     serve_deploy_command,
 )
+from serving.ops.serve_config import ServeConfig, plain
 from serving.ops.supervisor import ServerInfo
 from serving.ranking.routing import Router
 
@@ -83,36 +82,13 @@ ViewsOf = dict[str, frozenset[str] | None]
 TOLERANCE = 1e-9  # shares are sums of float percents
 
 
-def _yaml() -> YAML:
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 100
-    yaml.indent(mapping=2, sequence=4, offset=2)  # the layout of serve_config.yaml
-    return yaml
-
-
-def ingress_deployment(document: Any) -> Any:
-    for app in document.get("applications", []):
-        for deployment in app.get("deployments", []):
-            if deployment.get("name") == "RankIngress":
-                return deployment
-    raise ConfigError("no RankIngress deployment in the serve config")
-
-
-def read_routing(config_path: Path) -> tuple[Any, Any]:
-    """The parsed document (round-trip) and its routing node."""
-    try:
-        document = _yaml().load(config_path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from exc
-    routing = ingress_deployment(document).get("user_config", {}).get("routing")
+def read_routing(config_path: Path) -> tuple[ServeConfig, Any]:
+    """The serve config (round-trip) and its routing node."""
+    config = ServeConfig.read(config_path)
+    routing = config.user_config.get("routing")
     if routing is None:
         raise ConfigError(f"{config_path}: RankIngress user_config has no routing section")
-    return document, routing
-
-
-def plain(node: Any) -> Any:
-    return json.loads(json.dumps(node))
+    return config, routing
 
 
 class PromotionRefused(RankgateError):
@@ -356,13 +332,6 @@ def validate_routing(routing: dict[str, Any], source: Path) -> RoutingConfig:
         raise ConfigError(validation_message(f"{source} routing", exc)) from exc
 
 
-def _write_document(config_path: Path, document: Any) -> None:
-    tmp = config_path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        _yaml().dump(document, handle)
-    tmp.replace(config_path)
-
-
 def _yaml_value(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
@@ -372,8 +341,7 @@ class RoutingFile:
     """The routing section of a serve config, the purposes of the policy it serves,
     and the round-trip document it is written back into."""
 
-    path: Path
-    document: Any
+    config: ServeConfig
     node: Any
     routing: RoutingConfig
     purposes: dict[str, frozenset[str]]
@@ -384,15 +352,17 @@ class RoutingFile:
 
     @classmethod
     def open(cls, path: Path) -> RoutingFile:
-        document, node = read_routing(path)
-        user_config = ingress_deployment(document).get("user_config", {})
-        policy_config = _section(path, user_config, "policy", PolicyConfig)
-        folder = policy_config.folder
+        config, node = read_routing(path)
+        folder = config.section(PolicyConfig, "policy").folder
         policy = load_policy(folder / "policy.yaml" if folder is not None else None)
         routing = validate_routing(plain(node), path)
-        promotion = _section(path, user_config, "promotion", PromotionConfig)
-        drift = _section(path, user_config, "drift", DriftConfig)
-        return cls(path, document, node, routing, permitted_views(policy), promotion, drift)
+        promotion = config.section(PromotionConfig, "promotion")
+        drift = config.section(DriftConfig, "drift")
+        return cls(config, node, routing, permitted_views(policy), promotion, drift)
+
+    @property
+    def path(self) -> Path:
+        return self.config.path
 
     def guard_drift(
         self, version: str, role: Role, figures: DriftFigures | None, force: bool, say: Say
@@ -455,18 +425,8 @@ class RoutingFile:
             entry = CommentedMap(fields)
             entry.fa.set_flow_style()  # one line per version, as written by hand
             entries.append(entry)
-        _write_document(self.path, self.document)
+        self.config.write()
         self.routing = routing
-
-
-Section = TypeVar("Section", bound=BaseModel)
-
-
-def _section(path: Path, user_config: Any, name: str, model: type[Section]) -> Section:
-    try:
-        return model.model_validate(plain(user_config.get(name) or {}))
-    except ValidationError as exc:
-        raise ConfigError(validation_message(f"{path} {name}", exc)) from exc
 
 
 def record_change(
@@ -526,18 +486,14 @@ def reset_canary_outcomes(client: redis.Redis, namespace: str, version: str, sta
 def write_policy(config_path: Path, folder: Path, revision: str) -> None:
     """Point the RankIngress user_config at a checked policy folder (`rankgate policy deploy`),
     or put the files themselves into a config that carries them (a cluster's)."""
-    try:
-        document = _yaml().load(config_path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from exc
-    user_config = ingress_deployment(document).setdefault("user_config", CommentedMap())
-    carried = any("project" in (app.get("args") or {}) for app in document.get("applications", []))
-    if carried:
+    config = ServeConfig.read(config_path)
+    user_config = config.ingress.setdefault("user_config", CommentedMap())
+    if config.carries_project():
         # A cluster's config carries the project (`rankgate cluster config`): the checked
         # files go into it, since its replicas cannot read the folder.
         files = {name: LiteralScalarString(text) for name, text in policy_files(folder).items()}
         user_config["policy"] = CommentedMap({"revision": revision, "files": CommentedMap(files)})
-        _write_document(config_path, document)
+        config.write()
         return
     # Inside the project the folder is written relative to it, so the file stays portable.
     project = get_project().root
@@ -545,7 +501,7 @@ def write_policy(config_path: Path, folder: Path, revision: str) -> None:
     section = CommentedMap({"dir": str(shown), "revision": revision})
     section.fa.set_flow_style()
     user_config["policy"] = section
-    _write_document(config_path, document)
+    config.write()
 
 
 def apply_running(

@@ -62,7 +62,7 @@ from serving.observe.decisions import DecisionRecorder
 from serving.observe.drift import DriftMonitor, VersionInputs
 from serving.observe.metrics import ServingMetrics
 from serving.observe.outcomes import project_outcomes
-from serving.observe.routing_log import ExperimentLog
+from serving.observe.routing_log import RoutingLog
 from serving.ranking.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.ranking.fallback import RuleFallback
 from serving.ranking.feature_fetch import FeatureFetcher
@@ -357,7 +357,7 @@ class ReplicaRuntime:
             config.events.decision_ttl_s if project_outcomes(self.project) else None
         )
         router = Router(config.routing, rolled_back or set())
-        log = ExperimentLog(self.redis, self.home.namespace)
+        log = RoutingLog(self.redis, self.home.namespace)
         services = Services(
             config=config,
             gate=ConsentGate(policy_set.policy),

@@ -28,7 +28,7 @@ from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import ModelRef
 from serving.observe.metrics import ServingMetrics
 from serving.observe.outcomes import Exposure
-from serving.observe.routing_log import ROLLBACK_SYNC_S, ExperimentLog, RollbackEvent
+from serving.observe.routing_log import ROLLBACK_SYNC_S, RollbackEvent, RoutingLog
 
 ROLLBACK_CHECK_S = 0.05
 
@@ -59,7 +59,7 @@ class Routes(Protocol):
 class CanaryWatch:
     """Feeds the router's windows and acts on its rollback rules; one per serving config."""
 
-    def __init__(self, router: Routes, log: ExperimentLog, metrics: ServingMetrics) -> None:
+    def __init__(self, router: Routes, log: RoutingLog, metrics: ServingMetrics) -> None:
         self.router = router
         self.log = log
         self.metrics = metrics

@@ -27,7 +27,12 @@ from serving.contract.config import ServingConfig
 from serving.contract.schemas import ExplanationStatus
 from serving.observe.audit import BEFORE_ANSWER_WAIT_S, AuditRecord, AuditWriter, ExplanationNote
 from serving.observe.metrics import ServingMetrics
-from serving.observe.sampling import Explains, ExplanationObserver, ExplanationWorker, Outcome
+from serving.observe.sampling import (
+    Explains,
+    ExplanationObserver,
+    ExplanationWorker,
+    SampledExplanation,
+)
 
 SEEN_PEOPLE = 100_000
 """People whose newest included event a replica remembers (event-to-decision latency)."""
@@ -127,7 +132,7 @@ class DecisionRecorder:
             self._note(record, version, "omitted", "explainer_unavailable")
             return False
 
-        def done(outcome: Outcome) -> None:
+        def done(outcome: SampledExplanation) -> None:
             self._sampled(record, version, outcome, written)
 
         if not self.worker.submit(
@@ -142,7 +147,7 @@ class DecisionRecorder:
         self,
         record: AuditRecord,
         version: str,
-        outcome: Outcome,
+        outcome: SampledExplanation,
         written: asyncio.Future[None] | None,
     ) -> None:
         """On the event loop: the sampled explanation into its record, and the record out."""

@@ -92,10 +92,6 @@ class RoutingLog:
             await pipe.execute()
 
 
-ExperimentLog = RoutingLog
-"""The former name, until serving/runtime.py and serving/ranking/pipeline.py import RoutingLog."""
-
-
 def record_routing_change(client: redis.Redis, namespace: str, change: dict[str, Any]) -> None:
     """Append a change made from the command line to the audit of routing changes:
     `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures."""

@@ -76,10 +76,6 @@ class SampledExplanation:
     seconds: float
 
 
-Outcome = SampledExplanation
-"""The former name, until serving/ranking/pipeline.py imports SampledExplanation."""
-
-
 @dataclass(frozen=True)
 class Job:
     explainer: Explains

@@ -20,7 +20,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.topk import top_k
 from serving.observe.drift import DriftMonitor
 from serving.observe.metrics import ServingMetrics
-from serving.observe.routing_log import ExperimentLog
+from serving.observe.routing_log import RoutingLog
 from serving.ranking.feature_fetch import FeatureFetcher, UserFeatures
 from serving.ranking.ranker import ModelSet, ModelUnavailable
 
@@ -34,7 +34,7 @@ class ShadowScorer:
         self,
         models: ModelSet,
         fetcher: FeatureFetcher,
-        log: ExperimentLog,
+        log: RoutingLog,
         metrics: ServingMetrics,
         drift: DriftMonitor | None,
     ) -> None:

@@ -4,6 +4,7 @@ so it is imported only when someone is forgotten)."""
 
 from __future__ import annotations
 
+from rankgate.core.errors import RankgateError
 from rankgate.governance.api_keys import ApiKey, check_app
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
@@ -21,8 +22,11 @@ def list_keys() -> list[ApiKey]:
 
 
 def revoke_keys(app: str) -> int:
-    """Revoke every key of APP; how many there were."""
-    return Environment.open().api_keys.revoke(app)
+    """Revoke every key of APP; how many there were (none is an error)."""
+    count = Environment.open().api_keys.revoke(app)
+    if not count:
+        raise RankgateError(f"no API keys for application {app!r} (see `rankgate keys list`)")
+    return count
 
 
 def forget(user_id: str) -> str:

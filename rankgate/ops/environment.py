@@ -25,7 +25,7 @@ from rankgate.governance.api_keys import ApiKeyStore
 from rankgate.governance.consent import ConsentStore
 
 if TYPE_CHECKING:
-    from feast import FeatureView
+    from feast import FeatureStore, FeatureView
 
     from features.spec import ViewInfo
     from model_store.store import ModelStore
@@ -75,7 +75,7 @@ class Environment:
         return ApiKeyStore(self.redis, self.home.namespace)
 
     @cached_property
-    def feast(self):  # type: ignore[no-untyped-def]
+    def feast(self) -> FeatureStore:
         from features.store import feature_store
 
         return feature_store(self.settings, self.redis_url, project=self.project)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from features.spec import load_features_file
 from model_store.artifacts import ArtifactStore
@@ -19,13 +20,16 @@ from rankgate.core.config_files import load_yaml_model
 from rankgate.core.errors import RankgateError
 from rankgate.ops.environment import Environment
 
+if TYPE_CHECKING:
+    from model_store.train import Trainer
+
 Say = Callable[[str], None]
 
 MODEL_TABLE_HEADER = ("VERSION", "STATE", "FEATURES", "AUC", "CREATED")
 
 
 def train_model(
-    version: str, trainer: str, params: str | None, features_path: Path | None, say: Say
+    version: str, trainer: Trainer, params: str | None, features_path: Path | None, say: Say
 ) -> Manifest:
     """Train VERSION on the project's interaction log and register it. Default inputs:
     those of the project's last setup model."""
@@ -43,7 +47,7 @@ def train_model(
         env.view_infos(),
         env.data_dir,
         version,
-        parse_params(params, trainer),  # type: ignore[arg-type]
+        parse_params(params, trainer),
         load_features_file(features_path),
         str(features_path),
         say,

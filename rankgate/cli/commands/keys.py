@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from rankgate.cli.render import fails_cleanly
-from rankgate.core.errors import RankgateError
 from rankgate.governance.api_keys import ApiKey
 from rankgate.ops.access import create_key, list_keys, revoke_keys
 
@@ -69,6 +68,4 @@ def _key_row(entry: ApiKey) -> str:
 def keys_revoke(app: str) -> None:
     """Revoke every key of APP; running servers stop accepting them within a second."""
     count = revoke_keys(app)
-    if not count:
-        raise RankgateError(f"no API keys for application {app!r} (see `rankgate keys list`)")
     click.echo(f"revoked {count} key{'s' if count != 1 else ''} of {app}")

@@ -6,6 +6,7 @@ evaluation in evaluate.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -30,6 +31,9 @@ from rankgate.ops.models import (
     validate_model,
 )
 
+if TYPE_CHECKING:
+    from model_store.train import Trainer
+
 
 @click.group()
 def model() -> None:
@@ -48,7 +52,9 @@ def model() -> None:
 @click.option("--params", default=None, help="The trainer's settings: key=value,key=value.")
 @FEATURES_OPTION
 @fails_cleanly
-def model_train(version: str, trainer: str, params: str | None, features_path: Path | None) -> None:
+def model_train(
+    version: str, trainer: Trainer, params: str | None, features_path: Path | None
+) -> None:
     """Train a model on the project's interaction log (LightGBM, or a logistic
     regression), convert it to ONNX and register it (the same checks as `model
     register`). Default inputs: those of the project's last setup model."""

@@ -153,18 +153,18 @@ def bench(
     against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
     """
     options = BenchOptions(
-        concurrency,
-        duration,
-        repeats,
-        warmup,
-        extras,
-        skip,
-        driver,
-        not no_install,
-        output,
-        overload,
-        freshness,
-        explain_sampling,
+        concurrency=concurrency,
+        duration=duration,
+        repeats=repeats,
+        warmup=warmup,
+        extras=extras,
+        skip=skip,
+        driver=driver,
+        allow_install=not no_install,
+        output=output,
+        overload=overload,
+        freshness=freshness,
+        explain_sampling=explain_sampling,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

@@ -71,7 +71,7 @@ from rankgate.core.redis_server import EmbeddedRedis
 from rankgate.core.settings import SOURCE_CHECKOUT, put_checkout_on_path
 from rankgate.governance.api_keys import temporary_key
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     derived_config,
     free_port,

@@ -40,7 +40,7 @@ from rankgate.core.pseudonym import user_key
 from rankgate.governance.api_keys import temporary_key
 from rankgate.governance.consent import ConsentState
 from rankgate.governance.policy import load_policy
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.events.intake import stream_time
 from serving.ops.launch import SERVE_CONFIG, derived_config, free_port, serve_run_command
 

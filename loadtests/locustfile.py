@@ -93,7 +93,7 @@ def build_pool() -> UserPool:
     from rankgate.core.pseudonym import user_key
     from rankgate.governance.consent import ConsentState
     from rankgate.governance.policy import load_policy
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from serving.ranking.gate import ConsentGate
 
     env = Environment.open()

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from loadtests.bench import Workload, drive, started, workload
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,

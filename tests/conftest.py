@@ -46,7 +46,7 @@ def ready_home(session_home: Home) -> Home:
 
 @pytest.fixture
 def env(ready_home: Home):  # type: ignore[no-untyped-def]
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
 
     return Environment.open()
 
@@ -166,7 +166,7 @@ def test_api_key() -> str:
     """A key for every purpose of the policy and the events scope: application `tests`."""
     from rankgate.governance.api_keys import ApiKeyStore
     from rankgate.governance.policy import load_policy
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
 
     env = Environment.open()
     purposes = list(load_policy().purposes)
@@ -221,7 +221,7 @@ def personalizable(ready_home: Home) -> list[str]:
     """Example users the policy may personalize on-site in the US (not objected)."""
     from rankgate.core.pseudonym import user_key
     from rankgate.governance.consent import ConsentState
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from tests.serving_support import example_user_ids
 
     ids = example_user_ids()
@@ -233,7 +233,7 @@ def personalizable(ready_home: Home) -> list[str]:
 def restore(server: Server) -> Iterator[None]:
     """Put the server's config file, its routing, policy and rollback records back afterwards."""
     from rankgate.core import redis_keys
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from tests.serving_support import deploy, ingress_user_config
 
     original = server.config_path.read_text()

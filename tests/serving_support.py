@@ -218,7 +218,7 @@ class Load:
 
 def deploy(server: Server, name: str, user_config: dict[str, Any], expect) -> None:  # type: ignore[no-untyped-def]
     """`serve deploy` the server's config with this ingress user_config; wait for `expect`."""
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from serving.ops.launch import derived_config, serve_env
     from tests.conftest import wait_until_healthy
 

@@ -9,11 +9,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import ModelRef
 from serving.observe.audit import AuditRecord

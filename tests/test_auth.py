@@ -9,12 +9,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.api_keys import ApiKeyError, ApiKeyStore, key_digest
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from tests.conftest import Server
 from tests.serving_support import user_with
 

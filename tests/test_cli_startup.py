@@ -87,9 +87,9 @@ heavy, commands, report_path = json.loads(sys.argv[1]), json.loads(sys.argv[2]),
 def loaded():
     return sorted(m for m in heavy if m in sys.modules)
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 
-report = [{"command": "import rankgate.cli", "exit": 0, "heavy": loaded()}]
+report = [{"command": "import rankgate.cli.main", "exit": 0, "heavy": loaded()}]
 for command in commands:
     try:
         code = main(command, standalone_mode=False)

@@ -155,7 +155,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
 ) -> None:
     from ray.cluster_utils import Cluster
 
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from serving.ops.cluster import cluster_config, publish
     from tests.conftest import test_api_key
 

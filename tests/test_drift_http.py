@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import PREFIX
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.observe.drift_figures import DriftFigures, read_drift
 from tests.conftest import Server
 from tests.serving_support import deploy, ingress_user_config, metrics_when, routing

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from rankgate.governance.api_keys import ApiKeyStore
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.config import ConnectionsConfig
 from tests.conftest import Server
 from tests.serving_support import edge_config

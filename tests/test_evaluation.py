@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
-from rankgate.ops.setup import Environment
+from rankgate.cli.main import main
+from rankgate.ops.environment import Environment
 
 
 @pytest.fixture(scope="module")

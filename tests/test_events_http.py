@@ -22,7 +22,7 @@ from rankgate.core import redis_keys
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.api_keys import ApiKeyStore
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.events.consumer import GROUP
 from serving.events.intake import stream_time
 from tests.conftest import Server

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import total
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from tests.conftest import Server
 from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics, user_with
 from tests.test_audit_http import decide, wait_for

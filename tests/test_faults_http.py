@@ -16,12 +16,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.home import Home
 from rankgate.core.redis_server import EmbeddedRedis
 from rankgate.governance.policy import policy_dir
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.reasons import FallbackReason
 from tests.conftest import Server
 from tests.serving_support import (

@@ -14,7 +14,7 @@ from features.vector import ItemTable, build_matrix, hash_code, user_fields
 from model_store.train import load_item_table, training_set
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from tests.serving_support import example_user_ids
 
 

@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.schemas import RankResponse
 from serving.events.intake import StoredEvent
 from serving.events.outcome_join import JOIN_SCRIPT, OutcomeJoiner, Unjoined, marker

@@ -22,7 +22,7 @@ from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_server import EmbeddedRedis
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from tests.conftest import Server
 from tests.serving_support import (
     NEAR_MISSES,
@@ -409,7 +409,7 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
     """Enums of the loaded policy, bounds of the loaded config, the catalogue's ids
     and the identifier patterns: what the validators check, the document says."""
     from rankgate.governance.policy import load_policy
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
     from serving.runtime import parse_config
 
     document = openapi(server)

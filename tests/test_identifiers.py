@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from loadtests.loadtest import run_time_seconds
 from model_store.store import check_version_name
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.governance.api_keys import ApiKeyError, ApiKeyStore, check_app, is_key_shaped
+from rankgate.ops.environment import Environment
 from rankgate.ops.erasure import checked_user_id
-from rankgate.ops.setup import Environment
 from tests.serving_support import NEAR_MISSES, near_miss
 
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from loadtests.loadtest import DEFAULT_SLO, SloConfig, load_slo, run_loadtest
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.errors import ConfigError, RankgateError
 from tests.conftest import Server
 

@@ -17,7 +17,7 @@ import yaml
 
 from loadtests.ray_metrics import ray_session_dir
 from rankgate.core.home import Home
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,

@@ -11,7 +11,7 @@ import httpx
 import yaml
 
 from loadtests.ray_metrics import Sample, matches, targets, total
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.ops.launch import derived_config
 from tests.conftest import Server, wait_until_healthy
 from tests.serving_support import (

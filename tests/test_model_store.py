@@ -15,9 +15,9 @@ from features.spec import FeaturesFile, load_features_file
 from model_store.manifest import MANIFEST_FILE, ONNX_FILE, REFERENCE_FILE
 from model_store.reference import DriftReference
 from model_store.train import TrainParams, parse_params
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.errors import ModelStoreError, RankgateError, VersionExists
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from tests.serving_support import train_version
 
 

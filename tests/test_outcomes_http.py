@@ -18,10 +18,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.settings import get_project
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.observe.outcomes import project_outcomes, read_outcomes
 from serving.observe.routing_log import read_rollbacks
 from serving.ops.promotion import reset_canary_outcomes

@@ -16,7 +16,7 @@ from feast.infra.online_stores.redis import RedisOnlineStore
 
 from features.store import repo_config
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.parsing import BadRequest, parse_rank
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import RankRequest, RankResponse

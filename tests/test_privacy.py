@@ -17,7 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.errors import RedisUnavailable
 from rankgate.core.home import Home
@@ -25,8 +25,8 @@ from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project, get_settings
 from rankgate.governance.consent import demo_consent
 from rankgate.governance.policy import load_policy
+from rankgate.ops.environment import Environment
 from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
-from rankgate.ops.setup import Environment
 from serving.events.intake import StoredEvent
 from serving.runtime import ReplicaRuntime
 from tests.serving_support import example_user_ids

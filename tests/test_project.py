@@ -23,7 +23,7 @@ import yaml
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.errors import ConfigError, FeatureRepoError, ModelStoreError
 from rankgate.core.home import Home
 from rankgate.core.project import load_project

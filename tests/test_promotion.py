@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.errors import ConfigError
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key

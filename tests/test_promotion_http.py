@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from model_store.train import TrainParams
-from rankgate.cli import main
-from rankgate.ops.setup import Environment
+from rankgate.cli.main import main
+from rankgate.ops.environment import Environment
 from tests.conftest import Server
 from tests.serving_support import (
     Load,

@@ -12,7 +12,7 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError
 from rankgate.core.pseudonym import user_key
 from rankgate.governance.consent import ConsentState
-from rankgate.ops.setup import Environment
+from rankgate.ops.environment import Environment
 from serving.contract.config import RoutingConfig
 from serving.observe.outcomes import Exposure, read_outcomes
 from serving.observe.routing_log import RoutingLog, read_rollbacks, read_shadow

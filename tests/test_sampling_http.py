@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from prometheus_client.samples import Sample
 
 from loadtests.ray_metrics import total
-from rankgate.cli import main
-from rankgate.ops.setup import Environment
+from rankgate.cli.main import main
+from rankgate.ops.environment import Environment
 from serving.observe.audit import AuditRecord
 from serving.observe.sampling import chosen
 from tests.conftest import Server

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from rankgate.cli import main
+from rankgate.cli.main import main
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project
 from rankgate.governance.consent import ConsentState, demo_consent
-from rankgate.ops.setup import Environment, run_setup
+from rankgate.ops.environment import Environment
+from rankgate.ops.setup import run_setup
 from tests.serving_support import example_user_ids
 
 

@@ -35,7 +35,7 @@ from serving.contract.config import EvaluationRequirement
 if TYPE_CHECKING:
     from model_store.evaluation import LoggedDecision
     from model_store.offpolicy import Estimator
-    from rankgate.ops.setup import Environment
+    from rankgate.ops.environment import Environment
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""One module per command group of `rankgate` (rankgate/cli/main.py names them)."""

@@ -1,0 +1,54 @@
+"""`rankgate audit` (the decision audit log) and `rankgate privacy` (erasure from it,
+and from everything else kept of a person)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rankgate.cli.render import fails_cleanly
+from rankgate.ops.access import forget
+from rankgate.ops.streams import audit_records, replay_decision
+
+
+@click.group()
+def audit() -> None:
+    """The decision audit log (a Redis Stream, one record per decision)."""
+
+
+@audit.command("tail")
+@click.option("--count", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--follow", is_flag=True, help="Keep printing new records (Ctrl-C stops).")
+@fails_cleanly
+def audit_tail(count: int, follow: bool) -> None:
+    """Print the most recent decisions, one JSON record per line."""
+    for record in audit_records(count, follow):
+        click.echo(record.shown())
+
+
+@audit.command("replay")
+@click.argument("request_id")
+@fails_cleanly
+def audit_replay(request_id: str) -> None:
+    """Re-score a decision from its recorded features and model version."""
+    result = replay_decision(request_id)
+    click.echo(f"request {request_id}: {result.message}")
+    click.echo(f"  recorded: {result.recorded}")
+    if result.replayed:
+        click.echo(f"  replayed: {result.replayed}")
+    if result.reproduced is False:
+        sys.exit(1)
+
+
+@click.group()
+def privacy() -> None:
+    """Requests of data subjects, answered from their pseudonymous key."""
+
+
+@privacy.command("forget")
+@click.argument("user_id")
+@fails_cleanly
+def privacy_forget(user_id: str) -> None:
+    """Erase USER_ID's feature rows, consent record, audit records and offline rows."""
+    click.echo(forget(user_id))

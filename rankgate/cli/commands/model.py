@@ -1,0 +1,157 @@
+"""`rankgate model`: versioned ranker models. This module holds the commands about
+versions (train, register, reference, validate, list); the routing commands
+(promote, retire, rollback, history, status) are in routing.py, the off-policy
+evaluation in evaluate.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from rankgate.cli.commands.evaluate import model_evaluate
+from rankgate.cli.commands.routing import (
+    model_history,
+    model_promote,
+    model_retire,
+    model_rollback,
+    model_status,
+)
+from rankgate.cli.options import FEATURES_OPTION
+from rankgate.cli.render import echo_lines, echo_table, fails_cleanly, say
+from rankgate.core.errors import RankgateError
+from rankgate.ops.models import (
+    MODEL_TABLE_HEADER,
+    add_drift_reference,
+    list_models,
+    register_model,
+    train_model,
+    trained_summary,
+    validate_model,
+)
+
+if TYPE_CHECKING:
+    from model_store.train import Trainer
+
+
+@click.group()
+def model() -> None:
+    """Versioned ranker models."""
+
+
+@click.command("train")
+@click.option("--version", "version", required=True, help="New version name, e.g. v3.")
+@click.option(
+    "--trainer",
+    type=click.Choice(["lightgbm", "logistic_regression"]),
+    default="lightgbm",
+    show_default=True,
+    help="LightGBM trees, or scikit-learn's LogisticRegression on standardized inputs.",
+)
+@click.option("--params", default=None, help="The trainer's settings: key=value,key=value.")
+@FEATURES_OPTION
+@fails_cleanly
+def model_train(
+    version: str, trainer: Trainer, params: str | None, features_path: Path | None
+) -> None:
+    """Train a model on the project's interaction log (LightGBM, or a logistic
+    regression), convert it to ONNX and register it (the same checks as `model
+    register`). Default inputs: those of the project's last setup model."""
+    manifest = train_model(version, trainer, params, features_path, say)
+    click.echo(trained_summary(version, manifest))
+
+
+@click.command("register")
+@click.argument("version")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ONNX model: one float input (rows, inputs), a probability or score output.",
+)
+@click.option(
+    "--features",
+    "features_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FEATURES.yaml: its inputs in ONNX column order.",
+)
+@click.option(
+    "--booster",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The native tree model it was converted from (LightGBM .txt, XGBoost .json, "
+    "scikit-learn .joblib): checked for parity, explained with SHAP.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON or YAML with its held-out `auc` and `log_loss`, kept in the manifest.",
+)
+@fails_cleanly
+def model_register(
+    version: str,
+    onnx_path: Path,
+    features_path: Path,
+    booster: Path | None,
+    metrics_path: Path | None,
+) -> None:
+    """Register a ranker trained anywhere as VERSION, after checking it against the
+    project's Feast registry; registered versions are never overwritten."""
+    echo_lines(register_model(version, onnx_path, features_path, booster, metrics_path).lines())
+
+
+@click.command("reference")
+@click.argument("version")
+@fails_cleanly
+def model_reference(version: str) -> None:
+    """Give VERSION, registered before drift references existed, its drift reference:
+    the project's interaction log built with its inputs, its scores and (with a native
+    model) mean |SHAP| per feature group; added to its manifest with its hash."""
+    click.echo(add_drift_reference(version))
+
+
+@click.command("validate")
+@click.argument("version")
+@fails_cleanly
+def model_validate(version: str) -> None:
+    """Recheck hashes, ONNX/native parity and features of a version."""
+    report = validate_model(version)
+    for name, passed, detail in report.checks:
+        click.echo(f"{'ok  ' if passed else 'FAIL'} {name}: {detail}")
+    if not report.ok:
+        raise RankgateError(
+            f"model version {version!r} is invalid: " + "; ".join(report.failures())
+        )
+    click.echo(f"{version}: valid")
+
+
+@click.command("list")
+@fails_cleanly
+def model_list() -> None:
+    """Show the registered versions and their state."""
+    rows = list_models()
+    if not rows:
+        click.echo("no model versions registered (run `rankgate setup`)")
+        return
+    echo_table(MODEL_TABLE_HEADER, rows)
+
+
+for command in (
+    model_train,
+    model_register,
+    model_reference,
+    model_validate,
+    model_list,
+    model_promote,
+    model_retire,
+    model_rollback,
+    model_evaluate,
+    model_history,
+    model_status,
+):
+    model.add_command(command)

@@ -1,0 +1,223 @@
+"""Running and measuring the server: `serve`, `bench` and `loadtest`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from loadtests.loadtest import render_summary, run_loadtest
+from rankgate.cli.render import fails_cleanly, say
+from rankgate.ops.bench import BenchOptions, benchmark
+from rankgate.ops.serve import serve as serve_project
+from serving.ops.supervisor import log_record
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Ray Serve config (default: serve_config.yaml of the project).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="HTTP port (default: from the config).",
+)
+@click.option(
+    "--host",
+    default=None,
+    envvar="RANKGATE_SERVE_HOST",
+    help="Address to listen on, e.g. 0.0.0.0 in a container (default: from the config, "
+    "127.0.0.1). Env: RANKGATE_SERVE_HOST.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="RANKGATE_LOG_FORMAT",
+    help="json: Ray Serve's logs (files and console) and this command's output as one "
+    "JSON object a line. Env: RANKGATE_LOG_FORMAT.",
+)
+@fails_cleanly
+def serve(config_path: Path | None, port: int | None, host: str | None, log_format: str) -> None:
+    """Set up if needed, then serve POST /v1/rank on Ray Serve (blocks; Ctrl-C or
+    SIGTERM stops)."""
+
+    def say_as_configured(message: str) -> None:
+        click.echo(log_record(message, "rankgate") if log_format == "json" else message)
+
+    serve_project(config_path, port, host, log_format, say_as_configured)
+
+
+@click.command()
+@click.option(
+    "--concurrency",
+    default=None,
+    help="Comma-separated levels (default 1,4,8,16,32; with --overload 8,32,64,128,256; "
+    "with --explain-sampling 1,8,32).",
+)
+@click.option(
+    "--duration",
+    default=None,
+    type=click.FloatRange(min=1),
+    help="Seconds per run (default 6; 8 with --overload, --freshness, --explain-sampling).",
+)
+@click.option(
+    "--repeats",
+    "--rounds",
+    "repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rounds (every level on every system per round; medians are reported).",
+)
+@click.option(
+    "--warmup",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds of warm-up before each measured run.",
+)
+@click.option(
+    "--with",
+    "extras",
+    default="",
+    help="Also measure: naive (a naive Ray Serve graph), no-audit (rankgate without its "
+    "audit log). Comma-separated.",
+)
+@click.option(
+    "--skip",
+    default="",
+    help="Leave out parts: explain, open-loop, stages, memory, ranker, ready. Comma-separated.",
+)
+@click.option(
+    "--driver",
+    type=click.Choice(["auto", "wrk", "python"]),
+    default="auto",
+    show_default=True,
+    help="Closed-loop load: wrk where installed (auto installs Debian's wrk when missing "
+    "and permitted), else the Python driver.",
+)
+@click.option(
+    "--no-install",
+    is_flag=True,
+    help="Never install wrk; use the Python driver when it is missing.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the results (default: loadtests/results/ of a source checkout, else "
+    "results/ in the home).",
+)
+@click.option(
+    "--overload",
+    is_flag=True,
+    help="Instead: find where back-pressure starts (queue limits against none).",
+)
+@click.option(
+    "--freshness",
+    is_flag=True,
+    help="Instead: event-to-decision latency at 0, 100 and 1,000 events/s.",
+)
+@click.option(
+    "--explain-sampling",
+    is_flag=True,
+    help="Instead: answers with explainer.sample_rate 0 against 0.01, 0.05 and 0.25, in "
+    "interleaved rounds on one server (--repeats rounds).",
+)
+@fails_cleanly
+def bench(
+    concurrency: str | None,
+    duration: float | None,
+    repeats: int,
+    warmup: float,
+    extras: str,
+    skip: str,
+    driver: str,
+    no_install: bool,
+    output: Path | None,
+    overload: bool,
+    freshness: bool,
+    explain_sampling: bool,
+) -> None:
+    """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
+
+    Reports the issue's targets (latency, peak throughput, budget fallbacks, ranker
+    against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
+    """
+    options = BenchOptions(
+        concurrency=concurrency,
+        duration=duration,
+        repeats=repeats,
+        warmup=warmup,
+        extras=extras,
+        skip=skip,
+        driver=driver,
+        allow_install=not no_install,
+        output=output,
+        overload=overload,
+        freshness=freshness,
+        explain_sampling=explain_sampling,
+    )
+    report, figures = benchmark(options, say)
+    click.echo(report.read_text())
+    click.echo(f"written: {report}, {figures}")
+
+
+@click.command()
+@click.option("--host", default="http://127.0.0.1:8000", show_default=True, help="Server to load.")
+@click.option("--users", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--spawn-rate",
+    default=4.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Users started per second.",
+)
+@click.option("--run-time", default="30s", show_default=True, help="e.g. 30s, 2m, 1h30m.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for Locust's CSV, HTML report and log (default: locust/ in the results "
+    "folder: loadtests/results/ of a source checkout, else results/ in the home).",
+)
+@click.option(
+    "--slo",
+    "slo_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: the slo.yaml shipped "
+    "in rankgate's loadtests package).",
+)
+@click.option(
+    "--api-key",
+    envvar="RANKGATE_API_KEY",
+    default=None,
+    help="Key to call the server with (or RANKGATE_API_KEY); default: a temporary key of this home.",
+)
+@fails_cleanly
+def loadtest(
+    host: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    output: Path | None,
+    slo_path: Path | None,
+    api_key: str | None,
+) -> None:
+    """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
+    result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, say, api_key)
+    for line in render_summary(result):
+        click.echo(line)
+    click.echo(f"written: {result.files['stats']}, {result.files['html']}")
+    if not result.ok:
+        click.echo(f"SLO missed: {', '.join(result.missed)}", err=True)
+        sys.exit(1)

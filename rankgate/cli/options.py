@@ -1,0 +1,64 @@
+"""Options and arguments more than one command takes, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from rankgate.core.settings import Settings, get_settings
+
+FEATURES_OPTION = click.option(
+    "--features",
+    "features_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="FEATURES.yaml: the model's inputs in ONNX column order (Feast references "
+    "view:field, context features).",
+)
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve config to edit (default: the one the running server uses, else the project's "
+    "serve_config.yaml).",
+)
+
+FORCE_OPTION = click.option(
+    "--force",
+    is_flag=True,
+    help="Apply even if a purpose loses its permitted model (its users get the fallback) or the "
+    "version lacks the evidence promotion.require_evaluation asks for; recorded in the audit "
+    "of routing changes (rankgate model history).",
+)
+
+FOLDER_ARGUMENT = click.argument(
+    "folder",
+    required=False,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+
+STORE_OPTION = click.option(
+    "--store",
+    default=None,
+    help="Artifact store URI (s3://bucket/prefix, gs://bucket/prefix, file:///path); "
+    "default: RANKGATE_STORE.",
+)
+
+
+def store_uri(store: str | None) -> str:
+    """The --store given, checked, else RANKGATE_STORE; a usage error without either."""
+    if store is None:
+        store = get_settings().store
+        if store is None:
+            raise click.UsageError("no artifact store: pass --store URI or set RANKGATE_STORE")
+        return store
+    try:
+        checked = Settings(store=store).store
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"], param_hint="--store") from exc
+    assert checked is not None
+    return checked

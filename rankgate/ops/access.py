@@ -1,0 +1,39 @@
+"""Who may ask, and forgetting who asked: API keys per application, and a data
+subject's erasure (rankgate/ops/erasure.py, which reads Parquet and Feast's keys,
+so it is imported only when someone is forgotten)."""
+
+from __future__ import annotations
+
+from rankgate.core.errors import RankgateError
+from rankgate.governance.api_keys import ApiKey, check_app
+from rankgate.governance.policy import load_policy
+from rankgate.ops.environment import Environment
+
+
+def create_key(app: str, purposes: tuple[str, ...], scopes: tuple[str, ...]) -> str:
+    """A new key for APP, allowed `purposes` of the policy and `scopes`; shown only now."""
+    check_app(app)  # a bad name is refused before Redis is even opened
+    return Environment.open().api_keys.create(app, purposes, load_policy().purposes, scopes)
+
+
+def list_keys() -> list[ApiKey]:
+    """Every application's keys (hashed; each with a hint)."""
+    return Environment.open().api_keys.all()
+
+
+def revoke_keys(app: str) -> int:
+    """Revoke every key of APP; how many there were (none is an error)."""
+    count = Environment.open().api_keys.revoke(app)
+    if not count:
+        raise RankgateError(f"no API keys for application {app!r} (see `rankgate keys list`)")
+    return count
+
+
+def forget(user_id: str) -> str:
+    """Erase USER_ID's feature rows, consent record, audit records and offline rows;
+    a summary of what was erased."""
+    from rankgate.ops.erasure import Eraser, checked_user_id
+
+    checked_user_id(user_id)  # a bad id is refused before Redis is even opened
+    env = Environment.open()
+    return Eraser(env.redis, env.home, env.project).forget(user_id).summary()

@@ -1,0 +1,103 @@
+"""`rankgate bench`: which measurement to run, with its options checked first.
+
+The measurements live in loadtests/ (bench, overload, freshness, explain
+sampling); each writes `<output>/<name>.md` and `.json`. Options are checked
+before setup runs or a server starts. loadtests/ is imported when a benchmark runs
+(its drivers take half a second to import), so `rankgate --help` does not pay for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rankgate.core.errors import RankgateError
+from rankgate.ops.setup import run_setup
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    concurrency: str | None
+    duration: float | None
+    repeats: int
+    warmup: float
+    extras: str
+    skip: str
+    driver: str
+    allow_install: bool
+    output: Path | None
+    overload: bool
+    freshness: bool
+    explain_sampling: bool
+
+    def levels(self) -> list[int]:
+        from loadtests.bench import DEFAULT_LEVELS
+        from loadtests.overload import LEVELS
+
+        default = (
+            LEVELS if self.overload else [1, 8, 32] if self.explain_sampling else DEFAULT_LEVELS
+        )
+        text = self.concurrency or ",".join(map(str, default))
+        try:
+            levels = sorted({int(c) for c in text.split(",") if c.strip()})
+        except ValueError as exc:
+            raise RankgateError(f"--concurrency: {text!r} is not a list of integers") from exc
+        if not levels or min(levels) < 1 or (1 not in levels and not self.overload):
+            raise RankgateError("--concurrency: positive integers, including 1")
+        return levels
+
+    def chosen(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The --with extras and the --skip parts, each checked against what exists."""
+        from loadtests.bench import EXTRAS, PARTS
+
+        extras = tuple(e.strip() for e in self.extras.split(",") if e.strip())
+        skip = tuple(p.strip() for p in self.skip.split(",") if p.strip())
+        if unknown := [e for e in extras if e not in EXTRAS]:
+            raise RankgateError(
+                f"--with: unknown {', '.join(unknown)} (known: {', '.join(EXTRAS)})"
+            )
+        if unknown := [p for p in skip if p not in PARTS]:
+            raise RankgateError(f"--skip: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
+        return extras, skip
+
+
+def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
+    """Run the measurement the options ask for; the Markdown and JSON reports written."""
+    from loadtests import results_folder
+    from loadtests.bench import DEFAULT_DURATION_S, run_bench
+    from loadtests.explain_sampling import run_explain_sampling
+    from loadtests.freshness import RATES, run_freshness
+    from loadtests.overload import run_overload
+
+    levels = options.levels()
+    extras, skip = options.chosen()
+    run_setup(lambda _line: None)
+    output = options.output or results_folder()
+    duration, repeats = options.duration, options.repeats
+    if options.freshness:
+        run_freshness(list(RATES), duration or 8.0, repeats, output, say)
+        name = "freshness"
+    elif options.explain_sampling:
+        run_explain_sampling(levels, duration or 8.0, repeats, output, say)
+        name = "explain_sampling"
+    elif options.overload:
+        run_overload(levels, duration or 8.0, repeats, output, say)
+        name = "overload"
+    else:
+        run_bench(
+            levels,
+            duration or DEFAULT_DURATION_S,
+            repeats,
+            output,
+            say,
+            warmup=options.warmup,
+            extras=extras,
+            skip=skip,
+            driver=options.driver,
+            allow_install=options.allow_install,
+        )
+        name = "bench"
+    return output / f"{name}.md", output / f"{name}.json"

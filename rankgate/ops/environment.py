@@ -1,0 +1,180 @@
+"""The environment the operator commands share: the settings, the home, the project
+and its Redis, opened once per command; the model store, the consent and key stores
+and the Feast store come from it on first use (Feast and the model store are
+imported then, so that key and user commands stay light)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from rankgate.core import redis_keys
+from rankgate.core.errors import ModelStoreError, RankgateError
+from rankgate.core.home import Home
+from rankgate.core.project import ItemId, Project
+from rankgate.core.redis_server import connect, resolve_redis_url
+from rankgate.core.settings import Settings, get_project, get_settings
+from rankgate.governance.api_keys import ApiKeyStore
+from rankgate.governance.consent import ConsentStore
+
+if TYPE_CHECKING:
+    from feast import FeatureStore, FeatureView
+
+    from features.spec import ViewInfo
+    from model_store.store import ModelStore
+
+SETUP_FILE = "setup.json"
+
+
+@dataclass
+class Environment:
+    settings: Settings
+    home: Home
+    redis_url: str | None
+    project: Project
+
+    @classmethod
+    def open(cls, redis: bool = True) -> Environment:
+        settings = get_settings()
+        home = Home.from_settings(settings)
+        project = get_project(settings)
+        url = resolve_redis_url(settings) if redis else None
+        if url:
+            connect(url)  # fail early, naming the address
+        return cls(settings, home, url, project)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return connect(self.redis_url)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home.data_dir
+
+    @cached_property
+    def models(self) -> ModelStore:
+        # Imported here, like Feast below: key and user commands open an
+        # Environment too and should not pay for the model store's pydantic models.
+        from model_store.store import ModelStore
+
+        return ModelStore(self.home)
+
+    @cached_property
+    def consent(self) -> ConsentStore:
+        return ConsentStore(self.redis, self.home.namespace)
+
+    @cached_property
+    def api_keys(self) -> ApiKeyStore:
+        return ApiKeyStore(self.redis, self.home.namespace)
+
+    @cached_property
+    def feast(self) -> FeatureStore:
+        from features.store import feature_store
+
+        return feature_store(self.settings, self.redis_url, project=self.project)
+
+    def marker_key(self, step: str) -> str:
+        return redis_keys.setup_marker(self.home.namespace, step)
+
+    def apply_features(self, objects: list[Any] | None = None) -> list[str]:
+        from features.store import apply
+
+        return apply(self.feast, self.project, self.home, objects)
+
+    def views(self) -> list[FeatureView]:
+        """The feature views of the applied registry (none before `features apply`)."""
+        if not (self.home.feast_dir / "registry.db").exists():
+            return []
+        return list(self.feast.list_feature_views())
+
+    def view_infos(self) -> dict[str, ViewInfo]:
+        from features.store import view_infos
+
+        return view_infos(self.views(), self.project)
+
+    def catalogue(self) -> list[ItemId]:
+        from feast import FeatureView
+
+        from features.store import load_catalogue, read_definitions
+
+        views = self.views() or [
+            v for v in read_definitions(self.project, self.data_dir) if isinstance(v, FeatureView)
+        ]
+        return load_catalogue(self.project, views, self.data_dir)
+
+    def recorded_catalogue(self) -> list[ItemId]:
+        """The catalogue as the last setup read it (cheap: no Feast, no pandas)."""
+        catalogue = self.recorded().get("catalogue")
+        if catalogue is None:
+            raise RankgateError(f"{self.home.root} is not set up: run `rankgate setup`")
+        return list(catalogue)
+
+    def recorded(self) -> dict[str, Any]:
+        path = self.home.root / SETUP_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def sources(self) -> dict[str, Any]:
+        """What the prepared state depends on: the project's files and the key."""
+        fingerprint = hmac.new(
+            self.settings.user_key_secret.encode(), b"rankgate-setup", hashlib.sha256
+        ).hexdigest()[:16]
+        return {
+            "project": str(self.project.root),
+            "key_fingerprint": fingerprint,
+            "files": self.project.source_digest(),
+        }
+
+    @staticmethod
+    def digest(sources: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
+
+    def feature_views(self) -> dict[str, set[str]] | None:
+        """Views of the applied repository and their fields (None: not applied)."""
+        if not (self.home.feast_dir / "registry.db").exists():
+            return None
+        views = self.feast.list_feature_views()
+        return {view.name: {f.name for f in view.features} for view in views} or None
+
+    def materialize(self) -> list[str]:
+        """Materialize every view but the streaming ones (their rows come only from the
+        event stream); returns the views materialized."""
+        from features.store import materialize
+
+        if self.feature_views() is None:
+            raise RankgateError("feature repository not applied: run `rankgate features apply`")
+        names = materialize(self.feast, skip=set(self.project.streaming))
+        self.redis.set(self.marker_key("materialized"), self.digest(self.sources()))
+        return names
+
+    def model_rows(self) -> list[tuple[str, str, str, str, str]]:
+        rows = []
+        for version in self.models.versions():
+            report = self.models.check_hashes(version)
+            try:
+                manifest = self.models.manifest(version)
+            except ModelStoreError:
+                rows.append((version, "corrupt: " + "; ".join(report.failures()), "-", "-", "-"))
+                continue
+            state = "ok" if report.ok else "corrupt: " + "; ".join(report.failures())
+            auc = (
+                "n/a"
+                if manifest.metrics is None or manifest.metrics.auc is None
+                else f"{manifest.metrics.auc:.3f}"
+            )
+            rows.append(
+                (
+                    version,
+                    state,
+                    str(len(manifest.features)),
+                    auc,
+                    manifest.created_at.strftime("%Y-%m-%d %H:%M"),
+                )
+            )
+        return rows

@@ -1,0 +1,146 @@
+"""`rankgate model evaluate`: a version's click rate estimated off-policy.
+
+From logged decisions with propensities (the project's interaction log, another
+log file, or rankgate's own audit log joined with outcomes): IPS, self-normalized
+IPS and doubly robust, each with a bootstrap interval and the effective sample
+size, and a verdict against another version or the logging policy. The
+estimators, pandas and onnxruntime are imported when an evaluation runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rankgate.core.errors import RankgateError
+from rankgate.ops.environment import Environment
+
+if TYPE_CHECKING:
+    from model_store.evaluation import Evaluation
+
+
+@dataclass(frozen=True)
+class OffPolicyReport:
+    """An evaluation of `version` against `baseline` (None: the logging policy)."""
+
+    version: str
+    baseline: str | None
+    source: str
+    confidence: float
+    result: Evaluation
+    in_sample: list[str]
+    """Versions trained on the very logs they were evaluated on."""
+
+    @property
+    def against(self) -> str:
+        return self.baseline or "the logging policy"
+
+    def figures(self) -> dict[str, Any]:
+        from model_store.offpolicy import ESTIMATORS
+
+        result = self.result
+        return {
+            "source": self.source,
+            "slots": result.n,
+            "clicks": result.clicks,
+            "logged_click_rate": result.logged_value,
+            "confidence": self.confidence,
+            "versions": {
+                v: {name: e.__dict__ for name, e in found.items()}
+                for v, found in result.estimates.items()
+            },
+            "against": self.against,
+            "comparisons": {
+                name: {
+                    "difference": c.difference,
+                    "low": c.low,
+                    "high": c.high,
+                    "verdict": c.verdict,
+                    "weighted_clicks": c.weighted_clicks,
+                }
+                for name in ESTIMATORS
+                for c in [result.compare(self.version, self.baseline, name)]
+            },
+        }
+
+    def lines(self) -> list[str]:
+        from model_store.offpolicy import ESTIMATORS
+
+        result = self.result
+        lines = [
+            (
+                f"{self.source}: {result.n} logged slots, {result.clicks} clicks; the logging "
+                f"policy's click rate {result.logged_value:.4f}"
+            )
+        ]
+        if result.clicks < 100:
+            lines.append(
+                f"  with {result.clicks} clicks the intervals are wide: read them, not the estimates"
+            )
+        if self.in_sample:
+            lines.append(
+                f"  {', '.join(self.in_sample)} learned from these logs: on them its estimate is "
+                "optimistic (evaluate on logs it has not seen: --logs FILE or --audit)"
+            )
+        lines.append(
+            f"{'version':<12} {'estimator':<9} {'estimate':>9}  {self.confidence:.0%} "
+            f"interval{'':<9} effective n"
+        )
+        for v, found in result.estimates.items():
+            for name, e in found.items():
+                lines.append(
+                    f"{v:<12} {name:<9} {e.value:>9.4f}  [{e.low:.4f}, {e.high:.4f}]{'':<4} "
+                    f"{e.effective_sample_size:>9.0f}"
+                )
+        for name in ESTIMATORS:
+            c = result.compare(self.version, self.baseline, name)
+            verdict = "cannot tell with this much data" if c.verdict == "cannot tell" else c.verdict
+            lines.append(
+                f"{name}: {self.version} - {self.against} = {c.difference:+.4f} "
+                f"[{c.low:+.4f}, {c.high:+.4f}], {c.weighted_clicks} clicks weighed: {verdict}"
+            )
+        return lines
+
+
+def evaluate(
+    version: str,
+    against: str | None,
+    logs_path: Path | None,
+    audit: bool,
+    since: str,
+    confidence: float,
+    draws: int,
+    seed: int,
+) -> OffPolicyReport:
+    """Estimate VERSION's click rate off-policy, and against `against` (or the logs' policy)."""
+    from model_store.evaluation import evaluate_versions
+    from model_store.train import load_item_table
+    from serving.ops.evidence import logged_decisions
+
+    if audit and logs_path is not None:
+        raise RankgateError("choose one of --logs FILE and --audit")
+    env = Environment.open()
+    baseline = against if against and against != version else None
+    versions = [version] + ([baseline] if baseline else [])
+    for name in versions:
+        if not env.models.exists(name):
+            raise RankgateError(f"no model version {name!r} in this home", 404)
+    decisions, source = logged_decisions(
+        env, versions, "audit" if audit else "logs", since, logs_path
+    )
+    result = evaluate_versions(
+        env.models,
+        load_item_table(env.project, env.views()),
+        decisions,
+        versions,
+        confidence,
+        draws,
+        seed,
+    )
+    in_sample = (
+        [v for v in versions if env.models.manifest(v).lineage.made_by == "rankgate model train"]
+        if not audit and logs_path is None
+        else []
+    )
+    return OffPolicyReport(version, baseline, source, confidence, result, in_sample)

@@ -1,0 +1,153 @@
+"""Model versions: train, register, give a drift reference, validate, list.
+
+What the `rankgate model ...` commands for versions do, with the home's
+environment opened here; the trainers, onnxruntime and Feast are imported when a
+version is trained or checked against the interaction log, not for a listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from features.spec import load_features_file
+from model_store.artifacts import ArtifactStore
+from model_store.manifest import REFERENCE_FILE, Manifest, Metrics
+from model_store.store import ValidationReport
+from rankgate.core.config_files import load_yaml_model
+from rankgate.core.errors import RankgateError
+from rankgate.ops.environment import Environment
+
+if TYPE_CHECKING:
+    from model_store.train import Trainer
+
+Say = Callable[[str], None]
+
+MODEL_TABLE_HEADER = ("VERSION", "STATE", "FEATURES", "AUC", "CREATED")
+
+
+def train_model(
+    version: str, trainer: Trainer, params: str | None, features_path: Path | None, say: Say
+) -> Manifest:
+    """Train VERSION on the project's interaction log and register it. Default inputs:
+    those of the project's last setup model."""
+    from model_store.train import parse_params, train
+
+    env = Environment.open(redis=False)
+    if features_path is None:
+        if not env.project.spec.setup_models:
+            raise RankgateError("--features: required (the project declares no setup models)", 422)
+        features_path = env.project.path(env.project.spec.setup_models[-1].features)
+    return train(
+        env.models,
+        env.project,
+        env.views(),
+        env.view_infos(),
+        env.data_dir,
+        version,
+        parse_params(params, trainer),
+        load_features_file(features_path),
+        str(features_path),
+        say,
+    )
+
+
+def trained_summary(version: str, manifest: Manifest) -> str:
+    assert manifest.metrics is not None
+    auc = "n/a" if manifest.metrics.auc is None else f"{manifest.metrics.auc:.3f}"
+    return (
+        f"{version}: held-out AUC {auc}, log loss {manifest.metrics.log_loss:.4f}, "
+        f"ONNX parity {manifest.onnx.parity_max_abs_diff or 0:.1e}"
+    )
+
+
+@dataclass(frozen=True)
+class Registered:
+    version: str
+    manifest: Manifest
+    path: Path
+    published_to: str | None
+
+    def lines(self) -> list[str]:
+        parity = self.manifest.onnx.parity_max_abs_diff
+        reference = (
+            "drift reference from the interaction log"
+            if REFERENCE_FILE in self.manifest.artifacts
+            else "no drift reference: the project has no interaction log"
+        )
+        published = [f"{self.version}: published to {self.published_to}"]
+        return [*(published if self.published_to else [])] + [
+            f"{self.version}: registered at {self.path} ({len(self.manifest.features)} inputs; "
+            + (
+                f"native parity {parity:.1e}, explained by SHAP"
+                if parity is not None
+                else "no tree model: answers say explainer_unavailable"
+            )
+            + f"; {reference})"
+        ]
+
+
+def register_model(
+    version: str,
+    onnx_path: Path,
+    features_path: Path,
+    booster: Path | None,
+    metrics_path: Path | None,
+) -> Registered:
+    """Register a ranker trained anywhere as VERSION, checked against the Feast registry;
+    published to the artifact store too when RANKGATE_STORE is set."""
+    from model_store.register import Candidate, register
+    from model_store.train import log_rows
+
+    env = Environment.open(redis=False)
+    infos = env.view_infos()
+    if not infos:
+        raise RankgateError("no Feast registry in this home: run `rankgate setup` first", 409)
+    manifest = register(
+        env.models,
+        env.project,
+        infos,
+        Candidate(
+            version=version,
+            onnx_path=onnx_path,
+            features=load_features_file(features_path),
+            booster=booster,
+            metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
+            features_source=str(features_path.resolve()),
+            reference_rows=lambda specs: log_rows(env.project, env.views(), env.data_dir, specs),
+        ),
+    )
+    if env.settings.store is not None:
+        ArtifactStore(env.settings.store).publish_version(env.models, version)
+    return Registered(version, manifest, env.models.path(version), env.settings.store)
+
+
+def add_drift_reference(version: str) -> str:
+    """Give VERSION its drift reference from the project's interaction log; says where."""
+    from model_store.register import add_reference
+    from model_store.train import log_rows
+
+    env = Environment.open(redis=False)
+    specs = env.models.manifest(version).specs
+    rows = log_rows(env.project, env.views(), env.data_dir, specs)
+    if rows is None:
+        raise RankgateError(
+            f"{env.project.file}: no interaction log with a user column: there is nothing "
+            "to build a drift reference from",
+            422,
+        )
+    path = add_reference(env.models, version, rows)
+    return f"{version}: drift reference of {len(rows.matrix)} logged rows at {path}"
+
+
+def validate_model(version: str) -> ValidationReport:
+    """Recheck hashes, ONNX/native parity and features of VERSION."""
+    env = Environment.open()
+    return env.models.validate(version, env.view_infos())
+
+
+def list_models() -> list[tuple[str, str, str, str, str]]:
+    """The registered versions and their state."""
+    return Environment.open(redis=False).model_rows()

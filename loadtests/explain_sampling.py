@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
-from loadtests.bench import drive, process_env, wait_ready, workload
+from loadtests.bench.systems import drive, process_env, wait_ready, workload
 from loadtests.drive import stamped, write_results
 from loadtests.ray_metrics import ray_session_dir, scrape, total
 from serving.ops.launch import (

@@ -108,7 +108,7 @@ class Background(threading.Thread):
 def run_freshness(
     rates: list[int], duration: float, repeats: int, output: Path, say: Say
 ) -> dict[str, Any]:
-    from loadtests.bench import process_env, wait_ready
+    from loadtests.bench.systems import process_env, wait_ready
     from serving.ops.launch import start_server, stop_server
 
     env = Environment.open()

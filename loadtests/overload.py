@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from loadtests.bench import Workload, drive, started, workload
+from loadtests.bench.systems import Workload, drive, started, workload
 from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     SERVE_CONFIG,

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from loadtests import bench_report, memory, wrk
-from loadtests.bench import phases_seen
+from loadtests.bench import memory, wrk
+from loadtests.bench import report as bench_report
+from loadtests.bench.run import phases_seen
 from loadtests.drive import Arrival, open_loop_summary
 
 WRK_STDOUT = """Running 6s test @ http://127.0.0.1:4000/v1/rank
@@ -223,7 +224,7 @@ def test_process_labels() -> None:
 
 
 def synthetic_report(**changes: Any) -> dict[str, Any]:
-    """A small report as loadtests.bench builds it: two levels, two rounds."""
+    """A small report as loadtests/bench/run.py builds it: two levels, two rounds."""
     runs = {
         "rankgate": {
             "1": [run(1, 600, 1.6, 4.0), run(1, 580, 1.8, 4.5)],

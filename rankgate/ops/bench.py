@@ -34,7 +34,7 @@ class BenchOptions:
     explain_sampling: bool
 
     def levels(self) -> list[int]:
-        from loadtests.bench import DEFAULT_LEVELS
+        from loadtests.bench.run import DEFAULT_LEVELS
         from loadtests.overload import LEVELS
 
         default = (
@@ -51,7 +51,7 @@ class BenchOptions:
 
     def chosen(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The --with extras and the --skip parts, each checked against what exists."""
-        from loadtests.bench import EXTRAS, PARTS
+        from loadtests.bench.run import EXTRAS, PARTS
 
         extras = tuple(e.strip() for e in self.extras.split(",") if e.strip())
         skip = tuple(p.strip() for p in self.skip.split(",") if p.strip())
@@ -67,7 +67,7 @@ class BenchOptions:
 def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
     """Run the measurement the options ask for; the Markdown and JSON reports written."""
     from loadtests import results_folder
-    from loadtests.bench import DEFAULT_DURATION_S, run_bench
+    from loadtests.bench.run import DEFAULT_DURATION_S, run_bench
     from loadtests.explain_sampling import run_explain_sampling
     from loadtests.freshness import RATES, run_freshness
     from loadtests.overload import run_overload

@@ -1,6 +1,6 @@
 """Figures, targets and the markdown of `rankgate bench` (no server, no I/O).
 
-The runner (loadtests.bench) collects, per system and concurrency, one run per
+The runner (loadtests/bench/run.py) collects, per system and concurrency, one run per
 round; everything here is computed from those runs and the other parts' figures,
 so it can be checked on a small synthetic report.
 """

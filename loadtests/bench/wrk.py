@@ -30,7 +30,7 @@ MARKER = "RANKGATE_WRK "
 PERCENTILES = (50.0, 99.0, 99.9)
 
 LUA_TEMPLATE = r"""
--- Written by loadtests/wrk.py for one run: rotating bodies, outcome counts, JSON summary.
+-- Written by loadtests/bench/wrk.py for one run: rotating bodies, outcome counts, JSON summary.
 local bodies = {
 %(bodies)s
 }

@@ -12,7 +12,7 @@
 # pods of deploy/kuberay/rayservice.yaml.
 #
 # Ray's own image: the Ray version rankgate pins (ray[serve]==2.60.0, checked by
-# tests/test_container.py) and the tools KubeRay's probes run (bash, wget).
+# tests/deploy/test_container.py) and the tools KubeRay's probes run (bash, wget).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 
 # -- build: the wheel, exactly as a user builds it ------------------------------

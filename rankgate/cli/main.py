@@ -4,7 +4,7 @@ A command group's module is imported only when that group is invoked, following
 click's "lazily loading subcommands" pattern (`LazyGroup`), so `rankgate keys
 list` does not import what `rankgate model evaluate` needs. `rankgate --help`
 imports none of them: it lists each command with the short help registered here
-(tests/test_cli.py checks that it is the command's own).
+(tests/ops/test_cli.py checks that it is the command's own).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import yaml
 
 from serving.ops.launch import SERVE_CONFIG
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"

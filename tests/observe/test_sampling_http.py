@@ -15,9 +15,9 @@ from rankgate.ops.environment import Environment
 from serving.observe.audit import AuditRecord
 from serving.observe.sampling import chosen
 from tests.conftest import Server
+from tests.observe.test_audit_http import wait_for
+from tests.observe.test_sampling import binomial_bounds
 from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics
-from tests.test_audit_http import wait_for
-from tests.test_sampling import binomial_bounds
 
 RATE = 0.25
 DECISIONS = 240

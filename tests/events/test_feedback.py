@@ -27,8 +27,8 @@ from serving.observe.metrics import Metrics
 from serving.observe.outcomes import read_outcomes, read_unjoined, wilson_interval
 from serving.ranking.pipeline import RankPipeline
 from serving.runtime import ReplicaRuntime
+from tests.ranking.test_pipeline import LOOP, make_pipeline, rank
 from tests.serving_support import user_with
-from tests.test_pipeline import LOOP, make_pipeline, rank
 
 # Type names of this test's own: nothing here assumes the example project's events.
 OUTCOMES = Outcomes(impression="seen", click="tap", conversion="order")

@@ -1,7 +1,7 @@
 """Identifiers taken outside the HTTP API are matched whole, too: a trailing
 newline, a NUL or a lookalike character is refused, not taken as another name.
 
-(The HTTP side: tests/test_http.py::test_identifiers_are_matched_whole.)
+(The HTTP side: tests/api/test_http.py::test_identifiers_are_matched_whole.)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from serving.http.body import read_body
 from serving.http.errors import ClientGone, RequestTimeout
 
 # A configuration as Ray Serve 2.60 generates it (folders replaced by @DIR@).
-GENERATED = (Path(__file__).parent / "data" / "ray_haproxy.cfg").read_text()
+GENERATED = (Path(__file__).parents[1] / "data" / "ray_haproxy.cfg").read_text()
 GUARDS = edge.EdgeGuards(
     header_timeout_s=5, body_timeout_s=4, idle_timeout_s=30, max_per_source=64, max_body_bytes=4096
 )

@@ -1,4 +1,4 @@
-"""The OpenAPI builder as a plain function (the served document: tests/test_http.py)."""
+"""The OpenAPI builder as a plain function (the served document: tests/api/test_http.py)."""
 
 from __future__ import annotations
 

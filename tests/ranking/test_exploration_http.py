@@ -18,8 +18,8 @@ from rankgate.cli.main import main
 from rankgate.governance.consent import ConsentState
 from rankgate.ops.environment import Environment
 from tests.conftest import Server
+from tests.observe.test_audit_http import decide, wait_for
 from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics, user_with
-from tests.test_audit_http import decide, wait_for
 
 PURPOSE = "onsite_personalization"
 EXPLORATION = {"method": "plackett_luce", "temperature": 1.0, "max_shift": 2}

@@ -29,8 +29,8 @@ from rankgate.ops.environment import Environment
 from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
 from serving.events.intake import StoredEvent
 from serving.runtime import ReplicaRuntime
+from tests.ranking.test_pipeline import LOOP, make_pipeline, rank
 from tests.serving_support import example_user_ids
-from tests.test_pipeline import LOOP, make_pipeline, rank
 
 PAGE = 5000
 

@@ -19,6 +19,7 @@ from serving.observe.routing_log import RoutingLog, read_rollbacks, read_shadow
 from serving.ops.promotion import reset_canary_outcomes, starts_experiment
 from serving.ranking.routing import Router
 from serving.runtime import parse_config
+from tests.ranking.test_pipeline import LOOP, make_pipeline, rank
 from tests.serving_support import (
     copy_with_wrong_width,
     example_user_ids,
@@ -26,7 +27,6 @@ from tests.serving_support import (
     routing,
     user_with,
 )
-from tests.test_pipeline import LOOP, make_pipeline, rank
 
 KEYS = [user_key(f"u-{n}") for n in range(10_000)]
 

@@ -1,0 +1,1 @@
+"""The public API over HTTP: a real `serve run` answering rank, consent and errors; the edge's guards; OpenAPI; keys."""

@@ -1,0 +1,1 @@
+"""Events in, the consumer, streaming features and outcomes joined to decisions."""

@@ -1,0 +1,1 @@
+"""Models: the store, off-policy estimators and evaluation, promotion."""

@@ -1,0 +1,1 @@
+"""After the answer: audit records, sampled explanations, drift and metrics."""

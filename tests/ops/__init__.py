@@ -1,0 +1,1 @@
+"""Operator commands: the CLI, setup, projects, erasure, the benchmark and load tests."""

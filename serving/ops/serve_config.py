@@ -22,7 +22,6 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.resolver import VersionedResolver
 from ruamel.yaml.scalarbool import ScalarBoolean
-from ruamel.yaml.scalarstring import LiteralScalarString
 
 from rankgate.core.config_files import validation_message
 from rankgate.core.errors import ConfigError
@@ -133,22 +132,21 @@ def plain(node: Any) -> Any:
 
 
 class _Rendering(RoundTripRepresenter):
-    """Writes None as `null`, as Ray's own configs do (round trip writes nothing)."""
+    """Plain data as Ray's own configs write it: None as `null` (round trip writes
+    nothing), multi-line strings as literal blocks people can read, unless they hold
+    what only an escape writes in ASCII (a tab, a carriage return, a non-ASCII letter)."""
+
+    def represent_str(self, data: str) -> Any:
+        block = "\n" in data and all(c == "\n" or " " <= c <= "~" for c in data)
+        style = "|" if block else None
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    def represent_none(self, data: None) -> Any:
+        return self.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
-_Rendering.add_representer(
-    type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null")
-)
-
-
-def _literal_blocks(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {key: _literal_blocks(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_literal_blocks(value) for value in node]
-    if isinstance(node, str) and "\n" in node:
-        return LiteralScalarString(node)
-    return node
+_Rendering.add_representer(str, _Rendering.represent_str)
+_Rendering.add_representer(type(None), _Rendering.represent_none)
 
 
 def render(document: dict[str, Any]) -> str:
@@ -158,6 +156,7 @@ def render(document: dict[str, Any]) -> str:
     yaml.Resolver = _AsRayReads
     yaml.Representer = _Rendering
     yaml.width = 100
+    yaml.allow_unicode = False  # escaped, as PyYAML writes it: the file stays ASCII
     text = io.StringIO()
-    yaml.dump(_literal_blocks(document), text)
+    yaml.dump(document, text)
     return text.getvalue()

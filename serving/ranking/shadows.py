@@ -52,22 +52,9 @@ class ShadowScorer:
         live: list[tuple[ItemId, float]],
         context: Mapping[str, str],
     ) -> None:
-        """Score a copy of the request with `version`; record agreement with the live answer."""
-        result = self.agreement(version, user, eligible, live, context)
-        outcome = "error" if result[0] is None else "ok"
-        self.metrics.child(self.metrics.shadow_scores, version, outcome).inc()
-        with contextlib.suppress(OSError, aioredis.RedisError):
-            await self.log.record_shadow(version, *result)
-
-    def agreement(
-        self,
-        version: str,
-        user: UserFeatures,
-        eligible: Sequence[ItemId],
-        live: list[tuple[ItemId, float]],
-        context: Mapping[str, str],
-    ) -> tuple[float | None, float | None]:
-        """(top-k overlap, mean score difference), or (None, None) when the shadow failed."""
+        """Score a copy of the request with `version`; record agreement with the live
+        answer: (top-k overlap, mean score difference), or (None, None) when it failed."""
+        agreement: tuple[float | None, float | None] = (None, None)
         model = self.models.loaded.get(version)
         try:
             if model is None:
@@ -76,16 +63,25 @@ class ShadowScorer:
             scores = model.scorer.score(matrix)
             if self.drift is not None:
                 self.drift.observe(version, matrix, scores)
-            k = len(live)
-            shadow_top = {pick.item_id for pick in top_k(eligible, scores, k)}
-            overlap = len(shadow_top & {item for item, _ in live}) / k if k else 1.0
-            position = {item: n for n, item in enumerate(eligible)}
-            diff = (
-                float(np.mean([abs(scores[position[item]] - score) for item, score in live]))
-                if k
-                else 0.0
-            )
-            return overlap, diff
+            agreement = compare(eligible, scores, live)
         except Exception as exc:  # noqa: BLE001 - a shadow's failure never reaches the answer
             logger.warning("shadow %s failed: %s", version, type(exc).__name__)
-            return None, None
+        outcome = "error" if agreement[0] is None else "ok"
+        self.metrics.child(self.metrics.shadow_scores, version, outcome).inc()
+        with contextlib.suppress(OSError, aioredis.RedisError):
+            await self.log.record_shadow(version, *agreement)
+
+
+def compare(
+    eligible: Sequence[ItemId], scores: np.ndarray, live: list[tuple[ItemId, float]]
+) -> tuple[float, float]:
+    """The shadow's top-k overlap with the live answer, and its mean score difference
+    on the live items."""
+    k = len(live)
+    if not k:
+        return 1.0, 0.0
+    shadow_top = {pick.item_id for pick in top_k(eligible, scores, k)}
+    overlap = len(shadow_top & {item for item, _ in live}) / k
+    position = {item: n for n, item in enumerate(eligible)}
+    diff = float(np.mean([abs(scores[position[item]] - score) for item, score in live]))
+    return overlap, diff

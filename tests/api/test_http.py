@@ -26,6 +26,7 @@ from rankgate.ops.environment import Environment
 from tests.conftest import Server
 from tests.serving_support import (
     NEAR_MISSES,
+    PATIENT_BUDGET_MS,
     copy_with_wrong_width,
     deploy,
     health,
@@ -68,7 +69,7 @@ def test_contract_of_a_personalized_answer(server: Server, env: Environment) -> 
         k=10,
         context={"channel": "web", "device": "mobile"},
         explain=False,
-        budget_ms=200,
+        budget_ms=PATIENT_BUDGET_MS,
     )
     assert response.status_code == 200, response.text
     body = response.json()
@@ -92,7 +93,7 @@ def test_explained_answer_has_reasons(server: Server, env: Environment) -> None:
         region="US",
         k=3,
         explain=True,
-        budget_ms=300,
+        budget_ms=PATIENT_BUDGET_MS,
     ).json()
     assert body["explanation"] == {"status": "explained"}
     assert all("reasons" in item for item in body["items"])
@@ -100,7 +101,14 @@ def test_explained_answer_has_reasons(server: Server, env: Environment) -> None:
 
 def test_no_consent_is_a_degraded_200(server: Server, env: Environment) -> None:
     uid = user_with(env.consent, "email_marketing", ConsentState.DENIED)
-    response = post_rank(server, user_id=uid, purpose="email_marketing", region="US", k=5)
+    response = post_rank(
+        server,
+        user_id=uid,
+        purpose="email_marketing",
+        region="US",
+        k=5,
+        budget_ms=PATIENT_BUDGET_MS,
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["model"] is None
@@ -113,7 +121,13 @@ def test_a_consent_write_changes_the_next_answer(
     server: Server, env: Environment, form: str, skip: int
 ) -> None:
     uid = user_with(env.consent, "onsite_personalization", ConsentState.DENIED, skip=skip)
-    before = post_rank(server, user_id=uid, purpose="onsite_personalization", region="EU").json()
+    request = {
+        "user_id": uid,
+        "purpose": "onsite_personalization",
+        "region": "EU",
+        "budget_ms": PATIENT_BUDGET_MS,
+    }
+    before = post_rank(server, **request).json()
     assert before["fallback"]["reason"] == "no_consent"
     decisions = {"purposes": {"onsite_personalization": True}, "source": "cmp"}
     if form == "body":
@@ -122,7 +136,7 @@ def test_a_consent_write_changes_the_next_answer(
         written = put_consent(server, uid, decisions)
     assert written.status_code == 200, written.text
     assert written.json() == {"recorded": {"onsite_personalization": True}, "source": "cmp"}
-    after = post_rank(server, user_id=uid, purpose="onsite_personalization", region="EU").json()
+    after = post_rank(server, **request).json()
     assert after["fallback"] is None and after["model"]["version"] == "v2"
 
 
@@ -313,8 +327,9 @@ def test_redis_down_then_back(server: Server, env: Environment, ready_home: Home
     finally:
         assert embedded.ensure_running() == url_before  # same address again
     deadline = time.monotonic() + 15
+    back = {"purpose": "onsite_personalization", "region": "EU", "budget_ms": PATIENT_BUDGET_MS}
     while time.monotonic() < deadline:
-        body = post_rank(server, user_id=uid, purpose="onsite_personalization", region="EU").json()
+        body = post_rank(server, user_id=uid, **back).json()
         if body["fallback"] is None:
             break
         time.sleep(0.2)
@@ -359,7 +374,7 @@ def test_model_and_explainer_failures_are_degraded_200s(server: Server, env: Env
         "purpose": "onsite_personalization",
         "region": "US",
         "explain": True,
-        "budget_ms": 300,
+        "budget_ms": PATIENT_BUDGET_MS,
     }
 
     # A version whose files are missing is refused; the running config keeps serving.
@@ -492,22 +507,26 @@ def test_metrics_move_by_the_right_amounts(server: Server, env: Environment) -> 
     denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
     before = ray_metrics(server)
     for _ in range(3):
-        # A generous budget: the counts under test are the outcomes' labels, not
-        # whether a busy machine answers within the default 50 ms.
+        # The counts under test are the outcomes' labels, not whether a busy
+        # machine answers within the default 50 ms.
         assert (
             post_rank(
                 server,
                 user_id=granted,
                 purpose="onsite_personalization",
                 region="US",
-                budget_ms=1000,
+                budget_ms=PATIENT_BUDGET_MS,
             ).status_code
             == 200
         )
     for _ in range(2):
         assert (
             post_rank(
-                server, user_id=denied, purpose="onsite_personalization", region="US"
+                server,
+                user_id=denied,
+                purpose="onsite_personalization",
+                region="US",
+                budget_ms=PATIENT_BUDGET_MS,
             ).status_code
             == 200
         )

@@ -27,6 +27,7 @@ from serving.events.consumer import GROUP
 from serving.events.intake import stream_time
 from tests.conftest import Server
 from tests.serving_support import (
+    PATIENT_BUDGET_MS,
     deploy,
     health,
     ingress_user_config,
@@ -64,7 +65,7 @@ def rank(server: Server, user_id: str, **extra: Any) -> dict[str, Any]:
     body = {"user_id": user_id, "purpose": "onsite_personalization", "region": "EU", "k": 80}
     response = httpx.post(
         f"{server.base_url}/v1/rank",
-        json=body | {"budget_ms": 500} | extra,
+        json=body | {"budget_ms": PATIENT_BUDGET_MS} | extra,
         headers=server.headers,
         timeout=10,
     )

@@ -19,12 +19,15 @@ from serving.contract.schemas import ModelRef
 from serving.observe.audit import AuditRecord
 from serving.ops import audit_replay as replay
 from tests.conftest import Server
-from tests.serving_support import user_with
+from tests.serving_support import PATIENT_BUDGET_MS, user_with
 
 
 def decide(server: Server, **body: object) -> str:
     response = httpx.post(
-        f"{server.base_url}/v1/rank", json=body, headers=server.headers, timeout=10
+        f"{server.base_url}/v1/rank",
+        json={"budget_ms": PATIENT_BUDGET_MS, **body},
+        headers=server.headers,
+        timeout=10,
     )
     assert response.status_code == 200, response.text
     return str(response.json()["request_id"])
@@ -74,9 +77,7 @@ def test_replay_reproduces_the_recorded_ranking_for_every_model(
     server: Server, env: Environment, purpose: str, version: str
 ) -> None:
     uid = user_with(env.consent, purpose, ConsentState.GRANTED, skip=5)
-    request_id = decide(
-        server, user_id=uid, purpose=purpose, region="EU", k=7, explain=True, budget_ms=300
-    )
+    request_id = decide(server, user_id=uid, purpose=purpose, region="EU", k=7, explain=True)
     record = wait_for(env, [request_id])[request_id]
     assert record.model is not None and record.model.version == version and record.explanation
     result = CliRunner().invoke(main, ["audit", "replay", request_id])

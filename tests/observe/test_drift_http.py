@@ -23,7 +23,13 @@ from rankgate.governance.consent import ConsentState
 from rankgate.ops.environment import Environment
 from serving.observe.drift_figures import DriftFigures, read_drift
 from tests.conftest import Server
-from tests.serving_support import deploy, ingress_user_config, metrics_when, routing
+from tests.serving_support import (
+    PATIENT_BUDGET_MS,
+    deploy,
+    ingress_user_config,
+    metrics_when,
+    routing,
+)
 
 PURPOSE = "onsite_personalization"
 WINDOW_S = 20.0
@@ -65,7 +71,14 @@ def logged_users(env: Environment, count: int) -> list[str]:
 def rank_all(server: Server, users: list[str], **extra: Any) -> None:
     with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=10) as client:
         for user in users:
-            body = {"user_id": user, "purpose": PURPOSE, "region": "US", "k": 3, **extra}
+            body = {
+                "user_id": user,
+                "purpose": PURPOSE,
+                "region": "US",
+                "k": 3,
+                "budget_ms": PATIENT_BUDGET_MS,
+                **extra,
+            }
             response = client.post("/v1/rank", json=body)
             assert response.status_code == 200, response.text
             assert response.json()["fallback"] is None, response.text

@@ -17,7 +17,13 @@ from serving.observe.sampling import chosen
 from tests.conftest import Server
 from tests.observe.test_audit_http import wait_for
 from tests.observe.test_sampling import binomial_bounds
-from tests.serving_support import deploy, ingress_user_config, metrics_when, ray_metrics
+from tests.serving_support import (
+    PATIENT_BUDGET_MS,
+    deploy,
+    ingress_user_config,
+    metrics_when,
+    ray_metrics,
+)
 
 RATE = 0.25
 DECISIONS = 240
@@ -43,7 +49,12 @@ def test_sampled_explanations_reach_the_audit_records_at_the_configured_rate(
     bodies: dict[str, dict[str, object]] = {}
     with httpx.Client(headers=server.headers, timeout=10) as client:
         for user_id in itertools.islice(itertools.cycle(personalizable), DECISIONS):
-            body = {"user_id": user_id, "purpose": "onsite_personalization", "region": "US"}
+            body = {
+                "user_id": user_id,
+                "purpose": "onsite_personalization",
+                "region": "US",
+                "budget_ms": PATIENT_BUDGET_MS,
+            }
             response = client.post(f"{server.base_url}/v1/rank", json=body)
             assert response.status_code == 200, response.text
             answer = response.json()
@@ -92,7 +103,7 @@ def test_sampled_explanations_reach_the_audit_records_at_the_configured_rate(
         for record in explained[:4]:
             asked = client.post(
                 f"{server.base_url}/v1/rank",
-                json={**bodies[record.request_id], "explain": True, "budget_ms": 500},
+                json={**bodies[record.request_id], "explain": True},
             ).json()
             assert [[i["item_id"], i["score"]] for i in asked["items"]] == [
                 list(item) for item in record.items

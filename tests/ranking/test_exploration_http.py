@@ -68,8 +68,7 @@ def test_exploration_draws_logs_and_replays(server: Server, env: Environment) ->
     denied = user_with(env.consent, PURPOSE, ConsentState.DENIED)
     before = explored_counts(ray_metrics(server))
     ids = [
-        decide(server, user_id=granted[n % 5], purpose=PURPOSE, region="US", k=5, budget_ms=500)
-        for n in range(60)
+        decide(server, user_id=granted[n % 5], purpose=PURPOSE, region="US", k=5) for n in range(60)
     ]
     denied_ids = [decide(server, user_id=denied, purpose=PURPOSE, region="US") for _ in range(5)]
     records = wait_for(env, ids + denied_ids)

@@ -23,7 +23,13 @@ from serving.contract.schemas import RankRequest, RankResponse
 from serving.ranking.pipeline import RankPipeline
 from serving.ranking.ranker import Ranker
 from serving.runtime import ReplicaRuntime, parse_config
-from tests.serving_support import copy_with_wrong_width, ingress_user_config, routing, user_with
+from tests.serving_support import (
+    PATIENT_BUDGET_MS,
+    copy_with_wrong_width,
+    ingress_user_config,
+    routing,
+    user_with,
+)
 
 # One event loop for the module: the async Redis clients stay bound to the loop
 # they first ran on, as they do in a serving replica.
@@ -52,7 +58,10 @@ def pipeline(runtime: ReplicaRuntime) -> RankPipeline:
 
 
 def rank(pipeline: RankPipeline, **body: Any) -> RankResponse:
-    request = parse_rank(json.dumps(body).encode(), pipeline.rules)
+    """An answer to `body`, asked with the patient budget unless it names its own."""
+    request = parse_rank(
+        json.dumps({"budget_ms": PATIENT_BUDGET_MS, **body}).encode(), pipeline.rules
+    )
     return LOOP.run_until_complete(pipeline.rank(request))
 
 
@@ -338,7 +347,6 @@ def test_explain_returns_reasons_for_returned_items(
         region="US",
         k=3,
         explain=True,
-        budget_ms=500,
     )
     assert response.explanation is not None and response.explanation.status == "explained"
     for item in response.items:
@@ -352,15 +360,11 @@ def test_explain_returns_reasons_for_returned_items(
 def test_explainer_is_omitted_when_the_budget_cannot_cover_it(
     runtime: ReplicaRuntime, env: Environment
 ) -> None:
+    # 10 rows at an estimated 500 ms each: more than the largest budget covers.
     pipeline = make_pipeline(runtime, explainer={"max_items": 10, "ms_per_row_estimate": 500})
     uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED)
     response = rank(
-        pipeline,
-        user_id=uid,
-        purpose="onsite_personalization",
-        region="US",
-        explain=True,
-        budget_ms=100,
+        pipeline, user_id=uid, purpose="onsite_personalization", region="US", explain=True
     )
     assert response.fallback is None
     assert response.explanation is not None and response.explanation.reason == "budget_exhausted"
@@ -521,7 +525,7 @@ def test_sampled_explanations_go_to_the_audit_record_not_the_answer(
         uid = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=2)
         body = {"user_id": uid, "purpose": "onsite_personalization", "region": "US", "k": 12}
         answers = [rank(pipeline, **body) for _ in range(3)]
-        asked = rank(pipeline, **body, explain=True, budget_ms=500)
+        asked = rank(pipeline, **body, explain=True)
         denied = user_with(env.consent, "onsite_personalization", ConsentState.DENIED)
         refused = rank(pipeline, **{**body, "user_id": denied})
         records = records_of(pipeline, env, [a.request_id for a in [*answers, asked, refused]])

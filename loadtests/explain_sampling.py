@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from loadtests.bench.systems import drive, process_env, wait_ready, workload
 from loadtests.drive import stamped, write_results
@@ -31,6 +30,7 @@ from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
     free_port,
+    ingress_deployment,
     ray_client_env,
     serve_deploy_command,
     serve_env,
@@ -52,11 +52,7 @@ METRICS_SETTLE_S = 2.5 * REPORT_INTERVAL_MS / 1000
 
 def ingress_config(rate: float) -> dict[str, Any]:
     """serve_config.yaml's RankIngress user_config with `explainer.sample_rate` = rate."""
-    document = yaml.safe_load(SERVE_CONFIG.read_text())
-    ingress = next(
-        d for d in document["applications"][0]["deployments"] if d["name"] == "RankIngress"
-    )
-    config: dict[str, Any] = ingress["user_config"]
+    config: dict[str, Any] = ingress_deployment(SERVE_CONFIG)["user_config"]
     config["explainer"] = {**config.get("explainer", {}), "sample_rate": rate}
     return config
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from loadtests.drive import percentile, stamped, write_results
 from model_store.store import ModelStore
@@ -42,7 +41,13 @@ from rankgate.governance.consent import ConsentState
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
 from serving.events.intake import stream_time
-from serving.ops.launch import SERVE_CONFIG, derived_config, free_port, serve_run_command
+from serving.ops.launch import (
+    SERVE_CONFIG,
+    derived_config,
+    free_port,
+    ingress_deployment,
+    serve_run_command,
+)
 
 RATES = (0, 100, 1000)
 Say = Callable[[str], None]
@@ -63,11 +68,7 @@ def streaming_version(env: Environment) -> tuple[str, str]:
 
 
 def server_config(env: Environment, port: int, version: str) -> Path:
-    document = yaml.safe_load(SERVE_CONFIG.read_text())
-    ingress = next(
-        d for d in document["applications"][0]["deployments"] if d["name"] == "RankIngress"
-    )
-    user_config = ingress["user_config"]
+    user_config = ingress_deployment(SERVE_CONFIG)["user_config"]
     user_config["routing"]["versions"] = [{"version": version, "role": "stable", "weight": 100}]
     return derived_config(env.home, port=port, user_config=user_config, name="bench-freshness")
 

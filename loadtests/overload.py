@@ -24,16 +24,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from loadtests.bench.systems import Workload, drive, started, workload
 from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
     free_port,
+    ingress_deployment,
     serve_run_command,
 )
+from serving.ops.serve_config import ServeConfig
 
 Say = Callable[[str], None]
 LEVELS = [8, 16, 32, 64, 128, 256]
@@ -41,20 +41,16 @@ HONOUR = ("--honor-retry-after",)
 
 
 def ingress_options(base: Path = SERVE_CONFIG) -> dict[str, Any]:
-    config = yaml.safe_load(base.read_text())
-    return next(d for d in config["applications"][0]["deployments"] if d["name"] == "RankIngress")
+    return ingress_deployment(base)
 
 
 def config_for(env: Environment, port: int, name: str, limited: bool) -> Path:
     path = derived_config(env.home, port=port, name=f"overload-{name}")
-    config = yaml.safe_load(path.read_text())
-    ingress = next(
-        d for d in config["applications"][0]["deployments"] if d["name"] == "RankIngress"
-    )
+    config = ServeConfig.read(path)
     if not limited:
-        ingress["max_queued_requests"] = -1
-        ingress.pop("backpressure_config", None)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config.ingress["max_queued_requests"] = -1
+        config.ingress.pop("backpressure_config", None)
+    config.write()
     return path
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from tests.serving_support import (
 )
 
 PURPOSE = "onsite_personalization"
-WINDOW_S = 20.0
+WINDOW_S = 30.0
+"""Long enough for a busy machine to send every request of a phase into one window
+(each phase sends 300, from CLIENTS clients at once)."""
+CLIENTS = 4
 DRIFT = {
     "window_s": WINDOW_S,
     "min_rows": 300,
@@ -69,19 +73,27 @@ def logged_users(env: Environment, count: int) -> list[str]:
 
 
 def rank_all(server: Server, users: list[str], **extra: Any) -> None:
-    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=10) as client:
-        for user in users:
-            body = {
-                "user_id": user,
-                "purpose": PURPOSE,
-                "region": "US",
-                "k": 3,
-                "budget_ms": PATIENT_BUDGET_MS,
-                **extra,
-            }
-            response = client.post("/v1/rank", json=body)
-            assert response.status_code == 200, response.text
-            assert response.json()["fallback"] is None, response.text
+    """Every user asks once, from CLIENTS clients at once: the phase fits in the drift
+    window however busy the machine is."""
+
+    def ask(share: list[str]) -> None:
+        with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=10) as client:
+            for user in share:
+                body = {
+                    "user_id": user,
+                    "purpose": PURPOSE,
+                    "region": "US",
+                    "k": 3,
+                    "budget_ms": PATIENT_BUDGET_MS,
+                    **extra,
+                }
+                response = client.post("/v1/rank", json=body)
+                assert response.status_code == 200, response.text
+                assert response.json()["fallback"] is None, response.text
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for done in [pool.submit(ask, users[n::CLIENTS]) for n in range(CLIENTS)]:
+            done.result()
 
 
 def figures_after(env: Environment, version: str, rows: int, timeout_s: float = 15) -> DriftFigures:

@@ -36,6 +36,7 @@ from model_store.artifacts import ArtifactStore
 from rankgate.core import redis_keys
 from rankgate.core.home import Home
 from serving.observe.audit import AuditRecord
+from serving.observe.routing_log import clear_rollback
 from serving.ops.launch import free_port
 from tests.serving_support import (
     Load,
@@ -339,6 +340,8 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
         assert load.statuses == Counter({200: load.sent})
     finally:
         cluster.shutdown()
+        # The session's other servers share this home's Redis: its rollback is not theirs.
+        clear_rollback(env.redis, env.home.namespace, CANARY)
 
 
 def test_a_version_fetched_from_the_store_is_checked_against_its_manifest(

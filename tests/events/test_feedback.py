@@ -259,3 +259,14 @@ def test_model_status_shows_ctr_with_its_interval_per_position(
     assert "impressions 8, clicks 2, CTR 25.00%" in line, result.output
     assert f"[{low:.2%}, {high:.2%}]" in line and "decisions with outcomes 4" in line
     assert "CTR by position  1: 50.0% (2/4)  2: 0.0% (0/4)" in result.output
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (2, 8), (10, 10), (38, 10_000), (7, 3), (500, 1000)])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_the_wilson_interval_is_scipys(k: int, n: int, confidence: float) -> None:
+    from scipy.stats import binomtest
+
+    expected = binomtest(min(k, n), n).proportion_ci(confidence_level=confidence, method="wilson")
+    low, high = wilson_interval(k, n, confidence) or (-1.0, -1.0)
+    assert low == pytest.approx(expected.low, abs=1e-12)
+    assert high == pytest.approx(expected.high, abs=1e-12)

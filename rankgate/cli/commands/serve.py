@@ -9,7 +9,7 @@ import click
 
 from loadtests.loadtest import render_summary, run_loadtest
 from rankgate.cli.options import file_option, folder_option
-from rankgate.cli.render import fails_cleanly, say
+from rankgate.cli.render import echo_lines, fails_cleanly, say
 from rankgate.ops.bench import BenchOptions, benchmark
 from rankgate.ops.serve import serve as serve_project
 from serving.ops.supervisor import log_record
@@ -209,8 +209,7 @@ def loadtest(
 ) -> None:
     """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
     result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, say, api_key)
-    for line in render_summary(result):
-        click.echo(line)
+    echo_lines(render_summary(result))
     click.echo(f"written: {result.files['stats']}, {result.files['html']}")
     if not result.ok:
         click.echo(f"SLO missed: {', '.join(result.missed)}", err=True)

@@ -61,17 +61,10 @@ def train_version(env, version: str, params, features=None, features_file: str =
     """Train `version` on the project's log with `features` (a FeaturesFile), or the
     inputs of one of the project's declarations."""
     from features.spec import load_features_file
-    from model_store.train import train
+    from rankgate.ops.models import train_in
 
-    return train(
-        env.models,
-        env.project,
-        env.views(),
-        env.view_infos(),
-        env.data_dir,
-        version,
-        params,
-        features or load_features_file(env.project.path(features_file)),
+    return train_in(
+        env, version, params, features or load_features_file(env.project.path(features_file))
     )
 
 

@@ -2,27 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
 
 from rankgate.core.settings import Settings, get_settings
 
-FEATURES_OPTION = click.option(
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def file_option(
+    *param_decls: str, help: str, exists: bool = False, required: bool = False
+) -> Callable[[F], F]:
+    """An option naming a file (a Path; not a folder), None when not given."""
+    return _path_option(param_decls, help, exists, required, dir_okay=False, file_okay=True)
+
+
+def folder_option(
+    *param_decls: str, help: str, exists: bool = False, required: bool = False
+) -> Callable[[F], F]:
+    """An option naming a folder (a Path; not a file), None when not given."""
+    return _path_option(param_decls, help, exists, required, dir_okay=True, file_okay=False)
+
+
+def _path_option(
+    param_decls: tuple[str, ...],
+    help: str,
+    exists: bool,
+    required: bool,
+    *,
+    dir_okay: bool,
+    file_okay: bool,
+) -> Callable[[F], F]:
+    path = click.Path(exists=exists, file_okay=file_okay, dir_okay=dir_okay, path_type=Path)
+    return click.option(*param_decls, type=path, default=None, required=required, help=help)
+
+
+FEATURES_OPTION = file_option(
     "--features",
     "features_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
     help="FEATURES.yaml: the model's inputs in ONNX column order (Feast references "
     "view:field, context features).",
 )
 
-CONFIG_OPTION = click.option(
+CONFIG_OPTION = file_option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
     help="Serve config to edit (default: the one the running server uses, else the project's "
     "serve_config.yaml).",
 )

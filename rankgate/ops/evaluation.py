@@ -103,44 +103,56 @@ class OffPolicyReport:
         return lines
 
 
-def evaluate(
-    version: str,
-    against: str | None,
-    logs_path: Path | None,
-    audit: bool,
-    since: str,
-    confidence: float,
-    draws: int,
-    seed: int,
-) -> OffPolicyReport:
-    """Estimate VERSION's click rate off-policy, and against `against` (or the logs' policy)."""
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What `rankgate model evaluate` was asked: which version, against what, on which logs."""
+
+    version: str
+    against: str | None
+    """Compare with this version (None: the logs' own policy)."""
+    logs_path: Path | None
+    """A log file with the columns rankgate.yaml `interactions` declares (None: the project's)."""
+    audit: bool
+    """Evaluate on rankgate's audit log joined with outcomes instead."""
+    since: str
+    """With `audit`: how far back."""
+    confidence: float
+    draws: int
+    """Bootstrap draws for each interval."""
+    seed: int
+
+
+def evaluate(request: EvaluationRequest) -> OffPolicyReport:
+    """Estimate the version's click rate off-policy, and against `request.against` (or the
+    logs' policy)."""
     from model_store.evaluation import evaluate_versions
     from model_store.train import load_item_table
     from serving.ops.evidence import logged_decisions
 
+    version, audit, logs_path = request.version, request.audit, request.logs_path
     if audit and logs_path is not None:
         raise RankgateError("choose one of --logs FILE and --audit")
     env = Environment.open()
-    baseline = against if against and against != version else None
+    baseline = request.against if request.against and request.against != version else None
     versions = [version] + ([baseline] if baseline else [])
     for name in versions:
         if not env.models.exists(name):
             raise RankgateError(f"no model version {name!r} in this home", 404)
     decisions, source = logged_decisions(
-        env, versions, "audit" if audit else "logs", since, logs_path
+        env, versions, "audit" if audit else "logs", request.since, logs_path
     )
     result = evaluate_versions(
         env.models,
         load_item_table(env.project, env.views()),
         decisions,
         versions,
-        confidence,
-        draws,
-        seed,
+        request.confidence,
+        request.draws,
+        request.seed,
     )
     in_sample = (
         [v for v in versions if env.models.manifest(v).lineage.made_by == "rankgate model train"]
         if not audit and logs_path is None
         else []
     )
-    return OffPolicyReport(version, baseline, source, confidence, result, in_sample)
+    return OffPolicyReport(version, baseline, source, request.confidence, result, in_sample)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from features.spec import load_features_file
+from features.spec import FeaturesFile, load_features_file
 from model_store.artifacts import ArtifactStore
 from model_store.manifest import REFERENCE_FILE, Manifest, Metrics
 from model_store.store import ValidationReport
@@ -21,7 +21,7 @@ from rankgate.core.errors import RankgateError
 from rankgate.ops.environment import Environment
 
 if TYPE_CHECKING:
-    from model_store.train import Trainer
+    from model_store.train import LogisticParams, Trainer, TrainParams
 
 Say = Callable[[str], None]
 
@@ -33,13 +33,35 @@ def train_model(
 ) -> Manifest:
     """Train VERSION on the project's interaction log and register it. Default inputs:
     those of the project's last setup model."""
-    from model_store.train import parse_params, train
+    from model_store.train import parse_params
 
     env = Environment.open(redis=False)
     if features_path is None:
         if not env.project.spec.setup_models:
             raise RankgateError("--features: required (the project declares no setup models)", 422)
         features_path = env.project.path(env.project.spec.setup_models[-1].features)
+    return train_in(
+        env,
+        version,
+        parse_params(params, trainer),
+        load_features_file(features_path),
+        str(features_path),
+        say,
+    )
+
+
+def train_in(
+    env: Environment,
+    version: str,
+    params: TrainParams | LogisticParams,
+    features: FeaturesFile,
+    features_source: str | None = None,
+    say: Say = lambda _message: None,
+) -> Manifest:
+    """Train `version` on the interaction log of `env`'s project, with `features` as
+    its inputs, and register it in `env`'s model store."""
+    from model_store.train import train
+
     return train(
         env.models,
         env.project,
@@ -47,9 +69,9 @@ def train_model(
         env.view_infos(),
         env.data_dir,
         version,
-        parse_params(params, trainer),
-        load_features_file(features_path),
-        str(features_path),
+        params,
+        features,
+        features_source,
         say,
     )
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from rankgate.cli.render import fails_cleanly
+from rankgate.cli.render import echo_lines, fails_cleanly
 from rankgate.ops.access import forget
 from rankgate.ops.streams import audit_records, replay_decision
 
@@ -23,8 +23,7 @@ def audit() -> None:
 @fails_cleanly
 def audit_tail(count: int, follow: bool) -> None:
     """Print the most recent decisions, one JSON record per line."""
-    for record in audit_records(count, follow):
-        click.echo(record.shown())
+    echo_lines(record.shown() for record in audit_records(count, follow))
 
 
 @audit.command("replay")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rankgate.cli.options import STORE_OPTION, store_uri
+from rankgate.cli.options import STORE_OPTION, file_option, store_uri
 from rankgate.cli.render import fails_cleanly, say
 from rankgate.ops.serve import cluster_serve_config, publish_home
 
@@ -29,11 +29,10 @@ def cluster() -> None:
 
 @cluster.command("config")
 @STORE_OPTION
-@click.option(
+@file_option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
     help="Serve config to start from (default: serve_config.yaml).",
 )
 @click.option(
@@ -47,11 +46,9 @@ def cluster() -> None:
 )
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the proxies bind.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port.")
-@click.option(
+@file_option(
     "--output",
     "-o",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Write it here (default: standard output).",
 )
 @fails_cleanly

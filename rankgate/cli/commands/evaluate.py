@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import click
 
+from rankgate.cli.options import file_option
 from rankgate.cli.render import echo_json, echo_lines, fails_cleanly
-from rankgate.ops.evaluation import evaluate
+from rankgate.ops.evaluation import EvaluationRequest, evaluate
 
 
 @click.command("evaluate")
@@ -15,11 +16,10 @@ from rankgate.ops.evaluation import evaluate
 @click.option(
     "--against", default=None, help="Compare with this version (default: the logs' own policy)."
 )
-@click.option(
+@file_option(
     "--logs",
     "logs_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
     help="A log file with the columns rankgate.yaml `interactions` declares (default: the project's log).",
 )
 @click.option(
@@ -31,22 +31,13 @@ from rankgate.ops.evaluation import evaluate
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @fails_cleanly
-def model_evaluate(
-    version: str,
-    against: str | None,
-    logs_path: Path | None,
-    audit: bool,
-    since: str,
-    confidence: float,
-    draws: int,
-    seed: int,
-    as_json: bool,
-) -> None:
+def model_evaluate(as_json: bool, **request: Any) -> None:
     """Estimate VERSION's click rate off-policy from logged decisions with propensities:
     IPS, self-normalized IPS and doubly robust (VERSION's scores as the reward model),
     each with a bootstrap interval and the effective sample size, and a verdict against
     --against (or the logging policy's observed click rate)."""
-    report = evaluate(version, against, logs_path, audit, since, confidence, draws, seed)
+    # The other parameters are the request's fields, by name.
+    report = evaluate(EvaluationRequest(**request))
     if as_json:
         echo_json(report.figures())
     else:

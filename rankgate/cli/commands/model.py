@@ -18,7 +18,7 @@ from rankgate.cli.commands.routing import (
     model_rollback,
     model_status,
 )
-from rankgate.cli.options import FEATURES_OPTION
+from rankgate.cli.options import FEATURES_OPTION, file_option
 from rankgate.cli.render import echo_lines, echo_table, fails_cleanly, say
 from rankgate.core.errors import RankgateError
 from rankgate.ops.models import (
@@ -64,32 +64,26 @@ def model_train(
 
 @click.command("register")
 @click.argument("version")
-@click.option(
+@file_option(
     "--onnx",
     "onnx_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
     help="The ONNX model: one float input (rows, inputs), a probability or score output.",
 )
-@click.option(
+@file_option(
     "--features",
     "features_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
     help="FEATURES.yaml: its inputs in ONNX column order.",
 )
-@click.option(
+@file_option(
     "--booster",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="The native tree model it was converted from (LightGBM .txt, XGBoost .json, "
     "scikit-learn .joblib): checked for parity, explained with SHAP.",
 )
-@click.option(
+@file_option(
     "--metrics",
     "metrics_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="JSON or YAML with its held-out `auc` and `log_loss`, kept in the manifest.",
 )
 @fails_cleanly

@@ -8,18 +8,18 @@ from pathlib import Path
 import click
 
 from loadtests.loadtest import render_summary, run_loadtest
-from rankgate.cli.render import fails_cleanly, say
+from rankgate.cli.options import file_option, folder_option
+from rankgate.cli.render import echo_lines, fails_cleanly, say
 from rankgate.ops.bench import BenchOptions, benchmark
 from rankgate.ops.serve import serve as serve_project
 from serving.ops.supervisor import log_record
 
 
 @click.command()
-@click.option(
+@file_option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+    exists=True,
     help="Ray Serve config (default: serve_config.yaml of the project).",
 )
 @click.option(
@@ -109,10 +109,8 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     is_flag=True,
     help="Never install wrk; use the Python driver when it is missing.",
 )
-@click.option(
+@folder_option(
     "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
     help="Folder for the results (default: loadtests/results/ of a source checkout, else "
     "results/ in the home).",
 )
@@ -182,18 +180,14 @@ def bench(
     help="Users started per second.",
 )
 @click.option("--run-time", default="30s", show_default=True, help="e.g. 30s, 2m, 1h30m.")
-@click.option(
+@folder_option(
     "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
     help="Folder for Locust's CSV, HTML report and log (default: locust/ in the results "
     "folder: loadtests/results/ of a source checkout, else results/ in the home).",
 )
-@click.option(
+@file_option(
     "--slo",
     "slo_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="SLO file: p99_ms, max_error_rate, max_fallback_rate (default: the slo.yaml shipped "
     "in rankgate's loadtests package).",
 )
@@ -215,8 +209,7 @@ def loadtest(
 ) -> None:
     """Load a running server with Locust's realistic mix and check the SLOs (exit 1 if missed)."""
     result = run_loadtest(host, users, spawn_rate, run_time, output, slo_path, say, api_key)
-    for line in render_summary(result):
-        click.echo(line)
+    echo_lines(render_summary(result))
     click.echo(f"written: {result.files['stats']}, {result.files['html']}")
     if not result.ok:
         click.echo(f"SLO missed: {', '.join(result.missed)}", err=True)

@@ -9,7 +9,7 @@ import click
 
 from rankgate.cli.render import echo_lines, fails_cleanly
 from rankgate.ops.access import forget
-from rankgate.ops.streams import audit_records, replay_decision
+from rankgate.ops.replays import audit_records, replay_decision
 
 
 @click.group()

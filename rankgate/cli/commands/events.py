@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from rankgate.cli.render import fails_cleanly, say
-from rankgate.ops.streams import replay_events
+from rankgate.ops.replays import replay_events
 
 
 @click.group()

@@ -46,14 +46,13 @@ from rankgate.governance.consent import ConsentState, parse_state
 from rankgate.governance.policy import Policy, load_policy_set
 from serving.events.intake import StoredEvent, stream_time
 from serving.events.outcome_join import OutcomeJoiner
-from serving.observe.metrics import Metrics
+from serving.observe.metrics import ConsumerMetrics
 from serving.observe.outcomes import project_outcomes
 from serving.ranking.gate import ConsentGate
 from serving.runtime import ReplicaRuntime
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # Take the lease, or renew it when it is ours. KEYS: lease; ARGV: name, ms.
 LEASE = """
@@ -75,48 +74,6 @@ class ConsumerConfig(Strict):
     """How long a read waits for new entries."""
     lease_s: float = Field(3.0, gt=0.5, le=60)
     """A replica that stops renewing its lease is replaced after this long."""
-
-
-class ConsumerMetrics(Metrics):
-    """What the event consumer counts (through Ray's metrics, like the ingress's)."""
-
-    def __init__(self, to_ray: bool | None = None) -> None:
-        super().__init__(to_ray)
-        self.read = self.counter(
-            "rankgate_events_consumed", "Events read from the stream, by type", ["type"]
-        )
-        self.applied = self.counter(
-            "rankgate_streaming_events_applied", "Events applied to a streaming view", ["view"]
-        )
-        self.unused = self.counter(
-            "rankgate_streaming_events_unused",
-            "Events of a counted type not turned into features, by reason "
-            "(not_permitted: consent; unknown_item; redelivered: applied before)",
-            ["view", "reason"],
-        )
-        self.rows = self.counter(
-            "rankgate_streaming_rows_pushed",
-            "Rows pushed to the online store through Feast's push path",
-            ["view"],
-        )
-        self.event_to_feature = self.histogram(
-            "rankgate_event_to_feature_seconds",
-            "From an event's acceptance (202) to its streaming feature being readable",
-            LATENCY_BUCKETS,
-            ["view"],
-        )
-        self.failures = self.counter(
-            "rankgate_consumer_failures",
-            "Batches that failed and will be delivered again, by stage",
-            ["stage"],
-        )
-        self.malformed = self.counter(
-            "rankgate_events_malformed", "Stream entries that are not events"
-        )
-        self.lag = self.gauge(
-            "rankgate_consumer_lag_seconds",
-            "Age of the newest entry of the last batch when it was done",
-        )
 
 
 def view_purposes(policy: Policy, views: Sequence[str]) -> dict[str, list[str]]:

@@ -30,7 +30,8 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError, RankgateError
 from rankgate.core.project import ItemId, Project
 from rankgate.governance.policy import Policy
-from serving.events.consumer import GROUP, ConsumerMetrics, StreamingUpdater, parse_entries
+from serving.events.consumer import GROUP, StreamingUpdater, parse_entries
+from serving.observe.metrics import ConsumerMetrics
 
 Say = Callable[[str], None]
 DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")

@@ -38,6 +38,8 @@ from prometheus_client import Histogram as PromHistogram
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import RankRequest, RankResponse
 
+EVENT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""From an event's acceptance to its streaming feature (the consumer's)."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -398,3 +400,45 @@ class ServingMetrics(Metrics):
     def rejected(self, outcome: str) -> None:
         """A request answered with a 4xx/503 before ranking (bad_request, unauthorized, ...)."""
         self.requests.labels(outcome, "", "", "").inc()
+
+
+class ConsumerMetrics(Metrics):
+    """What the event consumer counts (through Ray's metrics, like the ingress's)."""
+
+    def __init__(self, to_ray: bool | None = None) -> None:
+        super().__init__(to_ray)
+        self.read = self.counter(
+            "rankgate_events_consumed", "Events read from the stream, by type", ["type"]
+        )
+        self.applied = self.counter(
+            "rankgate_streaming_events_applied", "Events applied to a streaming view", ["view"]
+        )
+        self.unused = self.counter(
+            "rankgate_streaming_events_unused",
+            "Events of a counted type not turned into features, by reason "
+            "(not_permitted: consent; unknown_item; redelivered: applied before)",
+            ["view", "reason"],
+        )
+        self.rows = self.counter(
+            "rankgate_streaming_rows_pushed",
+            "Rows pushed to the online store through Feast's push path",
+            ["view"],
+        )
+        self.event_to_feature = self.histogram(
+            "rankgate_event_to_feature_seconds",
+            "From an event's acceptance (202) to its streaming feature being readable",
+            EVENT_LATENCY_BUCKETS,
+            ["view"],
+        )
+        self.failures = self.counter(
+            "rankgate_consumer_failures",
+            "Batches that failed and will be delivered again, by stage",
+            ["stage"],
+        )
+        self.malformed = self.counter(
+            "rankgate_events_malformed", "Stream entries that are not events"
+        )
+        self.lag = self.gauge(
+            "rankgate_consumer_lag_seconds",
+            "Age of the newest entry of the last batch when it was done",
+        )

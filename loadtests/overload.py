@@ -27,7 +27,6 @@ from typing import Any
 from loadtests.bench.systems import Workload, drive, started, workload
 from rankgate.ops.environment import Environment
 from serving.ops.launch import (
-    SERVE_CONFIG,
     derived_config,
     free_port,
     ingress_deployment,
@@ -38,10 +37,6 @@ from serving.ops.serve_config import ServeConfig
 Say = Callable[[str], None]
 LEVELS = [8, 16, 32, 64, 128, 256]
 HONOUR = ("--honor-retry-after",)
-
-
-def ingress_options(base: Path = SERVE_CONFIG) -> dict[str, Any]:
-    return ingress_deployment(base)
 
 
 def config_for(env: Environment, port: int, name: str, limited: bool) -> Path:
@@ -160,7 +155,7 @@ def run_overload(
             name: run_variant(work, name, limited)
             for name, limited in (("limited", True), ("unlimited", False))
         }
-    options = ingress_options()
+    options = ingress_deployment()
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},

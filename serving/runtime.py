@@ -211,10 +211,6 @@ class ReplicaRuntime:
         return self._current_policies()[0]
 
     @property
-    def fallback(self) -> RuleFallback:
-        return self._current_policies()[1]
-
-    @property
     def policy(self) -> Policy:
         return self.policies.policy
 

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 
-import redis
 import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
+from rankgate.core.redis_server import AsyncRedisClient, RedisClient
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,7 +47,7 @@ def parse_state(raw: bytes | str | None) -> ConsentState:
 
 
 class ConsentStore:
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: RedisClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
 
@@ -79,7 +79,7 @@ class AsyncConsentStore:
     """The serving replicas' consent store: reads within a request's deadline, and
     the writes of the consent API."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
@@ -177,10 +178,15 @@ def run_setup(say: Say, force: bool = False) -> bool:
         did = True
 
     demo = env.redis.get(env.marker_key("demo_consent"))
-    if demo is not None and demo.decode() == digest:  # type: ignore[union-attr]
+    ids = project.demo_user_ids()
+    if (
+        demo is not None
+        and demo.decode() == digest  # type: ignore[union-attr]
+        # and the records are under today's key names (redis_keys.consent)
+        and (not ids or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(ids[0]))))
+    ):
         say("✓ demo consent records: already written")
     else:
-        ids = project.demo_user_ids()
         purposes = list(policies.policy.purposes)
         say(f"• demo consent records: writing {len(ids)} users × {len(purposes)} purposes ...")
         with env.redis.pipeline(transaction=False) as pipe:

@@ -28,6 +28,12 @@ def person_tag(user_key: str) -> str:
     return "{" + user_key + "}"
 
 
+def person_of(name: str) -> str:
+    """The user key in the name of one of a person's keys (its tag's content)."""
+    start = name.index("{") + 1
+    return name[start : name.index("}", start)]
+
+
 def same_slot_as(key: str) -> str:
     """A hash tag putting a key in the slot of `key`, a name without braces (which
     Redis Cluster hashes whole, as it hashes a tag's content)."""

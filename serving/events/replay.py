@@ -100,7 +100,7 @@ async def replay_streaming(
         for view in views:
             pattern = redis_keys.streaming_state(namespace, view.view, "*")
             async for key in client.scan_iter(match=pattern, count=1000):
-                people[view.view].add(key.decode().rsplit(":", 1)[1])
+                people[view.view].add(redis_keys.person_of(key.decode()))
                 await client.delete(key)
         report.people_reset = len(set().union(*people.values()))
         cursor = start

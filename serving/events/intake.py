@@ -355,8 +355,14 @@ class EventLog:
 
     async def on_disk(self) -> None:
         """Wait until Redis's append-only file holds the batch (fsync)."""
+        # On a cluster, asked of the master that holds the stream (WAITAOF names no key).
+        where: dict[str, Any] = (
+            {"target_nodes": self.client.get_node_from_key(self.stream)}
+            if isinstance(self.client, aioredis.RedisCluster)
+            else {}
+        )
         try:
-            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS)
+            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS, **where)
         except aioredis.ResponseError as exc:
             if "appendonly" not in str(exc).lower():
                 raise

@@ -98,7 +98,8 @@ def start_master(folder: Path, deadline: float) -> tuple[subprocess.Popen[bytes]
                 *("--cluster-enabled", "yes", "--cluster-port", str(bus)),
                 *("--cluster-config-file", str(folder / "nodes.conf")),
                 *("--dir", str(folder), "--logfile", str(folder / "valkey.log")),
-                *("--save", "", "--appendonly", "no"),
+                # An append-only file, as the event intake waits for it (WAITAOF).
+                *("--save", "", "--appendonly", "yes", "--appendfsync", "everysec"),
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -306,6 +307,10 @@ def test_rank_consent_events_and_outcomes_over_http(served: Served) -> None:
     posted = served.post("/v1/events", {"events": batch})
     assert posted.status_code == 202, posted.text
     assert (posted.json()["accepted"], posted.json()["duplicates"]) == (len(batch), 0)
+    # The answer waited for the append-only file of the master that holds the stream.
+    holder = client.get_node_from_key(redis_keys.events(namespace))
+    waits = redis.Redis(host=holder.host, port=holder.port).info("commandstats")
+    assert waits["cmdstat_waitaof"]["calls"] >= 1, waits
     again = served.post("/v1/events", {"events": batch})
     assert (again.json()["accepted"], again.json()["duplicates"]) == (0, len(batch))
     consumed(served, max(posted.json()["stream_ids"], key=lambda s: tuple(map(int, s.split("-")))))

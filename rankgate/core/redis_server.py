@@ -10,7 +10,7 @@ stop` (or `EmbeddedRedis.stop`) shuts it down cleanly, saving its data.
 A Redis Cluster is named by a `redis+cluster://` (TLS: `rediss+cluster://`) URL
 listing one or more of its nodes, `redis+cluster://[user:password@]host:port[,host:port...]`:
 the clients find the other nodes themselves, and Feast's online store gets
-`redis_type: redis_cluster` (docs/operating.md, "A Redis Cluster").
+`redis_type: redis_cluster` (docs/cluster.md, "A Redis Cluster").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ On a Redis Cluster the decision and its counters are in different slots, which o
 script cannot span: the decision is marked by a script of its own, then the
 counters are incremented (`_count_on_cluster`). An event is still counted at most
 once; a consumer that dies between the two steps leaves that batch's outcomes
-uncounted (docs/operating.md, "A Redis Cluster").
+uncounted (docs/cluster.md, "A Redis Cluster").
 
 An outcome no decision takes is counted as unjoined, never an error:
 `unknown_request` (no such decision, or it expired after

@@ -179,15 +179,20 @@ def run_setup(say: Say, force: bool = False) -> bool:
 
     demo = env.redis.get(env.marker_key("demo_consent"))
     ids = project.demo_user_ids()
+    purposes = list(policies.policy.purposes)
+    # The marker counts only if a record is where it is read now (redis_keys.consent:
+    # the key names changed once).
+    sample = next((uid for uid in ids if demo_consent(uid, purposes)), None)
     if (
         demo is not None
         and demo.decode() == digest  # type: ignore[union-attr]
-        # and the records are under today's key names (redis_keys.consent)
-        and (not ids or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(ids[0]))))
+        and (
+            sample is None
+            or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(sample)))
+        )
     ):
         say("✓ demo consent records: already written")
     else:
-        purposes = list(policies.policy.purposes)
         say(f"• demo consent records: writing {len(ids)} users × {len(purposes)} purposes ...")
         with env.redis.pipeline(transaction=False) as pipe:
             store = ConsentStore(pipe, env.home.namespace)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ consent writes, events, the consumer's streaming features and outcome join), and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -384,3 +385,43 @@ def test_forget_leaves_nothing_of_the_person_on_any_master(served: Served) -> No
     )
     # Nobody else was touched.
     assert client.exists(redis_keys.consent(namespace, user_key(control)))
+
+
+def test_routing_traces_and_a_canary_reset_are_written_on_the_cluster(
+    cluster: LocalCluster,
+) -> None:
+    """A rollback and its routing event in one transaction (their keys share a slot),
+    shadow figures, and a canary's counters reset in a transaction of one key."""
+    from rankgate.core.redis_server import connect_async
+    from serving.observe.routing_log import (
+        RollbackEvent,
+        RoutingLog,
+        read_rollbacks,
+        read_routing_events,
+        read_shadow,
+    )
+    from serving.ops.promotion import reset_canary_outcomes
+
+    namespace = f"rg_{uuid.uuid4().hex[:8]}"
+    event = RollbackEvent("v9", "errors", "3 of 3 failed", {"errors": 3.0}, {"errors": 0.0}, 1.0)
+
+    async def replica() -> set[str]:
+        client = connect_async(cluster.url)
+        try:
+            log = RoutingLog(client, namespace)
+            await log.record_rollback(event)  # logs, never raises, when it cannot write
+            await log.record_shadow("v9", 0.5, 0.25)
+            return await log.rolled_back()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(replica()) == {"v9"}
+    client = connect(cluster.url)
+    assert read_rollbacks(client, namespace)["v9"]["rule"] == "errors"
+    assert [e["event"] for e in read_routing_events(client, namespace, 10)] == ["rollback"]
+    assert read_shadow(client, namespace, "v9")["mean_topk_overlap"] == 0.5
+    client.hset(redis_keys.outcomes(namespace, "v8", "stable"), mapping={"impressions": 40})
+    reset_canary_outcomes(client, namespace, "v9", "v8")
+    canary = read_outcomes(client, namespace, "v9", "canary")
+    assert canary.impressions == 0 and canary.baseline is not None
+    assert canary.baseline[0] == "v8" and canary.baseline[1].impressions == 40

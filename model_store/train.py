@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -268,9 +268,11 @@ class LoggedRows:
             project, view, ttl, self.logs, self.item_ids, query_rows, counted
         ).astype(np.float32)
 
-    def matrix(self, specs: Sequence[FeatureSpec]) -> np.ndarray:
+    def batches(
+        self, specs: Sequence[FeatureSpec], chunk_rows: int = CHUNK_ROWS
+    ) -> Iterator[tuple[slice, np.ndarray]]:
         """Each row's model input as serving would have built it then (float32,
-        rows x specs), built CHUNK_ROWS rows at a time."""
+        rows x specs), `chunk_rows` rows at a time: (the rows, their matrix)."""
         builder = LogMatrix(specs, self.users, self.items)
         n = len(self.logs)
         every = np.arange(n)
@@ -281,16 +283,25 @@ class LoggedRows:
         }
         times = self.times
         keys = self.logs[self.user_column].to_numpy()
-        matrix = np.empty((n, len(specs)), dtype=np.float32)
-        for start in range(0, n, CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            matrix[rows] = builder.rows(
-                keys[rows],
-                self.item_ids[rows],
-                None if times is None else times[rows],
-                {c: self.logs[c].to_numpy()[rows] for c in self.contexts},
-                {col: values[rows] for col, values in streamed.items()},
+        contexts = {c: self.logs[c].to_numpy() for c in self.contexts}
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            yield (
+                rows,
+                builder.rows(
+                    keys[rows],
+                    self.item_ids[rows],
+                    None if times is None else times[rows],
+                    {c: values[rows] for c, values in contexts.items()},
+                    {col: values[rows] for col, values in streamed.items()},
+                ),
             )
+
+    def matrix(self, specs: Sequence[FeatureSpec]) -> np.ndarray:
+        """Every row's model input (float32, rows x specs)."""
+        matrix = np.empty((len(self.logs), len(specs)), dtype=np.float32)
+        for rows, part in self.batches(specs):
+            matrix[rows] = part
         return matrix
 
 

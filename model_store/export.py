@@ -14,13 +14,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.offline import LogMatrix
 from features.spec import FeatureSpec
-from model_store.train import CHUNK_ROWS, LoggedRows
+from model_store.train import CHUNK_ROWS, LoggedRows, item_ids_of, log_tables
 from rankgate.core.errors import ModelStoreError
+from rankgate.core.project import Project, load_project
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureView
 
 
 @dataclass(frozen=True)
@@ -81,3 +88,54 @@ def export_matrix(
         raise
     partial.replace(path)
     return Exported(path, rows, names)
+
+
+class MatrixBatches:
+    """The log's builder as a function of one batch of log rows: a frame with the log's
+    columns in, the same frame with one float32 column per input out. What a log too
+    large for one machine is built with, a block at a time on every node of the Ray
+    cluster (Ray Data's `map_batches`, docs/scale.md); the tables it joins (the user
+    views, the item table) are read once per worker, when it is made.
+
+    A batch holds any rows of a log for inputs of plain views. A streaming input is a
+    count of the person's earlier events: its batch must hold each of its people's
+    whole log (Ray Data: `groupby(user column).map_groups`)."""
+
+    def __init__(
+        self, project: Project | Path, views: Sequence[FeatureView], specs: Sequence[FeatureSpec]
+    ) -> None:
+        """`project`: the project, or its folder (what a worker of a cluster is sent)."""
+        if isinstance(project, Path):
+            project = load_project(project)
+        spec = project.spec.interactions
+        if spec is None or spec.user_column is None:
+            raise ModelStoreError(
+                f"{project.file}: field 'interactions': this needs a log with a user column", 422
+            )
+        self.project, self.specs = project, list(specs)
+        users, items, self.streaming = log_tables(project, views, specs)
+        self.builder = LogMatrix(self.specs, users, items)
+        self.users, self.items = users, items
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import pandas as pd
+
+        spec = self.project.spec.interactions
+        assert spec is not None and spec.user_column is not None
+        if spec.time_column and spec.time_column in batch:
+            batch = batch.sort_values(spec.time_column, kind="stable")
+        batch = batch.reset_index(drop=True)
+        logged = LoggedRows(
+            self.project,
+            batch,
+            item_ids_of(self.project, batch[spec.item_column]),
+            self.users,
+            self.items,
+            [c for c in self.project.context if c in batch.columns],
+            self.streaming,
+        )
+        matrix = logged.matrix(self.specs)
+        inputs = pd.DataFrame(
+            {s.name: matrix[:, col] for col, s in enumerate(self.specs)}, index=batch.index
+        )
+        return pd.concat([batch, inputs], axis=1)

@@ -151,6 +151,21 @@ def item_ids_of(project: Project, values: pd.Series) -> np.ndarray:
     return values.astype(str).to_numpy(dtype=object)
 
 
+def log_tables(
+    project: Project, views: Sequence[FeatureView], specs: Sequence[FeatureSpec]
+) -> tuple[dict[str, UserRows], ItemTable, dict[str, FeatureView]]:
+    """What a log's rows are joined with: the user views the specs read (every offline
+    row), the item table, and the streaming views the specs read (by name)."""
+    by_name = {v.name: v for v in views}
+    user_views = {s.view for s in specs if s.source == "user" and s.view}
+    users = {
+        name: user_rows(by_name[name], project)
+        for name in sorted(user_views - set(project.streaming))
+    }
+    streaming = {name: by_name[name] for name in sorted(user_views & set(project.streaming))}
+    return users, load_item_table(project, views), streaming
+
+
 CHUNK_ROWS = 1_000_000
 """Log rows built per step: what one step holds besides the matrix is bounded by it."""
 
@@ -209,20 +224,13 @@ class LoggedRows:
         if spec.time_column and spec.time_column in logs:
             logs = logs.sort_values(spec.time_column, kind="stable")
         logs = logs.reset_index(drop=True)
-        by_name = {v.name: v for v in views}
-        user_views = {s.view for s in specs if s.source == "user" and s.view}
-        users = {
-            name: user_rows(by_name[name], project)
-            for name in sorted(user_views - set(project.streaming))
-        }
-        items = load_item_table(project, views)
+        users, items, streaming = log_tables(project, views, specs)
         item_ids = item_ids_of(project, logs[spec.item_column])
         if len(items) and any(s.source == "item" for s in specs):
             known = item_rows(items, item_ids) >= 0
             if not known.all():
                 logs, item_ids = logs[known].reset_index(drop=True), item_ids[known]
         contexts = [c for c in project.context if c in logs.columns]
-        streaming = {name: by_name[name] for name in user_views if name in project.streaming}
         if streaming and not (spec.time_column and spec.time_column in logs):
             raise ModelStoreError(
                 f"{project.file}: field 'interactions.time_column': a model that reads the "

@@ -154,8 +154,8 @@ class LogMatrix:
                     catalogue_rows >= 0, values[np.maximum(catalogue_rows, 0)], MISSING
                 )
             elif spec.source == "context":
-                values = context.get(spec.field)
-                matrix[:, col] = MISSING if values is None else encode_column(values, spec.encoding)
+                given = context.get(spec.field)
+                matrix[:, col] = MISSING if given is None else encode_column(given, spec.encoding)
             else:
                 view = self.users.get(spec.view or "")
                 if view is None:

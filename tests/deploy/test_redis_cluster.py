@@ -44,6 +44,8 @@ from tests.cli_server import CliServer, cli_env, start
 from tests.ops.test_privacy import places_holding
 from tests.serving_support import user_with
 
+# `rankgate serve` runs in a subprocess for the module's tests that use `served`.
+pytestmark = pytest.mark.slow
 MASTERS = 3
 SLOTS = 16384
 STREAMING_VIEW = "recent_clicks"

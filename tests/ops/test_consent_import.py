@@ -1,0 +1,375 @@
+"""`rankgate consent import`: a consent export written to the real embedded Redis under
+pseudonymous keys, checked whole before anything is written, idempotent, later-wins,
+and resumable; and setup's demo records through the same bulk writer.
+
+Each test names its people with a fresh prefix, so the session's Redis (shared with
+other tests) holds nobody else's records under them."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+from click.testing import CliRunner
+
+from rankgate.cli.main import main
+from rankgate.core import redis_keys
+from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key, user_keys
+from rankgate.governance.consent import (
+    ConsentState,
+    ConsentStore,
+    consent_fields,
+    demo_consent,
+    record_json,
+)
+from rankgate.governance.policy import load_policy
+from rankgate.ops import consent_import
+from rankgate.ops.consent_import import import_consent
+from rankgate.ops.environment import Environment
+from rankgate.ops.setup import write_demo_consent
+
+EMAIL, ONSITE = "email_marketing", "onsite_personalization"
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def env(session_home: Home) -> Environment:
+    return Environment.open()
+
+
+@pytest.fixture
+def people() -> list[str]:
+    prefix = f"ci-{uuid.uuid4().hex[:10]}"
+    return [f"{prefix}-{n}" for n in range(4)]
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    header = list(rows[0])
+    lines = [",".join(header)] + [",".join(row[c] for c in header) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def row(uid: str, purpose: str, decision: str, at: datetime, source: str = "cmp") -> dict[str, str]:
+    return {
+        "user_id": uid,
+        "purpose": purpose,
+        "decision": decision,
+        "source": source,
+        "updated_at": iso(at),
+    }
+
+
+def stored(env: Environment, uid: str, purpose: str) -> dict[str, object] | None:
+    raw = env.redis.hget(redis_keys.consent(env.home.namespace, user_key(uid)), purpose)
+    return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+
+
+def snapshot(env: Environment, ids: list[str]) -> dict[str, dict[bytes, bytes]]:
+    return {
+        uid: env.redis.hgetall(redis_keys.consent(env.home.namespace, user_key(uid)))  # type: ignore[misc]
+        for uid in ids
+    }
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["consent", "import", *args])
+    return result.exit_code, result.output
+
+
+def test_a_csv_export_is_stored_under_pseudonymous_keys(
+    env: Environment, people: list[str], tmp_path: Path
+) -> None:
+    a, b, c, _ = people
+    path = write_csv(
+        tmp_path / "consent.csv",
+        [
+            row(a, EMAIL, "granted", T0),
+            row(a, ONSITE, "denied", T0 + timedelta(seconds=1)),
+            row(b, ONSITE, "granted", T0, source='say "yes"'),
+            row(c, EMAIL, "denied", T0),
+        ],
+    )
+    code, output = run(str(path))
+    assert code == 0, output
+    assert "4 records check out" in output and "4 records written, 0 unchanged" in output
+
+    assert env.consent.state(user_key(a), EMAIL) == ConsentState.GRANTED
+    assert env.consent.state(user_key(a), ONSITE) == ConsentState.DENIED
+    assert env.consent.state(user_key(b), ONSITE) == ConsentState.GRANTED
+    assert env.consent.state(user_key(b), EMAIL) == ConsentState.UNKNOWN
+    assert env.consent.state(user_key(c), EMAIL) == ConsentState.DENIED
+    assert stored(env, b, ONSITE) == {
+        "granted": True,
+        "source": 'say "yes"',
+        "updated_at": "2026-03-01T12:00:00.000000+00:00",
+    }
+    assert_no_raw_ids(env.redis, people)
+
+
+def test_a_parquet_export_with_its_own_column_names(
+    env: Environment, people: list[str], tmp_path: Path
+) -> None:
+    a, b, _, _ = people
+    berlin = datetime(2026, 3, 1, 13, 0, 0, 250_000, tzinfo=UTC)
+    table = pa.table(
+        {
+            "customer": [a, a, b],
+            "purpose": [EMAIL, ONSITE, EMAIL],
+            "opted_in": [True, False, True],
+            "decided": pa.array([berlin, berlin, berlin], pa.timestamp("ns", tz="Europe/Berlin")),
+        }
+    )
+    path = tmp_path / "consent.parquet"
+    pq.write_table(table, path)
+    code, output = run(
+        str(path),
+        "--column",
+        "user_id=customer",
+        "--column",
+        "decision=opted_in",
+        "--column",
+        "updated_at=decided",
+        "--source",
+        "warehouse",
+    )
+    assert code == 0, output
+    assert stored(env, a, EMAIL) == {
+        "granted": True,
+        "source": "warehouse",
+        "updated_at": "2026-03-01T13:00:00.250000+00:00",
+    }
+    assert env.consent.state(user_key(a), ONSITE) == ConsentState.DENIED
+    assert env.consent.state(user_key(b), EMAIL) == ConsentState.GRANTED
+    assert_no_raw_ids(env.redis, people)
+
+
+def test_importing_a_file_again_changes_nothing(
+    env: Environment, people: list[str], tmp_path: Path
+) -> None:
+    rows = [row(uid, p, "granted", T0) for uid in people for p in (EMAIL, ONSITE)]
+    path = write_csv(tmp_path / "consent.csv", rows)
+    assert run(str(path))[0] == 0
+    before = snapshot(env, people)
+
+    code, output = run(str(path))
+    assert code == 0 and "already imported (8 records, 8 written" in output, output
+    assert snapshot(env, people) == before
+
+    # Without the progress marker the records themselves say nothing is newer.
+    for key in env.redis.scan_iter(redis_keys.consent_import(env.home.namespace, "*")):
+        env.redis.delete(key)
+    code, output = run(str(path))
+    assert code == 0 and "0 records written, 8 unchanged" in output, output
+    assert snapshot(env, people) == before
+
+
+def test_an_older_record_never_replaces_a_later_decision(
+    env: Environment, people: list[str], tmp_path: Path
+) -> None:
+    a, b, c, _ = people
+    write_csv(tmp_path / "now.csv", [row(a, EMAIL, "granted", T0), row(b, EMAIL, "granted", T0)])
+    assert run(str(tmp_path / "now.csv"))[0] == 0
+
+    older = [row(a, EMAIL, "denied", T0 - timedelta(days=3)), row(c, EMAIL, "denied", T0)]
+    code, output = run(str(write_csv(tmp_path / "older.csv", older)))
+    assert code == 0 and "1 records written, 1 unchanged" in output, output
+    assert env.consent.state(user_key(a), EMAIL) == ConsentState.GRANTED
+    assert env.consent.state(user_key(c), EMAIL) == ConsentState.DENIED
+
+    # Later wins; at the same time a denial wins over a grant, in either order.
+    newer = [row(a, EMAIL, "denied", T0 + timedelta(microseconds=1)), row(b, EMAIL, "denied", T0)]
+    assert run(str(write_csv(tmp_path / "newer.csv", newer)))[0] == 0
+    assert env.consent.state(user_key(a), EMAIL) == ConsentState.DENIED
+    assert env.consent.state(user_key(b), EMAIL) == ConsentState.DENIED
+    same_time_grant = [row(b, EMAIL, "granted", T0, source="other")]
+    assert run(str(write_csv(tmp_path / "grant.csv", same_time_grant)))[0] == 0
+    assert env.consent.state(user_key(b), EMAIL) == ConsentState.DENIED
+
+    # An API write (dated now) is later than any export of the past.
+    env.consent.record(user_key(c), {EMAIL: True}, source="api")
+    assert run(str(write_csv(tmp_path / "late.csv", [row(c, EMAIL, "denied", T0)])))[0] == 0
+    assert env.consent.state(user_key(c), EMAIL) == ConsentState.GRANTED
+
+
+def future() -> datetime:
+    return datetime.now(UTC) + timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda r: r.update(purpose="telepathy"),
+            "row 3, column 'purpose': unknown purpose 'telepathy'",
+        ),
+        (
+            lambda r: r.update(decision="yes"),
+            "row 3, column 'decision': 'yes': expected granted or denied",
+        ),
+        (
+            lambda r: r.update(decision=""),
+            "row 3, column 'decision': '': expected granted or denied",
+        ),
+        (
+            lambda r: r.update(updated_at="01/03/2026"),
+            "row 3, column 'updated_at': '01/03/2026': not an ISO 8601",
+        ),
+        (
+            lambda r: r.update(updated_at="2026-03-01T12:00:00"),
+            "row 3, column 'updated_at': '2026-03-01T12:00:00': not an ISO 8601",
+        ),
+        (
+            lambda r: r.update(updated_at=iso(future())),
+            "row 3, column 'updated_at': later than now",
+        ),
+        (lambda r: r.update(user_id="bad id"), "row 3, column 'user_id': letters, digits"),
+        (lambda r: r.update(user_id=""), "row 3, column 'user_id': missing"),
+        (lambda r: r.update(source="x" * 65), "row 3, column 'source': at most 64 characters"),
+    ],
+)
+def test_a_bad_row_is_named_and_nothing_is_written(
+    env: Environment,
+    people: list[str],
+    tmp_path: Path,
+    change: Callable[[dict[str, str]], None],
+    expected: str,
+) -> None:
+    rows = [row(uid, EMAIL, "granted", T0) for uid in people]
+    change(rows[2])
+    markers = set(env.redis.scan_iter(redis_keys.consent_import(env.home.namespace, "*")))
+    code, output = run(str(write_csv(tmp_path / "consent.csv", rows)))
+    assert code == 1
+    assert expected in output and "nothing was imported" in output, output
+    assert people[0] not in output  # an error never repeats a user id
+    assert all(not h for h in snapshot(env, people).values())
+    assert set(env.redis.scan_iter(redis_keys.consent_import(env.home.namespace, "*"))) == markers
+
+
+def test_a_bad_row_in_a_late_chunk_stops_the_whole_file(
+    env: Environment, people: list[str], tmp_path: Path
+) -> None:
+    rows = [row(f"{people[0]}-{n}", EMAIL, "granted", T0) for n in range(50)]
+    rows[47]["purpose"] = "telepathy"
+    path = write_csv(tmp_path / "consent.csv", rows)
+    with pytest.raises(consent_import.ConsentFileError, match="row 48, column 'purpose'"):
+        import_consent(path, chunk_rows=10)
+    assert all(not h for h in snapshot(env, [r["user_id"] for r in rows]).values())
+
+
+def test_a_missing_column_is_named(tmp_path: Path, session_home: Home) -> None:
+    path = write_csv(
+        tmp_path / "c.csv", [{"user_id": "u-1", "purpose": EMAIL, "decision": "granted"}]
+    )
+    code, output = run(str(path))
+    assert code == 1
+    assert "missing columns 'source', 'updated_at'" in output and "--column" in output, output
+    code, output = run(str(path), "--column", "when=updated_at")
+    assert code == 1 and "'when' is not one of user_id, purpose" in output, output
+
+
+def test_an_interrupted_import_goes_on_where_it_stopped(
+    env: Environment, people: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [f"{people[0]}-{n}" for n in range(20)]
+    decisions = [n % 3 > 0 for n in range(20)]
+    path = tmp_path / "consent.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [uid for uid in ids for _ in (EMAIL, ONSITE)],
+                "purpose": [EMAIL, ONSITE] * 20,
+                "decision": [d for d in decisions for _ in (EMAIL, ONSITE)],
+                "source": ["cmp"] * 40,
+                "updated_at": pa.array([T0] * 40, pa.timestamp("us", tz="UTC")),
+            }
+        ),
+        path,
+    )
+    # Chunks of 10 rows, written 8 at a time: rows 1-8, 9-10, 11-18, ...
+    monkeypatch.setattr(consent_import, "WRITE_ROWS", 8)
+    monkeypatch.setattr(consent_import, "WRITERS", 1)
+    real = ConsentStore.record_newer
+    calls: list[int] = []
+
+    def stopped_at_the_third(self: ConsentStore, *args: list[str]) -> int:
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is stopped
+        calls.append(len(args[0]))
+        return real(self, *args)
+
+    monkeypatch.setattr(ConsentStore, "record_newer", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        import_consent(path, chunk_rows=10)
+    assert sum(bool(h) for h in snapshot(env, ids).values()) == 5  # rows 1-10: 5 people
+
+    monkeypatch.setattr(ConsentStore, "record_newer", real)
+    lines: list[str] = []
+    result = import_consent(path, chunk_rows=10, say=lines.append)
+    assert "• resuming: rows 1-10 were written by an earlier run" in lines
+    assert (result.rows, result.resumed_at, result.written) == (40, 10, 30)
+    for uid, granted in zip(ids, decisions, strict=True):
+        expected = ConsentState.GRANTED if granted else ConsentState.DENIED
+        assert env.consent.states([user_key(uid)], EMAIL) == [expected]
+        assert env.consent.states([user_key(uid)], ONSITE) == [expected]
+    assert import_consent(path, chunk_rows=10).finished_before is not None
+
+
+def test_setups_demo_records_are_demo_consent_through_the_bulk_writer(
+    env: Environment, people: list[str]
+) -> None:
+    ids = [f"{people[0]}-{n}" for n in range(300)]
+    purposes = list(load_policy().purposes)
+    write_demo_consent(env.consent, ids, purposes)
+    for purpose in purposes:
+        states = env.consent.states(user_keys(ids), purpose)
+        expected = [
+            ConsentState(
+                {True: "granted", False: "denied", None: "unknown"}[
+                    demo_consent(uid, purposes).get(purpose)
+                ]
+            )
+            for uid in ids
+        ]
+        assert states == expected
+    assert_no_raw_ids(env.redis, ids)
+
+
+def test_bulk_records_read_as_the_api_writes_them() -> None:
+    sources = ["cmp", 'quote " and \\ and é', "ü"]
+    at = "2026-03-01T12:00:00.000000+00:00"
+    built = record_json(
+        pa.chunked_array([[True, False, True]]),
+        pa.chunked_array([sources]),
+        pa.chunked_array([[at] * 3]),
+    ).to_pylist()
+    for value, granted, source in zip(built, [True, False, True], sources, strict=True):
+        fields = consent_fields({"p": granted}, source)
+        api = json.loads(fields["p"])
+        assert json.loads(value) == {**api, "updated_at": at}
+    assert user_keys(["a", "b"]) == [user_key("a"), user_key("b")]
+
+
+def assert_no_raw_ids(client: redis.Redis, ids: list[str]) -> None:
+    """No key name, hash field or value, or string of the server holds a raw id."""
+    needles = [uid.encode() for uid in ids]
+    for key in client.scan_iter(count=1000):
+        blobs = [key]
+        kind = client.type(key)
+        if kind == b"hash":
+            blobs += [f + b"\0" + v for f, v in client.hgetall(key).items()]  # type: ignore[union-attr]
+        elif kind == b"string":
+            blobs.append(client.get(key) or b"")  # type: ignore[arg-type]
+        assert not [n for n in needles for b in blobs if n in b], key

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import redis
 
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
@@ -426,29 +427,39 @@ def import_consent(
     result.resumed_at = done
     store = env.consent
     started = time.perf_counter()
-    for table, first in numbered(file.chunks()):
-        if first + len(table) <= done:
-            continue
-        records = checker.check(table, first).slice(max(done - first, 0))
-        offset = max(done, first)
-        for start in range(0, len(records), WRITE_ROWS):
-            part = records.slice(start, WRITE_ROWS)
-            count = write_records(store, part)
-            result.written += count
-            written += count
-            env.redis.hset(
-                marker,
-                mapping={
-                    "rows": result.rows,
-                    "rows_done": offset + start + len(part),
-                    "written": written,
-                },
-            )
-    result.write_s = time.perf_counter() - started
-    env.redis.hset(
-        marker,
-        mapping={"rows_done": result.rows, "written": written, "finished_at": now_iso()},
-    )
+    progress_at = done
+    try:
+        for table, first in numbered(file.chunks()):
+            if first + len(table) <= done:
+                continue
+            records = checker.check(table, first).slice(max(done - first, 0))
+            offset = max(done, first)
+            for start in range(0, len(records), WRITE_ROWS):
+                part = records.slice(start, WRITE_ROWS)
+                count = write_records(store, part)
+                result.written += count
+                written += count
+                progress_at = offset + start + len(part)
+                env.redis.hset(
+                    marker,
+                    mapping={"rows": result.rows, "rows_done": progress_at, "written": written},
+                )
+        result.write_s = time.perf_counter() - started
+        env.redis.hset(
+            marker,
+            mapping={
+                "rows": result.rows,
+                "rows_done": result.rows,
+                "written": written,
+                "finished_at": now_iso(),
+            },
+        )
+    except (redis.RedisError, OSError) as exc:
+        raise RankgateError(
+            f"{path}: the import stopped after row {progress_at}: Redis failed "
+            f"({type(exc).__name__}: {exc}); run the same command again to go on from there",
+            503,
+        ) from exc
     return result
 
 

@@ -373,3 +373,12 @@ def assert_no_raw_ids(client: redis.Redis, ids: list[str]) -> None:
         elif kind == b"string":
             blobs.append(client.get(key) or b"")  # type: ignore[arg-type]
         assert not [n for n in needles for b in blobs if n in b], key
+
+
+def test_a_file_of_no_rows_imports_nothing_once(session_home: Home, tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("user_id,purpose,decision,source,updated_at\n")
+    first = import_consent(path)
+    assert (first.rows, first.written, first.finished_before) == (0, 0, None)
+    again = import_consent(path)
+    assert (again.rows, again.written) == (0, 0) and again.finished_before is not None

@@ -16,7 +16,7 @@ The file is read twice, a chunk at a time (memory stays bounded whatever its
 size): every row is checked first, and a file with a problem is refused with its
 rows, columns and problems, nothing written. Then the records are written with
 `ConsentStore.record_newer`, which keeps the later of a stored and an imported
-decision, so importing a file again, or an older export after a newer decision,
+decision (at the same time, a denial over a grant), so importing a file again, or an older export after a newer decision,
 changes nothing. Progress is kept in Redis (`redis_keys.consent_import`, by the
 file's digest): an interrupted import, run again, checks the file again and goes
 on after the last rows written; a finished one says so and writes nothing.
@@ -25,6 +25,7 @@ on after the last rows written; a finished one says so and writes nothing.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -156,7 +157,13 @@ class ConsentFile:
             with pacsv.open_csv(self.path) as reader:
                 return list(reader.schema.names)
         except (pa.ArrowException, OSError) as exc:
-            raise ConsentFileError(f"{self.path}: not a readable {self.kind} file ({exc})") from exc
+            raise self.unreadable(exc) from exc
+
+    def unreadable(self, exc: Exception) -> ConsentFileError:
+        """The reader's complaint, without the row it quotes (which may hold an id)."""
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = re.sub(r"(Expected \d+ columns, got \d+).*", r"\1", text)[:200]
+        return ConsentFileError(f"{self.path}: not a readable {self.kind} file ({text})")
 
     def digest(self) -> str:
         """sha256 of the file's bytes and of how it is read."""
@@ -193,11 +200,11 @@ class ConsentFile:
                     )
                 yield table
         except (pa.ArrowException, OSError) as exc:
-            raise ConsentFileError(f"{self.path}: not a readable {self.kind} file ({exc})") from exc
+            raise self.unreadable(exc) from exc
 
 
 class Checker:
-    """Checks chunks and turns them into `Records`, or collects their problems."""
+    """Checks chunks: `RECORDS` tables of them, or their problems."""
 
     def __init__(self, file: ConsentFile, purposes: Sequence[str], limits: LimitsConfig) -> None:
         self.file = file

@@ -382,3 +382,17 @@ def test_a_file_of_no_rows_imports_nothing_once(session_home: Home, tmp_path: Pa
     assert (first.rows, first.written, first.finished_before) == (0, 0, None)
     again = import_consent(path)
     assert (again.rows, again.written) == (0, 0) and again.finished_before is not None
+
+
+def test_a_malformed_csv_is_refused_without_quoting_its_row(
+    session_home: Home, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text(
+        "user_id,purpose,decision,source,updated_at\n"
+        f"u-1,{EMAIL},granted,cmp,2026-03-01T12:00:00Z\n"
+        f"u-secret-7,{EMAIL}\n"
+    )
+    code, output = run(str(path))
+    assert code == 1 and "not a readable csv file" in output, output
+    assert "Expected 5 columns, got 2" in output and "u-secret-7" not in output, output

@@ -396,3 +396,36 @@ def test_a_malformed_csv_is_refused_without_quoting_its_row(
     code, output = run(str(path))
     assert code == 1 and "not a readable csv file" in output, output
     assert "Expected 5 columns, got 2" in output and "u-secret-7" not in output, output
+
+
+def test_the_documented_warehouse_prepare_step_writes_a_row_group_per_page(
+    session_home: Home, tmp_path: Path
+) -> None:
+    """docs/projects.md's example, run against SQLite's DB-API driver as the warehouse."""
+    import sqlite3
+
+    from tests import REPO
+
+    page = (REPO / "docs" / "projects.md").read_text()
+    start = page.index("```python\n", page.index("### Prepare steps that export from a warehouse"))
+    code = page[start + len("```python\n") : page.index("```\n", start + 1)]
+    database = tmp_path / "shop.db"
+    with sqlite3.connect(database) as db:
+        db.execute(
+            "CREATE TABLE profiles (customer_id TEXT, updated_at TIMESTAMP, segment TEXT, visits_30d INTEGER)"
+        )
+        db.executemany(
+            "INSERT INTO profiles VALUES (?, ?, ?, ?)",
+            [(f"c-{n}", "2026-01-01 00:00:00", "loyal", n) for n in range(25)],
+        )
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/projects.md", "exec"), namespace)  # noqa: S102  # the docs' own code
+    namespace["PAGE"] = 10
+    namespace["connect"] = lambda: sqlite3.connect(database, detect_types=sqlite3.PARSE_DECLTYPES)
+    counts = namespace["prepare"](tmp_path / "data")  # type: ignore[operator]
+    assert counts == {"shopper_profile": 25}
+    written = pq.ParquetFile(tmp_path / "data" / "shopper_profile.parquet")
+    assert written.metadata.num_row_groups == 3
+    table = written.read()
+    assert table["shopper_key"].to_pylist() == user_keys([f"c-{n}" for n in range(25)])
+    assert table["updated_at"][0].as_py() == datetime(2026, 1, 1, tzinfo=UTC)

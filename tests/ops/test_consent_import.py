@@ -429,3 +429,32 @@ def test_the_documented_warehouse_prepare_step_writes_a_row_group_per_page(
     table = written.read()
     assert table["shopper_key"].to_pylist() == user_keys([f"c-{n}" for n in range(25)])
     assert table["updated_at"][0].as_py() == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_integer_ids_and_a_gzipped_csv(env: Environment, tmp_path: Path) -> None:
+    import gzip
+
+    base = uuid.uuid4().int % 10**15 * 1000
+    path = tmp_path / "consent.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([base + 1, base + 2], pa.int64()),
+                "purpose": [EMAIL, EMAIL],
+                "decision": ["granted", "denied"],
+                "source": ["crm", "crm"],
+                "updated_at": [iso(T0), iso(T0)],
+            }
+        ),
+        path,
+    )
+    assert run(str(path))[0] == 0
+    assert env.consent.state(user_key(str(base + 1)), EMAIL) == ConsentState.GRANTED
+    assert env.consent.state(user_key(str(base + 2)), EMAIL) == ConsentState.DENIED
+
+    later = [row(str(base + 1), EMAIL, "denied", T0 + timedelta(hours=1))]
+    plain = write_csv(tmp_path / "later.csv", later).read_bytes()
+    (tmp_path / "later.csv.gz").write_bytes(gzip.compress(plain))
+    code, output = run(str(tmp_path / "later.csv.gz"))
+    assert code == 0 and "1 records written" in output, output
+    assert env.consent.state(user_key(str(base + 1)), EMAIL) == ConsentState.DENIED

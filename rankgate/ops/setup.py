@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -213,19 +214,26 @@ def write_demo_consent(store: ConsentStore, user_ids: Sequence[str], purposes: l
 
     now = datetime.now(UTC)
     written = 0
-    for start in range(0, len(user_ids), DEMO_CHUNK):
-        ids, decided, granted = demo_decisions(user_ids[start : start + DEMO_CHUNK], purposes)
-        records = pa.table(
-            [
-                pa.array(ids, pa.string()),
-                pa.array(decided, pa.string()),
-                pa.array(granted, pa.bool_()),
-                pa.repeat(pa.scalar(DEMO_SOURCE), len(ids)),
-                pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(ids)),
-            ],
-            schema=RECORDS,
-        )
-        written += write_records(store, records)
+    # One chunk is written while the next is built: Redis works while Python hashes.
+    with ThreadPoolExecutor(1) as writer:
+        pending: Future[int] | None = None
+        for start in range(0, len(user_ids), DEMO_CHUNK):
+            ids, decided, granted = demo_decisions(user_ids[start : start + DEMO_CHUNK], purposes)
+            records = pa.table(
+                [
+                    pa.array(ids, pa.string()),
+                    pa.array(decided, pa.string()),
+                    pa.array(granted, pa.bool_()),
+                    pa.repeat(pa.scalar(DEMO_SOURCE), len(ids)),
+                    pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(ids)),
+                ],
+                schema=RECORDS,
+            )
+            if pending is not None:
+                written += pending.result()
+            pending = writer.submit(write_records, store, records)
+        if pending is not None:
+            written += pending.result()
     return written
 
 

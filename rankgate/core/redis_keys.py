@@ -45,6 +45,10 @@ def consent(namespace: str, user_key: str) -> str:
     return f"{namespace}:consent:{person_tag(user_key)}"
 
 
+def consent_import(namespace: str, file_digest: str) -> str:
+    return f"{namespace}:consent_import:{file_digest}"
+
+
 def api_keys(namespace: str) -> str:
     return f"{namespace}:apikeys"
 
@@ -119,9 +123,17 @@ NS = "<ns>"
 CONSENT = RedisKey(
     consent(NS, "<user_key>"),
     "hash",
-    "`/v1/consent`, `rankgate setup` (demo records)",
+    "`/v1/consent`, `rankgate consent import`, `rankgate setup` (demo records)",
     'purpose → `{"granted", "source", "updated_at"}`',
     personal=True,
+)
+CONSENT_IMPORTS = RedisKey(
+    consent_import(NS, "<digest>"),
+    "hash",
+    "`rankgate consent import`",
+    "progress of one file's import (rows written in file order, counts; `finished_at` once "
+    "done), by sha256 of the file, the column mapping and the pseudonymisation key",
+    personal=False,
 )
 AUDIT = RedisKey(
     audit(NS),
@@ -231,6 +243,7 @@ OUTCOMES_UNJOINED = RedisKey(
 )
 KEYS = (
     CONSENT,
+    CONSENT_IMPORTS,
     AUDIT,
     FEAST_ROWS,
     API_KEYS,

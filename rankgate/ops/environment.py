@@ -118,14 +118,18 @@ class Environment:
         path = self.home.root / SETUP_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def sources(self) -> dict[str, Any]:
-        """What the prepared state depends on: the project's files and the key."""
-        fingerprint = hmac.new(
+    @property
+    def key_fingerprint(self) -> str:
+        """Names the pseudonymisation key without revealing it."""
+        return hmac.new(
             self.settings.user_key_secret.encode(), b"rankgate-setup", hashlib.sha256
         ).hexdigest()[:16]
+
+    def sources(self) -> dict[str, Any]:
+        """What the prepared state depends on: the project's files and the key."""
         return {
             "project": str(self.project.root),
-            "key_fingerprint": fingerprint,
+            "key_fingerprint": self.key_fingerprint,
             "files": self.project.source_digest(),
         }
 

@@ -353,6 +353,45 @@ def test_events_replay_rebuilds_the_same_streaming_states(served: Served) -> Non
     assert after == before
 
 
+def test_consent_import_writes_later_decisions_on_every_master(
+    served: Served, tmp_path: Path
+) -> None:
+    """`rankgate consent import` on the cluster: each person's record on the master of
+    their slot, a later decision replaces an earlier one, a second import writes nothing."""
+    from rankgate.ops.consent_import import import_consent
+
+    people = [f"imported-{uuid.uuid4().hex[:8]}-{n}" for n in range(40)]
+    lines = ["user_id,purpose,decision,source,updated_at"]
+    for n, uid in enumerate(people):
+        lines.append(f"{uid},onsite_personalization,granted,cmp,2026-03-01T12:00:00+00:00")
+        if n % 2:  # a later denial of the same purpose, earlier in the file
+            lines.insert(1, f"{uid},onsite_personalization,denied,cmp,2026-03-02T12:00:00+00:00")
+    path = tmp_path / "consent.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKGATE_HOME", str(served.home.root))
+        patch.setenv("REDIS_URL", served.cluster.url)
+        get_settings.cache_clear()
+        try:
+            first = import_consent(path)
+            again = import_consent(path)
+        finally:
+            get_settings.cache_clear()
+    assert first.rows == 60 and first.written == 40  # the earlier grants of 20 are older
+    assert again.finished_before is not None and again.written == first.written
+    consent = ConsentStore(served.client, served.namespace)
+    states = [consent.state(user_key(uid), "onsite_personalization") for uid in people]
+    assert states == [
+        ConsentState.DENIED if n % 2 else ConsentState.GRANTED for n in range(len(people))
+    ]
+    mine = {redis_keys.consent(served.namespace, user_key(uid)).encode() for uid in people}
+    pattern = redis_keys.consent(served.namespace, "*")
+    holding = [
+        len(mine & set(m.scan_iter(match=pattern, count=1000))) for m in served.cluster.masters()
+    ]
+    assert sum(holding) == len(people) and all(n > 0 for n in holding), holding
+
+
 def test_forget_leaves_nothing_of_the_person_on_any_master(served: Served) -> None:
     from rankgate.ops.access import forget
 

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 ROWS_PER_CALL = 20_000
 """Model rows scored per onnxruntime call."""
+BLOCK_PAIRS = 2_000_000
+"""(log row, item) pairs built at once: a streaming input is rebuilt from the log once
+per block, and a block's matrix is BLOCK_PAIRS x inputs float32s."""
 
 
 @dataclass(frozen=True)
@@ -173,10 +176,16 @@ class LogDecisions:
         tie = ids if ids.dtype.kind in "iu" else pd.Index(ids).argsort().argsort()
         column = pd.Index(ids).get_indexer(self.logged.item_ids[self.rows])
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "tq", "lq")}
-        per_block = max(1, ROWS_PER_CALL // max(n_items, 1))
+        per_block = max(1, BLOCK_PAIRS // max(n_items, 1))
         for start in range(0, len(self.rows), per_block):
             block = self.rows[start : start + per_block]
-            scores = scorer.score(self.matrix(specs, items, block)).astype(np.float64)
+            matrix = self.matrix(specs, items, block)
+            scores = np.concatenate(
+                [
+                    scorer.score(matrix[at : at + ROWS_PER_CALL])
+                    for at in range(0, len(matrix), ROWS_PER_CALL)
+                ]
+            ).astype(np.float64)
             scores = scores.reshape(len(block), n_items)
             order = np.lexsort((np.broadcast_to(tie, scores.shape), -scores), axis=-1)
             position = self.positions[block] - 1

@@ -15,6 +15,7 @@ import hashlib
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,7 +247,7 @@ class LoggedRows:
         assert spec is not None and spec.user_column is not None
         return spec.user_column
 
-    @property
+    @cached_property
     def times(self) -> np.ndarray | None:
         """The rows' times (int64 ns, UTC); None: the log has no time column."""
         spec = self.project.spec.interactions
@@ -343,9 +344,7 @@ def logged_training_set(logged: LoggedRows, specs: Sequence[FeatureSpec]) -> Tra
     return TrainingSet(
         matrix=logged.matrix(specs),
         labels=logs[spec.outcome_column].to_numpy(dtype=np.int8),
-        timestamps=logs[spec.time_column].to_numpy()
-        if spec.time_column in logs
-        else np.arange(len(logs)),
+        timestamps=logged.times if logged.times is not None else np.arange(len(logs)),
     )
 
 

@@ -19,12 +19,14 @@ reward model is the version's own scores.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
+from features.offline import LogMatrix
 from features.spec import FeatureSpec
 from features.vector import ItemTable, build_matrix
 from model_store.manifest import ONNX_FILE
@@ -74,6 +76,129 @@ class LoggedDecision:
     """The decision's id: its positions are resampled together."""
 
 
+@dataclass
+class LogDecisions:
+    """Rows of an interaction log, each a decision of one shown position over the whole
+    catalogue, scored a block of rows at a time through the log's builder
+    (features/offline.py): what `decisions_from_logs` reads."""
+
+    logged: LoggedRows
+    catalogue: np.ndarray
+    """What the target policy may rank: the whole catalogue, as the project's type."""
+    rows: np.ndarray
+    """The log rows evaluated on (all of them, or a sample)."""
+    positions: np.ndarray
+    propensity: np.ndarray
+    reward: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, which: slice) -> LogDecisions:
+        return replace(self, rows=self.rows[which])
+
+    def sample(self, n: int, seed: int) -> LogDecisions:
+        """`n` rows drawn at random without replacement (in log order)."""
+        if n >= len(self.rows):
+            return self
+        picked = np.random.default_rng(seed).choice(len(self.rows), n, replace=False)
+        return replace(self, rows=self.rows[np.sort(picked)])
+
+    def matrix(
+        self, specs: Sequence[FeatureSpec], items: ItemTable, rows: np.ndarray
+    ) -> np.ndarray:
+        """Model rows of every (log row, catalogue item) pair, row-major."""
+        logged, n_items = self.logged, len(self.catalogue)
+        query_rows = np.repeat(rows, n_items)
+        query_items = np.tile(self.catalogue, len(rows))
+        times = logged.times
+        return LogMatrix(specs, logged.users, items).rows(
+            logged.logs[logged.user_column].to_numpy()[query_rows],
+            query_items,
+            None if times is None else times[query_rows],
+            {c: logged.logs[c].to_numpy()[query_rows] for c in logged.contexts},
+            {
+                col: logged.streamed(spec, query_rows, query_items)
+                for col, spec in enumerate(specs)
+                if spec.view in logged.streaming
+            },
+        )
+
+    def decision(self, n: int, specs: Sequence[FeatureSpec], items: ItemTable) -> LoggedDecision:
+        """Decision `n` as a LoggedDecision whose user values are the rows `matrix`
+        reads (the reference form: `build_matrix` of it gives the same rows)."""
+        row = int(self.rows[n])
+        logged = self.logged
+        user: dict[str, Any] = {}
+        times = logged.times
+        key = logged.logs[logged.user_column].to_numpy()[row : row + 1]
+        for rows in logged.users.values():
+            at = rows.positions(key, None if times is None else times[row : row + 1])[0]
+            if at >= 0:
+                user.update(rows.frame.iloc[int(at)].to_dict())
+        for spec in specs:
+            if spec.view in logged.streaming:
+                every = np.full(len(self.catalogue), row)
+                values = logged.streamed(spec, every, self.catalogue)
+                if spec.per_item:
+                    fields = [spec.field_for(i) for i in self.catalogue]
+                    user.update(zip(fields, values.tolist(), strict=True))
+                else:
+                    user[spec.field] = float(values[0])
+        context = {c: logged.logs[c].iloc[row] for c in logged.contexts}
+        return LoggedDecision(
+            user=user,
+            context=context,
+            candidates=self.catalogue.tolist(),
+            shown=[
+                Shown(
+                    int(self.positions[row]),
+                    logged.item_ids[row].item()
+                    if hasattr(logged.item_ids[row], "item")
+                    else logged.item_ids[row],
+                    float(self.propensity[row]),
+                    float(self.reward[row]),
+                )
+            ],
+            group=row,
+        )
+
+    def slots(
+        self, specs: Sequence[FeatureSpec], items: ItemTable, scorer: OnnxScorer
+    ) -> LoggedSlots:
+        """The estimators' slots of a version (its `specs` and `scorer`): its ranking of
+        the catalogue for each row is `top_k`'s (best first, ties by item id)."""
+        n_items = len(self.catalogue)
+        ids = self.catalogue
+        tie = ids if ids.dtype.kind in "iu" else pd.Index(ids).argsort().argsort()
+        column = pd.Index(ids).get_indexer(self.logged.item_ids[self.rows])
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "tq", "lq")}
+        per_block = max(1, ROWS_PER_CALL // max(n_items, 1))
+        for start in range(0, len(self.rows), per_block):
+            block = self.rows[start : start + per_block]
+            scores = scorer.score(self.matrix(specs, items, block)).astype(np.float64)
+            scores = scores.reshape(len(block), n_items)
+            order = np.lexsort((np.broadcast_to(tie, scores.shape), -scores), axis=-1)
+            position = self.positions[block] - 1
+            inside = position < n_items
+            pick = order[np.arange(len(block)), np.minimum(position, n_items - 1)]
+            mine = column[start : start + per_block]
+            parts["t"].append((inside & (pick == mine)).astype(np.float64))
+            parts["tq"].append(np.where(inside, scores[np.arange(len(block)), pick], 0.0))
+            parts["lq"].append(
+                np.where(mine >= 0, scores[np.arange(len(block)), np.maximum(mine, 0)], 0.0)
+            )
+        joined = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        return LoggedSlots(
+            reward=self.reward[self.rows],
+            propensity=self.propensity[self.rows],
+            target=joined["t"],
+            target_q=joined["tq"],
+            logged_q=joined["lq"],
+            group=self.rows.astype(np.int64),
+        )
+
+
 def decisions_from_logs(
     project: Project,
     views: Sequence[FeatureView],
@@ -81,14 +206,12 @@ def decisions_from_logs(
     specs: Sequence[FeatureSpec],
     catalogue: Sequence[ItemId],
     path: Path | None = None,
-) -> list[LoggedDecision]:
+) -> LogDecisions:
     """Each row of the project's interaction log (or of `path`, with the same columns)
     as a decision of one shown position over the whole catalogue; the features are
     what `specs` read at the row's time, as training computes them."""
     spec = project.spec.interactions
-    logged = LoggedRows.read(
-        project, views, data_dir, specs, path, ("propensity_column",), every_item=catalogue
-    )
+    logged = LoggedRows.read(project, views, data_dir, specs, path, ("propensity_column",))
     assert spec is not None and spec.propensity_column is not None
     logs = logged.logs
     propensity = logs[spec.propensity_column].to_numpy(dtype=np.float64)
@@ -109,25 +232,15 @@ def decisions_from_logs(
         raise ModelStoreError(
             f"{project.file}: field 'interactions.position_column': positions start at 1", 422
         )
-    rewards = logs[spec.outcome_column].to_numpy(dtype=np.float64)
-    keys = logs[logged.user_column].to_numpy()
-    return [
-        LoggedDecision(
-            user=logged.user(row, keys[row]),
-            context=logged.context(row),
-            candidates=catalogue,
-            shown=[
-                Shown(
-                    int(positions[row]),
-                    logged.item_ids[row],
-                    float(propensity[row]),
-                    float(rewards[row]),
-                )
-            ],
-            group=row,
-        )
-        for row in range(len(logs))
-    ]
+    ids = np.asarray(catalogue, dtype=np.int64 if project.spec.item.id_type == "int" else object)
+    return LogDecisions(
+        logged,
+        ids,
+        np.arange(len(logs)),
+        positions,
+        propensity,
+        logs[spec.outcome_column].to_numpy(dtype=np.float64),
+    )
 
 
 def slots_for(
@@ -216,7 +329,7 @@ class Evaluation:
 def evaluate_versions(
     models: ModelStore,
     items: ItemTable,
-    decisions: Sequence[LoggedDecision],
+    decisions: Sequence[LoggedDecision] | LogDecisions,
     versions: Sequence[str],
     confidence: float = 0.95,
     draws: int = 1000,
@@ -230,7 +343,11 @@ def evaluate_versions(
     for version in dict.fromkeys(versions):
         manifest = models.manifest(version)
         scorer = OnnxScorer(models.path(version) / ONNX_FILE, manifest.onnx.output_name)
-        slots[version] = slots_for(decisions, manifest.specs, items, scorer)
+        slots[version] = (
+            decisions.slots(manifest.specs, items, scorer)
+            if isinstance(decisions, LogDecisions)
+            else slots_for(decisions, manifest.specs, items, scorer)
+        )
     first = next(iter(slots.values()))
     return Evaluation(
         slots=slots,

@@ -27,10 +27,11 @@ from feast import FeatureView
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
-from features.history import ttl_seconds, values_at_impressions
+from features.history import field_names, ttl_seconds, view_values
+from features.offline import LogMatrix, UserRows, item_rows
 from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
 from features.store import read_table, source_path
-from features.vector import ItemTable, build_matrix
+from features.vector import ItemTable
 from model_store.manifest import Manifest, Metrics, TrainingData
 from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
@@ -135,21 +136,42 @@ def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable
     return ItemTable({project.item_id(i): row for i, row in items.to_dict("index").items()})
 
 
+def user_rows(view: FeatureView, project: Project) -> UserRows:
+    """A user view's offline rows, every row kept: a log joins them as of each impression."""
+    key = project.spec.user.join_key
+    frame = read_table(source_path(view, project))
+    stamp = view.batch_source.timestamp_field if view.batch_source else None
+    return UserRows.of(frame[frame[key].notna()], key, stamp)
+
+
+def item_ids_of(project: Project, values: pd.Series) -> np.ndarray:
+    """A log column of item ids as the project's type (int64, or str objects)."""
+    if project.spec.item.id_type == "int":
+        return values.to_numpy(dtype=np.int64)
+    return values.astype(str).to_numpy(dtype=object)
+
+
+CHUNK_ROWS = 1_000_000
+"""Log rows built per step: what one step holds besides the matrix is bounded by it."""
+
+
 @dataclass
 class LoggedRows:
-    """A log's rows and, per row, what a model would have read then: the user's
-    offline view values, the streaming views' values at the row's time, the row's
-    context. Training and off-policy evaluation read logs through this one class."""
+    """A log's rows and what a model would have read at each: the user views' offline
+    rows as of the row's time, the streaming views' values at the row's time, the row's
+    context (features/offline.py). Training, export, drift references and off-policy
+    evaluation read logs through this one class."""
 
     project: Project
     logs: pd.DataFrame
     """The log sorted by time (when it has a time column), rows of unknown items dropped."""
-    item_ids: list[Any]
-    """The row's item id, as the project's type."""
-    users: dict[Any, dict[str, Any]]
+    item_ids: np.ndarray
+    """The rows' item ids, as the project's type."""
+    users: dict[str, UserRows]
     items: ItemTable
     contexts: list[str]
-    streamed: list[dict[str, float]] | None
+    streaming: dict[str, FeatureView]
+    """The streaming views the specs read, by name."""
 
     @classmethod
     def read(
@@ -160,7 +182,6 @@ class LoggedRows:
         specs: Sequence[FeatureSpec],
         path: Path | None = None,
         required: Sequence[str] = (),
-        every_item: Sequence[Any] | None = None,
     ) -> LoggedRows:
         """The project's interaction log (or `path`, with the same columns); ModelStoreError
         names the field when a needed column (the `required` fields of `interactions`
@@ -188,24 +209,28 @@ class LoggedRows:
         if spec.time_column and spec.time_column in logs:
             logs = logs.sort_values(spec.time_column, kind="stable")
         logs = logs.reset_index(drop=True)
-        users: dict[Any, dict[str, Any]] = {}
         by_name = {v.name: v for v in views}
         user_views = {s.view for s in specs if s.source == "user" and s.view}
-        for name in sorted(user_views - set(project.streaming)):
-            rows = latest_rows(by_name[name], project, project.spec.user.join_key)
-            for key, row in rows.to_dict("index").items():
-                users.setdefault(key, {}).update(row)
+        users = {
+            name: user_rows(by_name[name], project)
+            for name in sorted(user_views - set(project.streaming))
+        }
         items = load_item_table(project, views)
-        item_ids = [project.item_id(i) for i in logs[spec.item_column]]
-        known = np.array([i in items for i in item_ids]) if len(items) else np.ones(len(logs), bool)
-        if not known.all() and any(s.source == "item" for s in specs):
-            logs, item_ids = (
-                logs[known].reset_index(drop=True),
-                [i for i, k in zip(item_ids, known, strict=True) if k],
-            )
+        item_ids = item_ids_of(project, logs[spec.item_column])
+        if len(items) and any(s.source == "item" for s in specs):
+            known = item_rows(items, item_ids) >= 0
+            if not known.all():
+                logs, item_ids = logs[known].reset_index(drop=True), item_ids[known]
         contexts = [c for c in project.context if c in logs.columns]
-        streamed = streaming_values(project, by_name, logs, item_ids, specs, every_item)
-        return cls(project, logs, item_ids, users, items, contexts, streamed)
+        streaming = {name: by_name[name] for name in user_views if name in project.streaming}
+        if streaming and not (spec.time_column and spec.time_column in logs):
+            raise ModelStoreError(
+                f"{project.file}: field 'interactions.time_column': a model that reads the "
+                f"streaming view {next(iter(streaming))!r} is trained on its value at each "
+                "impression's time, so the log needs a time column",
+                422,
+            )
+        return cls(project, logs, item_ids, users, items, contexts, streaming)
 
     @property
     def user_column(self) -> str:
@@ -213,13 +238,60 @@ class LoggedRows:
         assert spec is not None and spec.user_column is not None
         return spec.user_column
 
-    def user(self, row: int, key: Any) -> dict[str, Any]:
-        """What the model read of user `key` at log row `row`."""
-        user = self.users.get(key, {})
-        return user if self.streamed is None else {**user, **self.streamed[row]}
+    @property
+    def times(self) -> np.ndarray | None:
+        """The rows' times (int64 ns, UTC); None: the log has no time column."""
+        spec = self.project.spec.interactions
+        assert spec is not None
+        if not spec.time_column or spec.time_column not in self.logs:
+            return None
+        stamps = pd.to_datetime(self.logs[spec.time_column], utc=True)
+        return stamps.to_numpy("datetime64[ns]").astype(np.int64)
 
-    def context(self, row: int) -> dict[str, Any]:
-        return self.logs.loc[row, self.contexts].to_dict() if self.contexts else {}
+    def streamed(
+        self, spec: FeatureSpec, query_rows: np.ndarray, query_items: np.ndarray
+    ) -> np.ndarray:
+        """A streaming input's value for log rows `query_rows`, scoring `query_items`
+        (the view's value just before the row's time; features/history.py)."""
+        project = self.project
+        view = project.streaming[spec.view or ""]
+        if view.per == "item":
+            if spec.per_item:
+                counted: np.ndarray | None = query_items
+            else:  # one item's field, named outright
+                of = field_names(view, self.items.item_ids or list(dict.fromkeys(self.item_ids)))
+                counted = np.full(len(query_rows), of.get(spec.field), dtype=object)
+        else:
+            counted = None
+        ttl = ttl_seconds(self.streaming[view.view])
+        return view_values(
+            project, view, ttl, self.logs, self.item_ids, query_rows, counted
+        ).astype(np.float32)
+
+    def matrix(self, specs: Sequence[FeatureSpec]) -> np.ndarray:
+        """Each row's model input as serving would have built it then (float32,
+        rows x specs), built CHUNK_ROWS rows at a time."""
+        builder = LogMatrix(specs, self.users, self.items)
+        n = len(self.logs)
+        every = np.arange(n)
+        streamed = {
+            col: self.streamed(spec, every, self.item_ids)
+            for col, spec in enumerate(specs)
+            if spec.view in self.streaming
+        }
+        times = self.times
+        keys = self.logs[self.user_column].to_numpy()
+        matrix = np.empty((n, len(specs)), dtype=np.float32)
+        for start in range(0, n, CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            matrix[rows] = builder.rows(
+                keys[rows],
+                self.item_ids[rows],
+                None if times is None else times[rows],
+                {c: self.logs[c].to_numpy()[rows] for c in self.contexts},
+                {col: values[rows] for col, values in streamed.items()},
+            )
+        return matrix
 
 
 def log_rows(
@@ -242,76 +314,20 @@ def training_set(
     specs: Sequence[FeatureSpec],
 ) -> TrainingSet:
     logged = LoggedRows.read(project, views, data_dir, specs)
-    logs, items = logged.logs, logged.items
-    spec = project.spec.interactions
+    return logged_training_set(logged, specs)
+
+
+def logged_training_set(logged: LoggedRows, specs: Sequence[FeatureSpec]) -> TrainingSet:
+    spec = logged.project.spec.interactions
     assert spec is not None
-    matrix = np.empty((len(logs), len(specs)), dtype=np.float32)
-    ids = np.array(logged.item_ids, dtype=object)
-    for key, positions in logs.groupby(logged.user_column).indices.items():
-        if logged.contexts or logged.streamed is not None:
-            for pos in positions:
-                matrix[pos] = build_matrix(
-                    specs, logged.user(pos, key), items, [ids[pos]], logged.context(pos)
-                )
-        else:
-            matrix[positions] = build_matrix(
-                specs, logged.users.get(key, {}), items, list(ids[positions])
-            )
+    logs = logged.logs
     return TrainingSet(
-        matrix=matrix,
+        matrix=logged.matrix(specs),
         labels=logs[spec.outcome_column].to_numpy(dtype=np.int8),
         timestamps=logs[spec.time_column].to_numpy()
         if spec.time_column in logs
         else np.arange(len(logs)),
     )
-
-
-def streaming_values(
-    project: Project,
-    views: Mapping[str, FeatureView],
-    logs: pd.DataFrame,
-    item_ids: Sequence[Any],
-    specs: Sequence[FeatureSpec],
-    every_item: Sequence[Any] | None = None,
-) -> list[dict[str, float]] | None:
-    """Per log row, the streaming-view fields the specs read, as serving would have read
-    them at the row's time (None: the specs read no streaming view): of the row's item,
-    or of `every_item` (what scoring a whole catalogue at that row reads)."""
-    streaming = [
-        project.streaming[name]
-        for name in dict.fromkeys(s.view for s in specs if s.view in project.streaming)
-        if name is not None
-    ]
-    if not streaming:
-        return None
-    spec = project.spec.interactions
-    assert spec is not None
-    if not spec.time_column or spec.time_column not in logs:
-        raise ModelStoreError(
-            f"{project.file}: field 'interactions.time_column': a model that reads the "
-            f"streaming view {streaming[0].view!r} is trained on its value at each "
-            "impression's time, so the log needs a time column",
-            422,
-        )
-    merged: list[dict[str, float]] = [{} for _ in range(len(logs))]
-    for view in streaming:
-        mine = [s for s in specs if s.view == view.view]
-        wanted = [
-            list(
-                dict.fromkeys(
-                    s.field_for(item) if s.per_item else s.field
-                    for s in mine
-                    for item in ([row_item] if every_item is None else every_item)
-                )
-            )
-            for row_item in item_ids
-        ]
-        values = values_at_impressions(
-            project, view, ttl_seconds(views[view.view]), logs, item_ids, wanted
-        )
-        for row, found in zip(merged, values, strict=True):
-            row.update(found)
-    return merged
 
 
 def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:

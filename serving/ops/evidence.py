@@ -33,7 +33,7 @@ from rankgate.core.errors import RankgateError
 from serving.contract.config import EvaluationRequirement
 
 if TYPE_CHECKING:
-    from model_store.evaluation import LoggedDecision
+    from model_store.evaluation import LogDecisions, LoggedDecision
     from model_store.offpolicy import Estimator
     from rankgate.ops.environment import Environment
 
@@ -115,7 +115,7 @@ def logged_decisions(
     source: str,
     since: str = "7d",
     logs: Path | None = None,
-) -> tuple[list[LoggedDecision], str]:
+) -> tuple[list[LoggedDecision] | LogDecisions, str]:
     """The logged decisions of `source` (logs or audit) with the inputs `versions`
     read, and a description of the source."""
     if source == "logs":
@@ -154,7 +154,7 @@ def gather(
     env: Environment,
     version: str,
     baseline: str,
-    decisions: list[LoggedDecision],
+    decisions: list[LoggedDecision] | LogDecisions,
     source: str,
     estimator: Estimator,
     confidence: float,
@@ -192,5 +192,14 @@ def gather(
         clicks=result.clicks,
         weighted_clicks=comparison.weighted_clicks,
         verdict=comparison.verdict,
-        deterministic_logs=all(s.propensity == 1.0 for d in decisions for s in d.shown),
+        deterministic_logs=deterministic(decisions),
     )
+
+
+def deterministic(decisions: list[LoggedDecision] | LogDecisions) -> bool:
+    """Whether every logged propensity is 1 (a logging policy that never explored)."""
+    from model_store.evaluation import LogDecisions
+
+    if isinstance(decisions, LogDecisions):
+        return bool((decisions.propensity[decisions.rows] == 1.0).all())
+    return all(s.propensity == 1.0 for d in decisions for s in d.shown)

@@ -73,17 +73,27 @@ def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     ]
     items = load_item_table(env.project, views)
     scorer = OnnxScorer(env.models.path("v2") / ONNX_FILE, manifest.onnx.output_name)
-    slots = slots_for(decisions, manifest.specs, items, scorer)
+    slots = decisions.slots(manifest.specs, items, scorer)
     assert set(np.unique(slots.weights)) <= {0.0, 80.0}
-    for decision, target in zip(decisions, slots.target, strict=True):
+    for n, target in enumerate(slots.target):
         from features.vector import build_matrix
 
+        decision = decisions.decision(n, manifest.specs, items)
         scores = scorer.score(
             build_matrix(manifest.specs, decision.user, items, catalogue, decision.context)
         )
         (shown,) = decision.shown
         ranked = top_k(catalogue, scores, shown.position)
         assert target == float(ranked[-1].item_id == shown.item_id)
+    # The per-decision path (the audit log's) gives the same slots.
+    reference = slots_for(
+        [decisions.decision(n, manifest.specs, items) for n in range(len(decisions))],
+        manifest.specs,
+        items,
+        scorer,
+    )
+    for name in ("reward", "propensity", "target", "target_q", "logged_q", "group"):
+        np.testing.assert_array_equal(getattr(slots, name), getattr(reference, name))
 
 
 def test_a_log_without_propensities_is_refused_naming_the_field(

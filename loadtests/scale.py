@@ -13,15 +13,17 @@ reads it, and the log's propensity (the sample shows items uniformly at random,
 - the Redis-compatible server's memory: `INFO memory` and `MEMORY USAGE` of sampled
   keys, per person (feature rows and consent records) and per item;
 - one server started as `rankgate serve` starts it (`serve run` of the project's
-  serve config, on a free port): seconds until /healthz answers 200, then the
-  memory (RSS, PSS) of its Serve replicas;
+  serve config, on a free port) with v3 as its stable version: seconds until
+  /healthz answers 200, then the memory (RSS, PSS) of its Serve replicas;
 - rank latency (closed loop, one client) with 10, 100 and 500 candidates and with
   none (the whole catalogue), at the default budget and the largest;
 - event ingest: events/s accepted by `POST /v1/events` (batches of 50, a few
   clients);
-- event-to-decision latency: loadtests/freshness.py at 0 and 100 events/s;
+- event-to-decision latency at 0 and 100 events/s: loadtests/freshness.py's probe
+  and background events, on the same server;
 - `rankgate model evaluate v2 --logs FILE` on the log's last rows (each one a decision
-  over the whole catalogue), timed.
+  over the whole catalogue): the evaluation timed in this process, and the imports
+  the command adds timed in a fresh one.
 
 The report (`<output>/scale.json`, `.md`) puts the sizes side by side with the
 ratio of the largest to the smallest for each figure.
@@ -624,41 +626,42 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
     return figures
 
 
-def evaluate_time(
-    project: Path, home: Path, env: Any, size: Size, rows: int, folder: Path, say: Say
-) -> dict[str, Any]:
-    """`rankgate model evaluate v2 --logs FILE` on the log's last `rows` rows, timed."""
+def evaluate_time(env: Any, size: Size, rows: int, folder: Path, say: Say) -> dict[str, Any]:
+    """`rankgate model evaluate v2 --logs FILE` on the log's last `rows` rows (with the
+    sample's propensity, 1/items): the evaluation itself, timed in this process, and
+    the import of what the command loads, timed in a fresh one (the command's time is
+    their sum)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rankgate.ops.evaluation import EvaluationRequest, evaluate
+
     spec = env.project.spec.interactions
     source = pq.ParquetFile(env.project.path(spec.path, env.data_dir))
-    rows = min(rows, source.metadata.num_rows)
     last = source.read_row_group(source.num_row_groups - 1)
     last = last.slice(max(0, last.num_rows - rows))
     table = last.append_column("propensity", pa.array([1.0 / size.items] * last.num_rows))
     logs = folder / "evaluate-logs.parquet"
     pq.write_table(table, logs)
-    command = [sys.executable, "-m", "rankgate.cli", "model", "evaluate", "v2"]
-    command += ["--logs", str(logs), "--draws", "200", "--json"]
     started = time.perf_counter()
-    result = subprocess.run(
-        command,
-        env=child_env(project, home),
-        cwd=SOURCE_CHECKOUT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=1800,
-    )
+    evaluate(EvaluationRequest("v2", None, logs, False, "7d", 0.95, 200, 0))
     elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RankgateError(f"model evaluate failed: {(result.stdout + result.stderr)[-2000:]}")
-    say(f"    model evaluate v2 on {table.num_rows} rows x {size.items} items: {elapsed:.1f} s")
+    imports = (
+        "import rankgate.ops.evaluation, model_store.evaluation, model_store.train, "
+        "serving.ops.evidence, features.store"
+    )
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", imports], check=True, env=os.environ.copy())
+    imported = time.perf_counter() - started
+    say(
+        f"    model evaluate v2 on {table.num_rows} rows x {size.items} items: {elapsed:.1f} s "
+        f"(+ {imported:.1f} s of imports in the command)"
+    )
     return {
         "rows": table.num_rows,
         "items": size.items,
         "seconds": round(elapsed, 2),
+        "command_imports_s": round(imported, 2),
         "rows_per_s": round(table.num_rows / elapsed, 1),
         "scored_pairs_per_s": round(table.num_rows * size.items / elapsed),
     }
@@ -689,6 +692,7 @@ def measure_size(
     )
     write_scale_project(project, size)
     figures: dict[str, Any] = {"size": size.__dict__, "folder": str(folder)}
+    load_at_start = round(os.getloadavg()[0], 2)
     try:
         figures["setup"] = timed_setup(project, home, say, setup_timeout_s)
         with home_selected(project, home):
@@ -702,9 +706,10 @@ def measure_size(
             work = folder / "bench"
             work.mkdir(exist_ok=True)
             figures["served"] = served(env, duration, work, say)
-            figures["evaluate"] = evaluate_time(project, home, env, size, evaluate_rows, work, say)
+            figures["evaluate"] = evaluate_time(env, size, evaluate_rows, work, say)
     finally:
         EmbeddedRedis(Home(home)).stop()
+    figures["load_1min"] = [load_at_start, round(os.getloadavg()[0], 2)]
     return figures
 
 
@@ -777,6 +782,7 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
         rows[f"event-to-decision at {rate} events/s: server p50 ms"] = row["server_p50_ms"]
     evaluation = result["evaluate"]
     rows[f"model evaluate: s for {evaluation['rows']} rows"] = evaluation["seconds"]
+    rows["model evaluate: the command's imports s"] = evaluation["command_imports_s"]
     rows["model evaluate: scored pairs per s"] = evaluation["scored_pairs_per_s"]
     return rows
 
@@ -810,9 +816,9 @@ def render(report: dict[str, Any]) -> str:
             f"--scale` at {', '.join(labels)} (people/items/impressions). Each size: the "
             "template's sample shop generated at that size (`rankgate init --sample-size`) "
             "with a streaming view of each person's recent clicks and model v3 reading it, "
-            "set up in a fresh home, then served (one `serve run`, the project's serve "
-            f"config). Latency: one client, closed loop, {report['duration_s']:g} s per "
-            "row; events: "
+            "set up in a fresh home, then served (one `serve run` of the project's serve "
+            "config, v3 stable). Latency: one client, closed loop, "
+            f"{report['duration_s']:g} s per row; events: "
             f"{EVENT_CLIENTS} clients posting batches of {EVENT_BATCH}; `model evaluate` on "
             f"the log's last {report['evaluate_rows']} rows, each a decision over the whole "
             "catalogue."
@@ -828,7 +834,25 @@ def render(report: dict[str, Any]) -> str:
             grew = report["growth"].get(name)
             row += f" | {fmt(grew)}×" if grew is not None else " | —"
         lines.append(row + " |")
-    lines += ["", "Setup phases are timed from `rankgate setup`'s own output lines."]
+    lines += [
+        "",
+        (
+            "Setup phases are timed from `rankgate setup`'s own output lines (*start*: its "
+            "imports and the embedded Redis; *prepare*: the generator and the project's "
+            "checks). Redis bytes per person: the person's feature row and consent record "
+            "(`MEMORY USAGE` of sampled keys, scaled to the key count). Replica memory: the "
+            "`ray::ServeReplica` processes; stack: every process the server started. "
+            "`model evaluate` is timed in-process; the command adds its imports."
+        ),
+    ]
+    loads = {label: r.get("load_1min") for label, r in report["results"].items()}
+    if all(loads.values()):
+        lines += [
+            "",
+            "Load average (1 min) of the machine at each size's start and end: "
+            + "; ".join(f"{label} {a}–{b}" for label, (a, b) in loads.items())
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -781,7 +781,8 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
         rows[f"event-to-decision at {rate} events/s: client p99 ms"] = row["client_p99_ms"]
         rows[f"event-to-decision at {rate} events/s: server p50 ms"] = row["server_p50_ms"]
     evaluation = result["evaluate"]
-    rows[f"model evaluate: s for {evaluation['rows']} rows"] = evaluation["seconds"]
+    rows["model evaluate: log rows (each over the whole catalogue)"] = evaluation["rows"]
+    rows["model evaluate: s"] = evaluation["seconds"]
     rows["model evaluate: the command's imports s"] = evaluation["command_imports_s"]
     rows["model evaluate: scored pairs per s"] = evaluation["scored_pairs_per_s"]
     return rows

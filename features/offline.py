@@ -148,10 +148,14 @@ class LogMatrix:
             elif spec.source == "item":
                 if catalogue_rows is None:
                     catalogue_rows = item_rows(self.items, ids)
-                matrix[:, col] = self.items.column(spec.field, spec.encoding)[catalogue_rows]
+                values = self.items.column(spec.field, spec.encoding)
+                # An item the catalogue does not hold has no attributes: missing.
+                matrix[:, col] = np.where(
+                    catalogue_rows >= 0, values[np.maximum(catalogue_rows, 0)], MISSING
+                )
             elif spec.source == "context":
-                values = context.get(spec.field)
-                matrix[:, col] = MISSING if values is None else encode_column(values, spec.encoding)
+                given = context.get(spec.field)
+                matrix[:, col] = MISSING if given is None else encode_column(given, spec.encoding)
             else:
                 view = self.users.get(spec.view or "")
                 if view is None:

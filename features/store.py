@@ -31,6 +31,7 @@ from rankgate.core.project import DATA_DIR_VARIABLE, ItemId, Project
 from rankgate.core.redis_server import (
     SERVING_REDIS_OPTIONS,
     feast_connection_string,
+    feast_redis_type,
     resolve_redis_url,
 )
 from rankgate.core.settings import Settings, get_project, get_settings
@@ -122,7 +123,9 @@ def repo_config(
         # skip_dedup: rows are written as given (one round trip). The event consumer
         # serializes the updates of a person itself, and `rankgate events replay` must
         # be able to write a row again with the timestamp it had.
-        online_store=RedisOnlineStoreConfig(connection_string=connection, skip_dedup=True),
+        online_store=RedisOnlineStoreConfig(
+            redis_type=feast_redis_type(redis_url), connection_string=connection, skip_dedup=True
+        ),
         offline_store=(
             ServingOfflineStoreConfig() if serving else raw.get("offline_store", {"type": "file"})
         ),

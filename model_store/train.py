@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -151,6 +151,21 @@ def item_ids_of(project: Project, values: pd.Series) -> np.ndarray:
     return values.astype(str).to_numpy(dtype=object)
 
 
+def log_tables(
+    project: Project, views: Sequence[FeatureView], specs: Sequence[FeatureSpec]
+) -> tuple[dict[str, UserRows], ItemTable, dict[str, FeatureView]]:
+    """What a log's rows are joined with: the user views the specs read (every offline
+    row), the item table, and the streaming views the specs read (by name)."""
+    by_name = {v.name: v for v in views}
+    user_views = {s.view for s in specs if s.source == "user" and s.view}
+    users = {
+        name: user_rows(by_name[name], project)
+        for name in sorted(user_views - set(project.streaming))
+    }
+    streaming = {name: by_name[name] for name in sorted(user_views & set(project.streaming))}
+    return users, load_item_table(project, views), streaming
+
+
 CHUNK_ROWS = 1_000_000
 """Log rows built per step: what one step holds besides the matrix is bounded by it."""
 
@@ -209,20 +224,13 @@ class LoggedRows:
         if spec.time_column and spec.time_column in logs:
             logs = logs.sort_values(spec.time_column, kind="stable")
         logs = logs.reset_index(drop=True)
-        by_name = {v.name: v for v in views}
-        user_views = {s.view for s in specs if s.source == "user" and s.view}
-        users = {
-            name: user_rows(by_name[name], project)
-            for name in sorted(user_views - set(project.streaming))
-        }
-        items = load_item_table(project, views)
+        users, items, streaming = log_tables(project, views, specs)
         item_ids = item_ids_of(project, logs[spec.item_column])
         if len(items) and any(s.source == "item" for s in specs):
             known = item_rows(items, item_ids) >= 0
             if not known.all():
                 logs, item_ids = logs[known].reset_index(drop=True), item_ids[known]
         contexts = [c for c in project.context if c in logs.columns]
-        streaming = {name: by_name[name] for name in user_views if name in project.streaming}
         if streaming and not (spec.time_column and spec.time_column in logs):
             raise ModelStoreError(
                 f"{project.file}: field 'interactions.time_column': a model that reads the "
@@ -268,9 +276,11 @@ class LoggedRows:
             project, view, ttl, self.logs, self.item_ids, query_rows, counted
         ).astype(np.float32)
 
-    def matrix(self, specs: Sequence[FeatureSpec]) -> np.ndarray:
+    def batches(
+        self, specs: Sequence[FeatureSpec], chunk_rows: int = CHUNK_ROWS
+    ) -> Iterator[tuple[slice, np.ndarray]]:
         """Each row's model input as serving would have built it then (float32,
-        rows x specs), built CHUNK_ROWS rows at a time."""
+        rows x specs), `chunk_rows` rows at a time: (the rows, their matrix)."""
         builder = LogMatrix(specs, self.users, self.items)
         n = len(self.logs)
         every = np.arange(n)
@@ -281,16 +291,25 @@ class LoggedRows:
         }
         times = self.times
         keys = self.logs[self.user_column].to_numpy()
-        matrix = np.empty((n, len(specs)), dtype=np.float32)
-        for start in range(0, n, CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            matrix[rows] = builder.rows(
-                keys[rows],
-                self.item_ids[rows],
-                None if times is None else times[rows],
-                {c: self.logs[c].to_numpy()[rows] for c in self.contexts},
-                {col: values[rows] for col, values in streamed.items()},
+        contexts = {c: self.logs[c].to_numpy() for c in self.contexts}
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            yield (
+                rows,
+                builder.rows(
+                    keys[rows],
+                    self.item_ids[rows],
+                    None if times is None else times[rows],
+                    {c: values[rows] for c, values in contexts.items()},
+                    {col: values[rows] for col, values in streamed.items()},
+                ),
             )
+
+    def matrix(self, specs: Sequence[FeatureSpec]) -> np.ndarray:
+        """Every row's model input (float32, rows x specs)."""
+        matrix = np.empty((len(self.logs), len(specs)), dtype=np.float32)
+        for rows, part in self.batches(specs):
+            matrix[rows] = part
         return matrix
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 from feast import FeatureStore
 from pydantic import ValidationError
 from ray import serve
@@ -50,6 +49,7 @@ from rankgate.core.project_files import materialize
 from rankgate.core.redis_server import (
     SERVING_CONNECT_TIMEOUT_S,
     SERVING_SOCKET_TIMEOUT_S,
+    connect_async,
     resolve_redis_url,
 )
 from rankgate.core.settings import Settings, get_project, get_settings
@@ -144,7 +144,7 @@ class ReplicaRuntime:
         self.files = files
         """The tables the serving path reads, by role (features.store.serving_files)."""
         self.store = store
-        self.redis = aioredis.Redis.from_url(
+        self.redis = connect_async(
             redis_url,
             socket_timeout=SERVING_SOCKET_TIMEOUT_S,
             socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S,

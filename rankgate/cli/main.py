@@ -41,6 +41,10 @@ LAZY_SUBCOMMANDS = {
         f"{COMMANDS}.cluster:cluster",
         "Serving on a Ray cluster whose nodes share no filesystem (docs/cluster.md).",
     ),
+    "consent": LazyCommand(
+        f"{COMMANDS}.consent:consent",
+        "Consent records in bulk: import a consent platform's or a warehouse's export.",
+    ),
     "events": LazyCommand(
         f"{COMMANDS}.events:events",
         "The event stream (POST /v1/events) and the streaming features it feeds.",

@@ -5,6 +5,17 @@ Redis never meet. Writers build key names only with the functions below.
 `KEYS` describes each kind for people and for erasure: the table in
 docs/reference.md is made from it (`markdown_table`), and `rankgate privacy
 forget` erases every kind that names people (`personal`) and nothing else.
+
+On a Redis Cluster only the part of a name in braces (its hash tag) picks the
+slot, and one transaction or script may touch only keys of one slot. So:
+
+- a person's keys (consent, streaming states) carry the person's key as their tag,
+  `{<user_key>}`: they live together, and erasing a person reads one node;
+- a key that one script or transaction writes beside another carries that other
+  key's whole name as its tag (`same_slot_as`): the idempotency keys of the event
+  stream, and the rollback hash beside the routing events.
+
+Every other key is hashed whole and spreads over the cluster.
 """
 
 from __future__ import annotations
@@ -12,8 +23,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def person_tag(user_key: str) -> str:
+    """The hash tag of a person's keys: one slot per person."""
+    return "{" + user_key + "}"
+
+
+def person_of(name: str) -> str:
+    """The user key in the name of one of a person's keys (its tag's content)."""
+    start = name.index("{") + 1
+    return name[start : name.index("}", start)]
+
+
+def same_slot_as(key: str) -> str:
+    """A hash tag putting a key in the slot of `key`, a name without braces (which
+    Redis Cluster hashes whole, as it hashes a tag's content)."""
+    assert "{" not in key, key
+    return "{" + key + "}"
+
+
 def consent(namespace: str, user_key: str) -> str:
-    return f"{namespace}:consent:{user_key}"
+    return f"{namespace}:consent:{person_tag(user_key)}"
+
+
+def consent_import(namespace: str, file_digest: str) -> str:
+    return f"{namespace}:consent_import:{file_digest}"
 
 
 def api_keys(namespace: str) -> str:
@@ -25,7 +58,8 @@ def audit(namespace: str) -> str:
 
 
 def rollbacks(namespace: str) -> str:
-    return f"{namespace}:routing:rollback"
+    # Written with its routing event in one transaction.
+    return f"{namespace}:routing:rollback:{same_slot_as(routing_events(namespace))}"
 
 
 def routing_events(namespace: str) -> str:
@@ -45,7 +79,8 @@ def events(namespace: str) -> str:
 
 
 def event_seen(namespace: str, event_digest: str) -> str:
-    return f"{namespace}:events:seen:{event_digest}"
+    # Set by the script that appends the event to the stream.
+    return f"{namespace}:events:seen:{same_slot_as(events(namespace))}:{event_digest}"
 
 
 def consumer_lease(namespace: str) -> str:
@@ -53,7 +88,7 @@ def consumer_lease(namespace: str) -> str:
 
 
 def streaming_state(namespace: str, view: str, user_key: str) -> str:
-    return f"{namespace}:streaming:{view}:{user_key}"
+    return f"{namespace}:streaming:{view}:{person_tag(user_key)}"
 
 
 def decision(namespace: str, request_id: str) -> str:
@@ -88,9 +123,17 @@ NS = "<ns>"
 CONSENT = RedisKey(
     consent(NS, "<user_key>"),
     "hash",
-    "`/v1/consent`, `rankgate setup` (demo records)",
+    "`/v1/consent`, `rankgate consent import`, `rankgate setup` (demo records)",
     'purpose → `{"granted", "source", "updated_at"}`',
     personal=True,
+)
+CONSENT_IMPORTS = RedisKey(
+    consent_import(NS, "<digest>"),
+    "hash",
+    "`rankgate consent import`",
+    "progress of one file's import (rows written in file order, counts; `finished_at` once "
+    "done), by sha256 of the file, the column mapping and the pseudonymisation key",
+    personal=False,
 )
 AUDIT = RedisKey(
     audit(NS),
@@ -200,6 +243,7 @@ OUTCOMES_UNJOINED = RedisKey(
 )
 KEYS = (
     CONSENT,
+    CONSENT_IMPORTS,
     AUDIT,
     FEAST_ROWS,
     API_KEYS,

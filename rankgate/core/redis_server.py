@@ -6,6 +6,11 @@ package) running as a daemon on a free loopback port, with its config, data,
 pid and log under `<home>/redis/`. The first process that needs it starts it;
 every later process of the same home reuses it while it runs; `rankgate redis
 stop` (or `EmbeddedRedis.stop`) shuts it down cleanly, saving its data.
+
+A Redis Cluster is named by a `redis+cluster://` (TLS: `rediss+cluster://`) URL
+listing one or more of its nodes, `redis+cluster://[user:password@]host:port[,host:port...]`:
+the clients find the other nodes themselves, and Feast's online store gets
+`redis_type: redis_cluster` (docs/cluster.md, "A Redis Cluster").
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis
+import redis.asyncio as aioredis
+from redis.cluster import ClusterNode
+from redis.commands.core import AsyncScript
 
-from rankgate.core.errors import RedisUnavailable
+from rankgate.core.errors import ConfigError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.settings import Settings, get_settings
 
@@ -36,6 +45,11 @@ SERVING_REDIS_OPTIONS = (
     f",socket_connect_timeout={SERVING_CONNECT_TIMEOUT_S},socket_timeout={SERVING_SOCKET_TIMEOUT_S}"
 )
 """The same timeouts as options of Feast's Redis connection string."""
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+"""URL schemes that name a Redis Cluster -> TLS or not."""
+
+RedisClient = redis.Redis | redis.RedisCluster
+AsyncRedisClient = aioredis.Redis | aioredis.RedisCluster
 
 
 def _binary_path() -> Path:
@@ -208,27 +222,119 @@ def resolve_redis_url(settings: Settings | None = None) -> str:
     return EmbeddedRedis(Home.from_settings(settings)).ensure_running()
 
 
+@dataclass(frozen=True)
+class ClusterAddress:
+    """What a `redis+cluster://` URL says: seed nodes, credentials, TLS."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    ssl: bool
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterAddress | None:
+        """The cluster a URL names; None for a URL of one server."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in CLUSTER_SCHEMES:
+            return None
+        userinfo, _, hosts = rest.rpartition("@")
+        hosts, _, path = hosts.partition("/")
+        if path not in ("", "0"):
+            raise ConfigError(
+                f"REDIS_URL: a Redis Cluster has only database 0, not {path!r} "
+                "(drop the path or use /0)"
+            )
+        nodes = []
+        for node in hosts.split(","):
+            host, colon, port = node.strip().rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ConfigError(
+                    f"REDIS_URL: cluster node {node!r} is not host:port "
+                    "(redis+cluster://host:port[,host:port...])"
+                )
+            nodes.append((host.strip("[]"), int(port)))
+        username, _, password = userinfo.partition(":")
+        return cls(
+            tuple(nodes),
+            unquote(username) or None,
+            unquote(password) or None,
+            CLUSTER_SCHEMES[scheme],
+        )
+
+    def client_options(self) -> dict[str, object]:
+        options: dict[str, object] = {"username": self.username, "password": self.password}
+        if self.ssl:
+            options["ssl"] = True
+        return options
+
+
+def is_cluster_url(url: str) -> bool:
+    return ClusterAddress.parse(url) is not None
+
+
 def describe(url: str) -> str:
-    """host:port of a Redis URL, without credentials, for messages."""
+    """host:port of a Redis URL (every seed node of a cluster), without credentials."""
+    cluster = ClusterAddress.parse(url)
+    if cluster is not None:
+        return ",".join(f"{h}:{p}" for h, p in cluster.nodes) + " (cluster)"
     parsed = urlparse(url)
     return f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"
 
 
-def connect(url: str | None = None, **kwargs: object) -> redis.Redis:
-    """A client for `url` (default: resolve_redis_url) that has answered a PING."""
+def connect(url: str | None = None, **kwargs: object) -> RedisClient:
+    """A client for `url` (default: resolve_redis_url) that has answered a PING: a
+    RedisCluster for a `redis+cluster://` URL, else a Redis."""
     url = url or resolve_redis_url()
     options: dict[str, object] = {"socket_connect_timeout": 2, "socket_timeout": 5}
     options.update(kwargs)
-    client = redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+    cluster = ClusterAddress.parse(url)
     try:
+        client: RedisClient
+        if cluster is None:
+            client = redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+        else:
+            client = redis.RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+                **cluster.client_options(),  # type: ignore[arg-type]
+                **options,  # type: ignore[arg-type]
+            )
         client.ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise RedisUnavailable(f"Redis unreachable at {describe(url)}: {exc}") from exc
     return client
 
 
+def connect_async(url: str, **kwargs: object) -> AsyncRedisClient:
+    """An asyncio client for `url` (not yet connected): a RedisCluster for a
+    `redis+cluster://` URL, else a Redis."""
+    cluster = ClusterAddress.parse(url)
+    if cluster is None:
+        return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    return aioredis.RedisCluster(
+        startup_nodes=[aioredis.cluster.ClusterNode(host, port) for host, port in cluster.nodes],
+        **cluster.client_options(),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def feast_redis_type(url: str) -> str:
+    """Feast's `online_store.redis_type` for a Redis URL."""
+    return "redis_cluster" if is_cluster_url(url) else "redis"
+
+
 def feast_connection_string(url: str) -> str:
-    """Feast's Redis online store wants `host:port,db=N,password=…`, not a URL."""
+    """Feast's Redis online store wants `host:port,db=N,password=…` (a cluster:
+    `host:port,host:port,password=…`), not a URL."""
+    cluster = ClusterAddress.parse(url)
+    if cluster is not None:
+        parts = [f"{host}:{port}" for host, port in cluster.nodes]
+        if cluster.password:
+            parts.append(f"password={cluster.password}")
+        if cluster.username and cluster.username != "default":
+            parts.append(f"username={cluster.username}")
+        if cluster.ssl:
+            parts.append("ssl=true")
+        return ",".join(parts)
     parsed = urlparse(url)
     parts = [f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}"]
     db = (parsed.path or "/0").lstrip("/") or "0"
@@ -240,3 +346,23 @@ def feast_connection_string(url: str) -> str:
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
     return ",".join(parts)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether a client speaks to a Redis Cluster (no cross-slot transactions or
+    scripts, no scripts in pipelines)."""
+    return isinstance(client, redis.RedisCluster | aioredis.RedisCluster)
+
+
+def register_async_script(client: AsyncRedisClient, script: str) -> AsyncScript:
+    """`client.register_script`, which a cluster client has too (redis-py types it for
+    Redis only). A cluster runs a script whose keys share a slot, but not in a pipeline."""
+    return AsyncScript(client, script)  # type: ignore[arg-type]
+
+
+def client_address(client: RedisClient) -> str:
+    """host:port a client speaks to (a cluster's primaries), for messages."""
+    if isinstance(client, redis.RedisCluster):
+        return ",".join(node.name for node in client.get_primaries()) + " (cluster)"
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import redis
+from rankgate.core.redis_server import RedisClient
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (stream id, fields)."""
 
 
 def stream_pages(
-    client: redis.Redis,
+    client: RedisClient,
     stream: str,
     size: int,
     start: str | None = None,

@@ -28,12 +28,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import redis
-
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
-from rankgate.core.redis_server import connect
+from rankgate.core.redis_server import RedisClient, connect
 from rankgate.governance.policy import load_policy
 
 KEY_PREFIX = "rg_"
@@ -127,7 +125,7 @@ def check_app(app: str) -> str:
 class ApiKeyStore:
     """Create, list and revoke keys (the `rankgate keys` commands)."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: RedisClient, namespace: str) -> None:
         self.client = client
         self.key = redis_keys.api_keys(namespace)
 

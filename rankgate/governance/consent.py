@@ -3,6 +3,13 @@
 "updated_at": iso}.
 
 No field for a purpose means no recorded decision ("unknown").
+
+Bulk writes (`rankgate consent import`, setup's demo records) go through
+`ConsentStore.record_newer`: a record replaces the stored one of its purpose only
+when its `updated_at` is later (on equal times, a denial replaces a grant), checked
+and written by a server-side script, so replaying a file, or an old export arriving
+after a newer decision, changes nothing, whatever order records arrive in. Times
+are UTC ISO 8601 (`+00:00`), which order as text.
 """
 
 from __future__ import annotations
@@ -11,15 +18,20 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
+from rankgate.core.redis_server import AsyncRedisClient, RedisClient
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,6 +40,55 @@ class ConsentState(StrEnum):
     GRANTED = "granted"
     DENIED = "denied"
     UNKNOWN = "unknown"
+
+
+DECISIONS = {ConsentState.GRANTED.value: True, ConsentState.DENIED.value: False}
+"""The decisions a record can hold ("unknown" is the absence of a record)."""
+
+# Records of KEYS[1..n] (consent hashes): ARGV holds, per key, how many records it
+# has, then a (purpose, rank, record JSON) triplet each, where rank is the record's
+# `updated_at` followed by "0" (granted) or "1" (denied). A record replaces the stored
+# one of its purpose only when its rank is higher (as text): a later time, or the
+# same time and denied over granted. So the outcome does not depend on the order
+# records arrive in, and a replay writes nothing. Returns how many were written.
+RECORD_IF_NEWER = """
+local written, at = 0, 1
+for k = 1, #KEYS do
+  local key, count = KEYS[k], tonumber(ARGV[at])
+  at = at + 1
+  for _ = 1, count do
+    local stored = redis.call('HGET', key, ARGV[at])
+    local rank = ''
+    if stored then
+      local record = cjson.decode(stored)
+      rank = (record['updated_at'] or '') .. (record['granted'] and '0' or '1')
+    end
+    if rank < ARGV[at + 1] then
+      redis.call('HSET', key, ARGV[at], ARGV[at + 2])
+      written = written + 1
+    end
+    at = at + 3
+  end
+end
+return written
+"""
+KEYS_PER_CALL = 50
+"""People per script call on a single server (one on a Redis Cluster, where a call's
+keys must share a slot)."""
+
+
+def record_json(
+    granted: pa.ChunkedArray, sources: pa.ChunkedArray, updated_at: pa.ChunkedArray
+) -> pa.ChunkedArray:
+    """Stored records, as `consent_fields` writes them, of columns of decisions (Arrow:
+    bulk writers build a million in a fraction of a second)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    coded = pc.dictionary_encode(sources).combine_chunks()
+    quoted = pa.array([json.dumps(s) for s in coded.dictionary.to_pylist()]).take(coded.indices)
+    opening = pc.if_else(granted, '{"granted": true, "source": ', '{"granted": false, "source": ')
+    return pc.binary_join_element_wise(opening, quoted, ', "updated_at": "', updated_at, '"}', "")
 
 
 def consent_fields(purposes: Mapping[str, bool], source: str) -> dict[str, str]:
@@ -47,7 +108,7 @@ def parse_state(raw: bytes | str | None) -> ConsentState:
 
 
 class ConsentStore:
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: RedisClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
 
@@ -55,6 +116,42 @@ class ConsentStore:
         fields = consent_fields(purposes, source)
         if fields:
             self.client.hset(redis_keys.consent(self.namespace, key), mapping=fields)
+
+    def record_newer(
+        self,
+        keys: Sequence[str],
+        purposes: Sequence[str],
+        ranks: Sequence[str],
+        values: Sequence[str],
+        batch: int = 200,
+    ) -> int:
+        """Write each record (pseudonymous key, purpose, rank, stored JSON) unless
+        the stored one of its purpose ranks as high; how many were written. Records of
+        one key that follow each other go together; script calls of `KEYS_PER_CALL`
+        people are pipelined `batch` at a time."""
+        client = self.client
+        sha = client.script_load(RECORD_IF_NEWER)
+        per_call = 1 if isinstance(client, redis.RedisCluster) else KEYS_PER_CALL
+        consent_key, namespace = redis_keys.consent, self.namespace
+        written, count, index = 0, len(keys), 0
+        while index < count:
+            pipe = client.pipeline(transaction=False)
+            for _ in range(batch):
+                if index == count:
+                    break
+                names: list[str] = []
+                args: list[str | int] = []
+                while index < count and len(names) < per_call:
+                    key, first = keys[index], index
+                    names.append(consent_key(namespace, key))
+                    args.append(0)
+                    while index < count and keys[index] == key:
+                        args += (purposes[index], ranks[index], values[index])
+                        index += 1
+                    args[len(args) - 1 - 3 * (index - first)] = index - first
+                pipe.execute_command("EVALSHA", sha, len(names), *names, *args)
+            written += sum(pipe.execute())
+        return written
 
     def state(self, key: str, purpose: str) -> ConsentState:
         raw = self.client.hget(redis_keys.consent(self.namespace, key), purpose)
@@ -79,7 +176,7 @@ class AsyncConsentStore:
     """The serving replicas' consent store: reads within a request's deadline, and
     the writes of the consent API."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
 
@@ -117,3 +214,24 @@ def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:
         elif bucket == 2:
             decisions[purpose] = False
     return decisions
+
+
+def demo_decisions(
+    user_ids: Sequence[str], purposes: Iterable[str]
+) -> tuple[list[str], list[str], list[bool]]:
+    """`demo_consent` of every id, as columns (user id, purpose, granted) for the bulk
+    writer: person by person, purposes in order; purposes without a record left out."""
+    ids: list[str] = []
+    decided: list[str] = []
+    granted: list[bool] = []
+    sha256 = hashlib.sha256
+    suffixes = [(purpose, f"/{purpose}".encode()) for purpose in purposes]
+    for uid in user_ids:
+        raw = uid.encode()
+        for purpose, suffix in suffixes:
+            bucket = sha256(raw + suffix).digest()[0] % 4
+            if bucket < 3:
+                ids.append(uid)
+                decided.append(purpose)
+                granted.append(bucket < 2)
+    return ids, decided, granted

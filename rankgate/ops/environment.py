@@ -13,13 +13,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from rankgate.core import redis_keys
 from rankgate.core.errors import ModelStoreError, RankgateError
 from rankgate.core.home import Home
 from rankgate.core.project import ItemId, Project
-from rankgate.core.redis_server import connect, resolve_redis_url
+from rankgate.core.redis_server import RedisClient, connect, resolve_redis_url
 from rankgate.core.settings import Settings, get_project, get_settings
 from rankgate.governance.api_keys import ApiKeyStore
 from rankgate.governance.consent import ConsentStore
@@ -51,7 +49,7 @@ class Environment:
         return cls(settings, home, url, project)
 
     @cached_property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> RedisClient:
         return connect(self.redis_url)
 
     @property
@@ -120,14 +118,18 @@ class Environment:
         path = self.home.root / SETUP_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def sources(self) -> dict[str, Any]:
-        """What the prepared state depends on: the project's files and the key."""
-        fingerprint = hmac.new(
+    @property
+    def key_fingerprint(self) -> str:
+        """Names the pseudonymisation key without revealing it."""
+        return hmac.new(
             self.settings.user_key_secret.encode(), b"rankgate-setup", hashlib.sha256
         ).hexdigest()[:16]
+
+    def sources(self) -> dict[str, Any]:
+        """What the prepared state depends on: the project's files and the key."""
         return {
             "project": str(self.project.root),
-            "key_fingerprint": fingerprint,
+            "key_fingerprint": self.key_fingerprint,
             "files": self.project.source_digest(),
         }
 

@@ -49,6 +49,7 @@ from rankgate.core.errors import RankgateError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.project import Project
 from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_server import RedisClient, client_address
 from rankgate.core.streams import stream_pages
 from serving.contract.config import LimitsConfig
 from serving.contract.schemas import check_user_id
@@ -211,7 +212,7 @@ class Eraser:
     as such, and running `forget` again finishes the job.
     """
 
-    def __init__(self, client: redis.Redis, home: Home, project: Project) -> None:
+    def __init__(self, client: RedisClient, home: Home, project: Project) -> None:
         self.client = client
         self.namespace = home.namespace
         self.feast_project = home.namespace  # the Feast project of a home is its namespace
@@ -289,9 +290,15 @@ class Eraser:
         return erased
 
     def erase_streaming_states(self, key: str) -> int:
-        """Delete the consumer's state hashes of the person, whatever the view."""
+        """Delete the consumer's state hashes of the person, whatever the view. On a
+        cluster they share the person's slot (redis_keys.person_tag): one node is read."""
         pattern = redis_keys.streaming_state(glob_escape(self.namespace), "*", glob_escape(key))
-        names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT))
+        if isinstance(self.client, redis.RedisCluster):
+            node = self.client.get_node_from_key(redis_keys.consent(self.namespace, key))
+            found = self.client.scan_iter(match=pattern, count=SCAN_COUNT, target_nodes=node)
+        else:
+            found = self.client.scan_iter(match=pattern, count=SCAN_COUNT)
+        names = list(found)
         return int(self.client.delete(*names)) if names else 0  # type: ignore[arg-type]
 
     def erase_decisions(self, key: str) -> int:
@@ -315,7 +322,6 @@ class Eraser:
     def _redis(self, consequence: str) -> Iterator[None]:
         try:
             yield
-        except redis.RedisError as exc:
-            kwargs = self.client.connection_pool.connection_kwargs
-            where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            where = client_address(self.client)
             raise RedisUnavailable(f"Redis unreachable at {where}: {exc}; {consequence}") from exc

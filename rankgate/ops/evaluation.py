@@ -17,7 +17,7 @@ from rankgate.core.errors import RankgateError
 from rankgate.ops.environment import Environment
 
 if TYPE_CHECKING:
-    from model_store.evaluation import Evaluation
+    from model_store.evaluation import Evaluation, LogDecisions, LoggedDecision
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class EvaluationRequest:
     draws: int
     """Bootstrap draws for each interval."""
     seed: int
+    slots: int | None = None
+    """Evaluate on this many logged slots drawn at random (seeded); None: all."""
 
 
 def evaluate(request: EvaluationRequest) -> OffPolicyReport:
@@ -141,6 +143,9 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
     decisions, source = logged_decisions(
         env, versions, "audit" if audit else "logs", request.since, logs_path
     )
+    if request.slots is not None and request.slots < len(decisions):
+        decisions = sample_decisions(decisions, request.slots, request.seed)
+        source += f", {request.slots} slots drawn at random (seed {request.seed})"
     result = evaluate_versions(
         env.models,
         load_item_table(env.project, env.views()),
@@ -156,3 +161,17 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
         else []
     )
     return OffPolicyReport(version, baseline, source, request.confidence, result, in_sample)
+
+
+def sample_decisions(
+    decisions: list[LoggedDecision] | LogDecisions, n: int, seed: int
+) -> list[LoggedDecision] | LogDecisions:
+    """`n` of the decisions, drawn at random without replacement, in their order."""
+    import numpy as np
+
+    from model_store.evaluation import LogDecisions
+
+    if isinstance(decisions, LogDecisions):
+        return decisions.sample(n, seed)
+    picked = np.sort(np.random.default_rng(seed).choice(len(decisions), n, replace=False))
+    return [decisions[int(i)] for i in picked]

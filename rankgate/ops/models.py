@@ -21,6 +21,7 @@ from rankgate.core.errors import RankgateError
 from rankgate.ops.environment import Environment
 
 if TYPE_CHECKING:
+    from model_store.export import Exported
     from model_store.train import LogisticParams, Trainer, TrainParams
 
 Say = Callable[[str], None]
@@ -109,6 +110,45 @@ class Registered:
             )
             + f"; {reference})"
         ]
+
+
+def export_features(
+    output: Path,
+    version: str | None,
+    features_path: Path | None,
+    logs_path: Path | None,
+    say: Say = lambda _message: None,
+) -> Exported:
+    """Write the interaction log's training matrix (of VERSION's inputs, or a
+    FEATURES.yaml's; default: the last setup model's) to a Parquet file."""
+    from features.spec import resolve
+    from model_store.export import export_matrix
+    from model_store.train import LoggedRows
+
+    if version is not None and features_path is not None:
+        raise RankgateError("choose one of --model VERSION and --features FILE", 422)
+    env = Environment.open(redis=False)
+    if version is not None:
+        if not env.models.exists(version):
+            raise RankgateError(f"--model: no model version {version!r} in this home", 404)
+        specs = env.models.manifest(version).specs
+    else:
+        if features_path is None:
+            if not env.project.spec.setup_models:
+                raise RankgateError(
+                    "--features: required (the project declares no setup models)", 422
+                )
+            features_path = env.project.path(env.project.spec.setup_models[-1].features)
+        infos = env.view_infos()
+        if not infos:
+            raise RankgateError("no Feast registry in this home: run `rankgate setup` first", 409)
+        specs = resolve(load_features_file(features_path).inputs, infos, env.project)
+    say(f"reading the interaction log ({len(specs)} inputs)")
+    logged = LoggedRows.read(env.project, env.views(), env.data_dir, specs, logs_path)
+    total = len(logged.logs)
+    return export_matrix(
+        logged, specs, output, progress=lambda rows: say(f"  {rows:,} of {total:,} rows written")
+    )
 
 
 def register_model(

@@ -9,8 +9,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-
+from rankgate.core.redis_server import connect_async
 from rankgate.ops.environment import Environment
 from serving.observe.audit import AuditRecord
 from serving.ops import audit_replay
@@ -57,7 +56,7 @@ def replay_events(since: str, say: Say) -> ReplayReport:
     url = env.redis_url
 
     async def run() -> ReplayReport:
-        client = aioredis.Redis.from_url(url)
+        client = connect_async(url)
         try:
             return await replay_streaming(
                 client,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
@@ -31,13 +33,14 @@ from rankgate.core.redis_server import (
     resolve_redis_url,
 )
 from rankgate.core.settings import get_project, get_settings
-from rankgate.governance.consent import ConsentStore, demo_consent
+from rankgate.governance.consent import ConsentStore, demo_consent, demo_decisions
 from rankgate.governance.policy import load_policy_set
 from rankgate.ops.environment import SETUP_FILE, Environment
 
 __all__ = ["SETUP_FILE", "changed_files", "run_setup"]
 
 Say = Callable[[str], None]
+DEMO_SOURCE = "rankgate-demo"
 
 
 def changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -177,18 +180,24 @@ def run_setup(say: Say, force: bool = False) -> bool:
         did = True
 
     demo = env.redis.get(env.marker_key("demo_consent"))
-    if demo is not None and demo.decode() == digest:  # type: ignore[union-attr]
+    ids = project.demo_user_ids()
+    purposes = list(policies.policy.purposes)
+    # The marker counts only if a record is where it is read now (redis_keys.consent:
+    # the key names changed once).
+    sample = next((uid for uid in ids if demo_consent(uid, purposes)), None)
+    if (
+        demo is not None
+        and demo.decode() == digest  # type: ignore[union-attr]
+        and (
+            sample is None
+            or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(sample)))
+        )
+    ):
         say("✓ demo consent records: already written")
     else:
-        ids = project.demo_user_ids()
-        purposes = list(policies.policy.purposes)
         say(f"• demo consent records: writing {len(ids)} users × {len(purposes)} purposes ...")
-        with env.redis.pipeline(transaction=False) as pipe:
-            store = ConsentStore(pipe, env.home.namespace)  # type: ignore[arg-type]
-            for uid in ids:
-                store.record(user_key(uid), demo_consent(uid, purposes), source="rankgate-demo")
-            pipe.set(env.marker_key("demo_consent"), digest)
-            pipe.execute()
+        write_demo_consent(env.consent, ids, purposes)
+        env.redis.set(env.marker_key("demo_consent"), digest)
         did = True
 
     record = {
@@ -201,6 +210,42 @@ def run_setup(say: Say, force: bool = False) -> bool:
     (env.home.root / SETUP_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     say("setup complete." if did else "nothing to do: everything was already set up.")
     return did
+
+
+DEMO_CHUNK = 100_000
+"""Demo users whose records are built and written at a time (bounded memory)."""
+
+
+def write_demo_consent(store: ConsentStore, user_ids: Sequence[str], purposes: list[str]) -> int:
+    """`demo_consent` records of every id, dated now, through the bulk writer of
+    `rankgate consent import`; how many were written."""
+    import pyarrow as pa
+
+    from rankgate.ops.consent_import import RECORDS, write_records
+
+    now = datetime.now(UTC)
+    written = 0
+    # One chunk is written while the next is built: Redis works while Python hashes.
+    with ThreadPoolExecutor(1) as writer:
+        pending: Future[int] | None = None
+        for start in range(0, len(user_ids), DEMO_CHUNK):
+            ids, decided, granted = demo_decisions(user_ids[start : start + DEMO_CHUNK], purposes)
+            records = pa.table(
+                [
+                    pa.array(ids, pa.string()),
+                    pa.array(decided, pa.string()),
+                    pa.array(granted, pa.bool_()),
+                    pa.repeat(pa.scalar(DEMO_SOURCE), len(ids)),
+                    pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(ids)),
+                ],
+                schema=RECORDS,
+            )
+            if pending is not None:
+                written += pending.result()
+            pending = writer.submit(write_records, store, records)
+        if pending is not None:
+            written += pending.result()
+    return written
 
 
 def list_users(purpose: str, consent: str | None, limit: int) -> list[str]:

@@ -41,7 +41,13 @@ from rankgate.core import redis_keys
 from rankgate.core.config_files import Strict, validation_message
 from rankgate.core.errors import ConfigError
 from rankgate.core.project import Project
-from rankgate.core.redis_server import SERVING_CONNECT_TIMEOUT_S
+from rankgate.core.redis_server import (
+    SERVING_CONNECT_TIMEOUT_S,
+    AsyncRedisClient,
+    connect_async,
+    is_cluster,
+    register_async_script,
+)
 from rankgate.governance.consent import ConsentState, parse_state
 from rankgate.governance.policy import Policy, load_policy_set
 from serving.events.intake import StoredEvent, stream_time
@@ -97,7 +103,7 @@ class StreamingUpdater:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedisClient,
         namespace: str,
         store: FeatureStore,
         project: Project,
@@ -106,6 +112,7 @@ class StreamingUpdater:
         metrics: ConsumerMetrics,
     ) -> None:
         self.client = client
+        self.cluster = is_cluster(client)
         self.namespace = namespace
         self.store = store
         self.views = list(views)
@@ -168,7 +175,9 @@ class StreamingUpdater:
                 self.metrics.unused.labels(key[0], "redelivered").inc(len(batch) - new)
         # State first (with its marker), then the rows: a crash in between pushes the
         # same rows again on redelivery, and the marker keeps the counts from doubling.
-        async with self.client.pipeline(transaction=True) as pipe:
+        # Each state carries its own marker, so on a cluster, where people's states
+        # are in different slots (no transaction spans them), they are written apart.
+        async with self.client.pipeline(transaction=not self.cluster) as pipe:
             for (view_name, user), state in states.items():
                 pipe.hset(
                     redis_keys.streaming_state(self.namespace, view_name, user),
@@ -207,12 +216,12 @@ class StreamingUpdater:
 class EventReader:
     """The consumer-group side of the stream: lease, claim, read, acknowledge."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, name: str) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str, name: str) -> None:
         self.client = client
         self.stream = redis_keys.events(namespace)
         self.lease_key = redis_keys.consumer_lease(namespace)
         self.name = name
-        self.lease_script = client.register_script(LEASE)
+        self.lease_script = register_async_script(client, LEASE)
         self.own_pending = True
 
     async def ensure_group(self) -> None:
@@ -285,7 +294,7 @@ class EventConsumer:
         runtime = ReplicaRuntime.open(carried)
         home, self.project, store = runtime.home, runtime.project, runtime.feast
         # Its own client: a read of the stream blocks longer than serving reads may.
-        self.client = aioredis.Redis.from_url(
+        self.client = connect_async(
             runtime.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
         )
         views = store.list_feature_views()

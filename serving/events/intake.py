@@ -50,6 +50,7 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.project import EventsConfig, ItemId
 from rankgate.core.pseudonym import user_key as pseudonymise
+from rankgate.core.redis_server import AsyncRedisClient, register_async_script
 from serving.contract.config import EventLimits
 from serving.contract.parsing import BadRequest, problems_of
 from serving.contract.schemas import ItemIdValue, RequestRules, UserId
@@ -321,12 +322,12 @@ class EventLog:
     """Appends event batches to the stream (the writer side; serving/events/consumer.py
     reads it)."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, limits: EventLimits) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str, limits: EventLimits) -> None:
         self.client = client
         self.namespace = namespace
         self.limits = limits
         self.stream = redis_keys.events(namespace)
-        self.append_script = client.register_script(APPEND)
+        self.append_script = register_async_script(client, APPEND)
         self.wait_for_disk = True
         """False once Redis said it keeps no append-only file (nothing to wait for)."""
 
@@ -354,8 +355,14 @@ class EventLog:
 
     async def on_disk(self) -> None:
         """Wait until Redis's append-only file holds the batch (fsync)."""
+        # On a cluster, asked of the master that holds the stream (WAITAOF names no key).
+        where: dict[str, Any] = (
+            {"target_nodes": self.client.get_node_from_key(self.stream)}
+            if isinstance(self.client, aioredis.RedisCluster)
+            else {}
+        )
         try:
-            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS)
+            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS, **where)
         except aioredis.ResponseError as exc:
             if "appendonly" not in str(exc).lower():
                 raise

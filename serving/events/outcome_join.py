@@ -16,6 +16,12 @@ variant (`impressions`, `clicks`, `conversions`, and per position
 `decisions`. A script runs whole or not at all, and an event already marked
 changes nothing, so a batch delivered again after a crash counts once.
 
+On a Redis Cluster the decision and its counters are in different slots, which one
+script cannot span: the decision is marked by a script of its own, then the
+counters are incremented (`_count_on_cluster`). An event is still counted at most
+once; a consumer that dies between the two steps leaves that batch's outcomes
+uncounted (docs/cluster.md, "A Redis Cluster").
+
 An outcome no decision takes is counted as unjoined, never an error:
 `unknown_request` (no such decision, or it expired after
 `events.decision_ttl_s`), `item_not_shown` (the item was not in the answer),
@@ -30,6 +36,7 @@ a model.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter as Tally
 from collections.abc import Sequence
@@ -41,6 +48,7 @@ import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
+from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
 from serving.events.intake import StoredEvent, event_digest
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import COUNTERS, outcome_roles
@@ -65,6 +73,19 @@ end
 local counts = redis.call('HMGET', KEYS[2], 'impressions', 'clicks')
 return {1, tonumber(counts[1]) or 0, tonumber(counts[2]) or 0}
 """
+
+# On a Redis Cluster a decision and its counters live in different slots, which no
+# script may span: the decision is marked first (this script, on the decision's
+# slot), then the counters are incremented. KEYS[1]: the decision hash; ARGV[1], ARGV[2]
+# as above. Returns {status, first}: status as above; first: 1 when this is the
+# decision's first joined outcome.
+MARK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return {0, 0} end
+return {1, redis.call('HSETNX', KEYS[1], 'joined', '1')}
+"""
+CLUSTER_SCRIPT_CONCURRENCY = 64
+"""Marks in flight at once on a cluster (scripts cannot be pipelined there)."""
 
 
 class Unjoined(StrEnum):
@@ -119,7 +140,7 @@ class OutcomeJoiner:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedisClient,
         namespace: str,
         outcomes: Outcomes,
         metrics: Metrics,
@@ -127,7 +148,9 @@ class OutcomeJoiner:
         self.client = client
         self.namespace = namespace
         self.roles = outcome_roles(outcomes)
-        self.script = client.register_script(JOIN_SCRIPT)
+        self.script = register_async_script(client, JOIN_SCRIPT)
+        self.mark_script = register_async_script(client, MARK_SCRIPT)
+        self.cluster = is_cluster(client)
         self.joined_total = metrics.counter(
             "rankgate_outcomes_joined",
             "Outcome events joined to a decision, by its model version and variant, the "
@@ -211,6 +234,9 @@ class OutcomeJoiner:
     async def _count(self, joins: list[tuple[StoredEvent, _Decision, int]]) -> list[Any]:
         if not joins:
             return []
+        if self.cluster:
+            return await self._count_on_cluster(joins)
+        assert isinstance(self.client, aioredis.Redis)
         async with self.client.pipeline(transaction=False) as pipe:
             for event, decision, position in joins:
                 assert event.request_id is not None
@@ -231,6 +257,54 @@ class OutcomeJoiner:
                     client=pipe,
                 )
             return await pipe.execute()  # type: ignore[no-any-return]
+
+    async def _count_on_cluster(self, joins: list[tuple[StoredEvent, _Decision, int]]) -> list[Any]:
+        """As `_count`, in two steps: mark the decisions (scripts, run concurrently),
+        then increment the counters of the newly marked ones (one pipeline). A
+        consumer that dies between the two leaves those outcomes marked but not
+        counted: the counts can fall short by a batch, never count an outcome twice."""
+        limit = asyncio.Semaphore(CLUSTER_SCRIPT_CONCURRENCY)
+
+        async def mark(event: StoredEvent, position: int) -> Any:
+            assert event.request_id is not None
+            recorded = {"type": event.type, "item": event.item_id, "position": position}
+            async with limit:
+                return await self.mark_script(
+                    keys=[redis_keys.decision(self.namespace, event.request_id)],
+                    args=[
+                        marker(event.event_id),
+                        json.dumps({**recorded, "at": event.at}, separators=(",", ":")),
+                    ],
+                )
+
+        marks = await asyncio.gather(*(mark(e, p) for e, _, p in joins))
+        counted = [
+            (join, int(first))
+            for join, (status, first) in zip(joins, marks, strict=True)
+            if int(status) == 1
+        ]
+        totals: list[Any] = []
+        if counted:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for (event, decision, position), first in counted:
+                    key = redis_keys.outcomes(self.namespace, decision.version, decision.variant)
+                    for role in self.roles[event.type]:
+                        pipe.hincrby(key, COUNTERS[role], 1)
+                        pipe.hincrby(key, f"{COUNTERS[role]}:{position}", 1)
+                    if first:
+                        pipe.hincrby(key, "decisions", 1)
+                    pipe.hmget(key, ["impressions", "clicks"])
+                replies = await pipe.execute()
+            totals = [reply for reply in replies if isinstance(reply, list)]
+        counts = iter(totals)
+        results: list[Any] = []
+        for status, _ in marks:
+            if int(status) == 1:
+                impressions, clicks = next(counts)
+                results.append([1, int(impressions or 0), int(clicks or 0)])
+            else:
+                results.append([int(status), 0, 0])
+        return results
 
     async def _count_unjoined(self, unjoined: list[tuple[StoredEvent, Unjoined]]) -> None:
         tally: Tally[tuple[str, str]] = Tally(

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
 from feast import FeatureStore
 
 from features.streaming import CountState, StreamingCounts, stream_order
 from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError, RankgateError
 from rankgate.core.project import ItemId, Project
+from rankgate.core.redis_server import AsyncRedisClient
 from rankgate.governance.policy import Policy
 from serving.events.consumer import GROUP, StreamingUpdater, parse_entries
 from serving.observe.metrics import ConsumerMetrics
@@ -71,7 +71,7 @@ class ReplayReport:
 
 
 async def replay_streaming(
-    client: aioredis.Redis,
+    client: AsyncRedisClient,
     namespace: str,
     store: FeatureStore,
     project: Project,
@@ -100,7 +100,7 @@ async def replay_streaming(
         for view in views:
             pattern = redis_keys.streaming_state(namespace, view.view, "*")
             async for key in client.scan_iter(match=pattern, count=1000):
-                people[view.view].add(key.decode().rsplit(":", 1)[1])
+                people[view.view].add(redis_keys.person_of(key.decode()))
                 await client.delete(key)
         report.people_reset = len(set().union(*people.values()))
         cursor = start
@@ -134,7 +134,7 @@ async def replay_streaming(
     return report
 
 
-async def last_delivered(client: aioredis.Redis, stream: str) -> str | None:
+async def last_delivered(client: AsyncRedisClient, stream: str) -> str | None:
     """The last entry the consumer group was given (the stream's last without a group)."""
     if not await client.exists(stream):
         return None

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
+from rankgate.core.redis_server import AsyncRedisClient
 from rankgate.governance.api_keys import ApiKey, KeyTable, is_key_shaped
 
 logger = logging.getLogger("ray.serve")
@@ -50,7 +51,7 @@ class AuthUnavailable(RankgateError):
 
 
 class KeyCache:
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str) -> None:
         self.client = client
         self.key = redis_keys.api_keys(namespace)
         self.table: KeyTable | None = None

@@ -51,6 +51,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
 from rankgate.core import redis_keys
+from rankgate.core.redis_server import AsyncRedisClient
 from serving.contract.schemas import ExplanationStatus, Fallback, ModelRef, PolicyBlock, Reason
 
 logger = logging.getLogger("ray.serve")
@@ -219,7 +220,7 @@ class AuditWriter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedisClient,
         namespace: str,
         max_records: int,
         decision_ttl_s: float | None = None,

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 
 from model_store.reference import Bins, DriftReference, bin_index
 from rankgate.core import redis_keys
+from rankgate.core.redis_server import AsyncRedisClient
 from serving.contract.config import DriftConfig
 from serving.observe.drift_figures import DriftFigures, DriftKind
 from serving.observe.metrics import ServingMetrics
@@ -335,14 +336,14 @@ class DriftMonitor:
 
     # -- the background task -------------------------------------------------------
 
-    def keep_fresh(self, client: aioredis.Redis, namespace: str) -> None:
+    def keep_fresh(self, client: AsyncRedisClient, namespace: str) -> None:
         """Fold, publish and write the figures every `refresh_s` from now on."""
         if self.refresher is None or self.refresher.done():
             self.refresher = asyncio.get_running_loop().create_task(
                 self._refresh_forever(client, namespace)
             )
 
-    async def _refresh_forever(self, client: aioredis.Redis, namespace: str) -> None:
+    async def _refresh_forever(self, client: AsyncRedisClient, namespace: str) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
             try:
@@ -350,7 +351,9 @@ class DriftMonitor:
             except Exception:  # drift monitoring never stops: the next round retries
                 logger.exception("drift refresh failed")
 
-    async def refresh_and_write(self, client: aioredis.Redis, namespace: str) -> list[DriftFigures]:
+    async def refresh_and_write(
+        self, client: AsyncRedisClient, namespace: str
+    ) -> list[DriftFigures]:
         # Binning thousands of rows takes milliseconds: off the event loop.
         figures = await asyncio.to_thread(self.refresh)
         ttl = int(self.config.window_s)

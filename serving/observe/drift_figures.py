@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import redis
-
 from rankgate.core import redis_keys
+from rankgate.core.redis_server import RedisClient
 
 DriftKind = Literal["feature", "score", "explanation"]
 KINDS: tuple[DriftKind, ...] = ("feature", "score", "explanation")
@@ -95,7 +94,7 @@ class DriftFigures:
         return max(time.time() - self.at, 0.0)
 
 
-def read_drift(client: redis.Redis, namespace: str, version: str) -> DriftFigures | None:
+def read_drift(client: RedisClient, namespace: str, version: str) -> DriftFigures | None:
     """The figures a replica wrote last for `version` (None: none within the window)."""
     raw = client.hgetall(redis_keys.drift(namespace, version))
     if not raw:

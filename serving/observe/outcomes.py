@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from math import sqrt
 from statistics import NormalDist
 
-import redis
-import redis.asyncio as aioredis
-
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes, Project
+from rankgate.core.redis_server import AsyncRedisClient, RedisClient
 
 ROLES = ("impression", "click", "conversion")
 COUNTERS = {"impression": "impressions", "click": "clicks", "conversion": "conversions"}
@@ -164,19 +162,19 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     return low, high
 
 
-def read_outcomes(client: redis.Redis, namespace: str, version: str, variant: str) -> OutcomeTotals:
+def read_outcomes(client: RedisClient, namespace: str, version: str, variant: str) -> OutcomeTotals:
     raw = client.hgetall(redis_keys.outcomes(namespace, version, variant))
     return OutcomeTotals.parse(version, variant, raw)  # type: ignore[arg-type]
 
 
 async def read_outcomes_async(
-    client: aioredis.Redis, namespace: str, version: str, variant: str
+    client: AsyncRedisClient, namespace: str, version: str, variant: str
 ) -> OutcomeTotals:
     raw = await client.hgetall(redis_keys.outcomes(namespace, version, variant))  # type: ignore[misc]
     return OutcomeTotals.parse(version, variant, raw)
 
 
-def outcome_keys(client: redis.Redis, namespace: str) -> list[tuple[str, str]]:
+def outcome_keys(client: RedisClient, namespace: str) -> list[tuple[str, str]]:
     """(version, variant) of every counter hash in Redis, sorted."""
     prefix = redis_keys.outcomes(namespace, "", "")[:-1]  # "<ns>:outcomes:"
     found = set()
@@ -187,7 +185,7 @@ def outcome_keys(client: redis.Redis, namespace: str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def read_unjoined(client: redis.Redis, namespace: str) -> dict[str, int]:
+def read_unjoined(client: RedisClient, namespace: str) -> dict[str, int]:
     """`<outcome>:<reason>` -> count."""
     raw = client.hgetall(redis_keys.outcomes_unjoined(namespace))
     return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]

@@ -20,10 +20,10 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
+from rankgate.core.redis_server import AsyncRedisClient, RedisClient
 from serving.observe.outcomes import Exposure, read_outcomes_async
 
 logger = logging.getLogger("ray.serve")
@@ -45,7 +45,7 @@ class RoutingLog:
     and appended to the audit of routing changes), the versions rolled back, the
     outcomes the click-rate rule compares, and each shadow's agreement."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(self, client: AsyncRedisClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
 
@@ -92,7 +92,7 @@ class RoutingLog:
             await pipe.execute()
 
 
-def record_routing_change(client: redis.Redis, namespace: str, change: dict[str, Any]) -> None:
+def record_routing_change(client: RedisClient, namespace: str, change: dict[str, Any]) -> None:
     """Append a change made from the command line to the audit of routing changes:
     `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures."""
     client.xadd(
@@ -102,7 +102,7 @@ def record_routing_change(client: redis.Redis, namespace: str, change: dict[str,
     )
 
 
-def read_routing_events(client: redis.Redis, namespace: str, count: int) -> list[dict[str, Any]]:
+def read_routing_events(client: RedisClient, namespace: str, count: int) -> list[dict[str, Any]]:
     """The newest `count` entries of the audit of routing changes, oldest first."""
     entries = client.xrevrange(redis_keys.routing_events(namespace), count=count)
     return [
@@ -111,16 +111,16 @@ def read_routing_events(client: redis.Redis, namespace: str, count: int) -> list
     ]
 
 
-def read_rollbacks(client: redis.Redis, namespace: str) -> dict[str, dict[str, Any]]:
+def read_rollbacks(client: RedisClient, namespace: str) -> dict[str, dict[str, Any]]:
     raw = client.hgetall(redis_keys.rollbacks(namespace))
     return {k.decode(): json.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
 
-def clear_rollback(client: redis.Redis, namespace: str, version: str) -> None:
+def clear_rollback(client: RedisClient, namespace: str, version: str) -> None:
     client.hdel(redis_keys.rollbacks(namespace), version)
 
 
-def read_shadow(client: redis.Redis, namespace: str, version: str) -> dict[str, float]:
+def read_shadow(client: RedisClient, namespace: str, version: str) -> dict[str, float]:
     stored = client.hgetall(redis_keys.shadow(namespace, version))
     raw = {k.decode(): float(v) for k, v in stored.items()}  # type: ignore[union-attr]
     scored = raw.get("requests", 0) - raw.get("errors", 0)

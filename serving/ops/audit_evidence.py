@@ -22,11 +22,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import redis
-
 from model_store.evaluation import LoggedDecision, Shown
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
+from rankgate.core.redis_server import RedisClient
 from rankgate.core.streams import stream_pages
 from serving.events.outcome_join import MARKER_PREFIX
 from serving.events.replay import since_stream_id
@@ -45,7 +44,7 @@ class AuditEvidence:
 
 
 def read_audit_evidence(
-    client: redis.Redis, namespace: str, outcomes: Outcomes, since: str = "0"
+    client: RedisClient, namespace: str, outcomes: Outcomes, since: str = "0"
 ) -> AuditEvidence:
     """Every model decision recorded since `since` (a duration, ISO time, stream id or
     0) whose outcomes are known, as logged decisions."""
@@ -72,7 +71,7 @@ def read_audit_evidence(
     return logs
 
 
-def _chunks(client: redis.Redis, key: str, start: str) -> Iterator[list[AuditRecord]]:
+def _chunks(client: RedisClient, key: str, start: str) -> Iterator[list[AuditRecord]]:
     for page in stream_pages(client, key, CHUNK, start):
         yield [AuditRecord.read(fields[b"record"], stream_id) for stream_id, fields in page]
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import redis
-
 from model_store.manifest import ONNX_FILE
 from model_store.store import ModelStore
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
+from rankgate.core.redis_server import RedisClient
 from rankgate.core.streams import stream_pages
 from rankgate.core.topk import SCORE_DIGITS, Pick, top_k
 from rankgate.governance.policy import Exploration
@@ -32,7 +31,7 @@ def _decode(entry: tuple[bytes, dict[bytes, bytes]]) -> AuditRecord:
     return AuditRecord.read(fields[b"record"], stream_id)
 
 
-def require_stream(client: redis.Redis, namespace: str) -> str:
+def require_stream(client: RedisClient, namespace: str) -> str:
     key = redis_keys.audit(namespace)
     if not client.exists(key):
         raise RankgateError(
@@ -41,12 +40,12 @@ def require_stream(client: redis.Redis, namespace: str) -> str:
     return key
 
 
-def tail(client: redis.Redis, namespace: str, count: int) -> list[AuditRecord]:
+def tail(client: RedisClient, namespace: str, count: int) -> list[AuditRecord]:
     key = require_stream(client, namespace)
     return [_decode(e) for e in reversed(client.xrevrange(key, count=count))]  # type: ignore[arg-type]
 
 
-def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[AuditRecord]:
+def follow(client: RedisClient, namespace: str, after: str = "$") -> Iterator[AuditRecord]:
     key = require_stream(client, namespace)
     last = after
     while True:
@@ -56,7 +55,7 @@ def follow(client: redis.Redis, namespace: str, after: str = "$") -> Iterator[Au
                 yield _decode(entry)
 
 
-def find(client: redis.Redis, namespace: str, request_id: str) -> AuditRecord:
+def find(client: RedisClient, namespace: str, request_id: str) -> AuditRecord:
     key = require_stream(client, namespace)
     needle = request_id.encode()
     for page in stream_pages(client, key, SCAN_CHUNK, newest_first=True):

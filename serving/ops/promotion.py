@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis
 from pydantic import ValidationError
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import LiteralScalarString
@@ -40,6 +39,7 @@ from rankgate.core.config_files import validation_message
 from rankgate.core.errors import ConfigError, RankgateError
 from rankgate.core.home import Home
 from rankgate.core.project_files import policy_files
+from rankgate.core.redis_server import RedisClient
 from rankgate.core.settings import SOURCE_CHECKOUT, get_project
 from rankgate.governance.policy import Policy, load_policy
 from serving.contract.config import (
@@ -430,7 +430,7 @@ class RoutingFile:
 
 
 def record_change(
-    client: redis.Redis,
+    client: RedisClient,
     namespace: str,
     command: str,
     version: str,
@@ -464,7 +464,7 @@ def starts_experiment(before: RoutingConfig, version: str, rolled_back: set[str]
     return canary is None or canary.version != version or version in rolled_back
 
 
-def reset_canary_outcomes(client: redis.Redis, namespace: str, version: str, stable: str) -> None:
+def reset_canary_outcomes(client: RedisClient, namespace: str, version: str, stable: str) -> None:
     """Start `version`'s canary outcome counters from zero, with stable's impressions
     and clicks now as the baseline: an earlier experiment of the same version does
     not decide this one, and stable is compared over the same time."""

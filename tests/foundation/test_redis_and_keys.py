@@ -7,13 +7,16 @@ import sys
 
 import pytest
 
-from rankgate.core.errors import RedisUnavailable
+from rankgate.core.errors import ConfigError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_server import (
+    ClusterAddress,
     EmbeddedRedis,
     connect,
+    describe,
     feast_connection_string,
+    feast_redis_type,
     resolve_redis_url,
 )
 from rankgate.core.settings import get_settings
@@ -97,6 +100,39 @@ def test_feast_connection_string_from_url() -> None:
         feast_connection_string("rediss://:s3cret@cache.internal:6379")
         == "cache.internal:6379,db=0,password=s3cret,ssl=true"
     )
+
+
+def test_a_cluster_url_names_its_seed_nodes_for_rankgate_and_feast() -> None:
+    url = "rediss+cluster://app:s3cret@10.0.0.1:7000,10.0.0.2:7001/0"
+    assert ClusterAddress.parse(url) == ClusterAddress(
+        (("10.0.0.1", 7000), ("10.0.0.2", 7001)), "app", "s3cret", True
+    )
+    assert feast_redis_type(url) == "redis_cluster"
+    assert feast_redis_type("redis://127.0.0.1:6379/0") == "redis"
+    assert (
+        feast_connection_string(url)
+        == "10.0.0.1:7000,10.0.0.2:7001,password=s3cret,username=app,ssl=true"
+    )
+    assert describe(url) == "10.0.0.1:7000,10.0.0.2:7001 (cluster)"  # no credentials
+    assert ClusterAddress.parse("redis://127.0.0.1:6379/0") is None
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+cluster://10.0.0.1:7000/3", "only database 0"),
+        ("redis+cluster://10.0.0.1", "'10.0.0.1' is not host:port"),
+        ("redis+cluster://10.0.0.1:7000,:7001", "':7001' is not host:port"),
+    ],
+)
+def test_a_bad_cluster_url_is_refused_naming_the_field(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=f"REDIS_URL: .*{says}"):
+        ClusterAddress.parse(url)
+
+
+def test_an_unreachable_cluster_names_its_nodes() -> None:
+    with pytest.raises(RedisUnavailable, match=r"127.0.0.1:1 \(cluster\)"):
+        connect("redis+cluster://127.0.0.1:1", socket_connect_timeout=0.5)
 
 
 def test_user_key_is_a_stable_keyed_hash() -> None:

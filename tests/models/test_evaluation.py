@@ -56,6 +56,18 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
     assert "v2 - the logging policy = " in result.output and "clicks weighed" in result.output
 
 
+def test_a_sample_of_slots_is_drawn_with_the_seed(ready_home) -> None:  # type: ignore[no-untyped-def]
+    """`--slots N`: N logged slots drawn at random; the same seed draws the same ones."""
+    args = ["model", "evaluate", "v2", "--draws", "200", "--slots", "2000", "--json"]
+    first, again = (CliRunner().invoke(main, [*args, "--seed", "3"]) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    figures = json.loads(first.output)
+    assert figures["slots"] == 2000 and "2000 slots drawn at random" in figures["source"]
+    assert figures == json.loads(again.output)
+    refused = CliRunner().invoke(main, ["model", "evaluate", "v2", "--slots", "0"])
+    assert refused.exit_code == 2 and "--slots" in refused.output
+
+
 def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     """Slots where the version shows the logged item at its position weigh 80 (1 / 0.0125)."""
     from features.store import load_catalogue

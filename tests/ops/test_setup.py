@@ -5,6 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from rankgate.cli.main import main
+from rankgate.core import redis_keys
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project
@@ -117,3 +118,22 @@ def test_a_second_home_is_independent(ready_home: Home, other_home: Home) -> Non
     # The session home kept its own server and models.
     assert EmbeddedRedis(ready_home).running_url() == session_url
     assert (ready_home.models_dir / "ranker" / "v1" / "manifest.json").exists()
+
+
+def test_demo_consent_under_old_key_names_is_written_again(env: Environment) -> None:
+    """A home whose demo consent predates the hash-tagged key names (the setup marker
+    is there, the records are not where they are read now) gets them written again."""
+    ids = example_user_ids()
+    namespace = env.home.namespace
+    keys = [redis_keys.consent(namespace, user_key(uid)) for uid in ids]
+    keys = [key for key in keys if env.redis.exists(key)]  # some have no decision at all
+    old = {key: key.replace("{", "").replace("}", "") for key in keys}
+    for key, old_name in old.items():
+        env.redis.rename(key, old_name)
+    lines: list[str] = []
+    try:
+        assert run_setup(lines.append)
+        assert any("demo consent records: writing" in line for line in lines), lines
+        assert all(env.redis.exists(key) for key in keys)
+    finally:
+        env.redis.delete(*old.values())

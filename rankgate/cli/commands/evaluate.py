@@ -29,6 +29,12 @@ from rankgate.ops.evaluation import EvaluationRequest, evaluate
 @click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999))
 @click.option("--draws", default=1000, show_default=True, type=click.IntRange(100, 20_000))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--slots",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Evaluate on this many logged slots drawn at random (--seed); default: all.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @fails_cleanly
 def model_evaluate(as_json: bool, **request: Any) -> None:

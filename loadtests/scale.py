@@ -20,7 +20,7 @@ reads it, and the log's propensity (the sample shows items uniformly at random,
 - event ingest: events/s accepted by `POST /v1/events` (batches of 50, a few
   clients);
 - event-to-decision latency at 0 and 100 events/s: loadtests/freshness.py's probe
-  and background events, on the same server;
+  (ranking 100 candidates) and background events, on the same server;
 - `rankgate model evaluate v2 --logs FILE` on the log's last rows (each one a decision
   over the whole catalogue): the evaluation timed in this process, and the imports
   the command adds timed in a fresh one.
@@ -61,6 +61,7 @@ CANDIDATES: tuple[int | None, ...] = (10, 100, 500, None)
 EVENT_BATCH = 50
 EVENT_CLIENTS = 4
 FRESHNESS_RATES = [0, 100]
+FRESHNESS_CANDIDATES = 100
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,7 @@ def redis_memory(env: Any, size: Size, sample: int = 3000) -> dict[str, Any]:
             kind = "person features"
         elif b"product_id" in key:
             kind = "item features"
-        elif key.startswith(namespace) and b"consent" in key:
+        elif key.startswith(namespace) and b":consent:" in key:
             kind = "consent"
         else:
             kind = "other"
@@ -519,6 +520,28 @@ def ingest_rate(
     }
 
 
+def caught_up(
+    base: str, headers: dict[str, str], body: dict[str, Any], event: dict[str, Any]
+) -> float:
+    """Seconds from posting `event` until a decision includes it (rank `body` for the
+    same person, back to back): after a burst, how long the event consumer's backlog
+    takes to drain. Gives up after 300 s."""
+    from serving.events.intake import stream_time
+
+    with httpx.Client(timeout=10) as client:
+        response = client.post(f"{base}/v1/events", json={"events": [event]}, headers=headers)
+        response.raise_for_status()
+        posted = time.perf_counter()
+        through = stream_time(response.json()["stream_ids"][0])
+        while time.perf_counter() - posted < 300:
+            answer = client.post(f"{base}/v1/rank", json=body, headers=headers)
+            fresh = answer.json().get("freshness") if answer.status_code == 200 else None
+            if fresh is not None and fresh["events_through"] >= through:
+                return round(time.perf_counter() - posted, 2)
+            time.sleep(0.05)
+    raise RankgateError("an event posted after the ingest burst was not decided on in 300 s")
+
+
 def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
     """One server, started as `rankgate serve` starts it, with the version that reads
     the streaming view as its stable version: its start time, replica memory, rank
@@ -589,12 +612,12 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
             figures["rank"] = rank_latency(
                 f"{base}/v1/rank", bodies, catalogue, budgets, duration, key, folder, say
             )
-            figures["ingest"] = ingest_rate(base, key, people, catalogue, region, duration)
-            say(
-                f"    events: {figures['ingest']['events_per_s']} /s accepted "
-                f"({figures['ingest']['refused']} refused)"
-            )
             probed = itertools.cycle(people[1::2])
+            # Probes rank FRESHNESS_CANDIDATES items: the event's path, not the
+            # whole catalogue's scoring (measured above), is what they time.
+            probe_body = {
+                "candidates": rng.sample(catalogue, min(FRESHNESS_CANDIDATES, len(catalogue)))
+            }
             freshness: dict[str, Any] = {}
             with httpx.Client(timeout=10) as client:
                 for rate in FRESHNESS_RATES:
@@ -604,7 +627,7 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
                     background.start()
                     time.sleep(1.0 if rate else 0.0)
                     client_ms, server_ms = probe(
-                        client, base, headers, purpose, region, probed, event, duration
+                        client, base, headers, purpose, region, probed, event, duration, probe_body
                     )
                     background.stop.set()
                     background.join()
@@ -620,6 +643,17 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
                         f"{freshness[str(rate)]['server_p50_ms']} ms"
                     )
             figures["freshness"] = freshness
+            # Last: the burst leaves the event consumer a backlog that later probes
+            # would wait behind.
+            figures["ingest"] = ingest_rate(base, key, people, catalogue, region, duration)
+            figures["ingest"]["caught_up_s"] = caught_up(
+                base, headers, {**bodies[0], **probe_body}, event(people[0])
+            )
+            say(
+                f"    events: {figures['ingest']['events_per_s']} /s accepted "
+                f"({figures['ingest']['refused']} refused); an event posted after the burst "
+                f"decided on after {figures['ingest']['caught_up_s']} s"
+            )
             figures["memory_after"] = replica_memory(process.pid)
         finally:
             stop_server(process)
@@ -776,7 +810,9 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
             "budget_exhausted_share"
         ]
     rows["events: accepted per s"] = served["ingest"]["events_per_s"]
+    rows["events: s until an event after the burst is decided on"] = served["ingest"]["caught_up_s"]
     for rate, row in served["freshness"].items():
+        rows[f"event-to-decision at {rate} events/s: probes"] = row["probes"]
         rows[f"event-to-decision at {rate} events/s: client p50 ms"] = row["client_p50_ms"]
         rows[f"event-to-decision at {rate} events/s: client p99 ms"] = row["client_p99_ms"]
         rows[f"event-to-decision at {rate} events/s: server p50 ms"] = row["server_p50_ms"]
@@ -820,7 +856,9 @@ def render(report: dict[str, Any]) -> str:
             "set up in a fresh home, then served (one `serve run` of the project's serve "
             "config, v3 stable). Latency: one client, closed loop, "
             f"{report['duration_s']:g} s per row; events: "
-            f"{EVENT_CLIENTS} clients posting batches of {EVENT_BATCH}; `model evaluate` on "
+            f"{EVENT_CLIENTS} clients posting batches of {EVENT_BATCH}; event-to-decision: "
+            "loadtests/freshness.py's probe (an event, then rank requests of "
+            f"{FRESHNESS_CANDIDATES} candidates until one includes it); `model evaluate` on "
             f"the log's last {report['evaluate_rows']} rows, each a decision over the whole "
             "catalogue."
         ),

@@ -98,6 +98,7 @@ def test_scale_bench_at_a_tiny_size_reports_every_figure(tmp_path: Path) -> None
         "serve: replica RSS MiB (at start)",
         "serve: replica PSS MiB (at start)",
         "events: accepted per s",
+        "events: s until an event after the burst is decided on",
         "event-to-decision at 0 events/s: client p50 ms",
         "event-to-decision at 100 events/s: server p50 ms",
         "model evaluate: s",

@@ -218,8 +218,10 @@ def probe(
     people: itertools.cycle[str],
     event: Callable[[str], dict[str, Any]],
     duration: float,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Probes for `duration` seconds: (client ms, server ms) per probe."""
+    """Probes for `duration` seconds: (client ms, server ms) per probe; `extra` is
+    added to each rank request (e.g. its candidates)."""
     client_ms: list[float] = []
     server_ms: list[float] = []
     end = time.monotonic() + duration
@@ -233,6 +235,7 @@ def probe(
             continue
         through = stream_time(response.json()["stream_ids"][0])
         body = {"user_id": person, "purpose": purpose, "region": region, "k": 10, "budget_ms": 200}
+        body.update(extra or {})
         give_up = time.monotonic() + 10
         while time.monotonic() < give_up:
             answer = client.post(f"{base}/v1/rank", json=body, headers=headers)

@@ -1,7 +1,7 @@
 """`rankgate bench`: which measurement to run, with its options checked first.
 
 The measurements live in loadtests/ (bench, overload, freshness, explain
-sampling); each writes `<output>/<name>.md` and `.json`. Options are checked
+sampling, scale); each writes `<output>/<name>.md` and `.json`. Options are checked
 before setup runs or a server starts. loadtests/ is imported when a benchmark runs
 (its drivers take half a second to import), so `rankgate --help` does not pay for it.
 """
@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rankgate.core.errors import RankgateError
 from rankgate.ops.setup import run_setup
+
+if TYPE_CHECKING:
+    from loadtests.scale import Size
 
 Say = Callable[[str], None]
 
@@ -32,6 +36,27 @@ class BenchOptions:
     overload: bool
     freshness: bool
     explain_sampling: bool
+    scale: tuple[str, ...] = ()
+    scratch: Path | None = None
+    """Where --scale writes its projects and homes (None: a temporary folder)."""
+    """`--scale` values: "default" (the two sizes of loadtests/scale.py) or
+    people,items,impressions; empty: not a scale run."""
+
+    def sizes(self) -> list[Size]:
+        """The sizes `--scale` asks for, smallest first, each checked."""
+        from loadtests.scale import DEFAULT_SIZES, parse_size
+
+        sizes: list[Size] = []
+        for text in self.scale:
+            if text == "default":
+                sizes += DEFAULT_SIZES
+                continue
+            try:
+                sizes.append(parse_size(text))
+            except ValueError as exc:
+                raise RankgateError(f"--scale: {exc}") from exc
+        unique = {(s.people, s.items, s.impressions): s for s in sizes}
+        return [unique[k] for k in sorted(unique, key=lambda k: (k[2], k[0], k[1]))]
 
     def levels(self) -> list[int]:
         from loadtests.bench.run import DEFAULT_LEVELS
@@ -72,10 +97,18 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
     from loadtests.freshness import RATES, run_freshness
     from loadtests.overload import run_overload
 
+    output = options.output or results_folder()
+    if options.scale:
+        from loadtests.scale import run_scale
+
+        # Its own projects and homes, one per size: the selected home is not touched.
+        run_scale(
+            options.sizes(), output, say, scratch=options.scratch, duration=options.duration or 5.0
+        )
+        return output / "scale.md", output / "scale.json"
     levels = options.levels()
     extras, skip = options.chosen()
     run_setup(lambda _line: None)
-    output = options.output or results_folder()
     duration, repeats = options.duration, options.repeats
     if options.freshness:
         run_freshness(list(RATES), duration or 8.0, repeats, output, say)

@@ -535,3 +535,68 @@ def test_setup_on_a_fresh_skeleton_trains_and_registers_its_models(tmp_path: Pat
         assert manifest["training_data"]["rows"] == 6000
         assert manifest["metrics"]["auc"] > 0.6
     assert result.stdout.rstrip().endswith("setup complete.")
+
+
+# -- the sample's size ---------------------------------------------------------------
+
+
+def test_init_writes_the_sample_size_into_prepare(tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    result = CliRunner().invoke(
+        main, ["init", str(folder), "--sample-size", "people=2e3,items=60,impressions=5_000"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "sample size: people=2,000, items=60, impressions=5,000" in result.output
+    prepare = (folder / "prepare.py").read_text()
+    for line in ("N_SHOPPERS = 2_000", "N_PRODUCTS = 60", "N_IMPRESSIONS = 5_000"):
+        assert f"\n{line}\n" in prepare
+    # The rest of the project is the template's, and the check passes at that size.
+    assert "✓ catalogue: 60 items (int ids) from item_attributes" in check_project(folder)
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("people=0", "--sample-size: people='0': a whole number from 1 to 100,000,000"),
+        ("people=1.5", "--sample-size: people='1.5': a whole number"),
+        ("shoppers=10", "--sample-size: 'shoppers=10': expected NAME=COUNT with NAME one of"),
+        ("items=5,items=6", "--sample-size: items given twice"),
+        (
+            "impressions=1e10",
+            "--sample-size: impressions='1e10': a whole number from 1 to 1,000,000,000",
+        ),
+    ],
+)
+def test_init_refuses_a_bad_sample_size_and_writes_nothing(
+    tmp_path: Path, size: str, message: str
+) -> None:
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "shop"), "--sample-size", size])
+    assert result.exit_code == 1
+    assert f"error: {message}" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_of_several_chunks_is_complete_and_in_time_order(tmp_path: Path) -> None:
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shop"
+    write_skeleton(folder, None, {"people": 500, "items": 30, "impressions": 10_001})
+    loader = importlib.util.spec_from_file_location("sized_prepare", folder / "prepare.py")
+    assert loader is not None and loader.loader is not None
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    module.CHUNK = 2_500  # five chunks
+    counts = module.prepare(tmp_path / "data")
+    assert counts == {"users": 500, "items": 30, "interactions": 10_001}
+    log = pq.ParquetFile(tmp_path / "data" / "interactions.parquet")
+    assert log.metadata.num_row_groups == 5
+    table = log.read().to_pandas()
+    assert len(table) == 10_001
+    assert table["shown_at"].is_monotonic_increasing
+    assert table["product_id"].between(1, 30).all()
+    people = pq.read_table(tmp_path / "data" / "shopper_profile.parquet").to_pandas()
+    assert set(table["shopper_key"]) <= set(people["shopper_key"])
+    assert people["shopper_key"].is_unique and len(people) == 500
+    assert 0.05 < table["clicked"].mean() < 0.6

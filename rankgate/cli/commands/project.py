@@ -8,7 +8,7 @@ import click
 
 from rankgate.cli.render import echo_lines, fails_cleanly, say
 from rankgate.ops.project_check import check_project
-from rankgate.ops.scaffold import write_skeleton
+from rankgate.ops.scaffold import parse_sample_size, write_skeleton
 from rankgate.ops.setup import (
     feast_exports,
     list_users,
@@ -35,11 +35,19 @@ def setup(force: bool) -> None:
 @click.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--name", default=None, help="Project name (default: the folder's name).")
+@click.option(
+    "--sample-size",
+    default=None,
+    metavar="people=N,items=M,impressions=L",
+    help="Size of the generated sample shop (default people=300,items=40,impressions=6000), "
+    "e.g. people=1000000,items=100000,impressions=1e7.",
+)
 @fails_cleanly
-def init(folder: Path, name: str | None) -> None:
+def init(folder: Path, name: str | None, sample_size: str | None) -> None:
     """Write a new project skeleton into FOLDER: rankgate.yaml, a Feast repository,
     policies and a model declaration, each commented with what to fill in."""
-    echo_lines(write_skeleton(folder, name))
+    sizes = parse_sample_size(sample_size) if sample_size is not None else None
+    echo_lines(write_skeleton(folder, name, sizes))
 
 
 @click.group()

@@ -130,6 +130,22 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     help="Instead: answers with explainer.sample_rate 0 against 0.01, 0.05 and 0.25, in "
     "interleaved rounds on one server (--repeats rounds).",
 )
+@click.option(
+    "--scale",
+    multiple=True,
+    is_flag=False,
+    flag_value="default",
+    metavar="[PEOPLE,ITEMS,IMPRESSIONS]",
+    help="Instead: rankgate at a size, from init to served decisions (setup by phase, "
+    "Redis and replica memory, start time, rank latency, events, model evaluate), each "
+    "in a scratch project and home; repeatable, e.g. --scale 1e5,1e4,1e6 --scale "
+    "1e6,1e5,1e7 (alone: those two).",
+)
+@folder_option(
+    "--scratch",
+    help="With --scale: folder for its projects and homes, one per size (default: "
+    "rankgate-bench-scale in the temporary folder); a size's folder is replaced.",
+)
 @fails_cleanly
 def bench(
     concurrency: str | None,
@@ -144,6 +160,8 @@ def bench(
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
+    scale: tuple[str, ...],
+    scratch: Path | None,
 ) -> None:
     """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
 
@@ -163,6 +181,8 @@ def bench(
         overload=overload,
         freshness=freshness,
         explain_sampling=explain_sampling,
+        scale=scale,
+        scratch=scratch,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

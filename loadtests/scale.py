@@ -17,13 +17,15 @@ reads it, and the log's propensity (the sample shows items uniformly at random,
   /healthz answers 200, then the memory (RSS, PSS) of its Serve replicas;
 - rank latency (closed loop, one client) with 10, 100 and 500 candidates and with
   none (the whole catalogue), at the default budget and the largest;
+- throughput: decisions/s with 8 clients (closed loop, 100 candidates) and the CPU
+  each decision cost in the server's processes and in Redis (`INFO cpu`);
 - event ingest: events/s accepted by `POST /v1/events` (batches of 50, a few
   clients);
 - event-to-decision latency at 0 and 100 events/s: loadtests/freshness.py's probe
   (ranking 100 candidates) and background events, on the same server;
-- `rankgate model evaluate v2 --logs FILE` on the log's last rows (each one a decision
-  over the whole catalogue): the evaluation timed in this process, and the imports
-  the command adds timed in a fresh one.
+- `rankgate model evaluate v2 --logs FILE --slots N` on the whole log (each slot a
+  decision over the whole catalogue): the evaluation timed in this process, and the
+  imports the command adds timed in a fresh one.
 
 The report (`<output>/scale.json`, `.md`) puts the sizes side by side with the
 ratio of the largest to the smallest for each figure.
@@ -459,6 +461,74 @@ def rank_latency(
     return results
 
 
+THROUGHPUT_CONCURRENCY = 8
+THROUGHPUT_CANDIDATES = 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (those still running)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def redis_cpu_seconds(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def throughput(
+    url: str,
+    bodies: list[dict[str, Any]],
+    catalogue: list[Any],
+    budget_ms: float,
+    duration: float,
+    api_key: str,
+    folder: Path,
+    server_pid: int,
+    redis_client: Any,
+) -> dict[str, Any]:
+    """Decisions per second with THROUGHPUT_CONCURRENCY clients (closed loop, 100
+    candidates, the default budget) and the CPU each decision cost: every process of
+    the server's tree, and Redis (INFO cpu): what the capacity model is built on."""
+    from loadtests.bench.systems import drive
+
+    rng = random.Random(13)
+    count = min(THROUGHPUT_CANDIDATES, len(catalogue))
+    requests = [
+        {**body, "budget_ms": budget_ms, "candidates": rng.sample(catalogue, count)}
+        for body in bodies
+    ]
+    file = folder / "bodies-throughput.json"
+    file.write_text(json.dumps(requests))
+    pids = memory.tree(server_pid)
+    stack_before, redis_before = cpu_seconds(pids), redis_cpu_seconds(redis_client)
+    run = drive(url, THROUGHPUT_CONCURRENCY, duration, file, api_key, warmup=0.0)
+    stack_cpu = cpu_seconds(pids) - stack_before
+    redis_cpu = redis_cpu_seconds(redis_client) - redis_before
+    decisions = max(int(run["requests"]), 1)
+    outcomes = run.get("outcomes", {})
+    return {
+        "concurrency": THROUGHPUT_CONCURRENCY,
+        "candidates": count,
+        "decisions_per_s": round(run["requests"] / duration, 1),
+        "p50_ms": round(run["p50_ms"], 2),
+        "p99_ms": round(run["p99_ms"], 2),
+        "budget_exhausted_share": round(
+            outcomes.get("fallback:budget_exhausted", 0) / decisions, 3
+        ),
+        "server_cpu_ms_per_decision": round(1000 * stack_cpu / decisions, 3),
+        "redis_cpu_ms_per_decision": round(1000 * redis_cpu / decisions, 3),
+    }
+
+
 def ingest_rate(
     base: str,
     api_key: str,
@@ -612,6 +682,24 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
             figures["rank"] = rank_latency(
                 f"{base}/v1/rank", bodies, catalogue, budgets, duration, key, folder, say
             )
+            figures["throughput"] = throughput(
+                f"{base}/v1/rank",
+                bodies,
+                catalogue,
+                budgets["default"],
+                duration,
+                key,
+                folder,
+                process.pid,
+                env.redis,
+            )
+            say(
+                "    throughput: {decisions_per_s} decisions/s at concurrency {concurrency} "
+                "({candidates} candidates), p99 {p99_ms} ms; CPU per decision: server "
+                "{server_cpu_ms_per_decision} ms, Redis {redis_cpu_ms_per_decision} ms".format(
+                    **figures["throughput"]
+                )
+            )
             probed = itertools.cycle(people[1::2])
             # Probes rank FRESHNESS_CANDIDATES items: the event's path, not the
             # whole catalogue's scoring (measured above), is what they time.
@@ -661,10 +749,10 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
 
 
 def evaluate_time(env: Any, size: Size, rows: int, folder: Path, say: Say) -> dict[str, Any]:
-    """`rankgate model evaluate v2 --logs FILE` on the log's last `rows` rows (with the
-    sample's propensity, 1/items): the evaluation itself, timed in this process, and
-    the import of what the command loads, timed in a fresh one (the command's time is
-    their sum)."""
+    """`rankgate model evaluate v2 --logs FILE --slots ROWS`: the whole log (with the
+    sample's propensity, 1/items: its items were drawn uniformly), `rows` slots drawn
+    from it; the evaluation timed in this process, the import of what the command
+    loads timed in a fresh one (the command's time is their sum)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -672,13 +760,21 @@ def evaluate_time(env: Any, size: Size, rows: int, folder: Path, say: Say) -> di
 
     spec = env.project.spec.interactions
     source = pq.ParquetFile(env.project.path(spec.path, env.data_dir))
-    last = source.read_row_group(source.num_row_groups - 1)
-    last = last.slice(max(0, last.num_rows - rows))
-    table = last.append_column("propensity", pa.array([1.0 / size.items] * last.num_rows))
     logs = folder / "evaluate-logs.parquet"
-    pq.write_table(table, logs)
+    writer: pq.ParquetWriter | None = None
+    for batch in source.iter_batches(batch_size=1_000_000):
+        table = pa.Table.from_batches([batch])
+        table = table.append_column(
+            "propensity", pa.array([1.0 / size.items] * table.num_rows, pa.float64())
+        )
+        writer = writer or pq.ParquetWriter(logs, table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+    log_rows = source.metadata.num_rows
+    slots = min(rows, log_rows)
     started = time.perf_counter()
-    evaluate(EvaluationRequest("v2", None, logs, False, "7d", 0.95, 200, 0))
+    evaluate(EvaluationRequest("v2", None, logs, False, "7d", 0.95, 200, 0, slots=slots))
     elapsed = time.perf_counter() - started
     imports = (
         "import rankgate.ops.evaluation, model_store.evaluation, model_store.train, "
@@ -688,16 +784,17 @@ def evaluate_time(env: Any, size: Size, rows: int, folder: Path, say: Say) -> di
     subprocess.run([sys.executable, "-c", imports], check=True, env=os.environ.copy())
     imported = time.perf_counter() - started
     say(
-        f"    model evaluate v2 on {table.num_rows} rows x {size.items} items: {elapsed:.1f} s "
-        f"(+ {imported:.1f} s of imports in the command)"
+        f"    model evaluate v2 --slots {slots} on a log of {log_rows} rows x {size.items} "
+        f"items: {elapsed:.1f} s (+ {imported:.1f} s of imports in the command)"
     )
     return {
-        "rows": table.num_rows,
+        "log_rows": log_rows,
+        "rows": slots,
         "items": size.items,
         "seconds": round(elapsed, 2),
         "command_imports_s": round(imported, 2),
-        "rows_per_s": round(table.num_rows / elapsed, 1),
-        "scored_pairs_per_s": round(table.num_rows * size.items / elapsed),
+        "rows_per_s": round(slots / elapsed, 1),
+        "scored_pairs_per_s": round(slots * size.items / elapsed),
     }
 
 
@@ -809,6 +906,13 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
         rows[f"rank {label}, {budget} budget: budget exhausted share"] = row[
             "budget_exhausted_share"
         ]
+    load = served["throughput"]
+    where = f"{THROUGHPUT_CANDIDATES} candidates, concurrency {THROUGHPUT_CONCURRENCY}"
+    rows[f"throughput ({where}): decisions per s"] = load["decisions_per_s"]
+    rows[f"throughput ({where}): p99 ms"] = load["p99_ms"]
+    rows[f"throughput ({where}): budget exhausted share"] = load["budget_exhausted_share"]
+    rows["throughput: server CPU ms per decision"] = load["server_cpu_ms_per_decision"]
+    rows["throughput: Redis CPU ms per decision"] = load["redis_cpu_ms_per_decision"]
     rows["events: accepted per s"] = served["ingest"]["events_per_s"]
     rows["events: s until an event after the burst is decided on"] = served["ingest"]["caught_up_s"]
     for rate, row in served["freshness"].items():
@@ -817,7 +921,8 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
         rows[f"event-to-decision at {rate} events/s: client p99 ms"] = row["client_p99_ms"]
         rows[f"event-to-decision at {rate} events/s: server p50 ms"] = row["server_p50_ms"]
     evaluation = result["evaluate"]
-    rows["model evaluate: log rows (each over the whole catalogue)"] = evaluation["rows"]
+    rows["model evaluate: log rows read"] = evaluation["log_rows"]
+    rows["model evaluate: slots drawn (each over the whole catalogue)"] = evaluation["rows"]
     rows["model evaluate: s"] = evaluation["seconds"]
     rows["model evaluate: the command's imports s"] = evaluation["command_imports_s"]
     rows["model evaluate: scored pairs per s"] = evaluation["scored_pairs_per_s"]
@@ -858,9 +963,11 @@ def render(report: dict[str, Any]) -> str:
             f"{report['duration_s']:g} s per row; events: "
             f"{EVENT_CLIENTS} clients posting batches of {EVENT_BATCH}; event-to-decision: "
             "loadtests/freshness.py's probe (an event, then rank requests of "
-            f"{FRESHNESS_CANDIDATES} candidates until one includes it); `model evaluate` on "
-            f"the log's last {report['evaluate_rows']} rows, each a decision over the whole "
-            "catalogue."
+            f"{FRESHNESS_CANDIDATES} candidates until one includes it); throughput: "
+            f"{THROUGHPUT_CONCURRENCY} clients, closed loop, {THROUGHPUT_CANDIDATES} "
+            "candidates, with the CPU the server's processes and Redis spent per decision; "
+            f"`model evaluate --slots {report['evaluate_rows']}` on the whole log, each slot a "
+            "decision over the whole catalogue."
         ),
         "",
         header,

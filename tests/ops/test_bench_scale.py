@@ -102,6 +102,9 @@ def test_scale_bench_at_a_tiny_size_reports_every_figure(tmp_path: Path) -> None
         "event-to-decision at 0 events/s: client p50 ms",
         "event-to-decision at 100 events/s: server p50 ms",
         "model evaluate: s",
+        "throughput: server CPU ms per decision",
+        "throughput: Redis CPU ms per decision",
+        "throughput (100 candidates, concurrency 8): decisions per s",
         *(f"setup: train {v} s" for v in ("v1", "v2", "v3")),
         *(
             f"rank {label}, {budget} budget: {q} ms"
@@ -127,7 +130,8 @@ def test_scale_bench_at_a_tiny_size_reports_every_figure(tmp_path: Path) -> None
     two = {"small": result, "large": scaled(result, 2.0)}
     ratios = growth(two)
     assert {ratios[name] for name in expected} == {2.0}
-    assert figures["model evaluate: log rows (each over the whole catalogue)"] == 100
+    assert figures["model evaluate: slots drawn (each over the whole catalogue)"] == 100
+    assert figures["model evaluate: log rows read"] == 5000
     table = render({**report, "results": two, "growth": ratios})
     assert "| figure | small | large | largest / smallest |" in table
     assert "| events: accepted per s |" in table and "| 2× |" in table

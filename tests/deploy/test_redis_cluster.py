@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,19 @@ def served(cluster: LocalCluster, ready_home: Home) -> Iterator[Served]:
     get_settings.cache_clear()
 
 
+@contextmanager
+def on_cluster(served: Served) -> Iterator[None]:
+    """The CLI's settings for the served home on the cluster, for what runs in this process."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKGATE_HOME", str(served.home.root))
+        patch.setenv("REDIS_URL", served.cluster.url)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            get_settings.cache_clear()
+
+
 def keys_per_master(cluster: LocalCluster, pattern: str) -> list[int]:
     return [len(list(m.scan_iter(match=pattern, count=1000))) for m in cluster.masters()]
 
@@ -339,14 +353,8 @@ def test_events_replay_rebuilds_the_same_streaming_states(served: Served) -> Non
     pattern = redis_keys.streaming_state(namespace, STREAMING_VIEW, "*")
     before = {name: client.hgetall(name) for name in client.scan_iter(match=pattern)}
     assert before, "no streaming state to rebuild"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKGATE_HOME", str(served.home.root))
-        patch.setenv("REDIS_URL", served.cluster.url)
-        get_settings.cache_clear()
-        try:
-            report = replay_events("0", lambda _line: None)
-        finally:
-            get_settings.cache_clear()
+    with on_cluster(served):
+        report = replay_events("0", lambda _line: None)
     assert report.people_reset == len(before) and report.applied > 0
     assert report.rows_defaulted == 0  # everyone reset had events since 0: rebuilt, none defaulted
     after = {name: client.hgetall(name) for name in client.scan_iter(match=pattern)}
@@ -368,15 +376,9 @@ def test_consent_import_writes_later_decisions_on_every_master(
             lines.insert(1, f"{uid},onsite_personalization,denied,cmp,2026-03-02T12:00:00+00:00")
     path = tmp_path / "consent.csv"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKGATE_HOME", str(served.home.root))
-        patch.setenv("REDIS_URL", served.cluster.url)
-        get_settings.cache_clear()
-        try:
-            first = import_consent(path)
-            again = import_consent(path)
-        finally:
-            get_settings.cache_clear()
+    with on_cluster(served):
+        first = import_consent(path)
+        again = import_consent(path)
     assert first.rows == 60 and first.written == 40  # the earlier grants of 20 are older
     assert again.finished_before is not None and again.written == first.written
     consent = ConsentStore(served.client, served.namespace)
@@ -404,14 +406,8 @@ def test_forget_leaves_nothing_of_the_person_on_any_master(served: Served) -> No
     needles = [user_key(person).encode()]
     before = [place for m in served.cluster.masters() for place in places_holding(m, needles)]
     assert any(b"consent" in p.encode() for p in before) and len(before) > 3, before
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RANKGATE_HOME", str(served.home.root))
-        patch.setenv("REDIS_URL", served.cluster.url)
-        get_settings.cache_clear()
-        try:
-            summary = forget(person)
-        finally:
-            get_settings.cache_clear()
+    with on_cluster(served):
+        summary = forget(person)
     print(summary)
     assert "1 consent record" in summary
     left = {

@@ -410,9 +410,13 @@ def test_the_documented_warehouse_prepare_step_writes_a_row_group_per_page(
     start = page.index("```python\n", page.index("### Prepare steps that export from a warehouse"))
     code = page[start + len("```python\n") : page.index("```\n", start + 1)]
     database = tmp_path / "shop.db"
+    # The warehouse hands out datetimes for this column. (Not through SQLite's own
+    # "timestamp" converter: Feast's SQLite store replaces it for the whole process.)
+    sqlite3.register_converter("warehouse_time", lambda raw: datetime.fromisoformat(raw.decode()))
     with sqlite3.connect(database) as db:
         db.execute(
-            "CREATE TABLE profiles (customer_id TEXT, updated_at TIMESTAMP, segment TEXT, visits_30d INTEGER)"
+            "CREATE TABLE profiles (customer_id TEXT, updated_at WAREHOUSE_TIME, segment TEXT, "
+            "visits_30d INTEGER)"
         )
         db.executemany(
             "INSERT INTO profiles VALUES (?, ?, ?, ?)",

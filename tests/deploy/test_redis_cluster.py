@@ -379,7 +379,9 @@ def test_consent_import_writes_later_decisions_on_every_master(
     with on_cluster(served):
         first = import_consent(path)
         again = import_consent(path)
-    assert first.rows == 60 and first.written == 40  # the earlier grants of 20 are older
+    # Chunks are written by two connections at once: a later denial may land before or
+    # after the earlier grant it beats (40 to 60 writes); what stays is the later one.
+    assert first.rows == 60 and 40 <= first.written <= 60
     assert again.finished_before is not None and again.written == first.written
     consent = ConsentStore(served.client, served.namespace)
     states = [consent.state(user_key(uid), "onsite_personalization") for uid in people]

@@ -17,7 +17,7 @@ from rankgate.core.errors import RankgateError
 from rankgate.ops.setup import run_setup
 
 if TYPE_CHECKING:
-    from loadtests.scale import Size
+    from loadtests.scale_project import Size
 
 Say = Callable[[str], None]
 
@@ -44,7 +44,7 @@ class BenchOptions:
 
     def sizes(self) -> list[Size]:
         """The sizes `--scale` asks for, smallest first, each checked."""
-        from loadtests.scale import DEFAULT_SIZES, parse_size
+        from loadtests.scale_project import DEFAULT_SIZES, parse_size
 
         sizes: list[Size] = []
         for text in self.scale:

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from loadtests.scale import Size, figure_rows, growth, parse_size, phase_name, short
+from loadtests.scale import phase_name
+from loadtests.scale_project import Size, parse_size, short
+from loadtests.scale_report import figure_rows, growth
 
 
 def test_sizes_are_read_and_named() -> None:
@@ -68,7 +70,8 @@ def scaled(value: Any, factor: float) -> Any:
 @pytest.mark.slow
 def test_scale_bench_at_a_tiny_size_reports_every_figure(tmp_path: Path) -> None:
     """One size, in this process (its server, setup and Redis in their own): about 90 s."""
-    from loadtests.scale import render, run_scale
+    from loadtests.scale import run_scale
+    from loadtests.scale_report import render
 
     lines: list[str] = []
     output = tmp_path / "out"

@@ -88,6 +88,10 @@ class ItemTable:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def row(self, item_id: ItemId) -> Mapping[str, Any]:
+        """One item's attributes, as read."""
+        return self._rows[item_id]
+
     def rows(self, item_ids: Sequence[ItemId]) -> np.ndarray:
         return np.fromiter((self._row_of[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
 

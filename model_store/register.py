@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
+from model_store.embeddings import ItemEmbeddings, Score
 from model_store.manifest import (
     BOOSTER_FILES,
     MANIFEST_FILE,
@@ -77,6 +78,9 @@ class Candidate:
     reference_rows: Callable[[Sequence[FeatureSpec]], ReferenceRows | None] | None = None
     """The rows the drift reference describes, given the resolved inputs (None, or a
     None result: the version gets no reference)."""
+    retrieval: Callable[[Score, Sequence[FeatureSpec]], ItemEmbeddings | None] | None = None
+    """The version's retrieval artifact, given its ranker and resolved inputs (None, or a
+    None result: the version has no item index)."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,13 @@ def register(
                 )
             booster = Booster(kind=kind, file=BOOSTER_FILES[kind])
             shutil.copyfile(candidate.booster, staging / booster.file)
+        embeddings = (
+            candidate.retrieval(OnnxScorer(staging / ONNX_FILE, output_name).score, specs)
+            if candidate.retrieval
+            else None
+        )
+        if embeddings is not None:
+            embeddings.save(staging)
         reference = candidate.reference_rows(specs) if candidate.reference_rows else None
         if reference is not None:
             write_reference(reference, specs, staging, output_name, booster)

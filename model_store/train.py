@@ -31,8 +31,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from features.history import field_names, ttl_seconds, view_values
 from features.offline import LogMatrix, UserRows, item_rows
 from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
-from features.store import read_table, source_path
+from features.store import load_catalogue, read_table, source_path
 from features.vector import ItemTable
+from model_store.embeddings import ItemEmbeddings, Score, build_artifact, read_vectors
 from model_store.manifest import Manifest, Metrics, TrainingData
 from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
@@ -348,6 +349,76 @@ def logged_training_set(logged: LoggedRows, specs: Sequence[FeatureSpec]) -> Tra
     )
 
 
+def item_embeddings(
+    score: Score,
+    specs: Sequence[FeatureSpec],
+    logged: LoggedRows,
+    dataset: TrainingSet,
+    views: Sequence[FeatureView],
+    data_dir: Path,
+    vectors_file: Path | None = None,
+) -> ItemEmbeddings:
+    """A version's retrieval artifact over the catalogue: item embeddings distilled from
+    its ranker (or read from `vectors_file`), popularity from the log
+    (model_store/embeddings.py)."""
+    project = logged.project
+    catalogue = load_catalogue(project, list(views), data_dir)
+    vectors = None
+    if vectors_file is not None:
+        found = read_vectors(vectors_file, project.spec.item.join_key, catalogue, project.item_id)
+        vectors = (found, vectors_file.name)
+    return build_artifact(
+        score,
+        specs,
+        dataset.matrix,
+        logged.items,
+        catalogue,
+        log=(dataset.labels, logged.item_ids),
+        vectors=vectors,
+    )
+
+
+class ProjectLog:
+    """The project's interaction log as rows of a version's inputs, read at most once
+    (a registered version's drift reference and retrieval artifact both need it)."""
+
+    def __init__(self, project: Project, views: Sequence[FeatureView], data_dir: Path) -> None:
+        self.project, self.views, self.data_dir = project, list(views), data_dir
+        self._read: tuple[LoggedRows, TrainingSet] | None = None
+
+    @property
+    def exists(self) -> bool:
+        spec = self.project.spec.interactions
+        return spec is not None and spec.user_column is not None
+
+    def rows(self, specs: Sequence[FeatureSpec]) -> tuple[LoggedRows, TrainingSet] | None:
+        if not self.exists:
+            return None
+        if self._read is None:
+            logged = LoggedRows.read(self.project, self.views, self.data_dir, specs)
+            self._read = (logged, logged_training_set(logged, specs))
+        return self._read
+
+    def reference(self, specs: Sequence[FeatureSpec]) -> ReferenceRows | None:
+        read = self.rows(specs)
+        return None if read is None else ReferenceRows(read[1].matrix, "project interaction log")
+
+    def retrieval(
+        self, score: Score, specs: Sequence[FeatureSpec], vectors_file: Path | None
+    ) -> ItemEmbeddings | None:
+        """The artifact (None without a log: the prototypes are logged people)."""
+        read = self.rows(specs)
+        if read is None:
+            if vectors_file is not None:
+                raise ModelStoreError(
+                    f"--item-embeddings: {self.project.file}: field 'interactions': retrieval "
+                    "fits a person's vector on logged people; the project has no log",
+                    422,
+                )
+            return None
+        return item_embeddings(score, specs, *read, self.views, self.data_dir, vectors_file)
+
+
 def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
@@ -468,7 +539,8 @@ def train(
     specs = resolve(features.inputs, infos, project)
 
     progress(f"{version}: building the training matrix ({len(specs)} features)")
-    dataset = training_set(project, views, data_dir, specs)
+    logged = LoggedRows.read(project, views, data_dir, specs)
+    dataset = logged_training_set(logged, specs)
     split = int(len(dataset.labels) * (1 - HOLDOUT_FRACTION))
     train_x, hold_x = dataset.matrix[:split], dataset.matrix[split:]
     train_y, hold_y = dataset.labels[:split], dataset.labels[split:]
@@ -489,7 +561,7 @@ def train(
         log_loss=float(log_loss(hold_y, hold_p, labels=[0, 1])),
     )
 
-    progress(f"{version}: converting to ONNX and registering")
+    progress(f"{version}: converting to ONNX, item embeddings for retrieval, registering")
     rng = np.random.default_rng(0)
     parity_rows = rng.choice(
         len(dataset.matrix), min(PARITY_ROWS, len(dataset.matrix)), replace=False
@@ -522,6 +594,9 @@ def train(
                 made_by="rankgate model train",
                 features_source=features_source,
                 reference_rows=lambda _specs: ReferenceRows(dataset.matrix, "training matrix"),
+                retrieval=lambda score, specs: item_embeddings(
+                    score, specs, logged, dataset, views, data_dir
+                ),
             ),
         )
     progress(f"{version}: registered at {store.path(version)}")

@@ -38,7 +38,9 @@ from pydantic import ValidationError
 from ray import serve
 
 from features.store import feature_store, serving_files
+from features.vector import ItemTable
 from model_store.artifacts import ArtifactStore, StoreError
+from model_store.embeddings import ItemEmbeddings
 from model_store.reference import DriftReference
 from model_store.store import ModelStore
 from rankgate.core.config_files import validation_message
@@ -69,9 +71,10 @@ from serving.ranking.feature_fetch import FeatureFetcher
 from serving.ranking.gate import ConsentGate
 from serving.ranking.pipeline import RankPipeline
 from serving.ranking.ranker import ModelSet, Ranker
+from serving.ranking.retrieval import ItemIndex
 from serving.ranking.routing import Router
 from serving.ranking.shadows import ShadowScorer
-from serving.ranking.stages import STAGES, ScoreFn, Services
+from serving.ranking.stages import STAGES, ItemIndexLike, ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
 
@@ -152,6 +155,8 @@ class ReplicaRuntime:
         self.serving: Serving | None = None
         """The current serving config's pipeline and ranker (None until configured)."""
         self._policies: tuple[PolicySet, RuleFallback] | None = None
+        self._indexes: dict[tuple[str, str], ItemIndex] = {}
+        """Item indexes by (version, retrieval config): a reconfigure keeps them."""
 
     @classmethod
     def open(cls, carried: Mapping[str, str] | None = None) -> ReplicaRuntime:
@@ -353,6 +358,7 @@ class ReplicaRuntime:
             config.events.decision_ttl_s if project_outcomes(self.project) else None
         )
         router = Router(config.routing, rolled_back or set())
+        indexes = self.item_indexes(config, models)
         log = RoutingLog(self.redis, self.home.namespace)
         services = Services(
             config=config,
@@ -366,6 +372,7 @@ class ReplicaRuntime:
             fallback=fallback,
             metrics=self.metrics,
             drift=self.drift,
+            retrieval=indexes,
         )
         return RankPipeline(
             services,
@@ -373,6 +380,44 @@ class ReplicaRuntime:
             ShadowScorer(models, self.fetcher, log, self.metrics, self.drift),
             self.recorder,
         )
+
+    def item_indexes(self, config: ServingConfig, models: ModelSet) -> dict[str, ItemIndexLike]:
+        """The item index of each loaded version with a retrieval artifact, holding the
+        current item table (built once per version and retrieval config). A version
+        without one, or whose index fails, is logged: its requests without candidates
+        over a large catalogue degrade and say so."""
+        settings = config.retrieval.model_dump_json()
+        store, fetcher = self.model_store(config), self.fetcher
+        indexes: dict[str, ItemIndexLike] = {}
+        for version, model in models.loaded.items():
+            key = (version, settings)
+            index = self._indexes.get(key)
+            if index is None:
+                try:
+                    embeddings = ItemEmbeddings.load(store.path(version))
+                    if embeddings is None:
+                        continue
+                    index = ItemIndex(embeddings, model.specs, model.scorer.score, config.retrieval)
+                    index.follow(fetcher.items)
+                except Exception as exc:  # noqa: BLE001 - retrieval degrades, named
+                    logger.warning("item index of %s unavailable: %s", version, exc)
+                    continue
+                self._indexes[key] = index
+            indexes[version] = index
+        if self._follow_items not in fetcher.item_listeners:
+            fetcher.item_listeners.append(self._follow_items)
+        return indexes
+
+    async def _follow_items(self, items: ItemTable) -> None:
+        """After the item table is re-read: the indexes add and remove items, requests
+        may name the new catalogue's items."""
+        for (version, _), index in list(self._indexes.items()):
+            new, vectors, gone = await asyncio.to_thread(index.changes, items)
+            added, removed = index.apply(new, vectors, gone)
+            if added or removed:
+                logger.info("item index of %s: %d items added, %d removed", version, added, removed)
+        if self.serving is not None:
+            self.serving.pipeline.follow_catalogue()
 
     # -- close ------------------------------------------------------------------------
 

@@ -157,16 +157,19 @@ def register_model(
     features_path: Path,
     booster: Path | None,
     metrics_path: Path | None,
+    item_embeddings: Path | None = None,
 ) -> Registered:
     """Register a ranker trained anywhere as VERSION, checked against the Feast registry;
-    published to the artifact store too when RANKGATE_STORE is set."""
+    published to the artifact store too when RANKGATE_STORE is set. Its retrieval
+    artifact: `item_embeddings` (a table of item vectors), or distilled from it."""
     from model_store.register import Candidate, register
-    from model_store.train import log_rows
+    from model_store.train import ProjectLog
 
     env = Environment.open(redis=False)
     infos = env.view_infos()
     if not infos:
         raise RankgateError("no Feast registry in this home: run `rankgate setup` first", 409)
+    log = ProjectLog(env.project, env.views(), env.data_dir)
     manifest = register(
         env.models,
         env.project,
@@ -178,7 +181,8 @@ def register_model(
             booster=booster,
             metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
             features_source=str(features_path.resolve()),
-            reference_rows=lambda specs: log_rows(env.project, env.views(), env.data_dir, specs),
+            reference_rows=log.reference,
+            retrieval=lambda score, specs: log.retrieval(score, specs, item_embeddings),
         ),
     )
     if env.settings.store is not None:

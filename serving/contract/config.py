@@ -162,6 +162,37 @@ class FeaturesConfig(Strict):
     """How often the in-memory item table is re-read from the online store."""
 
 
+class RetrievalSource(Strict):
+    source: Literal["ann", "recent", "popular"]
+    """ann: nearest items to the person's vector in the version's item embeddings;
+    recent: the items of the person's per-item features (their recent items), best
+    first; popular: the most clicked items of the person's segments, then overall."""
+    quota: int = Field(ge=1, le=10_000)
+    """At most this many items from this source (before merging duplicates)."""
+
+
+class RetrievalConfig(Strict):
+    """The retrieval stage (serving/ranking/retrieval.py): what narrows a request
+    without candidates over a large catalogue before the ranker scores it."""
+
+    above_items: int = Field(2000, ge=0)
+    """Retrieve when a request names no candidates and the policy allows more items
+    than this; below it, the ranker scores every allowed item."""
+    sources: list[RetrievalSource] = Field(
+        default_factory=lambda: [
+            RetrievalSource(source="ann", quota=300),
+            RetrievalSource(source="recent", quota=50),
+            RetrievalSource(source="popular", quota=50),
+        ],
+        min_length=1,
+    )
+    """The sources, in order of precedence; their items merged without duplicates."""
+    exact_below: int = Field(200_000, ge=1)
+    """An index of fewer items is searched exactly (a flat index: 1 ms at 10^5 items);
+    a larger one with an inverted-file index, `nprobe` of its lists per search."""
+    nprobe: int = Field(32, ge=1, le=4096)
+
+
 class ExplainerConfig(Strict):
     max_items: int = Field(10, ge=1)
     """At most this many returned items are explained (SHAP cost grows per row)."""
@@ -291,7 +322,8 @@ class DriftConfig(Strict):
 
 class PipelineConfig(Strict):
     stages: list[str] = Field(
-        default_factory=lambda: ["gate", "route", "fetch", "score", "explain"], min_length=1
+        default_factory=lambda: ["gate", "route", "fetch", "retrieve", "score", "explain"],
+        min_length=1,
     )
     """The stages of a rank request, in order (serving/ranking/stages.py names them)."""
     fallback: str = "rules"
@@ -311,6 +343,7 @@ class ServingConfig(Strict):
     auth: AuthConfig = AuthConfig()
     policy: PolicyConfig = PolicyConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     events: EventLimits = EventLimits()
     promotion: PromotionConfig = PromotionConfig()
     drift: DriftConfig = DriftConfig()

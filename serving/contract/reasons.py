@@ -38,6 +38,9 @@ class FallbackReason(StrEnum):
     """The chosen version could not be loaded."""
     MODEL_ERROR = "model_error"
     """onnxruntime failed on the request."""
+    RETRIEVAL_UNAVAILABLE = "retrieval_unavailable"
+    """A request without candidates over a large catalogue, and the version has no
+    item index to retrieve from (or its search failed)."""
 
     @property
     def degraded(self) -> bool:

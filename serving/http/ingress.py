@@ -312,6 +312,11 @@ class RankIngress(BatchedScoring):
                     "outstanding": pipeline.recorder.worker.outstanding,
                 },
                 "drift": config.drift.model_dump(),
+                "retrieval": {
+                    "above_items": config.retrieval.above_items,
+                    "catalogue": len(services.fetcher.catalogue),
+                    "indexes": {v: i.describe() for v, i in services.retrieval.items()},
+                },
                 "routing": {
                     "salt": router.config.salt,
                     "versions": [r.model_dump() for r in router.config.versions],

@@ -124,7 +124,13 @@ class AuditRecord(BaseModel):
     policy: PolicyBlock
     model: ModelRef | None
     candidates: list[int | str]
-    """The items the policy allowed, in the request's order: the rows of the model input."""
+    """The items the policy allowed, in the request's order: the rows of the model input
+    (for a request without candidates over a large catalogue: the retrieved items)."""
+    whole_catalogue: bool | None = None
+    """True: no candidates named, the fallback ranked the whole allowed catalogue (not
+    listed in `candidates`)."""
+    retrieved: dict[str, int] | None = None
+    """Items each retrieval source gave, when the candidates were retrieved."""
     features: RecordedFeatures | None
     item_table: str | None
     """Digest of the item table the model input was built from."""

@@ -67,7 +67,7 @@ def audit_record(
         k=request.k,
         policy=response.policy,
         model=response.model,
-        candidates=[plain_item_id(c) for c in context.eligible],
+        **listed_candidates(context),
         features=recorded_features(user.values, user.age_s, request.context, user.events_through)
         if user
         else None,
@@ -80,6 +80,17 @@ def audit_record(
         choice=choice(context),
         **requested_note(context),
     )
+
+
+def listed_candidates(context: RankContext) -> dict[str, Any]:
+    """The record's candidates: the rows of the model input (the retrieved items, for a
+    request retrieved for); a fallback over the whole allowed catalogue is not listed."""
+    if context.whole_catalogue and context.retrieved is None:
+        return {"candidates": [], "whole_catalogue": True}
+    listed: dict[str, Any] = {"candidates": [plain_item_id(c) for c in context.eligible]}
+    if context.retrieved is not None:
+        listed["retrieved"] = context.retrieved
+    return listed
 
 
 def choice(context: RankContext) -> Choice:

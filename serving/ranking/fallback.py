@@ -40,6 +40,7 @@ class RuleFallback:
     def __init__(self, rules: FallbackRules, project: Project, log_path: Path | None) -> None:
         """`log_path`: the interaction log (features.store.serving_files), if the project has one."""
         self.rules = rules
+        self._sorted: dict[int, tuple[list[ItemId], list[tuple[ItemId, float]]]] = {}
         if rules.strategy == "static":
             # Best first: the first item scores 1, the last above 0; the rest score 0.
             n = len(rules.ranking)
@@ -55,6 +56,17 @@ class RuleFallback:
     @property
     def strategy(self) -> str:
         return self.rules.strategy
+
+    def rank_many(self, item_ids: list[ItemId], k: int) -> list[tuple[ItemId, float]]:
+        """`rank` of a large list that is ranked again and again (the allowed catalogue
+        of requests without candidates): sorted once per list, then a slice."""
+        cached = self._sorted.get(id(item_ids))
+        if cached is None or cached[0] is not item_ids:
+            if len(self._sorted) >= 64:
+                self._sorted.clear()
+            cached = (item_ids, self.rank(item_ids, len(item_ids)))
+            self._sorted[id(item_ids)] = cached
+        return cached[1][:k]
 
     def scores(self, item_ids: Sequence[ItemId]) -> np.ndarray:
         return np.array([self.score_of.get(i, self.default_score) for i in item_ids])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,6 +135,7 @@ class FeatureFetcher:
         }
         self.user_join_key = project.spec.user.join_key
         self.item_join_key = project.spec.item.join_key
+        self.data_dir, self.catalogue_file = data_dir, catalogue_file
         self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir, catalogue_file)
         self.streaming_defaults = {
             name: spec.default for name, spec in project.streaming.items() if name in self.views
@@ -143,6 +144,8 @@ class FeatureFetcher:
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
         self._plans: dict[tuple[tuple[str, tuple[str, ...]], ...], ReadPlan] = {}
+        self.item_listeners: list[Callable[[ItemTable], Awaitable[None]]] = []
+        """Called after each refresh with the new table (the item indexes follow it)."""
 
     def _user_entity(self, key: str) -> EntityKey:
         return EntityKey(join_keys=[self.user_join_key], entity_values=[Value(string_val=key)])
@@ -151,20 +154,21 @@ class FeatureFetcher:
         value = Value(int64_val=item_id) if isinstance(item_id, int) else Value(string_val=item_id)
         return EntityKey(join_keys=[self.item_join_key], entity_values=[value])
 
-    def read_items(self) -> ItemTable:
-        """Item view of the whole catalogue, read from the online store (sync, at start);
-        without an item view, the catalogue's ids with no attributes."""
+    def read_items(self, catalogue: list[ItemId] | None = None) -> ItemTable:
+        """Item view of the catalogue (default: the loaded one), read from the online
+        store (sync); without an item view, the catalogue's ids with no attributes."""
+        catalogue = self.catalogue if catalogue is None else catalogue
         name = self.project.spec.item_view
         if name is None:
-            return ItemTable({item_id: {} for item_id in self.catalogue})
+            return ItemTable({item_id: {} for item_id in catalogue})
         rows = self.online.online_read(
             self.config,
             self.views[name],
-            [self._item_entity(i) for i in self.catalogue],
+            [self._item_entity(i) for i in catalogue],
             list(self.infos[name].fields),  # a copy: Feast appends to the list it gets
         )
         table: dict[ItemId, dict[str, Any]] = {}
-        for item_id, (_, values) in zip(self.catalogue, rows, strict=True):
+        for item_id, (_, values) in zip(catalogue, rows, strict=True):
             table[item_id] = {
                 name: feast_value_type_to_python_type(value)
                 for name, value in (values or {}).items()
@@ -182,11 +186,26 @@ class FeatureFetcher:
         self.items_loaded_at = time.monotonic()  # one refresh at a time
         return asyncio.get_running_loop().create_task(self._refresh_items())
 
+    def read_catalogue(self) -> tuple[list[ItemId], ItemTable]:
+        """The catalogue's source read again (items added or removed), and its item table."""
+        catalogue = load_catalogue(
+            self.project, list(self.views.values()), self.data_dir, self.catalogue_file
+        )
+        if catalogue == self.catalogue:
+            catalogue = self.catalogue  # the same list: what is cached per catalogue stays
+        return catalogue, self.read_items(catalogue)
+
     async def _refresh_items(self) -> None:
         try:
-            self.items = await asyncio.to_thread(self.read_items)
+            self.catalogue, self.items = await asyncio.to_thread(self.read_catalogue)
         except Exception as exc:  # noqa: BLE001 - keep serving the table we have
             logger.warning("item table refresh failed, keeping the cached one: %s", exc)
+            return
+        for listener in self.item_listeners:
+            try:
+                await listener(self.items)
+            except Exception:
+                logger.exception("following the refreshed item table failed")
 
     def read_plan(self, fields: Mapping[str, list[str]]) -> ReadPlan:
         """How to read these fields of the user views: Feast's hash fields per view,

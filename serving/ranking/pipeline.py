@@ -51,21 +51,27 @@ class RankPipeline:
                 recorder.observers.append(observe)
         config, fetcher = services.config, services.fetcher
         self.runner = StageRunner.build(config.pipeline.stages, config.pipeline.fallback, services)
-        # What a request may say here: this config's bounds, this policy, this catalogue.
+        self.follow_catalogue()
+        if not services.fields_of:
+            services.fields_of = {
+                version: user_fields(model.specs, fetcher.infos)
+                for version, model in services.models.loaded.items()
+            }
+
+    def follow_catalogue(self) -> None:
+        """What a request may say here: this config's bounds, this policy, the current
+        catalogue (again after a refresh adds or removes items)."""
+        services = self.services
+        fetcher = services.fetcher
         self.rules = RequestRules.of(
-            config.limits,
-            config.budget,
+            services.config.limits,
+            services.config.budget,
             services.gate.policy.purposes,
             services.gate.policy.regions,
             fetcher.catalogue,
             fetcher.project.spec.item.id_type,
             fetcher.project.context,
         )
-        if not services.fields_of:
-            services.fields_of = {
-                version: user_fields(model.specs, fetcher.infos)
-                for version, model in services.models.loaded.items()
-            }
 
     async def warm_up(self) -> None:
         """Open the Redis connections (consent and Feast) before the first request pays for it."""

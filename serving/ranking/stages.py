@@ -20,8 +20,9 @@ Stages register by name when their class is defined; `stages` and `fallback` in
 the `pipeline` section of the serving config list which run, in order. A new
 stage is one class and one entry in that list.
 
-Lifecycle of a request: gate -> route -> fetch -> score -> explain, and the
-fallback when one of them degrades.
+Lifecycle of a request: gate -> route -> fetch -> retrieve -> score -> explain, and
+the fallback when one of them degrades (`retrieve`, in serving/ranking/retrieval.py,
+narrows a request without candidates over a large catalogue).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -55,6 +56,20 @@ from serving.ranking.ranker import LoadedModel, ModelSet, ModelUnavailable
 from serving.ranking.routing import Router
 
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+
+
+class ItemIndexLike(Protocol):
+    """What the stages know of a version's item index (serving/ranking/retrieval.py)."""
+
+    anchor_ids: list[ItemId]
+
+    def describe(self) -> dict[str, Any]: ...
+    def query(self, anchor_scores: np.ndarray) -> np.ndarray: ...
+    def nearest(self, query: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
+    def popular(self, row: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
+    def recent(
+        self, user: Mapping[str, Any], k: int, excluded: frozenset[ItemId]
+    ) -> list[ItemId]: ...
 
 
 class Deadline:
@@ -119,6 +134,11 @@ class RankContext:
     matrix: np.ndarray | None = None
     scores: np.ndarray | None = None
     """The model's score of each row of `matrix`."""
+    whole_catalogue: bool = False
+    """No candidates named and more allowed items than `retrieval.above_items`: the
+    ranker sees what retrieval finds, the fallback ranks the allowed catalogue."""
+    retrieved: dict[str, int] | None = None
+    """Items each retrieval source gave, when the request was retrieved for."""
     picks: list[Pick[ItemId]] = field(default_factory=list)
     ranked: list[tuple[ItemId, float]] = field(default_factory=list)
     propensities: list[float] = field(default_factory=list)
@@ -176,6 +196,22 @@ class Services:
     drift: DriftMonitor | None = None
     """Watches the rows each version scores for drift (None: not watched)."""
     merged_fields: dict[tuple[str, ...], dict[str, list[str]]] = field(default_factory=dict)
+    retrieval: Mapping[str, ItemIndexLike] = field(default_factory=dict)
+    """The item index of each loaded version that has one (the `retrieve` stage)."""
+    allowed: dict[tuple[int, frozenset[ItemId]], list[ItemId]] = field(default_factory=dict)
+
+    def allowed_catalogue(self, excluded: frozenset[ItemId]) -> list[ItemId]:
+        """The catalogue without `excluded`, computed once per exclusion set and
+        catalogue (a request without candidates pays a lookup, not a pass over it)."""
+        catalogue = self.fetcher.catalogue
+        key = (id(catalogue), excluded)
+        allowed = self.allowed.get(key)
+        if allowed is None:
+            if len(self.allowed) >= 64:
+                self.allowed.clear()
+            allowed = [c for c in catalogue if c not in excluded] if excluded else catalogue
+            self.allowed[key] = allowed
+        return allowed
 
     def fields_for(self, versions: tuple[str, ...]) -> dict[str, list[str]]:
         """The fields a request scored by `versions` reads, merged once per combination
@@ -233,7 +269,13 @@ class GateStage(Stage):
             )
             decision = gate.decide(request.purpose, request.region, consent)
         context.decision = decision
-        context.eligible = [c for c in context.candidates if c not in decision.excluded_items]
+        excluded = decision.excluded_items
+        if request.candidates is None:
+            context.eligible = self.services.allowed_catalogue(excluded)
+            above = self.services.config.retrieval.above_items
+            context.whole_catalogue = len(context.eligible) > above
+        else:
+            context.eligible = [c for c in context.candidates if c not in excluded]
         if decision.reason is FallbackReason.BUDGET_EXHAUSTED:
             return StageResult.degraded(FallbackReason.BUDGET_EXHAUSTED, "queued")
         if not decision.personalize:
@@ -295,6 +337,64 @@ class FetchStage(Stage):
             return StageResult.degraded(FallbackReason.FEATURES_STALE, ",".join(user.stale_views))
         # One item table for the matrix and the audit record.
         context.user, context.items = user, services.fetcher.items
+        return COMPLETED
+
+
+def merged(lists: Iterable[list[ItemId]]) -> list[ItemId]:
+    """The items of `lists`, in order, each once."""
+    found: dict[ItemId, None] = {}
+    for items in lists:
+        found.update(dict.fromkeys(items))
+    return list(found)
+
+
+class RetrieveStage(Stage):
+    """The items the ranker scores for a request without candidates over a large
+    catalogue: gathered from the version's item index by the configured sources
+    (serving/ranking/retrieval.py). A person the gate does not clear never gets here."""
+
+    name = "retrieve"
+    timing = "retrieve"
+    on_timeout = StageResult.degraded(FallbackReason.BUDGET_EXHAUSTED, "retrieval")
+
+    async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
+        config = self.services.config.retrieval
+        if context.request.candidates is not None or len(context.eligible) <= config.above_items:
+            return SKIPPED
+        model_ref, model = context.require_model()
+        assert context.user is not None and context.items is not None, "fetch runs first"
+        index = self.services.retrieval.get(model_ref.version)
+        if index is None:
+            return StageResult.degraded(
+                FallbackReason.RETRIEVAL_UNAVAILABLE, f"{model_ref.version} has no item index"
+            )
+        request, user = context.request, context.user
+        excluded = context.require_decision().excluded_items
+        anchors = build_matrix(
+            model.specs, user.values, context.items, index.anchor_ids, request.context
+        )
+        try:
+            scores = await self.services.score(model_ref.version, anchors)
+        except TimeoutError:
+            raise
+        except ModelUnavailable as exc:
+            return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
+        except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
+            return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
+        lists = []
+        try:
+            for source in config.sources:
+                if source.source == "ann":
+                    found = index.nearest(index.query(scores), source.quota, excluded)
+                elif source.source == "popular":
+                    found = index.popular(anchors[0], source.quota, excluded)
+                else:
+                    found = index.recent(user.values, source.quota, excluded)
+                lists.append(found)
+        except Exception as exc:  # noqa: BLE001 - a failed search degrades, named
+            return StageResult.degraded(FallbackReason.RETRIEVAL_UNAVAILABLE, type(exc).__name__)
+        context.eligible = merged(lists)
+        context.retrieved = {s.source: len(f) for s, f in zip(config.sources, lists, strict=True)}
         return COMPLETED
 
 
@@ -396,7 +496,10 @@ class RuleFallbackStage(Stage):
         fallback = self.services.fallback
         detail = {"detail": context.detail} if context.detail else {}
         context.fallback = Fallback(reason=context.reason, strategy=fallback.strategy, **detail)
-        context.ranked = fallback.rank(context.eligible, context.request.k)
+        if context.whole_catalogue:
+            context.ranked = fallback.rank_many(context.eligible, context.request.k)
+        else:
+            context.ranked = fallback.rank(context.eligible, context.request.k)
         context.propensities = [1.0] * len(context.ranked)
         context.exploration, context.exploration_seed, context.explored = None, None, False
         context.reasons = None

@@ -81,7 +81,15 @@ def test_contract_of_a_personalized_answer(server: Server, env: Environment) -> 
     ]
     assert [i["rank"] for i in body["items"]] == [1, 2, 3]
     assert body["policy"]["decision"] == "personalize" and body["policy"]["version"]
-    assert set(body["timings_ms"]) == {"queued", "policy", "features", "rank", "explain", "total"}
+    assert set(body["timings_ms"]) == {
+        "queued",
+        "policy",
+        "features",
+        "retrieve",
+        "rank",
+        "explain",
+        "total",
+    }
 
 
 def test_explained_answer_has_reasons(server: Server, env: Environment) -> None:

@@ -80,7 +80,15 @@ def test_granted_user_gets_a_personalized_ranking(pipeline: RankPipeline, env: E
     scores = [i.score for i in response.items]
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     assert 5 not in {i.item_id for i in response.items}  # EU item rule
-    assert set(response.timings_ms) == {"queued", "policy", "features", "rank", "explain", "total"}
+    assert set(response.timings_ms) == {
+        "queued",
+        "policy",
+        "features",
+        "retrieve",
+        "rank",
+        "explain",
+        "total",
+    }
     assert response.timings_ms["total"] >= response.timings_ms["features"] > 0
 
 

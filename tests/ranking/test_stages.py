@@ -146,6 +146,8 @@ class Fallback:
         picks = top_k(item_ids, [-float(i) for i in item_ids], k)
         return [(pick.item_id, pick.score) for pick in picks]
 
+    rank_many = rank
+
 
 def services(**overrides: Any) -> Services:
     config = ServingConfig.model_validate(
@@ -217,7 +219,7 @@ def test_a_granted_person_gets_the_models_top_k_of_the_eligible_items() -> None:
     assert context.model_ref is not None and context.model_ref.version == "v1"
     assert context.explanation is not None and context.explanation.status == "explained"
     assert context.reasons == [["price 5"], ["price 4"], ["price 3"]]
-    assert list(context.timings) == ["queued", "policy", "features", "rank", "explain"]
+    assert list(context.timings) == ["queued", "policy", "features", "retrieve", "rank", "explain"]
     assert all(context.timings[key] > 0 for key in ("policy", "features", "rank", "explain"))
 
 

@@ -86,6 +86,12 @@ def model_train(
     "metrics_path",
     help="JSON or YAML with its held-out `auc` and `log_loss`, kept in the manifest.",
 )
+@file_option(
+    "--item-embeddings",
+    "item_embeddings",
+    help="Parquet or CSV of item vectors for retrieval (the item key column, then a "
+    "list column or one column per dimension); default: distilled from the model.",
+)
 @fails_cleanly
 def model_register(
     version: str,
@@ -93,10 +99,15 @@ def model_register(
     features_path: Path,
     booster: Path | None,
     metrics_path: Path | None,
+    item_embeddings: Path | None,
 ) -> None:
     """Register a ranker trained anywhere as VERSION, after checking it against the
     project's Feast registry; registered versions are never overwritten."""
-    echo_lines(register_model(version, onnx_path, features_path, booster, metrics_path).lines())
+    echo_lines(
+        register_model(
+            version, onnx_path, features_path, booster, metrics_path, item_embeddings
+        ).lines()
+    )
 
 
 @click.command("reference")

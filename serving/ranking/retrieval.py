@@ -1,0 +1,236 @@
+"""Retrieval: what narrows a request without candidates before the ranker scores it.
+
+A request that names no candidates asks about the whole catalogue. Over a large one
+(more allowed items than `retrieval.above_items`) the `retrieve` stage
+(serving/ranking/stages.py), after the
+person's features are fetched and before the ranker, gathers a few hundred items
+from its sources (serving config `retrieval.sources`, each with a quota, merged in
+order without duplicates):
+
+- `ann`: the items nearest the person's vector in the version's item embeddings
+  (model_store/embeddings.py). The vector is fitted to the ranker's scores of the
+  version's anchor items for this person and this request's context (one batched
+  ranker call of ~100 rows), so nothing is read or stored per person beyond the
+  features the ranker reads anyway. faiss searches inner product over the items
+  (exact below `exact_below` items, an inverted-file index above), the policy's
+  excluded items filtered *inside* the search (an `IDSelector`), so k allowed items
+  come back however many rules exclude.
+- `recent`: the person's recent items, from their per-item features (a streaming
+  view `per: item`), highest value first.
+- `popular`: the most clicked items of the person's segments (the values of their
+  categorical features), then overall, from the version's training log.
+
+The index follows the catalogue: when the item table is re-read (`features.
+item_refresh_s`) new items get a vector from the ranker's scores of them for the
+version's prototypes and are added, removed items are removed; nothing is rebuilt
+and nothing restarts. A person the gate does not clear never reaches this stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import faiss as _faiss
+import numpy as np
+
+from features.spec import FeatureSpec
+from features.vector import ItemTable
+from model_store.embeddings import ItemEmbeddings, pair_rows
+from rankgate.core.project import ItemId
+from serving.contract.config import RetrievalConfig
+
+logger = logging.getLogger(__name__)
+faiss: Any = _faiss
+"""Untyped here: faiss's generated stubs do not match its SWIG signatures (search
+parameters, `remove_ids` with an array of ids)."""
+
+MAX_SELECTORS = 64
+"""Filters kept per index (one per distinct set of excluded items: purposes x regions)."""
+IVF_LISTS_PER_SQRT = 4
+"""Inverted lists of a large index: 4 * sqrt(items)."""
+
+faiss.omp_set_num_threads(1)  # one query at a time per request: threads cost more than they save
+
+
+class ItemIndex:
+    """faiss over one version's item vectors: inner product, pre-filtered, items added
+    and removed in place. Searched and changed on the replica's event loop only."""
+
+    def __init__(
+        self,
+        embeddings: ItemEmbeddings,
+        specs: Sequence[FeatureSpec],
+        score: Callable[[np.ndarray], np.ndarray],
+        config: RetrievalConfig,
+    ) -> None:
+        self.embeddings = embeddings
+        self.specs = specs
+        self.score = score
+        """The version's ranker, synchronous (new items' vectors: off the request path)."""
+        self.config = config
+        self.ids: list[ItemId] = []
+        """Item of each faiss label (labels are positions here, never reused)."""
+        self.label_of: dict[ItemId, int] = {}
+        self.vector_of: dict[ItemId, np.ndarray] = {}
+        self.selectors: dict[frozenset[ItemId], Any] = {}
+        self.segments = [
+            col
+            for col, spec in enumerate(specs)
+            if spec.source == "user" and spec.encoding == "hash" and not spec.per_item
+        ]
+        self.per_item = [spec for spec in specs if spec.per_item]
+        self.item_of_field: dict[str, ItemId] = {}
+        """Per-item person fields (`aff_{item_id}`) -> their item (the `recent` source)."""
+        dims = embeddings.dims
+        n = len(embeddings.item_ids)
+        if n >= config.exact_below:
+            lists = int(IVF_LISTS_PER_SQRT * np.sqrt(n))
+            ivf = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(dims), dims, lists, faiss.METRIC_INNER_PRODUCT
+            )
+            ivf.train(np.ascontiguousarray(embeddings.vectors))
+            self.index = faiss.IndexIDMap2(ivf)
+            self.params: Callable[[Any], Any] = lambda sel: faiss.SearchParametersIVF(
+                sel=sel, nprobe=config.nprobe
+            )
+        else:
+            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dims))
+            self.params = lambda sel: faiss.SearchParameters(sel=sel)
+        self._add(embeddings.item_ids, embeddings.vectors)
+        self.anchor_ids: list[ItemId] = []
+        self.query_map: np.ndarray = np.zeros((dims, 0))
+
+    # -- the catalogue ---------------------------------------------------------------
+
+    def changes(self, items: ItemTable) -> tuple[list[ItemId], np.ndarray, list[ItemId]]:
+        """What `follow` would change to hold exactly the items of `items`: (new items,
+        their vectors from the ranker's scores of them for the prototypes, removed
+        items). Reads the index only: run it off the event loop."""
+        new = [i for i in items.item_ids if i not in self.label_of]
+        gone = [i for i in self.label_of if i not in items]
+        vectors = np.zeros((0, self.embeddings.dims), dtype=np.float32)
+        if new:
+            scores = np.stack(
+                [
+                    self.score(pair_rows(self.specs, base, items, new))
+                    for base in self.embeddings.prototypes
+                ]
+            )
+            vectors = self.embeddings.embed(scores)
+        return new, vectors, gone
+
+    def follow(self, items: ItemTable) -> tuple[int, int]:
+        """Hold exactly the items of `items` (see `changes`); (added, removed)."""
+        return self.apply(*self.changes(items))
+
+    def apply(self, new: list[ItemId], vectors: np.ndarray, gone: list[ItemId]) -> tuple[int, int]:
+        """Add `new` with `vectors`, remove `gone`; the anchors the person's vector is
+        fitted on are those still held."""
+        new = [i for i in new if i not in self.label_of]
+        if new:
+            self._add(new, vectors[: len(new)])
+        gone = [i for i in gone if i in self.label_of]
+        if gone:
+            labels = np.array([self.label_of.pop(i) for i in gone], dtype=np.int64)
+            for item in gone:
+                self.vector_of.pop(item, None)
+            self.index.remove_ids(labels)
+        if gone or not self.anchor_ids:
+            self._fit_anchors()
+        if gone or new:
+            self.selectors.clear()
+        return len(new), len(gone)
+
+    def _add(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
+        labels = np.arange(len(self.ids), len(self.ids) + len(item_ids), dtype=np.int64)
+        for item, label, vector in zip(item_ids, labels, vectors, strict=True):
+            self.ids.append(item)
+            self.label_of[item] = int(label)
+            self.vector_of[item] = vector
+            for spec in self.per_item:
+                self.item_of_field[spec.field_for(item)] = item
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+
+    def _fit_anchors(self) -> None:
+        anchors = [i for i in self.embeddings.anchor_ids if i in self.label_of]
+        keep = [n for n, i in enumerate(self.embeddings.anchor_ids) if i in self.label_of]
+        self.anchor_ids = anchors
+        full = self.embeddings.query_map
+        if len(keep) == full.shape[1]:
+            self.query_map = full
+        else:
+            vectors = np.stack([self.vector_of[i] for i in anchors]).astype(np.float64)
+            self.query_map = np.asarray(np.linalg.pinv(vectors))
+
+    def describe(self) -> dict[str, Any]:
+        """What /healthz says of the index."""
+        return {
+            "items": int(self.index.ntotal),
+            "dims": self.embeddings.dims,
+            "anchors": len(self.anchor_ids),
+            "exact": self.index.ntotal < self.config.exact_below,
+            "embeddings": self.embeddings.source,
+        }
+
+    # -- a request -------------------------------------------------------------------
+
+    def query(self, anchor_scores: np.ndarray) -> np.ndarray:
+        """The person's vector from the ranker's scores of `anchor_ids` for them."""
+        from model_store.embeddings import to_logit
+
+        vector = self.query_map @ to_logit(anchor_scores, self.embeddings.transform)
+        return np.ascontiguousarray(vector[None, :], dtype=np.float32)
+
+    def nearest(self, query: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]:
+        """The k allowed items of highest inner product with `query`, best first."""
+        k = min(k, self.index.ntotal)
+        if k <= 0:
+            return []
+        _, labels = self.index.search(query, k, params=self.params(self._selector(excluded)))
+        ids = self.ids
+        return [ids[label] for label in labels[0].tolist() if label >= 0]
+
+    def _selector(self, excluded: frozenset[ItemId]) -> Any:
+        if not excluded:
+            return None
+        selector = self.selectors.get(excluded)
+        if selector is None:
+            if len(self.selectors) >= MAX_SELECTORS:
+                self.selectors.clear()
+            labels = np.array(
+                [self.label_of[i] for i in excluded if i in self.label_of], dtype=np.int64
+            )
+            batch = faiss.IDSelectorBatch(labels)
+            selector = faiss.IDSelectorNot(batch)
+            selector.batch = batch  # the Not holds a raw pointer: keep the batch alive
+            self.selectors[excluded] = selector
+        return selector
+
+    def popular(self, row: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]:
+        """The most clicked allowed items of the person's segments, then overall."""
+        found: dict[ItemId, None] = {}
+        item_ids = self.embeddings.item_ids
+        for positions in self.embeddings.popular_for(row, self.segments):
+            for position in positions.tolist():
+                item = item_ids[position]
+                if item in self.label_of and item not in excluded:
+                    found[item] = None
+                    if len(found) >= k:
+                        return list(found)
+        return list(found)
+
+    def recent(self, user: Mapping[str, Any], k: int, excluded: frozenset[ItemId]) -> list[ItemId]:
+        """The person's items of highest per-item feature value (their recent items)."""
+        if not self.per_item:
+            return []
+        values: dict[ItemId, float] = {}
+        item_of_field, held = self.item_of_field, self.label_of
+        for name, value in user.items():
+            item = item_of_field.get(name)
+            if item is None or item in excluded or item not in held:
+                continue
+            if isinstance(value, (int, float)) and value > 0:
+                values[item] = max(values.get(item, 0.0), float(value))
+        return sorted(values, key=values.__getitem__, reverse=True)[:k]

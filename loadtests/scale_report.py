@@ -47,6 +47,8 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
         rows[f"rank {label}, {budget} budget: budget exhausted share"] = row[
             "budget_exhausted_share"
         ]
+    if "retrieval" in served:
+        rows.update(retrieval_rows(served["retrieval"]))
     load = served["throughput"]
     where = f"{THROUGHPUT_CANDIDATES} candidates, concurrency {THROUGHPUT_CONCURRENCY}"
     rows[f"throughput ({where}): decisions per s"] = load["decisions_per_s"]
@@ -67,6 +69,32 @@ def figure_rows(result: dict[str, Any]) -> dict[str, float]:
     rows["model evaluate: s"] = evaluation["seconds"]
     rows["model evaluate: the command's imports s"] = evaluation["command_imports_s"]
     rows["model evaluate: scored pairs per s"] = evaluation["scored_pairs_per_s"]
+    return rows
+
+
+def retrieval_rows(retrieval: dict[str, Any]) -> dict[str, float]:
+    """Requests without candidates: latency by stage, recall, the item index."""
+    rows: dict[str, float] = {}
+    latency, recall, index = retrieval["latency"], retrieval["recall"], retrieval["index"]
+    rows["no candidates (retrieval), one client: client p50 ms"] = latency["client_p50_ms"]
+    rows["no candidates (retrieval), one client: client p99 ms"] = latency["client_p99_ms"]
+    for stage in ("policy", "features", "retrieve", "rank", "total"):
+        for q in ("p50", "p99"):
+            rows[f"no candidates: server {stage} {q} ms"] = latency[f"{stage}_{q}_ms"]
+    answered = sum(latency["answers"].values()) or 1
+    rows["no candidates: personalized share"] = round(
+        latency["answers"].get("personalized", 0) / answered, 3
+    )
+    if recall.get("decisions"):
+        rows["retrieval: recall@10 vs whole catalogue (mean)"] = recall["recall_at_10_mean"]
+        rows["retrieval: recall@10 (p10 of decisions)"] = recall["recall_at_10_p10"]
+        rows["retrieval: decisions compared"] = recall["decisions"]
+        rows["retrieval: items the ranker scored per decision"] = recall["retrieved_per_decision"]
+    if index:
+        rows["item index: dimensions"] = index["dims"]
+        rows["item index: build s (replica start)"] = index["build_s"]
+        rows["item index: faiss bytes per item"] = index["faiss_bytes_per_item"]
+        rows["item index: artifact bytes per item"] = index["artifact_bytes_per_item"]
     return rows
 
 

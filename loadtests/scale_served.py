@@ -20,6 +20,7 @@ import httpx
 from loadtests.bench import memory
 from loadtests.drive import percentile
 from loadtests.scale_home import granted_people
+from loadtests.scale_retrieval import retrieval_figures
 from rankgate.core.errors import RankgateError
 
 Say = Callable[[str], None]
@@ -327,6 +328,9 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
             )
             figures["rank"] = rank_latency(
                 f"{base}/v1/rank", bodies, catalogue, budgets, duration, key, folder, say
+            )
+            figures["retrieval"] = retrieval_figures(
+                env, base, bodies, headers, version, budgets["default"], duration, say
             )
             figures["throughput"] = throughput(
                 f"{base}/v1/rank",

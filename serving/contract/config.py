@@ -168,7 +168,8 @@ class RetrievalSource(Strict):
     recent: the items of the person's per-item features (their recent items), best
     first; popular: the most clicked items of the person's segments, then overall."""
     quota: int = Field(ge=1, le=10_000)
-    """At most this many items from this source (before merging duplicates)."""
+    """At most this many items from this source (before merging duplicates); `ann`
+    gives at least the request's k, so that an answer is never short of items."""
 
 
 class RetrievalConfig(Strict):

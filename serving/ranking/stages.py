@@ -384,8 +384,9 @@ class RetrieveStage(Stage):
         lists = []
         try:
             for source in config.sources:
-                if source.source == "ann":
-                    found = index.nearest(index.query(scores), source.quota, excluded)
+                if source.source == "ann":  # at least k: an answer is never short
+                    quota = max(source.quota, request.k)
+                    found = index.nearest(index.query(scores), quota, excluded)
                 elif source.source == "popular":
                     found = index.popular(anchors[0], source.quota, excluded)
                 else:

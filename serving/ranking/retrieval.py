@@ -16,7 +16,7 @@ order without duplicates):
   excluded items filtered *inside* the search (an `IDSelector`), so k allowed items
   come back however many rules exclude.
 - `recent`: the person's recent items, from their per-item features (a streaming
-  view `per: item`), highest value first.
+  view `per: item`), highest value first, then the items nearest the first two.
 - `popular`: the most clicked items of the person's segments (the values of their
   categorical features), then overall, from the version's training log.
 
@@ -48,6 +48,8 @@ parameters, `remove_ids` with an array of ids)."""
 
 MAX_SELECTORS = 64
 """Filters kept per index (one per distinct set of excluded items: purposes x regions)."""
+NEIGHBOUR_SEEDS = 2
+"""Recent items whose nearest items the `recent` source adds."""
 IVF_LISTS_PER_SQRT = 4
 """Inverted lists of a large index: 4 * sqrt(items)."""
 
@@ -222,7 +224,8 @@ class ItemIndex:
         return list(found)
 
     def recent(self, user: Mapping[str, Any], k: int, excluded: frozenset[ItemId]) -> list[ItemId]:
-        """The person's items of highest per-item feature value (their recent items)."""
+        """The person's items of highest per-item feature value (their recent items),
+        then the nearest items to the first `NEIGHBOUR_SEEDS` of them."""
         if not self.per_item:
             return []
         values: dict[ItemId, float] = {}
@@ -233,4 +236,15 @@ class ItemIndex:
                 continue
             if isinstance(value, (int, float)) and value > 0:
                 values[item] = max(values.get(item, 0.0), float(value))
-        return sorted(values, key=values.__getitem__, reverse=True)[:k]
+        found = dict.fromkeys(sorted(values, key=values.__getitem__, reverse=True)[:k])
+        seeds = list(found)[:NEIGHBOUR_SEEDS]
+        for seed in seeds:
+            if len(found) >= k:
+                break
+            share = -(-(k - len(found)) // len(seeds))
+            query = np.ascontiguousarray(self.vector_of[seed][None, :], dtype=np.float32)
+            for item in self.nearest(query, share + len(found), excluded):
+                if len(found) >= k:
+                    break
+                found.setdefault(item)
+        return list(found)

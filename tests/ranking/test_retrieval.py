@@ -288,3 +288,17 @@ def test_allowed_catalogue_is_computed_once_per_exclusion_set() -> None:
     first = deps.allowed_catalogue(frozenset({6}))
     assert first == [1, 2, 3, 4, 5] and deps.allowed_catalogue(frozenset({6})) is first
     assert deps.allowed_catalogue(frozenset()) is deps.fetcher.catalogue
+
+
+def test_recent_items_come_first_then_their_neighbours(
+    embeddings: ItemEmbeddings, items: ItemTable
+) -> None:
+    specs = [*SPECS, FeatureSpec("clicks", "user", "recent", "clicks_{item_id}", "number", "a")]
+    index = ItemIndex(embeddings, specs, ranker, RetrievalConfig())
+    index.follow(items)
+    user = {"clicks_7": 0.5, "clicks_9": 2.0, "clicks_11": 0.0, "clicks_13": 1.0, "age": 3}
+    assert index.recent(user, 3, frozenset()) == [9, 13, 7]
+    assert index.recent(user, 2, frozenset({9})) == [13, 7]
+    grown = index.recent(user, 10, frozenset())
+    assert grown[:3] == [9, 13, 7] and len(set(grown)) == 10
+    assert index.recent({"age": 3}, 5, frozenset()) == []

@@ -37,10 +37,10 @@ import pandas as pd
 
 from features.spec import FeatureSpec
 from features.vector import MISSING, ItemTable
+from model_store.manifest import RETRIEVAL_FILE
 from rankgate.core.errors import ModelStoreError
 from rankgate.core.project import ItemId
 
-RETRIEVAL_FILE = "retrieval.npz"
 ITEM_CHUNK = 1 << 18
 """Items per scored block when distilling (bounded memory at 10^6 items)."""
 POPULAR_TOP = 500

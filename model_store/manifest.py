@@ -13,6 +13,8 @@ from rankgate.core.config_files import Strict
 ONNX_FILE = "model.onnx"
 PARITY_INPUTS_FILE = "parity_inputs.npy"
 MANIFEST_FILE = "manifest.json"
+RETRIEVAL_FILE = "retrieval.npz"
+"""The version's item embeddings for retrieval (model_store/embeddings.py), when it has them."""
 REFERENCE_FILE = "drift_reference.json"
 """The version's drift reference (model_store/reference.py), when it has one."""
 MAX_PARITY_DIFF = 1e-5

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from features.spec import FeaturesFile, FeatureSpec, ViewInfo, resolve
-from model_store.embeddings import ItemEmbeddings, Score
+from model_store.embeddings import RETRIEVAL_FILE, ItemEmbeddings, Score
 from model_store.manifest import (
     BOOSTER_FILES,
     MANIFEST_FILE,
@@ -283,6 +283,35 @@ def register(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def add_retrieval(
+    store: ModelStore,
+    version: str,
+    build: Callable[[Score, Sequence[FeatureSpec]], ItemEmbeddings | None],
+) -> Path:
+    """Give a version registered before retrieval existed its retrieval artifact (from
+    `build`, given its ranker and inputs), listed with its hash in the manifest.
+    Nothing the version scores with changes; a version that has one keeps it."""
+    manifest = store.manifest(version)
+    folder = store.path(version)
+    if RETRIEVAL_FILE in manifest.artifacts:
+        raise ModelStoreError(f"model version {version!r} already has item embeddings", 409)
+    report = store.check_hashes(version)
+    if not report.ok:
+        raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
+    scorer = OnnxScorer(folder / ONNX_FILE, manifest.onnx.output_name)
+    embeddings = build(scorer.score, manifest.specs)
+    if embeddings is None:
+        raise ModelStoreError(
+            f"model version {version!r}: no interaction log to fit item embeddings on", 422
+        )
+    path = embeddings.save(folder)
+    manifest.artifacts[RETRIEVAL_FILE] = sha256_file(path)
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    write_json(tmp, manifest.model_dump(mode="json"))
+    tmp.replace(folder / MANIFEST_FILE)
+    return path
 
 
 def add_reference(store: ModelStore, version: str, rows: ReferenceRows) -> Path:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from features.spec import FeaturesFile, load_features_file
 from model_store.artifacts import ArtifactStore
-from model_store.manifest import REFERENCE_FILE, Manifest, Metrics
+from model_store.manifest import REFERENCE_FILE, RETRIEVAL_FILE, Manifest, Metrics
 from model_store.store import ValidationReport
 from rankgate.core.config_files import load_yaml_model
 from rankgate.core.errors import RankgateError
@@ -100,6 +100,11 @@ class Registered:
             if REFERENCE_FILE in self.manifest.artifacts
             else "no drift reference: the project has no interaction log"
         )
+        retrieval = (
+            "item embeddings for retrieval"
+            if RETRIEVAL_FILE in self.manifest.artifacts
+            else "no item embeddings: the project has no interaction log"
+        )
         published = [f"{self.version}: published to {self.published_to}"]
         return [*(published if self.published_to else [])] + [
             f"{self.version}: registered at {self.path} ({len(self.manifest.features)} inputs; "
@@ -108,7 +113,7 @@ class Registered:
                 if parity is not None
                 else "no tree model: answers say explainer_unavailable"
             )
-            + f"; {reference})"
+            + f"; {reference}; {retrieval})"
         ]
 
 
@@ -206,6 +211,24 @@ def add_drift_reference(version: str) -> str:
         )
     path = add_reference(env.models, version, rows)
     return f"{version}: drift reference of {len(rows.matrix)} logged rows at {path}"
+
+
+def add_item_embeddings(version: str, item_embeddings: Path | None = None) -> str:
+    """Give VERSION its retrieval artifact: distilled from its ranker on the project's
+    interaction log (or `item_embeddings`, a table of item vectors); says where."""
+    from model_store.register import add_retrieval
+    from model_store.train import ProjectLog
+
+    env = Environment.open(redis=False)
+    if not env.models.exists(version):
+        raise RankgateError(f"no model version {version!r} in this home", 404)
+    log = ProjectLog(env.project, env.views(), env.data_dir)
+    path = add_retrieval(
+        env.models, version, lambda score, specs: log.retrieval(score, specs, item_embeddings)
+    )
+    if env.settings.store is not None:
+        ArtifactStore(env.settings.store).publish_version(env.models, version)
+    return f"{version}: item embeddings for retrieval at {path}"
 
 
 def validate_model(version: str) -> ValidationReport:

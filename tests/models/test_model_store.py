@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from features.spec import FeaturesFile, load_features_file
-from model_store.manifest import MANIFEST_FILE, ONNX_FILE, REFERENCE_FILE
+from model_store.manifest import MANIFEST_FILE, ONNX_FILE, REFERENCE_FILE, RETRIEVAL_FILE
 from model_store.reference import DriftReference
 from model_store.train import TrainParams, parse_params
 from rankgate.cli.main import main
@@ -350,3 +350,75 @@ def test_train_cli_fits_a_logistic_regression(env: Environment) -> None:
         assert env.models.validate("v9-lr", env.view_infos()).ok
     finally:
         shutil.rmtree(env.models.path("v9-lr"), ignore_errors=True)
+
+
+def test_trained_versions_carry_item_embeddings_distilled_from_their_ranker(
+    env: Environment,
+) -> None:
+    from model_store.embeddings import ItemEmbeddings
+
+    for version in ("v1", "v2", "v3"):
+        embeddings = ItemEmbeddings.load(env.models.path(version))
+        assert embeddings is not None and embeddings.source == "distilled"
+        assert len(embeddings.item_ids) == 80 and embeddings.vectors.shape[0] == 80
+        assert 1 <= embeddings.dims <= 64 and len(embeddings.anchors) >= embeddings.dims
+        assert len(embeddings.popular[""]) == 80  # every item of the log, by clicks
+        assert RETRIEVAL_FILE in env.models.manifest(version).artifacts
+
+
+def test_register_takes_item_embeddings_made_elsewhere(env: Environment, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from model_store.embeddings import ItemEmbeddings
+
+    v1 = env.models.path("v1")
+    features = env.models.manifest("v1").lineage.features_source
+    assert features is not None
+    vectors = np.random.default_rng(0).normal(size=(80, 8)).astype(np.float32)
+    table = pd.DataFrame({"item_id": range(80), "vector": list(vectors)})
+    table.to_parquet(tmp_path / "vectors.parquet")
+    table.iloc[1:].to_parquet(tmp_path / "short.parquet")
+    command = [*("model", "register"), "with-vectors", *("--onnx", str(v1 / ONNX_FILE))]
+    command += ["--features", features]
+    try:
+        short = CliRunner().invoke(
+            main, [*command, "--item-embeddings", str(tmp_path / "short.parquet")]
+        )
+        assert short.exit_code == 1
+        assert (
+            "--item-embeddings" in short.output
+            and "no vector for 1 catalogue items" in short.output
+        )
+        assert not env.models.exists("with-vectors")
+        result = CliRunner().invoke(
+            main, [*command, "--item-embeddings", str(tmp_path / "vectors.parquet")]
+        )
+        assert result.exit_code == 0, result.output
+        assert "item embeddings for retrieval" in result.output
+        embeddings = ItemEmbeddings.load(env.models.path("with-vectors"))
+        assert embeddings is not None and embeddings.source == "vectors.parquet"
+        np.testing.assert_array_equal(embeddings.vectors, vectors)
+        assert env.models.validate("with-vectors", env.view_infos()).ok
+    finally:
+        shutil.rmtree(env.models.path("with-vectors"), ignore_errors=True)
+
+
+def test_model_retrieval_gives_an_older_version_item_embeddings(
+    env: Environment, scratch_version: str
+) -> None:
+    from model_store.embeddings import ItemEmbeddings
+
+    folder = env.models.path(scratch_version)
+    (folder / RETRIEVAL_FILE).unlink()
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["artifacts"][RETRIEVAL_FILE]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert ItemEmbeddings.load(folder) is None
+
+    result = CliRunner().invoke(main, ["model", "retrieval", scratch_version])
+    assert result.exit_code == 0, result.output
+    embeddings = ItemEmbeddings.load(folder)
+    assert embeddings is not None and len(embeddings.item_ids) == 80
+    assert env.models.validate(scratch_version, env.view_infos()).ok
+    again = CliRunner().invoke(main, ["model", "retrieval", scratch_version])
+    assert again.exit_code == 1 and "already has item embeddings" in again.output

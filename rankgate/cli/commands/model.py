@@ -24,6 +24,7 @@ from rankgate.core.errors import RankgateError
 from rankgate.ops.models import (
     MODEL_TABLE_HEADER,
     add_drift_reference,
+    add_item_embeddings,
     list_models,
     register_model,
     train_model,
@@ -120,6 +121,22 @@ def model_reference(version: str) -> None:
     click.echo(add_drift_reference(version))
 
 
+@click.command("retrieval")
+@click.argument("version")
+@file_option(
+    "--item-embeddings",
+    "item_embeddings",
+    help="Parquet or CSV of item vectors (the item key column, then a list column or "
+    "one column per dimension); default: distilled from the model.",
+)
+@fails_cleanly
+def model_retrieval(version: str, item_embeddings: Path | None) -> None:
+    """Give VERSION, registered before retrieval existed, its item embeddings for
+    requests without candidates (docs/retrieval.md): distilled from its ranker on the
+    project's interaction log; added to its manifest with its hash."""
+    click.echo(add_item_embeddings(version, item_embeddings))
+
+
 @click.command("validate")
 @click.argument("version")
 @fails_cleanly
@@ -150,6 +167,7 @@ for command in (
     model_train,
     model_register,
     model_reference,
+    model_retrieval,
     model_validate,
     model_list,
     model_promote,

@@ -247,6 +247,11 @@ class Stage:
     def __init__(self, services: Services) -> None:
         self.services = services
 
+    def applies(self, context: RankContext) -> bool:
+        """False: nothing to do for this request; the runner skips the stage without
+        timing it or arming its deadline."""
+        return True
+
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
         raise NotImplementedError
 
@@ -357,10 +362,11 @@ class RetrieveStage(Stage):
     timing = "retrieve"
     on_timeout = StageResult.degraded(FallbackReason.BUDGET_EXHAUSTED, "retrieval")
 
+    def applies(self, context: RankContext) -> bool:
+        return context.whole_catalogue
+
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
         config = self.services.config.retrieval
-        if context.request.candidates is not None or len(context.eligible) <= config.above_items:
-            return SKIPPED
         model_ref, model = context.require_model()
         assert context.user is not None and context.items is not None, "fetch runs first"
         index = self.services.retrieval.get(model_ref.version)
@@ -527,6 +533,8 @@ class StageRunner:
 
     async def run(self, context: RankContext, deadline: Deadline) -> None:
         for stage in self.stages:
+            if not stage.applies(context):
+                continue
             result = await self.timed(stage, context, deadline)
             if result.status is Status.FINISHED:
                 return

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -408,16 +408,24 @@ class ReplicaRuntime:
             fetcher.item_listeners.append(self._follow_items)
         return indexes
 
-    async def _follow_items(self, items: ItemTable) -> None:
-        """After the item table is re-read: the indexes add and remove items, requests
-        may name the new catalogue's items."""
-        for (version, _), index in list(self._indexes.items()):
-            new, vectors, gone = await asyncio.to_thread(index.changes, items)
-            added, removed = index.apply(new, vectors, gone)
-            if added or removed:
-                logger.info("item index of %s: %d items added, %d removed", version, added, removed)
-        if self.serving is not None:
-            self.serving.pipeline.follow_catalogue()
+    async def _follow_items(self, items: ItemTable) -> Callable[[], None]:
+        """A re-read item table: each index's changes computed off the event loop; the
+        returned `apply` adds and removes them and lets requests name the new
+        catalogue's items (run with the table's swap)."""
+        changes = [
+            (version, index, await asyncio.to_thread(index.changes, items))
+            for (version, _), index in list(self._indexes.items())
+        ]
+
+        def apply() -> None:
+            for version, index, change in changes:
+                added, removed = index.apply(*change)
+                if added or removed:
+                    logger.info("item index of %s: %d added, %d removed", version, added, removed)
+            if self.serving is not None:
+                self.serving.pipeline.follow_catalogue()
+
+        return apply
 
     # -- close ------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ class RankIngress(BatchedScoring):
         # Which Ray node this replica runs on (operators of a cluster ask /healthz).
         self.node_id = ray.get_runtime_context().get_node_id()
         self.openapi_cache: tuple[RequestRules | None, dict[str, Any]] | None = None
-        self.intake_cache: tuple[Serving, EventIntake] | None = None
+        self.intake_cache: tuple[Serving, RequestRules, EventIntake] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Validate, load and swap (ReplicaRuntime.configure). A bad config at start-up
@@ -179,15 +179,17 @@ class RankIngress(BatchedScoring):
         return serving
 
     def intake(self, serving: Serving) -> EventIntake:
-        """The event intake of `serving`'s config, built once per config."""
-        if self.intake_cache is None or self.intake_cache[0] is not serving:
+        """The event intake of `serving`'s config, built once per config and catalogue
+        (a refresh that adds items gives the pipeline new request rules)."""
+        request_rules = serving.pipeline.rules
+        cached = self.intake_cache
+        if cached is None or cached[0] is not serving or cached[1] is not request_rules:
             config, declared = serving.config, self.runtime.project.spec.events
-            rules = (
-                EventRules(serving.pipeline.rules, declared, config.events) if declared else None
-            )
+            rules = EventRules(request_rules, declared, config.events) if declared else None
             log = EventLog(self.runtime.redis, self.runtime.home.namespace, config.events)
-            self.intake_cache = (serving, EventIntake(log, rules))
-        return self.intake_cache[1]
+            cached = (serving, request_rules, EventIntake(log, rules))
+            self.intake_cache = cached
+        return cached[2]
 
     def scoring_ranker(self) -> Ranker:
         return self.serving().ranker

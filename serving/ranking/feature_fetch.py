@@ -144,8 +144,10 @@ class FeatureFetcher:
         self.items = self.read_items()
         self.items_loaded_at = time.monotonic()
         self._plans: dict[tuple[tuple[str, tuple[str, ...]], ...], ReadPlan] = {}
-        self.item_listeners: list[Callable[[ItemTable], Awaitable[None]]] = []
-        """Called after each refresh with the new table (the item indexes follow it)."""
+        self.item_listeners: list[Callable[[ItemTable], Awaitable[Callable[[], None]]]] = []
+        """Given each refreshed table before it is swapped in: what they need of it is
+        prepared off the event loop, and the `apply` they return runs in the same step
+        as the swap (the item indexes and the request rules change with the table)."""
 
     def _user_entity(self, key: str) -> EntityKey:
         return EntityKey(join_keys=[self.user_join_key], entity_values=[Value(string_val=key)])
@@ -197,15 +199,15 @@ class FeatureFetcher:
 
     async def _refresh_items(self) -> None:
         try:
-            self.catalogue, self.items = await asyncio.to_thread(self.read_catalogue)
+            catalogue, items = await asyncio.to_thread(self.read_catalogue)
+            applies = [await listener(items) for listener in self.item_listeners]
         except Exception as exc:  # noqa: BLE001 - keep serving the table we have
             logger.warning("item table refresh failed, keeping the cached one: %s", exc)
             return
-        for listener in self.item_listeners:
-            try:
-                await listener(self.items)
-            except Exception:
-                logger.exception("following the refreshed item table failed")
+        # One step of the event loop: no request sees the new table with the old index.
+        self.catalogue, self.items = catalogue, items
+        for apply in applies:
+            apply()
 
     def read_plan(self, fields: Mapping[str, list[str]]) -> ReadPlan:
         """How to read these fields of the user views: Feast's hash fields per view,

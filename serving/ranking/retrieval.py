@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import faiss as _faiss
@@ -37,7 +38,7 @@ import numpy as np
 
 from features.spec import FeatureSpec
 from features.vector import ItemTable
-from model_store.embeddings import ItemEmbeddings, pair_rows
+from model_store.embeddings import ItemEmbeddings, pair_rows, to_logit
 from rankgate.core.project import ItemId
 from serving.contract.config import RetrievalConfig
 
@@ -54,6 +55,21 @@ IVF_LISTS_PER_SQRT = 4
 """Inverted lists of a large index: 4 * sqrt(items)."""
 
 faiss.omp_set_num_threads(1)  # one query at a time per request: threads cost more than they save
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """The items whose scores fix a person's vector, and how."""
+
+    ids: list[ItemId]
+    mapping: np.ndarray
+    """(dims, anchors): the anchors' scores (transformed) -> the person's vector."""
+    transform: str
+
+    def query(self, anchor_scores: np.ndarray) -> np.ndarray:
+        """The person's vector (1, dims) from the ranker's scores of `ids` for them."""
+        vector = self.mapping @ to_logit(anchor_scores, self.transform)
+        return np.ascontiguousarray(vector[None, :], dtype=np.float32)
 
 
 class ItemIndex:
@@ -101,8 +117,8 @@ class ItemIndex:
             self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dims))
             self.params = lambda sel: faiss.SearchParameters(sel=sel)
         self._add(embeddings.item_ids, embeddings.vectors)
-        self.anchor_ids: list[ItemId] = []
-        self.query_map: np.ndarray = np.zeros((dims, 0))
+        self.anchors = Anchors([], np.zeros((dims, 0)), embeddings.transform)
+        """Replaced whole when items are removed: a request reads ids and map together."""
 
     # -- the catalogue ---------------------------------------------------------------
 
@@ -139,7 +155,7 @@ class ItemIndex:
             for item in gone:
                 self.vector_of.pop(item, None)
             self.index.remove_ids(labels)
-        if gone or not self.anchor_ids:
+        if gone or not self.anchors.ids:
             self._fit_anchors()
         if gone or new:
             self.selectors.clear()
@@ -156,34 +172,26 @@ class ItemIndex:
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), labels)
 
     def _fit_anchors(self) -> None:
-        anchors = [i for i in self.embeddings.anchor_ids if i in self.label_of]
-        keep = [n for n, i in enumerate(self.embeddings.anchor_ids) if i in self.label_of]
-        self.anchor_ids = anchors
-        full = self.embeddings.query_map
-        if len(keep) == full.shape[1]:
-            self.query_map = full
+        """The anchors still held, and the map from their scores to a person's vector."""
+        ids = [i for i in self.embeddings.anchor_ids if i in self.label_of]
+        if len(ids) == len(self.embeddings.anchor_ids):
+            mapping = self.embeddings.query_map
         else:
-            vectors = np.stack([self.vector_of[i] for i in anchors]).astype(np.float64)
-            self.query_map = np.asarray(np.linalg.pinv(vectors))
+            vectors = np.stack([self.vector_of[i] for i in ids]).astype(np.float64)
+            mapping = np.asarray(np.linalg.pinv(vectors))
+        self.anchors = Anchors(ids, mapping, self.embeddings.transform)
 
     def describe(self) -> dict[str, Any]:
         """What /healthz says of the index."""
         return {
             "items": int(self.index.ntotal),
             "dims": self.embeddings.dims,
-            "anchors": len(self.anchor_ids),
+            "anchors": len(self.anchors.ids),
             "exact": self.index.ntotal < self.config.exact_below,
             "embeddings": self.embeddings.source,
         }
 
     # -- a request -------------------------------------------------------------------
-
-    def query(self, anchor_scores: np.ndarray) -> np.ndarray:
-        """The person's vector from the ranker's scores of `anchor_ids` for them."""
-        from model_store.embeddings import to_logit
-
-        vector = self.query_map @ to_logit(anchor_scores, self.embeddings.transform)
-        return np.ascontiguousarray(vector[None, :], dtype=np.float32)
 
     def nearest(self, query: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]:
         """The k allowed items of highest inner product with `query`, best first."""

@@ -58,13 +58,20 @@ from serving.ranking.routing import Router
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 
 
+class AnchorsLike(Protocol):
+    @property
+    def ids(self) -> list[ItemId]: ...
+
+    def query(self, anchor_scores: np.ndarray) -> np.ndarray: ...
+
+
 class ItemIndexLike(Protocol):
     """What the stages know of a version's item index (serving/ranking/retrieval.py)."""
 
-    anchor_ids: list[ItemId]
+    @property
+    def anchors(self) -> AnchorsLike: ...
 
     def describe(self) -> dict[str, Any]: ...
-    def query(self, anchor_scores: np.ndarray) -> np.ndarray: ...
     def nearest(self, query: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
     def popular(self, row: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
     def recent(
@@ -374,13 +381,15 @@ class RetrieveStage(Stage):
             return StageResult.degraded(
                 FallbackReason.RETRIEVAL_UNAVAILABLE, f"{model_ref.version} has no item index"
             )
-        request, user = context.request, context.user
+        request, user, items = context.request, context.user, context.items
         excluded = context.require_decision().excluded_items
-        anchors = build_matrix(
-            model.specs, user.values, context.items, index.anchor_ids, request.context
-        )
+        anchors = index.anchors  # ids and map together, whatever a refresh does meanwhile
         try:
-            scores = await self.services.score(model_ref.version, anchors)
+            rows = build_matrix(model.specs, user.values, items, anchors.ids, request.context)
+        except KeyError as exc:  # an anchor left the catalogue as this request began
+            return StageResult.degraded(FallbackReason.RETRIEVAL_UNAVAILABLE, f"anchor {exc}")
+        try:
+            scores = await self.services.score(model_ref.version, rows)
         except TimeoutError:
             raise
         except ModelUnavailable as exc:
@@ -392,15 +401,16 @@ class RetrieveStage(Stage):
             for source in config.sources:
                 if source.source == "ann":  # at least k: an answer is never short
                     quota = max(source.quota, request.k)
-                    found = index.nearest(index.query(scores), quota, excluded)
+                    found = index.nearest(anchors.query(scores), quota, excluded)
                 elif source.source == "popular":
-                    found = index.popular(anchors[0], source.quota, excluded)
+                    found = index.popular(rows[0], source.quota, excluded)
                 else:
                     found = index.recent(user.values, source.quota, excluded)
                 lists.append(found)
         except Exception as exc:  # noqa: BLE001 - a failed search degrades, named
             return StageResult.degraded(FallbackReason.RETRIEVAL_UNAVAILABLE, type(exc).__name__)
-        context.eligible = merged(lists)
+        # Items the index gained after this request read its item table wait for the next.
+        context.eligible = [item for item in merged(lists) if item in items]
         context.retrieved = {s.source: len(f) for s, f in zip(config.sources, lists, strict=True)}
         return COMPLETED
 
@@ -415,10 +425,16 @@ class ScoreStage(Stage):
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
         model_ref, model = context.require_model()
         assert context.user is not None and context.items is not None, "fetch runs first"
-        request = context.request
-        matrix = build_matrix(
-            model.specs, context.user.values, context.items, context.eligible, request.context
-        )
+        request, items = context.request, context.items
+        try:
+            matrix = build_matrix(
+                model.specs, context.user.values, items, context.eligible, request.context
+            )
+        except KeyError:  # a candidate left the catalogue after the request was checked
+            context.eligible = [item for item in context.eligible if item in items]
+            matrix = build_matrix(
+                model.specs, context.user.values, items, context.eligible, request.context
+            )
         try:
             scores = await self.services.score(model_ref.version, matrix)
         except TimeoutError:

@@ -84,8 +84,8 @@ def retrieved_top(
 ) -> list[int]:
     """What the stage does for one person: fit the vector on the anchors, search,
     rank what was found exactly."""
-    anchor_scores = ranker(pair_rows(SPECS, person, items, index.anchor_ids))
-    found = index.nearest(index.query(anchor_scores), quota, frozenset())
+    anchor_scores = ranker(pair_rows(SPECS, person, items, index.anchors.ids))
+    found = index.nearest(index.anchors.query(anchor_scores), quota, frozenset())
     scores = ranker(pair_rows(SPECS, person, items, found))
     return [found[i] for i in np.argsort(-scores, kind="stable")[:k]]
 
@@ -119,7 +119,7 @@ def test_the_person_vector_approximates_the_rankers_logits(
     index = index_of(embeddings, items)
     person = people(1, 9)[0]
     exact = ranker(pair_rows(SPECS, person, items, catalogue))
-    vector = index.query(ranker(pair_rows(SPECS, person, items, index.anchor_ids)))[0]
+    vector = index.anchors.query(ranker(pair_rows(SPECS, person, items, index.anchors.ids)))[0]
     approx = embeddings.vectors @ vector
     assert np.corrcoef(approx, np.log(exact / (1 - exact)))[0, 1] > 0.95
 
@@ -129,7 +129,7 @@ def test_excluded_items_are_filtered_inside_the_search_and_k_still_come_back(
 ) -> None:
     index = index_of(embeddings, items)
     person = people(1, 3)[0]
-    query = index.query(ranker(pair_rows(SPECS, person, items, index.anchor_ids)))
+    query = index.anchors.query(ranker(pair_rows(SPECS, person, items, index.anchors.ids)))
     best = index.nearest(query, 50, frozenset())
     excluded = frozenset(best[:40])  # the 40 nearest items may not be shown
     found = index.nearest(query, 50, excluded)
@@ -150,8 +150,8 @@ def test_an_item_added_live_is_found_and_a_removed_one_is_gone(
     assert retrieved_top(index, grown, person, quota=50)[0] == 99_999
     shrunk = ItemTable({i: r for i, r in rows.items() if i not in (99_999, 0, 1)})
     assert index.follow(shrunk) == (0, 3)
-    anchor_scores = ranker(pair_rows(SPECS, person, shrunk, index.anchor_ids))
-    found = index.nearest(index.query(anchor_scores), N_ITEMS, frozenset())
+    anchor_scores = ranker(pair_rows(SPECS, person, shrunk, index.anchors.ids))
+    found = index.nearest(index.anchors.query(anchor_scores), N_ITEMS, frozenset())
     assert len(found) == N_ITEMS - 2 and not {99_999, 0, 1} & set(found)
     assert index.describe()["items"] == N_ITEMS - 2
 
@@ -208,7 +208,8 @@ class SpyIndex:
     """Records what the stage asked of it."""
 
     def __init__(self, nearest: list[int]) -> None:
-        self.anchor_ids = [1, 2]
+        self.anchors = self
+        self.ids = [1, 2]
         self.found = nearest
         self.calls: list[str] = []
 
@@ -302,3 +303,11 @@ def test_recent_items_come_first_then_their_neighbours(
     grown = index.recent(user, 10, frozenset())
     assert grown[:3] == [9, 13, 7] and len(set(grown)) == 10
     assert index.recent({"age": 3}, 5, frozenset()) == []
+
+
+def test_an_item_gone_from_the_item_table_mid_request_is_dropped_not_an_error() -> None:
+    # The catalogue the request was checked against still lists 99; the table does not.
+    fetcher = Features(catalogue=[1, 2, 3, 4, 5, 99])
+    context = run(services(fetcher=fetcher))
+    assert context.fallback is None
+    assert 99 not in context.eligible and [i for i, _ in context.ranked] == [5, 4, 3]

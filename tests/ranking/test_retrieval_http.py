@@ -7,6 +7,7 @@ item (a request that names them all), with real faiss, Feast and Redis."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,6 +130,16 @@ def test_an_item_added_to_the_catalogue_is_found_without_a_restart(
         wait_for_items(server, 81)
         shown = [i["item_id"] for i in rank(server, user_id=user, k=10)["items"]]
         assert 1000 in shown and best in shown
+        # Requests and events may name it too (the request rules follow the catalogue).
+        assert rank(server, user_id=user, k=1, candidates=[1000])["items"][0]["item_id"] == 1000
+        event = {"event_id": uuid.uuid4().hex, "type": "add_to_cart", "user_id": user}
+        posted = httpx.post(
+            f"{server.base_url}/v1/events",
+            json={"events": [event | {"item_id": 1000, "timestamp": time.time()}]},
+            headers=server.headers,
+            timeout=10,
+        )
+        assert posted.status_code < 300, posted.text
     finally:
         pq.write_table(original, source)
     wait_for_items(server, 80)

@@ -80,9 +80,9 @@ def served_recall(env: Any, version: str, request_ids: list[str]) -> dict[str, A
     """Recall@10 of the served answers against the exhaustive ranking (module docstring)."""
     from features.store import load_catalogue
     from features.vector import ItemTable, build_matrix
+    from model_store.logged import load_item_table
     from model_store.onnx_scoring import OnnxScorer
     from model_store.store import ModelStore
-    from model_store.train import load_item_table
     from rankgate.governance.consent import ConsentState
     from rankgate.governance.policy import load_policy
     from serving.ops import audit_replay as replay
@@ -137,9 +137,9 @@ def index_build(env: Any, version: str) -> dict[str, Any]:
     from features.store import load_catalogue
     from features.vector import ItemTable
     from model_store.embeddings import RETRIEVAL_FILE, ItemEmbeddings
+    from model_store.logged import load_item_table
     from model_store.onnx_scoring import OnnxScorer
     from model_store.store import ModelStore
-    from model_store.train import load_item_table
     from serving.contract.config import RetrievalConfig
     from serving.ranking.retrieval import ItemIndex
 

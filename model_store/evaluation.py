@@ -29,6 +29,7 @@ import pandas as pd
 from features.offline import LogMatrix
 from features.spec import FeatureSpec
 from features.vector import ItemTable, build_matrix
+from model_store.logged import LoggedRows
 from model_store.manifest import ONNX_FILE
 from model_store.offpolicy import (
     ESTIMATORS,
@@ -43,7 +44,6 @@ from model_store.offpolicy import (
 )
 from model_store.onnx_scoring import OnnxScorer
 from model_store.store import ModelStore
-from model_store.train import LoggedRows
 from rankgate.core.errors import ModelStoreError
 from rankgate.core.project import ItemId, Project
 from rankgate.core.topk import top_k

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from features.offline import LogMatrix
 from features.spec import FeatureSpec
-from model_store.train import CHUNK_ROWS, LoggedRows, item_ids_of, log_tables
+from model_store.logged import CHUNK_ROWS, LoggedRows, item_ids_of, log_tables
 from rankgate.core.errors import ModelStoreError
 from rankgate.core.project import Project, load_project
 

@@ -128,7 +128,7 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
     """Estimate the version's click rate off-policy, and against `request.against` (or the
     logs' policy)."""
     from model_store.evaluation import evaluate_versions
-    from model_store.train import load_item_table
+    from model_store.logged import load_item_table
     from serving.ops.evidence import logged_decisions
 
     version, audit, logs_path = request.version, request.audit, request.logs_path

@@ -128,7 +128,7 @@ def export_features(
     FEATURES.yaml's; default: the last setup model's) to a Parquet file."""
     from features.spec import resolve
     from model_store.export import export_matrix
-    from model_store.train import LoggedRows
+    from model_store.logged import LoggedRows
 
     if version is not None and features_path is not None:
         raise RankgateError("choose one of --model VERSION and --features FILE", 422)
@@ -167,8 +167,8 @@ def register_model(
     """Register a ranker trained anywhere as VERSION, checked against the Feast registry;
     published to the artifact store too when RANKGATE_STORE is set. Its retrieval
     artifact: `item_embeddings` (a table of item vectors), or distilled from it."""
+    from model_store.logged import ProjectLog
     from model_store.register import Candidate, register
-    from model_store.train import ProjectLog
 
     env = Environment.open(redis=False)
     infos = env.view_infos()
@@ -197,8 +197,8 @@ def register_model(
 
 def add_drift_reference(version: str) -> str:
     """Give VERSION its drift reference from the project's interaction log; says where."""
+    from model_store.logged import log_rows
     from model_store.register import add_reference
-    from model_store.train import log_rows
 
     env = Environment.open(redis=False)
     specs = env.models.manifest(version).specs
@@ -216,8 +216,8 @@ def add_drift_reference(version: str) -> str:
 def add_item_embeddings(version: str, item_embeddings: Path | None = None) -> str:
     """Give VERSION its retrieval artifact: distilled from its ranker on the project's
     interaction log (or `item_embeddings`, a table of item vectors); says where."""
+    from model_store.logged import ProjectLog
     from model_store.register import add_retrieval
-    from model_store.train import ProjectLog
 
     env = Environment.open(redis=False)
     if not env.models.exists(version):

@@ -164,7 +164,7 @@ def gather(
 ) -> Evidence:
     """`version` against `baseline` on `decisions` with one estimator."""
     from model_store.evaluation import evaluate_versions
-    from model_store.train import load_item_table
+    from model_store.logged import load_item_table
 
     result = evaluate_versions(
         env.models,

@@ -40,7 +40,7 @@ from features.spec import FeatureSpec
 from features.vector import ItemTable
 from model_store.embeddings import ItemEmbeddings, pair_rows, to_logit
 from rankgate.core.project import ItemId
-from serving.contract.config import RetrievalConfig
+from serving.contract.config import RetrievalConfig, RetrievalSource
 
 logger = logging.getLogger(__name__)
 faiss: Any = _faiss
@@ -180,6 +180,32 @@ class ItemIndex:
             vectors = np.stack([self.vector_of[i] for i in ids]).astype(np.float64)
             mapping = np.asarray(np.linalg.pinv(vectors))
         self.anchors = Anchors(ids, mapping, self.embeddings.transform)
+
+    def gather(
+        self,
+        sources: Sequence[RetrievalSource],
+        k: int,
+        query: np.ndarray,
+        row: np.ndarray,
+        user: Mapping[str, Any],
+        excluded: frozenset[ItemId],
+    ) -> tuple[list[ItemId], dict[str, int]]:
+        """What the sources give for one person, in order, each item once; and how many
+        items each source gave. `query`: the person's vector; `row`: their model row
+        (their segments); `user`: their features (their recent items)."""
+        lists = []
+        for source in sources:
+            if source.source == "ann":  # at least k: an answer is never short
+                lists.append(self.nearest(query, max(source.quota, k), excluded))
+            elif source.source == "popular":
+                lists.append(self.popular(row, source.quota, excluded))
+            else:
+                lists.append(self.recent(user, source.quota, excluded))
+        found: dict[ItemId, None] = {}
+        for items in lists:
+            found.update(dict.fromkeys(items))
+        counts: dict[str, int] = {s.source: len(i) for s, i in zip(sources, lists, strict=True)}
+        return list(found), counts
 
     def describe(self) -> dict[str, Any]:
         """What /healthz says of the index."""

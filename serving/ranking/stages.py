@@ -42,7 +42,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.topk import Pick
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Exploration
-from serving.contract.config import ServingConfig
+from serving.contract.config import RetrievalSource, ServingConfig
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import Explanation, Fallback, ModelRef, RankRequest
 from serving.observe.drift import DriftMonitor
@@ -72,11 +72,15 @@ class ItemIndexLike(Protocol):
     def anchors(self) -> AnchorsLike: ...
 
     def describe(self) -> dict[str, Any]: ...
-    def nearest(self, query: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
-    def popular(self, row: np.ndarray, k: int, excluded: frozenset[ItemId]) -> list[ItemId]: ...
-    def recent(
-        self, user: Mapping[str, Any], k: int, excluded: frozenset[ItemId]
-    ) -> list[ItemId]: ...
+    def gather(
+        self,
+        sources: Sequence[RetrievalSource],
+        k: int,
+        query: np.ndarray,
+        row: np.ndarray,
+        user: Mapping[str, Any],
+        excluded: frozenset[ItemId],
+    ) -> tuple[list[ItemId], dict[str, int]]: ...
 
 
 class Deadline:
@@ -352,14 +356,6 @@ class FetchStage(Stage):
         return COMPLETED
 
 
-def merged(lists: Iterable[list[ItemId]]) -> list[ItemId]:
-    """The items of `lists`, in order, each once."""
-    found: dict[ItemId, None] = {}
-    for items in lists:
-        found.update(dict.fromkeys(items))
-    return list(found)
-
-
 class RetrieveStage(Stage):
     """The items the ranker scores for a request without candidates over a large
     catalogue: gathered from the version's item index by the configured sources
@@ -396,22 +392,14 @@ class RetrieveStage(Stage):
             return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
         except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
             return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
-        lists = []
         try:
-            for source in config.sources:
-                if source.source == "ann":  # at least k: an answer is never short
-                    quota = max(source.quota, request.k)
-                    found = index.nearest(anchors.query(scores), quota, excluded)
-                elif source.source == "popular":
-                    found = index.popular(rows[0], source.quota, excluded)
-                else:
-                    found = index.recent(user.values, source.quota, excluded)
-                lists.append(found)
+            found, context.retrieved = index.gather(
+                config.sources, request.k, anchors.query(scores), rows[0], user.values, excluded
+            )
         except Exception as exc:  # noqa: BLE001 - a failed search degrades, named
             return StageResult.degraded(FallbackReason.RETRIEVAL_UNAVAILABLE, type(exc).__name__)
         # Items the index gained after this request read its item table wait for the next.
-        context.eligible = [item for item in merged(lists) if item in items]
-        context.retrieved = {s.source: len(f) for s, f in zip(config.sources, lists, strict=True)}
+        context.eligible = [item for item in found if item in items]
         return COMPLETED
 
 

@@ -72,9 +72,9 @@ def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     """Slots where the version shows the logged item at its position weigh 80 (1 / 0.0125)."""
     from features.store import load_catalogue
     from model_store.evaluation import decisions_from_logs, slots_for
+    from model_store.logged import load_item_table
     from model_store.manifest import ONNX_FILE
     from model_store.onnx_scoring import OnnxScorer
-    from model_store.train import load_item_table
     from rankgate.core.topk import top_k
 
     views = env.views()

@@ -8,7 +8,7 @@ import pandas as pd
 
 from features.spec import load_features_file, resolve
 from model_store.export import MatrixBatches
-from model_store.train import LoggedRows
+from model_store.logged import LoggedRows
 from rankgate.ops.environment import Environment
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from features.spec import load_features_file, resolve
 from features.vector import ItemTable, build_matrix, hash_code, user_fields
-from model_store.train import load_item_table, training_set
+from model_store.logged import load_item_table, training_set
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project
 from rankgate.ops.environment import Environment
@@ -250,7 +250,7 @@ def row_user(logged: Any, row: int, specs: Any) -> dict[str, Any]:
     (one per person in the example) and each streaming input at the row's time, by
     the per-row reference (`values_at_impressions`)."""
     from features.history import ttl_seconds, values_at_impressions
-    from model_store.train import latest_rows
+    from model_store.logged import latest_rows
 
     key = logged.logs[logged.user_column].iloc[row]
     user: dict[str, Any] = {}
@@ -279,7 +279,7 @@ def row_user(logged: Any, row: int, specs: Any) -> dict[str, Any]:
 def test_the_log_matrix_is_build_matrix_row_by_row(env: Environment) -> None:
     """For each example model (v3 reads the streaming view, v2 a field per item), the
     column-by-column training matrix equals `build_matrix` of sampled rows, bit for bit."""
-    from model_store.train import LoggedRows
+    from model_store.logged import LoggedRows
 
     project, views = env.project, env.views()
     rng = np.random.default_rng(5)

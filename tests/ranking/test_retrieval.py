@@ -18,10 +18,9 @@ from features.vector import ItemTable
 from model_store.embeddings import DistilSettings, ItemEmbeddings, distil, pair_rows, popularity
 from rankgate.core.errors import ModelStoreError
 from rankgate.governance.consent import ConsentState
-from serving.contract.config import RetrievalConfig
+from serving.contract.config import RetrievalConfig, RetrievalSource
 from serving.contract.reasons import FallbackReason
 from serving.ranking.retrieval import ItemIndex
-from serving.ranking.stages import merged
 from tests.ranking.test_stages import Consent, Features, Scorer, run, services
 
 SPECS = [
@@ -197,8 +196,19 @@ def test_distilling_an_empty_catalogue_says_so() -> None:
         distil(ranker, SPECS, people(10, 0), ItemTable({}), [])
 
 
-def test_merged_sources_keep_order_without_duplicates() -> None:
-    assert merged([[3, 1], [1, 4], [5, 3]]) == [3, 1, 4, 5]
+def test_sources_are_merged_in_order_without_duplicates(
+    embeddings: ItemEmbeddings, items: ItemTable
+) -> None:
+    index = index_of(embeddings, items)
+    query = index.anchors.query(ranker(pair_rows(SPECS, people(1, 2)[0], items, index.anchors.ids)))
+    sources = [
+        RetrievalSource(source="ann", quota=5),
+        RetrievalSource(source="recent", quota=5),
+        RetrievalSource(source="ann", quota=8),
+    ]
+    found, counts = index.gather(sources, 3, query, people(1, 2)[0], {}, frozenset())
+    assert found == index.nearest(query, 8, frozenset())  # the second ann adds 3 more
+    assert counts == {"ann": 8, "recent": 0}
 
 
 # -- the stage ------------------------------------------------------------------------
@@ -231,6 +241,8 @@ class SpyIndex:
     def recent(self, user: dict, k: int, excluded: frozenset) -> list[int]:
         self.calls.append("recent")
         return []
+
+    gather = ItemIndex.gather  # the real merging, over the recorded sources
 
 
 CONFIG = {"retrieval": {"above_items": 2}}

@@ -404,6 +404,9 @@ class ReplicaRuntime:
                     continue
                 self._indexes[key] = index
             indexes[version] = index
+        # Indexes of versions (or retrieval settings) no longer configured go with the
+        # config that had them.
+        self._indexes = {k: i for k, i in self._indexes.items() if k[1] == settings}
         if self._follow_items not in fetcher.item_listeners:
             fetcher.item_listeners.append(self._follow_items)
         return indexes

@@ -91,7 +91,8 @@ class ItemIndex:
         self.ids: list[ItemId] = []
         """Item of each faiss label (labels are positions here, never reused)."""
         self.label_of: dict[ItemId, int] = {}
-        self.vector_of: dict[ItemId, np.ndarray] = {}
+        self.vectors = np.zeros((0, embeddings.dims), dtype=np.float32)
+        """Each label's vector (removed items' rows stay: labels are positions)."""
         self.selectors: dict[frozenset[ItemId], Any] = {}
         self.segments = [
             col
@@ -152,8 +153,6 @@ class ItemIndex:
         gone = [i for i in gone if i in self.label_of]
         if gone:
             labels = np.array([self.label_of.pop(i) for i in gone], dtype=np.int64)
-            for item in gone:
-                self.vector_of.pop(item, None)
             self.index.remove_ids(labels)
         if gone or not self.anchors.ids:
             self._fit_anchors()
@@ -163,13 +162,14 @@ class ItemIndex:
 
     def _add(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
         labels = np.arange(len(self.ids), len(self.ids) + len(item_ids), dtype=np.int64)
-        for item, label, vector in zip(item_ids, labels, vectors, strict=True):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        for item, label in zip(item_ids, labels.tolist(), strict=True):
             self.ids.append(item)
-            self.label_of[item] = int(label)
-            self.vector_of[item] = vector
+            self.label_of[item] = label
             for spec in self.per_item:
                 self.item_of_field[spec.field_for(item)] = item
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+        self.vectors = np.concatenate([self.vectors, vectors]) if len(self.vectors) else vectors
+        self.index.add_with_ids(vectors, labels)
 
     def _fit_anchors(self) -> None:
         """The anchors still held, and the map from their scores to a person's vector."""
@@ -177,7 +177,7 @@ class ItemIndex:
         if len(ids) == len(self.embeddings.anchor_ids):
             mapping = self.embeddings.query_map
         else:
-            vectors = np.stack([self.vector_of[i] for i in ids]).astype(np.float64)
+            vectors = self.vectors[[self.label_of[i] for i in ids]].astype(np.float64)
             mapping = np.asarray(np.linalg.pinv(vectors))
         self.anchors = Anchors(ids, mapping, self.embeddings.transform)
 
@@ -276,7 +276,7 @@ class ItemIndex:
             if len(found) >= k:
                 break
             share = -(-(k - len(found)) // len(seeds))
-            query = np.ascontiguousarray(self.vector_of[seed][None, :], dtype=np.float32)
+            query = self.vectors[self.label_of[seed]][None, :]
             for item in self.nearest(query, share + len(found), excluded):
                 if len(found) >= k:
                     break

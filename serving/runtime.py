@@ -406,7 +406,11 @@ class ReplicaRuntime:
             indexes[version] = index
         # Indexes of versions (or retrieval settings) no longer configured go with the
         # config that had them.
-        self._indexes = {k: i for k, i in self._indexes.items() if k[1] == settings}
+        self._indexes = {
+            key: index
+            for key, index in self._indexes.items()
+            if key[1] == settings and key[0] in models.loaded
+        }
         if self._follow_items not in fetcher.item_listeners:
             fetcher.item_listeners.append(self._follow_items)
         return indexes

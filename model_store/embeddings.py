@@ -45,6 +45,8 @@ ITEM_CHUNK = 1 << 18
 """Items per scored block when distilling (bounded memory at 10^6 items)."""
 POPULAR_TOP = 500
 """Items kept per popularity list."""
+PROTOTYPE_POOL = 50
+"""Prototypes are drawn from this many random rows per prototype."""
 MAX_SEGMENTS = 1000
 """Values kept per categorical person feature (the most frequent)."""
 _EPS = 1e-6
@@ -231,15 +233,19 @@ def prototype_scores(
     return out[:, inverse]
 
 
-def choose_prototypes(rows: np.ndarray, specs: Sequence[FeatureSpec], count: int, seed: int):
-    """Distinct people-and-context rows of the training matrix (item columns dropped
-    from the comparison), `count` of them at random."""
-    person = [c for c, s in enumerate(specs) if s.source != "item" and not s.per_item]
-    keyed = rows[:, person] if person else rows[:, :0]
-    _, first = np.unique(keyed, axis=0, return_index=True)
+def choose_prototypes(
+    rows: np.ndarray, specs: Sequence[FeatureSpec], count: int, seed: int
+) -> np.ndarray:
+    """Distinct people-and-context rows of the training matrix (item columns left out
+    of the comparison), `count` of them at random: drawn from a random sample of
+    `PROTOTYPE_POOL` times as many rows (a sort of the whole matrix is not needed)."""
     rng = np.random.default_rng(seed)
+    pool = rows[np.sort(rng.choice(len(rows), min(len(rows), count * PROTOTYPE_POOL), False))]
+    person = [c for c, s in enumerate(specs) if s.source != "item" and not s.per_item]
+    keyed = pool[:, person] if person else pool[:, :0]
+    _, first = np.unique(keyed, axis=0, return_index=True)
     chosen = rng.choice(first, min(count, len(first)), replace=False)
-    return rows[np.sort(chosen)]
+    return pool[np.sort(chosen)]
 
 
 def choose_anchors(vectors: np.ndarray, count: int, seed: int) -> np.ndarray:

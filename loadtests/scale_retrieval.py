@@ -140,7 +140,6 @@ def index_build(env: Any, version: str) -> dict[str, Any]:
     from model_store.logged import load_item_table
     from model_store.onnx_scoring import OnnxScorer
     from model_store.store import ModelStore
-    from serving.contract.config import RetrievalConfig
     from serving.ranking.retrieval import ItemIndex
 
     store = ModelStore(env.home)
@@ -155,7 +154,7 @@ def index_build(env: Any, version: str) -> dict[str, Any]:
     if embeddings is None:
         return {}
     loaded = time.perf_counter()
-    index = ItemIndex(embeddings, manifest.specs, scorer.score, RetrievalConfig())
+    index = ItemIndex(embeddings, manifest.specs, scorer.score)
     index.follow(items)
     built = time.perf_counter()
     n = int(index.index.ntotal)

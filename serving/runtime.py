@@ -397,7 +397,7 @@ class ReplicaRuntime:
                     embeddings = ItemEmbeddings.load(store.path(version))
                     if embeddings is None:
                         continue
-                    index = ItemIndex(embeddings, model.specs, model.scorer.score, config.retrieval)
+                    index = ItemIndex(embeddings, model.specs, model.scorer.score)
                     index.follow(fetcher.items)
                 except Exception as exc:  # noqa: BLE001 - retrieval degrades, named
                     logger.warning("item index of %s unavailable: %s", version, exc)

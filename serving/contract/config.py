@@ -188,10 +188,6 @@ class RetrievalConfig(Strict):
         min_length=1,
     )
     """The sources, in order of precedence; their items merged without duplicates."""
-    exact_below: int = Field(200_000, ge=1)
-    """An index of fewer items is searched exactly (a flat index: 1 ms at 10^5 items);
-    a larger one with an inverted-file index, `nprobe` of its lists per search."""
-    nprobe: int = Field(32, ge=1, le=4096)
 
 
 class ExplainerConfig(Strict):

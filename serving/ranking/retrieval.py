@@ -11,10 +11,9 @@ order without duplicates):
   (model_store/embeddings.py). The vector is fitted to the ranker's scores of the
   version's anchor items for this person and this request's context (one batched
   ranker call of ~100 rows), so nothing is read or stored per person beyond the
-  features the ranker reads anyway. faiss searches inner product over the items
-  (exact below `exact_below` items, an inverted-file index above), the policy's
-  excluded items filtered *inside* the search (an `IDSelector`), so k allowed items
-  come back however many rules exclude.
+  features the ranker reads anyway. faiss searches inner product over every item
+  exactly, the policy's excluded items filtered *inside* the search (an
+  `IDSelector`), so k allowed items come back however many rules exclude.
 - `recent`: the person's recent items, from their per-item features (a streaming
   view `per: item`), highest value first, then the items nearest the first two.
 - `popular`: the most clicked items of the person's segments (the values of their
@@ -40,7 +39,7 @@ from features.spec import FeatureSpec
 from features.vector import ItemTable
 from model_store.embeddings import ItemEmbeddings, pair_rows, to_logit
 from rankgate.core.project import ItemId
-from serving.contract.config import RetrievalConfig, RetrievalSource
+from serving.contract.config import RetrievalSource
 
 logger = logging.getLogger(__name__)
 faiss: Any = _faiss
@@ -51,8 +50,6 @@ MAX_SELECTORS = 64
 """Filters kept per index (one per distinct set of excluded items: purposes x regions)."""
 NEIGHBOUR_SEEDS = 2
 """Recent items whose nearest items the `recent` source adds."""
-IVF_LISTS_PER_SQRT = 4
-"""Inverted lists of a large index: 4 * sqrt(items)."""
 
 faiss.omp_set_num_threads(1)  # one query at a time per request: threads cost more than they save
 
@@ -81,13 +78,11 @@ class ItemIndex:
         embeddings: ItemEmbeddings,
         specs: Sequence[FeatureSpec],
         score: Callable[[np.ndarray], np.ndarray],
-        config: RetrievalConfig,
     ) -> None:
         self.embeddings = embeddings
         self.specs = specs
         self.score = score
         """The version's ranker, synchronous (new items' vectors: off the request path)."""
-        self.config = config
         self.ids: list[ItemId] = []
         """Item of each faiss label (labels are positions here, never reused)."""
         self.label_of: dict[ItemId, int] = {}
@@ -103,20 +98,9 @@ class ItemIndex:
         self.item_of_field: dict[str, ItemId] = {}
         """Per-item person fields (`aff_{item_id}`) -> their item (the `recent` source)."""
         dims = embeddings.dims
-        n = len(embeddings.item_ids)
-        if n >= config.exact_below:
-            lists = int(IVF_LISTS_PER_SQRT * np.sqrt(n))
-            ivf = faiss.IndexIVFFlat(
-                faiss.IndexFlatIP(dims), dims, lists, faiss.METRIC_INNER_PRODUCT
-            )
-            ivf.train(np.ascontiguousarray(embeddings.vectors))
-            self.index = faiss.IndexIDMap2(ivf)
-            self.params: Callable[[Any], Any] = lambda sel: faiss.SearchParametersIVF(
-                sel=sel, nprobe=config.nprobe
-            )
-        else:
-            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dims))
-            self.params = lambda sel: faiss.SearchParameters(sel=sel)
+        # Exact inner product over every held item (1.0-1.5 ms at 10^5 items and 64
+        # dimensions, 13 ms at 10^6): recall is the embeddings', not the search's.
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dims))
         self._add(embeddings.item_ids, embeddings.vectors)
         self.anchors = Anchors([], np.zeros((dims, 0)), embeddings.transform)
         """Replaced whole when items are removed: a request reads ids and map together."""
@@ -213,7 +197,6 @@ class ItemIndex:
             "items": int(self.index.ntotal),
             "dims": self.embeddings.dims,
             "anchors": len(self.anchors.ids),
-            "exact": self.index.ntotal < self.config.exact_below,
             "embeddings": self.embeddings.source,
         }
 
@@ -224,7 +207,8 @@ class ItemIndex:
         k = min(k, self.index.ntotal)
         if k <= 0:
             return []
-        _, labels = self.index.search(query, k, params=self.params(self._selector(excluded)))
+        params = faiss.SearchParameters(sel=self._selector(excluded))
+        _, labels = self.index.search(query, k, params=params)
         ids = self.ids
         return [ids[label] for label in labels[0].tolist() if label >= 0]
 

@@ -18,7 +18,7 @@ from features.vector import ItemTable
 from model_store.embeddings import DistilSettings, ItemEmbeddings, distil, pair_rows, popularity
 from rankgate.core.errors import ModelStoreError
 from rankgate.governance.consent import ConsentState
-from serving.contract.config import RetrievalConfig, RetrievalSource
+from serving.contract.config import RetrievalSource
 from serving.contract.reasons import FallbackReason
 from serving.ranking.retrieval import ItemIndex
 from tests.ranking.test_stages import Consent, Features, Scorer, run, services
@@ -72,8 +72,8 @@ def embeddings(catalogue: list[int], items: ItemTable) -> ItemEmbeddings:
     return distil(ranker, SPECS, people(2000, 0), items, catalogue, DistilSettings(dims=16))
 
 
-def index_of(embeddings: ItemEmbeddings, items: ItemTable, **config: object) -> ItemIndex:
-    index = ItemIndex(embeddings, SPECS, ranker, RetrievalConfig.model_validate(config))
+def index_of(embeddings: ItemEmbeddings, items: ItemTable) -> ItemIndex:
+    index = ItemIndex(embeddings, SPECS, ranker)
     index.follow(items)
     return index
 
@@ -153,20 +153,6 @@ def test_an_item_added_live_is_found_and_a_removed_one_is_gone(
     found = index.nearest(index.anchors.query(anchor_scores), N_ITEMS, frozenset())
     assert len(found) == N_ITEMS - 2 and not {99_999, 0, 1} & set(found)
     assert index.describe()["items"] == N_ITEMS - 2
-
-
-def test_the_ivf_index_above_the_exact_size_finds_the_same_top_items(
-    embeddings: ItemEmbeddings, items: ItemTable, catalogue: list[int]
-) -> None:
-    exact = index_of(embeddings, items)
-    ivf = index_of(embeddings, items, exact_below=1000, nprobe=64)
-    assert ivf.describe()["exact"] is False
-    person = people(1, 11)[0]
-    exhaustive = ranker(pair_rows(SPECS, person, items, catalogue))
-    assert recall_at(10, retrieved_top(ivf, items, person, 150), exhaustive, catalogue) >= 0.9
-    assert (
-        retrieved_top(ivf, items, person, 150)[:5] == retrieved_top(exact, items, person, 150)[:5]
-    )
 
 
 def test_the_artifact_round_trips(tmp_path: Path, embeddings: ItemEmbeddings) -> None:
@@ -307,7 +293,7 @@ def test_recent_items_come_first_then_their_neighbours(
     embeddings: ItemEmbeddings, items: ItemTable
 ) -> None:
     specs = [*SPECS, FeatureSpec("clicks", "user", "recent", "clicks_{item_id}", "number", "a")]
-    index = ItemIndex(embeddings, specs, ranker, RetrievalConfig())
+    index = ItemIndex(embeddings, specs, ranker)
     index.follow(items)
     user = {"clicks_7": 0.5, "clicks_9": 2.0, "clicks_11": 0.0, "clicks_13": 1.0, "age": 3}
     assert index.recent(user, 3, frozenset()) == [9, 13, 7]

@@ -293,43 +293,51 @@ def add_retrieval(
     """Give a version registered before retrieval existed its retrieval artifact (from
     `build`, given its ranker and inputs), listed with its hash in the manifest.
     Nothing the version scores with changes; a version that has one keeps it."""
-    manifest = store.manifest(version)
-    folder = store.path(version)
-    if RETRIEVAL_FILE in manifest.artifacts:
-        raise ModelStoreError(f"model version {version!r} already has item embeddings", 409)
-    report = store.check_hashes(version)
-    if not report.ok:
-        raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
-    scorer = OnnxScorer(folder / ONNX_FILE, manifest.onnx.output_name)
-    embeddings = build(scorer.score, manifest.specs)
-    if embeddings is None:
-        raise ModelStoreError(
-            f"model version {version!r}: no interaction log to fit item embeddings on", 422
-        )
-    path = embeddings.save(folder)
-    manifest.artifacts[RETRIEVAL_FILE] = sha256_file(path)
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    write_json(tmp, manifest.model_dump(mode="json"))
-    tmp.replace(folder / MANIFEST_FILE)
-    return path
+
+    def write(manifest: Manifest, folder: Path) -> Path:
+        scorer = OnnxScorer(folder / ONNX_FILE, manifest.onnx.output_name)
+        embeddings = build(scorer.score, manifest.specs)
+        if embeddings is None:
+            raise ModelStoreError(
+                f"model version {version!r}: no interaction log to fit item embeddings on", 422
+            )
+        return embeddings.save(folder)
+
+    return add_artifact(store, version, RETRIEVAL_FILE, "item embeddings", write)
 
 
 def add_reference(store: ModelStore, version: str, rows: ReferenceRows) -> Path:
     """Give a version registered before drift references existed its reference (from
     `rows`), listed with its hash in the manifest. Nothing the version scores with
     changes; a version that has one keeps it."""
+
+    def write(manifest: Manifest, folder: Path) -> Path:
+        return write_reference(
+            rows, manifest.specs, folder, manifest.onnx.output_name, manifest.booster
+        )
+
+    return add_artifact(store, version, REFERENCE_FILE, "a drift reference", write)
+
+
+def add_artifact(
+    store: ModelStore,
+    version: str,
+    name: str,
+    what: str,
+    write: Callable[[Manifest, Path], Path],
+) -> Path:
+    """Write the artifact `name` into an intact version that lacks it (`write` makes it
+    in the version's folder) and list it with its hash in the manifest."""
     manifest = store.manifest(version)
     folder = store.path(version)
-    if REFERENCE_FILE in manifest.artifacts:
-        raise ModelStoreError(f"model version {version!r} already has a drift reference", 409)
+    if name in manifest.artifacts:
+        raise ModelStoreError(f"model version {version!r} already has {what}", 409)
     report = store.check_hashes(version)
     if not report.ok:
         raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
-    reference = write_reference(
-        rows, manifest.specs, folder, manifest.onnx.output_name, manifest.booster
-    )
-    manifest.artifacts[REFERENCE_FILE] = sha256_file(reference)
+    path = write(manifest, folder)
+    manifest.artifacts[name] = sha256_file(path)
     tmp = folder / (MANIFEST_FILE + ".tmp")
     write_json(tmp, manifest.model_dump(mode="json"))
     tmp.replace(folder / MANIFEST_FILE)
-    return reference
+    return path

@@ -356,6 +356,19 @@ class FetchStage(Stage):
         return COMPLETED
 
 
+async def scored(services: Services, version: str, matrix: np.ndarray) -> np.ndarray | StageResult:
+    """The version's scores of `matrix`, or the degraded result that names why not (a
+    timeout is the runner's to handle)."""
+    try:
+        return await services.score(version, matrix)
+    except TimeoutError:
+        raise
+    except ModelUnavailable as exc:
+        return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
+    except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
+        return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
+
+
 class RetrieveStage(Stage):
     """The items the ranker scores for a request without candidates over a large
     catalogue: gathered from the version's item index by the configured sources
@@ -384,14 +397,9 @@ class RetrieveStage(Stage):
             rows = build_matrix(model.specs, user.values, items, anchors.ids, request.context)
         except KeyError as exc:  # an anchor left the catalogue as this request began
             return StageResult.degraded(FallbackReason.RETRIEVAL_UNAVAILABLE, f"anchor {exc}")
-        try:
-            scores = await self.services.score(model_ref.version, rows)
-        except TimeoutError:
-            raise
-        except ModelUnavailable as exc:
-            return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
-        except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
-            return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
+        scores = await scored(self.services, model_ref.version, rows)
+        if isinstance(scores, StageResult):
+            return scores
         try:
             found, context.retrieved = index.gather(
                 config.sources, request.k, anchors.query(scores), rows[0], user.values, excluded
@@ -423,14 +431,9 @@ class ScoreStage(Stage):
             matrix = build_matrix(
                 model.specs, context.user.values, items, context.eligible, request.context
             )
-        try:
-            scores = await self.services.score(model_ref.version, matrix)
-        except TimeoutError:
-            raise
-        except ModelUnavailable as exc:
-            return StageResult.degraded(FallbackReason.MODEL_UNAVAILABLE, exc.message)
-        except Exception as exc:  # noqa: BLE001 - an ONNX error must not fail the request
-            return StageResult.degraded(FallbackReason.MODEL_ERROR, type(exc).__name__)
+        scores = await scored(self.services, model_ref.version, matrix)
+        if isinstance(scores, StageResult):
+            return scores
         context.matrix, context.scores = matrix, scores
         selection = self.select(context, scores)
         context.picks, context.propensities = selection.picks, selection.propensities

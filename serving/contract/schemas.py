@@ -161,7 +161,8 @@ class RankRequest(BaseModel):
     """A region of the loaded policy."""
     candidates: list[ItemIdValue] | None = None
     """Distinct catalogue item ids to rank (at most limits.max_candidates); omitted: the
-    whole catalogue."""
+    whole catalogue (above retrieval.above_items allowed items, what the retrieval
+    stage finds in it: docs/retrieval.md)."""
     k: Integer = 10
     """How many items to return (1..limits.max_k)."""
     context: dict[str, str] = {}

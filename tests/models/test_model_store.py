@@ -45,6 +45,7 @@ def test_setup_registers_two_different_versions(env: Environment) -> None:
             "booster.txt",
             "parity_inputs.npy",
             "drift_reference.json",
+            "retrieval.npz",
         }
         assert manifest.onnx.parity_max_abs_diff is not None
         assert manifest.onnx.parity_max_abs_diff <= 1e-5

@@ -13,7 +13,7 @@ this file, `retrieval.npz` beside the version's model, hashed in its manifest:
   --item-embeddings FILE`), made by any means.
 - `anchors`: m items whose scores fix a person's vector. At a request the ranker
   scores the person against the anchors and the person's vector is the least-squares
-  fit of those scores (`query`): nothing is stored per person, the vector follows
+  fit of those scores (`query_map`): nothing is stored per person, the vector follows
   the person's current features and the request's context, and a person the gate
   does not clear is never scored or searched for.
 - `prototypes` and their anchor scores: an item added to the catalogue later gets
@@ -113,10 +113,6 @@ class ItemEmbeddings:
         """(dims, prototypes): an item's prototype scores (transformed) -> its vector."""
         people = to_logit(self.prototype_scores, self.transform) @ self.query_map.T
         return np.linalg.pinv(people)
-
-    def query(self, anchor_scores: np.ndarray) -> np.ndarray:
-        """A person's vector from the ranker's scores of the anchors for them (float32)."""
-        return (self.query_map @ to_logit(anchor_scores, self.transform)).astype(np.float32)
 
     def embed(self, prototype_scores: np.ndarray) -> np.ndarray:
         """Vectors of new items from the ranker's scores of them for each prototype

@@ -313,6 +313,9 @@ class Evaluation:
     draws: int
     seed: int
     min_effective_sample_size: float
+    logging: dict[Estimator, Estimate] = field(default_factory=dict)
+    """The estimators applied to the logging policy itself (every weight 1): the
+    sanity line of a report, whose intervals should hold `logged_value`."""
     comparisons: dict[tuple[str, str, Estimator], Comparison] = field(default_factory=dict)
 
     @property
@@ -367,6 +370,7 @@ def evaluate_versions(
         draws=draws,
         seed=seed,
         min_effective_sample_size=min_effective_sample_size,
+        logging=estimate(logging_policy(first), ESTIMATORS, confidence, draws, seed),
     )
 
 

@@ -45,6 +45,7 @@ class OffPolicyReport:
             "slots": result.n,
             "clicks": result.clicks,
             "logged_click_rate": result.logged_value,
+            "logging_policy": {name: e.__dict__ for name, e in result.logging.items()},
             "confidence": self.confidence,
             "versions": {
                 v: {name: e.__dict__ for name, e in found.items()}
@@ -87,12 +88,25 @@ class OffPolicyReport:
             f"{'version':<12} {'estimator':<9} {'estimate':>9}  {self.confidence:.0%} "
             f"interval{'':<9} effective n"
         )
-        for v, found in result.estimates.items():
+        rows = [*result.estimates.items(), ("logging", result.logging)]
+        for v, found in rows:
             for name, e in found.items():
                 lines.append(
                     f"{v:<12} {name:<9} {e.value:>9.4f}  [{e.low:.4f}, {e.high:.4f}]{'':<4} "
                     f"{e.effective_sample_size:>9.0f}"
                 )
+        outside = [
+            n for n, e in result.logging.items() if not e.low <= result.logged_value <= e.high
+        ]
+        lines.append(
+            f"  logging: the estimators applied to the logging policy itself; its observed "
+            f"click rate {result.logged_value:.4f} "
+            + (
+                f"falls outside {', '.join(outside)}'s interval: check the propensities"
+                if outside
+                else "is inside every interval"
+            )
+        )
         for name in ESTIMATORS:
             c = result.compare(self.version, self.baseline, name)
             verdict = "cannot tell with this much data" if c.verdict == "cannot tell" else c.verdict

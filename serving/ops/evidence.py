@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_store.offpolicy import MIN_CLICKS
 from rankgate.core.errors import RankgateError
 from serving.contract.config import EvaluationRequirement
 
@@ -61,6 +60,13 @@ class Evidence:
     """better | worse | cannot tell"""
     deterministic_logs: bool
     """Every logged propensity is 1 (no exploration)."""
+    logged_value: float = float("nan")
+    """The logging policy's observed click rate on these slots."""
+    logging_value: float = float("nan")
+    """The estimator applied to the logging policy itself, and its interval: the
+    sanity line (it should hold `logged_value`)."""
+    logging_low: float = float("nan")
+    logging_high: float = float("nan")
 
     def lines(self) -> list[str]:
         lines = [
@@ -76,6 +82,15 @@ class Evidence:
                 f"{self.weighted_clicks} clicks weighed: {self.verdict}"
             ),
         ]
+        if self.logging_low <= self.logged_value <= self.logging_high:
+            check = "inside its interval"
+        else:
+            check = "OUTSIDE its interval: check the logged propensities"
+        lines.append(
+            f"the logging policy: observed click rate {self.logged_value:.4f}, {self.estimator} "
+            f"{self.logging_value:.4f} [{self.logging_low:.4f}, {self.logging_high:.4f}] "
+            f"on its own slots ({check})"
+        )
         if self.deterministic_logs:
             lines.append(
                 f"the logged policy was deterministic: only positions where {self.version} "
@@ -87,20 +102,21 @@ class Evidence:
     def failures(self, requirement: EvaluationRequirement) -> list[str]:
         """Why the version does not pass the gate (empty: it passes)."""
         failed = []
+        setting = "promotion.require_evaluation"
         if self.effective_sample_size < requirement.min_effective_sample_size:
             failed.append(
                 f"effective sample size {self.effective_sample_size:.0f} is below "
-                f"{requirement.min_effective_sample_size:g}"
+                f"{setting}.min_effective_sample_size {requirement.min_effective_sample_size:g}"
             )
-        if self.weighted_clicks < MIN_CLICKS:
+        if self.weighted_clicks < requirement.min_clicks:
             failed.append(
-                f"only {self.weighted_clicks} clicks fall where the estimate has weight "
-                f"(at least {MIN_CLICKS} are needed)"
+                f"only {self.weighted_clicks} clicks fall where the estimate has weight, "
+                f"below {setting}.min_clicks {requirement.min_clicks}"
             )
         floor = requirement.min_lift * self.baseline_value
         if self.low < floor:
             failed.append(
-                f"the interval's lower bound {self.low:+.4f} is below the required lift "
+                f"the interval's lower bound {self.low:+.4f} is below {setting}.min_lift "
                 f"{requirement.min_lift:+.1%} of {self.baseline} ({floor:+.4f})"
             )
         return failed
@@ -193,6 +209,10 @@ def gather(
         weighted_clicks=comparison.weighted_clicks,
         verdict=comparison.verdict,
         deterministic_logs=deterministic(decisions),
+        logged_value=result.logged_value,
+        logging_value=result.logging[estimator].value,
+        logging_low=result.logging[estimator].low,
+        logging_high=result.logging[estimator].high,
     )
 
 

@@ -33,6 +33,11 @@ def test_the_example_logs_give_estimates_with_intervals_and_a_verdict(evaluated:
             # A deterministic ranking keeps about one logged slot in 80 (3 positions).
             assert 60 < found["effective_sample_size"] < 250
     for name in ("ips", "snips", "dr"):
+        # The sanity line: on its own slots the logging policy's estimate is its rate.
+        logging = evaluated["logging_policy"][name]
+        assert logging["value"] == pytest.approx(0.0038)
+        assert logging["low"] <= 0.0038 <= logging["high"]
+    for name in ("ips", "snips", "dr"):
         comparison = evaluated["comparisons"][name]
         assert comparison["low"] <= comparison["difference"] <= comparison["high"]
         assert comparison["verdict"] in ("better", "worse", "cannot tell")
@@ -54,6 +59,8 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
     assert "the intervals are wide" in result.output
     assert "v2 learned from these logs" in result.output
     assert "v2 - the logging policy = " in result.output and "clicks weighed" in result.output
+    assert "click rate 0.0038 is inside every interval" in result.output
+    assert any(line.startswith("logging      snips") for line in result.output.splitlines())
 
 
 def test_a_sample_of_slots_is_drawn_with_the_seed(ready_home) -> None:  # type: ignore[no-untyped-def]

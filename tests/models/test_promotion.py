@@ -256,3 +256,47 @@ def test_a_broken_routing_file_is_named(tmp_path: Path) -> None:
     config.write_text(SERVE_CONFIG.read_text().replace("role: alternate", "role: alternative"))
     with pytest.raises(ConfigError, match=r"routing: field 'versions.1.role'"):
         RoutingFile.open(config)
+
+
+def test_every_gate_refusal_names_the_setting_it_fell_below() -> None:
+    from serving.contract.config import EvaluationRequirement
+    from serving.ops.evidence import Evidence
+
+    evidence = Evidence(
+        version="v3",
+        baseline="v2",
+        source="logs",
+        estimator="snips",
+        value=0.01,
+        baseline_value=0.02,
+        low=-0.02,
+        high=0.01,
+        confidence=0.95,
+        effective_sample_size=80,
+        slots=10_000,
+        clicks=38,
+        weighted_clicks=3,
+        verdict="cannot tell",
+        deterministic_logs=False,
+        logged_value=0.0038,
+        logging_value=0.0038,
+        logging_low=0.0027,
+        logging_high=0.0051,
+    )
+    assert (
+        "the logging policy: observed click rate 0.0038, snips 0.0038 [0.0027, 0.0051] on "
+        "its own slots (inside its interval)" in evidence.lines()
+    )
+    failures = evidence.failures(EvaluationRequirement())
+    assert [f.split(" below ")[1].split()[0] for f in failures] == [
+        "promotion.require_evaluation.min_effective_sample_size",
+        "promotion.require_evaluation.min_clicks",
+        "promotion.require_evaluation.min_lift",
+    ]
+    assert "min_clicks 5" in failures[1]
+    assert (
+        evidence.failures(
+            EvaluationRequirement(min_clicks=3, min_effective_sample_size=50, min_lift=-1)
+        )
+        == []
+    )

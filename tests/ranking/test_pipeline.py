@@ -230,6 +230,9 @@ def test_unknown_user_with_consent_gets_the_fallback(
     )
     assert response.fallback.detail == "user_item_affinity,visitor_profile"
     assert len(response.items) == 10
+    # The answer names the version the request was routed to, and that it fell back:
+    # the contract docs/api.md states (the canary's error rate counts by it).
+    assert response.model is not None and response.model.version == "v2"
 
 
 def test_stale_features_degrade(runtime: ReplicaRuntime, env: Environment) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from features.spec import Encoding, FeatureSpec, Source
 from rankgate.core.config_files import Strict
@@ -65,9 +66,42 @@ class TrainingData(Strict):
 
 
 class Metrics(Strict):
-    auc: float | None
-    """Held-out ROC AUC; None when the hold-out has a single class."""
-    log_loss: float
+    """Held-out metrics: the two rankgate computes when it trains, and any others the
+    engineer reports when registering (`model register --metrics F`)."""
+
+    auc: float | None = Field(None, ge=0, le=1)
+    """Held-out ROC AUC; None when the hold-out has a single class (or not reported)."""
+    log_loss: float | None = Field(None, ge=0)
+    """Held-out log loss; None when not reported."""
+    others: dict[str, float] = Field(default_factory=dict)
+    """The engineer's own metrics by name (ndcg@10, recall, ...): finite numbers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_metrics(cls, data: Any) -> Any:
+        """A metrics file lists any names: the ones not known here go to `others`."""
+        if not isinstance(data, dict):
+            return data
+        known = {"auc", "log_loss", "others"}
+        own = {k: v for k, v in data.items() if k not in known}
+        if not own:
+            return data
+        return {k: v for k, v in data.items() if k in known} | {
+            "others": {**data.get("others", {}), **own}
+        }
+
+    @field_validator("others")
+    @classmethod
+    def _finite(cls, others: dict[str, float]) -> dict[str, float]:
+        for name, value in others.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: not a finite number")
+        return others
+
+    def shown(self) -> str:
+        """Every metric, for `model list`: "auc 0.52, log_loss 0.0321, ndcg@10 0.31"."""
+        named = {"auc": self.auc, "log_loss": self.log_loss, **self.others}
+        return ", ".join(f"{k} {v:.4g}" for k, v in named.items() if v is not None) or "-"
 
 
 class OnnxInfo(Strict):

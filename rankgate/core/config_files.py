@@ -20,11 +20,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+MAX_ERRORS_SHOWN = 5
+"""Validation errors a message names one by one (the rest are counted)."""
+
+
 def validation_message(source: str, exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{source}: field {where!r}: {first['msg']}{more}"
+    """Every failing field (up to MAX_ERRORS_SHOWN) with what is wrong with it."""
+    parts = []
+    for error in exc.errors()[:MAX_ERRORS_SHOWN]:
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        parts.append(f"field {where!r}: {error['msg']}")
+    hidden = exc.error_count() - MAX_ERRORS_SHOWN
+    more = f" (and {hidden} more)" if hidden > 0 else ""
+    return f"{source}: " + "; ".join(parts) + more
 
 
 def read_config_bytes(path: Path) -> bytes:

@@ -165,17 +165,13 @@ class Environment:
                 rows.append((version, "corrupt: " + "; ".join(report.failures()), "-", "-", "-"))
                 continue
             state = "ok" if report.ok else "corrupt: " + "; ".join(report.failures())
-            auc = (
-                "n/a"
-                if manifest.metrics is None or manifest.metrics.auc is None
-                else f"{manifest.metrics.auc:.3f}"
-            )
+            metrics = "-" if manifest.metrics is None else manifest.metrics.shown()
             rows.append(
                 (
                     version,
                     state,
                     str(len(manifest.features)),
-                    auc,
+                    metrics,
                     manifest.created_at.strftime("%Y-%m-%d %H:%M"),
                 )
             )

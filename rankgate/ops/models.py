@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 
-MODEL_TABLE_HEADER = ("VERSION", "STATE", "FEATURES", "AUC", "CREATED")
+MODEL_TABLE_HEADER = ("VERSION", "STATE", "FEATURES", "METRICS (HELD OUT)", "CREATED")
 
 
 def train_model(
@@ -80,8 +80,9 @@ def train_in(
 def trained_summary(version: str, manifest: Manifest) -> str:
     assert manifest.metrics is not None
     auc = "n/a" if manifest.metrics.auc is None else f"{manifest.metrics.auc:.3f}"
+    loss = "n/a" if manifest.metrics.log_loss is None else f"{manifest.metrics.log_loss:.4f}"
     return (
-        f"{version}: held-out AUC {auc}, log loss {manifest.metrics.log_loss:.4f}, "
+        f"{version}: held-out AUC {auc}, log loss {loss}, "
         f"ONNX parity {manifest.onnx.parity_max_abs_diff or 0:.1e}"
     )
 

@@ -423,3 +423,28 @@ def test_model_retrieval_gives_an_older_version_item_embeddings(
     assert env.models.validate(scratch_version, env.view_infos()).ok
     again = CliRunner().invoke(main, ["model", "retrieval", scratch_version])
     assert again.exit_code == 1 and "already has item embeddings" in again.output
+
+
+def test_register_keeps_the_engineers_own_metrics(env: Environment, tmp_path: Path) -> None:
+    v1 = env.models.path("v1")
+    features = env.models.manifest("v1").lineage.features_source
+    assert features is not None
+    command = [*("model", "register", "with-metrics", "--onnx", str(v1 / ONNX_FILE))]
+    command += ["--features", features, "--metrics"]
+    (tmp_path / "bad.yaml").write_text("auc: 2.0\nndcg@10: lots\n")
+    (tmp_path / "metrics.yaml").write_text("auc: 0.61\nndcg@10: 0.31\nrecall@20: 0.42\n")
+    try:
+        bad = CliRunner().invoke(main, [*command, str(tmp_path / "bad.yaml")])
+        assert bad.exit_code == 1 and not env.models.exists("with-metrics")
+        # Every failing field is named, not the first and a count.
+        assert "field 'auc'" in bad.output and "field 'others.ndcg@10'" in bad.output
+        result = CliRunner().invoke(main, [*command, str(tmp_path / "metrics.yaml")])
+        assert result.exit_code == 0, result.output
+        metrics = env.models.manifest("with-metrics").metrics
+        assert metrics is not None and metrics.auc == 0.61 and metrics.log_loss is None
+        assert metrics.others == {"ndcg@10": 0.31, "recall@20": 0.42}
+        listed = CliRunner().invoke(main, ["model", "list"]).output
+        row = next(line for line in listed.splitlines() if line.startswith("with-metrics"))
+        assert "auc 0.61, ndcg@10 0.31, recall@20 0.42" in row
+    finally:
+        shutil.rmtree(env.models.path("with-metrics"), ignore_errors=True)

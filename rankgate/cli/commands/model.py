@@ -85,7 +85,8 @@ def model_train(
 @file_option(
     "--metrics",
     "metrics_path",
-    help="JSON or YAML with its held-out `auc` and `log_loss`, kept in the manifest.",
+    help="JSON or YAML of held-out metrics by name (`auc` and `log_loss` are checked; "
+    "any others, e.g. ndcg@10, are kept as numbers), in the manifest and `model list`.",
 )
 @file_option(
     "--item-embeddings",

@@ -209,20 +209,23 @@ class Services:
     merged_fields: dict[tuple[str, ...], dict[str, list[str]]] = field(default_factory=dict)
     retrieval: Mapping[str, ItemIndexLike] = field(default_factory=dict)
     """The item index of each loaded version that has one (the `retrieve` stage)."""
-    allowed: dict[tuple[int, frozenset[ItemId]], list[ItemId]] = field(default_factory=dict)
+    allowed: dict[tuple[int, frozenset[ItemId]], tuple[list[ItemId], list[ItemId]]] = field(
+        default_factory=dict
+    )
 
     def allowed_catalogue(self, excluded: frozenset[ItemId]) -> list[ItemId]:
         """The catalogue without `excluded`, computed once per exclusion set and
         catalogue (a request without candidates pays a lookup, not a pass over it)."""
         catalogue = self.fetcher.catalogue
         key = (id(catalogue), excluded)
-        allowed = self.allowed.get(key)
-        if allowed is None:
+        cached = self.allowed.get(key)
+        if cached is None or cached[0] is not catalogue:  # an id is reused once freed
             if len(self.allowed) >= 64:
                 self.allowed.clear()
             allowed = [c for c in catalogue if c not in excluded] if excluded else catalogue
-            self.allowed[key] = allowed
-        return allowed
+            cached = (catalogue, allowed)
+            self.allowed[key] = cached
+        return cached[1]
 
     def fields_for(self, versions: tuple[str, ...]) -> dict[str, list[str]]:
         """The fields a request scored by `versions` reads, merged once per combination

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from model_store.offpolicy import MIN_CLICKS
 from rankgate.core.config_files import Strict
 from rankgate.core.settings import get_project
 
@@ -275,9 +274,11 @@ class EvaluationRequirement(Strict):
     min_effective_sample_size: float = Field(100.0, ge=1)
     """Fewer effective samples (of the version's importance weights) is too little
     evidence: refused."""
-    min_clicks: int = Field(MIN_CLICKS, ge=0)
+    min_clicks: int = Field(5, ge=0)
     """Fewer clicks on the slots the version's estimate gives weight is too little
-    evidence: refused (with none, a bootstrap interval collapses toward [0, 0])."""
+    evidence: refused (with none, a bootstrap interval collapses toward [0, 0]). The
+    same floor as the estimators' own verdicts (model_store.offpolicy.MIN_CLICKS; not
+    imported here, so that reading a config never loads numpy)."""
     estimator: Literal["ips", "snips", "dr"] = "snips"
     source: Literal["logs", "audit"] = "logs"
     """logs: the project's logged interactions (rankgate.yaml `interactions`, with

@@ -294,6 +294,9 @@ def test_every_gate_refusal_names_the_setting_it_fell_below() -> None:
         "promotion.require_evaluation.min_lift",
     ]
     assert "min_clicks 5" in failures[1]
+    from model_store.offpolicy import MIN_CLICKS
+
+    assert EvaluationRequirement().min_clicks == MIN_CLICKS  # one floor, two places
     assert (
         evidence.failures(
             EvaluationRequirement(min_clicks=3, min_effective_sample_size=50, min_lift=-1)

@@ -92,6 +92,10 @@ class ItemTable:
         """One item's attributes, as read."""
         return self._rows[item_id]
 
+    def over(self, catalogue: Sequence[ItemId]) -> ItemTable:
+        """This table's rows of `catalogue`'s items; an item it lacks has no attributes."""
+        return ItemTable({i: self._rows.get(i, {}) for i in catalogue})
+
     def rows(self, item_ids: Sequence[ItemId]) -> np.ndarray:
         return np.fromiter((self._row_of[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
 

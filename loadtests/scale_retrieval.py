@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -76,13 +77,37 @@ def stage_latency(
     return figures, ranked
 
 
-def served_recall(env: Any, version: str, request_ids: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServedVersion:
+    """What the measurements read of the served version, offline: its store entry,
+    ranker, and the catalogue's item table."""
+
+    store: Any
+    manifest: Any
+    scorer: Any
+    catalogue: list[Any]
+    items: Any
+
+    @classmethod
+    def open(cls, env: Any, version: str) -> ServedVersion:
+        from features.store import load_catalogue
+        from model_store.logged import load_item_table
+        from model_store.manifest import ONNX_FILE
+        from model_store.onnx_scoring import OnnxScorer
+        from model_store.store import ModelStore
+
+        store = ModelStore(env.home)
+        manifest = store.manifest(version)
+        scorer = OnnxScorer(store.path(version) / ONNX_FILE, manifest.onnx.output_name)
+        views = env.feast.list_feature_views()
+        catalogue = load_catalogue(env.project, views, env.data_dir)
+        items = load_item_table(env.project, views).over(catalogue)
+        return cls(store, manifest, scorer, catalogue, items)
+
+
+def served_recall(env: Any, served: ServedVersion, request_ids: list[str]) -> dict[str, Any]:
     """Recall@10 of the served answers against the exhaustive ranking (module docstring)."""
-    from features.store import load_catalogue
-    from features.vector import ItemTable, build_matrix
-    from model_store.logged import load_item_table
-    from model_store.onnx_scoring import OnnxScorer
-    from model_store.store import ModelStore
+    from features.vector import build_matrix
     from rankgate.governance.consent import ConsentState
     from rankgate.governance.policy import load_policy
     from serving.ops import audit_replay as replay
@@ -96,13 +121,7 @@ def served_recall(env: Any, version: str, request_ids: list[str]) -> dict[str, A
             if record.request_id in wanted:
                 records[record.request_id] = record
         time.sleep(0.5)
-    views = env.feast.list_feature_views()
-    catalogue = load_catalogue(env.project, views, env.data_dir)
-    offline = load_item_table(env.project, views)
-    items = ItemTable({i: offline.row(i) if i in offline else {} for i in catalogue})
-    store = ModelStore(env.home)
-    manifest = store.manifest(version)
-    scorer = OnnxScorer(store.path(version) / "model.onnx", manifest.onnx.output_name)
+    catalogue, items, manifest = served.catalogue, served.items, served.manifest
     gate = ConsentGate(load_policy())
     recalls, retrieved = [], []
     for record in records.values():
@@ -114,7 +133,7 @@ def served_recall(env: Any, version: str, request_ids: list[str]) -> dict[str, A
         matrix = build_matrix(
             manifest.specs, record.features.values, items, allowed, record.features.context
         )
-        exhaustive = scorer.score(matrix)
+        exhaustive = served.scorer.score(matrix)
         recalls.append(recall_at(10, [item for item, _ in record.items], exhaustive, position))
         retrieved.append(len(record.candidates))
     if not recalls:
@@ -129,33 +148,22 @@ def served_recall(env: Any, version: str, request_ids: list[str]) -> dict[str, A
     }
 
 
-def index_build(env: Any, version: str) -> dict[str, Any]:
+def index_build(served: ServedVersion, version: str) -> dict[str, Any]:
     """The version's item index built in-process as a replica builds it: seconds, and
     bytes per item of the faiss index and of the artifact."""
     import faiss
 
-    from features.store import load_catalogue
-    from features.vector import ItemTable
     from model_store.embeddings import RETRIEVAL_FILE, ItemEmbeddings
-    from model_store.logged import load_item_table
-    from model_store.onnx_scoring import OnnxScorer
-    from model_store.store import ModelStore
     from serving.ranking.retrieval import ItemIndex
 
-    store = ModelStore(env.home)
-    manifest = store.manifest(version)
-    views = env.feast.list_feature_views()
-    catalogue = load_catalogue(env.project, views, env.data_dir)
-    offline = load_item_table(env.project, views)
-    items = ItemTable({i: offline.row(i) if i in offline else {} for i in catalogue})
-    scorer = OnnxScorer(store.path(version) / "model.onnx", manifest.onnx.output_name)
+    store = served.store
     started = time.perf_counter()
     embeddings = ItemEmbeddings.load(store.path(version))
     if embeddings is None:
         return {}
     loaded = time.perf_counter()
-    index = ItemIndex(embeddings, manifest.specs, scorer.score)
-    index.follow(items)
+    index = ItemIndex(embeddings, served.manifest.specs, served.scorer.score)
+    index.follow(served.items)
     built = time.perf_counter()
     n = int(index.index.ntotal)
     return {
@@ -188,13 +196,14 @@ def retrieval_figures(
         f"{latency['client_p99_ms']} ms (retrieve p50 {latency['retrieve_p50_ms']} ms, "
         f"p99 {latency['retrieve_p99_ms']} ms; answers {latency['answers']})"
     )
-    recall = served_recall(env, version, ranked)
+    served = ServedVersion.open(env, version)
+    recall = served_recall(env, served, ranked)
     say(
         f"    recall@10 against ranking all {recall.get('catalogue_items')} items: "
         f"{recall.get('recall_at_10_mean')} over {recall['decisions']} decisions "
         f"(p10 {recall.get('recall_at_10_p10')})"
     )
-    index = index_build(env, version)
+    index = index_build(served, version)
     say(
         f"    item index of {index.get('items')} items: built in {index.get('build_s')} s, "
         f"{index.get('faiss_bytes_per_item')} faiss bytes per item"

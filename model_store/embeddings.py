@@ -75,6 +75,11 @@ def to_logit(scores: np.ndarray, transform: str) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64)
 
 
+def transform_of(scores: np.ndarray) -> str:
+    """ "logit" for a model whose scores are probabilities (in [0, 1]), else "identity"."""
+    return "logit" if scores.min() >= 0.0 and scores.max() <= 1.0 else "identity"
+
+
 @dataclass
 class ItemEmbeddings:
     """The retrieval artifact of one version (see the module docstring)."""
@@ -270,7 +275,7 @@ def distil(
         raise ModelStoreError("retrieval: no rows to draw prototypes from", 422)
     prototypes = choose_prototypes(rows, specs, settings.prototypes, settings.seed)
     scores = prototype_scores(score, specs, prototypes, items, item_ids)
-    transform = "logit" if scores.min() >= 0.0 and scores.max() <= 1.0 else "identity"
+    transform = transform_of(scores)
     logits = to_logit(scores, transform)
     _, sigma, vt = np.linalg.svd(logits, full_matrices=False)
     dims = max(1, min(settings.dims, int((sigma > sigma[0] * 1e-6).sum())))
@@ -301,7 +306,7 @@ def registered(
     anchors = choose_anchors(vectors, max(settings.anchors, vectors.shape[1]), settings.seed)
     anchor_ids = [item_ids[int(p)] for p in anchors]
     scores = prototype_scores(score, specs, prototypes, items, anchor_ids)
-    transform = "logit" if scores.min() >= 0.0 and scores.max() <= 1.0 else "identity"
+    transform = transform_of(scores)
     return ItemEmbeddings(
         list(item_ids),
         vectors.astype(np.float32),
@@ -364,7 +369,7 @@ def build_artifact(
     """A version's retrieval artifact over `catalogue`: distilled from `score`, or
     `vectors` (in catalogue order, and the file they came from) registered with it;
     `log` (labels, logged item ids, aligned with `rows`) gives the popularity lists."""
-    table = ItemTable({i: items.row(i) if i in items else {} for i in catalogue})
+    table = items.over(catalogue)
     if vectors is None:
         embeddings = distil(score, specs, rows, table, catalogue, settings)
     else:

@@ -242,19 +242,6 @@ class LoggedRows:
         return matrix
 
 
-def log_rows(
-    project: Project, views: Sequence[FeatureView], data_dir: Path, specs: Sequence[FeatureSpec]
-) -> ReferenceRows | None:
-    """The project's interaction log as rows of `specs` (a registered version's drift
-    reference); None when the project has no log with a user column."""
-    spec = project.spec.interactions
-    if spec is None or spec.user_column is None:
-        return None
-    return ReferenceRows(
-        training_set(project, views, data_dir, specs).matrix, "project interaction log"
-    )
-
-
 def training_set(
     project: Project,
     views: Sequence[FeatureView],

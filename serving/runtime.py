@@ -74,7 +74,7 @@ from serving.ranking.ranker import ModelSet, Ranker
 from serving.ranking.retrieval import ItemIndex
 from serving.ranking.routing import Router
 from serving.ranking.shadows import ShadowScorer
-from serving.ranking.stages import STAGES, ItemIndexLike, ScoreFn, Services
+from serving.ranking.stages import STAGES, ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
 
@@ -381,14 +381,14 @@ class ReplicaRuntime:
             self.recorder,
         )
 
-    def item_indexes(self, config: ServingConfig, models: ModelSet) -> dict[str, ItemIndexLike]:
+    def item_indexes(self, config: ServingConfig, models: ModelSet) -> dict[str, ItemIndex]:
         """The item index of each loaded version with a retrieval artifact, holding the
         current item table (built once per version and retrieval config). A version
         without one, or whose index fails, is logged: its requests without candidates
         over a large catalogue degrade and say so."""
         settings = config.retrieval.model_dump_json()
         store, fetcher = self.model_store(config), self.fetcher
-        indexes: dict[str, ItemIndexLike] = {}
+        indexes: dict[str, ItemIndex] = {}
         for version, model in models.loaded.items():
             key = (version, settings)
             index = self._indexes.get(key)

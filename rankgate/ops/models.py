@@ -198,12 +198,12 @@ def register_model(
 
 def add_drift_reference(version: str) -> str:
     """Give VERSION its drift reference from the project's interaction log; says where."""
-    from model_store.logged import log_rows
+    from model_store.logged import ProjectLog
     from model_store.register import add_reference
 
     env = Environment.open(redis=False)
     specs = env.models.manifest(version).specs
-    rows = log_rows(env.project, env.views(), env.data_dir, specs)
+    rows = ProjectLog(env.project, env.views(), env.data_dir).reference(specs)
     if rows is None:
         raise RankgateError(
             f"{env.project.file}: no interaction log with a user column: there is nothing "

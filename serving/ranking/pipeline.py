@@ -20,6 +20,7 @@ import contextlib
 from functools import partial
 
 from features.vector import user_fields
+from rankgate.core.project import ItemId
 from rankgate.core.pseudonym import user_key as pseudonymise
 from serving.contract.schemas import RankRequest, RankResponse, RequestRules
 from serving.observe.audit import AuditRecord
@@ -51,6 +52,8 @@ class RankPipeline:
                 recorder.observers.append(observe)
         config, fetcher = services.config, services.fetcher
         self.runner = StageRunner.build(config.pipeline.stages, config.pipeline.fallback, services)
+        self.rules_catalogue: list[ItemId] | None = None
+        """The catalogue `rules` were built from (a refresh that keeps the list keeps them)."""
         self.follow_catalogue()
         if not services.fields_of:
             services.fields_of = {
@@ -63,6 +66,9 @@ class RankPipeline:
         catalogue (again after a refresh adds or removes items)."""
         services = self.services
         fetcher = services.fetcher
+        if self.rules_catalogue is fetcher.catalogue:
+            return
+        self.rules_catalogue = fetcher.catalogue
         self.rules = RequestRules.of(
             services.config.limits,
             services.config.budget,

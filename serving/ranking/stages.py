@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.topk import Pick
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Exploration
-from serving.contract.config import RetrievalSource, ServingConfig
+from serving.contract.config import ServingConfig
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import Explanation, Fallback, ModelRef, RankRequest
 from serving.observe.drift import DriftMonitor
@@ -55,32 +55,10 @@ from serving.ranking.gate import ConsentGate, GateDecision
 from serving.ranking.ranker import LoadedModel, ModelSet, ModelUnavailable
 from serving.ranking.routing import Router
 
+if TYPE_CHECKING:  # the index module loads faiss: only a replica with indexes needs it
+    from serving.ranking.retrieval import ItemIndex
+
 ScoreFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
-
-
-class AnchorsLike(Protocol):
-    @property
-    def ids(self) -> list[ItemId]: ...
-
-    def query(self, anchor_scores: np.ndarray) -> np.ndarray: ...
-
-
-class ItemIndexLike(Protocol):
-    """What the stages know of a version's item index (serving/ranking/retrieval.py)."""
-
-    @property
-    def anchors(self) -> AnchorsLike: ...
-
-    def describe(self) -> dict[str, Any]: ...
-    def gather(
-        self,
-        sources: Sequence[RetrievalSource],
-        k: int,
-        query: np.ndarray,
-        row: np.ndarray,
-        user: Mapping[str, Any],
-        excluded: frozenset[ItemId],
-    ) -> tuple[list[ItemId], dict[str, int]]: ...
 
 
 class Deadline:
@@ -207,7 +185,7 @@ class Services:
     drift: DriftMonitor | None = None
     """Watches the rows each version scores for drift (None: not watched)."""
     merged_fields: dict[tuple[str, ...], dict[str, list[str]]] = field(default_factory=dict)
-    retrieval: Mapping[str, ItemIndexLike] = field(default_factory=dict)
+    retrieval: Mapping[str, ItemIndex] = field(default_factory=dict)
     """The item index of each loaded version that has one (the `retrieve` stage)."""
     allowed: dict[tuple[int, frozenset[ItemId]], tuple[list[ItemId], list[ItemId]]] = field(
         default_factory=dict

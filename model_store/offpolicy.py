@@ -142,6 +142,8 @@ class _Test:
     b: np.ndarray
     a_low: np.ndarray
     a_high: np.ndarray
+    clicks: np.ndarray
+    slots: np.ndarray
 
     @classmethod
     def of(
@@ -158,6 +160,8 @@ class _Test:
             "b": b,
             "a_low": const + np.minimum(coef, 0.0),
             "a_high": const + np.maximum(coef, 0.0),
+            "clicks": reward,
+            "slots": np.ones_like(reward),
         }
         if group is not None:
             _, index = np.unique(group, return_inverse=True)
@@ -174,7 +178,15 @@ class _Test:
         return float(self.a.sum()) / total if total > 0 else math.nan
 
     def rejects(self, m: float, threshold: float) -> bool:
-        """Whether either gambler's wealth against value m ever reaches e^threshold."""
+        """Whether either gambler's wealth against value m ever reaches e^threshold.
+
+        The bet is the predictable plug-in sqrt(2 threshold / (n variance)), with the
+        variance of y(m) estimated from the decisions before. Until the first click
+        every y(m) of a value test looks alike and that estimate is near zero, which
+        would bet everything on the clicks never coming; so the variance is never
+        taken below what clicks at rate p would give decisions of the ranges seen so
+        far, p(1 - p) mean(range^2), with p the larger of |m| and the click rate
+        so far."""
         n = len(self.a)
         lowest = float(np.min(self.a_low - m * self.b))
         highest = float(np.max(self.a_high - m * self.b))
@@ -182,22 +194,39 @@ class _Test:
             return False  # y(m) is 0 whatever happens: the data cannot speak to m
         cap_up = TRUNCATION / max(-lowest, 1e-12)
         cap_down = TRUNCATION / max(highest, 1e-12)
-        prior = max(abs(m) * (1.0 - abs(m)), 1e-6)
-        sums = np.zeros(2)  # sum of y and y^2 so far
+        first = (highest - lowest) ** 2
+        # Running sums before each decision: y, y^2, range^2, clicks, slots.
+        sums = np.zeros(5)
         wealth = np.zeros(2)  # log wealth of the gambler betting up and down
         for start in range(0, n, CHUNK):
-            y = self.a[start : start + CHUNK] - m * self.b[start : start + CHUNK]
+            part = slice(start, start + CHUNK)
+            y = self.a[part] - m * self.b[part]
+            spans = (self.a_high[part] - self.a_low[part]) ** 2
             seen = np.arange(start, start + len(y), dtype=np.float64)
-            s1 = sums[0] + np.concatenate(([0.0], np.cumsum(y[:-1])))
-            s2 = sums[1] + np.concatenate(([0.0], np.cumsum(y[:-1] * y[:-1])))
-            spread = np.maximum(s2 - s1 * s1 / np.maximum(seen, 1.0), 0.0)
-            variance = (prior + spread) / (seen + 1.0)
+            before = [
+                total + np.concatenate(([0.0], np.cumsum(v[:-1])))
+                for total, v in zip(
+                    sums, (y, y * y, spans, self.clicks[part], self.slots[part]), strict=True
+                )
+            ]
+            s1, s2, s_span, s_clicks, s_slots = before
+            count = np.maximum(seen, 1.0)
+            empirical = np.maximum(s2 - s1 * s1 / count, 0.0) / count
+            rate = np.minimum(np.maximum(abs(m), s_clicks / np.maximum(s_slots, 1.0)), 0.5)
+            span = (first + s_span) / (seen + 1.0)
+            variance = np.maximum(np.maximum(empirical, rate * (1.0 - rate) * span), 1e-18)
             bet = np.sqrt(2.0 * threshold / (n * variance))
             up = wealth[0] + np.cumsum(np.log1p(np.minimum(bet, cap_up) * y))
             down = wealth[1] + np.cumsum(np.log1p(-np.minimum(bet, cap_down) * y))
             if up.max() >= threshold or down.max() >= threshold:
                 return True
-            sums += (y.sum(), (y * y).sum())
+            sums += [
+                y.sum(),
+                (y * y).sum(),
+                spans.sum(),
+                self.clicks[part].sum(),
+                self.slots[part].sum(),
+            ]
             wealth[:] = (up[-1], down[-1])
         return False
 

@@ -141,6 +141,7 @@ def _evidence(
         requirement.confidence,
         requirement.draws,
         requirement.min_effective_sample_size,
+        project_log=requirement.source == "logs",
     )
 
 

@@ -156,7 +156,18 @@ def evaluate_time(env: Any, size: Size, rows: int, folder: Path, say: Say) -> di
     log_rows = source.metadata.num_rows
     slots = min(rows, log_rows)
     started = time.perf_counter()
-    evaluate(EvaluationRequest("v2", None, logs, False, "7d", 0.95, 200, 0, slots=slots))
+    evaluate(
+        EvaluationRequest(
+            version="v2",
+            against=None,
+            logs_path=logs,
+            audit=False,
+            since="7d",
+            confidence=0.95,
+            seed=0,
+            slots=slots,
+        )
+    )
     elapsed = time.perf_counter() - started
     imports = (
         "import rankgate.ops.evaluation, model_store.evaluation, model_store.train, "

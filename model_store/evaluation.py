@@ -347,7 +347,6 @@ class Evaluation:
     """The logging policy's own click rate on these slots."""
     clicks: int
     confidence: float
-    draws: int
     seed: int
     min_effective_sample_size: float
     logging: dict[Estimator, Estimate] = field(default_factory=dict)
@@ -368,7 +367,6 @@ class Evaluation:
                 self.slots[b] if b is not None else logging_policy(self.slots[a]),
                 estimator,
                 self.confidence,
-                self.draws,
                 self.seed,
                 self.min_effective_sample_size,
             )
@@ -381,7 +379,6 @@ def evaluate_versions(
     decisions: Sequence[LoggedDecision] | LogDecisions,
     versions: Sequence[str],
     confidence: float = 0.95,
-    draws: int = 1000,
     seed: int = 0,
     min_effective_sample_size: float = 10.0,
 ) -> Evaluation:
@@ -400,14 +397,13 @@ def evaluate_versions(
     first = next(iter(slots.values()))
     return Evaluation(
         slots=slots,
-        estimates={v: estimate(s, ESTIMATORS, confidence, draws, seed) for v, s in slots.items()},
+        estimates={v: estimate(s, ESTIMATORS, confidence, seed) for v, s in slots.items()},
         logged_value=on_policy_value(first),
         clicks=int(first.reward.sum()),
         confidence=confidence,
-        draws=draws,
         seed=seed,
         min_effective_sample_size=min_effective_sample_size,
-        logging=estimate(logging_policy(first), ESTIMATORS, confidence, draws, seed),
+        logging=estimate(logging_policy(first), ESTIMATORS, confidence, seed),
     )
 
 

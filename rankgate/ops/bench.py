@@ -37,10 +37,12 @@ class BenchOptions:
     freshness: bool
     explain_sampling: bool
     scale: tuple[str, ...] = ()
-    scratch: Path | None = None
-    """Where --scale writes its projects and homes (None: a temporary folder)."""
     """`--scale` values: "default" (the two sizes of loadtests/scale.py) or
     people,items,impressions; empty: not a scale run."""
+    scratch: Path | None = None
+    """Where --scale writes its projects and homes (None: a temporary folder)."""
+    coverage: int = 0
+    """`--coverage` replications per cell (0: not a coverage run)."""
 
     def sizes(self) -> list[Size]:
         """The sizes `--scale` asks for, smallest first, each checked."""
@@ -98,6 +100,11 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
     from loadtests.overload import run_overload
 
     output = options.output or results_folder()
+    if options.coverage:
+        from loadtests.coverage import coverage_benchmark
+
+        # Simulations only: no server, no home.
+        return coverage_benchmark(output, options.coverage, say)
     if options.scale:
         from loadtests.scale import run_scale
 

@@ -2,8 +2,8 @@
 
 From logged decisions with propensities (the project's interaction log, another
 log file, or rankgate's own audit log joined with outcomes): IPS, self-normalized
-IPS and doubly robust, each with a bootstrap interval and the effective sample
-size, and a verdict against another version or the logging policy. The
+IPS and doubly robust, each with a betting confidence interval (valid however
+few the clicks; model_store/offpolicy.py) and the effective sample size, and a verdict against another version or the logging policy. The
 estimators, pandas and onnxruntime are imported when an evaluation runs.
 """
 
@@ -39,7 +39,7 @@ class OffPolicyReport:
         return self.baseline or "the logging policy"
 
     def figures(self) -> dict[str, Any]:
-        from model_store.offpolicy import ESTIMATORS
+        from model_store.offpolicy import ESTIMATORS, METHOD
 
         result = self.result
         return {
@@ -50,6 +50,7 @@ class OffPolicyReport:
             "in_sample": self.in_sample.figures(),
             "logging_policy": {name: e.__dict__ for name, e in result.logging.items()},
             "confidence": self.confidence,
+            "interval_method": METHOD,
             "versions": {
                 v: {name: e.__dict__ for name, e in found.items()}
                 for v, found in result.estimates.items()
@@ -69,7 +70,7 @@ class OffPolicyReport:
         }
 
     def lines(self) -> list[str]:
-        from model_store.offpolicy import ESTIMATORS
+        from model_store.offpolicy import ESTIMATORS, METHOD
 
         result = self.result
         lines = [
@@ -85,7 +86,7 @@ class OffPolicyReport:
         lines.extend(self.in_sample.lines())
         lines.append(
             f"{'version':<12} {'estimator':<9} {'estimate':>9}  {self.confidence:.0%} "
-            f"interval{'':<9} effective n"
+            f"interval ({METHOD})  effective n"
         )
         rows = [*result.estimates.items(), ("logging", result.logging)]
         for v, found in rows:
@@ -130,9 +131,8 @@ class EvaluationRequest:
     since: str
     """With `audit`: how far back."""
     confidence: float
-    draws: int
-    """Bootstrap draws for each interval."""
     seed: int
+    """Draws the --slots sample and the order the intervals take the decisions in."""
     slots: int | None = None
     """Evaluate on this many logged slots drawn at random (seeded); None: all."""
     holdout_after: str | None = None
@@ -171,7 +171,6 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
         decisions,
         versions,
         request.confidence,
-        request.draws,
         request.seed,
     )
     learned = in_sample(

@@ -139,7 +139,6 @@ def _evidence(
         source,
         requirement.estimator,
         requirement.confidence,
-        requirement.draws,
         requirement.min_effective_sample_size,
         project_log=requirement.source == "logs",
     )

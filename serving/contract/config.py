@@ -270,14 +270,13 @@ class EvaluationRequirement(Strict):
     stable's estimate: 0 asks for evidence that it is no worse, 0.05 for 5 % better,
     -0.05 accepts up to 5 % worse."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    """Two-sided level of the bootstrap interval of the difference."""
+    """Two-sided level of the (betting) confidence interval of the difference."""
     min_effective_sample_size: float = Field(100.0, ge=1)
     """Fewer effective samples (of the version's importance weights) is too little
     evidence: refused."""
     min_clicks: int = Field(5, ge=0)
     """Fewer clicks on the slots the version's estimate gives weight is too little
-    evidence: refused (with none, a bootstrap interval collapses toward [0, 0]). The
-    same floor as the estimators' own verdicts (model_store.offpolicy.MIN_CLICKS; not
+    evidence, however wide its interval: refused. The same floor as the estimators' own verdicts (model_store.offpolicy.MIN_CLICKS; not
     imported here, so that reading a config never loads numpy)."""
     estimator: Literal["ips", "snips", "dr"] = "snips"
     source: Literal["logs", "audit"] = "logs"
@@ -286,8 +285,6 @@ class EvaluationRequirement(Strict):
     their outcomes, since `since`."""
     since: str = "7d"
     """How far back the audit source reads (a duration, an ISO time, a stream id)."""
-    draws: int = Field(1000, ge=100, le=20_000)
-    """Bootstrap draws."""
 
 
 class PromotionConfig(Strict):

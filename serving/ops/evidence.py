@@ -9,7 +9,7 @@ columns) or from rankgate's own audit log joined with outcomes
 
 - its importance weights' effective sample size is at least
   `min_effective_sample_size`, and
-- the lower bound of the bootstrap interval of (V - stable) is at least
+- the lower bound of the (betting) confidence interval of (V - stable) is at least
   `min_lift` x stable's estimate.
 
 Otherwise the promotion is refused with the figures; `--force` overrides it, and
@@ -80,7 +80,7 @@ class Evidence:
             ),
             (
                 f"difference {self.value - self.baseline_value:+.4f}, "
-                f"{self.confidence:.0%} interval [{self.low:+.4f}, {self.high:+.4f}], "
+                f"{self.confidence:.0%} betting interval [{self.low:+.4f}, {self.high:+.4f}], "
                 f"effective sample size {self.effective_sample_size:.0f}, "
                 f"{self.weighted_clicks} clicks weighed: {self.verdict}"
             ),
@@ -178,7 +178,6 @@ def gather(
     source: str,
     estimator: Estimator,
     confidence: float,
-    draws: int,
     min_effective_sample_size: float = 10.0,
     seed: int = 0,
     project_log: bool = False,
@@ -196,7 +195,6 @@ def gather(
         decisions,
         [version, baseline],
         confidence,
-        draws,
         seed,
         min_effective_sample_size,
     )

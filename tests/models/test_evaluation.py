@@ -16,9 +16,7 @@ from rankgate.ops.environment import Environment
 
 @pytest.fixture(scope="module")
 def evaluated(ready_home) -> dict:  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(
-        main, ["model", "evaluate", "v1", "--against", "v2", "--draws", "300", "--json"]
-    )
+    result = CliRunner().invoke(main, ["model", "evaluate", "v1", "--against", "v2", "--json"])
     assert result.exit_code == 0, result.output
     return dict(json.loads(result.output))
 
@@ -53,7 +51,7 @@ def test_the_example_logs_give_estimates_with_intervals_and_a_verdict(evaluated:
 
 
 def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(main, ["model", "evaluate", "v2", "--draws", "200"])
+    result = CliRunner().invoke(main, ["model", "evaluate", "v2"])
     assert result.exit_code == 0, result.output
     assert "10000 logged slots, 38 clicks" in result.output
     assert "the intervals are wide" in result.output
@@ -66,7 +64,7 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
 
 def test_a_sample_of_slots_is_drawn_with_the_seed(ready_home) -> None:  # type: ignore[no-untyped-def]
     """`--slots N`: N logged slots drawn at random; the same seed draws the same ones."""
-    args = ["model", "evaluate", "v2", "--draws", "200", "--slots", "2000", "--json"]
+    args = ["model", "evaluate", "v2", "--slots", "2000", "--json"]
     first, again = (CliRunner().invoke(main, [*args, "--seed", "3"]) for _ in range(2))
     assert first.exit_code == 0, first.output
     figures = json.loads(first.output)

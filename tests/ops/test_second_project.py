@@ -434,7 +434,7 @@ def test_the_promotion_gate_refuses_a_worse_version_unless_forced(
         d for d in document["applications"][0]["deployments"] if d["name"] == "RankIngress"
     )
     ingress["user_config"]["routing"] = routing("gb-1", alternate=["lr-1"])
-    requirement = {"min_lift": -0.05, "min_effective_sample_size": 50, "draws": 400}
+    requirement = {"min_lift": -0.05, "min_effective_sample_size": 50}
     ingress["user_config"]["promotion"] = {"require_evaluation": requirement}
     config = tmp_path / "serve_config.yaml"
     config.write_text(yaml.safe_dump(document))

@@ -27,7 +27,6 @@ from rankgate.ops.evaluation import EvaluationRequest, evaluate
 )
 @click.option("--since", default="7d", show_default=True, help="With --audit: how far back.")
 @click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999))
-@click.option("--draws", default=1000, show_default=True, type=click.IntRange(100, 20_000))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--slots",
@@ -47,7 +46,7 @@ from rankgate.ops.evaluation import EvaluationRequest, evaluate
 def model_evaluate(as_json: bool, **request: Any) -> None:
     """Estimate VERSION's click rate off-policy from logged decisions with propensities:
     IPS, self-normalized IPS and doubly robust (VERSION's scores as the reward model),
-    each with a bootstrap interval and the effective sample size, and a verdict against
+    each with a betting confidence interval and the effective sample size, and a verdict against
     --against (or the logging policy's observed click rate)."""
     # The other parameters are the request's fields, by name.
     report = evaluate(EvaluationRequest(**request))

@@ -141,6 +141,14 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     "in a scratch project and home; repeatable, e.g. --scale 1e5,1e4,1e6 --scale "
     "1e6,1e5,1e7 (alone: those two).",
 )
+@click.option(
+    "--coverage",
+    type=click.IntRange(min=100),
+    metavar="REPLICATIONS",
+    help="Instead: the off-policy intervals' coverage on simulations with known truth "
+    "(click rates 0.3-5 %, 10^3-10^5 logged slots, random and softmax logging), "
+    "REPLICATIONS per cell (500 for the published table), against the bootstrap.",
+)
 @folder_option(
     "--scratch",
     help="With --scale: folder for its projects and homes, one per size (default: "
@@ -161,6 +169,7 @@ def bench(
     freshness: bool,
     explain_sampling: bool,
     scale: tuple[str, ...],
+    coverage: int | None,
     scratch: Path | None,
 ) -> None:
     """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
@@ -183,6 +192,7 @@ def bench(
         explain_sampling=explain_sampling,
         scale=scale,
         scratch=scratch,
+        coverage=coverage or 0,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

@@ -120,7 +120,7 @@ def test_evaluate_warns_only_for_the_versions_whose_window_overlaps_the_slots(
     v2 = env.models.manifest("v2").lineage.trained_on
     assert v2 is not None
     after = v2.end.isoformat()
-    args = ["model", "evaluate", declared, "--against", "v2", "--draws", "100"]
+    args = ["model", "evaluate", declared, "--against", "v2"]
     result = CliRunner().invoke(main, [*args, "--holdout-after", after, "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output)
@@ -139,7 +139,7 @@ def test_evaluate_warns_only_for_the_versions_whose_window_overlaps_the_slots(
 
 
 def test_a_version_without_a_window_is_said_to_be_unknown(unwindowed: str) -> None:
-    args = ["model", "evaluate", unwindowed, "--draws", "100", "--slots", "300"]
+    args = ["model", "evaluate", unwindowed, "--slots", "300"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (
@@ -173,7 +173,7 @@ def test_the_gates_evidence_carries_the_warning(env: Environment, declared: str)
         union_specs(env.models, [declared, "v2"]),
         load_catalogue(env.project, views, env.data_dir),
     )[-300:]
-    evidence = gather(env, declared, "v2", decisions, "logs", "snips", 0.95, 100, project_log=True)
+    evidence = gather(env, declared, "v2", decisions, "logs", "snips", 0.95, project_log=True)
     assert [line.split(" overlaps")[0] for line in evidence.in_sample] == [
         f"{declared}'s training window 2019-11-24T00:00:00Z..2019-12-01T00:00:00Z"
     ]

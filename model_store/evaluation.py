@@ -77,6 +77,8 @@ class LoggedDecision:
     shown: list[Shown]
     group: int | str
     """The decision's id: its positions are resampled together."""
+    at: float | None = None
+    """When the decision was made (Unix time; None: unknown)."""
 
 
 @dataclass
@@ -99,6 +101,23 @@ class LogDecisions:
 
     def __getitem__(self, which: slice) -> LogDecisions:
         return replace(self, rows=self.rows[which])
+
+    @property
+    def times(self) -> np.ndarray | None:
+        """The rows' times (int64 ns, UTC); None: the log has no time column."""
+        times = self.logged.times
+        return None if times is None else times[self.rows]
+
+    def after(self, moment_ns: int) -> LogDecisions:
+        """The rows whose time is after `moment_ns` (int64 ns, UTC)."""
+        times = self.times
+        if times is None:
+            raise ModelStoreError(
+                f"--holdout-after: {self.logged.project.file}: field "
+                "'interactions.time_column': the log has no time column to compare with",
+                422,
+            )
+        return replace(self, rows=self.rows[times > moment_ns])
 
     def sample(self, n: int, seed: int) -> LogDecisions:
         """`n` rows drawn at random without replacement (in log order)."""
@@ -250,6 +269,24 @@ def decisions_from_logs(
         propensity,
         logs[spec.outcome_column].to_numpy(dtype=np.float64),
     )
+
+
+def decision_times(decisions: Sequence[LoggedDecision] | LogDecisions) -> np.ndarray | None:
+    """When each decision was made (int64 ns, UTC); None: not known for every one."""
+    if isinstance(decisions, LogDecisions):
+        return decisions.times
+    if any(d.at is None for d in decisions):
+        return None
+    return np.rint(np.asarray([d.at for d in decisions], dtype=np.float64) * 1e9).astype(np.int64)
+
+
+def decisions_after(
+    decisions: list[LoggedDecision] | LogDecisions, moment_ns: int
+) -> list[LoggedDecision] | LogDecisions:
+    """The decisions made after `moment_ns` (int64 ns, UTC)."""
+    if isinstance(decisions, LogDecisions):
+        return decisions.after(moment_ns)
+    return [d for d in decisions if d.at is not None and d.at * 1e9 > moment_ns]
 
 
 def slots_for(

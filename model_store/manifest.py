@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -121,6 +121,33 @@ class Booster(Strict):
     file: str
 
 
+class TrainingWindow(Strict):
+    """The time range of the rows a version learned from, both ends included (UTC)."""
+
+    start: datetime
+    end: datetime
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, moment: datetime) -> datetime:
+        """A time without an offset is UTC."""
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TrainingWindow:
+        if self.end < self.start:
+            raise ValueError("end is before start")
+        return self
+
+    def __str__(self) -> str:
+        return f"{shown_time(self.start)}..{shown_time(self.end)}"
+
+
+def shown_time(moment: datetime) -> str:
+    """An ISO 8601 UTC time as rankgate prints it: 2026-11-30T12:00:00Z."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Lineage(Strict):
     """Where the version came from."""
 
@@ -131,6 +158,10 @@ class Lineage(Strict):
     """The ONNX file it was registered from (register)."""
     features_source: str | None = None
     """The FEATURES.yaml of its inputs."""
+    trained_on: TrainingWindow | None = None
+    """The times of the rows it learned from: declared (`model register --trained-on`)
+    or, for `model train`, its training rows' (the held-out tail excluded). None: not
+    declared, or registered before windows were recorded."""
 
 
 class Manifest(Strict):

@@ -47,6 +47,7 @@ from model_store.manifest import (
     Metrics,
     OnnxInfo,
     TrainingData,
+    TrainingWindow,
 )
 from model_store.native import load_native, predict_native
 from model_store.onnx_scoring import OnnxScorer
@@ -75,6 +76,8 @@ class Candidate:
     """Rows to score and compare (training rows); default: synthetic rows."""
     made_by: str = "rankgate model register"
     features_source: str | None = None
+    trained_on: TrainingWindow | None = None
+    """The times of the rows it learned from (None: not declared)."""
     reference_rows: Callable[[Sequence[FeatureSpec]], ReferenceRows | None] | None = None
     """The rows the drift reference describes, given the resolved inputs (None, or a
     None result: the version gets no reference)."""
@@ -274,6 +277,7 @@ def register(
                 if candidate.made_by == "rankgate model train"
                 else str(candidate.onnx_path.resolve()),
                 features_source=candidate.features_source,
+                trained_on=candidate.trained_on,
             ),
             libraries=library_versions(),
         )

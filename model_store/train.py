@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
 from features.spec import FeaturesFile, ViewInfo, resolve
+from model_store.lineage import from_nanoseconds
 from model_store.logged import LoggedRows, item_embeddings, logged_training_set
-from model_store.manifest import Manifest, Metrics, TrainingData
+from model_store.manifest import Manifest, Metrics, TrainingData, TrainingWindow
 from model_store.register import Candidate, ReferenceRows, register
 from model_store.store import ModelStore, check_version_name
 from rankgate.core.errors import ModelStoreError, RankgateError
@@ -193,6 +194,18 @@ def rename_input(model: onnx.ModelProto, name: str) -> None:
                 node.input[n] = name
 
 
+def trained_window(logged: LoggedRows, split: int) -> TrainingWindow | None:
+    """The times of the first `split` rows (the ones fitted on: the log is in time
+    order); None when the log has no times."""
+    times = logged.times
+    if times is None or split == 0:
+        return None
+    return TrainingWindow(
+        start=from_nanoseconds(times[:split].min()),
+        end=from_nanoseconds(times[:split].max(), up=True),
+    )
+
+
 def train(
     store: ModelStore,
     project: Project,
@@ -270,6 +283,7 @@ def train(
                 sample_rows=dataset.matrix[np.sort(parity_rows)],
                 made_by="rankgate model train",
                 features_source=features_source,
+                trained_on=trained_window(logged, split),
                 reference_rows=lambda _specs: ReferenceRows(dataset.matrix, "training matrix"),
                 retrieval=lambda score, specs: item_embeddings(
                     score, specs, logged, dataset, views, data_dir

@@ -10,6 +10,7 @@ estimators, pandas and onnxruntime are imported when an evaluation runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from rankgate.ops.environment import Environment
 
 if TYPE_CHECKING:
     from model_store.evaluation import Evaluation, LogDecisions, LoggedDecision
+    from model_store.lineage import InSample
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,8 @@ class OffPolicyReport:
     source: str
     confidence: float
     result: Evaluation
-    in_sample: list[str]
-    """Versions trained on the very logs they were evaluated on."""
+    in_sample: InSample
+    """The versions whose training window overlaps the slots (or is unknown)."""
 
     @property
     def against(self) -> str:
@@ -45,6 +47,7 @@ class OffPolicyReport:
             "slots": result.n,
             "clicks": result.clicks,
             "logged_click_rate": result.logged_value,
+            "in_sample": self.in_sample.figures(),
             "logging_policy": {name: e.__dict__ for name, e in result.logging.items()},
             "confidence": self.confidence,
             "interval_method": METHOD,
@@ -80,11 +83,7 @@ class OffPolicyReport:
             lines.append(
                 f"  with {result.clicks} clicks the intervals are wide: read them, not the estimates"
             )
-        if self.in_sample:
-            lines.append(
-                f"  {', '.join(self.in_sample)} learned from these logs: on them its estimate is "
-                "optimistic (evaluate on logs it has not seen: --logs FILE or --audit)"
-            )
+        lines.extend(self.in_sample.lines())
         lines.append(
             f"{'version':<12} {'estimator':<9} {'estimate':>9}  {self.confidence:.0%} "
             f"interval ({METHOD})  effective n"
@@ -136,18 +135,22 @@ class EvaluationRequest:
     """Draws the --slots sample and the order the intervals take the decisions in."""
     slots: int | None = None
     """Evaluate on this many logged slots drawn at random (seeded); None: all."""
+    holdout_after: str | None = None
+    """Evaluate only on slots decided after this ISO 8601 time; None: all."""
 
 
 def evaluate(request: EvaluationRequest) -> OffPolicyReport:
     """Estimate the version's click rate off-policy, and against `request.against` (or the
     logs' policy)."""
-    from model_store.evaluation import evaluate_versions
+    from model_store.evaluation import decision_times, evaluate_versions
+    from model_store.lineage import in_sample, time_span
     from model_store.logged import load_item_table
     from serving.ops.evidence import logged_decisions
 
     version, audit, logs_path = request.version, request.audit, request.logs_path
     if audit and logs_path is not None:
         raise RankgateError("choose one of --logs FILE and --audit")
+    after = holdout_time(request.holdout_after)
     env = Environment.open()
     baseline = request.against if request.against and request.against != version else None
     versions = [version] + ([baseline] if baseline else [])
@@ -157,6 +160,8 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
     decisions, source = logged_decisions(
         env, versions, "audit" if audit else "logs", request.since, logs_path
     )
+    if after is not None:
+        decisions, source = holdout(decisions, after, source)
     if request.slots is not None and request.slots < len(decisions):
         decisions = sample_decisions(decisions, request.slots, request.seed)
         source += f", {request.slots} slots drawn at random (seed {request.seed})"
@@ -168,12 +173,37 @@ def evaluate(request: EvaluationRequest) -> OffPolicyReport:
         request.confidence,
         request.seed,
     )
-    in_sample = (
-        [v for v in versions if env.models.manifest(v).lineage.made_by == "rankgate model train"]
-        if not audit and logs_path is None
-        else []
+    learned = in_sample(
+        {v: env.models.manifest(v) for v in versions},
+        time_span(decision_times(decisions)),
+        project_log=not audit and logs_path is None,
     )
-    return OffPolicyReport(version, baseline, source, request.confidence, result, in_sample)
+    return OffPolicyReport(version, baseline, source, request.confidence, result, learned)
+
+
+def holdout_time(text: str | None) -> datetime | None:
+    """`--holdout-after`'s time, checked before any log is read."""
+    from model_store.lineage import parse_instant
+
+    return None if text is None else parse_instant(text, "--holdout-after")
+
+
+def holdout(
+    decisions: list[LoggedDecision] | LogDecisions, after: datetime, source: str
+) -> tuple[list[LoggedDecision] | LogDecisions, str]:
+    """The decisions made after `after`; RankgateError when none are."""
+    from model_store.evaluation import decision_times, decisions_after
+    from model_store.lineage import from_nanoseconds, time_span, to_nanoseconds
+    from model_store.manifest import shown_time
+
+    kept = decisions_after(decisions, to_nanoseconds(after))
+    if decisions and not kept:
+        span = time_span(decision_times(decisions))
+        last = f" (the last is at {shown_time(from_nanoseconds(span[1]))})" if span else ""
+        raise RankgateError(
+            f"--holdout-after {shown_time(after)}: no logged slot is after it{last}", 422
+        )
+    return kept, f"{source} after {shown_time(after)}"
 
 
 def sample_decisions(

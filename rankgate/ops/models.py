@@ -107,6 +107,8 @@ class Registered:
             else "no item embeddings: the project has no interaction log"
         )
         published = [f"{self.version}: published to {self.published_to}"]
+        window = self.manifest.lineage.trained_on
+        trained = [f"{self.version}: trained on {window}" if window else ""]
         return [*(published if self.published_to else [])] + [
             f"{self.version}: registered at {self.path} ({len(self.manifest.features)} inputs; "
             + (
@@ -114,7 +116,8 @@ class Registered:
                 if parity is not None
                 else "no tree model: answers say explainer_unavailable"
             )
-            + f"; {reference}; {retrieval})"
+            + f"; {reference}; {retrieval})",
+            *filter(None, trained),
         ]
 
 
@@ -164,13 +167,17 @@ def register_model(
     booster: Path | None,
     metrics_path: Path | None,
     item_embeddings: Path | None = None,
+    trained_on: str | None = None,
 ) -> Registered:
     """Register a ranker trained anywhere as VERSION, checked against the Feast registry;
     published to the artifact store too when RANKGATE_STORE is set. Its retrieval
-    artifact: `item_embeddings` (a table of item vectors), or distilled from it."""
+    artifact: `item_embeddings` (a table of item vectors), or distilled from it;
+    `trained_on`: FROM..TO, the times of the rows it learned from."""
+    from model_store.lineage import parse_window
     from model_store.logged import ProjectLog
     from model_store.register import Candidate, register
 
+    window = parse_window(trained_on) if trained_on is not None else None
     env = Environment.open(redis=False)
     infos = env.view_infos()
     if not infos:
@@ -187,6 +194,7 @@ def register_model(
             booster=booster,
             metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
             features_source=str(features_path.resolve()),
+            trained_on=window,
             reference_rows=log.reference,
             retrieval=lambda score, specs: log.retrieval(score, specs, item_embeddings),
         ),

@@ -140,6 +140,7 @@ def _evidence(
         requirement.estimator,
         requirement.confidence,
         requirement.min_effective_sample_size,
+        project_log=requirement.source == "logs",
     )
 
 

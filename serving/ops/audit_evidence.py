@@ -113,4 +113,5 @@ def _logged(
         candidates=record.candidates,
         shown=shown,
         group=record.request_id,
+        at=record.at,
     )

@@ -24,7 +24,7 @@ towards stable's and says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,9 @@ class Evidence:
     sanity line (it should hold `logged_value`)."""
     logging_low: float = float("nan")
     logging_high: float = float("nan")
+    in_sample: list[str] = field(default_factory=list)
+    """Which of the two may have learned from these slots (model_store/lineage.py): a
+    warning, not a refusal."""
 
     def lines(self) -> list[str]:
         lines = [
@@ -91,6 +94,7 @@ class Evidence:
             f"{self.logging_value:.4f} [{self.logging_low:.4f}, {self.logging_high:.4f}] "
             f"on its own slots ({check})"
         )
+        lines.extend(self.in_sample)
         if self.deterministic_logs:
             lines.append(
                 f"the logged policy was deterministic: only positions where {self.version} "
@@ -176,9 +180,13 @@ def gather(
     confidence: float,
     min_effective_sample_size: float = 10.0,
     seed: int = 0,
+    project_log: bool = False,
 ) -> Evidence:
-    """`version` against `baseline` on `decisions` with one estimator."""
-    from model_store.evaluation import evaluate_versions
+    """`version` against `baseline` on `decisions` with one estimator; `project_log`:
+    the decisions are the project's own interaction log (what `model train` learns
+    from)."""
+    from model_store.evaluation import decision_times, evaluate_versions
+    from model_store.lineage import in_sample, time_span
     from model_store.logged import load_item_table
 
     result = evaluate_versions(
@@ -191,6 +199,11 @@ def gather(
         min_effective_sample_size,
     )
     comparison = result.compare(version, baseline, estimator)
+    learned = in_sample(
+        {v: env.models.manifest(v) for v in (version, baseline)},
+        time_span(decision_times(decisions)),
+        project_log,
+    )
     return Evidence(
         version=version,
         baseline=baseline,
@@ -211,6 +224,7 @@ def gather(
         logging_value=result.logging[estimator].value,
         logging_low=result.logging[estimator].low,
         logging_high=result.logging[estimator].high,
+        in_sample=[line.strip() for line in learned.lines(advice=False)],
     )
 
 

@@ -55,7 +55,8 @@ def test_the_plain_output_says_how_much_evidence_there_is(ready_home) -> None:  
     assert result.exit_code == 0, result.output
     assert "10000 logged slots, 38 clicks" in result.output
     assert "the intervals are wide" in result.output
-    assert "v2 learned from these logs" in result.output
+    # v2 learned from the first 80 % of these slots (its training window says so).
+    assert "v2's training window 2019-11-24T00:00:34" in result.output
     assert "v2 - the logging policy = " in result.output and "clicks weighed" in result.output
     assert "click rate 0.0038 is inside every interval" in result.output
     assert any(line.startswith("logging      snips") for line in result.output.splitlines())

@@ -34,6 +34,13 @@ from rankgate.ops.evaluation import EvaluationRequest, evaluate
     type=click.IntRange(min=1),
     help="Evaluate on this many logged slots drawn at random (--seed); default: all.",
 )
+@click.option(
+    "--holdout-after",
+    default=None,
+    metavar="TIME",
+    help="Evaluate only on slots decided after this ISO 8601 time (UTC without an offset), "
+    "e.g. the end of the versions' training windows.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @fails_cleanly
 def model_evaluate(as_json: bool, **request: Any) -> None:

@@ -94,6 +94,13 @@ def model_train(
     help="Parquet or CSV of item vectors for retrieval (the item key column, then a "
     "list column or one column per dimension); default: distilled from the model.",
 )
+@click.option(
+    "--trained-on",
+    default=None,
+    metavar="FROM..TO",
+    help="The times of the rows it learned from: two ISO 8601 times (UTC without an offset); "
+    "`model evaluate` warns when they overlap the slots it evaluates on.",
+)
 @fails_cleanly
 def model_register(
     version: str,
@@ -102,12 +109,13 @@ def model_register(
     booster: Path | None,
     metrics_path: Path | None,
     item_embeddings: Path | None,
+    trained_on: str | None,
 ) -> None:
     """Register a ranker trained anywhere as VERSION, after checking it against the
     project's Feast registry; registered versions are never overwritten."""
     echo_lines(
         register_model(
-            version, onnx_path, features_path, booster, metrics_path, item_embeddings
+            version, onnx_path, features_path, booster, metrics_path, item_embeddings, trained_on
         ).lines()
     )
 

@@ -10,7 +10,9 @@ it):
   loop, request i is due at t0 + i/rate and is sent then, whatever is still
   outstanding (up to `--connections` at once); its latency counts from when it
   was due, so time spent waiting behind a slow server is not hidden. The report
-  says how late the driver itself sent requests.
+  says how late the driver itself sent requests. `--cpu-pids 12,34` also reads
+  those processes' CPU time (user + system, /proc/PID/stat) right before the
+  measured requests and right after the last answer: the CPU they spent on them.
 
 Prints one JSON object: completed requests, errors, throughput and latency
 percentiles (ms), plus the server-side stage timings the answers reported.
@@ -182,6 +184,29 @@ class Arrival:
     outcome: str
 
 
+def cpu_seconds(pids: list[int], proc: Path = Path("/proc")) -> dict[int, float]:
+    """CPU seconds (user + system) each process has used so far; a process that is
+    gone or unreadable is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid in pids:
+        try:
+            text = (proc / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        # The fields after the command's name, which may itself hold spaces and ")":
+        # state is the first, utime and stime (in clock ticks) the 12th and 13th.
+        fields = text.rsplit(")", 1)[1].split()
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    """CPU seconds each process spent between two readings (pid as text, for JSON);
+    a process must be in both."""
+    return {str(pid): round(after[pid] - before[pid], 3) for pid in before if pid in after}
+
+
 def open_loop_summary(
     arrivals: list[Arrival], rate: float, duration_s: float, max_outstanding: int = 0
 ) -> dict[str, Any]:
@@ -271,6 +296,7 @@ async def open_loop(
     warmup_s: float,
     bodies: list[bytes],
     connections: int = 256,
+    cpu_pids: list[int] | None = None,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -279,9 +305,13 @@ async def open_loop(
             await Schedule(session, url, bodies, rate).run(warmup_s, None)
         schedule = Schedule(session, url, bodies, rate)
         arrivals: list[Arrival] = []
+        cpu_before = cpu_seconds(cpu_pids or [])
         await schedule.run(duration_s, arrivals)
+        cpu_after = cpu_seconds(cpu_pids or [])
     summary = open_loop_summary(arrivals, rate, duration_s, schedule.max_outstanding)
     summary["connections"] = connections
+    if cpu_pids:
+        summary["cpu_seconds"] = cpu_used(cpu_before, cpu_after)
     return summary
 
 
@@ -314,6 +344,11 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, default=256, help="Open loop: connection pool size."
     )
+    parser.add_argument(
+        "--cpu-pids",
+        default="",
+        help="Open loop: comma-separated pids whose CPU time the measured requests cost.",
+    )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--bodies", type=Path, required=True, help="JSON list of request bodies")
@@ -329,7 +364,13 @@ def main() -> None:
             json.dumps(
                 asyncio.run(
                     open_loop(
-                        args.url, args.rate, args.duration, args.warmup, bodies, args.connections
+                        args.url,
+                        args.rate,
+                        args.duration,
+                        args.warmup,
+                        bodies,
+                        args.connections,
+                        [int(pid) for pid in args.cpu_pids.split(",") if pid.strip()],
                     )
                 )
             )

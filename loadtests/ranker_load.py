@@ -34,7 +34,7 @@ import numpy as np
 
 from features.vector import ItemTable, build_matrix, user_fields
 from loadtests.baselines.common import stable_version
-from loadtests.bench.report import spread
+from loadtests.bench.figures import spread
 from model_store.store import ModelStore
 from rankgate.core.project import ItemId
 from rankgate.core.pseudonym import user_key

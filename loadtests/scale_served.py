@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from loadtests.bench import memory
+from loadtests.drive import cpu_seconds as process_cpu_seconds
 from loadtests.drive import percentile
 from loadtests.scale_home import granted_people
 from loadtests.scale_retrieval import retrieval_figures
@@ -114,16 +115,7 @@ THROUGHPUT_CANDIDATES = 100
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used (those still running)."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+    return sum(process_cpu_seconds(pids).values())
 
 
 def redis_cpu_seconds(client: Any) -> float:

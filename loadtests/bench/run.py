@@ -14,6 +14,9 @@ which. Besides the main table the run measures, in this order:
 
 - `explain: true` at concurrency 1 on the same server, right after each round's
   run without it;
+- CPU per decision (loadtests/bench/cpu.py): every process of each stack at one
+  fixed arrival rate (half the floor's peak), rankgate and the floor in turn, round
+  after round;
 - the open loop (loadtests.drive --rate) at 25, 50 and 80 % of rankgate's peak;
 - the server's stage timings (`timings_ms`), from a Python-driver pass;
 - the memory of the whole stack (loadtests/bench/memory.py), after the load;
@@ -43,7 +46,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from loadtests.bench import memory
+from loadtests.bench import cpu, memory
 from loadtests.bench.report import (
     BUDGET_LEVEL_MAX,
     FLOOR,
@@ -88,7 +91,7 @@ DEFAULT_DURATION_S = 6.0
 DEFAULT_WARMUP_S = 1.0
 OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
 READY_STARTS = 2
-PARTS = ("explain", "open-loop", "stages", "memory", "ranker", "ready")
+PARTS = ("explain", "cpu", "open-loop", "stages", "memory", "ranker", "ready")
 """What a run measures besides the main table; each can be skipped (--skip)."""
 EXTRAS = {"naive": "naive_graph", "no-audit": "rankgate_no_audit"}
 """Systems that join the run on request (--with)."""
@@ -154,6 +157,32 @@ class Run:
             "outcomes": summed_outcomes(self.explain_runs),
             "runs": self.explain_runs,
         }
+
+    def cpu(
+        self, urls: dict[str, str], stacks: dict[str, cpu.Stack], rate: float, source: str
+    ) -> dict[str, Any]:
+        """CPU per decision of rankgate and the floor at one arrival rate, in turn."""
+        work, say = self.work, self.work.say
+        rounds: dict[str, list[dict[str, Any]]] = {OURS: [], FLOOR: []}
+        for n in range(self.rounds):
+            for name, done in rounds.items():
+                run = drive_open(
+                    urls[name],
+                    rate,
+                    work.duration,
+                    self.driver.warmup,
+                    work.bodies_file,
+                    work.api_key,
+                    stacks[name].pids,
+                )
+                figures = cpu.round_figures(run, stacks[name])
+                done.append(figures)
+                say(
+                    f"    cpu round {n + 1} {name:<14} {rate:.0f}/s: achieved "
+                    f"{figures['achieved_rps']:.1f}/s  {figures['ms_per_decision']} ms CPU per "
+                    f"decision over {figures['processes']} processes  p99 {figures['p99_ms']:.2f} ms"
+                )
+        return cpu.cpu_figures(rate, source, work.duration, rounds, stacks)
 
     def open_loop(self, url: str, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         work, say = self.work, self.work.say
@@ -241,6 +270,24 @@ def redis_pid(env: Environment) -> int | None:
         return int(EmbeddedRedis(env.home).pid_path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def cpu_rate(results: dict[str, list[dict[str, Any]]]) -> tuple[float, str]:
+    """The CPU part's arrival rate: a share of the floor's peak, and where it came from."""
+    share = f"{cpu.RATE_SHARE * 100:g} %"
+    found = peak(results[FLOOR])
+    if found["rps"]:
+        source = f"{share} of the floor's peak, {found['rps']:g} req/s at c={found['concurrency']}"
+        return max(1.0, found["rps"] * cpu.RATE_SHARE), source
+    highest = max(r["throughput_rps"] for r in results[FLOOR])
+    source = f"{share} of the floor's highest throughput, {highest:g} req/s (no peak: p99 > 50 ms)"
+    return max(1.0, highest * cpu.RATE_SHARE), source
+
+
+def stacks_of(processes: dict[str, Any], env: Environment) -> dict[str, cpu.Stack]:
+    """The processes whose CPU counts for rankgate and for the floor (Redis in both)."""
+    extra = [pid] if (pid := redis_pid(env)) is not None else []
+    return {name: cpu.stack_of([processes[name].pid], extra) for name in (OURS, FLOOR)}
 
 
 def stack_memory(server_pid: int, env: Environment) -> list[memory.ProcessMemory]:
@@ -351,8 +398,10 @@ def run_bench(
     driver: str = "auto",
     allow_install: bool = True,
     command: str | None = None,
+    fixed_rate: float | None = None,
 ) -> dict[str, Any]:
-    """Measure, evaluate the targets, write `<output>/bench.{json,md}`."""
+    """Measure, evaluate the targets, write `<output>/bench.{json,md}`. `fixed_rate`:
+    the CPU part's arrival rate (default: half the floor's peak)."""
     load_at_start = round(os.getloadavg()[0], 2)
     wanted = {OURS, FLOOR, *(EXTRAS[e] for e in extras)}
     systems = [s for s in SYSTEMS if s.name in wanted]
@@ -379,6 +428,12 @@ def run_bench(
                 )
             run.interleaved(urls)
             results = run.results()
+            if "cpu" in parts:
+                rate, source = cpu_rate(results)
+                if fixed_rate is not None:
+                    rate, source = fixed_rate, "a fixed rate asked for"
+                say(f"• CPU per decision at {rate:.0f} req/s ({source})")
+                figures["cpu"] = run.cpu(urls, stacks_of(processes, work.env), rate, source)
             if "open-loop" in parts:
                 say("• open loop")
                 figures["open_loop"] = run.open_loop(urls[OURS], results)

@@ -195,11 +195,20 @@ def drive(
 
 
 def drive_open(
-    url: str, rate: float, duration: float, warmup: float, bodies_file: Path, api_key: str
+    url: str,
+    rate: float,
+    duration: float,
+    warmup: float,
+    bodies_file: Path,
+    api_key: str,
+    cpu_pids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """An open-loop run of the Python driver (requests due at a fixed rate)."""
+    """An open-loop run of the Python driver (requests due at a fixed rate); with
+    `cpu_pids`, the CPU seconds those processes spent on the measured requests."""
     arguments = ["loadtests.drive", url, "--rate", f"{rate:.3f}", "--duration", str(duration)]
     arguments += ["--warmup", str(warmup), "--bodies", str(bodies_file)]
+    if cpu_pids:
+        arguments += ["--cpu-pids", ",".join(map(str, cpu_pids))]
     return load_process(arguments, api_key, (duration + warmup) * 4 + 60)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from loadtests.bench.compare import comparison_markdown
 from loadtests.bench.cpu import cpu_markdown, cpu_target
 from loadtests.bench.figures import FLOOR, OURS, spread
 
@@ -327,6 +328,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_ratio_text(pair.get('p50'))} |"
         )
     lines += ["", "## Targets", "", *target_lines(report["targets"])]
+    lines += comparison_markdown(report.get("comparison"))
     lines += cpu_markdown(report.get("cpu"))
     lines += _extra_systems(report)
     lines += _all_runs(report)

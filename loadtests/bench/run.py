@@ -46,7 +46,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from loadtests import results_folder
 from loadtests.bench import cpu, memory
+from loadtests.bench.compare import append_history, commit_of, comparison, history_entry
+from loadtests.bench.readme import refresh_readme
 from loadtests.bench.report import (
     BUDGET_LEVEL_MAX,
     FLOOR,
@@ -78,7 +81,7 @@ from loadtests.bench.systems import (
 from loadtests.bench.wrk import wrk_version
 from loadtests.drive import write_results
 from rankgate.core.redis_server import EmbeddedRedis
-from rankgate.core.settings import put_checkout_on_path
+from rankgate.core.settings import SOURCE_CHECKOUT, put_checkout_on_path
 from rankgate.ops.environment import Environment
 from serving.ops.launch import (
     free_port,
@@ -399,9 +402,13 @@ def run_bench(
     allow_install: bool = True,
     command: str | None = None,
     fixed_rate: float | None = None,
+    committed: tuple[Path, dict[str, Any]] | None = None,
+    tolerances: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Measure, evaluate the targets, write `<output>/bench.{json,md}`. `fixed_rate`:
-    the CPU part's arrival rate (default: half the floor's peak)."""
+    """Measure, evaluate the targets, write `<output>/bench.{json,md}` and a line of
+    `<output>/history.jsonl`. `fixed_rate`: the CPU part's arrival rate (default: half
+    the floor's peak); `committed`: a run (its file and report) to compare this one
+    with (loadtests/bench/compare.py), within `tolerances`."""
     load_at_start = round(os.getloadavg()[0], 2)
     wanted = {OURS, FLOOR, *(EXTRAS[e] for e in extras)}
     systems = [s for s in SYSTEMS if s.name in wanted]
@@ -479,6 +486,19 @@ def run_bench(
         "notes": notes or [],
         "runs": run.runs,
     }
+    if committed is not None:
+        path, earlier = committed
+        report["comparison"] = comparison(earlier, path, report, tolerances or {})
     report["targets"] = evaluate(report)
     write_results(output, "bench", report, render_markdown)
+    record(output, report, say)
     return report
+
+
+def record(output: Path, report: dict[str, Any], say: Say) -> None:
+    """A line of history next to the report; the README's table when the report is the
+    committed one (loadtests/results/ of this checkout)."""
+    append_history(output / "history.jsonl", history_entry(report, commit_of(SOURCE_CHECKOUT)))
+    committed = SOURCE_CHECKOUT is not None and output.resolve() == results_folder().resolve()
+    if committed and SOURCE_CHECKOUT and refresh_readme(SOURCE_CHECKOUT / "README.md", report):
+        say("• README.md: the performance table follows this run")

@@ -2,16 +2,19 @@
 
 The measurements live in loadtests/ (bench, overload, freshness, explain
 sampling, scale); each writes `<output>/<name>.md` and `.json`. Options are checked
-before setup runs or a server starts. loadtests/ is imported when a benchmark runs
+before setup runs or a server starts, the committed run of `--compare` included
+(read before the run, which may replace it). The run's comparison is in its report;
+`check_regressions` turns a regression into the command's error. loadtests/ is imported when a benchmark runs
 (its drivers take half a second to import), so `rankgate --help` does not pay for it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rankgate.core.errors import RankgateError
 from rankgate.ops.setup import run_setup
@@ -43,6 +46,47 @@ class BenchOptions:
     """Where --scale writes its projects and homes (None: a temporary folder)."""
     coverage: int = 0
     """`--coverage` replications per cell (0: not a coverage run)."""
+    compare: Path | None = None
+    """`--compare`: a committed bench.json this run's ratios are compared with."""
+    tolerance: str = "15"
+    """`--tolerance`: percent, for every figure or per figure (figure=percent,...)."""
+
+    def committed(self) -> tuple[Path, dict[str, Any]] | None:
+        """The run `--compare` names, read and checked (None: no comparison)."""
+        if self.compare is None:
+            return None
+        instead = [
+            flag
+            for flag, chosen in (
+                ("--overload", self.overload),
+                ("--freshness", self.freshness),
+                ("--explain-sampling", self.explain_sampling),
+                ("--scale", bool(self.scale)),
+                ("--coverage", bool(self.coverage)),
+            )
+            if chosen
+        ]
+        if instead:
+            raise RankgateError(f"--compare: compares the main benchmark, not {instead[0]}")
+        try:
+            report = json.loads(self.compare.read_text())
+        except OSError as exc:
+            raise RankgateError(f"--compare: cannot read {self.compare}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise RankgateError(f"--compare: {self.compare} is not JSON ({exc})") from exc
+        if not isinstance(report, dict) or "results" not in report or "ratios" not in report:
+            raise RankgateError(
+                f"--compare: {self.compare} is not a report of `rankgate bench` (bench.json)"
+            )
+        return self.compare, report
+
+    def tolerances(self) -> dict[str, float]:
+        from loadtests.bench.compare import parse_tolerances
+
+        try:
+            return parse_tolerances(self.tolerance)
+        except ValueError as exc:
+            raise RankgateError(f"--tolerance: {exc}") from exc
 
     def sizes(self) -> list[Size]:
         """The sizes `--scale` asks for, smallest first, each checked."""
@@ -115,6 +159,7 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
         return output / "scale.md", output / "scale.json"
     levels = options.levels()
     extras, skip = options.chosen()
+    committed, tolerances = options.committed(), options.tolerances()
     run_setup(lambda _line: None)
     duration, repeats = options.duration, options.repeats
     if options.freshness:
@@ -138,6 +183,18 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
             skip=skip,
             driver=options.driver,
             allow_install=options.allow_install,
+            committed=committed,
+            tolerances=tolerances,
         )
         name = "bench"
     return output / f"{name}.md", output / f"{name}.json"
+
+
+def check_regressions(figures: Path) -> None:
+    """The command's error when the run, compared with `--compare`'s, regressed (or
+    could be compared on nothing)."""
+    from loadtests.bench.compare import failure
+
+    report = json.loads(figures.read_text())
+    if why := failure(report.get("comparison")):
+        raise RankgateError(f"--compare: {why}\n(this run's report: {figures})")

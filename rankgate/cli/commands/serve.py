@@ -10,7 +10,7 @@ import click
 from loadtests.loadtest import render_summary, run_loadtest
 from rankgate.cli.options import file_option, folder_option
 from rankgate.cli.render import echo_lines, fails_cleanly, say
-from rankgate.ops.bench import BenchOptions, benchmark
+from rankgate.ops.bench import BenchOptions, benchmark, check_regressions
 from rankgate.ops.serve import serve as serve_project
 from serving.ops.supervisor import log_record
 
@@ -94,7 +94,8 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
 @click.option(
     "--skip",
     default="",
-    help="Leave out parts: explain, open-loop, stages, memory, ranker, ready. Comma-separated.",
+    help="Leave out parts: explain, cpu, open-loop, stages, memory, ranker, ready. "
+    "Comma-separated.",
 )
 @click.option(
     "--driver",
@@ -113,6 +114,21 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     "--output",
     help="Folder for the results (default: loadtests/results/ of a source checkout, else "
     "results/ in the home).",
+)
+@file_option(
+    "--compare",
+    exists=True,
+    help="A committed report (e.g. loadtests/results/bench.json), read before the run: fail "
+    "when a ratio rankgate / floor of this run (CPU per decision, peak throughput, p50 at "
+    "concurrency 1) is worse than the committed one by more than --tolerance.",
+)
+@click.option(
+    "--tolerance",
+    default="15",
+    show_default=True,
+    metavar="PERCENT",
+    help="With --compare: how much worse a ratio may be, in percent of the committed one; "
+    "one value, or per figure: cpu_per_decision=20,peak_throughput=15,p50_c1=15.",
 )
 @click.option(
     "--overload",
@@ -165,6 +181,8 @@ def bench(
     driver: str,
     no_install: bool,
     output: Path | None,
+    compare: Path | None,
+    tolerance: str,
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
@@ -174,8 +192,9 @@ def bench(
 ) -> None:
     """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
 
-    Reports the issue's targets (latency, peak throughput, budget fallbacks, ranker
-    against raw onnxruntime, explain cost, memory, ready time) and an open-loop table.
+    Reports the targets (CPU per decision, latency, peak throughput, budget fallbacks,
+    ranker against raw onnxruntime, explain cost, memory, ready time) and an open-loop
+    table; appends the headline ratios to history.jsonl beside the report.
     """
     options = BenchOptions(
         concurrency=concurrency,
@@ -193,10 +212,13 @@ def bench(
         scale=scale,
         scratch=scratch,
         coverage=coverage or 0,
+        compare=compare,
+        tolerance=tolerance,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())
     click.echo(f"written: {report}, {figures}")
+    check_regressions(figures)
 
 
 @click.command()

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
+from collections.abc import Mapping
 from functools import partial
 
 from features.vector import user_fields
+from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.pseudonym import user_key as pseudonymise
 from serving.contract.schemas import RankRequest, RankResponse, RequestRules
@@ -29,7 +33,47 @@ from serving.observe.decisions import DecisionRecorder, Sample
 from serving.observe.sampling import chosen
 from serving.ranking.decision import answer, audit_record
 from serving.ranking.shadows import ShadowScorer
-from serving.ranking.stages import Deadline, RankContext, Services, StageRunner, merge_fields
+from serving.ranking.stages import (
+    Deadline,
+    RankContext,
+    Services,
+    StageResult,
+    StageRunner,
+    merge_fields,
+)
+
+TEST_STAGE_BUSY_ENV = "RANKGATE_TEST_STAGE_BUSY_MS"
+"""For testing the benchmark's guard only (tests/ops/test_bench_guard.py): `score=10`
+makes the `score` stage burn 10 ms of CPU after it runs, in every request, a
+regression seeded on purpose. Unset, as everywhere else, it changes nothing."""
+
+
+def seed_busy_loop(runner: StageRunner, environ: Mapping[str, str] = os.environ) -> None:
+    """Slow the stage `RANKGATE_TEST_STAGE_BUSY_MS` names, when it names one."""
+    text = environ.get(TEST_STAGE_BUSY_ENV, "").strip()
+    if not text:
+        return
+    name, _, value = text.partition("=")
+    stage = next((s for s in runner.stages if s.name == name.strip()), None)
+    try:
+        seconds = float(value) / 1000.0
+    except ValueError:
+        seconds = -1.0
+    if stage is None or seconds < 0:
+        raise ConfigError(
+            f"{TEST_STAGE_BUSY_ENV}={text!r}: expected STAGE=MILLISECONDS with one of "
+            f"the configured stages ({', '.join(s.name for s in runner.stages)})"
+        )
+    run = stage.run
+
+    async def run_then_spin(context: RankContext, deadline: Deadline) -> StageResult:
+        result = await run(context, deadline)
+        spent_by = time.thread_time() + seconds
+        while time.thread_time() < spent_by:
+            pass
+        return result
+
+    setattr(stage, "run", run_then_spin)  # noqa: B010 (this instance only)
 
 
 class RankPipeline:
@@ -52,6 +96,7 @@ class RankPipeline:
                 recorder.observers.append(observe)
         config, fetcher = services.config, services.fetcher
         self.runner = StageRunner.build(config.pipeline.stages, config.pipeline.fallback, services)
+        seed_busy_loop(self.runner)
         self.rules_catalogue: list[ItemId] | None = None
         """The catalogue `rules` were built from (a refresh that keeps the list keeps them)."""
         self.follow_catalogue()

@@ -1,6 +1,10 @@
 """CPU per decision and the benchmark's guard: `rankgate bench --compare` fails on
-a ratio that got worse than the committed run's by more than the tolerance. The
-pure parts: CPU accounting, the comparison, tolerances, history, the README's table."""
+a ratio that got worse than the committed run's by more than the tolerance.
+
+The pure parts first (CPU accounting, the comparison, tolerances, history, the
+README's table), in milliseconds; then one small real run: rankgate and the floor
+measured for a few seconds, then again with a busy loop seeded into rankgate's
+`score` stage, and the guard catching it."""
 
 from __future__ import annotations
 
@@ -296,3 +300,86 @@ def test_the_readme_table_judges_each_figure(tmp_path: Path) -> None:
     assert "Ratio rankgate / floor per round: **1.2× (1.2–1.2)** (target ≤ 1.3×)" in section
     assert "| rankgate | 1.2 [1.2, 1.2] | 3 | 505.0 | 9.0 | 2000 | 2 | 20 |" in section
     assert "| ray::ServeReplica:rankgate:RankIngress | 1 | 0.96 |" in section
+
+
+# -- the seeded regression and a real run that catches it ------------------------------
+
+
+def test_the_seeded_busy_loop_is_inert_unless_asked_for_and_checked() -> None:
+    from rankgate.core.errors import ConfigError
+    from serving.ranking.pipeline import TEST_STAGE_BUSY_ENV, seed_busy_loop
+    from serving.ranking.stages import StageRunner, stage_class
+
+    def runner() -> StageRunner:
+        return StageRunner(
+            [stage_class(name)(None) for name in ("gate", "score")],  # type: ignore[arg-type]
+            stage_class("rules")(None),  # type: ignore[arg-type]
+        )
+
+    unset = runner()
+    seed_busy_loop(unset, {})
+    assert all("run" not in vars(stage) for stage in unset.stages)
+    seeded = runner()
+    seed_busy_loop(seeded, {TEST_STAGE_BUSY_ENV: "score=5"})
+    assert ["run" in vars(stage) for stage in seeded.stages] == [False, True]
+    for bad in ("fetch=5", "score", "score=x", "score=-1"):
+        with pytest.raises(ConfigError, match=f"{TEST_STAGE_BUSY_ENV}=.*configured stages"):
+            seed_busy_loop(runner(), {TEST_STAGE_BUSY_ENV: bad})
+
+
+@pytest.mark.slow
+def test_the_guard_catches_a_busy_loop_seeded_into_a_stage(
+    ready_home: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench's measurement, small: rankgate and the floor at concurrency 1 and CPU
+    per decision, one round of 2 s each, nothing else; once as the code is, once with
+    rankgate's `score` stage spinning 10 ms of CPU per request
+    (RANKGATE_TEST_STAGE_BUSY_MS, read by the replicas; unset everywhere else). Each
+    run starts its own servers: about two minutes in all, three with the session's
+    setup. The CPU part runs at a fixed 40 req/s, which the slowed server still keeps
+    up with, so the seeded cost shows as CPU per answer rather than as fallbacks.
+    Measured on a busy 2-core machine, the seeded loop made the CPU ratio 76 % worse
+    (4.7× -> 8.3×) and p50's 430 % (2.1× -> 10.9×): far past the 15 % tolerance, so
+    the machine's noise can neither hide it nor fake it."""
+    from loadtests.bench.run import PARTS, run_bench
+    from serving.ranking.pipeline import TEST_STAGE_BUSY_ENV
+
+    monkeypatch.delenv(TEST_STAGE_BUSY_ENV, raising=False)
+    lines: list[str] = []
+    settings: dict[str, Any] = {
+        "levels": [1],
+        "duration": 2.0,
+        "repeats": 1,
+        "say": lines.append,
+        "warmup": 0.5,
+        "skip": tuple(part for part in PARTS if part != "cpu"),
+        "allow_install": False,
+        "fixed_rate": 40.0,
+    }
+    committed = run_bench(output=tmp_path / "committed", **settings)
+    before = compare.headline(committed)
+    assert before["cpu_per_decision"] and before["p50_c1"], lines
+
+    monkeypatch.setenv(TEST_STAGE_BUSY_ENV, "score=10")
+    current = run_bench(
+        output=tmp_path / "current",
+        committed=(tmp_path / "committed" / "bench.json", committed),
+        tolerances=compare.parse_tolerances("15"),
+        **settings,
+    )
+    after = compare.headline(current)
+    found = current["comparison"]
+    assert {"cpu_per_decision", "p50_c1"} <= set(found["regressed"]), (before, after, lines)
+    # The loop's 10 ms are CPU spent in the replica, per answer.
+    replica = "ray::ServeReplica:rankgate:RankIngress"
+
+    def replica_ms(report: dict[str, Any]) -> float:
+        rows = report["cpu"]["systems"]["rankgate"]["breakdown"]
+        return float(next(r["ms_per_decision"] for r in rows if r["process"] == replica))
+
+    assert replica_ms(current) - replica_ms(committed) > 7.0, (before, after)
+    with pytest.raises(RankgateError, match=r"(?s)--compare: regressed against .*CPU per decision"):
+        check_regressions(tmp_path / "current" / "bench.json")
+    history = (tmp_path / "current" / "history.jsonl").read_text().splitlines()
+    assert json.loads(history[-1])["regressed"] == found["regressed"]
+    assert "## Against the committed run" in (tmp_path / "current" / "bench.md").read_text()

@@ -139,7 +139,7 @@ def _evidence(
         source,
         requirement.estimator,
         requirement.confidence,
-        requirement.min_effective_sample_size,
+        min_effective_sample_size=requirement.min_effective_sample_size,
         project_log=requirement.source == "logs",
     )
 
@@ -304,7 +304,7 @@ def _shadow_evidence(env: Environment, shadow: str, routing: Any, since: str) ->
         decisions, source = logged_decisions(env, [shadow, stable], "audit", since)
         if not decisions:
             return [f"off-policy: no decisions with outcomes in the {source}"]
-        found = gather(env, shadow, stable, decisions, source, "snips", 0.95, 500)
+        found = gather(env, shadow, stable, decisions, source, "snips", 0.95)
     except RankgateError as exc:
         return [f"off-policy: not evaluated: {exc.message}"]
     return found.lines()

@@ -25,6 +25,7 @@ from rankgate.governance.consent import ConsentStore
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
+    from features.applied import AppliedView
     from features.spec import ViewInfo
     from model_store.store import ModelStore
 
@@ -84,18 +85,38 @@ class Environment:
     def apply_features(self, objects: list[Any] | None = None) -> list[str]:
         from features.store import apply
 
-        return apply(self.feast, self.project, self.home, objects)
+        names = apply(self.feast, self.project, self.home, objects)
+        self._record_views()
+        return names
 
     def views(self) -> list[FeatureView]:
         """The feature views of the applied registry (none before `features apply`)."""
-        if not (self.home.feast_dir / "registry.db").exists():
+        if not self.registry.exists():
             return []
         return list(self.feast.list_feature_views())
 
-    def view_infos(self) -> dict[str, ViewInfo]:
-        from features.store import view_infos
+    @property
+    def registry(self) -> Path:
+        return self.home.feast_dir / "registry.db"
 
-        return view_infos(self.views(), self.project)
+    def view_infos(self) -> dict[str, ViewInfo]:
+        """The applied registry's views and fields (none before `features apply`): from
+        the record beside the registry while it is this registry's, so that checking
+        a version's inputs (`model promote`) does not import Feast; else from Feast."""
+        from features.applied import infos, read_record
+
+        if not self.registry.exists():
+            return {}
+        recorded = read_record(self.registry)
+        return infos(recorded if recorded is not None else self._record_views(), self.project)
+
+    def _record_views(self) -> list[AppliedView]:
+        from features.applied import of_feast, registry_digest, write_record
+
+        digest = registry_digest(self.registry)
+        views = of_feast(self.views())
+        write_record(self.registry, digest, views)
+        return views
 
     def catalogue(self) -> list[ItemId]:
         from feast import FeatureView
@@ -139,7 +160,7 @@ class Environment:
 
     def feature_views(self) -> dict[str, set[str]] | None:
         """Views of the applied repository and their fields (None: not applied)."""
-        if not (self.home.feast_dir / "registry.db").exists():
+        if not self.registry.exists():
             return None
         views = self.feast.list_feature_views()
         return {view.name: {f.name for f in view.features} for view in views} or None

@@ -6,7 +6,8 @@ checks a version's inputs against them) should not pay for it. When the registry
 is applied, and whenever Feast has been read anyway, each view's name, entities
 and fields are written to `<home>/feast/views.json` with the registry file's
 sha256; a reader trusts the record only while the digest still matches (Feast's
-own `feast apply`, or a copy from the artifact store, changes it).
+own `feast apply` changes it). With an artifact store (RANKGATE_STORE), Feast reads
+the store's registry, not the home's, and no record is kept.
 """
 
 from __future__ import annotations

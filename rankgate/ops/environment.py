@@ -102,11 +102,14 @@ class Environment:
     def view_infos(self) -> dict[str, ViewInfo]:
         """The applied registry's views and fields (none before `features apply`): from
         the record beside the registry while it is this registry's, so that checking
-        a version's inputs (`model promote`) does not import Feast; else from Feast."""
-        from features.applied import infos, read_record
+        a version's inputs (`model promote`) does not import Feast; else from Feast.
+        With an artifact store, Feast reads the store's registry: always asked then."""
+        from features.applied import infos, of_feast, read_record
 
         if not self.registry.exists():
             return {}
+        if self.settings.store is not None:
+            return infos(of_feast(self.views()), self.project)
         recorded = read_record(self.registry)
         return infos(recorded if recorded is not None else self._record_views(), self.project)
 
@@ -115,7 +118,8 @@ class Environment:
 
         digest = registry_digest(self.registry)
         views = of_feast(self.views())
-        write_record(self.registry, digest, views)
+        if self.settings.store is None:
+            write_record(self.registry, digest, views)
         return views
 
     def catalogue(self) -> list[ItemId]:

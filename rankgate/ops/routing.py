@@ -198,7 +198,7 @@ def history(count: int) -> list[str]:
     lines = []
     for entry in entries:
         when = _when(entry["at"])
-        if entry["event"] == "rollback":
+        if entry["event"] == "rollback" and "rule" in entry:  # a replica's, not `model rollback`
             lines.append(
                 f"{when}  automatic rollback of {entry['version']}: rule {entry['rule']}: "
                 f"{entry['detail']}"

@@ -177,6 +177,7 @@ class Environment:
         if self.feature_views() is None:
             raise RankgateError("feature repository not applied: run `rankgate features apply`")
         names = materialize(self.feast, skip=set(self.project.streaming))
+        self._record_views()  # Feast wrote the materialized intervals into the registry
         self.redis.set(self.marker_key("materialized"), self.digest(self.sources()))
         return names
 

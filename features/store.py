@@ -24,6 +24,7 @@ from feast.infra.offline_stores.offline_store import OfflineStore
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.repo_config import FeastConfigBaseModel
 
+from features import applied
 from features.spec import ViewInfo
 from rankgate.core.errors import ConfigError, FeatureRepoError
 from rankgate.core.home import Home
@@ -362,17 +363,7 @@ def materialize(
 
 def view_infos(views: list[FeatureView], project: Project) -> dict[str, ViewInfo]:
     """Each view's entity (user, item or other) and fields, as the builder needs them."""
-    infos = {}
-    for view in views:
-        entity: Literal["user", "item", "other"] = (
-            "user"
-            if project.spec.user.entity in view.entities
-            else "item"
-            if project.spec.item.entity in view.entities
-            else "other"
-        )
-        infos[view.name] = ViewInfo(view.name, entity, tuple(f.name for f in view.features))
-    return infos
+    return applied.infos(applied.of_feast(views), project)
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:

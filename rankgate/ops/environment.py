@@ -25,6 +25,7 @@ from rankgate.governance.consent import ConsentStore
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
+    from features.applied import AppliedView
     from features.spec import ViewInfo
     from model_store.store import ModelStore
 
@@ -84,18 +85,42 @@ class Environment:
     def apply_features(self, objects: list[Any] | None = None) -> list[str]:
         from features.store import apply
 
-        return apply(self.feast, self.project, self.home, objects)
+        names = apply(self.feast, self.project, self.home, objects)
+        self._record_views()
+        return names
 
     def views(self) -> list[FeatureView]:
         """The feature views of the applied registry (none before `features apply`)."""
-        if not (self.home.feast_dir / "registry.db").exists():
+        if not self.registry.exists():
             return []
         return list(self.feast.list_feature_views())
 
-    def view_infos(self) -> dict[str, ViewInfo]:
-        from features.store import view_infos
+    @property
+    def registry(self) -> Path:
+        return self.home.feast_dir / "registry.db"
 
-        return view_infos(self.views(), self.project)
+    def view_infos(self) -> dict[str, ViewInfo]:
+        """The applied registry's views and fields (none before `features apply`): from
+        the record beside the registry while it is this registry's, so that checking
+        a version's inputs (`model promote`) does not import Feast; else from Feast.
+        With an artifact store, Feast reads the store's registry: always asked then."""
+        from features.applied import infos, of_feast, read_record
+
+        if not self.registry.exists():
+            return {}
+        if self.settings.store is not None:
+            return infos(of_feast(self.views()), self.project)
+        recorded = read_record(self.registry)
+        return infos(recorded if recorded is not None else self._record_views(), self.project)
+
+    def _record_views(self) -> list[AppliedView]:
+        from features.applied import of_feast, registry_digest, write_record
+
+        digest = registry_digest(self.registry)
+        views = of_feast(self.views())
+        if self.settings.store is None:
+            write_record(self.registry, digest, views)
+        return views
 
     def catalogue(self) -> list[ItemId]:
         from feast import FeatureView
@@ -139,7 +164,7 @@ class Environment:
 
     def feature_views(self) -> dict[str, set[str]] | None:
         """Views of the applied repository and their fields (None: not applied)."""
-        if not (self.home.feast_dir / "registry.db").exists():
+        if not self.registry.exists():
             return None
         views = self.feast.list_feature_views()
         return {view.name: {f.name for f in view.features} for view in views} or None
@@ -152,6 +177,7 @@ class Environment:
         if self.feature_views() is None:
             raise RankgateError("feature repository not applied: run `rankgate features apply`")
         names = materialize(self.feast, skip=set(self.project.streaming))
+        self._record_views()  # Feast wrote the materialized intervals into the registry
         self.redis.set(self.marker_key("materialized"), self.digest(self.sources()))
         return names
 

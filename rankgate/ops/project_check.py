@@ -367,6 +367,15 @@ def check_models(
                 f"{line}, but no purpose of policy.yaml permits all of its views "
                 f"({', '.join(sorted({s.view for s in specs if s.view}))}): it would never serve"
             )
+        mixed = groups_mixing_the_person_in(specs)
+        if mixed:
+            found.note(
+                f"model {model.version}: reason group {', '.join(mixed)} holds inputs about "
+                "the person (a user view) and inputs that are not (an item attribute, the "
+                "request context): one text of reasons.yaml cannot be true of both; give "
+                "them groups of their own in "
+                f"{shown(project, path)}"
+            )
         unlogged = [
             s.field for s in specs if s.source == "context" and s.field not in (logged or ())
         ]
@@ -375,6 +384,16 @@ def check_models(
                 f"model {model.version}: the interaction log has no column for context "
                 f"{', '.join(unlogged)}: training sees it as missing"
             )
+
+
+def groups_mixing_the_person_in(specs: list[FeatureSpec]) -> list[str]:
+    """Reason groups with inputs about the person (their profile, their clicks) and
+    inputs that are not: a text about the person's taste would be shown for an item
+    attribute, or one about the item for the person's data."""
+    about_person: dict[str, set[bool]] = {}
+    for spec in specs:
+        about_person.setdefault(spec.group, set()).add(spec.source == "user")
+    return sorted(group for group, kinds in about_person.items() if len(kinds) == 2)
 
 
 def usable_for(specs: list[FeatureSpec], policies: PolicySet | None) -> list[str] | None:

@@ -88,12 +88,15 @@ def chosen_role(canary: float | None, stable: bool, shadow: bool, alternate: boo
 def promote(
     version: str, role: Role, canary: float | None, force: bool, config_path: Path | None, say: Say
 ) -> None:
-    """Give VERSION `role` in the routing and apply it; refused when it does not
-    validate, drifted (with drift.block_promotion), lacks the evidence the config asks
+    """Give VERSION `role` in the routing and apply it; refused when its files or
+    inputs do not validate, drifted (with drift.block_promotion), lacks the evidence the config asks
     for, or leaves users of a purpose without a permitted model, unless `force`."""
     context = RoutingContext.open(config_path)
     env, path = context.env, context.path
-    report = env.models.validate(version, env.view_infos())
+    # Parity is not rechecked: the hashes show these are the files registration
+    # checked, and loading the models would cost more than the rest of the command.
+    # `rankgate model validate` rechecks it (after upgrading onnxruntime, say).
+    report = env.models.validate(version, env.view_infos(), parity=False)
     if not report.ok:
         raise RankgateError(
             f"refused: model version {version!r} does not validate: " + "; ".join(report.failures())
@@ -139,7 +142,7 @@ def _evidence(
         source,
         requirement.estimator,
         requirement.confidence,
-        requirement.min_effective_sample_size,
+        min_effective_sample_size=requirement.min_effective_sample_size,
         project_log=requirement.source == "logs",
     )
 
@@ -195,7 +198,7 @@ def history(count: int) -> list[str]:
     lines = []
     for entry in entries:
         when = _when(entry["at"])
-        if entry["event"] == "rollback":
+        if entry["event"] == "rollback" and "rule" in entry:  # a replica's, not `model rollback`
             lines.append(
                 f"{when}  automatic rollback of {entry['version']}: rule {entry['rule']}: "
                 f"{entry['detail']}"
@@ -304,7 +307,7 @@ def _shadow_evidence(env: Environment, shadow: str, routing: Any, since: str) ->
         decisions, source = logged_decisions(env, [shadow, stable], "audit", since)
         if not decisions:
             return [f"off-policy: no decisions with outcomes in the {source}"]
-        found = gather(env, shadow, stable, decisions, source, "snips", 0.95, 500)
+        found = gather(env, shadow, stable, decisions, source, "snips", 0.95)
     except RankgateError as exc:
         return [f"off-policy: not evaluated: {exc.message}"]
     return found.lines()

@@ -178,6 +178,7 @@ def gather(
     source: str,
     estimator: Estimator,
     confidence: float,
+    *,
     min_effective_sample_size: float = 10.0,
     seed: int = 0,
     project_log: bool = False,

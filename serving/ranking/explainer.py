@@ -33,6 +33,12 @@ class ReasonTemplates(BaseModel):
     max_reasons_per_item: int = Field(3, ge=1, le=10)
     templates: dict[str, str] = Field(min_length=1)
 
+    def text(self, group: str, feature: str) -> str:
+        """The reason shown for the input `feature` of `group`."""
+        return self.templates.get(group, "{feature} raised this item's score").format(
+            feature=feature
+        )
+
 
 def load_reason_templates(path: Path | None = None) -> ReasonTemplates:
     return load_yaml_model(path or policy_dir() / "reasons.yaml", ReasonTemplates)
@@ -69,10 +75,9 @@ class Explainer:
         return explained
 
     def _reason(self, spec: FeatureSpec, contribution: float) -> Reason:
-        template = self.templates.templates.get(spec.group, "{feature} raised this item's score")
         return Reason(
             feature=spec.name,
             group=spec.group,
             contribution=round(contribution, 6),
-            text=template.format(feature=spec.name),
+            text=self.templates.text(spec.group, spec.name),
         )

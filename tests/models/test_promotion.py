@@ -250,6 +250,11 @@ def test_the_commands_keep_email_served_and_rollback_restores_the_alternate(
     assert code == 1 and "v2 is the stable version" in output, output
     assert config.read_text() == SERVE_CONFIG.read_text()
 
+    # The audit of changes tells the command's rollback from a replica's automatic one.
+    result = runner.invoke(main, ["model", "history", "--count", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].endswith("rollback v1 -> alternate"), result.output
+
 
 def test_a_broken_routing_file_is_named(tmp_path: Path) -> None:
     config = tmp_path / "serve_config.yaml"

@@ -15,10 +15,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from rankgate.core.home import Home
 from rankgate.core.redis_server import resolve_redis_url
 from tests import REPO
+from tests.serving_support import SERVE_CONFIG
 
 HEAVY_MODULES = (
     "ray",
@@ -101,7 +103,9 @@ with open(report_path, "w") as handle:
 """
 
 
-def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Path) -> None:
+def run_commands(commands: list[list[str]], tmp_path: Path) -> tuple[list[dict[str, Any]], str]:
+    """Run `commands` one after another in a fresh interpreter: what each loaded, and
+    the child's stderr."""
     resolve_redis_url()  # the session's embedded Redis, started here rather than in the child
     report_path = tmp_path / "report.json"
     env = {
@@ -109,14 +113,8 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            json.dumps(HEAVY_MODULES),
-            json.dumps(LIGHT_COMMANDS),
-            str(report_path),
-        ],
+        [sys.executable, "-c", CHILD, json.dumps(HEAVY_MODULES), json.dumps(commands)]
+        + [str(report_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -125,7 +123,7 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(report_path.read_text())
+    report: list[dict[str, Any]] = json.loads(report_path.read_text())
     # A command that failed early would not have reached the imports it needs.
     failed = {
         step["command"]: step["exit"]
@@ -133,8 +131,68 @@ def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Pa
         if step["exit"] != 0 and step["command"] not in MAY_FIND_NOTHING
     }
     assert not failed, f"{failed}\n{completed.stderr[-3000:]}"
-    first_loaded_by: dict[str, str] = {}
+    return report, completed.stderr
+
+
+def first_loaded_by(report: list[dict[str, Any]]) -> dict[str, str]:
+    first: dict[str, str] = {}
     for step in report:
         for module in step["heavy"]:
-            first_loaded_by.setdefault(module, step["command"])
-    assert not first_loaded_by, f"heavy modules loaded by light commands: {first_loaded_by}"
+            first.setdefault(module, step["command"])
+    return first
+
+
+def test_light_commands_import_no_heavy_library(session_home: Home, tmp_path: Path) -> None:
+    report, stderr = run_commands(LIGHT_COMMANDS, tmp_path)
+    loaded = first_loaded_by(report)
+    assert not loaded, f"heavy modules loaded by light commands: {loaded}"
+    assert "Deprecat" not in stderr and "FutureWarning" not in stderr, stderr[-3000:]
+
+
+def test_promote_and_rollback_load_neither_feast_nor_the_models(
+    ready_home: Home, tmp_path: Path
+) -> None:
+    """They check the version's files (hashes) and inputs (the applied registry's
+    views, recorded beside it), not its parity, which registration checked and
+    `model validate` rechecks."""
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(SERVE_CONFIG.read_text())
+    routing = ["--config", str(config)]
+    report, stderr = run_commands(
+        [
+            ["model", "promote", "v3", "--canary", "10", *routing],
+            ["model", "rollback", *routing],
+            ["model", "status", *routing],
+        ],
+        tmp_path,
+    )
+    loaded = first_loaded_by(report)
+    assert not loaded, f"heavy modules loaded by routing commands: {loaded}"
+    assert "Deprecat" not in stderr and "FutureWarning" not in stderr, stderr[-3000:]
+    assert config.read_text() == SERVE_CONFIG.read_text()  # rolled back, comments kept
+
+
+def test_the_recorded_views_are_the_registrys_and_a_changed_registry_is_read_again(
+    ready_home: Home,
+) -> None:
+    from features.applied import RECORD_FILE, read_record, write_record
+    from features.store import view_infos
+    from rankgate.ops.environment import Environment
+
+    env = Environment.open()
+    env.materialize()  # Feast writes the materialized intervals into the registry
+    recorded = read_record(env.registry)  # written when setup applied it, and since
+    from_feast = view_infos(env.views(), env.project)
+    assert recorded is not None and {v.name for v in recorded} == set(from_feast)
+    assert env.view_infos() == from_feast
+
+    record = env.registry.with_name(RECORD_FILE)
+    kept = record.read_text()
+    try:
+        # A record of another registry (say `feast apply` changed it since) is ignored.
+        write_record(env.registry, "0" * 64, recorded[:1])
+        assert read_record(env.registry) is None
+        assert env.view_infos() == from_feast
+        assert set(read_record(env.registry) or []) == set(recorded)  # and recorded again
+    finally:
+        record.write_text(kept)

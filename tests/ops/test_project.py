@@ -10,6 +10,7 @@ runs `rankgate setup` on a skeleton in a subprocess, with its own home.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import yaml
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from features.spec import load_features_file
 from rankgate.cli.main import main
 from rankgate.core.errors import ConfigError, FeatureRepoError, ModelStoreError
 from rankgate.core.home import Home
@@ -30,6 +32,7 @@ from rankgate.core.project import load_project
 from rankgate.ops.project_check import check_project
 from rankgate.ops.scaffold import write_skeleton
 from serving.ops.launch import SERVE_CONFIG
+from serving.ranking.explainer import load_reason_templates
 from tests import REPO
 
 EXAMPLE = REPO / "examples" / "open_bandit"
@@ -88,6 +91,7 @@ def test_check_passes_on_the_example(example: Path) -> None:
         "✓ model v3: models/v3.yaml resolves (10 inputs); purposes that may use it: "
         "onsite_personalization"
     ) in lines
+    assert not [line for line in lines if "reason group" in line], lines
     assert files_of(example) == before  # prepared into a temporary folder, not the project
 
 
@@ -98,6 +102,40 @@ def test_check_passes_on_a_fresh_skeleton_from_the_command_line(skeleton: Path) 
     assert "model v1: models/FEATURES.items_only.yaml resolves (3 inputs)" in result.output
     assert "model v2: models/FEATURES.yaml resolves (5 inputs)" in result.output
     assert "error" not in result.output
+    assert "reason group" not in result.output
+
+
+def test_the_skeletons_reasons_speak_of_the_person_only_for_data_about_them(
+    skeleton: Path,
+) -> None:
+    """The item-only model (v1, the one e-mail may use) knows nothing of the person: its
+    reasons must not tell them what they tend to choose."""
+    project = load_project(skeleton)
+    templates = load_reason_templates(project.policies / "reasons.yaml")
+    seen = {}
+    for model in project.spec.setup_models:
+        for item in load_features_file(project.path(model.features)).inputs:
+            view = item.feature.split(":")[0] if item.feature else None
+            about_person = view is not None and view != project.spec.item_view
+            text = templates.text(item.group or view or "context", item.name)
+            seen[text] = about_person
+            if not about_person:
+                words = set(re.findall(r"[a-z]+", text.lower()))
+                assert not words & {"you", "your", "yours"}, (model.version, item.name, text)
+    assert "Items with this price are often chosen" in seen
+    assert seen["People with a profile like yours often choose this"] is True
+
+
+def test_a_reason_group_mixing_the_person_with_item_attributes_is_named(skeleton: Path) -> None:
+    edit_yaml(
+        skeleton / "models" / "FEATURES.yaml",
+        lambda raw: raw["inputs"][0].update(group="item"),  # segment, of shopper_profile
+    )
+    lines = check_project(skeleton)
+    assert (
+        "! model v2: reason group item holds inputs about the person (a user view) and "
+        "inputs that are not"
+    ) in "\n".join(lines), lines
 
 
 def test_the_skeleton_is_named_after_its_folder_and_teaches(tmp_path: Path) -> None:

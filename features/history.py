@@ -25,7 +25,6 @@ training (`countable` says which types the log holds).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -193,9 +192,3 @@ def values_at_impressions(
     for row, name, value in zip(rows, names, values.tolist(), strict=True):
         out[row][name] = value
     return out
-
-
-def ttl_seconds(view: Any) -> float | None:
-    """A Feast view's TTL in seconds (None: none)."""
-    ttl = getattr(view, "ttl", None)
-    return ttl.total_seconds() if ttl else None

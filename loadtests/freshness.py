@@ -124,9 +124,9 @@ def run_freshness(
     people = [u for u, s in zip(ids, states, strict=True) if s == ConsentState.GRANTED]
     if len(people) < 2:
         raise RankgateError(f"need people with consent granted for {purpose} to measure")
-    from features.store import load_catalogue
+    from features.tables import load_catalogue
 
-    catalogue = load_catalogue(env.project, env.feast.list_feature_views(), env.data_dir)
+    catalogue = load_catalogue(env.project, env.views(), env.data_dir)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = env.home.root / "bench" / "freshness.log"

@@ -90,7 +90,7 @@ class ServedVersion:
 
     @classmethod
     def open(cls, env: Any, version: str) -> ServedVersion:
-        from features.store import load_catalogue
+        from features.tables import load_catalogue
         from model_store.logged import load_item_table
         from model_store.manifest import ONNX_FILE
         from model_store.onnx_scoring import OnnxScorer
@@ -99,7 +99,7 @@ class ServedVersion:
         store = ModelStore(env.home)
         manifest = store.manifest(version)
         scorer = OnnxScorer(store.path(version) / ONNX_FILE, manifest.onnx.output_name)
-        views = env.feast.list_feature_views()
+        views = env.views()
         catalogue = load_catalogue(env.project, views, env.data_dir)
         items = load_item_table(env.project, views).over(catalogue)
         return cls(store, manifest, scorer, catalogue, items)

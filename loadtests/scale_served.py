@@ -256,7 +256,7 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
     the streaming view as its stable version: its start time, replica memory, rank
     latency, event ingest and event-to-decision latency (loadtests/freshness.py's
     probe, with its background events)."""
-    from features.store import load_catalogue
+    from features.tables import load_catalogue
     from loadtests.freshness import Background, probe, server_config, streaming_version
     from rankgate.governance.api_keys import temporary_key
     from rankgate.governance.policy import load_policy
@@ -277,7 +277,7 @@ def served(env: Any, duration: float, folder: Path, say: Say) -> dict[str, Any]:
     people = granted_people(env, purpose, 400)
     if len(people) < 4:
         raise RankgateError(f"too few people of the sample may be personalized for {purpose}")
-    catalogue = load_catalogue(env.project, env.feast.list_feature_views(), env.data_dir)
+    catalogue = load_catalogue(env.project, env.views(), env.data_dir)
     base_config = project_serve_config(env.project)
     budget = ingress_deployment(base_config)["user_config"]["budget"]
     budgets = {"default": float(budget["default_ms"]), "max": float(budget["max_ms"])}

@@ -383,7 +383,7 @@ def read_vectors(path: Path, key: str, catalogue: Sequence[ItemId], parse: Calla
     """Item vectors from a table (Parquet or CSV): the item key column `key`, and either
     one column of lists or one numeric column per dimension; in `catalogue` order.
     ModelStoreError (the option and the problem) when an item has none."""
-    from features.store import read_table
+    from features.tables import read_table
 
     option = f"--item-embeddings: {path}"
     try:

@@ -49,7 +49,7 @@ from rankgate.core.project import ItemId, Project
 from rankgate.core.topk import top_k
 
 if TYPE_CHECKING:
-    from feast import FeatureView
+    from features.applied import AppliedView
 
 ROWS_PER_CALL = 20_000
 """Model rows scored per onnxruntime call."""
@@ -229,7 +229,7 @@ class LogDecisions:
 
 def decisions_from_logs(
     project: Project,
-    views: Sequence[FeatureView],
+    views: Sequence[AppliedView],
     data_dir: Path,
     specs: Sequence[FeatureSpec],
     catalogue: Sequence[ItemId],

@@ -27,7 +27,8 @@ from rankgate.core.project import Project, load_project
 
 if TYPE_CHECKING:
     import pandas as pd
-    from feast import FeatureView
+
+    from features.applied import AppliedView
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class MatrixBatches:
     whole log (Ray Data: `groupby(user column).map_groups`)."""
 
     def __init__(
-        self, project: Project | Path, views: Sequence[FeatureView], specs: Sequence[FeatureSpec]
+        self, project: Project | Path, views: Sequence[AppliedView], specs: Sequence[FeatureSpec]
     ) -> None:
         """`project`: the project, or its folder (what a worker of a cluster is sent)."""
         if isinstance(project, Path):

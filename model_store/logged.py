@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from feast import FeatureView
 
-from features.history import field_names, ttl_seconds, view_values
+from features.applied import AppliedView
+from features.history import field_names, view_values
 from features.offline import LogMatrix, UserRows, item_rows
 from features.spec import FeatureSpec
-from features.store import load_catalogue, read_table, source_path
+from features.tables import load_catalogue, read_table, source_path
 from features.vector import ItemTable
 from model_store.embeddings import ItemEmbeddings, Score, build_artifact, read_vectors
 from model_store.register import ReferenceRows
@@ -46,16 +46,16 @@ class TrainingSet:
         return digest.hexdigest()
 
 
-def latest_rows(view: FeatureView, project: Project, key: str) -> pd.DataFrame:
+def latest_rows(view: AppliedView, project: Project, key: str) -> pd.DataFrame:
     """The newest row per entity of a view's offline source, indexed by its join key."""
     frame = read_table(source_path(view, project))
-    stamp = view.batch_source.timestamp_field if view.batch_source else None
+    stamp = view.timestamp_field
     if stamp and stamp in frame.columns:
         frame = frame.sort_values(stamp, kind="stable")
     return frame.drop_duplicates(key, keep="last").set_index(key)
 
 
-def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable:
+def load_item_table(project: Project, views: Sequence[AppliedView]) -> ItemTable:
     """The item view's offline rows as an ItemTable (empty rows without an item view)."""
     name = project.spec.item_view
     view = next((v for v in views if v.name == name), None)
@@ -65,12 +65,11 @@ def load_item_table(project: Project, views: Sequence[FeatureView]) -> ItemTable
     return ItemTable({project.item_id(i): row for i, row in items.to_dict("index").items()})
 
 
-def user_rows(view: FeatureView, project: Project) -> UserRows:
+def user_rows(view: AppliedView, project: Project) -> UserRows:
     """A user view's offline rows, every row kept: a log joins them as of each impression."""
     key = project.spec.user.join_key
     frame = read_table(source_path(view, project))
-    stamp = view.batch_source.timestamp_field if view.batch_source else None
-    return UserRows.of(frame[frame[key].notna()], key, stamp)
+    return UserRows.of(frame[frame[key].notna()], key, view.timestamp_field)
 
 
 def item_ids_of(project: Project, values: pd.Series) -> np.ndarray:
@@ -81,8 +80,8 @@ def item_ids_of(project: Project, values: pd.Series) -> np.ndarray:
 
 
 def log_tables(
-    project: Project, views: Sequence[FeatureView], specs: Sequence[FeatureSpec]
-) -> tuple[dict[str, UserRows], ItemTable, dict[str, FeatureView]]:
+    project: Project, views: Sequence[AppliedView], specs: Sequence[FeatureSpec]
+) -> tuple[dict[str, UserRows], ItemTable, dict[str, AppliedView]]:
     """What a log's rows are joined with: the user views the specs read (every offline
     row), the item table, and the streaming views the specs read (by name)."""
     by_name = {v.name: v for v in views}
@@ -114,14 +113,14 @@ class LoggedRows:
     users: dict[str, UserRows]
     items: ItemTable
     contexts: list[str]
-    streaming: dict[str, FeatureView]
+    streaming: dict[str, AppliedView]
     """The streaming views the specs read, by name."""
 
     @classmethod
     def read(
         cls,
         project: Project,
-        views: Sequence[FeatureView],
+        views: Sequence[AppliedView],
         data_dir: Path,
         specs: Sequence[FeatureSpec],
         path: Path | None = None,
@@ -200,7 +199,7 @@ class LoggedRows:
                 counted = np.full(len(query_rows), of.get(spec.field), dtype=object)
         else:
             counted = None
-        ttl = ttl_seconds(self.streaming[view.view])
+        ttl = self.streaming[view.view].ttl_s
         return view_values(
             project, view, ttl, self.logs, self.item_ids, query_rows, counted
         ).astype(np.float32)
@@ -244,7 +243,7 @@ class LoggedRows:
 
 def training_set(
     project: Project,
-    views: Sequence[FeatureView],
+    views: Sequence[AppliedView],
     data_dir: Path,
     specs: Sequence[FeatureSpec],
 ) -> TrainingSet:
@@ -268,7 +267,7 @@ def item_embeddings(
     specs: Sequence[FeatureSpec],
     logged: LoggedRows,
     dataset: TrainingSet,
-    views: Sequence[FeatureView],
+    views: Sequence[AppliedView],
     data_dir: Path,
     vectors_file: Path | None = None,
 ) -> ItemEmbeddings:
@@ -296,7 +295,7 @@ class ProjectLog:
     """The project's interaction log as rows of a version's inputs, read at most once
     (a registered version's drift reference and retrieval artifact both need it)."""
 
-    def __init__(self, project: Project, views: Sequence[FeatureView], data_dir: Path) -> None:
+    def __init__(self, project: Project, views: Sequence[AppliedView], data_dir: Path) -> None:
         self.project, self.views, self.data_dir = project, list(views), data_dir
         self._read: tuple[LoggedRows, TrainingSet] | None = None
 

@@ -19,10 +19,10 @@ import lightgbm as lgb
 import numpy as np
 import onnx
 import yaml
-from feast import FeatureView
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
+from features.applied import AppliedView
 from features.spec import FeaturesFile, ViewInfo, resolve
 from model_store.lineage import from_nanoseconds
 from model_store.logged import LoggedRows, item_embeddings, logged_training_set
@@ -209,7 +209,7 @@ def trained_window(logged: LoggedRows, split: int) -> TrainingWindow | None:
 def train(
     store: ModelStore,
     project: Project,
-    views: Sequence[FeatureView],
+    views: Sequence[AppliedView],
     infos: Mapping[str, ViewInfo],
     data_dir: Path,
     version: str,

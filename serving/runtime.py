@@ -37,7 +37,9 @@ from feast import FeatureStore
 from pydantic import ValidationError
 from ray import serve
 
-from features.store import feature_store, serving_files
+from features.applied import of_feast
+from features.store import feature_store
+from features.tables import serving_files
 from features.vector import ItemTable
 from model_store.artifacts import ArtifactStore, StoreError
 from model_store.embeddings import ItemEmbeddings
@@ -145,7 +147,7 @@ class ReplicaRuntime:
         self.feast = feast
         """As replicas use it (serving Redis options, no offline store)."""
         self.files = files
-        """The tables the serving path reads, by role (features.store.serving_files)."""
+        """The tables the serving path reads, by role (features.tables.serving_files)."""
         self.store = store
         self.redis = connect_async(
             redis_url,
@@ -182,7 +184,7 @@ class ReplicaRuntime:
         files = (
             store.fetch_files(home)
             if store is not None
-            else serving_files(project, feast.list_feature_views(), home.data_dir)
+            else serving_files(project, of_feast(feast.list_feature_views()), home.data_dir)
         )
         return cls(settings, home, project, url, feast, files, store)
 

@@ -89,8 +89,9 @@ class Environment:
         self._record_views()
         return names
 
-    def views(self) -> list[FeatureView]:
-        """The feature views of the applied registry (none before `features apply`)."""
+    def feast_views(self) -> list[FeatureView]:
+        """The feature views of the applied registry, as Feast reads them (none before
+        `features apply`)."""
         if not self.registry.exists():
             return []
         return list(self.feast.list_feature_views())
@@ -99,37 +100,48 @@ class Environment:
     def registry(self) -> Path:
         return self.home.feast_dir / "registry.db"
 
-    def view_infos(self) -> dict[str, ViewInfo]:
-        """The applied registry's views and fields (none before `features apply`): from
-        the record beside the registry while it is this registry's, so that checking
-        a version's inputs (`model promote`) does not import Feast; else from Feast.
-        With an artifact store, Feast reads the store's registry: always asked then."""
-        from features.applied import infos, of_feast, read_record
+    def views(self) -> list[AppliedView]:
+        """The applied registry's views (none before `features apply`): from the record
+        beside the registry while it is this registry's, so that checking a version's
+        inputs (`model promote`) or reading the interaction log (`model register`) does
+        not import Feast; else from Feast. With an artifact store, Feast reads the
+        store's registry: always asked then."""
+        from features.applied import of_feast, read_record
 
         if not self.registry.exists():
-            return {}
+            return []
         if self.settings.store is not None:
-            return infos(of_feast(self.views()), self.project)
+            return of_feast(self.feast_views())
         recorded = read_record(self.registry)
-        return infos(recorded if recorded is not None else self._record_views(), self.project)
+        return recorded if recorded is not None else self._record_views()
+
+    def view_infos(self) -> dict[str, ViewInfo]:
+        """Each applied view's entity and fields, as the feature builder needs them."""
+        from features.applied import infos
+
+        return infos(self.views(), self.project)
 
     def _record_views(self) -> list[AppliedView]:
         from features.applied import of_feast, registry_digest, write_record
 
         digest = registry_digest(self.registry)
-        views = of_feast(self.views())
+        views = of_feast(self.feast_views())
         if self.settings.store is None:
             write_record(self.registry, digest, views)
         return views
 
     def catalogue(self) -> list[ItemId]:
-        from feast import FeatureView
+        from features.tables import load_catalogue
 
-        from features.store import load_catalogue, read_definitions
+        views = self.views()
+        if not views:  # not applied yet: the repository's own definitions
+            from feast import FeatureView
 
-        views = self.views() or [
-            v for v in read_definitions(self.project, self.data_dir) if isinstance(v, FeatureView)
-        ]
+            from features.applied import of_feast
+            from features.store import read_definitions
+
+            definitions = read_definitions(self.project, self.data_dir)
+            views = of_feast(v for v in definitions if isinstance(v, FeatureView))
         return load_catalogue(self.project, views, self.data_dir)
 
     def recorded_catalogue(self) -> list[ItemId]:
@@ -162,19 +174,12 @@ class Environment:
     def digest(sources: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
 
-    def feature_views(self) -> dict[str, set[str]] | None:
-        """Views of the applied repository and their fields (None: not applied)."""
-        if not self.registry.exists():
-            return None
-        views = self.feast.list_feature_views()
-        return {view.name: {f.name for f in view.features} for view in views} or None
-
     def materialize(self) -> list[str]:
         """Materialize every view but the streaming ones (their rows come only from the
         event stream); returns the views materialized."""
         from features.store import materialize
 
-        if self.feature_views() is None:
+        if not self.views():
             raise RankgateError("feature repository not applied: run `rankgate features apply`")
         names = materialize(self.feast, skip=set(self.project.streaming))
         self._record_views()  # Feast wrote the materialized intervals into the registry

@@ -191,14 +191,16 @@ def offline_tables(home: Home, project: Project) -> list[Path]:
     if (home.feast_dir / "registry.db").exists():
         from feast import FeatureStore
 
-        from features.store import repo_config, source_path
+        from features.applied import describe
+        from features.store import repo_config
+        from features.tables import source_path
 
         # Only the registry is read: no Redis connection is made.
         store = FeatureStore(config=repo_config(home, "redis://127.0.0.1:6379/0", project=project))
         for view in store.list_feature_views():
             if project.spec.user.entity in view.entities:
                 try:
-                    tables.add(source_path(view, project))
+                    tables.add(source_path(describe(view), project))
                 except RankgateError:
                     continue  # not a file source: nothing rankgate can rewrite
     return sorted(p for p in tables if p.suffix == ".parquet")

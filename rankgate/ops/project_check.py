@@ -179,10 +179,11 @@ def check_definitions(
 def check_catalogue(
     project: Project, views: list[FeatureView], data_dir: Path, found: Findings
 ) -> list[ItemId] | None:
-    from features.store import load_catalogue
+    from features.applied import of_feast
+    from features.tables import load_catalogue
 
     try:
-        catalogue = load_catalogue(project, views, data_dir)
+        catalogue = load_catalogue(project, of_feast(views), data_dir)
     except RankgateError as exc:
         found.problem(exc.message)
         return None

@@ -42,7 +42,7 @@ def replay_decision(request_id: str) -> audit_replay.Replay:
 
 def replay_events(since: str, say: Say) -> ReplayReport:
     """Rebuild the streaming features from the events since `since`."""
-    from features.store import load_catalogue
+    from features.tables import load_catalogue
     from rankgate.governance.policy import load_policy_set
     from serving.events.consumer import ConsumerConfig
     from serving.events.replay import replay_streaming, since_stream_id
@@ -50,7 +50,7 @@ def replay_events(since: str, say: Say) -> ReplayReport:
     since_stream_id(since)  # a bad --since is refused before anything is touched
     env = Environment.open()
     store = env.feast
-    catalogue = load_catalogue(env.project, store.list_feature_views(), env.data_dir)
+    catalogue = load_catalogue(env.project, env.views(), env.data_dir)
     policy = load_policy_set(env.project.policies, catalogue, env.project.item_type).policy
     assert env.redis_url is not None
     url = env.redis_url

@@ -102,7 +102,9 @@ def run_setup(say: Say, force: bool = False) -> bool:
         say(f"• project sources: {reason}")
         from feast import FeatureView
 
-        from features.store import checked_definitions, checked_streaming_fields, load_catalogue
+        from features.applied import of_feast
+        from features.store import checked_definitions, checked_streaming_fields
+        from features.tables import load_catalogue
 
         prepare = project.prepare_function()
         if prepare is not None:
@@ -111,7 +113,7 @@ def run_setup(say: Say, force: bool = False) -> bool:
         # Everything is checked before the registry, Redis or the models are touched.
         objects = checked_definitions(project, env.data_dir)
         views = [o for o in objects if isinstance(o, FeatureView)]
-        catalogue = load_catalogue(project, views, env.data_dir)
+        catalogue = load_catalogue(project, of_feast(views), env.data_dir)
         checked_streaming_fields(project, views, catalogue)
         policies = load_policy_set(project.policies, catalogue, project.item_type)
         say(f"✓ catalogue: {len(catalogue)} items; policies {policies.policy.version} check out")

@@ -35,8 +35,9 @@ from feast.data_source import PushMode
 from pydantic import Field, ValidationError
 from ray import serve
 
-from features.store import load_catalogue
+from features.applied import of_feast
 from features.streaming import CountState, StreamingCounts, row_time
+from features.tables import load_catalogue
 from rankgate.core import redis_keys
 from rankgate.core.config_files import Strict, validation_message
 from rankgate.core.errors import ConfigError
@@ -298,7 +299,9 @@ class EventConsumer:
             runtime.redis_url, socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S, socket_timeout=10.0
         )
         views = store.list_feature_views()
-        catalogue = load_catalogue(self.project, views, home.data_dir, runtime.files["catalogue"])
+        catalogue = load_catalogue(
+            self.project, of_feast(views), home.data_dir, runtime.files["catalogue"]
+        )
         policies = load_policy_set(self.project.policies, catalogue, self.project.item_type)
         self.metrics = ConsumerMetrics()
         self.updater = StreamingUpdater(

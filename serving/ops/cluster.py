@@ -16,12 +16,13 @@ a cluster's dashboard, or what a KubeRay RayService embeds as `serveConfigV2`.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from features.store import serving_files
+from features.applied import AppliedView
+from features.tables import serving_files
 from model_store.artifacts import ArtifactStore
 from model_store.store import DEFAULT_MODEL_NAME, ModelStore
 from rankgate.core.errors import ConfigError
@@ -51,7 +52,7 @@ def minimized_log(project: Project, path: Path, folder: Path) -> Path:
     """What the popularity fallback reads of the interaction log: its item and outcome
     columns only. No user key leaves the home, so the store and the nodes' caches
     hold nothing of a person that erasure would have to reach."""
-    from features.store import read_table
+    from features.tables import read_table
 
     log = project.spec.interactions
     assert log is not None
@@ -63,7 +64,7 @@ def minimized_log(project: Project, path: Path, folder: Path) -> Path:
 def publish(
     home: Home,
     project: Project,
-    views: list[Any],
+    views: Sequence[AppliedView],
     store: ArtifactStore,
     model_name: str = DEFAULT_MODEL_NAME,
     say: Say = lambda _line: None,

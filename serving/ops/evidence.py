@@ -139,7 +139,7 @@ def logged_decisions(
     """The logged decisions of `source` (logs or audit) with the inputs `versions`
     read, and a description of the source."""
     if source == "logs":
-        from features.store import load_catalogue
+        from features.tables import load_catalogue
         from model_store.evaluation import decisions_from_logs, union_specs
 
         views = env.views()

@@ -22,7 +22,7 @@ def popularity(
     rules: FallbackRules, project: Project, log_path: Path | None
 ) -> dict[ItemId, float]:
     """(outcomes + prior) / (impressions + prior) per item of the interaction log."""
-    from features.store import read_table
+    from features.tables import read_table
 
     log = project.spec.interactions
     if log is None or log_path is None:
@@ -38,7 +38,7 @@ def popularity(
 
 class RuleFallback:
     def __init__(self, rules: FallbackRules, project: Project, log_path: Path | None) -> None:
-        """`log_path`: the interaction log (features.store.serving_files), if the project has one."""
+        """`log_path`: the interaction log (features.tables.serving_files), if the project has one."""
         self.rules = rules
         self._sorted: dict[int, tuple[list[ItemId], list[tuple[ItemId, float]]]] = {}
         if rules.strategy == "static":

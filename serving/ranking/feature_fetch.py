@@ -28,9 +28,10 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from feast.type_map import feast_value_type_to_python_type
 
+from features import applied
 from features.spec import ViewInfo
-from features.store import load_catalogue, view_infos
 from features.streaming import decayed, through_of
+from features.tables import load_catalogue
 from features.vector import ItemTable
 from rankgate.core.project import ItemId, Project
 
@@ -128,15 +129,14 @@ class FeatureFetcher:
         self.project = project
         self.online = RedisOnlineStore()
         views = store.list_feature_views()
+        described = applied.of_feast(views)
         self.views = {view.name: view for view in views}
-        self.infos: dict[str, ViewInfo] = view_infos(views, project)
-        self.ttl_s = {
-            name: view.ttl.total_seconds() for name, view in self.views.items() if view.ttl
-        }
+        self.infos: dict[str, ViewInfo] = applied.infos(described, project)
+        self.ttl_s = {view.name: view.ttl_s for view in described if view.ttl_s}
         self.user_join_key = project.spec.user.join_key
         self.item_join_key = project.spec.item.join_key
         self.data_dir, self.catalogue_file = data_dir, catalogue_file
-        self.catalogue: list[ItemId] = load_catalogue(project, views, data_dir, catalogue_file)
+        self.catalogue: list[ItemId] = load_catalogue(project, described, data_dir, catalogue_file)
         self.streaming_defaults = {
             name: spec.default for name, spec in project.streaming.items() if name in self.views
         }
@@ -191,7 +191,7 @@ class FeatureFetcher:
     def read_catalogue(self) -> tuple[list[ItemId], ItemTable]:
         """The catalogue's source read again (items added or removed), and its item table."""
         catalogue = load_catalogue(
-            self.project, list(self.views.values()), self.data_dir, self.catalogue_file
+            self.project, applied.of_feast(self.views.values()), self.data_dir, self.catalogue_file
         )
         if catalogue == self.catalogue:
             catalogue = self.catalogue  # the same list: what is cached per catalogue stays

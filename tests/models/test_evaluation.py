@@ -76,7 +76,7 @@ def test_a_sample_of_slots_is_drawn_with_the_seed(ready_home) -> None:  # type: 
 
 def test_the_target_is_the_versions_own_top_k(env: Environment) -> None:
     """Slots where the version shows the logged item at its position weigh 80 (1 / 0.0125)."""
-    from features.store import load_catalogue
+    from features.tables import load_catalogue
     from model_store.evaluation import decisions_from_logs, slots_for
     from model_store.logged import load_item_table
     from model_store.manifest import ONNX_FILE

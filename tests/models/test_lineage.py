@@ -161,7 +161,7 @@ def test_a_bad_or_too_late_holdout_time_is_an_error_naming_the_option(
 
 
 def test_the_gates_evidence_carries_the_warning(env: Environment, declared: str) -> None:
-    from features.store import load_catalogue
+    from features.tables import load_catalogue
     from model_store.evaluation import decisions_from_logs, union_specs
     from serving.ops.evidence import gather
 

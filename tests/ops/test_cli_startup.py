@@ -172,19 +172,53 @@ def test_promote_and_rollback_load_neither_feast_nor_the_models(
     assert config.read_text() == SERVE_CONFIG.read_text()  # rolled back, comments kept
 
 
-def test_the_recorded_views_are_the_registrys_and_a_changed_registry_is_read_again(
+def test_register_reads_the_log_through_the_recorded_views_without_feast(
+    ready_home: Home, tmp_path: Path
+) -> None:
+    """Registering builds the drift reference and the item embeddings from the
+    interaction log: the views' offline files are named by the record, not by Feast."""
+    import shutil
+
+    from rankgate.ops.environment import Environment
+
+    env = Environment.open(redis=False)
+    env.views()  # the record is current (setup wrote it; this rewrites a stale one)
+    source = env.models.path("v2")
+    features = env.project.path("models/v2.yaml")
+    try:
+        report, stderr = run_commands(
+            [
+                ["model", "register", "startup-check", "--onnx", str(source / "model.onnx")]
+                + ["--booster", str(source / "booster.txt"), "--features", str(features)]
+            ],
+            tmp_path,
+        )
+        registered = env.models.manifest("startup-check")
+    finally:
+        shutil.rmtree(env.models.path("startup-check"), ignore_errors=True)
+    loaded = first_loaded_by(report)
+    assert "feast" not in loaded and "ray" not in loaded, loaded
+    assert "Deprecat" not in stderr and "FutureWarning" not in stderr, stderr[-3000:]
+    assert {"drift_reference.json", "retrieval.npz"} <= set(registered.artifacts)
+
+
+def test_the_recorded_views_are_feasts_and_a_changed_registry_is_read_again(
     ready_home: Home,
 ) -> None:
-    from features.applied import RECORD_FILE, read_record, write_record
-    from features.store import view_infos
+    from features.applied import RECORD_FILE, infos, of_feast, read_record, write_record
     from rankgate.ops.environment import Environment
 
     env = Environment.open()
     env.materialize()  # Feast writes the materialized intervals into the registry
     recorded = read_record(env.registry)  # written when setup applied it, and since
-    from_feast = view_infos(env.views(), env.project)
-    assert recorded is not None and {v.name for v in recorded} == set(from_feast)
-    assert env.view_infos() == from_feast
+    from_feast = of_feast(env.feast_views())
+    assert recorded is not None
+    # Everything the log readers take of a view (its file, time column, TTL) is Feast's.
+    assert {v.name: v for v in recorded} == {v.name: v for v in from_feast}
+    assert all(v.source_path is not None for v in recorded)
+    assert {v.name: v.ttl_s for v in recorded}["recent_clicks"] == 2 * 86400
+    assert env.views() == recorded
+    assert env.view_infos() == infos(from_feast, env.project)
 
     record = env.registry.with_name(RECORD_FILE)
     kept = record.read_text()
@@ -192,7 +226,14 @@ def test_the_recorded_views_are_the_registrys_and_a_changed_registry_is_read_aga
         # A record of another registry (say `feast apply` changed it since) is ignored.
         write_record(env.registry, "0" * 64, recorded[:1])
         assert read_record(env.registry) is None
-        assert env.view_infos() == from_feast
-        assert set(read_record(env.registry) or []) == set(recorded)  # and recorded again
+        assert {v.name: v for v in env.views()} == {v.name: v for v in from_feast}
+        assert read_record(env.registry) == env.views()  # and recorded again
+        # So is one an older rankgate wrote (no file sources in it).
+        older = json.loads(kept)
+        for view in older["views"]:
+            del view["source_path"]
+        record.write_text(json.dumps(older))
+        assert read_record(env.registry) is None
+        assert {v.name: v for v in env.views()} == {v.name: v for v in from_feast}
     finally:
         record.write_text(kept)

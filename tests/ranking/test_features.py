@@ -249,7 +249,7 @@ def row_user(logged: Any, row: int, specs: Any) -> dict[str, Any]:
     """What serving would have read of the person of log row `row`: their offline rows
     (one per person in the example) and each streaming input at the row's time, by
     the per-row reference (`values_at_impressions`)."""
-    from features.history import ttl_seconds, values_at_impressions
+    from features.history import values_at_impressions
     from model_store.logged import latest_rows
 
     key = logged.logs[logged.user_column].iloc[row]
@@ -267,7 +267,7 @@ def row_user(logged: Any, row: int, specs: Any) -> dict[str, Any]:
             values = values_at_impressions(
                 logged.project,
                 view,
-                ttl_seconds(logged.streaming[spec.view]),
+                logged.streaming[spec.view].ttl_s,
                 logged.logs,
                 list(logged.item_ids),
                 wanted,

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from features.store import load_catalogue, serving_files
+from features.tables import load_catalogue, serving_files
 from rankgate.governance.consent import ConsentState
 from rankgate.ops.environment import Environment
 from tests.conftest import Server

@@ -172,12 +172,15 @@ class ModelStore:
     def validate(
         self, version: str, views: Mapping[str, ViewInfo] | None, parity: bool = True
     ) -> ValidationReport:
-        """Hashes, ONNX/native parity on the stored inputs, and features known to the repo.
+        """Hashes, the ONNX file's inputs against the manifest's, ONNX/native parity on
+        the stored inputs, and features known to the repo.
 
         `views` are the views of the project's applied Feast registry (None or empty:
-        the repository has not been applied). Without `parity`, the models are not
-        loaded: the hashes show the files are those whose parity registration
-        checked, and the check costs onnxruntime and the tree library's import.
+        the repository has not been applied). Without `parity`, nothing is scored and
+        the tree model is not loaded (the hashes show the files are those whose parity
+        registration checked); the ONNX file is still opened (onnxruntime, about 0.15 s)
+        to check it takes as many inputs as the manifest lists, which a hand-edited
+        manifest can break with every hash intact.
         """
         report = self.check_hashes(version)
         if not report.ok:
@@ -186,8 +189,28 @@ class ModelStore:
         folder = self.path(version)
         if parity:
             self._check_parity(manifest, folder, report)
+        else:
+            self._check_width(manifest, folder, report)
         self._check_features(manifest, views, report)
         return report
+
+    @staticmethod
+    def _check_width(manifest: Manifest, folder: Path, report: ValidationReport) -> None:
+        from model_store.onnx_scoring import OnnxScorer
+
+        try:
+            width = OnnxScorer(folder / ONNX_FILE, manifest.onnx.output_name).n_features
+        except Exception as exc:  # noqa: BLE001 - any load failure is a failed check
+            report.add("onnx inputs", False, f"could not load model.onnx: {exc}")
+            return
+        listed = len(manifest.features)
+        report.add(
+            "onnx inputs",
+            width in (None, listed),
+            f"model.onnx takes {width} features, the manifest lists {listed}"
+            if width not in (None, listed)
+            else f"model.onnx takes the {listed} features the manifest lists",
+        )
 
     @staticmethod
     def _check_parity(manifest: Manifest, folder: Path, report: ValidationReport) -> None:

@@ -238,12 +238,27 @@ class _Test:
             return lo, hi
         point = min(max(point, lo), hi)
         if self.rejects(point, threshold):
-            accepted = [m for m in np.linspace(lo, hi, 65) if not self.rejects(m, threshold)]
-            if not accepted:
+            # Rejected at some earlier decision (the wealth is watched all along): start
+            # from the value nearest the estimate that is not, looking outward.
+            near = [
+                m
+                for m in sorted(self._around(point, lo, hi), key=lambda m: abs(m - point))
+                if not self.rejects(m, threshold)
+            ][:1]
+            if not near:
                 return lo, hi
-            point = accepted[len(accepted) // 2]
+            point = near[0]
         low, high = self._end(point, lo, threshold), self._end(point, hi, threshold)
         return max(lo, low), min(hi, high)
+
+    @staticmethod
+    def _around(point: float, lo: float, hi: float) -> list[float]:
+        """Candidates around `point`: distances from 10^-6 to 1 of the range on a log
+        scale on both sides, and an even grid over [lo, hi]."""
+        span = hi - lo
+        steps = span * np.logspace(-6, 0, 49)
+        found = np.concatenate([point - steps, point + steps, np.linspace(lo, hi, 65)])
+        return [float(m) for m in found if lo <= m <= hi]
 
     def _end(self, inside: float, limit: float, threshold: float) -> float:
         """The boundary between `inside` (not rejected) and `limit`: bisection on the log

@@ -1,8 +1,8 @@
 """CPU per decision: what every process of a system's stack spends per answered request.
 
-At a fixed arrival rate (open loop, the same rate for both systems: by default half
-the floor's peak, so the floor is far from saturated and rankgate is asked for the
-same work), each system is driven in turn, round after round. The driver
+At a fixed arrival rate (open loop, the same rate for both systems: half the floor's
+peak, so the floor is far from saturated and rankgate is asked for the same work;
+half rankgate's own peak while that is lower, so that neither is overloaded), each system is driven in turn, round after round. The driver
 (loadtests.drive `--cpu-pids`) reads the CPU time (user + system, from
 /proc/PID/stat) of every process of the system's stack right before its measured
 requests and right after the last answer; the sum, divided by the requests

@@ -276,9 +276,19 @@ def redis_pid(env: Environment) -> int | None:
 
 
 def cpu_rate(results: dict[str, list[dict[str, Any]]]) -> tuple[float, str]:
-    """The CPU part's arrival rate: a share of the floor's peak, and where it came from."""
+    """The CPU part's arrival rate: a share of the floor's peak, and where it came from.
+    When rankgate's own peak is lower, a share of that instead: past its peak rankgate
+    answers with fallbacks and errors, and the CPU of an overloaded server per answer
+    is no decision's cost."""
     share = f"{cpu.RATE_SHARE * 100:g} %"
-    found = peak(results[FLOOR])
+    found, ours = peak(results[FLOOR]), peak(results[OURS])
+    if found["rps"] and ours["rps"] and ours["rps"] < found["rps"]:
+        source = (
+            f"{share} of rankgate's peak, {ours['rps']:g} req/s at c={ours['concurrency']} "
+            f"(below the floor's, {found['rps']:g} req/s: at {share} of the floor's "
+            "rankgate would be overloaded)"
+        )
+        return max(1.0, ours["rps"] * cpu.RATE_SHARE), source
     if found["rps"]:
         source = f"{share} of the floor's peak, {found['rps']:g} req/s at c={found['concurrency']}"
         return max(1.0, found["rps"] * cpu.RATE_SHARE), source

@@ -376,3 +376,22 @@ def test_a_floor_without_a_peak_leaves_the_ratio_undecided() -> None:
     line = target_line(bench_report.render_markdown(report), "peak throughput")
     assert "floor none (no level had p99 ≤ 50 ms" in line
     assert line.endswith("**not measured**")
+
+
+def test_the_cpu_rate_is_half_the_lower_peak_so_neither_system_is_overloaded() -> None:
+    from loadtests.bench.figures import FLOOR, OURS
+    from loadtests.bench.run import cpu_rate
+
+    def rows(*levels: tuple[int, float, float]) -> list[dict[str, Any]]:
+        return [
+            {"concurrency": c, "throughput_rps": rps, "p99_ms": p99, "errors": 0}
+            for c, rps, p99 in levels
+        ]
+
+    floor = rows((1, 900.0, 3.0), (4, 1200.0, 6.0))
+    slow = {OURS: rows((1, 450.0, 8.0), (8, 576.0, 40.0)), FLOOR: floor}
+    rate, source = cpu_rate(slow)
+    assert rate == 288.0 and "rankgate's peak" in source
+    fast = {OURS: rows((1, 700.0, 2.0), (8, 1500.0, 30.0)), FLOOR: floor}
+    rate, source = cpu_rate(fast)
+    assert rate == 600.0 and "the floor's peak" in source

@@ -168,8 +168,8 @@ def comparison_markdown(found: dict[str, Any] | None) -> list[str]:
 
 
 def commit_of(checkout: Path | None) -> str:
-    """The checkout's commit (with `-dirty` when it has uncommitted changes), or
-    "unknown" outside a git checkout."""
+    """The checkout's commit (with `-dirty` when its code has uncommitted changes:
+    the benchmark's own outputs do not count), or "unknown" outside a git checkout."""
     if checkout is None:
         return "unknown"
     try:
@@ -181,7 +181,9 @@ def commit_of(checkout: Path | None) -> str:
             check=True,
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+            # The run's own outputs (results, the README's table) are not the code.
+            ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"]
+            + ["--", ".", ":!loadtests/results", ":!README.md"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -130,6 +130,8 @@ class FeatureFetcher:
         self.online = RedisOnlineStore()
         views = store.list_feature_views()
         described = applied.of_feast(views)
+        self.described = described
+        """The views as plain descriptions (names, fields, TTLs, source files)."""
         self.views = {view.name: view for view in views}
         self.infos: dict[str, ViewInfo] = applied.infos(described, project)
         self.ttl_s = {view.name: view.ttl_s for view in described if view.ttl_s}
@@ -190,9 +192,7 @@ class FeatureFetcher:
 
     def read_catalogue(self) -> tuple[list[ItemId], ItemTable]:
         """The catalogue's source read again (items added or removed), and its item table."""
-        catalogue = load_catalogue(
-            self.project, applied.of_feast(self.views.values()), self.data_dir, self.catalogue_file
-        )
+        catalogue = load_catalogue(self.project, self.described, self.data_dir, self.catalogue_file)
         if catalogue == self.catalogue:
             catalogue = self.catalogue  # the same list: what is cached per catalogue stays
         return catalogue, self.read_items(catalogue)

@@ -1,5 +1,5 @@
 """What every part of `rankgate bench` shares: the names of the two systems whose
-ratio is judged, and the median with spread of per-round figures."""
+ratio is judged, the median with spread of per-round figures, and a system's peak."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 OURS = "rankgate"
 FLOOR = "plain_fastapi"
+PEAK_P99_MS = 50.0
+"""A level counts towards a system's peak throughput when its p99 is within this."""
 
 
 def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
@@ -20,3 +22,12 @@ def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
         "max": round(max(values), digits),
         "per_round": [round(v, digits) for v in values],
     }
+
+
+def peak(rows: list[dict[str, Any]], p99_max: float = PEAK_P99_MS) -> dict[str, Any]:
+    """The best req/s among levels whose p99 ≤ p99_max without errors, and its level."""
+    within = [r for r in rows if r["p99_ms"] <= p99_max and r["errors"] == 0]
+    if not within:
+        return {"rps": 0.0, "concurrency": None}
+    best = max(within, key=lambda r: r["throughput_rps"])
+    return {"rps": best["throughput_rps"], "concurrency": best["concurrency"]}

@@ -10,16 +10,16 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from loadtests.bench.against import against_markdown
 from loadtests.bench.compare import comparison_markdown
 from loadtests.bench.cpu import cpu_markdown, cpu_target
-from loadtests.bench.figures import FLOOR, OURS, spread
+from loadtests.bench.figures import FLOOR, OURS, PEAK_P99_MS, peak, spread
 
 # The targets (issues 15 and 27), all judged on one run: medians of interleaved rounds
 # (CPU per decision: loadtests/bench/cpu.py).
 P50_C1_MAX_MS = 2.0
 P50_C1_MAX_RATIO = 1.5
 P99_C1_MAX_MS = 5.0
-PEAK_P99_MS = 50.0
 PEAK_MIN_RATIO = 1.0
 BUDGET_LEVEL_MAX = 16
 RANKER_MIN_RATIO = 0.7
@@ -64,15 +64,6 @@ def ratios(ours: list[dict[str, Any]], floor: list[dict[str, Any]]) -> dict[str,
         ),
         "p50": spread([a["p50_ms"] / b["p50_ms"] for a, b in pairs if b["p50_ms"]]),
     }
-
-
-def peak(rows: list[dict[str, Any]], p99_max: float = PEAK_P99_MS) -> dict[str, Any]:
-    """The best req/s among levels whose p99 ≤ p99_max without errors, and its level."""
-    within = [r for r in rows if r["p99_ms"] <= p99_max and r["errors"] == 0]
-    if not within:
-        return {"rps": 0.0, "concurrency": None}
-    best = max(within, key=lambda r: r["throughput_rps"])
-    return {"rps": best["throughput_rps"], "concurrency": best["concurrency"]}
 
 
 def peaks(runs: dict[str, dict[str, list[dict[str, Any]]]], rows: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +320,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "## Targets", "", *target_lines(report["targets"])]
     lines += comparison_markdown(report.get("comparison"))
+    lines += against_markdown(report.get("against"))
     lines += cpu_markdown(report.get("cpu"))
     lines += _extra_systems(report)
     lines += _all_runs(report)

@@ -268,9 +268,10 @@ def serve_run_command(config: Path) -> list[str]:
 
 
 def start_server(
-    command: list[str], env: dict[str, str], log_path: Path
+    command: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a server process in its own session, logging to `log_path`.
+    """Start a server process in its own session, logging to `log_path`, in `cwd`
+    (default: the source checkout; installed, the caller's folder, as `rankgate serve`).
 
     SIGINT is restored to its default first: a process started from a
     background job inherits "ignore SIGINT", and `serve run` shuts its Ray
@@ -285,7 +286,7 @@ def start_server(
             return subprocess.Popen(
                 command,
                 env=env,
-                cwd=SOURCE_CHECKOUT,  # installed: the caller's folder, as `rankgate serve`
+                cwd=cwd or SOURCE_CHECKOUT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -6,7 +6,9 @@ started once, each on a free loopback port, and stay up together. Then, round
 by round, every concurrency is driven on rankgate then the floor (A B A B...),
 so a drift of the machine hits both; ratios are taken within each round. The
 naive Ray Serve graph and rankgate with its audit log off join on request
-(`--with naive,no-audit`).
+(`--with naive,no-audit`), and an earlier build of rankgate with `--against-build
+DIR` (loadtests/bench/earlier.py, loadtests/bench/against.py): third in each round's
+turn, in the closed loop and the CPU part.
 
 Closed-loop load comes from `wrk` where it is installed (or installable, see
 loadtests/bench/wrk.py), else from the Python driver (loadtests.drive); the report says
@@ -47,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import results_folder
-from loadtests.bench import cpu, memory
+from loadtests.bench import cpu, earlier, memory
+from loadtests.bench.against import EARLIER, against_figures
 from loadtests.bench.compare import append_history, commit_of, comparison, history_entry
 from loadtests.bench.readme import refresh_readme
 from loadtests.bench.report import (
@@ -164,9 +167,10 @@ class Run:
     def cpu(
         self, urls: dict[str, str], stacks: dict[str, cpu.Stack], rate: float, source: str
     ) -> dict[str, Any]:
-        """CPU per decision of rankgate and the floor at one arrival rate, in turn."""
+        """CPU per decision of each stack (rankgate, the floor, an earlier build) at one
+        arrival rate, in turn."""
         work, say = self.work, self.work.say
-        rounds: dict[str, list[dict[str, Any]]] = {OURS: [], FLOOR: []}
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in stacks}
         for n in range(self.rounds):
             for name, done in rounds.items():
                 run = drive_open(
@@ -275,18 +279,31 @@ def redis_pid(env: Environment) -> int | None:
         return None
 
 
-def cpu_rate(results: dict[str, list[dict[str, Any]]]) -> tuple[float, str]:
+def cpu_rate(
+    results: dict[str, list[dict[str, Any]]], watched: dict[str, str] | None = None
+) -> tuple[float, str]:
     """The CPU part's arrival rate: a share of the floor's peak, and where it came from.
-    When rankgate's own peak is lower, a share of that instead: past its peak rankgate
+    When the peak of rankgate (or of another system in `watched`, name -> how the
+    report calls it) is lower, a share of the lowest instead: past its peak a server
     answers with fallbacks and errors, and the CPU of an overloaded server per answer
     is no decision's cost."""
     share = f"{cpu.RATE_SHARE * 100:g} %"
-    found, ours = peak(results[FLOOR]), peak(results[OURS])
-    if found["rps"] and ours["rps"] and ours["rps"] < found["rps"]:
+    found = peak(results[FLOOR])
+    lowest = min(
+        (
+            (peak(results[name]), called)
+            for name, called in (watched or {OURS: "rankgate"}).items()
+            if peak(results[name])["rps"]
+        ),
+        key=lambda pair: pair[0]["rps"],
+        default=None,
+    )
+    if found["rps"] and lowest is not None and lowest[0]["rps"] < found["rps"]:
+        ours, called = lowest
         source = (
-            f"{share} of rankgate's peak, {ours['rps']:g} req/s at c={ours['concurrency']} "
+            f"{share} of {called}'s peak, {ours['rps']:g} req/s at c={ours['concurrency']} "
             f"(below the floor's, {found['rps']:g} req/s: at {share} of the floor's "
-            "rankgate would be overloaded)"
+            f"{called} would be overloaded)"
         )
         return max(1.0, ours["rps"] * cpu.RATE_SHARE), source
     if found["rps"]:
@@ -297,10 +314,12 @@ def cpu_rate(results: dict[str, list[dict[str, Any]]]) -> tuple[float, str]:
     return max(1.0, highest * cpu.RATE_SHARE), source
 
 
-def stacks_of(processes: dict[str, Any], env: Environment) -> dict[str, cpu.Stack]:
-    """The processes whose CPU counts for rankgate and for the floor (Redis in both)."""
+def stacks_of(
+    processes: dict[str, Any], env: Environment, names: tuple[str, ...] = (OURS, FLOOR)
+) -> dict[str, cpu.Stack]:
+    """The processes whose CPU counts for each system (Redis in every one)."""
     extra = [pid] if (pid := redis_pid(env)) is not None else []
-    return {name: cpu.stack_of([processes[name].pid], extra) for name in (OURS, FLOOR)}
+    return {name: cpu.stack_of([processes[name].pid], extra) for name in names}
 
 
 def stack_memory(server_pid: int, env: Environment) -> list[memory.ProcessMemory]:
@@ -414,11 +433,13 @@ def run_bench(
     fixed_rate: float | None = None,
     committed: tuple[Path, dict[str, Any]] | None = None,
     tolerances: dict[str, float] | None = None,
+    against_build: Path | None = None,
 ) -> dict[str, Any]:
     """Measure, evaluate the targets, write `<output>/bench.{json,md}` and a line of
     `<output>/history.jsonl`. `fixed_rate`: the CPU part's arrival rate (default: half
     the floor's peak); `committed`: a run (its file and report) to compare this one
-    with (loadtests/bench/compare.py), within `tolerances`."""
+    with (loadtests/bench/compare.py), within `tolerances`; `against_build`: a checkout
+    of an earlier build (checked) measured in the same rounds."""
     load_at_start = round(os.getloadavg()[0], 2)
     wanted = {OURS, FLOOR, *(EXTRAS[e] for e in extras)}
     systems = [s for s in SYSTEMS if s.name in wanted]
@@ -427,8 +448,10 @@ def run_bench(
     say(f"• closed-loop driver: {chosen.name} ({chosen.why})")
     figures: dict[str, Any] = {}
     stack: list[memory.ProcessMemory] = []
+    replicas: list[dict[str, Any]] = []
     with workload(levels, duration, repeats, say) as work:
-        run = Run(work, chosen, systems, repeats, parts)
+        measured = systems + ([earlier.system(against_build)] if against_build else [])
+        run = Run(work, chosen, measured, repeats, parts)
         with contextlib.ExitStack() as servers:
             urls, processes = {}, {}
             for system in systems:
@@ -443,14 +466,23 @@ def run_bench(
                         system.fast_path,
                     )
                 )
+            if against_build is not None:
+                urls[EARLIER], processes[EARLIER], replicas = servers.enter_context(
+                    earlier.started(work, against_build, free_port())
+                )
             run.interleaved(urls)
             results = run.results()
             if "cpu" in parts:
-                rate, source = cpu_rate(results)
+                watched = {OURS: "rankgate"}
+                if against_build is not None:
+                    watched[EARLIER] = "the earlier build"
+                rate, source = cpu_rate(results, watched)
                 if fixed_rate is not None:
                     rate, source = fixed_rate, "a fixed rate asked for"
                 say(f"• CPU per decision at {rate:.0f} req/s ({source})")
-                figures["cpu"] = run.cpu(urls, stacks_of(processes, work.env), rate, source)
+                names = (OURS, FLOOR, *([EARLIER] if against_build is not None else []))
+                stacks = stacks_of(processes, work.env, names)
+                figures["cpu"] = run.cpu(urls, stacks, rate, source)
             if "open-loop" in parts:
                 say("• open loop")
                 figures["open_loop"] = run.open_loop(urls[OURS], results)
@@ -482,7 +514,7 @@ def run_bench(
         "warmup_s": warmup,
         "rounds": repeats,
         "concurrency": levels,
-        "systems": {s.name: s.label for s in systems},
+        "systems": {s.name: s.label for s in measured},
         "results": results,
         "ratios": {
             str(level): ratios(run.runs[OURS][str(level)], run.runs[FLOOR][str(level)])
@@ -496,9 +528,14 @@ def run_bench(
         "notes": notes or [],
         "runs": run.runs,
     }
+    if against_build is not None:
+        commits = {"this": commit_of(SOURCE_CHECKOUT), "earlier": commit_of(against_build)}
+        report["against"] = against_figures(
+            run.runs, figures.get("cpu"), against_build, commits, replicas
+        )
     if committed is not None:
-        path, earlier = committed
-        report["comparison"] = comparison(earlier, path, report, tolerances or {})
+        path, earlier_report = committed
+        report["comparison"] = comparison(earlier_report, path, report, tolerances or {})
     report["targets"] = evaluate(report)
     write_results(output, "bench", report, render_markdown)
     record(output, report, say)

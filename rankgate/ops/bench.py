@@ -50,11 +50,11 @@ class BenchOptions:
     """`--compare`: a committed bench.json this run's ratios are compared with."""
     tolerance: str = "15"
     """`--tolerance`: percent, for every figure or per figure (figure=percent,...)."""
+    against_build: Path | None = None
+    """`--against-build`: a checkout of an earlier build, measured in the same run."""
 
-    def committed(self) -> tuple[Path, dict[str, Any]] | None:
-        """The run `--compare` names, read and checked (None: no comparison)."""
-        if self.compare is None:
-            return None
+    def _main_benchmark_only(self, option: str, what: str) -> None:
+        """`option` belongs to the main benchmark: an error when another is asked for."""
         instead = [
             flag
             for flag, chosen in (
@@ -67,7 +67,13 @@ class BenchOptions:
             if chosen
         ]
         if instead:
-            raise RankgateError(f"--compare: compares the main benchmark, not {instead[0]}")
+            raise RankgateError(f"{option}: {what} the main benchmark, not {instead[0]}")
+
+    def committed(self) -> tuple[Path, dict[str, Any]] | None:
+        """The run `--compare` names, read and checked (None: no comparison)."""
+        if self.compare is None:
+            return None
+        self._main_benchmark_only("--compare", "compares")
         try:
             report = json.loads(self.compare.read_text())
         except OSError as exc:
@@ -79,6 +85,18 @@ class BenchOptions:
                 f"--compare: {self.compare} is not a report of `rankgate bench` (bench.json)"
             )
         return self.compare, report
+
+    def earlier_build(self) -> Path | None:
+        """The checkout `--against-build` names, checked (None: no earlier build)."""
+        if self.against_build is None:
+            return None
+        self._main_benchmark_only("--against-build", "measures beside")
+        from loadtests.bench.against import check_build
+
+        try:
+            return check_build(self.against_build)
+        except ValueError as exc:
+            raise RankgateError(f"--against-build: {exc}") from exc
 
     def tolerances(self) -> dict[str, float]:
         from loadtests.bench.compare import parse_tolerances
@@ -143,6 +161,7 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
     from loadtests.freshness import RATES, run_freshness
     from loadtests.overload import run_overload
 
+    against_build = options.earlier_build()
     output = options.output or results_folder()
     if options.coverage:
         from loadtests.coverage import coverage_benchmark
@@ -185,6 +204,7 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
             allow_install=options.allow_install,
             committed=committed,
             tolerances=tolerances,
+            against_build=against_build,
         )
         name = "bench"
     return output / f"{name}.md", output / f"{name}.json"

@@ -130,6 +130,13 @@ def serve(config_path: Path | None, port: int | None, host: str | None, log_form
     help="With --compare: how much worse a ratio may be, in percent of the committed one; "
     "one value, or per figure: cpu_per_decision=20,peak_throughput=15,p50_c1=15.",
 )
+@folder_option(
+    "--against-build",
+    help="Also measure an earlier build: another checkout of rankgate (e.g. a git "
+    "worktree of an earlier commit), started with its own code and launch settings beside "
+    "this one and driven in the same rounds; the report says how many times cheaper (CPU "
+    "per decision) and faster (peak throughput, p50 at concurrency 1) this build is.",
+)
 @click.option(
     "--overload",
     is_flag=True,
@@ -183,6 +190,7 @@ def bench(
     output: Path | None,
     compare: Path | None,
     tolerance: str,
+    against_build: Path | None,
     overload: bool,
     freshness: bool,
     explain_sampling: bool,
@@ -214,6 +222,7 @@ def bench(
         coverage=coverage or 0,
         compare=compare,
         tolerance=tolerance,
+        against_build=against_build,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

@@ -7,7 +7,8 @@ were pushed to the online store and its outcome was joined, so an entry a dead
 replica had read is delivered again, and both updates are idempotent.
 
 One replica reads at a time: it holds a lease in Redis (`consumer_lease`,
-renewed every second, `lease_s` long). A replica that takes the lease over first
+`lease_s` long, renewed every `lease_s / 3` and at most every second, not on
+every read: an idle consumer wakes twice a second, busy or not it renews once). A replica that takes the lease over first
 claims every entry its predecessor left pending, then reads its own pending
 entries, then new ones, so each person's events are applied in stream order.
 
@@ -77,8 +78,10 @@ class ConsumerConfig(Strict):
 
     batch: int = Field(256, ge=1, le=10_000)
     """Stream entries read (and pushed) at a time."""
-    block_ms: int = Field(100, ge=1, le=10_000)
-    """How long a read waits for new entries."""
+    block_ms: int = Field(500, ge=1, le=10_000)
+    """How long a read waits for new entries (at most until the lease is due for
+    renewal). A read returns as soon as entries arrive: this sets how often an idle
+    consumer wakes, not how late an event is applied."""
     lease_s: float = Field(3.0, gt=0.5, le=60)
     """A replica that stops renewing its lease is replaced after this long."""
 
@@ -342,15 +345,23 @@ class EventConsumer:
             raise RuntimeError(f"the event loop stopped: {error!r}")
         self.start()
 
+    @property
+    def renew_every_s(self) -> float:
+        return min(1.0, self.config.lease_s / 3)
+
     async def run(self) -> None:
         backoff = 0.05
         leased = False
+        renewed_at = -float("inf")
         while not self.stopping:
             try:
-                if not await self.reader.hold_lease(self.config.lease_s):
-                    leased = False
-                    await asyncio.sleep(min(1.0, self.config.lease_s / 3))
-                    continue
+                now = time.monotonic()
+                if not leased or now - renewed_at >= self.renew_every_s:
+                    if not await self.reader.hold_lease(self.config.lease_s):
+                        leased = False
+                        await asyncio.sleep(self.renew_every_s)
+                        continue
+                    renewed_at = now
                 if not leased:
                     await self.reader.ensure_group()
                     claimed = await self.reader.take_over()
@@ -373,7 +384,8 @@ class EventConsumer:
 
     async def step(self) -> int:
         """One batch: read, apply, join, acknowledge; renews the lease as it goes."""
-        entries = await self.reader.read(self.config.batch, self.config.block_ms)
+        block_ms = min(self.config.block_ms, round(self.renew_every_s * 1000))
+        entries = await self.reader.read(self.config.batch, block_ms)
         if not entries:
             return 0
         events = parse_entries(entries, self.metrics)

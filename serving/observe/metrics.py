@@ -43,9 +43,11 @@ EVENT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-FLUSH_S = 0.1
-"""How often a replica hands its records to Ray (Ray Serve's own default for its
-per-request metrics, RAY_SERVE_METRICS_EXPORT_INTERVAL_MS)."""
+FLUSH_S = 1.0
+"""How often a replica hands its records to Ray. Ray's core exports what it was
+handed every few seconds (RAY_metrics_report_interval_ms), so handing it over ten
+times a second bought nothing but 10-20 ms of the replica's CPU a second, idle
+or not; once a second a Prometheus scrape sees values at most a second later."""
 GAUGE_REFRESH_S = 1.0
 """How often a replica sets its gauges again: within Ray's shortest report interval (1 s)."""
 
@@ -80,12 +82,13 @@ class RaySeries:
     microseconds (the tags are merged, checked, converted and recorded by Ray's C++
     core); the request path then pays a lock and an addition."""
 
-    __slots__ = ("changed", "count", "lock", "metric", "tags", "value", "values")
+    __slots__ = ("changed", "count", "lock", "metric", "record", "tags", "value", "values")
 
     def __init__(self, metric: Any, tags: dict[str, str], lock: threading.Lock) -> None:
         self.metric = metric
         self.tags = tags
         self.lock = lock
+        self.record = direct_record(metric, tags)
         self.count: float = 0
         self.values: list[float] = []
         self.value: float | None = None
@@ -110,12 +113,42 @@ class RaySeries:
         with self.lock:
             count, values, value, changed = self.count, self.values, self.value, self.changed
             self.count, self.values, self.changed = 0, [], False
+        record = self.record
+        if record is not None:  # the tags were merged and checked once, when made
+            if count:
+                record(float(count))
+            for observed in values:
+                record(float(observed))
+            if value is not None and (changed or gauges_due):
+                record(float(value))
+            return
         if count:
             self.metric.inc(count, self.tags)
         for observed in values:
             self.metric.observe(float(observed), self.tags)
         if value is not None and (changed or gauges_due):
             self.metric.set(float(value), self.tags)
+
+
+def direct_record(metric: Any, tags: dict[str, str]) -> Any:
+    """Ray's record of one series with its tags merged and checked once, not per value.
+
+    Each `inc`/`observe`/`set` of a Ray metric merges the series' tags with the
+    replica's (deployment, replica, application), checks them and only then records
+    through Ray's core (`Metric._record`, about 4 us of the 6.5 per value); the
+    thread that flushes calls the core's `record` with the merged tags instead.
+    The tags are checked here as Ray checks them; None (the public path) when
+    this Ray's metric has no such core record."""
+    core = getattr(metric, "_metric", None)
+    if core is None or getattr(metric, "_discard_metric", False):
+        return None
+    merged = {**getattr(metric, "_default_tags", {}), **tags}
+    try:
+        metric._validate_tags(merged)
+    except Exception:  # noqa: BLE001 - the public path raises it where it is used
+        return None
+    record = core.record
+    return lambda value: record(value, tags=merged)
 
 
 class Family:
@@ -385,7 +418,10 @@ class ServingMetrics(Metrics):
             self.fallbacks.labels(response.fallback.reason, version, variant).inc()
         stage_seconds = self.stage_seconds.labels
         for stage, ms in response.timings_ms.items():
-            stage_seconds(stage, version, variant).observe(ms / 1000.0)
+            # A stage that did not run for this request (explain not asked for, no
+            # retrieval) stays at 0 in the answer's timings; it is not observed.
+            if ms or stage == "queued":
+                stage_seconds(stage, version, variant).observe(ms / 1000.0)
         if response.fallback is None and response.model is not None and response.items:
             self.scored.labels(version).inc()
         if response.explanation is not None:

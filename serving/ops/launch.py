@@ -6,6 +6,8 @@ it fast and self-contained on one machine:
 - Ray Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, which implies
   direct ingress: replicas take HTTP themselves, no proxy actor hop) and
   `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`. Each can be turned off by setting it to 0.
+- Ray settings that cost CPU on every request or every tenth of a second and buy
+  nothing rankgate needs (`QUIET_ENV`); each can be set back.
 - HAProxy's files in a folder of their own per home, so two homes never share them.
 - rankgate's connection guards around Ray's generated HAProxy configuration
   (serving/http/edge.py): HAProxy runs as `rankgate-haproxy`, which adds them.
@@ -44,6 +46,21 @@ FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
+
+QUIET_ENV = {
+    # HAProxy logs every request to a socket that Ray's HAProxy manager parses into
+    # Ray's per-request HTTP metrics (serve_num_http_requests, ...): 0.13 ms of CPU a
+    # request in the manager, more in the metrics agent. rankgate's replicas count
+    # every answer themselves (rankgate_rank_requests_total by outcome, the stage
+    # latencies), and HAProxy's own counters stay on its metrics port.
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # Serve's controller wakes every 0.1 s to reconcile (41 ms of CPU a second, idle);
+    # every 0.25 s it costs about half. Deploys and replica restarts converge
+    # up to 0.15 s later per step.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25",
+}
+"""Ray settings for a quieter server: what each costs and buys is measured in
+`rankgate bench` (idle CPU and CPU per decision). Each can be set back."""
 
 
 def project_serve_config(project: Project | None = None) -> Path:
@@ -101,7 +118,7 @@ def serve_env(
     the edge's settings, and the home, project and Redis the replicas must use;
     `instance`: see `haproxy_dir`."""
     env = without_feast_metrics_dir(dict(os.environ if base is None else base))
-    for name, value in FAST_PATH_ENV.items():
+    for name, value in (FAST_PATH_ENV | QUIET_ENV).items():
         env.setdefault(name, value)
     # HAProxy runs as rankgate-haproxy, which adds the connection guards to the
     # configuration Ray generates (serving/http/edge.py).

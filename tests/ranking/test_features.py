@@ -89,17 +89,42 @@ def test_the_fetcher_reads_what_feast_reads(env: Environment) -> None:
     fields = user_fields(v2_specs(env), env.view_infos())
     uid = example_user_ids()[3]
 
-    async def read() -> tuple[Any, Any]:
-        known = await fetcher.fetch_user(user_key(uid), fields)
-        return known, await fetcher.fetch_user(user_key("u-nobody"), fields)
+    people = example_user_ids()[:12]
 
-    known, nobody = asyncio.run(read())
+    async def read() -> tuple[Any, Any, list[Any]]:
+        known = await fetcher.fetch_user(user_key(uid), fields)
+        nobody = await fetcher.fetch_user(user_key("u-nobody"), fields)
+        return known, nobody, [await fetcher.fetch_user(user_key(u), fields) for u in people]
+
+    known, nobody, everyone = asyncio.run(read())
     refs = [f"{view}:{name}" for view, names in fields.items() for name in names]
     online = env.feast.get_online_features(features=refs, entity_rows=[{"user_key": user_key(uid)}])
     expected = {k: v[0] for k, v in online.to_dict().items() if k != "user_key"}
     assert known.values == expected and len(expected) == sum(map(len, fields.values()))
     assert not known.missing_views and set(known.age_s) == set(fields)
     assert sorted(nobody.missing_views) == sorted(fields) and nobody.values == {}
+    # Values come from the fetcher's cache once seen: still Feast's, person by person.
+    assert fetcher.values.values, "the reads filled the value cache"
+    rows = env.feast.get_online_features(
+        features=refs, entity_rows=[{"user_key": user_key(u)} for u in people]
+    ).to_dict()
+    for n, features in enumerate(everyone):
+        assert features.values == {k: v[n] for k, v in rows.items() if k != "user_key"}
+
+
+def test_the_value_cache_keeps_only_scalars_and_only_up_to_its_limit() -> None:
+    from feast.protos.feast.types.Value_pb2 import DoubleList, Value
+
+    from serving.ranking.feature_fetch import ValueCache
+
+    cache = ValueCache(limit=2)
+    one, two, three = (Value(double_val=x).SerializeToString() for x in (1.5, 2.5, 3.5))
+    listed = Value(double_list_val=DoubleList(val=[1.0, 2.0])).SerializeToString()
+    assert cache.value(None) is None and cache.value(b"") is None
+    assert cache.value(listed) == [1.0, 2.0] and cache.values == {}
+    assert [cache.value(one), cache.value(two), cache.value(three)] == [1.5, 2.5, 3.5]
+    assert cache.values == {one: 1.5, two: 2.5}  # full: the third is decoded, not kept
+    assert cache.value(three) == 3.5 and cache.value(one) == 1.5
 
 
 def test_encodings_are_the_documented_ones() -> None:

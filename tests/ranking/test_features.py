@@ -112,6 +112,15 @@ def test_the_fetcher_reads_what_feast_reads(env: Environment) -> None:
         assert features.values == {k: v[n] for k, v in rows.items() if k != "user_key"}
 
 
+def test_a_person_s_redis_key_is_feast_s(env: Environment) -> None:
+    from serving.ranking.feature_fetch import FeatureFetcher
+
+    keys = FeatureFetcher(env.feast, env.project, env.data_dir).user_keys
+    assert keys.joined, "the joined layout matched Feast's probe"
+    for key in [user_key(u) for u in example_user_ids()[:5]] + ["", "é-ü-∑", "x" * 300]:
+        assert keys.of(key) == keys.from_feast(key)
+
+
 def test_the_value_cache_keeps_only_scalars_and_only_up_to_its_limit() -> None:
     from feast.protos.feast.types.Value_pb2 import DoubleList, Value
 

@@ -7,10 +7,11 @@ were pushed to the online store and its outcome was joined, so an entry a dead
 replica had read is delivered again, and both updates are idempotent.
 
 One replica reads at a time: it holds a lease in Redis (`consumer_lease`,
-`lease_s` long, renewed every `lease_s / 3` and at most every second, not on
-every read: an idle consumer wakes twice a second, busy or not it renews once). A replica that takes the lease over first
-claims every entry its predecessor left pending, then reads its own pending
-entries, then new ones, so each person's events are applied in stream order.
+`lease_s` long), renewed every `lease_s / 3` and at most every second, not on
+every read (an idle consumer wakes twice a second). A replica that takes the
+lease over first claims every entry its predecessor left pending, then reads its
+own pending entries, then new ones, so each person's events are applied in
+stream order.
 
 Data minimization: an event becomes a streaming feature only when the person may
 be personalized with that view for some purpose that permits it, by the gate's

@@ -126,6 +126,9 @@ class RankIngress(BatchedScoring):
         self.consumer = consumer
         self.keys = KeyCache(self.runtime.redis, self.runtime.home.namespace)
         self.config_error: str | None = None
+        # Configs this replica has taken or refused: a deployer tells a refusal of its
+        # own config from an earlier one by this count moving (/healthz).
+        self.reconfigured = 0
         # Changes on restart only: shows that a routing change reconfigured in place.
         self.replica_started = uuid.uuid4().hex
         # Which Ray node this replica runs on (operators of a cluster ask /healthz).
@@ -147,8 +150,10 @@ class RankIngress(BatchedScoring):
             if self.runtime.serving is None:
                 raise
             self.refuse(exc.message)
+            self.reconfigured += 1
             return
         self.config_error = None
+        self.reconfigured += 1
         self.tune_batching(serving.config.batching)
         self.keys.keep_fresh(serving.config.auth.refresh_s)
 
@@ -306,6 +311,7 @@ class RankIngress(BatchedScoring):
                 "policy_version": self.runtime.policy.version,
                 "policy_digest": self.runtime.policies.digest,
                 "config_error": self.config_error,
+                "reconfigured": self.reconfigured,
                 "replica_started": self.replica_started,
                 "node_id": self.node_id,
                 "models": {"loaded": sorted(models.loaded), "unavailable": models.errors},

@@ -520,6 +520,9 @@ def apply_running(
     deployed = derived_config(
         home, base=config_path, port=info.port, host=info.host, log_format=info.log_format
     )
+    # A refusal of an earlier config stays in /healthz until the next one is taken:
+    # only an error that comes with a reconfigure after this deploy refuses this one.
+    earlier = (info.health() or {}).get("reconfigured")
     result = subprocess.run(
         serve_deploy_command(deployed, info.dashboard),
         env=ray_client_env(env),
@@ -535,7 +538,8 @@ def apply_running(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         health = info.health()
-        if health is not None and health.get("config_error"):
+        fresh = health is not None and (earlier is None or health.get("reconfigured") != earlier)
+        if health is not None and health.get("config_error") and fresh:
             raise RankgateError(f"the server refused the config: {health['config_error']}")
         if health is not None and expect(health):
             say(f"applied to the running server at {info.base_url} (reconfigured in place)")

@@ -79,9 +79,14 @@ def launch(build: Path, port: int) -> tuple[list[str], dict[str, str]]:
 
 
 def system(build: Path) -> System:
-    """The earlier build as the runner lists it; `started` starts it (with its
-    environment and from its folder)."""
-    return System(EARLIER, LABEL, lambda _env, port: launch(build, port)[0], True)
+    """The earlier build as the runner lists it (its name and label in the rounds and
+    the report). It is never started from `System.command`: a command alone would
+    lack its environment and folder, so `started` starts it."""
+
+    def not_by_command(_env: object, _port: int) -> list[str]:
+        raise RuntimeError(f"{LABEL} from {build} is started by loadtests.bench.earlier.started")
+
+    return System(EARLIER, LABEL, not_by_command, True)
 
 
 def replicas_seen(root: int) -> list[dict[str, Any]]:

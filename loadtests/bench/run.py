@@ -289,12 +289,9 @@ def cpu_rate(
     is no decision's cost."""
     share = f"{cpu.RATE_SHARE * 100:g} %"
     found = peak(results[FLOOR])
+    peaks_seen = [(peak(results[n]), c) for n, c in (watched or {OURS: "rankgate"}).items()]
     lowest = min(
-        (
-            (peak(results[name]), called)
-            for name, called in (watched or {OURS: "rankgate"}).items()
-            if peak(results[name])["rps"]
-        ),
+        ((found_peak, called) for found_peak, called in peaks_seen if found_peak["rps"]),
         key=lambda pair: pair[0]["rps"],
         default=None,
     )

@@ -20,7 +20,13 @@ Every other key is hashed whole and spreads over the cluster.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def person_tag(user_key: str) -> str:

@@ -4,7 +4,8 @@
 
 No field for a purpose means no recorded decision ("unknown").
 
-Bulk writes (`rankgate consent import`, setup's demo records) go through
+Bulk writes (`rankgate consent import`, the demo records of `rankgate setup
+--demo-consent`, rankgate/governance/demo_consent.py) go through
 `ConsentStore.record_newer`: a record replaces the stored one of its purpose only
 when its `updated_at` is later (on equal times, a denial replaces a grant), checked
 and written by a server-side script, so replaying a file, or an old export arriving
@@ -15,7 +16,6 @@ are UTC ISO 8601 (`+00:00`), which order as text.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -199,39 +199,3 @@ class AsyncConsentStore:
         except (OSError, aioredis.RedisError) as exc:
             logger.warning("consent write failed: %s", type(exc).__name__)
             raise ConsentStoreUnavailable("the consent was not recorded; retry") from exc
-
-
-def demo_consent(user_id: str, purposes: Iterable[str]) -> dict[str, bool]:
-    """Deterministic demo decisions: per purpose about 50 % granted, 25 % denied, 25 % none.
-
-    Purposes left out of the result have no record (consent unknown).
-    """
-    decisions: dict[str, bool] = {}
-    for purpose in purposes:
-        bucket = hashlib.sha256(f"{user_id}/{purpose}".encode()).digest()[0] % 4
-        if bucket < 2:
-            decisions[purpose] = True
-        elif bucket == 2:
-            decisions[purpose] = False
-    return decisions
-
-
-def demo_decisions(
-    user_ids: Sequence[str], purposes: Iterable[str]
-) -> tuple[list[str], list[str], list[bool]]:
-    """`demo_consent` of every id, as columns (user id, purpose, granted) for the bulk
-    writer: person by person, purposes in order; purposes without a record left out."""
-    ids: list[str] = []
-    decided: list[str] = []
-    granted: list[bool] = []
-    sha256 = hashlib.sha256
-    suffixes = [(purpose, f"/{purpose}".encode()) for purpose in purposes]
-    for uid in user_ids:
-        raw = uid.encode()
-        for purpose, suffix in suffixes:
-            bucket = sha256(raw + suffix).digest()[0] % 4
-            if bucket < 3:
-                ids.append(uid)
-                decided.append(purpose)
-                granted.append(bucket < 2)
-    return ids, decided, granted

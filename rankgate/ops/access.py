@@ -1,11 +1,13 @@
-"""Who may ask, and forgetting who asked: API keys per application, and a data
+"""Who may ask, and forgetting who asked: API keys per application, a data
 subject's erasure (rankgate/ops/erasure.py, which reads Parquet and Feast's keys,
-so it is imported only when someone is forgotten)."""
+so it is imported only when someone is forgotten), and the demo consent records
+nobody gave (rankgate/governance/demo_consent.py)."""
 
 from __future__ import annotations
 
 from rankgate.core.errors import RankgateError
 from rankgate.governance.api_keys import ApiKey, check_app
+from rankgate.governance.demo_consent import DemoConsentSweep, DemoConsentTally
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
 
@@ -37,3 +39,18 @@ def forget(user_id: str) -> str:
     checked_user_id(user_id)  # a bad id is refused before Redis is even opened
     env = Environment.open()
     return Eraser(env.redis, env.home, env.project).forget(user_id).summary()
+
+
+def count_demo_consent() -> DemoConsentTally:
+    """The demo consent records of the home, per purpose and decision."""
+    env = Environment.open()
+    return DemoConsentSweep(env.redis, env.home.namespace).count()
+
+
+def remove_demo_consent() -> DemoConsentTally:
+    """Remove the demo consent records of the home, and setup's marker of them (so
+    `rankgate setup --demo-consent` writes them again); what was removed."""
+    env = Environment.open()
+    # The marker goes first: an interrupted removal leaves none, and setup writes all again.
+    env.redis.delete(env.marker_key("demo_consent"))
+    return DemoConsentSweep(env.redis, env.home.namespace).remove()

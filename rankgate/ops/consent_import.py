@@ -8,7 +8,8 @@ One row per decision, columns (renamed with `--column NAME=THEIRS`):
   purpose     a purpose of the project's policies/policy.yaml
   decision    `granted` or `denied` (a boolean column: true is granted)
   source      where the decision came from, 1-64 characters (`--source` stands in for
-              a file without the column)
+              a file without the column); not `rankgate-demo`, which marks the made-up
+              records of `rankgate setup --demo-consent` (governance/demo_consent.py)
   updated_at  when it was decided: ISO 8601 text with a zone (`Z`, `+02:00`), or a
               Parquet timestamp with a time zone; at most microseconds, not in the future
 
@@ -44,6 +45,7 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.core.pseudonym import user_keys
 from rankgate.governance.consent import DECISIONS, ConsentStore, record_json
+from rankgate.governance.demo_consent import DEMO_SOURCE
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
 from serving.contract.config import LimitsConfig
@@ -275,6 +277,11 @@ class Checker:
             "source",
             pc.greater(pc.utf8_length(sources), MAX_SOURCE_CHARS),
             lambda r: f"at most {MAX_SOURCE_CHARS} characters",
+        )
+        flag(
+            "source",
+            pc.equal(sources, DEMO_SOURCE),
+            lambda r: f"{DEMO_SOURCE!r} marks made-up demo records; name the real source",
         )
 
         times = self._times(table, flag)

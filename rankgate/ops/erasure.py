@@ -30,7 +30,6 @@ nothing the second time, and says so.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ from rankgate.core.errors import RankgateError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.project import Project
 from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_keys import glob_escape
 from rankgate.core.redis_server import RedisClient, client_address
 from rankgate.core.streams import stream_pages
 from serving.contract.config import LimitsConfig
@@ -80,11 +80,6 @@ def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
         return check_user_id(user_id, limits or LimitsConfig())
     except ValueError as exc:
         raise RankgateError(f"user id: {exc}", 422) from exc
-
-
-def glob_escape(text: str) -> str:
-    """`text` matched literally in a Redis SCAN pattern."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def shown_key(key: str) -> str:

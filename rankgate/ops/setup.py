@@ -33,14 +33,14 @@ from rankgate.core.redis_server import (
     resolve_redis_url,
 )
 from rankgate.core.settings import get_project, get_settings
-from rankgate.governance.consent import ConsentStore, demo_consent, demo_decisions
+from rankgate.governance.consent import ConsentStore
+from rankgate.governance.demo_consent import DEMO_SOURCE, demo_consent, demo_decisions
 from rankgate.governance.policy import load_policy_set
 from rankgate.ops.environment import SETUP_FILE, Environment
 
 __all__ = ["SETUP_FILE", "changed_files", "run_setup"]
 
 Say = Callable[[str], None]
-DEMO_SOURCE = "rankgate-demo"
 
 
 def changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

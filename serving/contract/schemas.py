@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from rankgate.core.project import ContextFeature, ItemId
+from rankgate.governance.demo_consent import DEMO_SOURCE
 from serving.contract.config import BudgetConfig, LimitsConfig
 
 # Identifier patterns are matched whole (`fullmatch`): `re.match` with `$` also
@@ -249,6 +250,13 @@ class ConsentRequest(BaseModel):
     """Purposes of the loaded policy -> granted."""
     source: str = Field(min_length=1, max_length=64)
     """Where the decision came from (the consent platform), kept with it."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value == DEMO_SOURCE:
+            raise ValueError(f"{DEMO_SOURCE!r} marks made-up demo records; name the real source")
+        return value
 
 
 class ConsentWrite(ConsentRequest):

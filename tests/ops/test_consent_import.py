@@ -27,9 +27,9 @@ from rankgate.governance.consent import (
     ConsentState,
     ConsentStore,
     consent_fields,
-    demo_consent,
     record_json,
 )
+from rankgate.governance.demo_consent import demo_consent
 from rankgate.governance.policy import load_policy
 from rankgate.ops import consent_import
 from rankgate.ops.consent_import import import_consent

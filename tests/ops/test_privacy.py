@@ -23,7 +23,7 @@ from rankgate.core.errors import RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project, get_settings
-from rankgate.governance.consent import demo_consent
+from rankgate.governance.demo_consent import DEMO_SOURCE, demo_consent
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
 from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
@@ -156,7 +156,7 @@ def offline_tables(ready_home: Home) -> Iterator[None]:
     for uid in example_user_ids():
         if not env.redis.exists(redis_keys.consent(env.home.namespace, user_key(uid))):
             decisions = demo_consent(uid, purposes)
-            env.consent.record(user_key(uid), decisions, source="rankgate-demo")
+            env.consent.record(user_key(uid), decisions, source=DEMO_SOURCE)
 
 
 @pytest.fixture(scope="module")

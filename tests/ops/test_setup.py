@@ -9,7 +9,8 @@ from rankgate.core import redis_keys
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import get_project
-from rankgate.governance.consent import ConsentState, demo_consent
+from rankgate.governance.consent import ConsentState
+from rankgate.governance.demo_consent import demo_consent
 from rankgate.ops.environment import Environment
 from rankgate.ops.setup import run_setup
 from tests.serving_support import example_user_ids

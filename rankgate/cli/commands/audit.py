@@ -1,14 +1,16 @@
 """`rankgate audit` (the decision audit log) and `rankgate privacy` (erasure from it,
-and from everything else kept of a person)."""
+and from everything else kept of a person; the demo consent nobody gave)."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
-from rankgate.cli.render import echo_lines, fails_cleanly
-from rankgate.ops.access import forget
+from rankgate.cli.render import echo_lines, echo_table, fails_cleanly
+from rankgate.governance.demo_consent import DEMO_SOURCE, DemoConsentTally
+from rankgate.ops.access import count_demo_consent, forget, remove_demo_consent
 from rankgate.ops.replays import audit_records, replay_decision
 
 
@@ -51,3 +53,54 @@ def privacy() -> None:
 def privacy_forget(user_id: str) -> None:
     """Erase USER_ID's feature rows, consent record, audit records and offline rows."""
     click.echo(forget(user_id))
+
+
+@privacy.group("demo-consent")
+def demo_consent() -> None:
+    """The made-up consent of `rankgate setup --demo-consent` (source 'rankgate-demo'):
+    count it, remove it. Records of any other source are never touched."""
+
+
+@demo_consent.command("list")
+@fails_cleanly
+def demo_consent_list() -> None:
+    """Count the demo consent records: people, and records per purpose and decision."""
+    started = time.perf_counter()
+    tally = count_demo_consent()
+    echo_tally(tally, "found", time.perf_counter() - started)
+
+
+@demo_consent.command("remove")
+@click.option("--yes", is_flag=True, help="Remove them (without it: say what would be removed).")
+@fails_cleanly
+def demo_consent_remove(yes: bool) -> None:
+    """Remove every demo consent record, and no other: a person's records of other
+    sources stay, and a demo record replaced by a real decision meanwhile is kept.
+    Then `rankgate setup --demo-consent` writes them again."""
+    started = time.perf_counter()
+    if not yes:
+        tally = count_demo_consent()
+        echo_tally(tally, "would remove", time.perf_counter() - started)
+        if tally.records:
+            click.echo("error: nothing removed: add --yes to remove them", err=True)
+            sys.exit(1)
+        return
+    tally = remove_demo_consent()
+    echo_tally(tally, "removed", time.perf_counter() - started)
+    if tally.left_without_record:
+        click.echo(f"{tally.left_without_record} of them have no consent record left (unknown)")
+
+
+def echo_tally(tally: DemoConsentTally, done: str, seconds: float) -> None:
+    read = f"among {tally.people_read} people with a consent record ({seconds:.1f} s)"
+    if not tally.records:
+        click.echo(f"no demo consent records (source {DEMO_SOURCE!r}) {read}")
+        return
+    click.echo(
+        f"{done} {tally.records} demo consent records of {tally.people} people (source "
+        f"{DEMO_SOURCE!r}: made up, given by nobody) {read}"
+    )
+    echo_table(
+        ["purpose", "granted", "denied"],
+        [[purpose, str(g), str(d)] for purpose, g, d in tally.per_purpose()],
+    )

@@ -2,10 +2,13 @@
 #
 #   docker build -t rankgate .
 #   docker run --rm -p 8000:8000 rankgate                  # embedded Redis, state in the container
+#   docker run --rm -p 8000:8000 rankgate serve --host 0.0.0.0 --port 8000 --demo-consent
+#                                       # the example's demo users with made-up consent, as ./run
 #   docker run --rm -p 8000:8000 -e REDIS_URL=redis://… -e RANKGATE_USER_KEY_SECRET=… rankgate
 #   docker run --rm rankgate keys create demo-shop --purpose onsite_personalization
 #
-# On start `rankgate serve` runs `rankgate setup` (a check when the home is set up),
+# On start `rankgate serve` runs `rankgate setup` (a check when the home is set up;
+# no demo consent unless `--demo-consent`: a project's people give their own),
 # then Ray Serve, listening on 0.0.0.0. It is the container's PID 1: it handles
 # SIGTERM (`docker stop`) and SIGINT, reaps orphans, and stops what is left before
 # it ends (docs/operating.md, "Running the server"). The same image runs the Ray head and worker

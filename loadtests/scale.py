@@ -7,7 +7,7 @@ a streaming view (each person's decayed click count, `per: total`), a model v3 t
 reads it, and the log's propensity (the sample shows items uniformly at random,
 1/items). Then, in a fresh home:
 
-- `rankgate setup` in a process of its own, timed by phase from its own output
+- `rankgate setup --demo-consent` in a process of its own, timed by phase from its own output
   (prepare, feature repository apply, materialize, each model's training, demo
   consent), with that process's peak memory;
 - the Redis-compatible server's memory: `INFO memory` and `MEMORY USAGE` of sampled
@@ -87,8 +87,9 @@ def phase_name(line: str) -> str | None:
 
 
 def timed_setup(project: Path, home: Path, say: Say, timeout_s: float) -> dict[str, Any]:
-    """`rankgate setup` in a process of its own: seconds per phase, total, peak RSS."""
-    command = [sys.executable, "-m", "rankgate.cli", "setup"]
+    """`rankgate setup --demo-consent` in a process of its own (the sample shop's people get
+    made-up consent to be ranked with): seconds per phase, total, peak RSS."""
+    command = [sys.executable, "-m", "rankgate.cli", "setup", "--demo-consent"]
     started = time.perf_counter()
     process = subprocess.Popen(
         command,

@@ -37,10 +37,11 @@ def session_home() -> Iterator[Home]:
 
 @pytest.fixture(scope="session")
 def ready_home(session_home: Home) -> Home:
-    """The session home after a full `rankgate setup` (data, Feast, v1 + v2, consent)."""
+    """The session home after a full `rankgate setup --demo-consent` (data, Feast, v1 + v2,
+    the demo users' made-up consent, which many tests rank with)."""
     from rankgate.ops.setup import run_setup
 
-    run_setup(lambda _line: None)
+    run_setup(lambda _line: None, demo_consent=True)
     return session_home
 
 
@@ -251,7 +252,7 @@ def restore(server: Server) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def cli_home() -> Iterator[Path]:
-    """A second home, set up by `rankgate setup` as a person would run it, for the tests
+    """A second home, set up by `rankgate setup --demo-consent` as `./run` does, for the tests
     that start `rankgate serve` itself (they must not touch the session server's home:
     its server.json, HAProxy folder and Ray instance). Its embedded Redis is stopped
     afterwards."""
@@ -259,7 +260,7 @@ def cli_home() -> Iterator[Path]:
 
     home = Path(tempfile.mkdtemp(prefix="rankgate-cli-home-"))
     try:
-        run_cli(home, "setup")
+        run_cli(home, "setup", "--demo-consent")
         yield home
     finally:
         EmbeddedRedis(Home(home)).stop()

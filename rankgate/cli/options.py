@@ -65,6 +65,14 @@ FORCE_OPTION = click.option(
     "of routing changes (rankgate model history).",
 )
 
+demo_consent_option = click.option(
+    "--demo-consent",
+    is_flag=True,
+    help="Also write made-up consent for the project's demo users (its prepare module's "
+    "demo_user_ids(); about half granted, source 'rankgate-demo'), to serve an example. "
+    "Never for real people: `rankgate privacy demo-consent remove` removes them.",
+)
+
 FOLDER_ARGUMENT = click.argument(
     "folder",
     required=False,

@@ -38,12 +38,18 @@ Say = Callable[[str], None]
 
 
 def serve(
-    config_path: Path | None, port: int | None, host: str | None, log_format: str, say: Say
+    config_path: Path | None,
+    port: int | None,
+    host: str | None,
+    log_format: str,
+    say: Say,
+    demo_consent: bool = False,
 ) -> NoReturn:
-    """Set up if needed, then serve the project on Ray Serve; this process becomes the
-    supervisor of `serve run` and never returns."""
+    """Set up if needed (with the demo consent records when `demo_consent`), then serve
+    the project on Ray Serve; this process becomes the supervisor of `serve run` and
+    never returns."""
     stop_on_signals()
-    run_setup(say)
+    run_setup(say, demo_consent=demo_consent)
     env = Environment.open()
     assert env.redis_url is not None
     remote = bool(os.environ.get("RAY_ADDRESS"))

@@ -8,6 +8,8 @@ whose result lives in Redis are kept in Redis itself (`<namespace>:setup:*`,
 holding the sources' digest), so a wiped or different Redis is set up again
 while a kept one is not. Registered model versions are immutable: a setup model
 trained from other sources is kept and setup says so; `--force` retrains it.
+Demo consent (made-up decisions for the project's demo users,
+rankgate/governance/demo_consent.py) is written only with `--demo-consent`.
 The environment every command opens is rankgate/ops/environment.py.
 """
 
@@ -34,7 +36,7 @@ from rankgate.core.redis_server import (
 )
 from rankgate.core.settings import get_project, get_settings
 from rankgate.governance.consent import ConsentStore
-from rankgate.governance.demo_consent import DEMO_SOURCE, demo_consent, demo_decisions
+from rankgate.governance.demo_consent import DEMO_SOURCE, demo_decisions
 from rankgate.governance.policy import load_policy_set
 from rankgate.ops.environment import SETUP_FILE, Environment
 
@@ -59,8 +61,9 @@ def changed_files(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return changed
 
 
-def run_setup(say: Say, force: bool = False) -> bool:
+def run_setup(say: Say, force: bool = False, demo_consent: bool = False) -> bool:
     """Bring the home to a ready state for the project. Returns True when anything was done.
+    With `demo_consent`, also the demo consent records of the project's demo users.
 
     A home whose sources are unchanged is checked without Feast, pandas or the
     trainers (the catalogue as the last setup read it): `rankgate serve` starts
@@ -181,26 +184,20 @@ def run_setup(say: Say, force: bool = False) -> bool:
         trained_from[version] = digest
         did = True
 
-    demo = env.redis.get(env.marker_key("demo_consent"))
-    ids = project.demo_user_ids()
     purposes = list(policies.policy.purposes)
-    # The marker counts only if a record is where it is read now (redis_keys.consent:
-    # the key names changed once).
-    sample = next((uid for uid in ids if demo_consent(uid, purposes)), None)
-    if (
-        demo is not None
-        and demo.decode() == digest  # type: ignore[union-attr]
-        and (
-            sample is None
-            or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(sample)))
+    if demo_consent:
+        did = setup_demo_consent(env, digest, purposes, say) or did
+    elif env.redis.exists(env.marker_key("demo_consent")):
+        say(
+            "! demo consent records: kept, written by an earlier `rankgate setup "
+            "--demo-consent` (made up; `rankgate privacy demo-consent remove --yes` removes them)"
         )
-    ):
-        say("✓ demo consent records: already written")
     else:
-        say(f"• demo consent records: writing {len(ids)} users × {len(purposes)} purposes ...")
-        write_demo_consent(env.consent, ids, purposes)
-        env.redis.set(env.marker_key("demo_consent"), digest)
-        did = True
+        say(
+            "note: no demo consent written (people's consent comes from POST /v1/consent or "
+            "`rankgate consent import`; `rankgate setup --demo-consent` makes some up for the "
+            "project's demo users, for a demo)"
+        )
 
     record = {
         "catalogue": catalogue,
@@ -212,6 +209,39 @@ def run_setup(say: Say, force: bool = False) -> bool:
     (env.home.root / SETUP_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     say("setup complete." if did else "nothing to do: everything was already set up.")
     return did
+
+
+def setup_demo_consent(env: Environment, digest: str, purposes: list[str], say: Say) -> bool:
+    """Write the demo consent records unless this setup's sources already wrote them
+    (the marker holds their digest); True when written."""
+    demo = env.redis.get(env.marker_key("demo_consent"))
+    ids = env.project.demo_user_ids()
+    # The marker counts only if a record is where it is read now (redis_keys.consent:
+    # the key names changed once).
+    sample = next((uid for uid in ids if demo_decisions([uid], purposes)[0]), None)
+    if (
+        demo is not None
+        and demo.decode() == digest  # type: ignore[union-attr]
+        and (
+            sample is None
+            or env.redis.exists(redis_keys.consent(env.home.namespace, user_key(sample)))
+        )
+    ):
+        say("✓ demo consent records: already written")
+        return False
+    if not ids:
+        say(
+            f"! demo consent records: none written: {env.project.file.name} names no demo "
+            "users (a `demo_user_ids()` in its prepare module)"
+        )
+        return False
+    say(
+        f"• demo consent records: writing {len(ids)} users × {len(purposes)} purposes "
+        f"(made up, source {DEMO_SOURCE!r}) ..."
+    )
+    write_demo_consent(env.consent, ids, purposes)
+    env.redis.set(env.marker_key("demo_consent"), digest)
+    return True
 
 
 DEMO_CHUNK = 100_000

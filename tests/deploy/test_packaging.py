@@ -174,7 +174,7 @@ def test_without_a_project_commands_say_how_to_select_one(
 
 @pytest.fixture
 def served(installed: Installed, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`rankgate init` + `rankgate setup` + `rankgate serve` with the wheel, in a new
+    """`rankgate init` + `rankgate setup --demo-consent` + `rankgate serve` with the wheel, in a new
     project folder (its default home, `.rankgate/` in it), on a free port."""
     shop = tmp_path / "shop"
     created = installed.rankgate("init", str(shop), cwd=tmp_path)
@@ -183,7 +183,8 @@ def served(installed: Installed, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server = None
     try:
         # In the project folder, nothing selects it but its rankgate.yaml.
-        setup = installed.rankgate("setup", cwd=shop)
+        # The template's demo users get made-up consent, as its README says to try it.
+        setup = installed.rankgate("setup", "--demo-consent", cwd=shop)
         assert setup.returncode == 0, setup.stdout + setup.stderr
         assert f"project: shop ({shop})" in setup.stdout
         assert (shop / ".rankgate" / "models" / "ranker" / "v2" / "model.onnx").is_file()

@@ -3,8 +3,8 @@
 Three masters of the embedded valkey binary (`--cluster-enabled yes`, free
 loopback ports, slots split in three with CLUSTER ADDSLOTSRANGE, joined with
 CLUSTER MEET), a copy of the session's home pointed at them with
-`REDIS_URL=redis+cluster://...`: `rankgate setup` materializes into the cluster and
-writes the demo consent there, `rankgate serve` answers over HTTP from it (ranking,
+`REDIS_URL=redis+cluster://...`: `rankgate setup --demo-consent` materializes into the
+cluster and writes the demo consent there, `rankgate serve` answers over HTTP from it (ranking,
 consent writes, events, the consumer's streaming features and outcome join), and
 `rankgate privacy forget` leaves nothing of the person on any master.
 """
@@ -210,7 +210,7 @@ def served(cluster: LocalCluster, ready_home: Home) -> Iterator[Served]:
         get_settings.cache_clear()
         try:
             started = time.monotonic()
-            run_setup(lambda _line: None)
+            run_setup(lambda _line: None, demo_consent=True)
             print(f"\nsetup into the cluster: {time.monotonic() - started:.1f}s")
             client = connect(cluster.url)
             assert isinstance(client, redis.RedisCluster)

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
+from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
 from rankgate.governance import demo_consent as demo_module
 from rankgate.governance.consent import ConsentState, ConsentStore
@@ -25,12 +28,14 @@ from rankgate.governance.demo_consent import (
     DemoConsentSweep,
     demo_consent,
 )
+from rankgate.governance.policy import load_policy
 from rankgate.ops.consent_import import import_consent
 from rankgate.ops.environment import Environment
-from rankgate.ops.setup import write_demo_consent
+from rankgate.ops.setup import run_setup, write_demo_consent
 from serving.contract.parsing import BadRequest, parse_consent
 from serving.runtime import ReplicaRuntime
 from tests.ranking.test_pipeline import make_pipeline
+from tests.serving_support import example_user_ids
 
 EMAIL, ONSITE = "email_marketing", "onsite_personalization"
 
@@ -53,6 +58,15 @@ def namespace(env: Environment, request: pytest.FixtureRequest) -> Iterator[str]
     names = list(env.redis.scan_iter(match=pattern, count=1000))
     if names:
         env.redis.delete(*names)
+
+
+@pytest.fixture
+def restores_demo_consent(ready_home: Home) -> Iterator[None]:
+    """The session home's demo records as setup writes them, whatever the test left."""
+    yield
+    env = Environment.open()
+    env.redis.delete(env.marker_key("demo_consent"))
+    run_setup(lambda _line: None, demo_consent=True)
 
 
 def stored(env: Environment, namespace: str, uid: str) -> dict[str, dict[str, object]]:
@@ -113,6 +127,55 @@ def test_a_real_decision_written_after_the_listing_is_kept(
     assert removed.records == listed.records - 1
     assert stored(env, namespace, replaced)[ONSITE]["source"] == "cmp"
     assert store.state(user_key(replaced), ONSITE) == ConsentState.GRANTED
+
+
+def test_setup_writes_demo_consent_only_when_asked(
+    env: Environment, restores_demo_consent: None
+) -> None:
+    """`privacy demo-consent list`, `remove` (refused without --yes, then done), and
+    setup without the flag writing none; with it, all again (the marker was removed)."""
+    ids = example_user_ids()
+    purposes = list(load_policy().purposes)
+    expected = expected_tally(ids, purposes)
+    runner = CliRunner()
+
+    listed = runner.invoke(main, ["privacy", "demo-consent", "list"])
+    assert listed.exit_code == 0, listed.output
+    people = sum(1 for uid in ids if demo_consent(uid, purposes))
+    assert f"found {sum(expected.values())} demo consent records of {people} people" in (
+        listed.output
+    )
+    granted, denied = expected[(EMAIL, True)], expected[(EMAIL, False)]
+    assert any(
+        line.split() == [EMAIL, str(granted), str(denied)] for line in listed.output.splitlines()
+    )
+
+    refused = runner.invoke(main, ["privacy", "demo-consent", "remove"])
+    assert refused.exit_code == 1
+    assert "would remove" in refused.output and "nothing removed: add --yes" in refused.output
+    assert DemoConsentSweep(env.redis, env.home.namespace).count().decisions == expected
+
+    removed = runner.invoke(main, ["privacy", "demo-consent", "remove", "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert f"removed {sum(expected.values())} demo consent records" in removed.output
+    assert not env.redis.exists(env.marker_key("demo_consent"))
+    states = env.consent.states([user_key(uid) for uid in ids], EMAIL)
+    assert set(states) == {ConsentState.UNKNOWN}
+
+    lines: list[str] = []
+    assert run_setup(lines.append) is False
+    assert any(line.startswith("note: no demo consent written") for line in lines), lines
+    assert DemoConsentSweep(env.redis, env.home.namespace).count().records == 0
+    nothing = runner.invoke(main, ["privacy", "demo-consent", "remove"])
+    assert nothing.exit_code == 0 and "no demo consent records" in nothing.output
+
+    lines.clear()
+    assert run_setup(lines.append, demo_consent=True) is True
+    assert any(line.startswith("• demo consent records: writing") for line in lines), lines
+    assert DemoConsentSweep(env.redis, env.home.namespace).count().decisions == expected
+    lines.clear()
+    run_setup(lines.append)
+    assert any(line.startswith("! demo consent records: kept") for line in lines), lines
 
 
 def test_real_writers_refuse_the_demo_source(

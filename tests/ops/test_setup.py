@@ -18,7 +18,7 @@ from tests.serving_support import example_user_ids
 
 def test_second_setup_does_nothing_and_says_so(ready_home: Home) -> None:
     lines: list[str] = []
-    assert run_setup(lines.append) is False
+    assert run_setup(lines.append, demo_consent=True) is False
     assert lines[-1] == "nothing to do: everything was already set up."
     assert all(
         line.startswith(("✓", "home:", "project:", "redis:", "note:")) for line in lines[:-1]
@@ -133,7 +133,7 @@ def test_demo_consent_under_old_key_names_is_written_again(env: Environment) -> 
         env.redis.rename(key, old_name)
     lines: list[str] = []
     try:
-        assert run_setup(lines.append)
+        assert run_setup(lines.append, demo_consent=True)
         assert any("demo consent records: writing" in line for line in lines), lines
         assert all(env.redis.exists(key) for key in keys)
     finally:

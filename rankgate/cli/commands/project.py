@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from rankgate.cli.options import demo_consent_option
 from rankgate.cli.render import echo_lines, fails_cleanly, say
 from rankgate.ops.project_check import check_project
 from rankgate.ops.scaffold import parse_sample_size, write_skeleton
@@ -25,11 +26,12 @@ from rankgate.ops.setup import (
     is_flag=True,
     help="Redo every step, and retrain the project's setup models, even if nothing changed.",
 )
+@demo_consent_option
 @fails_cleanly
-def setup(force: bool) -> None:
+def setup(force: bool, demo_consent: bool) -> None:
     """Prepare everything the server needs from the project's sources; safe to run again
     (redoes what changed since the last run, and says what)."""
-    run_setup(say, force=force)
+    run_setup(say, force=force, demo_consent=demo_consent)
 
 
 @click.command()

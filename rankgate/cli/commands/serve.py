@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from loadtests.loadtest import render_summary, run_loadtest
-from rankgate.cli.options import file_option, folder_option
+from rankgate.cli.options import demo_consent_option, file_option, folder_option
 from rankgate.cli.render import echo_lines, fails_cleanly, say
 from rankgate.ops.bench import BenchOptions, benchmark, check_regressions
 from rankgate.ops.serve import serve as serve_project
@@ -44,15 +44,22 @@ from serving.ops.supervisor import log_record
     help="json: Ray Serve's logs (files and console) and this command's output as one "
     "JSON object a line. Env: RANKGATE_LOG_FORMAT.",
 )
+@demo_consent_option
 @fails_cleanly
-def serve(config_path: Path | None, port: int | None, host: str | None, log_format: str) -> None:
+def serve(
+    config_path: Path | None,
+    port: int | None,
+    host: str | None,
+    log_format: str,
+    demo_consent: bool,
+) -> None:
     """Set up if needed, then serve POST /v1/rank on Ray Serve (blocks; Ctrl-C or
     SIGTERM stops)."""
 
     def say_as_configured(message: str) -> None:
         click.echo(log_record(message, "rankgate") if log_format == "json" else message)
 
-    serve_project(config_path, port, host, log_format, say_as_configured)
+    serve_project(config_path, port, host, log_format, say_as_configured, demo_consent)
 
 
 @click.command()

@@ -2,7 +2,8 @@
 
 `rankgate setup` calls `prepare(data_dir)` with the home's data folder (the
 `${RANKGATE_DATA_DIR}` of rankgate.yaml and of the Feast definitions) whenever
-the project's sources changed, and `demo_user_ids()` to write demo consent.
+the project's sources changed; `rankgate setup --demo-consent` (as `./run` runs it)
+calls `demo_user_ids()` to make up consent for the example's visitors.
 
 The logs have no visitor id column. A visitor is the combination of all visitor
 columns (`user_feature_0..3` and the 80 `user-item_affinity_*` scores; 561 distinct
@@ -87,7 +88,8 @@ def example_user_ids() -> list[str]:
 
 
 def demo_user_ids() -> list[str]:
-    """Distinct example user ids, in order of first appearance in the logs."""
+    """Distinct example user ids, in order of first appearance in the logs: the
+    people `rankgate setup --demo-consent` makes up consent for."""
     return example_user_ids()
 
 

@@ -252,7 +252,8 @@ class ProjectFile(Strict):
     prepare: str | None = None
     """A Python file of the project whose `prepare(data_dir)` writes derived tables into
     the home's data folder before Feast reads them (optional). It may also define
-    `demo_user_ids()`, the ids `rankgate setup` writes demo consent for."""
+    `demo_user_ids()`, the ids `rankgate setup --demo-consent` makes up consent for
+    (an example's or a generated sample's people, never real ones)."""
     setup_models: list[SetupModel] = Field(default_factory=list)
     """Versions `rankgate setup` trains when the home has none of that name."""
     events: EventsConfig | None = None
@@ -363,7 +364,8 @@ class Project:
         return function  # type: ignore[no-any-return]
 
     def demo_user_ids(self) -> list[str]:
-        """The demo users the project's prepare module names (none without one)."""
+        """The demo users the project's prepare module names (none without one): whom
+        `rankgate setup --demo-consent` makes up consent for."""
         module = self.prepare_module
         function = getattr(module, "demo_user_ids", None) if module else None
         return list(function()) if callable(function) else []

@@ -129,7 +129,8 @@ NS = "<ns>"
 CONSENT = RedisKey(
     consent(NS, "<user_key>"),
     "hash",
-    "`/v1/consent`, `rankgate consent import`, `rankgate setup` (demo records)",
+    "`/v1/consent`, `rankgate consent import`, `rankgate setup --demo-consent` (made-up "
+    "records, source `rankgate-demo`)",
     'purpose → `{"granted", "source", "updated_at"}`',
     personal=True,
 )
@@ -195,7 +196,8 @@ SETUP_MARKERS = RedisKey(
     setup_marker(NS, "<step>"),
     "string",
     "`rankgate setup`",
-    "a step whose result lives in Redis is done (`materialized`, `demo_consent`)",
+    "a step whose result lives in Redis is done (`materialized`, `demo_consent`: removed by "
+    "`rankgate privacy demo-consent remove`)",
     personal=False,
 )
 EVENTS = RedisKey(

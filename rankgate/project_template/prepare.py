@@ -2,8 +2,10 @@
 
 `rankgate setup` calls `prepare(data_dir)` with the home's data folder (the
 `${RANKGATE_DATA_DIR}` of rankgate.yaml and of the Feast definitions) whenever
-a source of the project changed, and `demo_user_ids()` to write demo consent
-records. `rankgate project check` calls it with a temporary folder.
+a source of the project changed. `rankgate setup --demo-consent` (and only it)
+calls `demo_user_ids()` to make up consent for the sample's users; never return
+real people's ids from it. `rankgate project check` calls `prepare` with a
+temporary folder.
 
 This one generates a sample shop, the same on every machine: users in a few
 segments, items in a few categories, and logged impressions whose clicks depend
@@ -44,7 +46,11 @@ CHUNK = 1_000_000
 
 
 def demo_user_ids() -> list[str]:
-    """The sample's user ids: the ids your application would send."""
+    """The generated sample's user ids (the kind your application would send), for
+    `rankgate setup --demo-consent` only: it writes made-up consent for each (about
+    half granted, source 'rankgate-demo'). Never real people's ids: their consent
+    comes from them (`rankgate consent import`, POST /v1/consent). With your own
+    data, delete this function."""
     return [f"user-{n:04d}" for n in range(N_SHOPPERS)]
 
 

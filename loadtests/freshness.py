@@ -123,7 +123,10 @@ def run_freshness(
     states = env.consent.states([user_key(u) for u in ids], purpose)
     people = [u for u, s in zip(ids, states, strict=True) if s == ConsentState.GRANTED]
     if len(people) < 2:
-        raise RankgateError(f"need people with consent granted for {purpose} to measure")
+        raise RankgateError(
+            f"need people with consent granted for {purpose} to measure: the demo users' "
+            "made-up consent (`rankgate setup --demo-consent`)"
+        )
     from features.tables import load_catalogue
 
     catalogue = load_catalogue(env.project, env.views(), env.data_dir)

@@ -25,6 +25,7 @@ from loadtests.bench.report import (
     OURS,
 )
 from loadtests.bench.wrk import ensure_wrk, run_wrk
+from rankgate.core.errors import RankgateError
 from rankgate.core.pseudonym import user_key
 from rankgate.core.settings import SOURCE_CHECKOUT, put_checkout_on_path
 from rankgate.governance.api_keys import temporary_key
@@ -114,6 +115,11 @@ def request_bodies(env: Environment, count: int = 200) -> list[dict[str, Any]]:
     ids = env.project.demo_user_ids()
     states = env.consent.states([user_key(u) for u in ids], purpose)
     granted = [u for u, s in zip(ids, states, strict=True) if s == ConsentState.GRANTED][:count]
+    if not granted:
+        raise RankgateError(
+            f"no demo user has consent granted for {purpose}: the benchmark ranks the demo "
+            "users with their made-up consent (`rankgate setup --demo-consent`)"
+        )
     return [{"user_id": u, "purpose": purpose, "region": region, "k": 10} for u in granted]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from loadtests.bench.systems import request_bodies
 from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
@@ -161,6 +162,9 @@ def test_setup_writes_demo_consent_only_when_asked(
     assert not env.redis.exists(env.marker_key("demo_consent"))
     states = env.consent.states([user_key(uid) for uid in ids], EMAIL)
     assert set(states) == {ConsentState.UNKNOWN}
+
+    with pytest.raises(RankgateError, match="rankgate setup --demo-consent"):
+        request_bodies(env)  # the benchmark's requests need the demo users' consent
 
     lines: list[str] = []
     assert run_setup(lines.append) is False

@@ -396,6 +396,37 @@ def test_consent_import_writes_later_decisions_on_every_master(
     assert sum(holding) == len(people) and all(n > 0 for n in holding), holding
 
 
+def test_demo_consent_is_counted_and_removed_on_every_master(cluster: LocalCluster) -> None:
+    """The sweep reads every master (SCAN of each) and calls its script with one
+    person a call (each in their own slot): demo records go from all of them, a real
+    record beside a demo one stays. Needs the cluster only, not a server."""
+    from rankgate.governance.demo_consent import DemoConsentSweep, demo_consent
+    from rankgate.ops.setup import write_demo_consent
+
+    client = connect(cluster.url)
+    assert isinstance(client, redis.RedisCluster)
+    namespace = f"demo-{uuid.uuid4().hex[:8]}"
+    store = ConsentStore(client, namespace)
+    purposes = ["email_marketing", "onsite_personalization"]
+    people = [f"demo-{n}" for n in range(120)]
+    write_demo_consent(store, people, purposes)
+    kept = next(uid for uid in people if len(demo_consent(uid, purposes)) == 2)
+    store.record(user_key(kept), {"email_marketing": True}, source="cmp")
+    demo_records = sum(len(demo_consent(uid, purposes)) for uid in people) - 1
+    pattern = redis_keys.consent(namespace, "*")
+    holding = [len(list(m.scan_iter(match=pattern, count=1000))) for m in cluster.masters()]
+    assert all(n > 0 for n in holding), holding
+
+    sweep = DemoConsentSweep(client, namespace)
+    assert sweep.count().records == demo_records
+    assert sweep.remove().records == demo_records
+    left = [name for m in cluster.masters() for name in m.scan_iter(match=pattern, count=1000)]
+    assert left == [redis_keys.consent(namespace, user_key(kept)).encode()]
+    assert store.state(user_key(kept), "email_marketing") == ConsentState.GRANTED
+    assert store.state(user_key(kept), "onsite_personalization") == ConsentState.UNKNOWN
+    client.delete(*left)
+
+
 def test_forget_leaves_nothing_of_the_person_on_any_master(served: Served) -> None:
     from rankgate.ops.access import forget
 

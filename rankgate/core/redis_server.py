@@ -366,3 +366,14 @@ def client_address(client: RedisClient) -> str:
         return ",".join(node.name for node in client.get_primaries()) + " (cluster)"
     kwargs = client.connection_pool.connection_kwargs
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+@contextmanager
+def failing_as_unavailable(client: RedisClient, consequence: str) -> Iterator[None]:
+    """A Redis failure within as one `RedisUnavailable` naming the server and what the
+    failure left (`consequence`), for work of many commands that may stop half-way."""
+    try:
+        yield
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        where = client_address(client)
+        raise RedisUnavailable(f"Redis unreachable at {where}: {exc}; {consequence}") from exc

@@ -6,6 +6,7 @@ nobody gave (rankgate/governance/demo_consent.py)."""
 from __future__ import annotations
 
 from rankgate.core.errors import RankgateError
+from rankgate.core.redis_server import failing_as_unavailable
 from rankgate.governance.api_keys import ApiKey, check_app
 from rankgate.governance.demo_consent import DemoConsentSweep, DemoConsentTally
 from rankgate.governance.policy import load_policy
@@ -44,13 +45,15 @@ def forget(user_id: str) -> str:
 def count_demo_consent() -> DemoConsentTally:
     """The demo consent records of the home, per purpose and decision."""
     env = Environment.open()
-    return DemoConsentSweep(env.redis, env.home.namespace).count()
+    with failing_as_unavailable(env.redis, "nothing was removed"):
+        return DemoConsentSweep(env.redis, env.home.namespace).count()
 
 
 def remove_demo_consent() -> DemoConsentTally:
     """Remove the demo consent records of the home, and setup's marker of them (so
     `rankgate setup --demo-consent` writes them again); what was removed."""
     env = Environment.open()
-    # The marker goes first: an interrupted removal leaves none, and setup writes all again.
-    env.redis.delete(env.marker_key("demo_consent"))
-    return DemoConsentSweep(env.redis, env.home.namespace).remove()
+    with failing_as_unavailable(env.redis, "run the command again to finish removing"):
+        # The marker goes first: an interrupted removal leaves none, and setup writes all again.
+        env.redis.delete(env.marker_key("demo_consent"))
+        return DemoConsentSweep(env.redis, env.home.namespace).remove()

@@ -32,8 +32,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +43,12 @@ from feast.infra.key_encoding_utils import deserialize_entity_key
 
 from features.store import ENTITY_KEY_SERIALIZATION_VERSION
 from rankgate.core import redis_keys
-from rankgate.core.errors import RankgateError, RedisUnavailable
+from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
 from rankgate.core.project import Project
 from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_keys import glob_escape
-from rankgate.core.redis_server import RedisClient, client_address
+from rankgate.core.redis_server import RedisClient, failing_as_unavailable
 from rankgate.core.streams import stream_pages
 from serving.contract.config import LimitsConfig
 from serving.contract.schemas import check_user_id
@@ -218,10 +217,10 @@ class Eraser:
 
     def forget(self, user_id: str) -> ErasureReport:
         key = user_key(checked_user_id(user_id))
-        with self._redis("nothing was erased"):
+        with failing_as_unavailable(self.client, "nothing was erased"):
             self.client.ping()
         offline = erase_offline_rows(self.tables, self.join_key, key)
-        with self._redis("run the command again to finish erasing"):
+        with failing_as_unavailable(self.client, "run the command again to finish erasing"):
             feature_rows = self.erase_feature_rows(key)
             consent = int(self.client.delete(redis_keys.consent(self.namespace, key)))  # type: ignore[arg-type]
             audit = self.erase_audit_records(key)
@@ -314,11 +313,3 @@ class Eraser:
         for start in range(0, len(mine), SCAN_COUNT):
             erased += int(self.client.delete(*mine[start : start + SCAN_COUNT]))  # type: ignore[arg-type]
         return erased
-
-    @contextmanager
-    def _redis(self, consequence: str) -> Iterator[None]:
-        try:
-            yield
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            where = client_address(self.client)
-            raise RedisUnavailable(f"Redis unreachable at {where}: {exc}; {consequence}") from exc

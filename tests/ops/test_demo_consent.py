@@ -22,6 +22,7 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
+from rankgate.core.settings import get_settings
 from rankgate.governance import demo_consent as demo_module
 from rankgate.governance.consent import ConsentState, ConsentStore
 from rankgate.governance.demo_consent import (
@@ -201,3 +202,16 @@ def test_real_writers_refuse_the_demo_source(
     with pytest.raises(RankgateError, match="row 1, column 'source': 'rankgate-demo' marks"):
         import_consent(export)
     assert env.consent.state(user_key("refused-1"), EMAIL) == ConsentState.UNKNOWN
+
+
+def test_a_redis_that_is_down_is_named(ready_home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["privacy", "demo-consent", "remove", "--yes"])
+    finally:
+        monkeypatch.delenv("REDIS_URL")
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert result.output.startswith("error: Redis unreachable at 127.0.0.1:1"), result.output
+    assert "Traceback" not in result.output

@@ -47,6 +47,7 @@ LIGHT_COMMANDS = [
     ["model", "status"],
     ["redis", "status"],
     ["audit", "tail", "--count", "1"],
+    ["privacy", "demo-consent", "list"],
     # Commands that do need Ray or Feast import them when they run, not for --help.
     *(
         [*command, "--help"]
@@ -71,6 +72,7 @@ LIGHT_COMMANDS = [
             ["keys"],
             ["privacy"],
             ["privacy", "forget"],
+            ["privacy", "demo-consent", "remove"],
             ["redis"],
         )
     ),

@@ -108,7 +108,9 @@ class DemoConsentTally:
     """The demo consent records a sweep found (and removed, when it removed)."""
 
     people_read: int = 0
-    """People with a consent record, demo or not."""
+    """People with a consent record, demo or not, as SCAN returned them: one may be
+    returned twice while the keyspace resizes (removal deleting keys resizes it); the
+    records are counted once all the same, as a second visit finds none left."""
     people: int = 0
     """People with at least one demo record."""
     left_without_record: int = 0

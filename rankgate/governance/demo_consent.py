@@ -109,8 +109,10 @@ class DemoConsentTally:
 
     people_read: int = 0
     """People with a consent record, demo or not, as SCAN returned them: one may be
-    returned twice while the keyspace resizes (removal deleting keys resizes it); the
-    records are counted once all the same, as a second visit finds none left."""
+    returned twice while the keyspace resizes (removal deleting keys resizes it).
+    Removing, a second visit finds no demo record left, so what was removed is
+    counted once; counting while other writers resize the keyspace may count a
+    person's records twice."""
     people: int = 0
     """People with at least one demo record."""
     left_without_record: int = 0

@@ -108,10 +108,13 @@ class RankContext:
 
     request: RankRequest
     key: str
-    """The person's pseudonymous key (never the raw id)."""
+    """The pseudonymous key (never the raw id) of the request's id; after the gate,
+    of its person (the one a linked id belongs to)."""
     candidates: Sequence[ItemId]
     timings: dict[str, float]
     decision: GateDecision | None = None
+    consent_via: str | None = None
+    """"linked-id" when the person's consent was read through a link (the gate's source)."""
     eligible: list[ItemId] = field(default_factory=list)
     """The candidates the policy allows to be shown (stages may narrow them)."""
     model_ref: ModelRef | None = None
@@ -261,10 +264,15 @@ class GateStage(Stage):
             # closed: not personalized); the item rules still apply.
             decision = gate.unread(request.purpose, request.region, "budget spent queued")
         else:
-            consent = await self.services.consent.read(
+            person = await self.services.consent.read_person(
                 context.key, request.purpose, deadline.remaining_s()
             )
-            decision = gate.decide(request.purpose, request.region, consent)
+            if person is None:
+                decision = gate.decide(request.purpose, request.region, None)
+            else:
+                # Everything after the gate is about the person, whichever id asked.
+                context.key, context.consent_via = person.person, person.via
+                decision = gate.decide(request.purpose, request.region, person.state)
         context.decision = decision
         excluded = decision.excluded_items
         if request.candidates is None:

@@ -30,6 +30,7 @@ from rankgate.governance.demo_consent import (
     DemoConsentSweep,
     demo_consent,
 )
+from rankgate.governance.identity import VIA_LINK, merge_consent
 from rankgate.governance.policy import load_policy
 from rankgate.ops.consent_import import import_consent
 from rankgate.ops.environment import Environment
@@ -215,3 +216,26 @@ def test_a_redis_that_is_down_is_named(ready_home: Home, monkeypatch: pytest.Mon
     assert result.exit_code == 1
     assert result.output.startswith("error: Redis unreachable at 127.0.0.1:1"), result.output
     assert "Traceback" not in result.output
+
+
+def test_a_demo_record_merged_through_a_link_is_still_demo(
+    env: Environment, namespace: str
+) -> None:
+    """Linking ids merges a joining id's records into the person's, marked `via` a
+    linked id and keeping their source: a made-up one stays removable, the person's
+    real one stays."""
+    store = ConsentStore(env.redis, namespace)
+    visitor, person = user_key("visitor-1"), user_key("person-1")
+    store.record(visitor, {EMAIL: True}, source=DEMO_SOURCE)
+    store.record(person, {ONSITE: False}, source="cmp")
+    joining = env.redis.hgetall(redis_keys.consent(namespace, visitor))
+    kept = env.redis.hgetall(redis_keys.consent(namespace, person))
+    merged = merge_consent(kept, joining, "latest")
+    assert json.loads(merged[EMAIL])["via"] == VIA_LINK
+    env.redis.hset(redis_keys.consent(namespace, person), mapping=merged)
+    env.redis.delete(redis_keys.consent(namespace, visitor))
+
+    removed = DemoConsentSweep(env.redis, namespace).remove()
+    assert removed.decisions == Counter({(EMAIL, True): 1})
+    assert store.state(person, EMAIL) == ConsentState.UNKNOWN
+    assert store.state(person, ONSITE) == ConsentState.DENIED

@@ -61,6 +61,8 @@ AUDIT_PAGE = 1000
 DECISION_USER_FIELD = "u"
 """The field of a decision hash (redis_keys.decision) that holds its user key."""
 SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
+SCAN_EACH_UP_TO = 4
+"""A person with more ids has their Feast rows found in one pass over the keyspace."""
 LINKS = "<links>"
 """Where `_erase_stream_entries` counts link entries (not one id's)."""
 ERASED = (
@@ -259,9 +261,11 @@ class Eraser:
             audit = self.erase_audit_records(set(ids))
             events = self.erase_events(set(ids))
             decisions = self.erase_decisions(set(ids))
+            # Up to a few ids, a SCAN each, matched by the server; past that, one pass.
+            found = self.feature_row_names(set(ids)) if len(ids) > SCAN_EACH_UP_TO else None
             reports = []
             for k, k_kind in ids.items():
-                feature_rows = self.erase_feature_rows(k)
+                feature_rows = self.erase_feature_rows(k, found)
                 consent = int(self.client.delete(redis_keys.consent(self.namespace, k)))  # type: ignore[arg-type]
                 states = self.erase_streaming_states(k)
                 reports.append(
@@ -296,24 +300,47 @@ class Eraser:
         names.append(redis_keys.identity_ids(self.namespace, person))
         return sum(int(self.client.delete(name)) for name in names)  # type: ignore[arg-type,misc]
 
-    def erase_feature_rows(self, key: str) -> dict[str, int]:
+    def feature_row_names(self, keys: set[str]) -> dict[str, list[bytes]]:
+        """The Feast online rows of many ids in one pass over the keyspace (a SCAN for
+        each would read it once per id): the names of the home's Feast project whose
+        entity value ends where a user key of that length would, confirmed by decoding."""
+        suffix = self.feast_project.encode()
+        width = len(next(iter(keys)))
+        found: dict[str, list[bytes]] = {}
+        pattern = "*" + glob_escape(self.feast_project)
+        for name in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
+            candidate = name[-len(suffix) - width : -len(suffix)].decode(errors="replace")
+            owner = (
+                feast_user_key(name, suffix.decode(), self.join_key) if candidate in keys else None
+            )
+            if owner == candidate:
+                found.setdefault(candidate, []).append(name)
+        return found
+
+    def erase_feature_rows(
+        self, key: str, found: dict[str, list[bytes]] | None = None
+    ) -> dict[str, int]:
         """Delete every Feast online row keyed by the person; rows per feature view.
 
         A SCAN for key names containing the user key, each confirmed by decoding its
         entity key, finds rows under any entity key that includes the person, and
-        rows of views no longer in the registry.
+        rows of views no longer in the registry (`found`: the rows of many ids,
+        from `feature_row_names`).
         """
         rows: Counter[str] = Counter()
-        names = [
-            name
-            for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
-            if feast_user_key(name, self.feast_project, self.join_key) == key
-        ]
+        if found is not None:
+            names = found.get(key, [])
+        else:
+            names = [
+                name
+                for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
+                if feast_user_key(name, self.feast_project, self.join_key) == key
+            ]
         if not names:
             return dict(rows)
         with self.client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hkeys(name)
+                pipe.hkeys(name)  # type: ignore[arg-type]
             fields = pipe.execute()
         for hash_fields in fields:
             rows.update(f[4:].decode() for f in hash_fields if f.startswith(b"_ts:"))

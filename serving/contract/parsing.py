@@ -10,11 +10,14 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from rankgate.core.errors import RankgateError
+from rankgate.governance.tcf import TCStringError, decode
 from serving.contract.schemas import (
+    TCF_HEADER,
     ConsentRequest,
     ConsentWrite,
     ErrorProblem,
     RankRequest,
+    RequestConsent,
     RequestRules,
     check_user_id,
 )
@@ -53,11 +56,31 @@ def problems_of(exc: ValidationError) -> list[ErrorProblem]:
     return problems
 
 
-def parse_rank(body: bytes, rules: RequestRules) -> RankRequest:
+def parse_rank(
+    body: bytes, rules: RequestRules, gpc_header: str | None = None, tcf_header: str | None = None
+) -> RankRequest:
+    """A rank request, with the consent signals of its headers (`Sec-GPC`, `Rankgate-TCF`)
+    merged into `consent`; a malformed TC string in either place is a problem named
+    by its field."""
+    problems: list[ErrorProblem] = []
+    parsed = None
     try:
-        return RankRequest.model_validate_json(body, context={"rules": rules})
+        parsed = RankRequest.model_validate_json(body, context={"rules": rules})
     except ValidationError as exc:
-        raise BadRequest(problems_of(exc)) from exc
+        problems = problems_of(exc)
+    if tcf_header is not None:
+        try:
+            decode(tcf_header)
+        except TCStringError as exc:
+            problem = f"not a TCF v2 TC string: {exc.message}"
+            problems.append(ErrorProblem(field=TCF_HEADER, problem=problem))
+    if problems or parsed is None:
+        raise BadRequest(problems)
+    # Sec-GPC: 1 is the whole signal; any other value means none (the GPC spec).
+    gpc = gpc_header is not None and gpc_header.strip() == "1"
+    if gpc or tcf_header is not None:
+        parsed.consent = RequestConsent.merged(parsed.consent, gpc, tcf_header)
+    return parsed
 
 
 def parse_consent(

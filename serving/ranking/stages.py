@@ -264,7 +264,8 @@ class GateStage(Stage):
             consent = await self.services.consent.read(
                 context.key, request.purpose, deadline.remaining_s()
             )
-            decision = gate.decide(request.purpose, request.region, consent)
+            signals = request.consent.signals() if request.consent is not None else None
+            decision = gate.decide(request.purpose, request.region, consent, signals=signals)
         context.decision = decision
         excluded = decision.excluded_items
         if request.candidates is None:

@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
+from itertools import chain, compress
 
 from rankgate.core.errors import RankgateError
 
 MAX_TC_STRING_CHARS = 8192
 """Longer strings are refused unread (a full bitfield of every vendor is ~2,000 chars)."""
-DECODED_CACHE_SIZE = 1024
-"""Distinct strings whose decoding is kept: a site's visitors share a few strings."""
+DECODED_CACHE_SIZE = 512
+"""Distinct strings whose decoding is kept (a visitor's string comes with each of their
+requests); at most ~50 KB each, so the cache stays under ~25 MB whatever is sent."""
 
 
 class TCStringError(RankgateError):
@@ -54,15 +59,58 @@ class RestrictionType(IntEnum):
 
 
 @dataclass(frozen=True)
-class PublisherRestriction:
-    purpose: int
-    restriction: RestrictionType
-    vendors: frozenset[int]
+class VendorIds:
+    """Vendor ids as the string encodes them: a bitfield (its "0"/"1" text, vendor n
+    at n - 1) or merged ranges. Never expanded: a 8 KB string of ranges over 1-65535
+    would otherwise cost seconds and megabytes; this stays the string's size."""
+
+    flags: str = ""
+    spans: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of_spans(cls, spans: list[tuple[int, int]]) -> VendorIds:
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return cls(spans=tuple(merged))
+
+    def __contains__(self, vendor_id: object) -> bool:
+        if not isinstance(vendor_id, int) or vendor_id < 1:
+            return False
+        if self.flags:
+            return vendor_id <= len(self.flags) and self.flags[vendor_id - 1] == "1"
+        at = bisect_right(self.spans, (vendor_id, MAX_VENDOR_ID)) - 1
+        return at >= 0 and self.spans[at][1] >= vendor_id
+
+    def __iter__(self) -> Iterator[int]:
+        if self.flags:
+            flags = self.flags.encode("ascii").translate(BIT_FLAGS)
+            return compress(range(1, len(flags) + 1), flags)
+        return chain.from_iterable(range(start, end + 1) for start, end in self.spans)
+
+    def __len__(self) -> int:
+        if self.flags:
+            return self.flags.count("1")
+        return sum(end - start + 1 for start, end in self.spans)
+
+
+MAX_VENDOR_ID = 65535
 
 
 @dataclass(frozen=True)
+class PublisherRestriction:
+    purpose: int
+    restriction: RestrictionType
+    vendors: VendorIds
+
+
+@dataclass(frozen=True, eq=False)
 class TCString:
-    """The decoded facts of one TC string (immutable: decodings are shared)."""
+    """The decoded facts of one TC string (immutable: decodings are shared, and
+    compared and hashed by identity, which `decode`'s cache makes one per string)."""
 
     version: int
     created_ds: int
@@ -81,12 +129,12 @@ class TCString:
     purposes_li_transparency: frozenset[int]
     purpose_one_treatment: bool
     publisher_cc: str
-    vendor_consents: frozenset[int]
-    vendor_legitimate_interests: frozenset[int]
+    vendor_consents: VendorIds
+    vendor_legitimate_interests: VendorIds
     publisher_restrictions: tuple[PublisherRestriction, ...]
-    disclosed_vendors: frozenset[int] | None = None
+    disclosed_vendors: VendorIds | None = None
     """None: the string has no DisclosedVendors segment."""
-    allowed_vendors: frozenset[int] | None = None
+    allowed_vendors: VendorIds | None = None
     publisher_purposes_consent: frozenset[int] = frozenset()
     publisher_purposes_li_transparency: frozenset[int] = frozenset()
     custom_purposes_consent: frozenset[int] = frozenset()
@@ -104,7 +152,7 @@ class BitReader:
     """Reads big-endian unsigned fields from a segment's bits."""
 
     def __init__(self, data: bytes, segment: str) -> None:
-        self.bits = "".join(f"{byte:08b}" for byte in data)
+        self.bits = format(int.from_bytes(data, "big"), f"0{len(data) * 8}b") if data else ""
         self.length = len(self.bits)
         self.position = 0
         self.segment = segment
@@ -127,36 +175,38 @@ class BitReader:
         """Ids 1..bits whose bit is set (bit 1 first)."""
         start = self.position
         self.number(bits, field)  # checks the length
-        chunk = self.bits[start : start + bits]
-        return frozenset(n + 1 for n, bit in enumerate(chunk) if bit == "1")
+        flags = self.bits[start : start + bits].encode("ascii").translate(BIT_FLAGS)
+        return frozenset(compress(range(1, bits + 1), flags))
 
     def letters(self, field: str) -> str:
         return "".join(chr(ord("A") + self.number(6, field)) for _ in range(2))
 
-    def ranges(self, field: str) -> frozenset[int]:
+    def ranges(self, field: str) -> VendorIds:
         """NumEntries (12 bits), then per entry IsARange, a start id and maybe an end id."""
-        ids: set[int] = set()
+        spans = []
         for _ in range(self.number(12, f"{field}.NumEntries")):
             is_range = self.flag(f"{field}.IsARange")
             start = self.number(16, f"{field}.StartOrOnlyVendorId")
             end = self.number(16, f"{field}.EndVendorId") if is_range else start
             if start < 1 or end < start:
                 raise TCStringError(f"{self.segment}: {field} has the range {start}-{end}")
-            ids.update(range(start, end + 1))
-        return frozenset(ids)
+            spans.append((start, end))
+        return VendorIds.of_spans(spans)
 
-    def vendors(self, field: str) -> frozenset[int]:
+    def vendors(self, field: str) -> VendorIds:
         """A vendor section: MaxVendorId, IsRangeEncoding, then a bitfield or ranges."""
         max_vendor_id = self.number(16, f"{field}.MaxVendorId")
         if self.flag(f"{field}.IsRangeEncoding"):
             ids = self.ranges(field)
-            if ids and max(ids) > max_vendor_id:
+            if ids.spans and ids.spans[-1][1] > max_vendor_id:
                 raise TCStringError(
-                    f"{self.segment}: {field} names vendor {max(ids)} above its "
+                    f"{self.segment}: {field} names vendor {ids.spans[-1][1]} above its "
                     f"MaxVendorId {max_vendor_id}"
                 )
             return ids
-        return self.bitfield(max_vendor_id, f"{field}.BitField")
+        start = self.position
+        self.number(max_vendor_id, f"{field}.BitField")  # checks the length
+        return VendorIds(flags=self.bits[start : start + max_vendor_id])
 
 
 def segment_bytes(text: str, index: int) -> bytes:
@@ -170,8 +220,13 @@ def segment_bytes(text: str, index: int) -> bytes:
         raise TCStringError(f"segment {index + 1} is not base64url: {exc}") from None
 
 
+BASE64URL = re.compile(r"[A-Za-z0-9_=-]*")
+BIT_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
+"""'0'/'1' characters to false/true bytes: set bits are then picked in C (`compress`)."""
+
+
 def is_base64url(text: str) -> bool:
-    return all(c.isascii() and (c.isalnum() or c in "-_=") for c in text)
+    return BASE64URL.fullmatch(text) is not None
 
 
 @lru_cache(maxsize=DECODED_CACHE_SIZE)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from weakref import WeakKeyDictionary
 
 from rankgate.core.project import ItemId
 from rankgate.governance.consent import ConsentState
@@ -33,6 +34,7 @@ from rankgate.governance.signals import (
     TcfVerdict,
     effect_of,
 )
+from rankgate.governance.tcf import TCString
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import PolicyBlock, PolicyCheck
 
@@ -69,6 +71,12 @@ class ConsentGate:
         # A decision is a function of its arguments and the policy: made once each
         # (signals by their effect, never the raw string: the keys stay few).
         self.decisions: dict[DecisionKey, GateDecision] = {}
+        # The signals' effect per purpose and region, per decoded string while it is
+        # alive (decodings are shared and cached, bounded: rankgate/governance/tcf.py).
+        self.effects: dict[EffectKey, SignalEffect | None] = {}
+        self.tcf_effects: WeakKeyDictionary[TCString, dict[EffectKey, SignalEffect | None]] = (
+            WeakKeyDictionary()
+        )
 
     def unread(self, purpose: str, region: str, why: str) -> GateDecision:
         """Consent was not read (the request's budget was spent before the gate ran):
@@ -87,12 +95,23 @@ class ConsentGate:
         """`consent` None means the consent store could not be read (or, with
         `unread_because`, was not read). `stored_source` names where the stored
         record came from (`stored`, or `linked-id` for a linked id's record)."""
-        effect = effect_of(self.policy, purpose, region, signals) if signals else None
+        effect = self.effect(purpose, region, signals) if signals else None
         key = (purpose, region, consent, unread_because, effect, stored_source)
         decision = self.decisions.get(key)
         if decision is None:
             decision = self.decisions[key] = self._decide(*key)
         return decision
+
+    def effect(self, purpose: str, region: str, signals: ConsentSignals) -> SignalEffect | None:
+        key = (purpose, region, signals.gpc, signals.tcf_field)
+        known = self.effects
+        if signals.tcf is not None:
+            known = self.tcf_effects.get(signals.tcf) or self.tcf_effects.setdefault(
+                signals.tcf, {}
+            )
+        if key not in known:
+            known[key] = effect_of(self.policy, purpose, region, signals)
+        return known[key]
 
     def _decide(
         self,
@@ -159,6 +178,7 @@ class ConsentGate:
         )
 
 
+EffectKey = tuple[str, str, bool, str]
 DecisionKey = tuple[str, str, ConsentState | None, str | None, SignalEffect | None, str]
 
 

@@ -44,6 +44,6 @@ def test_the_consent_signals_are_documented_in_the_body_and_as_headers() -> None
         consent = schema["properties"]["consent"]["anyOf"][0]
         assert set(consent["properties"]) == {"tcf", "gpc"}
         assert consent["additionalProperties"] is False
-        assert consent["properties"]["tcf"]["anyOf"][0]["pattern"].startswith("^[A-Za-z0-9_-]")
+        assert consent["properties"]["tcf"]["anyOf"][0]["format"] == "iab-tcf-tc-string"
         headers = {p["name"] for p in rank["parameters"] if p["in"] == "header"}
         assert {"Sec-GPC", "Rankgate-TCF"} <= headers

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from click.testing import CliRunner
 
+from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.governance.consent import ConsentState
 from rankgate.ops.environment import Environment
@@ -59,7 +61,7 @@ def test_signals_restrict_the_answer_and_the_audit_names_them(
     granted = rank(server, user_id=uid, region="EU", consent={"tcf": RESTRICTIONS}).json()
     assert granted["fallback"] is None and source_of(granted) == "stored"
 
-    kept = wait_for(env, [gpc["request_id"], denied["request_id"]])
+    kept = wait_for(env, [gpc["request_id"], denied["request_id"], granted["request_id"]])
     assert kept[gpc["request_id"]].consent is not None
     assert kept[gpc["request_id"]].consent.source == "gpc"
     note = kept[denied["request_id"]].consent
@@ -71,6 +73,11 @@ def test_signals_restrict_the_answer_and_the_audit_names_them(
         False,
     )
     assert note.tcf.vendor_list_version == 15
+    # `rankgate audit replay` reads these records as it reads any other.
+    reproduced = CliRunner().invoke(main, ["audit", "replay", granted["request_id"]])
+    assert reproduced.exit_code == 0 and "reproduced: v2" in reproduced.output, reproduced.output
+    not_scored = CliRunner().invoke(main, ["audit", "replay", gpc["request_id"]])
+    assert "not a model ranking (gpc_objection)" in not_scored.output, not_scored.output
     stream = env.redis.xrevrange(redis_keys.audit(env.home.namespace), count=2000)
     assert not any(CORE_ONLY.encode() in fields[b"record"] for _, fields in stream)
 

@@ -144,6 +144,19 @@ class StreamingCounts:
             new += 1
         return new
 
+    def merge(self, state: CountState, others: Sequence[CountState], through: str) -> None:
+        """Add the counts of `others` (the states of ids linked to the person) into
+        `state`, each decayed to the latest of their times, and mark it applied
+        through the link's stream id (a redelivered link then changes nothing)."""
+        at = max([state.at, *(other.at for other in others)])
+        factor = self.decay(at - state.at)
+        counts = {name: value * factor for name, value in state.counts.items()}
+        for other in others:
+            factor = self.decay(at - other.at)
+            for name, value in other.counts.items():
+                counts[name] = counts.get(name, 0.0) + value * factor
+        state.at, state.counts, state.through = at, counts, through
+
     def row(self, state: CountState, as_of: float | None = None) -> dict[str, Any]:
         """Every field of the view, decayed to `as_of` (default: the state's time);
         the default where never counted."""

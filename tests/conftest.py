@@ -164,14 +164,14 @@ def wait_until_healthy(
 
 def test_api_key() -> str:
     """A key for every purpose of the policy and the events scope: application `tests`."""
-    from rankgate.governance.api_keys import ApiKeyStore
+    from rankgate.governance.api_keys import SCOPES, ApiKeyStore
     from rankgate.governance.policy import load_policy
     from rankgate.ops.environment import Environment
 
     env = Environment.open()
     purposes = list(load_policy().purposes)
     return ApiKeyStore(env.redis, env.home.namespace).create(
-        "tests", purposes, purposes, ["events"]
+        "tests", purposes, purposes, list(SCOPES)
     )
 
 

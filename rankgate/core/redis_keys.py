@@ -91,6 +91,15 @@ def streaming_state(namespace: str, view: str, user_key: str) -> str:
     return f"{namespace}:streaming:{view}:{person_tag(user_key)}"
 
 
+def identity_link(namespace: str, id_key: str) -> str:
+    # In the id's slot: the gate reads it with the id's consent in one script.
+    return f"{namespace}:identity:link:{person_tag(id_key)}"
+
+
+def identity_ids(namespace: str, person_key: str) -> str:
+    return f"{namespace}:identity:ids:{person_tag(person_key)}"
+
+
 def decision(namespace: str, request_id: str) -> str:
     return f"{namespace}:decision:{request_id}"
 
@@ -124,7 +133,8 @@ CONSENT = RedisKey(
     consent(NS, "<user_key>"),
     "hash",
     "`/v1/consent`, `rankgate consent import`, `rankgate setup` (demo records)",
-    'purpose → `{"granted", "source", "updated_at"}`',
+    'purpose → `{"granted", "source", "updated_at"}`, with `"via": "linked-id"` when '
+    "a linked id's record decided it",
     personal=True,
 )
 CONSENT_IMPORTS = RedisKey(
@@ -196,7 +206,9 @@ EVENTS = RedisKey(
     events(NS),
     "stream",
     "`/v1/events`, once each event is durable (`serving/events/intake.py`)",
-    "one entry per accepted event: `StoredEvent` JSON (pseudonymous user key)",
+    "one entry per accepted event: `StoredEvent` JSON (pseudonymous user key); one per "
+    "link of ids (`l`: the ids' person keys joined, for the consumer to merge their "
+    "streaming counts)",
     personal=True,
 )
 EVENT_SEEN = RedisKey(
@@ -218,6 +230,20 @@ STREAMING_STATE = RedisKey(
     "hash",
     "the event consumer (`features/streaming.py`)",
     "a person's decayed counts of a streaming view, their time and the last event applied",
+    personal=True,
+)
+IDENTITY_LINK = RedisKey(
+    identity_link(NS, "<id_key>"),
+    "string",
+    "`/v1/identify` (linking), `/v1/unlink`",
+    "the key of the person a linked id belongs to (`docs/privacy.md`, identity)",
+    personal=True,
+)
+IDENTITY_IDS = RedisKey(
+    identity_ids(NS, "<person_key>"),
+    "hash",
+    "`/v1/identify`, `/v1/unlink`",
+    'each id key of a person with linked ids → `{"kind", "linked_at"}`',
     personal=True,
 )
 DECISIONS = RedisKey(
@@ -256,6 +282,8 @@ KEYS = (
     EVENT_SEEN,
     CONSUMER_LEASE,
     STREAMING_STATE,
+    IDENTITY_LINK,
+    IDENTITY_IDS,
     DECISIONS,
     OUTCOMES,
     OUTCOMES_UNJOINED,

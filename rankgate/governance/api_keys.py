@@ -42,7 +42,7 @@ KEY_PATTERN = re.compile(KEY_PREFIX + r"[A-Za-z0-9_-]{43}")  # 32 bytes, URL-saf
 APP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-SCOPES = ("events",)
+SCOPES = ("events", "identify")
 """Kinds of call a key may make beyond ranking and consent for its purposes."""
 
 

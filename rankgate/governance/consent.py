@@ -19,16 +19,18 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
-from rankgate.core.redis_server import AsyncRedisClient, RedisClient
+from rankgate.core.redis_server import AsyncRedisClient, RedisClient, register_async_script
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -107,6 +109,53 @@ def parse_state(raw: bytes | str | None) -> ConsentState:
     return ConsentState.GRANTED if record.get("granted") else ConsentState.DENIED
 
 
+LINKED_VIA = "linked-id"
+"""`via` of a record a linked id's record decided (rankgate.governance.identity)."""
+
+# The person of an id and their consent for a purpose, in one round trip when the
+# id is nobody else's. KEYS: the id's link, the id's consent hash (one slot: both
+# carry the id's tag); ARGV: the purpose. Returns {1, person key} for a linked id,
+# {0, record or nil} for one that is its own person.
+READ_PERSON = """
+local person = redis.call('GET', KEYS[1])
+if person then return {1, person} end
+return {0, redis.call('HGET', KEYS[2], ARGV[1])}
+"""
+READ_PERSON_SHA = hashlib.sha1(READ_PERSON.encode()).hexdigest()
+
+
+# A consent write under an id: recorded in the id's hash when it is its own person
+# (atomically with the check, so a link running meanwhile sees it and merges it);
+# for a linked id, returns its person's key for the caller to write there.
+RECORD_UNLESS_LINKED = """
+local person = redis.call('GET', KEYS[1])
+if person then return person end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+return false
+"""
+
+
+@dataclass(frozen=True)
+class PersonConsent:
+    """Who a request is about and what they decided for its purpose."""
+
+    person: str
+    """The person's key: the id's own, or, for a linked id, its person's."""
+    state: ConsentState
+    via: str | None = None
+    """How the deciding record got there: "linked-id" when the request's id is linked
+    to its person, or the person's record came from a linked id; None: stored for it."""
+
+
+def read_record(person: str, raw: bytes | str | None, linked: bool) -> PersonConsent:
+    if raw is None:
+        return PersonConsent(person, ConsentState.UNKNOWN, LINKED_VIA if linked else None)
+    record = json.loads(raw)
+    state = ConsentState.GRANTED if record.get("granted") else ConsentState.DENIED
+    via = LINKED_VIA if linked or record.get("via") == LINKED_VIA else None
+    return PersonConsent(person, state, via)
+
+
 class ConsentStore:
     def __init__(self, client: RedisClient, namespace: str) -> None:
         self.client = client
@@ -132,7 +181,13 @@ class ConsentStore:
         client = self.client
         sha = client.script_load(RECORD_IF_NEWER)
         per_call = 1 if isinstance(client, redis.RedisCluster) else KEYS_PER_CALL
-        consent_key, namespace = redis_keys.consent, self.namespace
+        namespace = self.namespace
+        # A linked id's decisions are its person's (rankgate.governance.identity).
+        persons = linked_persons(client, namespace, keys)
+
+        def consent_key(namespace: str, key: str) -> str:
+            return redis_keys.consent(namespace, persons.get(key, key))
+
         written, count, index = 0, len(keys), 0
         while index < count:
             pipe = client.pipeline(transaction=False)
@@ -164,6 +219,23 @@ class ConsentStore:
         return [parse_state(raw) for raw in pipe.execute()]
 
 
+def linked_persons(
+    client: RedisClient, namespace: str, keys: Sequence[str], chunk: int = 10_000
+) -> dict[str, str]:
+    """The person key of each key in `keys` that is linked to another person (the
+    keys that are their own person are left out: at scale, almost all)."""
+    linked: dict[str, str] = {}
+    distinct = list(dict.fromkeys(keys))
+    for start in range(0, len(distinct), chunk):
+        part = distinct[start : start + chunk]
+        with client.pipeline(transaction=False) as pipe:
+            for key in part:
+                pipe.get(redis_keys.identity_link(namespace, key))
+            found = pipe.execute()
+        linked.update((k, p.decode()) for k, p in zip(part, found, strict=True) if p is not None)
+    return linked
+
+
 class ConsentStoreUnavailable(RankgateError):
     """The consent store did not take a write: nothing was recorded; retry."""
 
@@ -180,6 +252,45 @@ class AsyncConsentStore:
         self.client = client
         self.namespace = namespace
 
+    @property
+    def client(self) -> AsyncRedisClient:
+        return self._client
+
+    @client.setter
+    def client(self, client: AsyncRedisClient) -> None:
+        """The client, and the scripts it runs (registered with it)."""
+        self._client = client
+        self.record_script = register_async_script(client, RECORD_UNLESS_LINKED)
+
+    async def read_person(self, key: str, purpose: str, timeout_s: float) -> PersonConsent | None:
+        """The person of id `key` and their consent for the purpose; None when it
+        cannot be read in time. One round trip for an id that is its own person, two
+        for a linked one."""
+        namespace = self.namespace
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                # EVALSHA itself: redis-py's Script wrapper costs more per call.
+                link, consent = (
+                    redis_keys.identity_link(namespace, key),
+                    redis_keys.consent(namespace, key),
+                )
+                try:
+                    linked, value = await self.client.evalsha(
+                        READ_PERSON_SHA, 2, link, consent, purpose
+                    )  # type: ignore[misc]
+                except NoScriptError:
+                    await self.client.script_load(READ_PERSON)  # type: ignore[misc]
+                    linked, value = await self.client.evalsha(
+                        READ_PERSON_SHA, 2, link, consent, purpose
+                    )  # type: ignore[misc]
+                if not linked:
+                    return read_record(key, value, False)
+                person = value.decode()
+                raw = await self.client.hget(redis_keys.consent(namespace, person), purpose)  # type: ignore[misc]
+        except (TimeoutError, OSError, aioredis.RedisError):
+            return None
+        return read_record(person, raw, True)
+
     async def read(self, key: str, purpose: str, timeout_s: float) -> ConsentState | None:
         """Consent of the person for the purpose; None when it cannot be read in time."""
         try:
@@ -190,12 +301,20 @@ class AsyncConsentStore:
         return parse_state(raw)
 
     async def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
-        """One HSET: all purposes of a write are recorded together or not at all.
+        """Record under the person of id `key` (its own, or the one it is linked to),
+        in one HSET: all purposes of a write are recorded together or not at all.
         Raises `ConsentStoreUnavailable` when the store cannot take it."""
+        namespace, fields = self.namespace, consent_fields(purposes, source)
+        args = [part for name, value in fields.items() for part in (name, value)]
         try:
-            await self.client.hset(  # type: ignore[misc]
-                redis_keys.consent(self.namespace, key), mapping=consent_fields(purposes, source)
+            person = await self.record_script(
+                keys=[redis_keys.identity_link(namespace, key), redis_keys.consent(namespace, key)],
+                args=args,
             )
+            if person is not None:  # linked: the person's hash takes it
+                await self.client.hset(  # type: ignore[misc]
+                    redis_keys.consent(namespace, person.decode()), mapping=fields
+                )
         except (OSError, aioredis.RedisError) as exc:
             logger.warning("consent write failed: %s", type(exc).__name__)
             raise ConsentStoreUnavailable("the consent was not recorded; retry") from exc

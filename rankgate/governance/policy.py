@@ -117,11 +117,26 @@ class ItemRule(Strict):
     """Regions the rule applies to (None: all)."""
 
 
+class IdentityRules(Strict):
+    """How ids of one person are linked (`POST /v1/identify`; docs/privacy.md)."""
+
+    max_ids: int = Field(1000, ge=2, le=100_000)
+    """Ids one person may have, their own included: a link past it is refused."""
+    link_known_ids: bool = False
+    """Whether a link may join two people who have each signed in (two user ids):
+    refused unless this is true (a shared device is not one person)."""
+    consent_on_link: Literal["most_restrictive", "latest"] = "most_restrictive"
+    """When linked ids hold different decisions for a purpose: `most_restrictive`,
+    a denial wins over a grant whatever their times; `latest`, the later decision
+    wins. Either way a decision recorded after the link is the person's newest."""
+
+
 class Policy(Strict):
     version: str = Field(min_length=1)
     regions: dict[str, Region] = Field(min_length=1)
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
+    identity: IdentityRules = Field(default_factory=IdentityRules)
 
     @model_validator(mode="after")
     def _signals_name_known_purposes(self) -> Policy:

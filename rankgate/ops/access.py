@@ -29,11 +29,14 @@ def revoke_keys(app: str) -> int:
     return count
 
 
-def forget(user_id: str) -> str:
-    """Erase USER_ID's feature rows, consent record, audit records and offline rows;
-    a summary of what was erased."""
+def forget(user_id: str, anonymous: bool = False) -> str:
+    """Erase the person of USER_ID (an anonymous id with `anonymous`), under every id
+    linked to them: feature rows, consent, audit records, events, streaming states,
+    decisions, offline rows and the links; a summary of what was erased per id."""
+    from rankgate.governance.identity import IdKind
     from rankgate.ops.erasure import Eraser, checked_user_id
 
     checked_user_id(user_id)  # a bad id is refused before Redis is even opened
     env = Environment.open()
-    return Eraser(env.redis, env.home, env.project).forget(user_id).summary()
+    kind = IdKind.ANONYMOUS if anonymous else IdKind.USER
+    return Eraser(env.redis, env.home, env.project).forget(user_id, kind).summary()

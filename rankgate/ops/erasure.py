@@ -29,6 +29,7 @@ nothing the second time, and says so.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -48,9 +49,9 @@ from rankgate.core import redis_keys
 from rankgate.core.errors import RankgateError, RedisUnavailable
 from rankgate.core.home import Home
 from rankgate.core.project import Project
-from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_server import RedisClient, client_address
 from rankgate.core.streams import stream_pages
+from rankgate.governance.identity import LINK_FIELD, IdKind, LinkEntry, id_key
 from serving.contract.config import LimitsConfig
 from serving.contract.schemas import check_user_id
 from serving.events.intake import StoredEvent
@@ -61,6 +62,10 @@ AUDIT_PAGE = 1000
 DECISION_USER_FIELD = "u"
 """The field of a decision hash (redis_keys.decision) that holds its user key."""
 SHOWN_KEY_CHARS = 8  # enough to tell people apart in output, too little to look anyone up
+SCAN_EACH_UP_TO = 4
+"""A person with more ids has their Feast rows found in one pass over the keyspace."""
+LINKS = "<links>"
+"""Where `_erase_stream_entries` counts link entries (not one id's)."""
 ERASED = (
     redis_keys.FEAST_ROWS,
     redis_keys.CONSENT,
@@ -68,6 +73,8 @@ ERASED = (
     redis_keys.EVENTS,
     redis_keys.STREAMING_STATE,
     redis_keys.DECISIONS,
+    redis_keys.IDENTITY_LINK,
+    redis_keys.IDENTITY_IDS,
 )
 """The kinds of Redis key `forget` erases the person from: every kind that names people."""
 
@@ -80,6 +87,14 @@ def checked_user_id(user_id: str, limits: LimitsConfig | None = None) -> str:
         return check_user_id(user_id, limits or LimitsConfig())
     except ValueError as exc:
         raise RankgateError(f"user id: {exc}", 422) from exc
+
+
+def event_owner(fields: dict[bytes, bytes]) -> str | set[str]:
+    """The id key of an event entry, or every person key a link entry names."""
+    if LINK_FIELD in fields:
+        link = LinkEntry.read(b"0-0", fields)
+        return {link.person, *link.joined}
+    return StoredEvent.read(b"0-0", fields).user_key
 
 
 def glob_escape(text: str) -> str:
@@ -112,6 +127,8 @@ class ErasureReport:
     """The event consumer's state hashes (one per streaming view)."""
     decisions: int = 0
     """Decision hashes (a ranking and the outcomes joined to it)."""
+    kind: str = "user"
+    """The kind of id the key is of (user, anonymous)."""
 
     @property
     def erased_anything(self) -> bool:
@@ -127,7 +144,7 @@ class ErasureReport:
 
     def summary(self) -> str:
         """One line for people: counts and a short prefix of the key, never the raw id."""
-        who = f"user key {shown_key(self.user_key)}"
+        who = f"{'anonymous id' if self.kind == 'anonymous' else 'user'} key {shown_key(self.user_key)}"
         if not self.erased_anything:
             return (
                 f"nothing to erase for {who}: no feature rows, consent record, audit records, "
@@ -206,12 +223,31 @@ def offline_tables(home: Home, project: Project) -> list[Path]:
     return sorted(p for p in tables if p.suffix == ".parquet")
 
 
+@dataclass(frozen=True)
+class PersonErasure:
+    """What one `forget` erased: a report per id of the person, and their links."""
+
+    reports: list[ErasureReport]
+    links: int = 0
+    """Link records (the ids' links, the person's id list, link entries of the stream)."""
+
+    def summary(self) -> str:
+        lines = [report.summary() for report in self.reports]
+        if len(self.reports) > 1 or self.links:
+            lines.append(f"and {_plural(self.links, 'link record')} of {len(self.reports)} ids")
+        return "\n".join(lines)
+
+
 class Eraser:
     """Erases one person from a home: offline tables first, then Redis.
 
+    A person is every id linked to them (rankgate.governance.identity): forgetting
+    any of their ids erases what is kept under each, then the links themselves.
+
     Lifecycle: `Eraser(client, home)`, then `forget(user_id)` per request. Redis is
     checked before anything is touched; a Redis that fails half-way is reported
-    as such, and running `forget` again finishes the job.
+    as such, and running `forget` again finishes the job (the links go last, so
+    it finds every id again).
     """
 
     def __init__(self, client: RedisClient, home: Home, project: Project) -> None:
@@ -221,74 +257,138 @@ class Eraser:
         self.join_key = project.spec.user.join_key
         self.tables = offline_tables(home, project)
 
-    def forget(self, user_id: str) -> ErasureReport:
-        key = user_key(checked_user_id(user_id))
+    def forget(self, raw_id: str, kind: IdKind = IdKind.USER) -> PersonErasure:
+        key = id_key(kind, checked_user_id(raw_id))
         with self._redis("nothing was erased"):
             self.client.ping()
-        offline = erase_offline_rows(self.tables, self.join_key, key)
+            person, ids = self.person_ids(key, kind)
+        offline = {k: erase_offline_rows(self.tables, self.join_key, k) for k in ids}
         with self._redis("run the command again to finish erasing"):
-            feature_rows = self.erase_feature_rows(key)
-            consent = int(self.client.delete(redis_keys.consent(self.namespace, key)))  # type: ignore[arg-type]
-            audit = self.erase_audit_records(key)
-            events = self.erase_events(key)
-            states = self.erase_streaming_states(key)
-            decisions = self.erase_decisions(key)
-        return ErasureReport(key, feature_rows, consent, audit, offline, events, states, decisions)
+            audit = self.erase_audit_records(set(ids))
+            events = self.erase_events(set(ids))
+            decisions = self.erase_decisions(set(ids))
+            # Up to a few ids, a SCAN each, matched by the server; past that, one pass.
+            found = self.feature_row_names(set(ids)) if len(ids) > SCAN_EACH_UP_TO else None
+            reports = []
+            for k, k_kind in ids.items():
+                feature_rows = self.erase_feature_rows(k, found)
+                consent = int(self.client.delete(redis_keys.consent(self.namespace, k)))  # type: ignore[arg-type]
+                states = self.erase_streaming_states(k)
+                reports.append(
+                    ErasureReport(
+                        k,
+                        feature_rows,
+                        consent,
+                        audit[k],
+                        offline[k],
+                        events[k],
+                        states,
+                        decisions[k],
+                        k_kind,
+                    )
+                )
+            links = events[LINKS] + self.erase_links(person, ids)
+        return PersonErasure(reports, links)
 
-    def erase_feature_rows(self, key: str) -> dict[str, int]:
+    def person_ids(self, key: str, kind: IdKind) -> tuple[str, dict[str, str]]:
+        """The person of id `key` and every id key of theirs -> kind (the id itself first)."""
+        linked = self.client.get(redis_keys.identity_link(self.namespace, key))
+        person = linked.decode() if isinstance(linked, bytes) else key
+        raw = self.client.hgetall(redis_keys.identity_ids(self.namespace, person))
+        ids = {key: kind.value}
+        for name, value in raw.items():  # type: ignore[union-attr]
+            ids.setdefault(name.decode(), json.loads(value)["kind"])
+        ids.setdefault(person, IdKind.USER.value)
+        return person, ids
+
+    def erase_links(self, person: str, ids: dict[str, str]) -> int:
+        names = [redis_keys.identity_link(self.namespace, k) for k in ids]
+        names.append(redis_keys.identity_ids(self.namespace, person))
+        return sum(int(self.client.delete(name)) for name in names)  # type: ignore[arg-type,misc]
+
+    def feature_row_names(self, keys: set[str]) -> dict[str, list[bytes]]:
+        """The Feast online rows of many ids in one pass over the keyspace (a SCAN for
+        each would read it once per id): the names of the home's Feast project whose
+        entity value ends where a user key of that length would, confirmed by decoding."""
+        suffix = self.feast_project.encode()
+        width = len(next(iter(keys)))
+        found: dict[str, list[bytes]] = {}
+        pattern = "*" + glob_escape(self.feast_project)
+        for name in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
+            candidate = name[-len(suffix) - width : -len(suffix)].decode(errors="replace")
+            owner = (
+                feast_user_key(name, suffix.decode(), self.join_key) if candidate in keys else None
+            )
+            if owner == candidate:
+                found.setdefault(candidate, []).append(name)
+        return found
+
+    def erase_feature_rows(
+        self, key: str, found: dict[str, list[bytes]] | None = None
+    ) -> dict[str, int]:
         """Delete every Feast online row keyed by the person; rows per feature view.
 
         A SCAN for key names containing the user key, each confirmed by decoding its
         entity key, finds rows under any entity key that includes the person, and
-        rows of views no longer in the registry.
+        rows of views no longer in the registry (`found`: the rows of many ids,
+        from `feature_row_names`).
         """
         rows: Counter[str] = Counter()
-        names = [
-            name
-            for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
-            if feast_user_key(name, self.feast_project, self.join_key) == key
-        ]
+        if found is not None:
+            names = found.get(key, [])
+        else:
+            names = [
+                name
+                for name in self.client.scan_iter(match=f"*{key}*", count=SCAN_COUNT)
+                if feast_user_key(name, self.feast_project, self.join_key) == key
+            ]
         if not names:
             return dict(rows)
         with self.client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hkeys(name)
+                pipe.hkeys(name)  # type: ignore[arg-type]
             fields = pipe.execute()
         for hash_fields in fields:
             rows.update(f[4:].decode() for f in hash_fields if f.startswith(b"_ts:"))
         self.client.delete(*names)
         return dict(sorted(rows.items()))
 
-    def erase_audit_records(self, key: str) -> int:
+    def erase_audit_records(self, keys: set[str]) -> Counter[str]:
         """XDEL every decision of the person, paging through the stream oldest first."""
         return self._erase_stream_entries(
             redis_keys.audit(self.namespace),
-            key,
+            keys,
             lambda fields: AuditRecord.read(fields.get(b"record", b"")).user_key,
         )
 
-    def erase_events(self, key: str) -> int:
-        """XDEL every event of the person from the event stream."""
-        return self._erase_stream_entries(
-            redis_keys.events(self.namespace),
-            key,
-            lambda fields: StoredEvent.read(b"0-0", fields).user_key,
-        )
+    def erase_events(self, keys: set[str]) -> Counter[str]:
+        """XDEL every event of the person's ids from the event stream, and the link
+        entries naming them (counted under `LINKS`)."""
+        return self._erase_stream_entries(redis_keys.events(self.namespace), keys, event_owner)
 
     def _erase_stream_entries(
-        self, stream: str, key: str, owner: Callable[[dict[bytes, bytes]], str]
-    ) -> int:
-        """XDEL the entries of `stream` whose `owner` is the key; entries erased."""
-        needle = key.encode()
+        self, stream: str, keys: set[str], owner: Callable[[dict[bytes, bytes]], str | set[str]]
+    ) -> Counter[str]:
+        """XDEL the entries of `stream` whose `owner` is one of the keys (or, for a
+        set, names one); entries erased per key."""
+        needles = [key.encode() for key in keys]
         mine: list[bytes] = []
+        erased: Counter[str] = Counter()
         for page in stream_pages(self.client, stream, AUDIT_PAGE):
             for stream_id, fields in page:
                 # The substring test is cheap; parsing confirms it is the entry's user key.
-                if any(needle in value for value in fields.values()) and owner(fields) == key:
+                if not any(n in value for value in fields.values() for n in needles):
+                    continue
+                found = owner(fields)
+                if isinstance(found, set):
+                    if found & keys:
+                        mine.append(stream_id)
+                        erased[LINKS] += 1
+                elif found in keys:
                     mine.append(stream_id)
-        erased = 0
+                    erased[found] += 1
         for start in range(0, len(mine), AUDIT_PAGE):
-            erased += int(self.client.xdel(stream, *mine[start : start + AUDIT_PAGE]))  # type: ignore[arg-type]
+            self.client.xdel(stream, *mine[start : start + AUDIT_PAGE])
         return erased
 
     def erase_streaming_states(self, key: str) -> int:
@@ -303,21 +403,26 @@ class Eraser:
         names = list(found)
         return int(self.client.delete(*names)) if names else 0  # type: ignore[arg-type]
 
-    def erase_decisions(self, key: str) -> int:
-        """Delete the decision hashes whose user (`u`) is the person."""
+    def erase_decisions(self, keys: set[str]) -> Counter[str]:
+        """Delete the decision hashes whose user (`u`) is one of the person's ids;
+        decisions per id."""
         pattern = redis_keys.decision(glob_escape(self.namespace), "*")
         names = list(self.client.scan_iter(match=pattern, count=SCAN_COUNT, _type="hash"))
+        wanted = {key.encode(): key for key in keys}
         mine = []
+        erased: Counter[str] = Counter()
         for start in range(0, len(names), SCAN_COUNT):
             batch = names[start : start + SCAN_COUNT]
             with self.client.pipeline(transaction=False) as pipe:
                 for name in batch:
                     pipe.hget(name, DECISION_USER_FIELD)
                 owners = pipe.execute()
-            mine += [n for n, owner in zip(batch, owners, strict=True) if owner == key.encode()]
-        erased = 0
+            for name, owner in zip(batch, owners, strict=True):
+                if owner in wanted:
+                    mine.append(name)
+                    erased[wanted[owner]] += 1
         for start in range(0, len(mine), SCAN_COUNT):
-            erased += int(self.client.delete(*mine[start : start + SCAN_COUNT]))  # type: ignore[arg-type]
+            self.client.delete(*mine[start : start + SCAN_COUNT])
         return erased
 
     @contextmanager

@@ -7,7 +7,9 @@ only the first kind of problem found.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from rankgate.core.errors import RankgateError
 from rankgate.governance.tcf import TCStringError, decode
@@ -16,11 +18,15 @@ from serving.contract.schemas import (
     ConsentRequest,
     ConsentWrite,
     ErrorProblem,
+    IdentifyRequest,
     RankRequest,
     RequestConsent,
     RequestRules,
+    UnlinkRequest,
     check_user_id,
 )
+
+Parsed = TypeVar("Parsed", bound=BaseModel)
 
 
 class BadRequest(RankgateError):
@@ -56,6 +62,12 @@ def problems_of(exc: ValidationError) -> list[ErrorProblem]:
     return problems
 
 
+NO_ID = ErrorProblem(
+    field="user_id",
+    problem="field required (or anonymous_id, for a visitor who has not signed in)",
+)
+
+
 def parse_rank(
     body: bytes, rules: RequestRules, gpc_header: str | None = None, tcf_header: str | None = None
 ) -> RankRequest:
@@ -68,6 +80,8 @@ def parse_rank(
         parsed = RankRequest.model_validate_json(body, context={"rules": rules})
     except ValidationError as exc:
         problems = problems_of(exc)
+        if b'"user_id"' not in body and b'"anonymous_id"' not in body:
+            problems.insert(0, NO_ID)
     if tcf_header is not None:
         try:
             decode(tcf_header)
@@ -76,10 +90,55 @@ def parse_rank(
             problems.append(ErrorProblem(field=TCF_HEADER, problem=problem))
     if problems or parsed is None:
         raise BadRequest(problems)
+    if parsed.user_id is None and parsed.anonymous_id is None:
+        raise BadRequest([NO_ID])
     # Sec-GPC: 1 is the whole signal; any other value means none (the GPC spec).
     gpc = gpc_header is not None and gpc_header.strip() == "1"
     if gpc or tcf_header is not None:
         parsed.consent = RequestConsent.merged(parsed.consent, gpc, tcf_header)
+    return parsed
+
+
+def parse_model(model: type[Parsed], body: bytes, rules: RequestRules) -> Parsed:
+    """A body of `model` validated with the replica's rules (every problem at once)."""
+    try:
+        return model.model_validate_json(body, context={"rules": rules})
+    except ValidationError as exc:
+        raise BadRequest(problems_of(exc)) from exc
+
+
+def parse_identify(body: bytes, rules: RequestRules) -> IdentifyRequest:
+    """A link request; an id named twice, or the person's own id among the others (a
+    link of an id to itself), is refused naming the field."""
+    parsed = parse_model(IdentifyRequest, body, rules)
+    seen = {("user", parsed.user_id): "user_id"}
+    problems = []
+    for kind, ids in (("user", parsed.user_ids), ("anonymous", parsed.anonymous_ids)):
+        for n, raw in enumerate(ids):
+            where = f"{kind}_ids.{n}"
+            first = seen.setdefault((kind, raw), where)
+            if first != where:
+                what = (
+                    "the person's own id: a link to itself"
+                    if first == "user_id"
+                    else f"named twice (also {first})"
+                )
+                problems.append(ErrorProblem(field=where, problem=what))
+    if not parsed.user_ids and not parsed.anonymous_ids:
+        problems.append(
+            ErrorProblem(field="anonymous_ids", problem="no id to link (anonymous_ids or user_ids)")
+        )
+    if problems:
+        raise BadRequest(problems)
+    return parsed
+
+
+def parse_unlink(body: bytes, rules: RequestRules) -> UnlinkRequest:
+    parsed = parse_model(UnlinkRequest, body, rules)
+    if (parsed.user_id is None) == (parsed.anonymous_id is None):
+        raise BadRequest(
+            [ErrorProblem(field="user_id", problem="exactly one of user_id and anonymous_id")]
+        )
     return parsed
 
 
@@ -91,9 +150,12 @@ def parse_consent(
     context = {"rules": rules}
     if path_user_id is None:
         try:
-            return ConsentWrite.model_validate_json(body, context=context)
+            written = ConsentWrite.model_validate_json(body, context=context)
         except ValidationError as exc:
             raise BadRequest(problems_of(exc)) from exc
+        if written.user_id is None and written.anonymous_id is None:
+            raise BadRequest([NO_ID])
+        return written
     problems = []
     try:
         check_user_id(path_user_id, rules.limits)

@@ -203,8 +203,12 @@ class RankRequest(BaseModel):
     # Attribute docstrings become the fields' descriptions in the OpenAPI document.
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
-    user_id: UserId
-    """The application's id of the person; only a pseudonymous key of it is stored."""
+    user_id: UserId | None = None
+    """The application's id of the person (signed in); only a pseudonymous key of it
+    is stored. One of `user_id` and `anonymous_id` is needed; with both, the user id."""
+    anonymous_id: UserId | None = None
+    """The application's id of a visitor who has not signed in (a cookie or device
+    id), by the same rules; linked to a user id by `POST /v1/identify`."""
     purpose: KnownPurpose
     """A purpose of the loaded policy."""
     region: str
@@ -308,8 +312,69 @@ class ConsentWrite(ConsentRequest):
     """`POST /v1/consent`: the same decisions with the id in the body, where proxies
     and access logs do not keep it."""
 
+    user_id: UserId | None = None
+    """The application's id of the person; only a pseudonymous key of it is stored.
+    One of `user_id` and `anonymous_id` is needed."""
+    anonymous_id: UserId | None = None
+    """A visitor's anonymous id: the decision is the person's it is linked to."""
+
+
+MAX_IDS_PER_LINK = 100
+
+
+class IdentifyRequest(BaseModel):
+    """`POST /v1/identify`: ids of one person, linked to the person of `user_id`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
     user_id: UserId
-    """The application's id of the person; only a pseudonymous key of it is stored."""
+    """The id the person signed in with."""
+    anonymous_ids: list[UserId] = Field([], max_length=MAX_IDS_PER_LINK)
+    """Anonymous ids (cookies, devices) of the same person."""
+    user_ids: list[UserId] = Field([], max_length=MAX_IDS_PER_LINK)
+    """Further user ids of the same person (a CRM id, a second account): refused
+    when one is another signed-in person, unless the policy's
+    `identity.link_known_ids` allows it."""
+    region: str | None = None
+    """Where the person is: how the gate counts their consent when the anonymous
+    ids' streaming counts join the person's (without it, only a recorded grant)."""
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = _rules(info).regions
+        if value is not None and value not in known:
+            raise ValueError(f"unknown region (known: {', '.join(known)})")
+        return value
+
+
+class IdentifyResult(BaseModel):
+    """What a link did."""
+
+    linked: list[str]
+    """Fields of the request whose ids joined the person now (`anonymous_ids.0`, ...)."""
+    already_linked: list[str]
+    """Fields whose ids were the person's before."""
+    ids: int
+    """How many ids the person has now."""
+    consent_merged: int
+    """Consent records the person took from the joined ids (by the policy's rule)."""
+
+
+class UnlinkRequest(BaseModel):
+    """`POST /v1/unlink`: detach one id from the person it is linked to."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    user_id: UserId | None = None
+    """A linked user id (not the person's own while others are linked to it)."""
+    anonymous_id: UserId | None = None
+    """A linked anonymous id. One of the two."""
+
+
+class UnlinkResult(BaseModel):
+    unlinked: bool
+    """False: the id was linked to nobody (nothing changed)."""
 
 
 class ConsentRecorded(BaseModel):

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -52,6 +53,7 @@ from rankgate.core.redis_server import (
     register_async_script,
 )
 from rankgate.governance.consent import ConsentState, parse_state
+from rankgate.governance.identity import LINK_FIELD, LinkEntry, resolve_persons
 from rankgate.governance.policy import Policy, load_policy_set
 from serving.events.intake import StoredEvent, stream_time
 from serving.events.outcome_join import OutcomeJoiner
@@ -154,15 +156,15 @@ class StreamingUpdater:
         counted = [(v, e) for v in self.views for e in events if v.counts(e)]
         if not counted:
             return 0
-        consent = await self.consent_of(sorted({e.user_key for _, e in counted}))
+        consent = await self.consent_of(sorted({e.person_key for _, e in counted}))
         touched: dict[tuple[str, str], list[StoredEvent]] = {}
         for view, event in counted:
             if view.field_of(event.item_id) is None:
                 self.metrics.unused.labels(view.view, "unknown_item").inc()
-            elif not self.permitted(view.view, consent[event.user_key], event.region):
+            elif not self.permitted(view.view, consent[event.person_key], event.region):
                 self.metrics.unused.labels(view.view, "not_permitted").inc()
             else:
-                touched.setdefault((view.view, event.user_key), []).append(event)
+                touched.setdefault((view.view, event.person_key), []).append(event)
         if not touched:
             return 0
         by_name = {v.view: v for v in self.views}
@@ -202,6 +204,53 @@ class StreamingUpdater:
         for name, count in applied.items():
             self.metrics.applied.labels(name).inc(count)
         return sum(applied.values())
+
+    async def merge(self, link: LinkEntry) -> int:
+        """Add the streaming counts of the ids a link joined into the person's, where
+        the person's consent lets the view have them (with the link's region, as an
+        event's), and push the person's rows; the joined ids' states are deleted
+        either way. How many views changed."""
+        if not self.views:
+            return 0
+        ns, person = self.namespace, link.person
+        consent = (await self.consent_of([person]))[person]
+        names = [(v.view, key) for v in self.views for key in (person, *link.joined)]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for view_name, key in names:
+                pipe.hgetall(redis_keys.streaming_state(ns, view_name, key))
+            raw = await pipe.execute()
+        states = {name: CountState.read(row) for name, row in zip(names, raw, strict=True)}
+        changed = []
+        for view in self.views:
+            mine = states[(view.view, person)]
+            theirs = [states[(view.view, key)] for key in link.joined]
+            theirs = [state for state in theirs if state.through is not None]
+            if not theirs or mine.applied(link.stream_id):
+                continue  # nothing to add, or added before (a redelivered link)
+            if not self.permitted(view.view, consent, link.region):
+                self.metrics.unused.labels(view.view, "not_permitted").inc(len(theirs))
+                continue
+            view.merge(mine, theirs, link.stream_id)
+            changed.append(view)
+        # The person's states first (marked through the link), then the joined ids'
+        # are deleted: a crash in between leaves states nobody reads, never counts twice.
+        async with self.client.pipeline(transaction=not self.cluster) as pipe:
+            for view in changed:
+                pipe.hset(
+                    redis_keys.streaming_state(ns, view.view, person),
+                    mapping=states[(view.view, person)].stored(),  # type: ignore[arg-type]
+                )
+            await pipe.execute()
+        joined = [
+            redis_keys.streaming_state(ns, v.view, k) for v in self.views for k in link.joined
+        ]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in joined:
+                pipe.delete(name)
+            await pipe.execute()
+        for view in changed:
+            await self.push(view, [(person, states[(view.view, person)])])
+        return len(changed)
 
     async def push(self, view: StreamingCounts, rows: Sequence[tuple[str, CountState]]) -> None:
         frame = pd.DataFrame(
@@ -279,14 +328,32 @@ class EventReader:
 
 def parse_entries(
     entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]], metrics: ConsumerMetrics
-) -> list[StoredEvent]:
-    events = []
+) -> list[StoredEvent | LinkEntry]:
+    """The events and links of a batch, in stream order."""
+    parsed: list[StoredEvent | LinkEntry] = []
     for stream_id, entry in entries:
         try:
-            events.append(StoredEvent.read(stream_id, entry))
+            if LINK_FIELD in entry:
+                parsed.append(LinkEntry.read(stream_id, entry))
+            else:
+                parsed.append(StoredEvent.read(stream_id, entry))
         except (KeyError, ValueError, TypeError):
             metrics.malformed.inc()  # acknowledged with the batch: it can never succeed
-    return events
+    return parsed
+
+
+async def with_persons(
+    client: AsyncRedisClient, namespace: str, parsed: Sequence[StoredEvent | LinkEntry]
+) -> list[StoredEvent | LinkEntry]:
+    """The batch with each event its id's person's, as the links stand now (a link
+    accepted after an event still takes it: its person's counts and decisions)."""
+    persons = await resolve_persons(
+        client, namespace, [item.user_key for item in parsed if isinstance(item, StoredEvent)]
+    )
+    return [
+        replace(item, person=persons[item.user_key]) if isinstance(item, StoredEvent) else item
+        for item in parsed
+    ]
 
 
 # Deployment options (replicas, CPUs) are set in serve_config.yaml only; one replica.
@@ -389,10 +456,21 @@ class EventConsumer:
         entries = await self.reader.read(self.config.batch, block_ms)
         if not entries:
             return 0
-        events = parse_entries(entries, self.metrics)
-        for event in events:
-            self.metrics.read.labels(event.type).inc()
-        await self.updater.apply(events)
+        parsed = parse_entries(entries, self.metrics)
+        events: list[StoredEvent] = []
+        segment: list[StoredEvent] = []
+        for item in await with_persons(self.client, self.updater.namespace, parsed):
+            if isinstance(item, LinkEntry):
+                if segment:
+                    await self.updater.apply(segment)
+                    segment = []
+                await self.updater.merge(item)
+                continue
+            self.metrics.read.labels(item.type).inc()
+            events.append(item)
+            segment.append(item)
+        if segment:
+            await self.updater.apply(segment)
         if self.joiner is not None:
             await self.joiner.join(events)
         await self.reader.ack([stream_id for stream_id, _ in entries])

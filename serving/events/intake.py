@@ -49,8 +49,8 @@ from pydantic import (
 from rankgate.core import redis_keys
 from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.project import EventsConfig, ItemId
-from rankgate.core.pseudonym import user_key as pseudonymise
 from rankgate.core.redis_server import AsyncRedisClient, register_async_script
+from rankgate.governance.identity import request_key
 from serving.contract.config import EventLimits
 from serving.contract.parsing import BadRequest, problems_of
 from serving.contract.schemas import ItemIdValue, RequestRules, UserId
@@ -95,8 +95,12 @@ class Event(BaseModel):
     """The application's id of this event: an id seen before is not counted again."""
     type: str
     """A type declared in the project's rankgate.yaml (`events.types`)."""
-    user_id: UserId
-    """The person; only a pseudonymous key of it is stored."""
+    user_id: UserId | None = None
+    """The person (signed in); only a pseudonymous key of it is stored. One of
+    `user_id` and `anonymous_id` is needed; with both, the user id."""
+    anonymous_id: UserId | None = None
+    """A visitor's anonymous id: the event is the person's it is linked to (also
+    when the link comes after the event: the consumer resolves it as it applies it)."""
     item_id: ItemIdValue
     """The catalogue item the event is about."""
     timestamp: datetime = Field(strict=False)
@@ -148,6 +152,8 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _fields(self, info: ValidationInfo) -> Event:
+        if self.user_id is None and self.anonymous_id is None:
+            raise ValueError("user_id: field required (or anonymous_id)")
         declared = _event_rules(info).types.types[self.type].fields
         problems = []
         for name, spec in declared.items():
@@ -221,13 +227,19 @@ class StoredEvent:
     fields: Mapping[str, Any] | None = None
     stream_id: str | None = None
     """Set when read back from the stream."""
+    person: str | None = None
+    """The person key of `user_key`, when the consumer resolved it (never stored)."""
+
+    @property
+    def person_key(self) -> str:
+        return self.person or self.user_key
 
     @classmethod
     def of(cls, event: Event) -> StoredEvent:
         return cls(
             event_id=event.event_id,
             type=event.type,
-            user_key=pseudonymise(event.user_id),
+            user_key=request_key(event.user_id, event.anonymous_id),
             item_id=event.item_id,
             at=event.timestamp.timestamp(),
             request_id=event.request_id,

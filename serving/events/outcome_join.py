@@ -49,6 +49,7 @@ import redis.asyncio as aioredis
 from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
+from rankgate.governance.identity import resolve_persons
 from serving.events.intake import StoredEvent, event_digest
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import COUNTERS, outcome_roles
@@ -183,6 +184,10 @@ class OutcomeJoiner:
             else:
                 with_request.append(event)
         decisions = await self._decisions({e.request_id for e in with_request if e.request_id})
+        # A decision made for an id linked since belongs to the person now, as the event does.
+        persons = await resolve_persons(
+            self.client, self.namespace, [d.user_key for d in decisions.values() if d is not None]
+        )
         joins: list[tuple[StoredEvent, _Decision, int]] = []
         for event in with_request:
             assert event.request_id is not None
@@ -190,7 +195,10 @@ class OutcomeJoiner:
             position = decision.positions.get(str(event.item_id)) if decision else None
             if decision is None:
                 unjoined.append((event, Unjoined.UNKNOWN_REQUEST))
-            elif decision.user_key != event.user_key:
+            elif (
+                persons[decision.user_key] != event.person_key
+                and decision.user_key != event.user_key
+            ):
                 unjoined.append((event, Unjoined.OTHER_USER))
             elif position is None:
                 unjoined.append((event, Unjoined.ITEM_NOT_SHOWN))

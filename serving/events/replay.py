@@ -30,7 +30,8 @@ from rankgate.core.errors import ConfigError, RankgateError
 from rankgate.core.project import ItemId, Project
 from rankgate.core.redis_server import AsyncRedisClient
 from rankgate.governance.policy import Policy
-from serving.events.consumer import GROUP, StreamingUpdater, parse_entries
+from serving.events.consumer import GROUP, StreamingUpdater, parse_entries, with_persons
+from serving.events.intake import StoredEvent
 from serving.observe.metrics import ConsumerMetrics
 
 Say = Callable[[str], None]
@@ -111,7 +112,9 @@ async def replay_streaming(
             first = False
             if not entries:
                 break
-            events = parse_entries(entries, updater.metrics)
+            # Every event counts for its person as linked now: the links need no replay.
+            parsed = await with_persons(client, namespace, parse_entries(entries, updater.metrics))
+            events = [item for item in parsed if isinstance(item, StoredEvent)]
             report.events += len(events)
             report.applied += await updater.apply(events)
             cursor = entries[-1][0].decode()

@@ -23,17 +23,25 @@ from starlette.routing import Route
 
 from model_store.artifacts import StoreError
 from rankgate.core.errors import ConfigError, RankgateError
-from rankgate.core.pseudonym import user_key as pseudonymise
 from rankgate.governance.api_keys import ApiKey
-from serving.contract.parsing import BadRequest, parse_consent, parse_rank
+from rankgate.governance.identity import IdentityStore, IdKind, NamedId, id_key, request_key
+from serving.contract.parsing import (
+    BadRequest,
+    parse_consent,
+    parse_identify,
+    parse_rank,
+    parse_unlink,
+)
 from serving.contract.schemas import (
     GPC_HEADER,
     TCF_HEADER,
     ConsentRecorded,
     ErrorBody,
     ErrorProblem,
+    IdentifyResult,
     RankResponse,
     RequestRules,
+    UnlinkResult,
 )
 from serving.events.intake import EventLog, EventRules, EventsAccepted, StoredEvent, parse_events
 from serving.http.auth import KeyCache
@@ -84,6 +92,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "Body too large"},
     422: {"model": ErrorBody, "description": "Invalid request; the problems name the fields"},
     503: {"model": ErrorBody, "description": "Not ready or a store is unavailable; retry"},
+}
+LINK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    409: {"model": ErrorBody, "description": "The policy's identity rules refuse the link"},
 }
 PURPOSE_HEADER = "rankgate-purpose"
 """Optional: the purpose of a rank request, checked against the key before the body is read."""
@@ -137,6 +149,7 @@ class RankIngress(BatchedScoring):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.openapi_cache: tuple[RequestRules | None, dict[str, Any]] | None = None
         self.intake_cache: tuple[Serving, RequestRules, EventIntake] | None = None
+        self.identity_store: IdentityStore | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Validate, load and swap (ReplicaRuntime.configure). A bad config at start-up
@@ -287,9 +300,64 @@ class RankIngress(BatchedScoring):
         # The key must be scoped to every purpose the write records.
         KeyCache.authorize(caller, list(consent.purposes))
         consents = serving.pipeline.services.consent
-        await consents.record(pseudonymise(consent.user_id), consent.purposes, consent.source)
+        key = request_key(consent.user_id, consent.anonymous_id)
+        await consents.record(key, consent.purposes, consent.source)
         recorded = ConsentRecorded(recorded=consent.purposes, source=consent.source)
         return JSONResponse(recorded.model_dump())
+
+    @api.post("/v1/identify", response_model=IdentifyResult, responses=LINK_RESPONSES)
+    async def identify(self, request: Request, credentials: Bearer) -> Response:
+        """Link ids of one person: anonymous ids (and further user ids) join the person
+        of `user_id`, with their consent merged by the policy's rule and their streaming
+        counts added to the person's. The key needs the `identify` scope."""
+        serving = self.serving()
+        caller = await self.caller(credentials)
+        KeyCache.authorize_scope(caller, "identify")
+        body = parse_identify(await body_of(request, serving.config), serving.pipeline.rules)
+        user = NamedId("user_id", IdKind.USER, id_key(IdKind.USER, body.user_id))
+        others = [
+            NamedId(f"{kind.value}_ids.{n}", kind, id_key(kind, raw))
+            for kind, ids in ((IdKind.ANONYMOUS, body.anonymous_ids), (IdKind.USER, body.user_ids))
+            for n, raw in enumerate(ids)
+        ]
+        result = await self.identities(serving).link(
+            user,
+            others,
+            serving.pipeline.services.gate.policy.identity,
+            body.region,
+            serving.config.events.max_stream_len,
+        )
+        answer = IdentifyResult(
+            linked=result.linked,
+            already_linked=result.already,
+            ids=result.ids,
+            consent_merged=result.consent_merged,
+        )
+        return JSONResponse(answer.model_dump())
+
+    @api.post("/v1/unlink", response_model=UnlinkResult, responses=LINK_RESPONSES)
+    async def unlink(self, request: Request, credentials: Bearer) -> Response:
+        """Detach one linked id from its person: it keeps a copy of the person's consent
+        and starts with no streaming counts. The key needs the `identify` scope."""
+        serving = self.serving()
+        caller = await self.caller(credentials)
+        KeyCache.authorize_scope(caller, "identify")
+        body = parse_unlink(await body_of(request, serving.config), serving.pipeline.rules)
+        if body.user_id is not None:
+            named = NamedId("user_id", IdKind.USER, id_key(IdKind.USER, body.user_id))
+        else:
+            assert body.anonymous_id is not None
+            named = NamedId(
+                "anonymous_id", IdKind.ANONYMOUS, id_key(IdKind.ANONYMOUS, body.anonymous_id)
+            )
+        unlinked = await self.identities(serving).unlink(named)
+        return JSONResponse(UnlinkResult(unlinked=unlinked).model_dump())
+
+    def identities(self, serving: Serving) -> IdentityStore:
+        client = serving.pipeline.services.consent.client
+        if self.identity_store is None or self.identity_store.client is not client:
+            self.identity_store = IdentityStore(client, self.runtime.home.namespace)
+        return self.identity_store
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi_json(self) -> Response:

@@ -26,12 +26,15 @@ from serving.contract.config import LimitsConfig
 from serving.contract.schemas import (
     CONTEXT_KEY_PATTERN,
     GPC_HEADER,
+    MAX_IDS_PER_LINK,
     TCF_HEADER,
     USER_ID_PATTERN,
     ConsentRequest,
     ConsentWrite,
+    IdentifyRequest,
     RankRequest,
     RequestRules,
+    UnlinkRequest,
     json_pattern,
 )
 
@@ -117,7 +120,7 @@ def rank_request_schema(rules: RequestRules | None) -> JsonSchema:
     if rules is None:
         return schema
     limits, budget, props = rules.limits, rules.budget, schema["properties"]
-    _rewrite(props, "user_id", **user_id_schema(limits))
+    _optional_ids(props, limits, "user_id", "anonymous_id")
     _rewrite(props, "purpose", type="string", enum=list(rules.purposes))
     _rewrite(props, "region", type="string", enum=list(rules.regions))
     candidates = {
@@ -165,7 +168,33 @@ def _consent_schema(model: type[BaseModel], rules: RequestRules | None) -> JsonS
         minProperties=1,
     )
     if "user_id" in props:
-        _rewrite(props, "user_id", **user_id_schema(rules.limits))
+        _optional_ids(props, rules.limits, "user_id", "anonymous_id")
+    return schema
+
+
+def _optional_ids(props: dict[str, JsonSchema], limits: LimitsConfig, *names: str) -> None:
+    for name in names:
+        _rewrite(props, name, anyOf=[user_id_schema(limits), {"type": "null"}])
+
+
+def identify_schema(rules: RequestRules | None) -> JsonSchema:
+    schema = IdentifyRequest.model_json_schema()
+    if rules is None:
+        return schema
+    props = schema["properties"]
+    _rewrite(props, "user_id", **user_id_schema(rules.limits))
+    for name in ("anonymous_ids", "user_ids"):
+        ids = {"type": "array", "items": user_id_schema(rules.limits)}
+        _rewrite(props, name, **ids, maxItems=MAX_IDS_PER_LINK, default=[])
+    region = {"type": "string", "enum": list(rules.regions)}
+    _rewrite(props, "region", anyOf=[region, {"type": "null"}])
+    return schema
+
+
+def unlink_schema(rules: RequestRules | None) -> JsonSchema:
+    schema = UnlinkRequest.model_json_schema()
+    if rules is not None:
+        _optional_ids(schema["properties"], rules.limits, "user_id", "anonymous_id")
     return schema
 
 
@@ -183,6 +212,8 @@ REQUEST_BODIES: dict[tuple[str, str], Callable[[RequestRules | None], JsonSchema
     ("/v1/rank", "post"): rank_request_schema,
     ("/v1/consent", "post"): consent_write_schema,
     ("/v1/consent/{user_id}", "put"): consent_path_body_schema,
+    ("/v1/identify", "post"): identify_schema,
+    ("/v1/unlink", "post"): unlink_schema,
 }
 
 

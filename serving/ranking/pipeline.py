@@ -26,6 +26,7 @@ from features.vector import user_fields
 from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.pseudonym import user_key as pseudonymise
+from rankgate.governance.identity import request_key
 from serving.contract.schemas import RankRequest, RankResponse, RequestRules
 from serving.observe.audit import AuditRecord
 from serving.observe.canary import CanaryWatch
@@ -128,7 +129,7 @@ class RankPipeline:
         """Open the Redis connections (consent and Feast) before the first request pays for it."""
         services, probe = self.services, pseudonymise("rankgate-warm-up")
         await self.canary.sync_rollbacks()
-        await services.consent.read(probe, next(iter(services.gate.policy.purposes)), 5.0)
+        await services.consent.read_person(probe, next(iter(services.gate.policy.purposes)), 5.0)
         fields = merge_fields(services.fields_of.values())
         # A store that is down now is handled per request; warming up is best effort.
         with contextlib.suppress(Exception):
@@ -144,7 +145,7 @@ class RankPipeline:
         deadline = Deadline(request.budget_ms or config.budget.default_ms, queued_ms)
         context = RankContext(
             request=request,
-            key=pseudonymise(request.user_id),
+            key=request_key(request.user_id, request.anonymous_id),
             candidates=request.candidates or services.fetcher.catalogue,
             timings=self.runner.timings(queued_ms),
         )

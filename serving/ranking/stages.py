@@ -42,6 +42,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.topk import Pick
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Exploration
+from rankgate.governance.signals import ConsentSource
 from serving.contract.config import ServingConfig
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import Explanation, Fallback, ModelRef, RankRequest
@@ -108,10 +109,13 @@ class RankContext:
 
     request: RankRequest
     key: str
-    """The person's pseudonymous key (never the raw id)."""
+    """The pseudonymous key (never the raw id) of the request's id; after the gate,
+    of its person (the one a linked id belongs to)."""
     candidates: Sequence[ItemId]
     timings: dict[str, float]
     decision: GateDecision | None = None
+    consent_via: str | None = None
+    """"linked-id" when the person's consent was read through a link (the gate's source)."""
     eligible: list[ItemId] = field(default_factory=list)
     """The candidates the policy allows to be shown (stages may narrow them)."""
     model_ref: ModelRef | None = None
@@ -261,11 +265,22 @@ class GateStage(Stage):
             # closed: not personalized); the item rules still apply.
             decision = gate.unread(request.purpose, request.region, "budget spent queued")
         else:
-            consent = await self.services.consent.read(
+            person = await self.services.consent.read_person(
                 context.key, request.purpose, deadline.remaining_s()
             )
             signals = request.consent.signals() if request.consent is not None else None
-            decision = gate.decide(request.purpose, request.region, consent, signals=signals)
+            if person is None:
+                decision = gate.decide(request.purpose, request.region, None, signals=signals)
+            else:
+                # Everything after the gate is about the person, whichever id asked.
+                context.key, context.consent_via = person.person, person.via
+                decision = gate.decide(
+                    request.purpose,
+                    request.region,
+                    person.state,
+                    signals=signals,
+                    stored_source=person.via or ConsentSource.STORED,
+                )
         context.decision = decision
         excluded = decision.excluded_items
         if request.candidates is None:

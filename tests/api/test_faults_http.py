@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.home import Home
+from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_server import EmbeddedRedis
 from rankgate.governance.policy import policy_dir
 from rankgate.ops.environment import Environment
@@ -76,6 +77,11 @@ def test_redis_killed_and_restarted_under_load(
             headers=server.headers,
             timeout=10,
         )
+        # A link cannot be written now either: 503 with Retry-After, nothing half-written.
+        link = {"user_id": personalizable[0], "anonymous_ids": [f"outage-cookie-{time.time()}"]}
+        link_refused = httpx.post(
+            f"{server.base_url}/v1/identify", json=link, headers=server.headers, timeout=10
+        )
         time.sleep(2.5)
         assert embedded.ensure_running() == url  # restarted on the same address
         restarted_at = time.monotonic()
@@ -97,6 +103,21 @@ def test_redis_killed_and_restarted_under_load(
         timeout=10,
     )
     assert again.status_code == 202 and again.json()["accepted"] == 1, again.text
+    assert link_refused.status_code == 503 and link_refused.headers.get("Retry-After")
+    assert not env.redis.exists(
+        redis_keys.identity_ids(env.home.namespace, user_key(personalizable[0]))
+    )
+    linked = httpx.post(
+        f"{server.base_url}/v1/identify", json=link, headers=server.headers, timeout=10
+    )
+    assert linked.status_code == 200 and linked.json()["linked"] == ["anonymous_ids.0"]
+    unlinked = httpx.post(
+        f"{server.base_url}/v1/unlink",
+        json={"anonymous_id": link["anonymous_ids"][0]},
+        headers=server.headers,
+        timeout=10,
+    )
+    assert unlinked.json() == {"unlinked": True}
     assert sum(outage.values()) > 0 and set(outage) <= REDIS_DEGRADED
     assert load.personalized(since=restarted_at) > 0  # resumed by itself
     assert not load.degraded(since=restarted_at + resumed + 1.0)  # and stayed so

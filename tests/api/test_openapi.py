@@ -27,7 +27,13 @@ def test_the_document_reads_the_rules_it_is_given() -> None:
     document = openapi_document(api, rules)
     body = document["paths"]["/v1/rank"]["post"]["requestBody"]["content"]["application/json"]
     props = body["schema"]["properties"]
-    assert props["k"]["maximum"] == 7 and props["user_id"]["maxLength"] == 40
+    assert props["k"]["maximum"] == 7
+    for name in ("user_id", "anonymous_id"):
+        assert props[name]["anyOf"][0]["maxLength"] == 40, name
+    linking = document["paths"]["/v1/identify"]["post"]["requestBody"]["content"]
+    link_props = linking["application/json"]["schema"]["properties"]
+    assert link_props["anonymous_ids"]["items"]["maxLength"] == 40
+    assert link_props["region"]["anyOf"][0]["enum"] == ["XX"]
     assert props["purpose"]["enum"] == ["a_purpose"] and props["region"]["enum"] == ["XX"]
     assert props["budget_ms"]["anyOf"][0]["maximum"] == 300
     # Before the first config is loaded the bodies are still described, by type.

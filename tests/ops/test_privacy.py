@@ -351,3 +351,20 @@ def test_a_redis_that_is_down_is_named_and_nothing_is_erased(
     assert result.exit_code == 1
     assert "error: Redis unreachable at 127.0.0.1:1" in result.output
     assert "Traceback" not in result.output and uid not in result.output
+
+
+def test_one_pass_over_the_keyspace_finds_the_rows_a_scan_per_id_finds(
+    env: Environment, people: tuple[str, str]
+) -> None:
+    """A person of many linked ids has their Feast rows found in one pass."""
+    eraser = Eraser(env.redis, env.home, env.project)
+    keys = {user_key(p) for p in people} | {user_key(f"nobody-{n}") for n in range(5)}
+    one_pass = eraser.feature_row_names(keys)
+    for key in keys:
+        each = sorted(
+            name
+            for name in env.redis.scan_iter(match=f"*{key}*", count=1000)
+            if feast_user_key(name, env.home.namespace, env.project.spec.user.join_key) == key
+        )
+        assert sorted(one_pass.get(key, [])) == each, key
+    assert one_pass.get(user_key(people[1]))  # the control keeps its rows throughout

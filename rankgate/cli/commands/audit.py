@@ -47,7 +47,14 @@ def privacy() -> None:
 
 @privacy.command("forget")
 @click.argument("user_id")
+@click.option(
+    "--anonymous",
+    is_flag=True,
+    help="USER_ID is an anonymous id (a cookie or device id of POST /v1/identify).",
+)
 @fails_cleanly
-def privacy_forget(user_id: str) -> None:
-    """Erase USER_ID's feature rows, consent record, audit records and offline rows."""
-    click.echo(forget(user_id))
+def privacy_forget(user_id: str, anonymous: bool) -> None:
+    """Erase the person of USER_ID under every id linked to them: feature rows,
+    consent, audit records, events, streaming states, decisions, offline rows and
+    the links. The report has a line per id."""
+    click.echo(forget(user_id, anonymous))

@@ -27,8 +27,9 @@ def keys() -> None:
     "--scope",
     "scopes",
     multiple=True,
-    type=click.Choice(["events"]),
-    help="Another kind of call the key may make: events (POST /v1/events).",
+    type=click.Choice(["events", "identify"]),
+    help="Another kind of call the key may make: events (POST /v1/events), identify "
+    "(POST /v1/identify and /v1/unlink).",
 )
 @fails_cleanly
 def keys_create(app: str, purposes: tuple[str, ...], scopes: tuple[str, ...]) -> None:

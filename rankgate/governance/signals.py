@@ -113,9 +113,8 @@ def effect_of(
     policy: Policy, purpose: str, region: str, signals: ConsentSignals | None
 ) -> SignalEffect | None:
     """The signals' effect here (None: the request carries none)."""
-    if not signals:
+    if signals is None or not signals:
         return None
-    assert signals is not None
     rules = policy.regions[region]
     gpc: str | None = None
     if signals.gpc:

@@ -21,10 +21,52 @@ def policy_dir() -> Path:
     return get_project().policies
 
 
+TcfPurposeId = Annotated[int, Field(ge=1, le=24)]
+"""A TCF purpose (v2.2 defines 1..11; the string has room for 24)."""
+
+
+class GpcRule(Strict):
+    """How a `Sec-GPC: 1` signal counts in a region: as an objection to these purposes."""
+
+    objects_to: list[str] = Field(min_length=1)
+    """Purposes of this policy a GPC signal objects to: not personalized for them,
+    whatever the stored consent says."""
+
+
+class VendorListVersions(Strict):
+    """The Global Vendor List versions the operator has reviewed its declarations in."""
+
+    min: int = Field(ge=1)
+    max: int | None = Field(None, ge=1)
+    """None: any later version."""
+
+    def known(self, version: int) -> bool:
+        return version >= self.min and (self.max is None or version <= self.max)
+
+
+class TcfRule(Strict):
+    """How an IAB TCF v2 TC string counts in a region (decoded: rankgate/governance/tcf.py)."""
+
+    vendor_id: int = Field(ge=1, le=65535)
+    """The operator's vendor id in the IAB Global Vendor List: the string must record
+    consent for it."""
+    purposes: dict[str, Annotated[list[TcfPurposeId], Field(min_length=1)]] = Field(min_length=1)
+    """Purpose of this policy -> the TCF purposes the string must grant consent for
+    (content personalization: 1, 5, 6; ads: 1, 3, 4). A purpose not listed is not
+    decided by the string."""
+    vendor_list_versions: VendorListVersions | None = None
+    """A string of another vendor list version is still applied, and the answer's
+    policy checks say that its version is unknown (None: every version is known)."""
+
+
 class Region(Strict):
     regime: Literal["opt_in", "opt_out"]
     """opt_in: personalize only with granted consent; opt_out: unless the person objected."""
     description: str = ""
+    gpc: GpcRule | None = None
+    """How a Global Privacy Control signal counts here (None: not at all)."""
+    tcf: TcfRule | None = None
+    """How a TCF TC string counts here (None: not at all)."""
 
 
 class EpsilonGreedy(Strict):
@@ -95,6 +137,17 @@ class Policy(Strict):
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
+
+    @model_validator(mode="after")
+    def _signals_name_known_purposes(self) -> Policy:
+        for name, region in self.regions.items():
+            for purpose in region.gpc.objects_to if region.gpc else []:
+                if purpose not in self.purposes:
+                    raise ValueError(f"regions.{name}.gpc.objects_to: unknown purpose {purpose!r}")
+            for purpose in region.tcf.purposes if region.tcf else {}:
+                if purpose not in self.purposes:
+                    raise ValueError(f"regions.{name}.tcf.purposes: unknown purpose {purpose!r}")
+        return self
 
     @model_validator(mode="after")
     def _rules_name_known_things(self) -> Policy:

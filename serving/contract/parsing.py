@@ -12,12 +12,15 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from rankgate.core.errors import RankgateError
+from rankgate.governance.tcf import TCStringError, decode
 from serving.contract.schemas import (
+    TCF_HEADER,
     ConsentRequest,
     ConsentWrite,
     ErrorProblem,
     IdentifyRequest,
     RankRequest,
+    RequestConsent,
     RequestRules,
     UnlinkRequest,
     check_user_id,
@@ -65,16 +68,34 @@ NO_ID = ErrorProblem(
 )
 
 
-def parse_rank(body: bytes, rules: RequestRules) -> RankRequest:
+def parse_rank(
+    body: bytes, rules: RequestRules, gpc_header: str | None = None, tcf_header: str | None = None
+) -> RankRequest:
+    """A rank request, with the consent signals of its headers (`Sec-GPC`, `Rankgate-TCF`)
+    merged into `consent`; a malformed TC string in either place is a problem named
+    by its field."""
+    problems: list[ErrorProblem] = []
+    parsed = None
     try:
         parsed = RankRequest.model_validate_json(body, context={"rules": rules})
     except ValidationError as exc:
         problems = problems_of(exc)
         if b'"user_id"' not in body and b'"anonymous_id"' not in body:
             problems.insert(0, NO_ID)
-        raise BadRequest(problems) from exc
+    if tcf_header is not None:
+        try:
+            decode(tcf_header)
+        except TCStringError as exc:
+            problem = f"not a TCF v2 TC string: {exc.message}"
+            problems.append(ErrorProblem(field=TCF_HEADER, problem=problem))
+    if problems or parsed is None:
+        raise BadRequest(problems)
     if parsed.user_id is None and parsed.anonymous_id is None:
         raise BadRequest([NO_ID])
+    # Sec-GPC: 1 is the whole signal; any other value means none (the GPC spec).
+    gpc = gpc_header is not None and gpc_header.strip() == "1"
+    if gpc or tcf_header is not None:
+        parsed.consent = RequestConsent.merged(parsed.consent, gpc, tcf_header)
     return parsed
 
 

@@ -18,6 +18,12 @@ class FallbackReason(StrEnum):
     # Decisions: the answer is what the policy, the person or the routing calls for.
     NO_CONSENT = "no_consent"
     """The policy does not allow personalizing this person for this purpose here."""
+    GPC_OBJECTION = "gpc_objection"
+    """The request's Global Privacy Control signal, which the region's policy counts
+    as an objection to this purpose."""
+    TCF_NO_CONSENT = "tcf_no_consent"
+    """The request's TC string does not grant the TCF purposes the region's policy
+    maps this purpose to, or consent for the operator's vendor id."""
     NO_PERMITTED_MODEL = "no_permitted_model"
     """No routed model reads only feature views the purpose permits."""
     FEATURES_MISSING = "features_missing"
@@ -54,7 +60,13 @@ class FallbackReason(StrEnum):
 
 
 DECISIONS = frozenset(
-    {FallbackReason.NO_CONSENT, FallbackReason.NO_PERMITTED_MODEL, FallbackReason.FEATURES_MISSING}
+    {
+        FallbackReason.NO_CONSENT,
+        FallbackReason.GPC_OBJECTION,
+        FallbackReason.TCF_NO_CONSENT,
+        FallbackReason.NO_PERMITTED_MODEL,
+        FallbackReason.FEATURES_MISSING,
+    }
 )
 MODEL_FAULTS = frozenset({FallbackReason.MODEL_UNAVAILABLE, FallbackReason.MODEL_ERROR})
 DEGRADED = frozenset(reason for reason in FallbackReason if reason.degraded)

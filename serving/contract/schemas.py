@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -23,6 +24,8 @@ from pydantic import (
 
 from rankgate.core.project import ContextFeature, ItemId
 from rankgate.governance.demo_consent import DEMO_SOURCE
+from rankgate.governance.signals import ConsentSignals
+from rankgate.governance.tcf import TCStringError, decode
 from serving.contract.config import BudgetConfig, LimitsConfig
 
 # Identifier patterns are matched whole (`fullmatch`): `re.match` with `$` also
@@ -148,6 +151,53 @@ ItemIdValue = Annotated[
 KnownPurpose = Annotated[str, AfterValidator(_known_purpose)]
 
 
+GPC_HEADER = "Sec-GPC"
+TCF_HEADER = "Rankgate-TCF"
+
+
+def _tc_string(value: str) -> str:
+    """A TC string that decodes (kept as text: the gate reads its cached decoding)."""
+    try:
+        decode(value)
+    except TCStringError as exc:
+        raise ValueError(f"not a TCF v2 TC string: {exc.message}") from None
+    return value
+
+
+TcStringText = Annotated[str, AfterValidator(_tc_string)]
+
+
+class RequestConsent(BaseModel):
+    """Consent signals the application passes on: they can only make the answer more
+    restrictive than the person's stored consent (the policy says how each counts)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    tcf: TcStringText | None = None
+    """An IAB TCF v2 TC string (the `Rankgate-TCF` header is read when this is absent)."""
+    gpc: bool = False
+    """The browser sent `Sec-GPC: 1` (a `Sec-GPC: 1` header on this request counts too)."""
+    _tcf_field: str = PrivateAttr("consent.tcf")
+
+    @classmethod
+    def merged(
+        cls, body: RequestConsent | None, gpc_header: bool, tcf_header: str | None
+    ) -> RequestConsent:
+        """The body's signals with the headers': GPC from either, the body's TC string
+        before the header's. Both parts are valid already."""
+        tcf = body.tcf if body is not None else None
+        merged = cls.model_construct(
+            tcf=tcf or tcf_header, gpc=gpc_header or (body is not None and body.gpc)
+        )
+        if tcf is None and tcf_header is not None:
+            merged._tcf_field = TCF_HEADER
+        return merged
+
+    def signals(self) -> ConsentSignals:
+        tcf = decode(self.tcf) if self.tcf is not None else None  # cached: decoded when parsed
+        return ConsentSignals(gpc=self.gpc, tcf=tcf, tcf_field=self._tcf_field)
+
+
 class RankRequest(BaseModel):
     """`POST /v1/rank`: which items should this person see, for this purpose, now?"""
 
@@ -177,6 +227,9 @@ class RankRequest(BaseModel):
     """Add reasons (SHAP) to the returned items when the budget allows."""
     budget_ms: float | int | None = None
     """Deadline in ms (budget.min_ms..budget.max_ms); omitted: budget.default_ms."""
+    consent: RequestConsent | None = None
+    """Consent signals from the person's browser or consent platform (docs/privacy.md,
+    Consent signals); they only restrict."""
 
     @field_validator("region")
     @classmethod

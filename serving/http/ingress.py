@@ -33,6 +33,8 @@ from serving.contract.parsing import (
     parse_unlink,
 )
 from serving.contract.schemas import (
+    GPC_HEADER,
+    TCF_HEADER,
     ConsentRecorded,
     ErrorBody,
     ErrorProblem,
@@ -232,7 +234,13 @@ class RankIngress(BatchedScoring):
         if declared is not None:
             KeyCache.authorize(caller, [declared])
         config = pipeline.services.config
-        parsed = parse_rank(await body_of(request, config), pipeline.rules)
+        headers = request.headers
+        parsed = parse_rank(
+            await body_of(request, config),
+            pipeline.rules,
+            headers.get(GPC_HEADER),
+            headers.get(TCF_HEADER),
+        )
         if declared is not None and parsed.purpose != declared:
             problem = ErrorProblem(
                 field="purpose", problem="differs from the Rankgate-Purpose header"

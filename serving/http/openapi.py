@@ -21,10 +21,13 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from rankgate.core.project import ItemId
+from rankgate.governance.tcf import MAX_TC_STRING_CHARS
 from serving.contract.config import LimitsConfig
 from serving.contract.schemas import (
     CONTEXT_KEY_PATTERN,
+    GPC_HEADER,
     MAX_IDS_PER_LINK,
+    TCF_HEADER,
     USER_ID_PATTERN,
     ConsentRequest,
     ConsentWrite,
@@ -76,8 +79,44 @@ def _rewrite(props: dict[str, JsonSchema], name: str, /, **constraints: Any) -> 
     props[name] = {**kept, **constraints}
 
 
+TC_STRING_FORMAT = "iab-tcf-tc-string"
+"""A TC string the server decodes (no pattern can say which strings do: a client or a
+fuzzer supplies real ones for this format; tests/api/schemathesis_hooks.py)."""
+TC_STRING_SCHEMA: JsonSchema = {
+    "type": "string",
+    "format": TC_STRING_FORMAT,
+    # No length bounds or pattern: a string of a boundary length or of random base64url
+    # is no TC string, and a generator would take them for valid ones.
+    "description": (
+        "An IAB TCF v2 TC string: base64url segments joined by '.', at most "
+        f"{MAX_TC_STRING_CHARS} characters; one that does not decode is a 422."
+    ),
+}
+SIGNAL_HEADERS: list[JsonSchema] = [
+    {
+        "name": GPC_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Global Privacy Control: `1` is the signal (any other value: none).",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": TCF_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "An IAB TCF v2 TC string, read when the body has no `consent.tcf`.",
+        "schema": TC_STRING_SCHEMA,
+    },
+]
+
+
 def rank_request_schema(rules: RequestRules | None) -> JsonSchema:
     schema = RankRequest.model_json_schema()
+    # The consent signals' model is written in place: a `$ref` to the body's own
+    # `$defs` would not resolve inside the OpenAPI document.
+    consent = schema.pop("$defs")["RequestConsent"]
+    _rewrite(consent["properties"], "tcf", anyOf=[TC_STRING_SCHEMA, {"type": "null"}])
+    _rewrite(schema["properties"], "consent", anyOf=[consent, {"type": "null"}])
     if rules is None:
         return schema
     limits, budget, props = rules.limits, rules.budget, schema["properties"]
@@ -188,6 +227,8 @@ def openapi_document(app: FastAPI, rules: RequestRules | None) -> JsonSchema:
         routes=app.routes,
     )
     paths = document["paths"]
+    rank = paths["/v1/rank"]["post"]
+    rank["parameters"] = [*rank.get("parameters", []), *SIGNAL_HEADERS]
     for (path, method), schema_of in REQUEST_BODIES.items():
         paths[path][method]["requestBody"] = {
             "required": True,

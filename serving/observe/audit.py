@@ -102,6 +102,37 @@ class ExplanationNote(BaseModel):
     queue_full, not_personalized)."""
 
 
+class TcfNote(BaseModel):
+    """What a request's TC string granted, as decoded (the string itself is not kept)."""
+
+    field: str
+    """Where it came from: consent.tcf (the body) or Rankgate-TCF (the header)."""
+    granted: bool
+    vendor_id: int
+    required: list[int]
+    """TCF purposes the policy maps the purpose to."""
+    missing: list[int]
+    """Of those, the ones the string does not grant."""
+    vendor_consent: bool
+    restricted: list[int]
+    """Of those, the ones the publisher restricts for the vendor."""
+    vendor_list_version: int
+    vendor_list_known: bool
+    tcf_policy_version: int
+    cmp_id: int
+
+
+class ConsentNote(BaseModel):
+    """Which consent source decided, and what the request's signals meant."""
+
+    source: str
+    """stored, linked-id, gpc or tcf."""
+    gpc: str | None = None
+    """objection, not_counted, or None (no signal)."""
+    tcf: TcfNote | str | None = None
+    """The decoded facts, not_counted, or None (no TC string)."""
+
+
 class AuditRecord(BaseModel):
     """One decision as the audit stream keeps it (no raw user id).
 
@@ -149,6 +180,9 @@ class AuditRecord(BaseModel):
     position: 1 for a deterministic ranking (absent in records older than this field)."""
     choice: Choice | None = None
     """How the items were chosen (absent in records older than this field)."""
+    consent: ConsentNote | None = None
+    """Set when the request carried consent signals or a linked id's record decided
+    (the policy checks name the source of every decision)."""
     stream_id: str | None = None
     """Id of the stream entry: set when read back, never written."""
 

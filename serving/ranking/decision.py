@@ -12,8 +12,16 @@ import uuid
 from typing import Any
 
 from rankgate.core.topk import SCORE_DIGITS, plain_item_id
+from rankgate.governance.signals import ConsentSource, TcfVerdict
 from serving.contract.schemas import Freshness, RankedItem, RankResponse
-from serving.observe.audit import AuditRecord, Choice, ExplanationNote, RecordedFeatures
+from serving.observe.audit import (
+    AuditRecord,
+    Choice,
+    ConsentNote,
+    ExplanationNote,
+    RecordedFeatures,
+    TcfNote,
+)
 from serving.ranking.stages import Deadline, RankContext
 
 
@@ -79,7 +87,39 @@ def audit_record(
         propensities=context.propensities,
         choice=choice(context),
         **requested_note(context),
+        **consent_note(context),
     )
+
+
+def consent_note(context: RankContext) -> dict[str, ConsentNote]:
+    """`consent` of a record whose request carried signals or whose consent came from a
+    linked id (else nothing: records stay as they were)."""
+    decision = context.require_decision()
+    effect = decision.signals
+    if effect is None and decision.source is ConsentSource.STORED:
+        return {}
+    note = ConsentNote(source=decision.source.value)
+    if effect is not None:
+        note.gpc = effect.gpc
+        tcf = effect.tcf
+        note.tcf = (
+            TcfNote(
+                field=tcf.field,
+                granted=tcf.grants,
+                vendor_id=tcf.vendor_id,
+                required=list(tcf.required),
+                missing=list(tcf.missing),
+                vendor_consent=tcf.vendor_consent,
+                restricted=list(tcf.restricted),
+                vendor_list_version=tcf.vendor_list_version,
+                vendor_list_known=tcf.vendor_list_known,
+                tcf_policy_version=tcf.tcf_policy_version,
+                cmp_id=tcf.cmp_id,
+            )
+            if isinstance(tcf, TcfVerdict)
+            else tcf
+        )
+    return {"consent": note}
 
 
 def listed_candidates(context: RankContext) -> dict[str, Any]:

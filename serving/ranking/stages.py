@@ -42,6 +42,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.topk import Pick
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Exploration
+from rankgate.governance.signals import ConsentSource
 from serving.contract.config import ServingConfig
 from serving.contract.reasons import FallbackReason
 from serving.contract.schemas import Explanation, Fallback, ModelRef, RankRequest
@@ -267,12 +268,19 @@ class GateStage(Stage):
             person = await self.services.consent.read_person(
                 context.key, request.purpose, deadline.remaining_s()
             )
+            signals = request.consent.signals() if request.consent is not None else None
             if person is None:
-                decision = gate.decide(request.purpose, request.region, None)
+                decision = gate.decide(request.purpose, request.region, None, signals=signals)
             else:
                 # Everything after the gate is about the person, whichever id asked.
                 context.key, context.consent_via = person.person, person.via
-                decision = gate.decide(request.purpose, request.region, person.state)
+                decision = gate.decide(
+                    request.purpose,
+                    request.region,
+                    person.state,
+                    signals=signals,
+                    stored_source=person.via or ConsentSource.STORED,
+                )
         context.decision = decision
         excluded = decision.excluded_items
         if request.candidates is None:

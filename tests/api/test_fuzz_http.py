@@ -14,6 +14,7 @@ Two runs of the same document:
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -66,8 +67,12 @@ def run_schemathesis(
         "--report-har-path",
         str(tmp_path / "requests.har"),
     ]
+    # The hooks give the document's custom formats (TC strings) real values.
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks", "PYTHONPATH": path}
     result = subprocess.run(  # in tmp_path: schemathesis keeps a cache in its working folder
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False, env=env
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

@@ -39,3 +39,17 @@ def test_the_document_reads_the_rules_it_is_given() -> None:
     # Before the first config is loaded the bodies are still described, by type.
     bare = openapi_document(api, None)["paths"]["/v1/consent"]["post"]["requestBody"]
     assert "user_id" in bare["content"]["application/json"]["schema"]["properties"]
+
+
+def test_the_consent_signals_are_documented_in_the_body_and_as_headers() -> None:
+    rules = RequestRules.of(LimitsConfig(), BudgetConfig(), ["a_purpose"], ["XX"], [1, 2])
+    for document in (openapi_document(api, rules), openapi_document(api, None)):
+        rank = document["paths"]["/v1/rank"]["post"]
+        schema = rank["requestBody"]["content"]["application/json"]["schema"]
+        assert "$defs" not in schema  # nothing left to point into
+        consent = schema["properties"]["consent"]["anyOf"][0]
+        assert set(consent["properties"]) == {"tcf", "gpc"}
+        assert consent["additionalProperties"] is False
+        assert consent["properties"]["tcf"]["anyOf"][0]["format"] == "iab-tcf-tc-string"
+        headers = {p["name"] for p in rank["parameters"] if p["in"] == "header"}
+        assert {"Sec-GPC", "Rankgate-TCF"} <= headers

@@ -55,6 +55,8 @@ def test_decisions_are_not_degraded() -> None:
     decisions = {r for r in FallbackReason if not r.degraded}
     assert decisions == {
         FallbackReason.NO_CONSENT,
+        FallbackReason.GPC_OBJECTION,
+        FallbackReason.TCF_NO_CONSENT,
         FallbackReason.NO_PERMITTED_MODEL,
         FallbackReason.FEATURES_MISSING,
     }

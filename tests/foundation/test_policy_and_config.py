@@ -52,6 +52,21 @@ def test_shipped_policy_files_load() -> None:
             lambda p: p["item_rules"][0].update(purposes=["telepathy"]),
             "item_rules.0.purposes: unknown purpose",
         ),
+        # Consent signal rules (tests/governance/test_signals.py: what they do).
+        (
+            lambda p: p["regions"]["US"]["gpc"].update(objects_to=["telepathy"]),
+            "regions.US.gpc.objects_to: unknown purpose 'telepathy'",
+        ),
+        (lambda p: p["regions"]["US"]["gpc"].update(objects_to=[]), "regions.US.gpc.objects_to"),
+        (
+            lambda p: p["regions"]["EU"]["tcf"]["purposes"].update(telepathy=[1]),
+            "regions.EU.tcf.purposes: unknown purpose 'telepathy'",
+        ),
+        (
+            lambda p: p["regions"]["EU"]["tcf"]["purposes"].update(email_marketing=[0]),
+            "regions.EU.tcf.purposes.email_marketing.0",
+        ),
+        (lambda p: p["regions"]["EU"]["tcf"].pop("vendor_id"), "regions.EU.tcf.vendor_id"),
     ],
 )
 def test_a_policy_with_an_error_is_refused_naming_file_and_field(

@@ -80,7 +80,8 @@ def parse_rank(
         parsed = RankRequest.model_validate_json(body, context={"rules": rules})
     except ValidationError as exc:
         problems = problems_of(exc)
-        if b'"user_id"' not in body and b'"anonymous_id"' not in body:
+        parsed_json = all(p.field != "body" for p in problems)
+        if parsed_json and b'"user_id"' not in body and b'"anonymous_id"' not in body:
             problems.insert(0, NO_ID)
     if tcf_header is not None:
         try:

@@ -151,7 +151,7 @@ def rank_request_schema(rules: RequestRules | None) -> JsonSchema:
     )
     bounded = {"type": "number", "minimum": budget.min_ms, "maximum": budget.max_ms}
     _rewrite(props, "budget_ms", anyOf=[bounded, {"type": "null"}])
-    return schema
+    return one_of_the_ids(schema)
 
 
 def _consent_schema(model: type[BaseModel], rules: RequestRules | None) -> JsonSchema:
@@ -169,12 +169,23 @@ def _consent_schema(model: type[BaseModel], rules: RequestRules | None) -> JsonS
     )
     if "user_id" in props:
         _optional_ids(props, rules.limits, "user_id", "anonymous_id")
+        one_of_the_ids(schema)
     return schema
 
 
 def _optional_ids(props: dict[str, JsonSchema], limits: LimitsConfig, *names: str) -> None:
     for name in names:
         _rewrite(props, name, anyOf=[user_id_schema(limits), {"type": "null"}])
+
+
+def one_of_the_ids(schema: JsonSchema, *, exactly: bool = False) -> JsonSchema:
+    """A body that needs `user_id` or `anonymous_id` (as a string): the schema says so."""
+    either = [
+        {"required": [name], "properties": {name: {"type": "string"}}}
+        for name in ("user_id", "anonymous_id")
+    ]
+    schema["oneOf" if exactly else "anyOf"] = either
+    return schema
 
 
 def identify_schema(rules: RequestRules | None) -> JsonSchema:
@@ -195,6 +206,7 @@ def unlink_schema(rules: RequestRules | None) -> JsonSchema:
     schema = UnlinkRequest.model_json_schema()
     if rules is not None:
         _optional_ids(schema["properties"], rules.limits, "user_id", "anonymous_id")
+        one_of_the_ids(schema, exactly=True)
     return schema
 
 

@@ -442,8 +442,9 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
     assert rank["purpose"]["enum"] == sorted(policy.purposes)
     assert rank["region"]["enum"] == sorted(policy.regions)
     assert (rank["k"]["minimum"], rank["k"]["maximum"]) == (1, limits.max_k)
-    assert rank["user_id"]["maxLength"] == limits.max_user_id_chars
-    assert rank["user_id"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+    for name in ("user_id", "anonymous_id"):  # one of them, or both
+        assert rank[name]["anyOf"][0]["maxLength"] == limits.max_user_id_chars
+        assert rank[name]["anyOf"][0]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
     assert rank["context"]["maxProperties"] == limits.max_context_entries
     assert rank["context"]["propertyNames"] == {"pattern": "^[a-z][a-z0-9_]{0,31}$"}
     assert rank["context"]["additionalProperties"]["maxLength"] == limits.max_context_value_chars
@@ -459,13 +460,15 @@ def test_openapi_document_is_as_strict_as_the_server(server: Server, ready_home:
     assert len(catalogue) == catalogue[-1] - catalogue[0] + 1  # no gaps: the range is exact
 
     consent = body_schema(document, "/v1/consent")
-    assert set(consent["required"]) == {"user_id", "purposes", "source"}
+    assert set(consent["required"]) == {"purposes", "source"}
+    either = [set(alternative["required"]) for alternative in consent["anyOf"]]
+    assert either == [{"user_id"}, {"anonymous_id"}]  # and one of the ids
     assert set(consent["properties"]["purposes"]["properties"]) == set(policy.purposes)
     assert consent["properties"]["purposes"]["additionalProperties"] is False
     path_form = document["paths"]["/v1/consent/{user_id}"]["put"]
     assert path_form["deprecated"] is True
     (user_id,) = path_form["parameters"]
-    assert user_id["schema"]["pattern"] == rank["user_id"]["pattern"]
+    assert user_id["schema"]["pattern"] == rank["user_id"]["anyOf"][0]["pattern"]
     assert "user_id" not in body_schema(document, "/v1/consent/{user_id}", "put")["properties"]
     page = httpx.get(f"{server.base_url}/docs", timeout=10)
     assert page.status_code == 200 and "/openapi.json" in page.text

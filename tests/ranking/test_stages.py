@@ -20,7 +20,7 @@ import pytest
 from features.spec import FeatureSpec
 from features.vector import ItemTable
 from rankgate.core.topk import top_k
-from rankgate.governance.consent import ConsentState
+from rankgate.governance.consent import ConsentState, PersonConsent
 from rankgate.governance.policy import Policy
 from serving.contract.config import BudgetConfig, ServingConfig
 from serving.contract.reasons import FallbackReason
@@ -66,11 +66,12 @@ class Consent:
     state: ConsentState | None = ConsentState.GRANTED
     delay_s: float = 0.0
 
-    async def read(self, key: str, purpose: str, timeout_s: float) -> ConsentState | None:
+    async def read_person(self, key: str, purpose: str, timeout_s: float) -> PersonConsent | None:
+        """The id is its own person (linking is tested against Redis: test_identity)."""
         if self.delay_s > timeout_s:
             await asyncio.sleep(max(timeout_s, 0.0))
             return None
-        return self.state
+        return None if self.state is None else PersonConsent(key, self.state)
 
 
 @dataclass

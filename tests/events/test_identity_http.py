@@ -17,6 +17,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from features.streaming import CountState
 from rankgate.cli.main import main
 from rankgate.core import redis_keys
 from rankgate.core.pseudonym import user_key
@@ -108,19 +109,44 @@ def test_an_anonymous_visitors_clicks_count_once_they_sign_in(server: Server) ->
     by_cookie = rank_as(server, anonymous_id=visitor)
     assert [i["item_id"] for i in by_cookie["items"]] == [i["item_id"] for i in after["items"]]
 
-    # Forgetting the known id forgets the person under both ids, and nothing else.
+
+@pytest.mark.usefixtures("streaming_server")
+def test_forgetting_the_known_id_forgets_the_person_under_both_ids(server: Server) -> None:
+    """A person who is not one of the example's (their offline rows stay for the
+    session's other tests): consent, clicks and a decision under both ids, linked."""
+    env = Environment.open()
+    namespace = env.home.namespace
+    member, visitor = f"member-{uuid.uuid4().hex[:12]}", f"cookie-{uuid.uuid4().hex}"
+    grant(server, True, user_id=member)
+    grant(server, True, anonymous_id=visitor)
+    posted = post_events(server, [anonymous_click(visitor, 1), anonymous_click(visitor, 2)])
+    assert posted.status_code == 202, posted.text
+    consumed(env, newest(posted.json()["stream_ids"]))
+    linked = call(
+        server, "/v1/identify", {"user_id": member, "anonymous_ids": [visitor], "region": "EU"}
+    )
+    assert linked.status_code == 200, linked.text
+    answer = rank_as(server, user_id=member)  # no profile rows: the fallback answers
+    clicked = click(member, answer["items"][0]["item_id"], request_id=answer["request_id"])
+    posted = post_events(server, [clicked])
+    consumed(env, newest(posted.json()["stream_ids"]))
+    member_key, visitor_key = user_key(member), id_key(IdKind.ANONYMOUS, visitor)
+    state = redis_keys.streaming_state(namespace, STREAMING_VIEW, member_key)
+    assert CountState.read(env.redis.hgetall(state)).counts  # the visitor's clicks joined
     control = user_with(env.consent, PURPOSE, ConsentState.GRANTED, skip=62)
     control_consent = env.redis.hgetall(redis_keys.consent(namespace, user_key(control)))
-    time.sleep(0.5)  # the audit records of the answers above are written after them
-    result = CliRunner().invoke(main, ["privacy", "forget", person])
+    time.sleep(0.5)  # the audit record of the answer is written after it
+
+    result = CliRunner().invoke(main, ["privacy", "forget", member])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[0].startswith(f"erased for user key {user_key(person)[:8]}")
+    assert lines[0].startswith(f"erased for user key {member_key[:8]}")
+    assert "1 consent record" in lines[0] and "1 decision" in lines[0], lines[0]
     assert lines[1].startswith(f"erased for anonymous id key {visitor_key[:8]}")
-    assert "3 events" in lines[1] and lines[2].startswith("and ")
-    assert person not in result.output and visitor not in result.output
-    needles = [user_key(person).encode(), visitor_key.encode()]
-    assert places_holding(env.redis, needles) == []
+    assert "2 events" in lines[1], lines[1]
+    assert lines[2].startswith("and ") and "of 2 ids" in lines[2], lines[2]
+    assert member not in result.output and visitor not in result.output
+    assert places_holding(env.redis, [member_key.encode(), visitor_key.encode()]) == []
     assert env.redis.hgetall(redis_keys.consent(namespace, user_key(control))) == control_consent
 
 

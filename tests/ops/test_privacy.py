@@ -26,7 +26,7 @@ from rankgate.core.settings import get_project, get_settings
 from rankgate.governance.demo_consent import DEMO_SOURCE, demo_consent
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
-from rankgate.ops.erasure import Eraser, feast_user_key, glob_escape
+from rankgate.ops.erasure import Eraser, event_owner, feast_user_key, glob_escape
 from serving.events.intake import StoredEvent
 from serving.runtime import ReplicaRuntime
 from tests.ranking.test_pipeline import LOOP, make_pipeline, rank
@@ -101,7 +101,7 @@ class Traces:
         events = 0
         lower = "-"
         while page := env.redis.xrange(redis_keys.events(namespace), min=lower, count=PAGE):
-            events += sum(StoredEvent.read(i, fields).user_key == key for i, fields in page)
+            events += sum(event_owner(fields) == key for _, fields in page)  # links: a set
             lower = "(" + page[-1][0].decode()
         states = len(
             list(

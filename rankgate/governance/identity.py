@@ -270,14 +270,13 @@ class IdentityStore:
             }
             if not own_listed:
                 new_ids[person] = json.dumps({"kind": mine[person], "linked_at": now})
-            writer.hset(redis_keys.identity_ids(ns, person), mapping=new_ids)
-            for join in joining.values():
-                for key in join.ids:
-                    writer.set(redis_keys.identity_link(ns, key), person)
-                writer.delete(redis_keys.identity_ids(ns, join.person))
-                writer.delete(redis_keys.consent(ns, join.person))
+            # In this order: on a Redis Cluster, where no transaction spans the keys, a
+            # link that fails part-way leaves nothing lost, and sending it again
+            # finishes it (the person takes the consent and ids before any id points
+            # at them; the joined ids' own records go last).
             if merged:
                 writer.hset(redis_keys.consent(ns, person), mapping=merged)
+            writer.hset(redis_keys.identity_ids(ns, person), mapping=new_ids)
             entry = {"to": person, "from": sorted(joining), "region": region}
             writer.xadd(
                 self.events_stream,
@@ -285,6 +284,12 @@ class IdentityStore:
                 maxlen=max_stream_len,
                 approximate=True,
             )
+            for join in joining.values():
+                for key in join.ids:
+                    writer.set(redis_keys.identity_link(ns, key), person)
+            for join in joining.values():
+                writer.delete(redis_keys.identity_ids(ns, join.person))
+                writer.delete(redis_keys.consent(ns, join.person))
             await writer.execute()
             return result
 
@@ -346,15 +351,17 @@ class IdentityStore:
             consent = await reader.hgetall(consent_key)
             if not cluster:
                 pipe.multi()
-            pipe.delete(link_key)
-            if remaining <= 2:  # the person's own id and this one
-                pipe.delete(ids_key)
-            else:
-                pipe.hdel(ids_key, named.key)
+            # The id's own copy of the consent first, its link last: on a Redis Cluster
+            # an unlink that fails part-way leaves the id still its person's.
             own = redis_keys.consent(ns, named.key)
             pipe.delete(own)
             if consent:
                 pipe.hset(own, mapping=consent)
+            if remaining <= 2:  # the person's own id and this one
+                pipe.delete(ids_key)
+            else:
+                pipe.hdel(ids_key, named.key)
+            pipe.delete(link_key)
             await pipe.execute()
             return True
 

@@ -292,15 +292,6 @@ class AsyncConsentStore:
             return None
         return read_record(person, raw, True)
 
-    async def read(self, key: str, purpose: str, timeout_s: float) -> ConsentState | None:
-        """Consent of the person for the purpose; None when it cannot be read in time."""
-        try:
-            async with asyncio.timeout(max(timeout_s, 0.0)):
-                raw = await self.client.hget(redis_keys.consent(self.namespace, key), purpose)  # type: ignore[misc]
-        except (TimeoutError, OSError, aioredis.RedisError):
-            return None
-        return parse_state(raw)
-
     async def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
         """Record under the person of id `key` (its own, or the one it is linked to),
         in one HSET: all purposes of a write are recorded together or not at all.

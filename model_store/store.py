@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from model_store.approvals import ApprovalLog
 from model_store.manifest import (
     MANIFEST_FILE,
     MAX_PARITY_DIFF,
@@ -110,6 +111,16 @@ class ModelStore:
             raise ModelStoreError(f"{manifest_path}: field {where!r}: {first['msg']}") from exc
         except ValueError as exc:
             raise ModelStoreError(f"{manifest_path}: not valid JSON ({exc})") from exc
+
+    def approvals(self, version: str) -> ApprovalLog:
+        """The approvals of a registered version (UnknownVersion when it is not)."""
+        folder = self.path(version)
+        if not folder.is_dir():
+            known = ", ".join(self.versions()) or "none"
+            raise UnknownVersion(
+                f"model version {version!r} not found in {self.root} (known: {known})"
+            )
+        return ApprovalLog(folder)
 
     def views_of(self, versions: Iterable[str]) -> dict[str, frozenset[str] | None]:
         """The feature views each version reads, which decide the purposes it may serve

@@ -14,6 +14,7 @@ from rankgate.core.config_files import Strict, load_yaml_model, parse_yaml_model
 from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.settings import get_project
+from rankgate.governance.approval import ApprovalRules
 
 
 def policy_dir() -> Path:
@@ -137,6 +138,8 @@ class Policy(Strict):
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
+    approvals: ApprovalRules = Field(default_factory=ApprovalRules)
+    """Purposes whose versions need an approval before `model promote` gives them traffic."""
 
     @model_validator(mode="after")
     def _signals_name_known_purposes(self) -> Policy:
@@ -158,6 +161,9 @@ class Policy(Strict):
             for region in rule.regions or []:
                 if region not in self.regions:
                     raise ValueError(f"item_rules.{index}.regions: unknown region {region!r}")
+        for purpose in self.approvals.purposes:
+            if purpose not in self.purposes:
+                raise ValueError(f"approvals.purposes: unknown purpose {purpose!r}")
         return self
 
     def excluded_items(self, purpose: str, region: str) -> frozenset[ItemId]:

@@ -107,12 +107,12 @@ def promote(
     before = routing.routing
     requirement = routing.promotion.require_evaluation
     evidence = (
-        _evidence(env, version, before.stable, requirement)
+        evidence_against(env, version, before.stable, requirement)
         if requirement is not None and role in ("canary", "stable") and version != before.stable
         else None
     )
     routing.guard_evidence(version, evidence, force, say)
-    new = routing.change(Move(version, role, canary), env.models, force, say)
+    new = routing.change(Move(version, role, canary), env.models, force, say, approval=True)
     if role == "canary":
         namespace = env.home.namespace
         if starts_experiment(before, version, set(read_rollbacks(env.redis, namespace))):
@@ -125,7 +125,7 @@ def promote(
     context.apply(routing_applied(new), say)
 
 
-def _evidence(
+def evidence_against(
     env: Environment, version: str, stable: str, requirement: EvaluationRequirement
 ) -> Evidence:
     """Off-policy evidence of `version` against stable, as the gate asks for it."""
@@ -202,6 +202,11 @@ def history(count: int) -> list[str]:
             lines.append(
                 f"{when}  automatic rollback of {entry['version']}: rule {entry['rule']}: "
                 f"{entry['detail']}"
+            )
+            continue
+        if entry["event"] == "approve":
+            lines.append(
+                f"{when}  approve {entry['version']} for {entry['purpose']} by {entry['by']}"
             )
             continue
         role = entry.get("role") or "out of the routing"

@@ -41,6 +41,7 @@ from rankgate.core.home import Home
 from rankgate.core.project_files import policy_files
 from rankgate.core.redis_server import RedisClient
 from rankgate.core.settings import SOURCE_CHECKOUT, get_project
+from rankgate.governance.approval import ApprovalRules
 from rankgate.governance.policy import Policy, load_policy
 from serving.contract.config import (
     DriftConfig,
@@ -59,6 +60,7 @@ from serving.observe.outcomes import (
     read_outcomes,
 )
 from serving.observe.routing_log import record_routing_change
+from serving.ops.approvals import approval_guard
 from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
@@ -347,6 +349,7 @@ class RoutingFile:
     purposes: dict[str, frozenset[str]]
     promotion: PromotionConfig
     drift: DriftConfig = field(default_factory=DriftConfig)
+    approval_rules: ApprovalRules = field(default_factory=ApprovalRules)
     overrode: list[str] = field(default_factory=list)
     """What the last change was forced past."""
 
@@ -358,7 +361,9 @@ class RoutingFile:
         routing = validate_routing(plain(node), path)
         promotion = config.section(PromotionConfig, "promotion")
         drift = config.section(DriftConfig, "drift")
-        return cls(config, node, routing, permitted_views(policy), promotion, drift)
+        return cls(
+            config, node, routing, permitted_views(policy), promotion, drift, policy.approvals
+        )
 
     @property
     def path(self) -> Path:
@@ -406,13 +411,33 @@ class RoutingFile:
         say(f"WARNING (--force): promoted without the required evidence: {described}")
         self.overrode.append(f"promotion.require_evaluation: {described}")
 
-    def change(self, move: Move, models: ModelStore, force: bool, say: Say) -> RoutingConfig:
-        """Plan `move`, show who serves what before and after, refuse or write it."""
+    def guard_approval(
+        self, planned: RoutingChange, version: str, models: ModelStore, force: bool, say: Say
+    ) -> None:
+        """Refuse to let `version` start answering a purpose whose policy requires an
+        approval it lacks, unless forced (serving/ops/approvals.py). A purpose it answers
+        already (a new canary weight, a canary made stable) took its traffic before."""
+
+        def answers(served: list[Served]) -> set[str]:
+            return {s.purpose for s in served if s.version == version and s.share > 0}
+
+        new = answers(planned.served_after) - answers(planned.served_before)
+        self.overrode += approval_guard(
+            self.approval_rules, new, version, models.approvals(version), force, say
+        )
+
+    def change(
+        self, move: Move, models: ModelStore, force: bool, say: Say, approval: bool = False
+    ) -> RoutingConfig:
+        """Plan `move`, show who serves what before and after, refuse or write it
+        (`approval`: check the moved version's approvals first, as promote does)."""
         views_of = models.views_of([*self.routing.all_versions, move.version])
         planned = plan(self.routing, move, self.purposes, views_of)
         say("who answers each purpose (share of its users, when not all):")
         for line in planned.table():
             say(line)
+        if approval:
+            self.guard_approval(planned, move.version, models, force, say)
         self.overrode += planned.guard(force, say)
         self.write(planned.after)
         return planned.after

@@ -12,6 +12,7 @@ import click
 
 from rankgate.cli.commands.evaluate import model_evaluate
 from rankgate.cli.commands.routing import (
+    model_approve,
     model_history,
     model_promote,
     model_retire,
@@ -180,6 +181,7 @@ for command in (
     model_validate,
     model_list,
     model_promote,
+    model_approve,
     model_retire,
     model_rollback,
     model_evaluate,

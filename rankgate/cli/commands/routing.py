@@ -55,6 +55,30 @@ def model_promote(
     promote(version, role, canary, force, config_path, say)
 
 
+@click.command("approve")
+@click.argument("version")
+@click.option("--by", "by", required=True, help="Who approves: a name on the policy's approvers.")
+@click.option(
+    "--purpose",
+    "purposes",
+    multiple=True,
+    required=True,
+    help="The purpose approved for (repeat for several).",
+)
+@click.option("--note", default="", help="What the approver wants on record with it.")
+@CONFIG_OPTION
+@fails_cleanly
+def model_approve(
+    version: str, by: str, purposes: tuple[str, ...], note: str, config_path: Path | None
+) -> None:
+    """Approve VERSION for a purpose whose policy requires it before `promote` gives
+    it traffic. Shows, and stores with the approval, the off-policy estimate against
+    stable and the drift figures at this moment."""
+    from rankgate.ops.approvals import approve
+
+    echo_lines(approve(version, by, list(dict.fromkeys(purposes)), note, config_path, say).lines())
+
+
 @click.command("retire")
 @click.argument("version")
 @FORCE_OPTION

@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 
+from model_store.reference import compute_reference
 from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError
 from rankgate.core.home import Home
@@ -29,10 +31,12 @@ from rankgate.governance.notifications import (
     sign,
     verify,
 )
-from serving.contract.config import NotificationsConfig
+from serving.contract.config import DriftConfig, NotificationsConfig
+from serving.observe.drift import DriftMonitor, VersionInputs
 from serving.observe.metrics import ServingMetrics
 from serving.observe.notifier import Notifier, backoff_s, resolve_webhooks
 from serving.runtime import parse_config
+from tests.observe.test_drift import SPECS, reference_matrix, scores_of
 from tests.serving_support import ingress_user_config
 from tests.webhook_receiver import WebhookReceiver
 
@@ -293,3 +297,41 @@ def test_the_notifier_retries_signs_and_keeps_each_webhook_to_itself(
         sample(metrics, "rankgate_notifications_retried_total", webhook="stuck", kind="rollback")
         == 2
     )
+
+
+def test_a_drift_flag_is_published_once_across_replicas_while_it_stays_raised(
+    namespace: str,
+) -> None:
+    rng = np.random.default_rng(0)
+    matrix = reference_matrix(rng)
+    reference = compute_reference(SPECS, matrix, scores_of(matrix), "training matrix")
+    inputs = VersionInputs([s.name for s in SPECS], [s.group for s in SPECS], reference)
+    config = DriftConfig(window_s=300, min_rows=1000)
+    replicas = [DriftMonitor(ServingMetrics(to_ray=False, flush_s=None)) for _ in range(2)]
+
+    async def refresh_all(rounds: int) -> None:
+        client = connect_async(resolve_redis_url(get_settings()))
+        try:
+            for _ in range(rounds):
+                for monitor in replicas:
+                    shifted = reference_matrix(rng, 2000)
+                    shifted[:, 0] += 20  # prices went up: the feature and score flags
+                    monitor.observe("v1", shifted, scores_of(shifted))
+                    await monitor.refresh_and_write(client, namespace)
+        finally:
+            await client.aclose()
+
+    for monitor in replicas:
+        monitor.use(config, {"v1": inputs})
+    asyncio.run(refresh_all(rounds=2))
+    client = connect(resolve_redis_url(get_settings()))
+    published = [
+        Notification.read(i, f)
+        for i, f in client.xrange(redis_keys.notifications(namespace))  # type: ignore[union-attr]
+    ]
+    assert sorted(n.data["flag"] for n in published) == ["feature", "score"]
+    for n in published:
+        assert n.kind == "drift_flag" and n.data["version"] == "v1"
+        assert n.text.startswith(f"Drift flag '{n.data['flag']}' raised for model version v1")
+        assert n.data["top_feature_psi"]["price"] > config.feature_psi
+    assert all(m.windows["v1"].notified == {"feature", "score"} for m in replicas)

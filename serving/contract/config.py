@@ -321,20 +321,34 @@ class DriftConfig(Strict):
     metrics and writes the figures to Redis (for `rankgate model status`)."""
 
 
+ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+
+
+def http_url_problem(url: str) -> str | None:
+    """What is wrong with a webhook's URL, if anything."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return None
+
+
 class WebhookConfig(Strict):
     """One receiver of notifications (a Slack or Teams incoming webhook, a pager, a
-    service of your own): JSON POSTed to `url`, signed with the secret the environment
+    service of your own): JSON POSTed to its URL, signed with the secret the environment
     variable `secret_env` holds on the server (docs/operating.md, "Notifications")."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
     """Names the webhook in metrics and in its consumer group of the outbox: renaming it
     starts it afresh from the next notification."""
-    url: str = Field(min_length=1, max_length=2048)
-    """http(s) URL the notifications are POSTed to."""
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    """http(s) URL the notifications are POSTed to. A URL that is a secret itself
+    (Slack's and Teams' incoming webhooks are) goes in the environment: `url_env`."""
+    url_env: str | None = Field(None, pattern=ENV_NAME)
+    """Instead of `url`: the environment variable of the replicas holding the URL."""
     kinds: list[NotificationKind] = Field(min_length=1)
     """Which notifications it receives: rollback, promotion, approval, drift_flag,
     retention_failure."""
-    secret_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")
+    secret_env: str = Field(pattern=ENV_NAME)
     """The environment variable of the replicas holding the signing secret (the secret
     itself is never written in this file). A replica without it refuses the config."""
     timeout_s: float = Field(5.0, gt=0, le=60)
@@ -342,11 +356,17 @@ class WebhookConfig(Strict):
 
     @field_validator("url")
     @classmethod
-    def _http(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
+    def _http(cls, url: str | None) -> str | None:
+        problem = None if url is None else http_url_problem(url)
+        if problem:
+            raise ValueError(problem)
         return url
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookConfig:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url and url_env")
+        return self
 
 
 class NotificationsConfig(Strict):

@@ -42,7 +42,7 @@ from rankgate.core.errors import ConfigError
 from rankgate.core.lease import Lease
 from rankgate.core.redis_server import AsyncRedisClient
 from rankgate.governance.notifications import ID_HEADER, SIGNATURE_HEADER, Notification, sign
-from serving.contract.config import NotificationsConfig, WebhookConfig
+from serving.contract.config import NotificationsConfig, WebhookConfig, http_url_problem
 from serving.observe.metrics import Series, ServingMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -61,9 +61,10 @@ Entry = tuple[bytes, Mapping[bytes, bytes]]
 
 @dataclass(frozen=True)
 class Webhook:
-    """A webhook of the config with its secret, read from the replica's environment."""
+    """A webhook of the config with its URL and secret, as the replica's environment has them."""
 
     config: WebhookConfig
+    url: str
     secret: bytes
 
     @property
@@ -78,19 +79,30 @@ class Webhook:
 def resolve_webhooks(
     config: NotificationsConfig, environ: Mapping[str, str] | None = None
 ) -> list[Webhook]:
-    """The configured webhooks with their secrets; ConfigError naming the field when a
-    secret's variable is not set (a webhook would get unsigned, unverifiable posts)."""
+    """The configured webhooks with their URLs and secrets; ConfigError naming the field
+    when a variable is not set (a webhook would get unsigned, unverifiable posts) or
+    `url_env` holds no http(s) URL."""
     env = os.environ if environ is None else environ
     webhooks = []
     for index, hook in enumerate(config.webhooks):
+        field = f"serve_config.yaml user_config: field 'notifications.webhooks.{index}"
         secret = env.get(hook.secret_env, "")
         if not secret:
             raise ConfigError(
-                f"serve_config.yaml user_config: field 'notifications.webhooks.{index}.secret_env': "
-                f"the environment variable {hook.secret_env} is not set on the replica (it "
-                f"holds the signing secret of webhook {hook.name!r})"
+                f"{field}.secret_env': the environment variable {hook.secret_env} is not set "
+                f"on the replica (it holds the signing secret of webhook {hook.name!r})"
             )
-        webhooks.append(Webhook(hook, secret.encode()))
+        # One of url and url_env, by the config's validation.
+        url = hook.url or env.get(hook.url_env or "", "")
+        if not url:
+            raise ConfigError(
+                f"{field}.url_env': the environment variable {hook.url_env} is not set "
+                f"on the replica (it holds the URL of webhook {hook.name!r})"
+            )
+        problem = http_url_problem(url)
+        if problem:  # the URL itself is not shown: it may be a secret
+            raise ConfigError(f"{field}.url_env': {hook.url_env} {problem}")
+        webhooks.append(Webhook(hook, url, secret.encode()))
     return webhooks
 
 
@@ -155,7 +167,7 @@ class WebhookSender:
         try:
             async with asyncio.timeout(hook.config.timeout_s):
                 response = await self.http.post(
-                    hook.config.url,
+                    hook.url,
                     content=body,
                     headers=headers,
                     timeout=hook.config.timeout_s,
@@ -322,6 +334,8 @@ class Notifier:
             if wanted.get(name) != hook or task.done():
                 task.cancel()
                 del self.workers[name]
+                # Only the replica that delivers reports a webhook's lag.
+                self.metrics.notification_lag.remove(name)
         for name, hook in wanted.items():
             if name not in self.workers:
                 task = asyncio.get_running_loop().create_task(self.work(hook))

@@ -94,6 +94,11 @@ def notifications(**overrides: Any) -> dict[str, Any]:
         ),
         (notifications(url="https://"), "notifications.webhooks.0.url", "with a host"),
         (notifications(secret_env="my-secret"), "notifications.webhooks.0.secret_env", "pattern"),
+        (
+            notifications(url_env="OPS_URL"),
+            "notifications.webhooks.0",
+            "exactly one of url and url_env",
+        ),
         (notifications(secret="inline"), "notifications.webhooks.0.secret", "Extra inputs"),
         (notifications(name="Ops Channel"), "notifications.webhooks.0.name", "pattern"),
         (notifications(timeout_s=0), "notifications.webhooks.0.timeout_s", "greater than 0"),
@@ -126,6 +131,21 @@ def test_a_webhook_whose_secret_is_not_in_the_environment_is_refused() -> None:
     assert "OPS_WEBHOOK_SECRET is not set" in refused.value.message
     (hook,) = resolve_webhooks(config, {"OPS_WEBHOOK_SECRET": "abc"})
     assert (hook.name, hook.group, hook.secret) == ("ops", "webhook:ops", b"abc")
+    # A URL that is a secret itself (Slack's) comes from the environment too.
+    from_env = notifications(url=None, url_env="OPS_WEBHOOK_URL")
+    config = parse_config(ingress_user_config(notifications=from_env)).notifications
+    secret = {"OPS_WEBHOOK_SECRET": "abc"}
+    with pytest.raises(ConfigError) as refused:
+        resolve_webhooks(config, secret)
+    assert "field 'notifications.webhooks.0.url_env'" in refused.value.message
+    assert "OPS_WEBHOOK_URL is not set" in refused.value.message
+    with pytest.raises(ConfigError) as refused:
+        resolve_webhooks(config, {**secret, "OPS_WEBHOOK_URL": "hooks.example.com/T0"})
+    assert "OPS_WEBHOOK_URL must be an http:// or https:// URL" in refused.value.message
+    assert "hooks.example.com/T0" not in refused.value.message  # it may be a secret
+    url = "https://hooks.example.com/services/T0/B0/x"
+    (hook,) = resolve_webhooks(config, {**secret, "OPS_WEBHOOK_URL": url})
+    assert hook.url == url
     assert parse_config(ingress_user_config()).notifications.webhooks == []
 
 

@@ -14,7 +14,7 @@ and field) and changes nothing. The ingress (serving/http/ingress.py) runs all t
 the ranker deployment (serving/app.py) opens it for the model store; the event
 consumer (serving/events/consumer.py) for the project, Feast and Redis. What only
 the ingress needs (the feature fetcher and its item table, policy, fallback, metrics,
-drift windows, the decision recorder) is opened on first use.
+drift windows, the decision recorder, the notifier) is opened on first use.
 
 `BatchedScoring` is the `@serve.batch` around the ranker that the ingress and the
 ranker deployment share.
@@ -65,6 +65,7 @@ from serving.observe.canary import CanaryWatch
 from serving.observe.decisions import DecisionRecorder
 from serving.observe.drift import DriftMonitor, VersionInputs
 from serving.observe.metrics import ServingMetrics
+from serving.observe.notifier import Notifier, resolve_webhooks
 from serving.observe.outcomes import project_outcomes
 from serving.observe.routing_log import RoutingLog
 from serving.ranking.explainer import Explainer, ReasonTemplates, load_reason_templates
@@ -204,6 +205,12 @@ class ReplicaRuntime:
         return DriftMonitor(self.metrics)
 
     @cached_property
+    def notifier(self) -> Notifier:
+        """One per replica: delivers the outbox to the config's webhooks while this
+        replica holds the notifier's lease (serving/observe/notifier.py)."""
+        return Notifier(self.redis, self.home.namespace, self.metrics)
+
+    @cached_property
     def recorder(self) -> DecisionRecorder:
         """One per replica, whatever the config: its worker computes sampled explanations."""
         audit = AuditWriter(self.redis, self.home.namespace, AuditConfig().max_records)
@@ -242,6 +249,7 @@ class ReplicaRuntime:
         self.fetch_versions(versions, config.routing.all_versions)
         check_versions(config, versions)
         policies = self.load_policies(config.policy)
+        webhooks = resolve_webhooks(config.notifications)
         models, explainers = self.load_models(config)
         broken = self.newly_broken(models)
         if broken:
@@ -258,6 +266,7 @@ class ReplicaRuntime:
         self.serving = Serving(pipeline, Ranker(models))
         self.watch_drift(config, models)
         self.drift.keep_fresh(self.redis, self.home.namespace)
+        await self.notifier.use(config.notifications, webhooks)
         pipeline.canary.publish_weight()
         # What the replica holds now (Ray, Feast, models, the item table) lives until
         # the next reconfigure: out of the collector's sight, a full collection scans
@@ -439,9 +448,11 @@ class ReplicaRuntime:
     # -- close ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Write the queued records, stop the drift refresher, close Redis."""
+        """Write the queued records, stop the drift refresher and the notifier, close Redis."""
         if "recorder" in self.__dict__:
             await self.recorder.audit.close()
+        if "notifier" in self.__dict__:
+            await self.notifier.close()
         if "drift" in self.__dict__ and self.drift.refresher is not None:
             self.drift.refresher.cancel()
         if self.serving is not None:

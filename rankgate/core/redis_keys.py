@@ -122,6 +122,22 @@ def setup_marker(namespace: str, step: str) -> str:
     return f"{namespace}:setup:{step}"
 
 
+def notifications(namespace: str) -> str:
+    return f"{namespace}:notify:outbox"
+
+
+def notifications_dead(namespace: str) -> str:
+    return f"{namespace}:notify:dead"
+
+
+def notifier_lease(namespace: str) -> str:
+    return f"{namespace}:notify:lease"
+
+
+def notification_once(namespace: str, digest: str) -> str:
+    return f"{namespace}:notify:once:{digest}"
+
+
 @dataclass(frozen=True)
 class RedisKey:
     """One kind of key: its name pattern, Redis type, writer and contents."""
@@ -275,6 +291,38 @@ OUTCOMES_UNJOINED = RedisKey(
     "`<outcome>:<reason>` (unknown_request, item_not_shown, other_user, no_request_id) -> count",
     personal=False,
 )
+NOTIFICATIONS = RedisKey(
+    notifications(NS),
+    "stream",
+    "replicas (automatic rollbacks, drift flags), `rankgate model promote/retire/rollback` "
+    "(`rankgate/governance/notifications.py`)",
+    "the outbox of notifications to webhooks: kind, time, text and JSON data (no user ids); "
+    "one consumer group per webhook (`webhook:<name>`); trimmed to about 10,000",
+    personal=False,
+)
+NOTIFICATIONS_DEAD = RedisKey(
+    notifications_dead(NS),
+    "stream",
+    "the notifier (`serving/observe/notifier.py`), when a webhook refused a notification or "
+    "every attempt failed",
+    "webhook, kind, notification id, attempts and the last error; trimmed to about 1,000",
+    personal=False,
+)
+NOTIFIER_LEASE = RedisKey(
+    notifier_lease(NS),
+    "string",
+    "the notifier",
+    "the name of the one ingress replica that delivers notifications now (expires)",
+    personal=False,
+)
+NOTIFICATION_ONCE = RedisKey(
+    notification_once(NS, "<sha256(topic)>"),
+    "string",
+    "replicas, before they publish a notification meant once per period (a drift flag per "
+    "version and kind)",
+    "a notification of that topic was published; expires after the period",
+    personal=False,
+)
 KEYS = (
     CONSENT,
     CONSENT_IMPORTS,
@@ -295,6 +343,10 @@ KEYS = (
     DECISIONS,
     OUTCOMES,
     OUTCOMES_UNJOINED,
+    NOTIFICATIONS,
+    NOTIFICATIONS_DEAD,
+    NOTIFIER_LEASE,
+    NOTIFICATION_ONCE,
 )
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rankgate.core.config_files import Strict
 from rankgate.core.settings import get_project
+from rankgate.governance.notifications import NotificationKind
 
 # -- routing: which versions serve whom (serving/ranking/routing.py) -----------
 
@@ -319,6 +321,79 @@ class DriftConfig(Strict):
     metrics and writes the figures to Redis (for `rankgate model status`)."""
 
 
+ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+
+
+def http_url_problem(url: str) -> str | None:
+    """What is wrong with a webhook's URL, if anything."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return None
+
+
+class WebhookConfig(Strict):
+    """One receiver of notifications (a Slack or Teams incoming webhook, a pager, a
+    service of your own): JSON POSTed to its URL, signed with the secret the environment
+    variable `secret_env` holds on the server (docs/operating.md, "Notifications")."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    """Names the webhook in metrics and in its consumer group of the outbox: renaming it
+    starts it afresh from the next notification."""
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    """http(s) URL the notifications are POSTed to. A URL that is a secret itself
+    (Slack's and Teams' incoming webhooks are) goes in the environment: `url_env`."""
+    url_env: str | None = Field(None, pattern=ENV_NAME)
+    """Instead of `url`: the environment variable of the replicas holding the URL."""
+    kinds: list[NotificationKind] = Field(min_length=1)
+    """Which notifications it receives: rollback, promotion, approval, drift_flag,
+    retention_failure."""
+    secret_env: str = Field(pattern=ENV_NAME)
+    """The environment variable of the replicas holding the signing secret (the secret
+    itself is never written in this file). A replica without it refuses the config."""
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    """One attempt gives up after this long (a webhook that hangs holds nobody else up)."""
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        problem = None if url is None else http_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookConfig:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url and url_env")
+        return self
+
+
+class NotificationsConfig(Strict):
+    """Where notifications go, and how hard delivery tries (serving/observe/notifier.py)."""
+
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    max_attempts: int = Field(6, ge=1, le=20)
+    """Attempts per notification and webhook; after the last, it is recorded as failed
+    (the dead-letter stream, rankgate_notifications_failed_total) and the next one goes.
+    A 4xx answer other than 408 and 429 is not retried."""
+    backoff_s: float = Field(1.0, gt=0, le=60)
+    """The wait before the first retry; each further one doubles it (up to
+    max_backoff_s), half of it drawn at random so that retries do not come in step."""
+    max_backoff_s: float = Field(60.0, gt=0, le=3600)
+    max_age_s: float = Field(24 * 3600.0, gt=0)
+    """A notification older than this when its turn comes (the server was down, a
+    webhook failed for long) is dropped and counted, not sent late."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> NotificationsConfig:
+        names = [hook.name for hook in self.webhooks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"webhook name {twice[0]!r} is used twice")
+        return self
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "retrieve", "score", "explain"],
@@ -346,3 +421,4 @@ class ServingConfig(Strict):
     events: EventLimits = EventLimits()
     promotion: PromotionConfig = PromotionConfig()
     drift: DriftConfig = DriftConfig()
+    notifications: NotificationsConfig = NotificationsConfig()

@@ -44,6 +44,7 @@ from features.tables import load_catalogue
 from rankgate.core import redis_keys
 from rankgate.core.config_files import Strict, validation_message
 from rankgate.core.errors import ConfigError
+from rankgate.core.lease import LEASE
 from rankgate.core.project import Project
 from rankgate.core.redis_server import (
     SERVING_CONNECT_TIMEOUT_S,
@@ -64,16 +65,6 @@ from serving.runtime import ReplicaRuntime
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
-
-# Take the lease, or renew it when it is ours. KEYS: lease; ARGV: name, ms.
-LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
 
 
 class ConsumerConfig(Strict):

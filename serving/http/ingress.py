@@ -396,6 +396,7 @@ class RankIngress(BatchedScoring):
                     "outstanding": pipeline.recorder.worker.outstanding,
                 },
                 "drift": config.drift.model_dump(),
+                "notifications": self.runtime.notifier.describe(),
                 "retrieval": {
                     "above_items": config.retrieval.above_items,
                     "catalogue": len(services.fetcher.catalogue),

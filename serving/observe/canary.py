@@ -6,8 +6,9 @@ Request rules (errors, degraded answers, latency) are checked at most every
 off the response path, the watch takes up rollbacks other replicas recorded and
 checks the click-rate rule: clicks arrive through the event stream, not the
 request windows, so both variants' joined counters are read from Redis. A
-rollback is counted, published as the canary's weight (0) and recorded for the
-other replicas (serving/observe/routing_log.py).
+rollback is counted, published as the canary's weight (0), recorded for the
+other replicas (serving/observe/routing_log.py) and sent to the webhooks that take
+rollbacks (the outbox of rankgate/governance/notifications.py).
 
 The rules themselves, and who is in the canary, are the router's
 (serving/ranking/routing.py); this module knows of it only what `Routes` says.
@@ -107,7 +108,13 @@ class CanaryWatch:
     def _rolled_back(self, event: RollbackEvent) -> None:
         self.metrics.rollbacks.labels(event.version, event.rule).inc()
         self.publish_weight()
-        self.spawn(self.log.record_rollback(event))
+        self.spawn(self._record(event))
+
+    async def _record(self, event: RollbackEvent) -> None:
+        """For the other replicas and the audit of routing changes, then for the team."""
+        await self.log.record_rollback(event)
+        if not await self.log.notify_rollback(event, self.router.config.stable):
+            self.metrics.notifications_unpublished.labels("rollback").inc()
 
     async def _check_outcomes(self) -> None:
         """The click-rate rule (when Redis does not answer, the next sync tries again)."""

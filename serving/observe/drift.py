@@ -15,7 +15,9 @@ by dropping whole buckets. From the window's counts:
 
 A figure above its threshold, with enough rows in the window, raises a flag of
 its kind (feature, score, explanation). The figures go to Prometheus gauges and to
-Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion.
+Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion;
+a flag newly raised is sent to the webhooks that take drift flags, once per
+version, kind and window length whichever replica raises it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import redis.asyncio as aioredis
 from model_store.reference import Bins, DriftReference, bin_index
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient
+from rankgate.governance.notifications import publish_async
 from serving.contract.config import DriftConfig
 from serving.observe.drift_figures import DriftFigures, DriftKind
 from serving.observe.metrics import ServingMetrics
@@ -141,6 +144,8 @@ class DriftWindow:
         self.group_matrix = np.zeros((len(groups), len(self.group_names)))
         for col, group in enumerate(groups):
             self.group_matrix[col, self.group_names.index(group)] = 1.0
+        self.notified: set[DriftKind] = set()
+        """Flags raised and sent to the webhooks (a flag that clears may be sent again)."""
         if reference is not None:
             self.feature_bins = ColumnBinner([reference.features[name] for name in self.features])
             self.score_bins = ColumnBinner([reference.score])
@@ -365,4 +370,36 @@ class DriftMonitor:
                     pipe.hset(key, mapping=f.to_hash())  # type: ignore[arg-type]
                     pipe.expire(key, ttl)
                 await pipe.execute()
+        await self.notify_flags(client, namespace, figures)
         return figures
+
+    async def notify_flags(
+        self, client: AsyncRedisClient, namespace: str, figures: Sequence[DriftFigures]
+    ) -> None:
+        """Send each flag newly raised in a window to the webhooks that take drift flags:
+        once per version, kind and `window_s` across replicas (the first to raise it)."""
+        for f in figures:
+            window = self.windows.get(f.version)
+            if window is None:
+                continue
+            window.notified &= set(f.flags)
+            for kind in [k for k in f.flags if k not in window.notified]:
+                data = {
+                    "version": f.version,
+                    "flag": kind,
+                    "flags": list(f.flags),
+                    "rows": f.rows,
+                    "window_s": f.window_s,
+                    "top_feature_psi": dict(f.top_features(5)),
+                    "score_psi": f.score_psi,
+                    "explanation_drift": f.explanation_drift,
+                    "thresholds": f.thresholds,
+                }
+                text = f"Drift flag '{kind}' raised for model version {f.version}: {f.describe()}"
+                topic = f"drift_flag:{f.version}:{kind}:{f.window_s:g}"
+                if await publish_async(
+                    client, namespace, "drift_flag", text, data, once=topic, once_s=f.window_s
+                ):
+                    window.notified.add(kind)
+                else:
+                    self.metrics.notifications_unpublished.labels("drift_flag").inc()

@@ -41,6 +41,8 @@ from serving.contract.schemas import RankRequest, RankResponse
 EVENT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """From an event's acceptance to its streaming feature (the consumer's)."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+NOTIFICATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+"""From a notification's publication to its delivery (retries and backoff included)."""
 AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FLUSH_S = 1.0
@@ -397,6 +399,39 @@ class ServingMetrics(Metrics):
             "From an event's acceptance (202) to the first decision of this replica whose "
             "streaming features include it",
             (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        # Notifications (serving/observe/notifier.py): counted by the replica that delivers.
+        self.notifications_delivered = self.counter(
+            "rankgate_notifications_delivered",
+            "Notifications a webhook accepted (2xx)",
+            ["webhook", "kind"],
+        )
+        self.notifications_retried = self.counter(
+            "rankgate_notifications_retried",
+            "Delivery attempts repeated after a failure (timeout, connection error, 408, 429, 5xx)",
+            ["webhook", "kind"],
+        )
+        self.notifications_failed = self.counter(
+            "rankgate_notifications_failed",
+            "Notifications given up on, by reason (attempts: every attempt failed; refused: "
+            "a 4xx answer; expired: older than max_age_s when their turn came)",
+            ["webhook", "kind", "reason"],
+        )
+        self.notification_seconds = self.histogram(
+            "rankgate_notification_delivery_seconds",
+            "From a notification's publication to the webhook's 2xx",
+            NOTIFICATION_BUCKETS,
+            ["webhook", "kind"],
+        )
+        self.notification_lag = self.gauge(
+            "rankgate_notification_outbox_lag_seconds",
+            "Age of the oldest notification a webhook has not been sent yet (0: caught up)",
+            ["webhook"],
+        )
+        self.notifications_unpublished = self.counter(
+            "rankgate_notifications_unpublished",
+            "Notifications this replica could not append to the outbox (Redis did not answer)",
+            ["kind"],
         )
 
     def child(self, family: Family, *labels: str) -> Series:

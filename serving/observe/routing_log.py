@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient, RedisClient
+from rankgate.governance.notifications import NotificationKind, publish, publish_async
 from serving.observe.outcomes import Exposure, read_outcomes_async
 
 logger = logging.getLogger("ray.serve")
@@ -67,6 +68,15 @@ class RoutingLog:
             # The rollback already holds on this replica; others learn it when Redis is back.
             logger.warning("could not record rollback of %s: %s", event.version, exc)
 
+    async def notify_rollback(self, event: RollbackEvent, stable: str) -> bool:
+        """Tell the webhooks that take rollbacks (False: the outbox did not take it)."""
+        text = (
+            f"Canary {event.version} was rolled back automatically: rule {event.rule} fired "
+            f"({event.detail}). {stable} (stable) answers all its users now."
+        )
+        data = {**asdict(event), "automatic": True, "stable_version": stable}
+        return await publish_async(self.client, self.namespace, "rollback", text, data)
+
     async def rolled_back(self) -> set[str]:
         raw = await self.client.hkeys(redis_keys.rollbacks(self.namespace))  # type: ignore[misc]
         return {k.decode() if isinstance(k, bytes) else k for k in raw}
@@ -94,12 +104,33 @@ class RoutingLog:
 
 def record_routing_change(client: RedisClient, namespace: str, change: dict[str, Any]) -> None:
     """Append a change made from the command line to the audit of routing changes:
-    `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures."""
+    `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures;
+    and send it to the webhooks that take promotions (promote, retire) or rollbacks."""
     client.xadd(
         redis_keys.routing_events(namespace),
         {"event": change["command"], "data": json.dumps(change, separators=(",", ":"))},
         maxlen=10_000,
     )
+    kind: NotificationKind = "rollback" if change["command"] == "rollback" else "promotion"
+    publish(client, namespace, kind, change_text(change), {**change, "automatic": False})
+
+
+def change_text(change: dict[str, Any]) -> str:
+    """A routing change made from the command line, in a sentence for people."""
+    version, role = change["version"], change.get("role")
+    weight = change.get("weight")
+    shown = f" at {weight:g} %" if weight is not None and role == "canary" else ""
+    where = f"{role}{shown}" if role else "out of the routing"
+    command = change["command"]
+    if command == "rollback":
+        text = f"Canary {version} was rolled back with `rankgate model rollback`: now {where}."
+    elif command == "retire":
+        text = f"{version} was retired with `rankgate model retire`: it left the routing."
+    else:
+        text = f"{version} was promoted with `rankgate model {command}`: now {where}."
+    if change.get("overrode"):
+        text += " FORCED past: " + "; ".join(change["overrode"])
+    return text + (f" ({change['config']})" if change.get("config") else "")
 
 
 def read_routing_events(client: RedisClient, namespace: str, count: int) -> list[dict[str, Any]]:

@@ -15,10 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from rankgate.cli.main import main
+from rankgate.core import redis_keys
 from rankgate.core.errors import ConfigError
 from rankgate.core.home import Home
 from rankgate.core.pseudonym import user_key
+from rankgate.governance.notifications import Notification
 from rankgate.governance.policy import load_policy
+from rankgate.ops.environment import Environment
 from serving.contract.config import Role, RoutingConfig
 from serving.ops.promotion import (
     Move,
@@ -254,6 +257,20 @@ def test_the_commands_keep_email_served_and_rollback_restores_the_alternate(
     result = runner.invoke(main, ["model", "history", "--count", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1].endswith("rollback v1 -> alternate"), result.output
+
+    # Each change went to the outbox of notifications, for the webhooks that take it.
+    env = Environment.open()
+    entries = env.redis.xrevrange(redis_keys.notifications(env.home.namespace), count=2)
+    promoted, rolled_back = [Notification.read(i, f) for i, f in reversed(entries)]  # type: ignore[union-attr]
+    assert promoted.kind == "promotion" and promoted.text.startswith(
+        "v1 was promoted with `rankgate model promote`: now canary at 10 %. FORCED past: "
+        "email_marketing would be left without a permitted model for 90 % of its users"
+    )
+    assert (promoted.data["version"], promoted.data["forced"]) == ("v1", True)
+    assert rolled_back.kind == "rollback" and rolled_back.text.startswith(
+        "Canary v1 was rolled back with `rankgate model rollback`: now alternate."
+    )
+    assert rolled_back.data["automatic"] is False
 
 
 def test_a_broken_routing_file_is_named(tmp_path: Path) -> None:

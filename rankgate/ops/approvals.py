@@ -8,7 +8,8 @@ stable, as `promotion.require_evaluation` asks for it (its defaults when the ser
 config sets none), and the version's drift figures. Either may be unavailable (no
 logged decisions with propensities yet, no drift window): the approval says why,
 and the approver has seen that too. The approval is also appended to the audit of
-routing changes (`rankgate model history`).
+routing changes (`rankgate model history`), which sends it to the webhooks that take
+approvals (serving/observe/routing_log.py).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def approve(
                 "weight": None,
                 "purpose": approval.purpose,
                 "by": by,
+                "policy_version": policy.version,
+                "evidence": evidence,
+                "drift_flags": drift.get("flags", []),
                 "config": str(context.path),
                 "forced": False,
                 "overrode": [],

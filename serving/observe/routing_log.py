@@ -105,13 +105,15 @@ class RoutingLog:
 def record_routing_change(client: RedisClient, namespace: str, change: dict[str, Any]) -> None:
     """Append a change made from the command line to the audit of routing changes:
     `command`, `version`, `role`, `forced` and, where a gate was consulted, its figures;
-    and send it to the webhooks that take promotions (promote, retire) or rollbacks."""
+    and send it to the webhooks that take promotions (promote, retire), rollbacks or
+    approvals."""
     client.xadd(
         redis_keys.routing_events(namespace),
         {"event": change["command"], "data": json.dumps(change, separators=(",", ":"))},
         maxlen=10_000,
     )
-    kind: NotificationKind = "rollback" if change["command"] == "rollback" else "promotion"
+    kinds: dict[str, NotificationKind] = {"rollback": "rollback", "approve": "approval"}
+    kind = kinds.get(change["command"], "promotion")
     publish(client, namespace, kind, change_text(change), {**change, "automatic": False})
 
 
@@ -122,6 +124,11 @@ def change_text(change: dict[str, Any]) -> str:
     shown = f" at {weight:g} %" if weight is not None and role == "canary" else ""
     where = f"{role}{shown}" if role else "out of the routing"
     command = change["command"]
+    if command == "approve":
+        return (
+            f"{version} was approved for {change['purpose']} by {change['by']} with "
+            f"`rankgate model approve` (policy {change.get('policy_version', '?')})."
+        )
     if command == "rollback":
         text = f"Canary {version} was rolled back with `rankgate model rollback`: now {where}."
     elif command == "retire":

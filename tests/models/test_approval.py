@@ -13,11 +13,14 @@ from click.testing import CliRunner
 
 from model_store.approvals import Approval, ApprovalLog
 from rankgate.cli.main import main
+from rankgate.core import redis_keys
 from rankgate.core.config_files import parse_yaml_model
 from rankgate.core.errors import ConfigError, ModelStoreError
 from rankgate.core.home import Home
 from rankgate.governance.approval import ApprovalRules
+from rankgate.governance.notifications import Notification
 from rankgate.governance.policy import Policy, load_policy
+from rankgate.ops.environment import Environment
 from serving.contract.config import RoutingConfig
 from serving.ops.approvals import NotApproved, approval_guard
 from serving.ops.promotion import Move, permitted_views, plan, write_policy
@@ -166,3 +169,16 @@ def test_approve_then_promote_on_a_policy_that_requires_it(
     history = runner.invoke(main, ["model", "history", "--count", "2"])
     assert history.exit_code == 0, history.output
     assert "approve v3 for onsite_personalization by ml.lead" in history.output
+
+    # The approval went to the outbox for the webhooks that take approvals.
+    env = Environment.open()
+    entries = env.redis.xrevrange(redis_keys.notifications(env.home.namespace), count=5)
+    sent = [Notification.read(i, f) for i, f in entries]  # type: ignore[union-attr]
+    approved = next(n for n in sent if n.kind == "approval")
+    assert approved.text.startswith(
+        "v3 was approved for onsite_personalization by ml.lead with `rankgate model approve`"
+    )
+    assert (
+        approved.data["by"] == "ml.lead"
+        and approved.data["evidence"].keys() == stored.evidence.keys()
+    )

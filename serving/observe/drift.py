@@ -15,7 +15,9 @@ by dropping whole buckets. From the window's counts:
 
 A figure above its threshold, with enough rows in the window, raises a flag of
 its kind (feature, score, explanation). The figures go to Prometheus gauges and to
-Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion.
+Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion,
+and, at most once per bucket of the window, into the version's drift history (a capped
+stream) for `rankgate model report`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from model_store.reference import Bins, DriftReference, bin_index
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient
 from serving.contract.config import DriftConfig
-from serving.observe.drift_figures import DriftFigures, DriftKind
+from serving.observe.drift_figures import HISTORY_LENGTH, DriftFigures, DriftKind
 from serving.observe.metrics import ServingMetrics
 
 EPSILON = 1e-4
@@ -266,6 +268,8 @@ class DriftMonitor:
         self.metrics = metrics
         self.config = DriftConfig()
         self.windows: dict[str, DriftWindow] = {}
+        self.history_at: dict[str, float] = {}
+        """When each version's figures last went into its drift history."""
         self.refresher: asyncio.Task[None] | None = None
 
     def use(self, config: DriftConfig, versions: Mapping[str, VersionInputs]) -> None:
@@ -357,6 +361,7 @@ class DriftMonitor:
         # Binning thousands of rows takes milliseconds: off the event loop.
         figures = await asyncio.to_thread(self.refresh)
         ttl = int(self.config.window_s)
+        historic = self.due_for_history(figures)
         with contextlib.suppress(OSError, aioredis.RedisError):
             async with client.pipeline(transaction=False) as pipe:
                 for f in figures:
@@ -364,5 +369,24 @@ class DriftMonitor:
                     pipe.delete(key)
                     pipe.hset(key, mapping=f.to_hash())  # type: ignore[arg-type]
                     pipe.expire(key, ttl)
+                for f in historic:
+                    pipe.xadd(
+                        redis_keys.drift_history(namespace, f.version),
+                        f.to_hash(),  # type: ignore[arg-type]
+                        maxlen=HISTORY_LENGTH,
+                        approximate=True,
+                    )
                 await pipe.execute()
         return figures
+
+    def due_for_history(self, figures: list[DriftFigures]) -> list[DriftFigures]:
+        """The figures of versions whose last history entry is a window bucket old (a
+        refresh every few seconds would fill the history with near-copies)."""
+        due = []
+        for f in figures:
+            window = self.windows.get(f.version)
+            spacing = window.bucket_s if window is not None else self.config.window_s
+            if f.at - self.history_at.get(f.version, float("-inf")) >= spacing:
+                self.history_at[f.version] = f.at
+                due.append(f)
+        return due

@@ -381,9 +381,12 @@ class DriftMonitor:
 
     def due_for_history(self, figures: list[DriftFigures]) -> list[DriftFigures]:
         """The figures of versions whose last history entry is a window bucket old (a
-        refresh every few seconds would fill the history with near-copies)."""
+        refresh every few seconds would fill the history with near-copies); an empty
+        window (a version loaded but not scoring) has no figures to keep."""
         due = []
         for f in figures:
+            if f.rows == 0:
+                continue
             window = self.windows.get(f.version)
             spacing = window.bucket_s if window is not None else self.config.window_s
             if f.at - self.history_at.get(f.version, float("-inf")) >= spacing:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import matplotlib as mpl
-from matplotlib.dates import date2num
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -184,6 +184,17 @@ def ctr_by_position(totals: Sequence[OutcomeTotals], confidence: float) -> str:
     return to_svg(figure)
 
 
+def time_axis(axes: Any, history: Sequence[DriftFigures]) -> None:
+    """UTC dates on the x axis, spanning the entries with half a window either side (a
+    single entry would otherwise sit in an axis years wide)."""
+    times = _times(history)
+    pad = max((times[-1] - times[0]) * 0.05, history[-1].window_s / 86400 / 2)
+    axes.set_xlim(times[0] - pad, times[-1] + pad)
+    locator = AutoDateLocator(tz=UTC)
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))
+
+
 def _times(history: Sequence[DriftFigures]) -> list[float]:
     """Entry times as matplotlib dates (the axis shows them as UTC times)."""
     return [float(date2num(datetime.fromtimestamp(f.at, UTC))) for f in history]
@@ -195,6 +206,7 @@ def score_psi_over_time(history: Mapping[str, Sequence[DriftFigures]]) -> str:
         figure = new_figure(3.0)
         axes = figure.add_subplot()
         threshold = None
+        everything: list[DriftFigures] = []
         for n, (version, entries) in enumerate(history.items()):
             points = [f for f in entries if f.score_psi is not None]
             if points:
@@ -207,13 +219,13 @@ def score_psi_over_time(history: Mapping[str, Sequence[DriftFigures]]) -> str:
                     label=version,
                 )
                 threshold = points[-1].thresholds.get("score_psi", threshold)
+                everything += points
         if threshold is not None:
             axes.axhline(threshold, color="grey", linestyle="--", label=f"flag at {threshold:g}")
-        axes.xaxis_date(UTC)
+        time_axis(axes, sorted(everything, key=lambda f: f.at))
         axes.set_ylabel("score PSI")
         axes.set_xlabel("time (UTC)")
         axes.legend()
-        figure.autofmt_xdate()
     return to_svg(figure)
 
 
@@ -239,11 +251,10 @@ def feature_psi_over_time(version: str, history: Sequence[DriftFigures]) -> str:
         threshold = latest.thresholds.get("feature_psi")
         if threshold is not None:
             axes.axhline(threshold, color="grey", linestyle="--", label=f"flag at {threshold:g}")
-        axes.xaxis_date(UTC)
+        time_axis(axes, points)
         axes.set_ylabel("input PSI")
         axes.set_xlabel("time (UTC)")
         axes.legend(fontsize=7, ncols=2)
-        figure.autofmt_xdate()
     return to_svg(figure)
 
 

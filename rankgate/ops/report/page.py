@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from rankgate.core import redis_keys
 from rankgate.ops.report import figures as plot
 from rankgate.ops.report.sections import (
     DriftSection,
@@ -142,7 +143,7 @@ def offpolicy(section: OffPolicySection, version: str) -> list[str]:
 
 def outcomes(section: OutcomeSection, versions: Sequence[str], namespace: str) -> list[str]:
     html = ["<h2>Click rate online</h2>"]
-    key = f"{namespace}:outcomes:&lt;version&gt;:&lt;variant&gt;"
+    key = escape(redis_keys.outcomes(namespace, "<version>", "<variant>"))
     with_counts = [t for t in section.totals if t.impressions]
     if not with_counts:
         return html + [
@@ -189,7 +190,7 @@ def outcomes(section: OutcomeSection, versions: Sequence[str], namespace: str) -
 
 def drift(section: DriftSection, namespace: str) -> list[str]:
     html = ["<h2>Drift against the training reference</h2>"]
-    key = f"{namespace}:drift_history:&lt;version&gt;"
+    key = escape(redis_keys.drift_history(namespace, "<version>"))
     html.append(
         source(
             f"From the drift history replicas write (Redis <code>{key}</code>, one entry "

@@ -25,6 +25,11 @@ from serving.observe.outcomes import OutcomeTotals, wilson_interval
 
 WIDTH = 8.0
 """Inches, at matplotlib's 72 points per inch in SVG: 576 px wide."""
+MAX_POINTS = 300
+"""Points a series over time is drawn with: a longer history is thinned (`thin`), so
+the page stays small however long the history."""
+MARKED_POINTS = 60
+"""Up to this many points, each is marked; beyond, only the line is drawn."""
 MOST_DRIFTED = 8
 """Inputs drawn over time (the most drifted now); every input is in the bar chart."""
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -184,6 +189,45 @@ def ctr_by_position(totals: Sequence[OutcomeTotals], confidence: float) -> str:
     return to_svg(figure)
 
 
+def thinning(entries: int) -> int:
+    """How many history entries make one drawn point."""
+    return max(1, -(-entries // MAX_POINTS))
+
+
+def thin(history: Sequence[DriftFigures]) -> list[DriftFigures]:
+    """At most MAX_POINTS points: each the largest PSI (per input, and of the scores) of
+    `thinning` consecutive entries, at the last one's time, so a peak is never smoothed
+    away."""
+    step = thinning(len(history))
+    if step == 1:
+        return list(history)
+    points = []
+    for start in range(0, len(history), step):
+        chunk = history[start : start + step]
+        scores = [f.score_psi for f in chunk if f.score_psi is not None]
+        names = dict.fromkeys(name for f in chunk for name in f.feature_psi)
+        points.append(
+            DriftFigures(
+                version=chunk[-1].version,
+                at=chunk[-1].at,
+                window_s=chunk[-1].window_s,
+                rows=chunk[-1].rows,
+                has_reference=chunk[-1].has_reference,
+                feature_psi={
+                    name: max(f.feature_psi[name] for f in chunk if name in f.feature_psi)
+                    for name in names
+                },
+                score_psi=max(scores) if scores else None,
+                thresholds=chunk[-1].thresholds,
+            )
+        )
+    return points
+
+
+def marker(points: int) -> dict[str, Any]:
+    return {"marker": "o", "markersize": 3} if points <= MARKED_POINTS else {}
+
+
 def time_axis(axes: Any, history: Sequence[DriftFigures]) -> None:
     """UTC dates on the x axis, spanning the entries with half a window either side (a
     single entry would otherwise sit in an axis years wide)."""
@@ -208,15 +252,14 @@ def score_psi_over_time(history: Mapping[str, Sequence[DriftFigures]]) -> str:
         threshold = None
         everything: list[DriftFigures] = []
         for n, (version, entries) in enumerate(history.items()):
-            points = [f for f in entries if f.score_psi is not None]
+            points = thin([f for f in entries if f.score_psi is not None])
             if points:
                 axes.plot(
                     _times(points),
                     [float(f.score_psi or 0.0) for f in points],
-                    marker="o",
-                    markersize=3,
                     color=COLOURS[n % len(COLOURS)],
                     label=version,
+                    **marker(len(points)),
                 )
                 threshold = points[-1].thresholds.get("score_psi", threshold)
                 everything += points
@@ -231,22 +274,24 @@ def score_psi_over_time(history: Mapping[str, Sequence[DriftFigures]]) -> str:
 
 def feature_psi_over_time(version: str, history: Sequence[DriftFigures]) -> str:
     """The PSI of the version's most drifted inputs (as of its last entry) over time."""
-    points = [f for f in history if f.feature_psi]
-    latest = points[-1]
+    latest = history[-1]
+    points = thin([f for f in history if f.feature_psi])
     inputs = [name for name, _ in latest.top_features(MOST_DRIFTED)]
     with styled():
         figure = new_figure(3.4)
         axes = figure.add_subplot()
         for n, name in enumerate(inputs):
-            series = [(t, f.feature_psi[name]) for t, f in zip(_times(points), points, strict=True)]
-            series = [(t, v) for t, v in series if v is not None]
+            series = [
+                (t, f.feature_psi[name])
+                for t, f in zip(_times(points), points, strict=True)
+                if name in f.feature_psi
+            ]
             axes.plot(
                 [t for t, _ in series],
                 [v for _, v in series],
-                marker="o",
-                markersize=3,
                 color=COLOURS[n % len(COLOURS)],
                 label=name,
+                **marker(len(series)),
             )
         threshold = latest.thresholds.get("feature_psi")
         if threshold is not None:

@@ -206,7 +206,9 @@ def drift(section: DriftSection, namespace: str) -> list[str]:
             figure(
                 plot.score_psi_over_time(with_scores),
                 "PSI of the scores over time: how far the live score distribution is from "
-                "the one on the training data (0.1 a moderate shift, 0.25 a large one).",
+                "the one on the training data (0.1 a moderate shift, 0.25 a large one)"
+                + thinned(max(len(h) for h in with_scores.values()))
+                + ".",
             )
         )
     for version, history in section.history.items():
@@ -239,7 +241,9 @@ def drift(section: DriftSection, namespace: str) -> list[str]:
             figure(
                 plot.feature_psi_over_time(version, points),
                 f"PSI of {escape(version)}'s most drifted inputs over time ({len(points)} "
-                f"entries from {shown(points[0].at)} to {shown(points[-1].at)}).",
+                f"entries from {shown(points[0].at)} to {shown(points[-1].at)}"
+                + thinned(len(points))
+                + ").",
             )
         )
         html.append(
@@ -250,6 +254,11 @@ def drift(section: DriftSection, namespace: str) -> list[str]:
             )
         )
     return html
+
+
+def thinned(entries: int) -> str:
+    step = plot.thinning(entries)
+    return f"; each point is the largest PSI of {step} consecutive entries" if step > 1 else ""
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -99,6 +99,23 @@ def test_the_manifest_sections_are_rendered_whatever_fields_they_have() -> None:
     assert "No approvals recorded" not in page
 
 
+def test_a_long_drift_history_is_drawn_thinned_without_losing_a_peak() -> None:
+    from rankgate.ops.report.figures import MAX_POINTS, feature_psi_over_time, thin
+    from serving.observe.drift_figures import DriftFigures
+
+    history = [
+        DriftFigures("v9", 1e9 + 120 * i, 3600.0, 500, True, {"price": 0.01}, 0.02)
+        for i in range(10_000)
+    ]
+    history[4321].feature_psi = {"price": 0.9}
+    points = thin(history)
+    assert len(points) <= MAX_POINTS
+    assert max(p.feature_psi["price"] for p in points) == 0.9
+    assert points[-1].at == history[-1].at
+    svg = feature_psi_over_time("v9", history)
+    assert svg.startswith("<svg") and len(svg) < 100_000
+
+
 # -- the real report in headless Chromium -------------------------------------------
 
 

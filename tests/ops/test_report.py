@@ -224,6 +224,15 @@ def test_the_report_of_the_example_draws_its_plots_in_headless_chromium(
     assert not EXTERNAL.search(page) and "<script" not in page and "<link" not in page
     assert elapsed < 60, f"the report took {elapsed:.1f} s"
 
+    for refused, message in (
+        (["v9"], "no model version 'v9'"),
+        (["v2", "--against", "v2"], "--against v2: names VERSION itself"),
+    ):
+        elsewhere = tmp_path / "refused.html"
+        result = CliRunner().invoke(main, ["model", "report", *refused, "--out", str(elsewhere)])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not elsewhere.exists()
+
     dom = headless(out, tmp_path / "profile-dom", "--dump-dom").stdout
     svgs = re.findall(r"<svg\b", dom)
     # Off-policy estimates and differences, click rate per variant and per position,

@@ -8,6 +8,7 @@ import click
 
 from rankgate.cli.options import file_option
 from rankgate.cli.render import echo_lines, fails_cleanly
+from rankgate.core.errors import RankgateError
 
 
 @click.command("report")
@@ -51,5 +52,7 @@ def model_report(
     from rankgate.ops.report import write_report
     from rankgate.ops.report.sections import ReportRequest
 
+    if against == version:
+        raise RankgateError(f"--against {against}: names VERSION itself; name another version")
     request = ReportRequest(version, against, audit, since, confidence, slots, seed)
     echo_lines(write_report(request, out))

@@ -80,6 +80,10 @@ def drift(namespace: str, version: str) -> str:
     return f"{namespace}:drift:{version}"
 
 
+def drift_history(namespace: str, version: str) -> str:
+    return f"{namespace}:drift_history:{version}"
+
+
 def events(namespace: str) -> str:
     return f"{namespace}:events"
 
@@ -218,6 +222,15 @@ DRIFT = RedisKey(
     "explanation shift, flags, thresholds",
     personal=False,
 )
+DRIFT_HISTORY = RedisKey(
+    drift_history(NS, "<version>"),
+    "stream",
+    "replicas, at most one entry per replica per `drift.window_s` / 30 "
+    "(`serving/observe/drift.py`); capped at the newest 10,000 entries",
+    "the version's drift figures as they were over time (the same fields as `drift`), for "
+    "`rankgate model report`",
+    personal=False,
+)
 SETUP_MARKERS = RedisKey(
     setup_marker(NS, "<step>"),
     "string",
@@ -333,6 +346,7 @@ KEYS = (
     ROUTING_EVENTS,
     SHADOW,
     DRIFT,
+    DRIFT_HISTORY,
     SETUP_MARKERS,
     EVENTS,
     EVENT_SEEN,

@@ -15,9 +15,10 @@ by dropping whole buckets. From the window's counts:
 
 A figure above its threshold, with enough rows in the window, raises a flag of
 its kind (feature, score, explanation). The figures go to Prometheus gauges and to
-Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion;
-a flag newly raised is sent to the webhooks that take drift flags, once per
-version, kind and window length whichever replica raises it.
+Redis (serving/observe/drift_figures.py) for `rankgate model status` and promotion,
+and, at most once per bucket of the window, into the version's drift history (a capped
+stream) for `rankgate model report`; a flag newly raised is sent to the webhooks that
+take drift flags, once per version, kind and window length whichever replica raises it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient
 from rankgate.governance.notifications import publish_async
 from serving.contract.config import DriftConfig
-from serving.observe.drift_figures import DriftFigures, DriftKind
+from serving.observe.drift_figures import HISTORY_LENGTH, DriftFigures, DriftKind
 from serving.observe.metrics import ServingMetrics
 
 EPSILON = 1e-4
@@ -271,6 +272,8 @@ class DriftMonitor:
         self.metrics = metrics
         self.config = DriftConfig()
         self.windows: dict[str, DriftWindow] = {}
+        self.history_at: dict[str, float] = {}
+        """When each version's figures last went into its drift history."""
         self.refresher: asyncio.Task[None] | None = None
 
     def use(self, config: DriftConfig, versions: Mapping[str, VersionInputs]) -> None:
@@ -362,6 +365,7 @@ class DriftMonitor:
         # Binning thousands of rows takes milliseconds: off the event loop.
         figures = await asyncio.to_thread(self.refresh)
         ttl = int(self.config.window_s)
+        historic = self.due_for_history(figures)
         with contextlib.suppress(OSError, aioredis.RedisError):
             async with client.pipeline(transaction=False) as pipe:
                 for f in figures:
@@ -369,6 +373,13 @@ class DriftMonitor:
                     pipe.delete(key)
                     pipe.hset(key, mapping=f.to_hash())  # type: ignore[arg-type]
                     pipe.expire(key, ttl)
+                for f in historic:
+                    pipe.xadd(
+                        redis_keys.drift_history(namespace, f.version),
+                        f.to_hash(),  # type: ignore[arg-type]
+                        maxlen=HISTORY_LENGTH,
+                        approximate=True,
+                    )
                 await pipe.execute()
         await self.notify_flags(client, namespace, figures)
         return figures
@@ -403,3 +414,18 @@ class DriftMonitor:
                     window.notified.add(kind)
                 else:
                     self.metrics.notifications_unpublished.labels("drift_flag").inc()
+
+    def due_for_history(self, figures: list[DriftFigures]) -> list[DriftFigures]:
+        """The figures of versions whose last history entry is a window bucket old (a
+        refresh every few seconds would fill the history with near-copies); an empty
+        window (a version loaded but not scoring) has no figures to keep."""
+        due = []
+        for f in figures:
+            if f.rows == 0:
+                continue
+            window = self.windows.get(f.version)
+            spacing = window.bucket_s if window is not None else self.config.window_s
+            if f.at - self.history_at.get(f.version, float("-inf")) >= spacing:
+                self.history_at[f.version] = f.at
+                due.append(f)
+        return due

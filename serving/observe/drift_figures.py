@@ -17,6 +17,9 @@ from rankgate.core.redis_server import RedisClient
 DriftKind = Literal["feature", "score", "explanation"]
 KINDS: tuple[DriftKind, ...] = ("feature", "score", "explanation")
 TOP_FEATURES = 3
+HISTORY_LENGTH = 10_000
+"""Entries a version's drift history keeps (the newest; trimmed approximately): at the
+default window of an hour, one entry per replica every 2 minutes, about two weeks."""
 
 
 @dataclass
@@ -92,6 +95,23 @@ class DriftFigures:
 
     def age_s(self) -> float:
         return max(time.time() - self.at, 0.0)
+
+
+def read_history(
+    client: RedisClient, namespace: str, version: str, count: int = HISTORY_LENGTH
+) -> list[DriftFigures]:
+    """The newest `count` entries of the version's drift history, oldest first (at most
+    HISTORY_LENGTH are kept, so reading is bounded). Entries that do not parse (written
+    by another release) are left out."""
+    entries = client.xrevrange(redis_keys.drift_history(namespace, version), count=count)
+    history = []
+    for _, fields in reversed(entries):  # type: ignore[arg-type]
+        decoded = {k.decode(): v.decode() for k, v in fields.items()}
+        try:
+            history.append(DriftFigures.from_hash(version, decoded))
+        except (KeyError, ValueError):
+            continue
+    return history
 
 
 def read_drift(client: RedisClient, namespace: str, version: str) -> DriftFigures | None:

@@ -161,3 +161,20 @@ def test_monitor_publishes_metrics(window: DriftWindow) -> None:
     assert 'rankgate_score_psi{model_version="v1"}' in text
     monitor.use(window.config, {})
     assert "rankgate_feature_psi{" not in metrics.render().decode()
+
+
+def test_the_history_keeps_one_entry_per_window_bucket_and_no_empty_window(
+    window: DriftWindow,
+) -> None:
+    monitor = DriftMonitor(ServingMetrics())
+    inputs = VersionInputs(window.features, ["item", "user", "user"], window.reference)
+    monitor.use(window.config, {"v1": inputs})
+    assert monitor.due_for_history(monitor.refresh(NOW)) == []  # nothing scored yet
+    matrix = reference_matrix(np.random.default_rng(7), 500)
+    monitor.observe("v1", matrix, scores_of(matrix))
+    [first] = monitor.due_for_history(monitor.refresh(NOW))
+    assert first.rows == 500 and first.feature_psi
+    bucket_s = window.config.window_s / WINDOW_BUCKETS
+    assert monitor.due_for_history(monitor.refresh(NOW + bucket_s / 2)) == []
+    [later] = monitor.due_for_history(monitor.refresh(NOW + bucket_s))
+    assert later.at == NOW + bucket_s

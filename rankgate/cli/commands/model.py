@@ -1,7 +1,7 @@
 """`rankgate model`: versioned ranker models. This module holds the commands about
 versions (train, register, reference, validate, list); the routing commands
 (promote, retire, rollback, history, status) are in routing.py, the off-policy
-evaluation in evaluate.py."""
+evaluation in evaluate.py, the promotion report in report.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from rankgate.cli.commands.evaluate import model_evaluate
+from rankgate.cli.commands.report import model_report
 from rankgate.cli.commands.routing import (
     model_approve,
     model_history,
@@ -185,6 +186,7 @@ for command in (
     model_retire,
     model_rollback,
     model_evaluate,
+    model_report,
     model_history,
     model_status,
 ):

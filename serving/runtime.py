@@ -59,6 +59,7 @@ from rankgate.core.redis_server import (
 from rankgate.core.settings import Settings, get_project, get_settings
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Policy, PolicySet, load_policy_set
+from rankgate.governance.residency import DataOrigin, permitted_versions
 from serving.contract.config import AuditConfig, BatchingConfig, PolicyConfig, ServingConfig
 from serving.observe.audit import AuditWriter
 from serving.observe.canary import CanaryWatch
@@ -112,6 +113,16 @@ def check_versions(config: ServingConfig, store: ModelStore) -> None:
                 f"serve_config.yaml user_config: field 'routing.versions.{index}.version': "
                 f"unknown model version {route.version!r} (known: {known})"
             )
+
+
+def residency_of(policy: Policy, models: ModelSet) -> dict[str, frozenset[str]]:
+    """Per serving region with a residency rule, the routed versions it accepts (a
+    version that did not load has no lineage to show: accepted nowhere with a rule)."""
+    origins: dict[str, DataOrigin | None] = dict.fromkeys(models.errors)
+    origins |= {
+        version: model.manifest.lineage.origin() for version, model in models.loaded.items()
+    }
+    return permitted_versions(policy.residency, origins)
 
 
 @dataclass(frozen=True)
@@ -359,7 +370,9 @@ class ReplicaRuntime:
         audit.decision_ttl_s = (
             config.events.decision_ttl_s if project_outcomes(self.project) else None
         )
-        router = Router(config.routing, rolled_back or set())
+        router = Router(
+            config.routing, rolled_back or set(), residency_of(policy_set.policy, models)
+        )
         indexes = self.item_indexes(config, models)
         log = RoutingLog(self.redis, self.home.namespace)
         services = Services(

@@ -14,6 +14,7 @@ from rankgate.core.config_files import Strict, load_yaml_model, parse_yaml_model
 from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.settings import get_project
+from rankgate.governance.residency import Residency, unknown_regions
 
 
 def policy_dir() -> Path:
@@ -134,6 +135,9 @@ class IdentityRules(Strict):
 class Policy(Strict):
     version: str = Field(min_length=1)
     regions: dict[str, Region] = Field(min_length=1)
+    residency: Residency = Field(default_factory=dict)
+    """Per serving region, the data regions a model that answers it may have learned
+    from (rankgate/governance/residency.py); a region without a rule accepts any version."""
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
@@ -158,6 +162,9 @@ class Policy(Strict):
             for region in rule.regions or []:
                 if region not in self.regions:
                     raise ValueError(f"item_rules.{index}.regions: unknown region {region!r}")
+        problems = unknown_regions(self.residency, self.regions)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def excluded_items(self, purpose: str, region: str) -> frozenset[ItemId]:

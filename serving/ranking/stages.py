@@ -297,18 +297,19 @@ class GateStage(Stage):
 
 
 class RouteStage(Stage):
-    """The model version that answers: the person's variant, if the purpose permits its views."""
+    """The model version that answers: the person's variant, if the purpose permits its
+    views and the request's region its training data (residency); else the next one
+    that both permit (serving/ranking/routing.py)."""
 
     name = "route"
 
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
-        models = self.services.models
+        models, router = self.services.models, self.services.router
         decision = context.require_decision()
-        assignment = self.services.router.choose(
-            context.key, decision.allowed_views, models.views_of
-        )
+        region = context.request.region
+        assignment = router.choose(context.key, decision.allowed_views, models.views_of, region)
         if assignment is None:
-            return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
+            return self.unrouted(context, decision.allowed_views)
         version = assignment.version
         context.model_ref = ModelRef(name=models.name, version=version, variant=assignment.variant)
         context.model = models.loaded.get(version)
@@ -319,6 +320,20 @@ class RouteStage(Stage):
         if not context.eligible:
             return FINISHED  # nothing may be shown: an empty, personalized answer
         return COMPLETED
+
+    def unrouted(self, context: RankContext, allowed_views: frozenset[str]) -> StageResult:
+        """Why no version answers: residency, when one would without the region's rule
+        (a decision, named with the versions it passed over), else no permitted model."""
+        models, router = self.services.models, self.services.router
+        views_only = router.choose(context.key, allowed_views, models.views_of)
+        if views_only is None:
+            return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
+        region = context.request.region
+        return StageResult.degraded(
+            FallbackReason.RESIDENCY,
+            f"residency.{region} accepts the training data of none of the versions "
+            f"{context.request.purpose} may use here",
+        )
 
 
 class FetchStage(Stage):
@@ -332,7 +347,9 @@ class FetchStage(Stage):
         services = self.services
         decision = context.require_decision()
         model_ref, _ = context.require_model()
-        context.shadows = services.router.shadows(decision.allowed_views, services.models.views_of)
+        context.shadows = services.router.shadows(
+            decision.allowed_views, services.models.views_of, context.request.region
+        )
         fields = services.fields_for((model_ref.version, *context.shadows))
         try:
             user = await services.fetcher.fetch_user(context.key, fields)

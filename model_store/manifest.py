@@ -189,7 +189,8 @@ class DataLineage(Strict):
         )
 
     def shown(self) -> str:
-        """One line: "EU 4,985 + US 5,015 rows (US cleared), tables sha256 1a2b3c4d"."""
+        """One line: "EU 4,985 + US 5,015 rows (US cleared), sha256 1a2b3c4d5e6f"
+        (the regions' rows, those cleared for transfer, the input tables' digest)."""
         if self.rows_by_region is not None:
             regions = " + ".join(f"{r} {n:,}" for r, n in sorted(self.rows_by_region.items()))
             if self.rows_without_region:
@@ -200,8 +201,8 @@ class DataLineage(Strict):
             if self.rows is not None:
                 regions += f", {self.rows:,} rows"
         if self.cleared_for_transfer:
-            regions += f" ({','.join(self.cleared_for_transfer)} cleared for transfer)"
-        return regions + (f", tables sha256 {self.digest[:12]}" if self.digest else "")
+            regions += f" ({','.join(self.cleared_for_transfer)} cleared)"
+        return regions + (f", sha256 {self.digest[:12]}" if self.digest else "")
 
 
 class Lineage(Strict):

@@ -29,6 +29,7 @@ from serving.observe.routing_log import (
     read_routing_events,
     read_shadow,
 )
+from serving.ops.coverage import Regions
 from serving.ops.launch import serve_env
 from serving.ops.promotion import (
     Move,
@@ -234,8 +235,10 @@ def status(config_path: Path | None, since: str) -> list[str]:
             else "not running"
         )
     )
+    accepted = _residency(env, path)
     for route in plain(routing)["versions"]:
         lines.extend(_route_lines(env, route, live, routing, since))
+        lines.append(f"      lineage: {_lineage_line(env, route['version'], accepted)}")
     lines.extend(_rollback_lines(env))
     lines.extend(_outcome_lines(env))
     return lines
@@ -267,6 +270,30 @@ def _route_lines(
             for evidence in _shadow_evidence(env, route["version"], routing, since)
         )
     return lines
+
+
+def _residency(env: Environment, path: Path) -> Regions | None:
+    """Per serving region, the registered versions its residency rule accepts (None:
+    the served policy has no rules)."""
+    routing = RoutingFile.open(path)
+    return routing.regions_of(env.models, env.models.versions())
+
+
+def _lineage_line(env: Environment, version: str, accepted: Regions | None) -> str:
+    """A version's training data lineage, and the regions whose residency rule accepts it."""
+    try:
+        lineage = env.models.manifest(version).lineage
+    except RankgateError as exc:
+        return f"unreadable ({exc.message})"
+    if accepted is None:
+        return lineage.shown()
+    where = [
+        region for region, versions in accepted.items() if versions is None or version in versions
+    ]
+    refused = [region for region in accepted if region not in where]
+    return f"{lineage.shown()}; residency: answers {', '.join(where) or 'no region'}" + (
+        f", not {', '.join(refused)}" if refused else ""
+    )
 
 
 def _rollback_lines(env: Environment) -> list[str]:

@@ -95,14 +95,39 @@ def coverage(
     ]
 
 
-def unserved(served: list[Served]) -> dict[str, float]:
-    """Percent of each purpose's users (per region, when counted so) that no permitted
-    model answers."""
-    missing = dict.fromkeys((entry.pair for entry in served), 0.0)
+Pair = tuple[str, str | None]
+"""A purpose and a serving region (None: counted per purpose only)."""
+
+
+def unserved_pairs(served: list[Served]) -> dict[Pair, float]:
+    """Percent of each (purpose, region)'s users that no permitted model answers."""
+    missing = dict.fromkeys(((entry.purpose, entry.region) for entry in served), 0.0)
     for entry in served:
         if entry.version is None:
-            missing[entry.pair] += entry.share
+            missing[entry.purpose, entry.region] += entry.share
     return missing
+
+
+def labelled(pairs: Mapping[Pair, float]) -> dict[str, float]:
+    """Figures by purpose where all its regions agree (or it is counted per purpose),
+    else by "purpose in REGION": a region is named only where it makes a difference."""
+    by_purpose: dict[str, dict[str | None, float]] = {}
+    for (purpose, region), value in pairs.items():
+        by_purpose.setdefault(purpose, {})[region] = value
+    shown: dict[str, float] = {}
+    for purpose, regions in by_purpose.items():
+        values = list(regions.values())
+        if all(abs(v - values[0]) <= TOLERANCE for v in values):
+            shown[purpose] = values[0]
+        else:
+            shown.update({f"{purpose} in {region}": v for region, v in regions.items()})
+    return shown
+
+
+def unserved(served: list[Served]) -> dict[str, float]:
+    """Percent of each purpose's users that no permitted model answers (per region
+    where the regions differ)."""
+    return labelled(unserved_pairs(served))
 
 
 def residency_regions(
@@ -125,15 +150,34 @@ class RoutingChange:
     served_before: list[Served]
     served_after: list[Served]
 
-    def losses(self) -> dict[str, float]:
-        """Purposes that more users would reach without a permitted model: percent after."""
-        before, after = unserved(self.served_before), unserved(self.served_after)
+    def lost_pairs(self) -> dict[Pair, float]:
+        """(purpose, region) pairs that more users would reach without a permitted
+        model: percent after."""
+        before, after = unserved_pairs(self.served_before), unserved_pairs(self.served_after)
         return {p: s for p, s in after.items() if s > before.get(p, 0.0) + TOLERANCE}
 
-    def still_unserved(self) -> dict[str, float]:
-        lost = self.losses()
+    def losses(self) -> dict[str, float]:
+        """Purposes (in a region, where the regions differ) that more users would reach
+        without a permitted model: percent after."""
+        lost = self.lost_pairs()
+        after = unserved_pairs(self.served_after)
         return {
-            p: s for p, s in unserved(self.served_after).items() if s > TOLERANCE and p not in lost
+            label: share
+            for label, share in labelled(
+                {p: s if p in lost else -1.0 for p, s in after.items()}
+            ).items()
+            if share >= 0
+        }
+
+    def still_unserved(self) -> dict[str, float]:
+        lost = self.lost_pairs()
+        after = unserved_pairs(self.served_after)
+        return {
+            label: share
+            for label, share in labelled(
+                {p: s if p not in lost and s > TOLERANCE else -1.0 for p, s in after.items()}
+            ).items()
+            if share >= 0
         }
 
     def guard(self, force: bool, say: Say) -> list[str]:
@@ -174,12 +218,19 @@ class RoutingChange:
         return [described]
 
     def reasons(self) -> dict[str, str]:
-        """Each unserved pair after the change and the fallback's reason for it."""
-        return {
-            s.pair: "residency" if s.residency else "no_permitted_model"
+        """The fallback's reason for each purpose (or purpose in a region) left without
+        a model after the change."""
+        reasons: dict[Pair, str] = {
+            (s.purpose, s.region): "residency" if s.residency else "no_permitted_model"
             for s in self.served_after
             if s.version is None
         }
+        named: dict[str, str] = {}
+        for (purpose, region), reason in reasons.items():
+            for label in (purpose, f"{purpose} in {region}"):
+                known = named.get(label)
+                named[label] = reason if known in (None, reason) else "no_permitted_model"
+        return named
 
     def table(self) -> list[str]:
         """Which purposes each version serves, before and after (share of users when not all)."""
@@ -213,12 +264,17 @@ def _percent(share: float) -> str:
 
 
 def _serving(served: list[Served], version: str | None) -> list[str]:
-    """The purposes (in a region) `version` answers (None: that no model answers), with
-    the share of their users when it is not all of them."""
+    """The purposes `version` answers (None: that no model answers), with the share of
+    their users when it is not all of them (per region where the regions differ)."""
+    shares: dict[Pair, float] = dict.fromkeys(((s.purpose, s.region) for s in served), -1.0)
+    for entry in served:
+        if entry.version == version:
+            shares[entry.purpose, entry.region] = max(shares[entry.purpose, entry.region], 0.0)
+            shares[entry.purpose, entry.region] += entry.share
     return [
-        s.pair + ("" if s.share >= 100 - TOLERANCE else f" ({_percent(s.share)})")
-        for s in served
-        if s.version == version
+        label + ("" if share >= 100 - TOLERANCE else f" ({_percent(share)})")
+        for label, share in labelled(shares).items()
+        if share > 0
     ]
 
 

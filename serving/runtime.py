@@ -59,7 +59,7 @@ from rankgate.core.redis_server import (
 from rankgate.core.settings import Settings, get_project, get_settings
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Policy, PolicySet, load_policy_set
-from rankgate.governance.residency import DataOrigin, permitted_versions
+from rankgate.governance.residency import permitted_versions
 from serving.contract.config import AuditConfig, BatchingConfig, PolicyConfig, ServingConfig
 from serving.observe.audit import AuditWriter
 from serving.observe.canary import CanaryWatch
@@ -116,13 +116,14 @@ def check_versions(config: ServingConfig, store: ModelStore) -> None:
 
 
 def residency_of(policy: Policy, models: ModelSet) -> dict[str, frozenset[str]]:
-    """Per serving region with a residency rule, the routed versions it accepts (a
-    version that did not load has no lineage to show: accepted nowhere with a rule)."""
-    origins: dict[str, DataOrigin | None] = dict.fromkeys(models.errors)
-    origins |= {
-        version: model.manifest.lineage.origin() for version, model in models.loaded.items()
+    """Per serving region with a residency rule, the routed versions it accepts. A
+    version that did not load is let through: it never scores (its requests degrade as
+    model_unavailable, saying why), so nothing it learned reaches an answer."""
+    unloaded = frozenset(models.errors)
+    return {
+        region: accepted | unloaded
+        for region, accepted in permitted_versions(policy.residency, models.origins).items()
     }
-    return permitted_versions(policy.residency, origins)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,10 @@ class Registered:
         window = self.manifest.lineage.trained_on
         trained = [
             f"{self.version}: trained on {window}" if window else "",
-            f"{self.version}: lineage: {self.manifest.lineage.shown()}",
+            f"{self.version}: lineage: {self.manifest.lineage.shown()}"
+            if self.manifest.lineage.data is not None
+            else f"{self.version}: no lineage recorded (declare its training data with "
+            "--data-regions; a region with a residency rule accepts no version without)",
         ]
         return [*(published if self.published_to else [])] + [
             f"{self.version}: registered at {self.path} ({len(self.manifest.features)} inputs; "

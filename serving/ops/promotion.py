@@ -45,7 +45,7 @@ from rankgate.core.project_files import policy_files
 from rankgate.core.redis_server import RedisClient
 from rankgate.core.settings import SOURCE_CHECKOUT, get_project
 from rankgate.governance.policy import load_policy
-from rankgate.governance.residency import DataOrigin, Residency
+from rankgate.governance.residency import Residency
 from serving.contract.config import (
     DriftConfig,
     PolicyConfig,
@@ -249,12 +249,7 @@ class RoutingFile:
         policy has no rules); a version whose manifest does not read has no lineage."""
         if not self.residency:
             return None
-        origins: dict[str, DataOrigin | None] = {}
-        for version in versions:
-            try:
-                origins[version] = models.manifest(version).lineage.origin()
-            except RankgateError:
-                origins[version] = None
+        origins = models.origins(versions)
         return residency_regions(self.regions, self.residency, origins)
 
     @property

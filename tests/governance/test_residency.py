@@ -334,3 +334,18 @@ def test_a_version_without_lineage_says_so() -> None:
     assert lineage.shown() == "no lineage recorded" and lineage.origin() is None
     with pytest.raises(ValueError, match="cleared_for_transfer: 'US' is not one of its regions"):
         DataLineage(regions=["EU"], source="declared", cleared_for_transfer=["US"])
+
+
+def test_a_version_that_did_not_load_is_let_through_to_degrade_as_unavailable() -> None:
+    """It never scores, so nothing it learned reaches an answer; its requests say
+    model_unavailable (why), not residency."""
+    from types import SimpleNamespace
+
+    from serving.runtime import residency_of
+
+    models = SimpleNamespace(
+        origins={"v-eu": EU_ONLY, "v-us": US_ONLY, "v-gone": None}, errors={"v-gone": "missing"}
+    )
+    policy = parse_yaml_model(POLICY_FILE.read_bytes(), POLICY_FILE, Policy)
+    accepted = residency_of(policy, models)  # type: ignore[arg-type]
+    assert accepted == {"EU": frozenset({"v-eu", "v-gone"}), "US": frozenset({"v-us", "v-gone"})}

@@ -187,3 +187,30 @@ def test_promote_refuses_to_leave_a_purpose_without_an_accepted_version_in_a_reg
     rows = {line.split()[0]: line for line in listed.output.splitlines()[1:]}
     assert "US (declared), 10,000 rows, sha256 " in rows[us_only]
     assert " rows (EU,US cleared), sha256 " in rows["v2"] and "EU " in rows["v2"]
+
+
+def test_a_policy_deploy_says_which_pairs_lose_their_model_to_residency(
+    ready_home: Home, tmp_path: Path
+) -> None:
+    """The policy takes effect (it is the privacy office's to set); the deploy names
+    what it leaves without an accepted version."""
+    policies = tmp_path / "policies"
+    shutil.copytree(Environment.open(redis=False).project.policies, policies)
+    policy = policies / "policy.yaml"
+    text = policy.read_text()
+    strict = text.replace(
+        "    data_regions: [EU]\n    cleared_for_transfer: [US]\n", "    data_regions: [EU]\n"
+    )
+    assert strict != text
+    policy.write_text(strict)
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(SERVE_CONFIG.read_text())
+    result = CliRunner().invoke(main, ["policy", "deploy", str(policies), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    for purpose in PURPOSES:
+        assert (
+            f"warning: under this policy {purpose} in EU has no permitted model for 100 % of its "
+            "users: they get the non-personalized fallback (residency)"
+        ) in result.output
+    assert "in US" not in result.output
+    assert str(policies) in config.read_text()

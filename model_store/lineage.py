@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from model_store.manifest import DataLineage, Manifest, TrainingWindow, shown_time
+from model_store.manifest import MANIFEST_FILE, DataLineage, Manifest, TrainingWindow, shown_time
+from model_store.store import ModelStore, write_json
 from rankgate.core.errors import ModelStoreError
 from rankgate.core.project import Project
 
@@ -340,3 +341,58 @@ def declared_lineage(
         tables=tables,
         digest=digest,
     )
+
+
+def record_lineage(
+    store: ModelStore,
+    project: Project,
+    views: Sequence[AppliedView],
+    data_dir: Path,
+    version: str,
+) -> DataLineage:
+    """Give a version `model train` made before lineage existed its data lineage, read
+    from the project's interaction log, once that log is shown to be the one it was
+    trained on: its rows, rebuilt with the version's inputs, have the training matrix's
+    recorded fingerprint. Nothing the version scores with changes."""
+    from model_store.logged import LoggedRows, logged_training_set
+
+    manifest = store.manifest(version)
+    if manifest.lineage.data is not None:
+        raise ModelStoreError(f"model version {version!r} already has its lineage", 409)
+    if manifest.lineage.made_by != "rankgate model train" or manifest.training_data is None:
+        raise ModelStoreError(
+            f"model version {version!r} was registered, not trained here: its lineage is what "
+            "its registration declared (register it again with --data-regions)",
+            422,
+        )
+    report = store.check_hashes(version)
+    if not report.ok:
+        raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
+    specs = manifest.specs
+    logged = LoggedRows.read(project, views, data_dir, specs)
+    if logged_training_set(logged, specs).fingerprint != manifest.training_data.fingerprint:
+        raise ModelStoreError(
+            f"model version {version!r}: the interaction log's rows are not the ones it was "
+            "trained on (their fingerprint differs from its training matrix's), so they cannot "
+            "say where its data came from",
+            409,
+        )
+    interactions = project.spec.interactions
+    assert interactions is not None  # LoggedRows.read refuses a project without a log
+    data = trained_lineage(
+        project,
+        views,
+        data_dir,
+        specs,
+        logged.logs,
+        logged.user_column,
+        project.path(interactions.path, data_dir),
+    )
+    updated = manifest.model_copy(
+        update={"lineage": manifest.lineage.model_copy(update={"data": data})}
+    )
+    folder = store.path(version)
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    write_json(tmp, updated.model_dump(mode="json"))
+    tmp.replace(folder / MANIFEST_FILE)
+    return data

@@ -250,6 +250,20 @@ def add_drift_reference(version: str) -> str:
     return f"{version}: drift reference of {len(rows.matrix)} logged rows at {path}"
 
 
+def add_lineage(version: str) -> str:
+    """Give VERSION, trained here before lineage existed, its data lineage from the
+    project's interaction log (when it is the log it was trained on); says what it is."""
+    from model_store.lineage import record_lineage
+
+    env = Environment.open(redis=False)
+    if not env.models.exists(version):
+        raise RankgateError(f"no model version {version!r} in this home", 404)
+    data = record_lineage(env.models, env.project, env.views(), env.data_dir, version)
+    if env.settings.store is not None:
+        ArtifactStore(env.settings.store).publish_version(env.models, version)
+    return f"{version}: lineage: {data.shown()}"
+
+
 def add_item_embeddings(version: str, item_embeddings: Path | None = None) -> str:
     """Give VERSION its retrieval artifact: distilled from its ranker on the project's
     interaction log (or `item_embeddings`, a table of item vectors); says where."""

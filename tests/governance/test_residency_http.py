@@ -214,3 +214,36 @@ def test_a_policy_deploy_says_which_pairs_lose_their_model_to_residency(
         ) in result.output
     assert "in US" not in result.output
     assert str(policies) in config.read_text()
+
+
+def test_a_version_trained_before_lineage_gets_it_from_the_log_it_was_trained_on(
+    ready_home: Home,
+) -> None:
+    import json
+
+    env = Environment.open(redis=False)
+    runner = CliRunner()
+    copies = {"v1-before-lineage": None, "v1-other-log": "0" * 64}
+    try:
+        for name, fingerprint in copies.items():
+            shutil.copytree(env.models.path("v1"), env.models.path(name))
+            path = env.models.path(name) / "manifest.json"
+            manifest = json.loads(path.read_text())
+            del manifest["lineage"]["data"]
+            if fingerprint is not None:  # as if it had been trained on another log
+                manifest["training_data"]["fingerprint"] = fingerprint
+            path.write_text(json.dumps(manifest))
+        assert env.models.manifest("v1-before-lineage").lineage.shown() == "no lineage recorded"
+        result = runner.invoke(main, ["model", "lineage", "v1-before-lineage"])
+        assert result.exit_code == 0, result.output
+        assert env.models.manifest("v1-before-lineage").lineage.data == (
+            env.models.manifest("v1").lineage.data
+        )
+        again = runner.invoke(main, ["model", "lineage", "v1-before-lineage"])
+        assert again.exit_code == 1 and "already has its lineage" in again.output
+        other = runner.invoke(main, ["model", "lineage", "v1-other-log"])
+        assert other.exit_code == 1 and "not the ones it was trained on" in other.output
+        assert env.models.manifest("v1-other-log").lineage.data is None
+    finally:
+        for name in copies:
+            shutil.rmtree(env.models.path(name), ignore_errors=True)

@@ -26,6 +26,7 @@ from rankgate.ops.models import (
     DeclaredData,
     add_drift_reference,
     add_item_embeddings,
+    add_lineage,
     list_models,
     register_model,
     train_model,
@@ -186,6 +187,17 @@ def model_retrieval(version: str, item_embeddings: Path | None) -> None:
     click.echo(add_item_embeddings(version, item_embeddings))
 
 
+@click.command("lineage")
+@click.argument("version")
+@fails_cleanly
+def model_lineage(version: str) -> None:
+    """Give VERSION, trained by `model train` before lineage existed, its lineage (the
+    regions of the people in its training data, its rows, its input tables' sha256),
+    read from the project's interaction log once its rows are shown to be the ones it
+    was trained on (the training matrix's fingerprint)."""
+    click.echo(add_lineage(version))
+
+
 @click.command("validate")
 @click.argument("version")
 @fails_cleanly
@@ -217,6 +229,7 @@ for command in (
     model_register,
     model_reference,
     model_retrieval,
+    model_lineage,
     model_validate,
     model_list,
     model_promote,

@@ -323,7 +323,7 @@ class RouteStage(Stage):
 
     def unrouted(self, context: RankContext, allowed_views: frozenset[str]) -> StageResult:
         """Why no version answers: residency, when one would without the region's rule
-        (a decision, named with the versions it passed over), else no permitted model."""
+        (a decision; the detail names the region's rule), else no permitted model."""
         models, router = self.services.models, self.services.router
         views_only = router.choose(context.key, allowed_views, models.views_of)
         if views_only is None:

@@ -297,16 +297,15 @@ class GateStage(Stage):
 
 
 class RouteStage(Stage):
-    """The model version that answers: the person's variant, if the purpose permits its
-    views and the request's region its training data (residency); else the next one
-    that both permit (serving/ranking/routing.py)."""
+    """The model version that answers: the person's variant if the purpose permits its
+    views and the region its training data (residency), else the next that both permit."""
 
     name = "route"
 
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
         models, router = self.services.models, self.services.router
         decision = context.require_decision()
-        region = context.request.region
+        region = context.request.region  # residency: its rule's accepted versions
         assignment = router.choose(context.key, decision.allowed_views, models.views_of, region)
         if assignment is None:
             return self.unrouted(context, decision.allowed_views)
@@ -322,18 +321,14 @@ class RouteStage(Stage):
         return COMPLETED
 
     def unrouted(self, context: RankContext, allowed_views: frozenset[str]) -> StageResult:
-        """Why no version answers: residency, when one would without the region's rule
-        (a decision; the detail names the region's rule), else no permitted model."""
-        models, router = self.services.models, self.services.router
-        views_only = router.choose(context.key, allowed_views, models.views_of)
-        if views_only is None:
-            return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
-        region = context.request.region
-        return StageResult.degraded(
-            FallbackReason.RESIDENCY,
-            f"residency.{region} accepts the training data of none of the versions "
-            f"{context.request.purpose} may use here",
-        )
+        """No version answers: residency if one would without the region's rule, else none."""
+        if self.services.router.choose(context.key, allowed_views, self.services.models.views_of):
+            return StageResult.degraded(  # a decision, like a consent refusal
+                FallbackReason.RESIDENCY,
+                f"residency.{context.request.region} accepts the training data of none of "
+                f"the versions {context.request.purpose} may use here",
+            )
+        return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
 
 
 class FetchStage(Stage):
@@ -347,9 +342,8 @@ class FetchStage(Stage):
         services = self.services
         decision = context.require_decision()
         model_ref, _ = context.require_model()
-        context.shadows = services.router.shadows(
-            decision.allowed_views, services.models.views_of, context.request.region
-        )
+        router, views_of = services.router, services.models.views_of
+        context.shadows = router.shadows(decision.allowed_views, views_of, context.request.region)
         fields = services.fields_for((model_ref.version, *context.shadows))
         try:
             user = await services.fetcher.fetch_user(context.key, fields)

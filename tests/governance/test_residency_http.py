@@ -30,6 +30,7 @@ from tests.serving_support import (
     SERVE_CONFIG,
     deploy,
     example_user_ids,
+    health,
     ingress_user_config,
     routing,
 )
@@ -113,6 +114,8 @@ def test_a_version_trained_on_us_data_never_answers_an_eu_request(
         ingress_user_config(routing=routing("v2", canary=us_only, weight=50, alternate=["v1"])),
         lambda h: h["routing"]["canary_weight"] == 50,
     )
+    routed = health(server)["routing"]["residency"]
+    assert routed == {"EU": ["v1", "v2"], "US": [us_only, "v1", "v2"]}, routed
     mixed = answers(server, users)
     by_region = {
         region: Counter((p, a["model"]["version"]) for p, r, a in mixed if r == region)

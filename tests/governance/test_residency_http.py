@@ -184,6 +184,11 @@ def test_promote_refuses_to_leave_a_purpose_without_an_accepted_version_in_a_reg
     ), output
     assert "email_marketing in US" in output  # the table: what the US-only version serves
     assert "v1" in config.read_text()
+    code, output = model("status")
+    assert code == 0, output
+    assert "      lineage: US (declared), 10,000 rows, sha256 " in output, output
+    assert "; residency: answers US, not EU" in output
+    assert "(EU,US cleared)" in output and "; residency: answers EU, US" in output
 
     listed = runner.invoke(main, ["model", "list"])
     assert listed.exit_code == 0, listed.output

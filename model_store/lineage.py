@@ -1,4 +1,11 @@
-"""What a version learned from, checked against what it is evaluated on.
+"""What a version learned from: checked against what it is evaluated on, and recorded
+for residency.
+
+A version's data lineage (manifest `lineage.data`) names the regions of the people
+in its training data (read by `model train` from the project's `data_regions`
+column, or declared with `model register --data-regions`), its rows and a sha256
+of its input tables (`table_digests`, streamed file by file). Residency rules in
+policy.yaml read the regions (rankgate/governance/residency.py).
 
 A version's training window (manifest `lineage.trained_on`) is the time range of the
 rows it learned from: declared when it is registered (`model register --trained-on
@@ -11,16 +18,28 @@ that it cannot tell (no window, or slots without times).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_store.manifest import Manifest, TrainingWindow, shown_time
+import numpy as np
+import pandas as pd
+
+from model_store.manifest import MANIFEST_FILE, DataLineage, Manifest, TrainingWindow, shown_time
+from model_store.store import ModelStore, write_json
 from rankgate.core.errors import ModelStoreError
+from rankgate.core.project import Project
 
 if TYPE_CHECKING:
-    import numpy as np
+    from features.applied import AppliedView
+    from features.spec import FeatureSpec
+
+REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+"""A data region's code: EU, US, us-east-1."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_FORMS = (
@@ -150,3 +169,230 @@ def time_span(times_ns: np.ndarray | None) -> tuple[int, int] | None:
     if times_ns is None or len(times_ns) == 0:
         return None
     return int(times_ns.min()), int(times_ns.max())
+
+
+def parse_regions(text: str, option: str) -> list[str]:
+    """`EU,US` of `option`: region codes (letters, digits, _ and -), sorted, each once;
+    ModelStoreError (422) names the option and the bad code."""
+    regions = [part.strip() for part in text.split(",")]
+    for region in regions:
+        if not REGION.fullmatch(region):
+            raise ModelStoreError(
+                f"{option} {text!r}: {region!r} is not a region code (letters, digits, _ and -, "
+                "e.g. EU,US)",
+                422,
+            )
+    return sorted(set(regions))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in chunks (a table of 10^7 rows is never held whole); of a
+    folder (a partitioned table), over its files' relative names and digests."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for part in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{part.relative_to(path)}\0{file_digest(part)}\n".encode())
+        return digest.hexdigest()
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError as exc:
+        raise ModelStoreError(f"{path}: input table not found", 422) from exc
+
+
+def table_digests(tables: Mapping[str, Path]) -> tuple[dict[str, str], str]:
+    """Each input table's sha256, by name, and one sha256 over the names and digests."""
+    digests = {name: file_digest(path) for name, path in sorted(tables.items())}
+    combined = hashlib.sha256(
+        "".join(f"{name}\0{value}\n" for name, value in digests.items()).encode()
+    ).hexdigest()
+    return digests, combined
+
+
+def input_tables(
+    project: Project,
+    views: Sequence[AppliedView],
+    data_dir: Path,
+    specs: Sequence[FeatureSpec],
+    log_path: Path,
+) -> dict[str, Path]:
+    """The files a trained version's rows are built from, by role: the interaction log,
+    the offline source of each view its inputs read (streaming views are computed from
+    the log) and of the item view, and the people table of `data_regions`."""
+    from features.tables import source_path
+
+    by_name = {v.name: v for v in views}
+    tables = {"interactions": log_path}
+    read = {s.view for s in specs if s.view} - set(project.streaming)
+    if project.spec.item_view and any(s.source == "item" for s in specs):
+        read.add(project.spec.item_view)
+    for name in sorted(read):
+        view = by_name.get(name)
+        if view is not None and view.source_path is not None:
+            tables[f"view {name}"] = source_path(view, project)
+    regions = project.spec.data_regions
+    if regions is not None and regions.path is not None:
+        tables["data_regions"] = project.path(regions.path, data_dir)
+    return tables
+
+
+def region_counts(
+    project: Project, data_dir: Path, logs: pd.DataFrame, user_column: str
+) -> tuple[dict[str, int], int]:
+    """Rows per data region of the log's people, and the rows of people of no known
+    region, by the project's `data_regions` (vectorized: one index lookup per row)."""
+    from features.tables import read_table
+
+    declared = project.spec.data_regions
+    assert declared is not None
+    where = f"{project.file}: field 'data_regions"
+    if declared.path is None:
+        if declared.column not in logs:
+            raise ModelStoreError(
+                f"{where}.column': the interaction log has no column {declared.column!r}", 422
+            )
+        values = logs[declared.column].to_numpy()
+        codes, names = pd.factorize(values, use_na_sentinel=True)
+    else:
+        key = project.spec.user.join_key
+        path = project.path(declared.path, data_dir)
+        people = read_table(path)
+        for column in (key, declared.column):
+            if column not in people:
+                raise ModelStoreError(f"{where}.path': {path} has no column {column!r}", 422)
+        people = people[[key, declared.column]].drop_duplicates(key, keep="last")
+        person_codes, names = pd.factorize(people[declared.column], use_na_sentinel=True)
+        at = pd.Index(people[key]).get_indexer(pd.Index(logs[user_column].to_numpy()))
+        codes = np.where(at >= 0, person_codes[np.maximum(at, 0)], -1)
+    counts = np.bincount(np.asarray(codes, dtype=np.int64) + 1, minlength=len(names) + 1)
+    by_region = {str(names[n]): int(counts[n + 1]) for n in range(len(names)) if counts[n + 1]}
+    for region in by_region:
+        if not REGION.fullmatch(region):
+            raise ModelStoreError(
+                f"{where}.column': {region!r} is not a region code (letters, digits, _ and -)",
+                422,
+            )
+    return by_region, int(counts[0])
+
+
+def trained_lineage(
+    project: Project,
+    views: Sequence[AppliedView],
+    data_dir: Path,
+    specs: Sequence[FeatureSpec],
+    logs: pd.DataFrame,
+    user_column: str,
+    log_path: Path,
+) -> DataLineage:
+    """The data lineage `model train` records: the regions of the people in the log's
+    rows (all of them: the held-out rows build the version's drift reference and item
+    embeddings too), the rows, the input tables' digests."""
+    tables, digest = table_digests(input_tables(project, views, data_dir, specs, log_path))
+    declared = project.spec.data_regions
+    by_region, unknown = (
+        region_counts(project, data_dir, logs, user_column)
+        if declared is not None
+        else ({}, len(logs))
+    )
+    cleared = [r for r in declared.cleared_for_transfer if r in by_region] if declared else []
+    return DataLineage(
+        regions=sorted(by_region),
+        source="region column",
+        rows_by_region=by_region,
+        rows_without_region=unknown,
+        cleared_for_transfer=sorted(cleared),
+        rows=len(logs),
+        tables=tables,
+        digest=digest,
+    )
+
+
+def declared_lineage(
+    regions: str | None,
+    cleared: str | None,
+    rows: int | None,
+    data_files: Sequence[Path],
+) -> DataLineage | None:
+    """The data lineage `model register` records from its options (None: none declared)."""
+    if regions is None:
+        for given, option in ((cleared, "--cleared-for-transfer"), (rows, "--training-rows")):
+            if given is not None:
+                raise ModelStoreError(f"{option}: give --data-regions too", 422)
+        if data_files:
+            raise ModelStoreError("--data-file: give --data-regions too", 422)
+        return None
+    named = parse_regions(regions, "--data-regions")
+    cleared_regions = parse_regions(cleared, "--cleared-for-transfer") if cleared else []
+    stray = [r for r in cleared_regions if r not in named]
+    if stray:
+        raise ModelStoreError(
+            f"--cleared-for-transfer: {stray[0]!r} is not one of --data-regions {regions!r}", 422
+        )
+    if rows is not None and rows < 1:
+        raise ModelStoreError(f"--training-rows: {rows} is not a positive number of rows", 422)
+    tables, digest = (
+        table_digests({path.name: path for path in data_files}) if data_files else ({}, None)
+    )
+    return DataLineage(
+        regions=named,
+        source="declared",
+        cleared_for_transfer=cleared_regions,
+        rows=rows,
+        tables=tables,
+        digest=digest,
+    )
+
+
+def record_lineage(
+    store: ModelStore,
+    project: Project,
+    views: Sequence[AppliedView],
+    data_dir: Path,
+    version: str,
+) -> DataLineage:
+    """Give a version `model train` made before lineage existed its data lineage, read
+    from the project's interaction log, once that log is shown to be the one it was
+    trained on: its rows, rebuilt with the version's inputs, have the training matrix's
+    recorded fingerprint. Nothing the version scores with changes."""
+    from model_store.logged import LoggedRows, logged_training_set
+
+    manifest = store.manifest(version)
+    if manifest.lineage.data is not None:
+        raise ModelStoreError(f"model version {version!r} already has its lineage", 409)
+    if manifest.lineage.made_by != "rankgate model train" or manifest.training_data is None:
+        raise ModelStoreError(
+            f"model version {version!r} was registered, not trained here: its lineage is what "
+            "its registration declared (register it again with --data-regions)",
+            422,
+        )
+    report = store.check_hashes(version)
+    if not report.ok:
+        raise ModelStoreError(f"model version {version!r}: " + "; ".join(report.failures()))
+    specs = manifest.specs
+    logged = LoggedRows.read(project, views, data_dir, specs)
+    if logged_training_set(logged, specs).fingerprint != manifest.training_data.fingerprint:
+        raise ModelStoreError(
+            f"model version {version!r}: the interaction log's rows are not the ones it was "
+            "trained on (their fingerprint differs from its training matrix's), so they cannot "
+            "say where its data came from",
+            409,
+        )
+    interactions = project.spec.interactions
+    assert interactions is not None  # LoggedRows.read refuses a project without a log
+    data = trained_lineage(
+        project,
+        views,
+        data_dir,
+        specs,
+        logged.logs,
+        logged.user_column,
+        project.path(interactions.path, data_dir),
+    )
+    updated = manifest.model_copy(
+        update={"lineage": manifest.lineage.model_copy(update={"data": data})}
+    )
+    folder = store.path(version)
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    write_json(tmp, updated.model_dump(mode="json"))
+    tmp.replace(folder / MANIFEST_FILE)
+    return data

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from features.spec import Encoding, FeatureSpec, Source
 from rankgate.core.config_files import Strict
+from rankgate.governance.residency import DataOrigin
 
 ONNX_FILE = "model.onnx"
 PARITY_INPUTS_FILE = "parity_inputs.npy"
@@ -148,6 +149,62 @@ def shown_time(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+class DataLineage(Strict):
+    """Where a version's training data came from: the regions of the people in it, how
+    many rows, a digest of the input tables. Residency rules in policy.yaml read the
+    regions (rankgate/governance/residency.py)."""
+
+    regions: list[str]
+    """Data regions of the people in the rows it was built from (sorted)."""
+    source: Literal["region column", "declared"]
+    """`region column`: read by `model train` from the project's `data_regions`;
+    `declared`: given to `model register --data-regions`."""
+    rows_by_region: dict[str, int] | None = None
+    """Rows per data region (`model train`; None: declared)."""
+    rows_without_region: int = Field(0, ge=0)
+    """Rows whose person has no region: a version with any is accepted nowhere a
+    residency rule applies."""
+    cleared_for_transfer: list[str] = Field(default_factory=list)
+    """Of `regions`, those whose data was cleared for transfer to other regions."""
+    rows: int | None = Field(None, ge=0)
+    """Rows of training data (None: not declared)."""
+    tables: dict[str, str] = Field(default_factory=dict)
+    """Input table -> sha256 of its file(s)."""
+    digest: str | None = None
+    """sha256 over `tables` (names and digests, sorted): one value for the audit record
+    (None: no tables given)."""
+
+    @model_validator(mode="after")
+    def _cleared_are_regions(self) -> DataLineage:
+        stray = [r for r in self.cleared_for_transfer if r not in self.regions]
+        if stray:
+            raise ValueError(f"cleared_for_transfer: {stray[0]!r} is not one of its regions")
+        return self
+
+    def origin(self) -> DataOrigin:
+        return DataOrigin(
+            frozenset(self.regions),
+            frozenset(self.cleared_for_transfer),
+            complete=self.rows_without_region == 0,
+        )
+
+    def shown(self) -> str:
+        """One line: "EU 4,985 + US 5,015 rows (US cleared), sha256 1a2b3c4d5e6f"
+        (the regions' rows, those cleared for transfer, the input tables' digest)."""
+        if self.rows_by_region is not None:
+            regions = " + ".join(f"{r} {n:,}" for r, n in sorted(self.rows_by_region.items()))
+            if self.rows_without_region:
+                regions += f" + no region {self.rows_without_region:,}"
+            regions += " rows"
+        else:
+            regions = ",".join(self.regions) + " (declared)"
+            if self.rows is not None:
+                regions += f", {self.rows:,} rows"
+        if self.cleared_for_transfer:
+            regions += f" ({','.join(self.cleared_for_transfer)} cleared)"
+        return regions + (f", sha256 {self.digest[:12]}" if self.digest else "")
+
+
 class Lineage(Strict):
     """Where the version came from."""
 
@@ -162,6 +219,20 @@ class Lineage(Strict):
     """The times of the rows it learned from: declared (`model register --trained-on`)
     or, for `model train`, its training rows' (the held-out tail excluded). None: not
     declared, or registered before windows were recorded."""
+    data: DataLineage | None = None
+    """Regions, rows and input tables of its training data (None: no lineage recorded;
+    a residency rule accepts no such version)."""
+
+    def origin(self) -> DataOrigin | None:
+        """What residency reads (None: no lineage recorded)."""
+        return self.data.origin() if self.data is not None else None
+
+    def shown(self) -> str:
+        """The data lineage in a line, or that there is none."""
+        if self.data is None:
+            return "no lineage recorded"
+        window = f", {self.trained_on}" if self.trained_on is not None else ""
+        return self.data.shown() + window
 
 
 class Manifest(Strict):

@@ -41,6 +41,7 @@ from model_store.manifest import (
     REFERENCE_FILE,
     Booster,
     BoosterKind,
+    DataLineage,
     Lineage,
     Manifest,
     ManifestFeature,
@@ -78,6 +79,8 @@ class Candidate:
     features_source: str | None = None
     trained_on: TrainingWindow | None = None
     """The times of the rows it learned from (None: not declared)."""
+    data: DataLineage | None = None
+    """The regions, rows and input tables of its training data (None: not recorded)."""
     reference_rows: Callable[[Sequence[FeatureSpec]], ReferenceRows | None] | None = None
     """The rows the drift reference describes, given the resolved inputs (None, or a
     None result: the version gets no reference)."""
@@ -278,6 +281,7 @@ def register(
                 else str(candidate.onnx_path.resolve()),
                 features_source=candidate.features_source,
                 trained_on=candidate.trained_on,
+                data=candidate.data,
             ),
             libraries=library_versions(),
         )

@@ -34,6 +34,7 @@ from model_store.manifest import (
 )
 from rankgate.core.errors import ModelStoreError, UnknownVersion, VersionExists
 from rankgate.core.home import Home
+from rankgate.governance.residency import DataOrigin
 
 if TYPE_CHECKING:
     from features.spec import ViewInfo
@@ -132,6 +133,17 @@ class ModelStore:
             except ModelStoreError:
                 views[version] = None
         return views
+
+    def origins(self, versions: Iterable[str]) -> dict[str, DataOrigin | None]:
+        """What residency reads of each version's lineage (None: no lineage recorded, or
+        no readable manifest)."""
+        origins: dict[str, DataOrigin | None] = {}
+        for version in versions:
+            try:
+                origins[version] = self.manifest(version).lineage.origin()
+            except ModelStoreError:
+                origins[version] = None
+        return origins
 
     def register(self, version: str, staged: Path) -> Path:
         """Move a fully written staging folder into place as `version`; never overwrite."""

@@ -24,7 +24,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from features.applied import AppliedView
 from features.spec import FeaturesFile, ViewInfo, resolve
-from model_store.lineage import from_nanoseconds
+from model_store.lineage import from_nanoseconds, trained_lineage
 from model_store.logged import LoggedRows, item_embeddings, logged_training_set
 from model_store.manifest import Manifest, Metrics, TrainingData, TrainingWindow
 from model_store.register import Candidate, ReferenceRows, register
@@ -231,6 +231,18 @@ def train(
     progress(f"{version}: building the training matrix ({len(specs)} features)")
     logged = LoggedRows.read(project, views, data_dir, specs)
     dataset = logged_training_set(logged, specs)
+    interactions = project.spec.interactions
+    assert interactions is not None  # LoggedRows.read refuses a project without a log
+    progress(f"{version}: lineage (regions of the people in the log, digests of its tables)")
+    lineage = trained_lineage(
+        project,
+        views,
+        data_dir,
+        specs,
+        logged.logs,
+        logged.user_column,
+        project.path(interactions.path, data_dir),
+    )
     split = int(len(dataset.labels) * (1 - HOLDOUT_FRACTION))
     train_x, hold_x = dataset.matrix[:split], dataset.matrix[split:]
     train_y, hold_y = dataset.labels[:split], dataset.labels[split:]
@@ -284,6 +296,7 @@ def train(
                 made_by="rankgate model train",
                 features_source=features_source,
                 trained_on=trained_window(logged, split),
+                data=lineage,
                 reference_rows=lambda _specs: ReferenceRows(dataset.matrix, "training matrix"),
                 retrieval=lambda score, specs: item_embeddings(
                     score, specs, logged, dataset, views, data_dir

@@ -59,6 +59,7 @@ from rankgate.core.redis_server import (
 from rankgate.core.settings import Settings, get_project, get_settings
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Policy, PolicySet, load_policy_set
+from rankgate.governance.residency import permitted_versions
 from serving.contract.config import AuditConfig, BatchingConfig, PolicyConfig, ServingConfig
 from serving.observe.audit import AuditWriter
 from serving.observe.canary import CanaryWatch
@@ -113,6 +114,17 @@ def check_versions(config: ServingConfig, store: ModelStore) -> None:
                 f"serve_config.yaml user_config: field 'routing.versions.{index}.version': "
                 f"unknown model version {route.version!r} (known: {known})"
             )
+
+
+def residency_of(policy: Policy, models: ModelSet) -> dict[str, frozenset[str]]:
+    """Per serving region with a residency rule, the routed versions it accepts. A
+    version that did not load is let through: it never scores (its requests degrade as
+    model_unavailable, saying why), so nothing it learned reaches an answer."""
+    unloaded = frozenset(models.errors)
+    return {
+        region: accepted | unloaded
+        for region, accepted in permitted_versions(policy.residency, models.origins).items()
+    }
 
 
 @dataclass(frozen=True)
@@ -368,7 +380,9 @@ class ReplicaRuntime:
         audit.decision_ttl_s = (
             config.events.decision_ttl_s if project_outcomes(self.project) else None
         )
-        router = Router(config.routing, rolled_back or set())
+        router = Router(
+            config.routing, rolled_back or set(), residency_of(policy_set.policy, models)
+        )
         indexes = self.item_indexes(config, models)
         log = RoutingLog(self.redis, self.home.namespace)
         services = Services(

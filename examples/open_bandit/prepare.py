@@ -16,6 +16,15 @@ own text, read with the csv module. The ids are raw user ids like any
 application's: only their pseudonymous key (rankgate.core.pseudonym) is written to
 the tables, and so to Feast and Redis.
 
+The sample does not say where its visitors live. For the lineage of the versions
+trained on it (and the residency rules of the example's policy), `prepare` makes up a
+region per visitor, EU or US, from their user id, as it makes up the ids themselves:
+
+    region = ("EU", "US")[int(sha256("region|" + user_id)[:8], 16) % 2]
+
+and writes it to `people.parquet` (the pseudonymous key and the region), the table
+rankgate.yaml's `data_regions` names.
+
 Feast needs an event time per feature row. The sample's logs are from November
 2019; the prepared feature tables carry the time `prepare` ran (the snapshot
 time of the features), so a feature view's TTL counts from preparation.
@@ -48,11 +57,17 @@ AFFINITY_COLUMNS = [f"affinity_{i}" for i in range(N_ITEMS)]
 ITEM_COLUMNS = [f"item_feature_{i}" for i in range(4)]
 RECENT_CLICK_COLUMNS = [f"clicks_{i}" for i in range(N_ITEMS)]
 VISITOR_COLUMNS = PROFILE_COLUMNS + RAW_AFFINITY_COLUMNS
+REGIONS = ("EU", "US")
 
 
 def derive_user_id(visitor_values: list[str]) -> str:
     joined = "|".join(visitor_values)
     return "u-" + hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
+def visitor_region(user_id: str) -> str:
+    """The region the example makes up for a visitor (the sample has none)."""
+    return REGIONS[int(hashlib.sha256(f"region|{user_id}".encode()).hexdigest()[:8], 16) % 2]
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +110,8 @@ def demo_user_ids() -> list[str]:
 
 def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, int]:
     """Write the offline tables Feast and training read, keyed by pseudonymous user key
-    (and the empty batch source of the streaming view `recent_clicks`)."""
+    (and the empty batch source of the streaming view `recent_clicks`), and the people
+    table of the visitors' made-up regions."""
     import pandas as pd
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +131,13 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     items["event_timestamp"] = snapshot
     items = items[["item_id", "event_timestamp", *ITEM_COLUMNS]]
 
+    people = pd.DataFrame(
+        {
+            "user_key": visitors["user_key"],
+            "region": [visitor_region(uid) for uid in visitors["user_id"]],
+        }
+    )
+
     logs = impressions[["timestamp", "item_id", "position", "click", "propensity_score"]].copy()
     logs.insert(0, "user_key", [user_key(uid) for uid in impressions["user_id"]])
     logs["timestamp"] = pd.to_datetime(logs["timestamp"], utc=True)
@@ -123,6 +146,7 @@ def prepare(data_dir: Path, snapshot_time: datetime | None = None) -> dict[str, 
     affinity.to_parquet(data_dir / "user_item_affinity.parquet", index=False)
     items.to_parquet(data_dir / "item_context.parquet", index=False)
     logs.to_parquet(data_dir / "impressions.parquet", index=False)
+    people.to_parquet(data_dir / "people.parquet", index=False)
     recent_clicks_table().to_parquet(data_dir / "recent_clicks.parquet", index=False)
     return {"users": len(visitors), "items": len(items), "impressions": len(logs)}
 

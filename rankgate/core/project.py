@@ -103,6 +103,22 @@ class Interactions(Strict):
     this position: what off-policy evaluation needs of a log."""
 
 
+class DataRegions(Strict):
+    """Where the region of each person in the interaction log is read: `model train`
+    records the regions of the people a version learned from in its lineage, and the
+    policy's `residency` rules decide, by them, which requests it may answer."""
+
+    column: str
+    """The column of region codes (regions of the policy, e.g. EU, US)."""
+    path: str | None = None
+    """A table of people (Parquet or CSV, relative to the project; `${RANKGATE_DATA_DIR}`
+    allowed) with the user join key column and `column`; unset: `column` is a column of
+    the interaction log itself (the region each impression's person was in)."""
+    cleared_for_transfer: list[str] = Field(default_factory=list)
+    """Data regions whose people's data in this log was cleared for transfer to other
+    regions (a residency rule may accept it with `cleared_for_transfer`)."""
+
+
 class ContextFeature(Strict):
     """A request-context value a model may read (`context.<name>` in the request)."""
 
@@ -247,6 +263,10 @@ class ProjectFile(Strict):
     catalogue: Catalogue
     interactions: Interactions | None = None
     """Logged outcomes; needed by the popularity fallback and by `model train`."""
+    data_regions: DataRegions | None = None
+    """Where the region of each person in the interaction log is read (the lineage of
+    trained versions; residency in policy.yaml). Unset: trained versions record no
+    data regions, and a residency rule accepts none of them."""
     context: list[ContextFeature] = Field(default_factory=list)
     """Request-context features models may read."""
     prepare: str | None = None

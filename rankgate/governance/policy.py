@@ -15,6 +15,7 @@ from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.settings import get_project
 from rankgate.governance.approval import ApprovalRules
+from rankgate.governance.residency import Residency, unknown_regions
 
 
 def policy_dir() -> Path:
@@ -135,6 +136,9 @@ class IdentityRules(Strict):
 class Policy(Strict):
     version: str = Field(min_length=1)
     regions: dict[str, Region] = Field(min_length=1)
+    residency: Residency = Field(default_factory=dict)
+    """Per serving region, the data regions a model that answers it may have learned
+    from (rankgate/governance/residency.py); a region without a rule accepts any version."""
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
@@ -164,6 +168,9 @@ class Policy(Strict):
         for purpose in self.approvals.purposes:
             if purpose not in self.purposes:
                 raise ValueError(f"approvals.purposes: unknown purpose {purpose!r}")
+        problems = unknown_regions(self.residency, self.regions)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def excluded_items(self, purpose: str, region: str) -> frozenset[ItemId]:

@@ -186,14 +186,15 @@ class Environment:
         self.redis.set(self.marker_key("materialized"), self.digest(self.sources()))
         return names
 
-    def model_rows(self) -> list[tuple[str, str, str, str, str]]:
+    def model_rows(self) -> list[tuple[str, str, str, str, str, str]]:
         rows = []
         for version in self.models.versions():
             report = self.models.check_hashes(version)
             try:
                 manifest = self.models.manifest(version)
             except ModelStoreError:
-                rows.append((version, "corrupt: " + "; ".join(report.failures()), "-", "-", "-"))
+                failures = "corrupt: " + "; ".join(report.failures())
+                rows.append((version, failures, "-", "-", "-", "-"))
                 continue
             state = "ok" if report.ok else "corrupt: " + "; ".join(report.failures())
             metrics = "-" if manifest.metrics is None else manifest.metrics.shown()
@@ -204,6 +205,7 @@ class Environment:
                     str(len(manifest.features)),
                     metrics,
                     manifest.created_at.strftime("%Y-%m-%d %H:%M"),
+                    manifest.lineage.shown(),
                 )
             )
         return rows

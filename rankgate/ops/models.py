@@ -8,7 +8,7 @@ version is trained or checked against the interaction log, not for a listing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,24 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 
-MODEL_TABLE_HEADER = ("VERSION", "STATE", "FEATURES", "METRICS (HELD OUT)", "CREATED")
+MODEL_TABLE_HEADER = (
+    "VERSION",
+    "STATE",
+    "FEATURES",
+    "METRICS (HELD OUT)",
+    "CREATED",
+    "LINEAGE (TRAINING DATA)",
+)
+
+
+@dataclass(frozen=True)
+class DeclaredData:
+    """The data lineage `model register` is given (`--data-regions` and its companions)."""
+
+    regions: str | None = None
+    cleared_for_transfer: str | None = None
+    rows: int | None = None
+    files: list[Path] = field(default_factory=list)
 
 
 def train_model(
@@ -108,7 +125,13 @@ class Registered:
         )
         published = [f"{self.version}: published to {self.published_to}"]
         window = self.manifest.lineage.trained_on
-        trained = [f"{self.version}: trained on {window}" if window else ""]
+        trained = [
+            f"{self.version}: trained on {window}" if window else "",
+            f"{self.version}: lineage: {self.manifest.lineage.shown()}"
+            if self.manifest.lineage.data is not None
+            else f"{self.version}: no lineage recorded (declare its training data with "
+            "--data-regions; a region with a residency rule accepts no version without)",
+        ]
         return [*(published if self.published_to else [])] + [
             f"{self.version}: registered at {self.path} ({len(self.manifest.features)} inputs; "
             + (
@@ -168,16 +191,20 @@ def register_model(
     metrics_path: Path | None,
     item_embeddings: Path | None = None,
     trained_on: str | None = None,
+    declared: DeclaredData | None = None,
 ) -> Registered:
     """Register a ranker trained anywhere as VERSION, checked against the Feast registry;
     published to the artifact store too when RANKGATE_STORE is set. Its retrieval
     artifact: `item_embeddings` (a table of item vectors), or distilled from it;
-    `trained_on`: FROM..TO, the times of the rows it learned from."""
-    from model_store.lineage import parse_window
+    `trained_on`: FROM..TO, the times of the rows it learned from; `declared`: the
+    regions, rows and tables of its training data."""
+    from model_store.lineage import declared_lineage, parse_window
     from model_store.logged import ProjectLog
     from model_store.register import Candidate, register
 
     window = parse_window(trained_on) if trained_on is not None else None
+    data = declared or DeclaredData()
+    lineage = declared_lineage(data.regions, data.cleared_for_transfer, data.rows, data.files)
     env = Environment.open(redis=False)
     infos = env.view_infos()
     if not infos:
@@ -195,6 +222,7 @@ def register_model(
             metrics=load_yaml_model(metrics_path, Metrics) if metrics_path else None,
             features_source=str(features_path.resolve()),
             trained_on=window,
+            data=lineage,
             reference_rows=log.reference,
             retrieval=lambda score, specs: log.retrieval(score, specs, item_embeddings),
         ),
@@ -222,6 +250,20 @@ def add_drift_reference(version: str) -> str:
     return f"{version}: drift reference of {len(rows.matrix)} logged rows at {path}"
 
 
+def add_lineage(version: str) -> str:
+    """Give VERSION, trained here before lineage existed, its data lineage from the
+    project's interaction log (when it is the log it was trained on); says what it is."""
+    from model_store.lineage import record_lineage
+
+    env = Environment.open(redis=False)
+    if not env.models.exists(version):
+        raise RankgateError(f"no model version {version!r} in this home", 404)
+    data = record_lineage(env.models, env.project, env.views(), env.data_dir, version)
+    if env.settings.store is not None:
+        ArtifactStore(env.settings.store).publish_version(env.models, version)
+    return f"{version}: lineage: {data.shown()}"
+
+
 def add_item_embeddings(version: str, item_embeddings: Path | None = None) -> str:
     """Give VERSION its retrieval artifact: distilled from its ranker on the project's
     interaction log (or `item_embeddings`, a table of item vectors); says where."""
@@ -246,6 +288,6 @@ def validate_model(version: str) -> ValidationReport:
     return env.models.validate(version, env.view_infos())
 
 
-def list_models() -> list[tuple[str, str, str, str, str]]:
+def list_models() -> list[tuple[str, str, str, str, str, str]]:
     """The registered versions and their state."""
     return Environment.open(redis=False).model_rows()

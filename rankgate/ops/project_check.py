@@ -80,6 +80,7 @@ def check_project(folder: Path | None = None) -> list[str]:
         check_streaming(project, views, catalogue, found)
         logged = check_interactions(project, data_dir, found)
         policies = check_policies(project, catalogue, infos, found)
+        check_data_regions(project, data_dir, logged, policies, found)
         check_models(project, infos, policies, logged, found)
     found.stop_if_any()
     return found.lines
@@ -255,6 +256,45 @@ def check_interactions(project: Project, data_dir: Path, found: Findings) -> set
     if not missing:
         found.ok(f"interactions: {path.name} has the declared columns")
     return columns
+
+
+def check_data_regions(
+    project: Project,
+    data_dir: Path,
+    logged: set[str] | None,
+    policies: PolicySet | None,
+    found: Findings,
+) -> None:
+    """Where each person's region is read (the lineage of trained versions): the
+    people table's key and region columns, or the log's region column; a note when
+    the policy has residency rules that trained versions could never satisfy."""
+    spec = project.spec.data_regions
+    field = f"{project.file}: field 'data_regions"
+    if spec is None:
+        if policies is not None and policies.policy.residency:
+            found.note(
+                f"{project.file}: no `data_regions`: trained versions record no regions, and "
+                "the residency rules of policy.yaml accept none of them"
+            )
+        return
+    if spec.path is None:
+        if logged is not None and spec.column not in logged:
+            found.problem(f"{field}.column': the interaction log has no column {spec.column!r}")
+        elif logged is not None:
+            found.ok(f"data_regions: the interaction log's column {spec.column!r}")
+        return
+    path = project.path(spec.path, data_dir)
+    try:
+        columns = table_columns(path)
+    except RankgateError as exc:
+        found.problem(f"{field}.path': {exc.message}")
+        return
+    wanted = [project.spec.user.join_key, spec.column]
+    missing = [column for column in wanted if column not in columns]
+    for column in missing:
+        found.problem(f"{field}.path': {path.name} has no column {column!r}")
+    if not missing:
+        found.ok(f"data_regions: {path.name} has {' and '.join(wanted)}")
 
 
 def table_columns(path: Path) -> set[str]:

@@ -29,6 +29,13 @@ from serving.observe.routing_log import (
     read_routing_events,
     read_shadow,
 )
+from serving.ops.coverage import (
+    Regions,
+    coverage,
+    permitted_views,
+    residency_regions,
+    unserved,
+)
 from serving.ops.launch import serve_env
 from serving.ops.promotion import (
     Move,
@@ -42,6 +49,7 @@ from serving.ops.promotion import (
     rollback_move,
     routing_applied,
     starts_experiment,
+    validate_routing,
     write_policy,
 )
 from serving.ops.supervisor import ServerInfo
@@ -184,9 +192,37 @@ def deploy_policy(folder: Path | None, config_path: Path | None, say: Say) -> No
     have a running server re-read them in place."""
     checked = check_policy(folder)
     context = RoutingContext.open(config_path)
+    warn_unserved(context, checked, say)
     write_policy(context.path, checked.folder, checked.digest)
     say(f"{context.path}: policy {checked.policy.version} from {checked.folder} ({checked.digest})")
     context.apply(lambda h: h.get("policy_digest") == checked.digest, say)
+
+
+def warn_unserved(context: RoutingContext, checked: PolicySet, say: Say) -> None:
+    """Say which purposes (in a region) the routing leaves without a permitted model
+    under the new policy: the policy takes effect (it is the privacy office's to set),
+    and their requests get the fallback, with the reason this names."""
+    _, node = read_routing(context.path)
+    routing = validate_routing(plain(node), context.path)
+    policy = checked.policy
+    regions = residency_regions(
+        policy.regions, policy.residency, context.env.models.origins(routing.all_versions)
+    )
+    served = coverage(
+        routing, permitted_views(policy), context.env.models.views_of(routing.all_versions), regions
+    )
+    reasons = {
+        s.pair: "residency" if s.residency else "no_permitted_model"
+        for s in served
+        if s.version is None
+    }
+    for pair, share in unserved(served).items():
+        if share > 0:
+            reason = reasons.get(pair) or "residency"  # a purpose named whole: every region
+            say(
+                f"warning: under this policy {pair} has no permitted model for {share:g} % of its "
+                f"users: they get the non-personalized fallback ({reason})"
+            )
 
 
 def history(count: int) -> list[str]:
@@ -239,8 +275,10 @@ def status(config_path: Path | None, since: str) -> list[str]:
             else "not running"
         )
     )
+    accepted = _residency(env, path)
     for route in plain(routing)["versions"]:
         lines.extend(_route_lines(env, route, live, routing, since))
+        lines.append(f"      lineage: {_lineage_line(env, route['version'], accepted)}")
     lines.extend(_rollback_lines(env))
     lines.extend(_outcome_lines(env))
     return lines
@@ -272,6 +310,30 @@ def _route_lines(
             for evidence in _shadow_evidence(env, route["version"], routing, since)
         )
     return lines
+
+
+def _residency(env: Environment, path: Path) -> Regions | None:
+    """Per serving region, the registered versions its residency rule accepts (None:
+    the served policy has no rules)."""
+    routing = RoutingFile.open(path)
+    return routing.regions_of(env.models, env.models.versions())
+
+
+def _lineage_line(env: Environment, version: str, accepted: Regions | None) -> str:
+    """A version's training data lineage, and the regions whose residency rule accepts it."""
+    try:
+        lineage = env.models.manifest(version).lineage
+    except RankgateError as exc:
+        return f"unreadable ({exc.message})"
+    if accepted is None:
+        return lineage.shown()
+    where = [
+        region for region, versions in accepted.items() if versions is None or version in versions
+    ]
+    refused = [region for region in accepted if region not in where]
+    return f"{lineage.shown()}; residency: answers {', '.join(where) or 'no region'}" + (
+        f", not {', '.join(refused)}" if refused else ""
+    )
 
 
 def _rollback_lines(env: Environment) -> list[str]:

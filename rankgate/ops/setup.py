@@ -154,9 +154,11 @@ def run_setup(say: Say, force: bool = False, demo_consent: bool = False) -> bool
                     f"! model {version}: kept, trained from earlier sources (registered versions "
                     "are immutable; `rankgate setup --force` retrains it)"
                 )
+                did = backfill_lineage(env, version, say) or did
                 continue
             else:
                 say(f"✓ model {version}: already registered")
+                did = backfill_lineage(env, version, say) or did
                 continue
         say(f"• model {version}: training ...")
         from features.spec import load_features_file
@@ -209,6 +211,23 @@ def run_setup(say: Say, force: bool = False, demo_consent: bool = False) -> bool
     (env.home.root / SETUP_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     say("setup complete." if did else "nothing to do: everything was already set up.")
     return did
+
+
+def backfill_lineage(env: Environment, version: str, say: Say) -> bool:
+    """A setup model trained before lineage existed gets it from the interaction log,
+    when that log is the one it was trained on (residency rules accept no version
+    without lineage); says why not otherwise. True when it was recorded."""
+    if env.models.manifest(version).lineage.data is not None:
+        return False
+    from model_store.lineage import record_lineage
+
+    try:
+        data = record_lineage(env.models, env.project, env.views(), env.data_dir, version)
+    except ModelStoreError as exc:
+        say(f"! model {version}: no lineage recorded: {exc.message}")
+        return False
+    say(f"✓ model {version}: lineage recorded: {data.shown()}")
+    return True
 
 
 def setup_demo_consent(env: Environment, digest: str, purposes: list[str], say: Say) -> bool:

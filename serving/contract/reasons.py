@@ -2,7 +2,7 @@
 
 The values are the public strings of `fallback.reason`. Each reason is either a
 decision (the policy, a person the feature store does not know, a routing that
-has no model for the purpose) or says that the answer is *degraded*: a
+has no model for the purpose, or none whose training data the region accepts) or says that the answer is *degraded*: a
 dependency failed or was too slow (the consent store, the feature store or its
 freshness, the model, the budget). Metrics, the load test's fallback-rate SLO,
 the canary's rollback rules and the tests count degraded answers by
@@ -26,6 +26,9 @@ class FallbackReason(StrEnum):
     maps this purpose to, or consent for the operator's vendor id."""
     NO_PERMITTED_MODEL = "no_permitted_model"
     """No routed model reads only feature views the purpose permits."""
+    RESIDENCY = "residency"
+    """Routed models the purpose permits exist, but the request's region accepts none
+    of their training data's lineage (policy.yaml `residency`)."""
     FEATURES_MISSING = "features_missing"
     """The person is unknown to the feature store (a new user)."""
 
@@ -65,6 +68,7 @@ DECISIONS = frozenset(
         FallbackReason.GPC_OBJECTION,
         FallbackReason.TCF_NO_CONSENT,
         FallbackReason.NO_PERMITTED_MODEL,
+        FallbackReason.RESIDENCY,
         FallbackReason.FEATURES_MISSING,
     }
 )

@@ -408,6 +408,8 @@ class RankIngress(BatchedScoring):
                     "canary_weight": router.canary_weight,
                     "rolled_back": sorted(router.rolled_back),
                     "windows": {v: w.figures() for v, w in router.windows.items()},
+                    # Per region with a residency rule, the routed versions it accepts.
+                    "residency": {r: sorted(v) for r, v in router.residency.items()},
                 },
             }
         )

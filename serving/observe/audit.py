@@ -7,7 +7,8 @@ the raw id), the purpose and region, the policy version and its checks, the
 model version and variant, the user feature values the model read and their age,
 the digest of the item table used, the candidates, the ranking, the fallback
 reason, the explanation when one was asked for or sampled (`explained` says
-which), and the stage timings. The pipeline writes it, `rankgate audit
+which), the stage timings, and the lineage digest of the version that ranked the
+answer (`lineage_digest`: its training data's input tables). The pipeline writes it, `rankgate audit
 tail/replay` and `rankgate privacy forget` read it back. `rankgate audit replay` re-scores a personalized decision from
 these and checks that it reproduces the recorded ranking.
 
@@ -183,6 +184,10 @@ class AuditRecord(BaseModel):
     consent: ConsentNote | None = None
     """Set when the request carried consent signals or a linked id's record decided
     (the policy checks name the source of every decision)."""
+    lineage_digest: str | None = None
+    """Set when a model ranked the answer: the sha256 of its training data's input
+    tables (its manifest's `lineage.data.digest`; null: the version records none).
+    Absent when the fallback answered, and in records older than this field."""
     stream_id: str | None = None
     """Id of the stream entry: set when read back, never written."""
 

@@ -7,8 +7,11 @@ it in one place, and who answers each purpose before and after by the router's
 own rule (`Router.answer` over `Router.split`). A purpose counts as served when
 every one of its users gets a permitted model: a purpose only the canary may serve
 is served for the canary's share of users and left without a model for the rest.
-A change that leaves more users of a purpose without a permitted model than before
-is refused unless forced. Rolling a canary back gives it the role it had before
+With residency rules in the policy, coverage is counted per (purpose, region): a
+version serves a region only if the region's rule accepts its training data's
+lineage (rankgate/governance/residency.py). A change that leaves more users of a
+purpose (in a region) without a permitted model than before is refused, naming
+the pair, unless forced. Rolling a canary back gives it the role it had before
 (`previous_role`), so an alternate promoted to canary is an alternate again.
 
 A new canary (another version than the one before, or one that was rolled back)
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +45,8 @@ from rankgate.core.project_files import policy_files
 from rankgate.core.redis_server import RedisClient
 from rankgate.core.settings import SOURCE_CHECKOUT, get_project
 from rankgate.governance.approval import ApprovalRules
-from rankgate.governance.policy import Policy, load_policy
+from rankgate.governance.policy import load_policy
+from rankgate.governance.residency import Residency
 from serving.contract.config import (
     DriftConfig,
     PolicyConfig,
@@ -61,6 +65,17 @@ from serving.observe.outcomes import (
 )
 from serving.observe.routing_log import record_routing_change
 from serving.ops.approvals import approval_guard
+from serving.ops.coverage import (
+    PromotionRefused,
+    Purposes,
+    Regions,
+    RoutingChange,
+    Served,
+    ViewsOf,
+    coverage,
+    permitted_views,
+    residency_regions,
+)
 from serving.ops.launch import (
     SERVE_CONFIG,
     derived_config,
@@ -70,18 +85,12 @@ from serving.ops.launch import (
 )
 from serving.ops.serve_config import ServeConfig, plain
 from serving.ops.supervisor import ServerInfo
-from serving.ranking.routing import Router
 
 if TYPE_CHECKING:
     from model_store.store import ModelStore
     from serving.ops.evidence import Evidence
 
 Say = Callable[[str], None]
-Purposes = Mapping[str, frozenset[str]]
-"""Each purpose of the policy and the feature views it permits."""
-ViewsOf = dict[str, frozenset[str] | None]
-"""Each version and the feature views it reads (None: unknown), as the router takes them."""
-TOLERANCE = 1e-9  # shares are sums of float percents
 
 
 def read_routing(config_path: Path) -> tuple[ServeConfig, Any]:
@@ -93,12 +102,6 @@ def read_routing(config_path: Path) -> tuple[ServeConfig, Any]:
     return config, routing
 
 
-class PromotionRefused(RankgateError):
-    """A role change that would take personalization away, or break the routing."""
-
-    status_code = 409
-
-
 @dataclass(frozen=True)
 class Move:
     """One role change: `version` takes `role`, or leaves the routing (role None)."""
@@ -107,46 +110,6 @@ class Move:
     role: Role | None
     weight: float | None = None
     """A canary's percent of users."""
-
-
-@dataclass(frozen=True)
-class Served:
-    """Who answers a purpose for a share of its users (version None: no permitted model)."""
-
-    purpose: str
-    version: str | None
-    variant: Role | None
-    share: float
-    """Percent of the purpose's users."""
-
-
-def permitted_views(policy: Policy) -> dict[str, frozenset[str]]:
-    """Each purpose and the views a model may read for it, as the consent gate passes them."""
-    return {name: frozenset(purpose.feature_views) for name, purpose in policy.purposes.items()}
-
-
-def coverage(routing: RoutingConfig, purposes: Purposes, views_of: ViewsOf) -> list[Served]:
-    """Who answers each purpose and for what share of its users, by the router's rule."""
-    router = Router(routing)
-    shares: dict[tuple[str, str | None, Role | None], float] = {}
-    for purpose, allowed in purposes.items():
-        for assigned, share in router.split():
-            chosen = router.answer(assigned, allowed, views_of)
-            key = (purpose, chosen.version, chosen.variant) if chosen else (purpose, None, None)
-            shares[key] = shares.get(key, 0.0) + share
-    return [
-        Served(purpose, version, variant, share)
-        for (purpose, version, variant), share in shares.items()
-    ]
-
-
-def unserved(served: list[Served]) -> dict[str, float]:
-    """Percent of each purpose's users that no permitted model answers."""
-    missing = dict.fromkeys((entry.purpose for entry in served), 0.0)
-    for entry in served:
-        if entry.version is None:
-            missing[entry.purpose] += entry.share
-    return missing
 
 
 def reassign(routing: RoutingConfig, move: Move) -> RoutingConfig:
@@ -212,112 +175,21 @@ def rollback_move(routing: RoutingConfig) -> Move | None:
     return None if canary is None else Move(canary.version, canary.previous_role)
 
 
-@dataclass(frozen=True)
-class RoutingChange:
-    """A routing before and after one move, and who serves each purpose in each."""
-
-    before: RoutingConfig
-    after: RoutingConfig
-    served_before: list[Served]
-    served_after: list[Served]
-
-    def losses(self) -> dict[str, float]:
-        """Purposes that more users would reach without a permitted model: percent after."""
-        before, after = unserved(self.served_before), unserved(self.served_after)
-        return {p: s for p, s in after.items() if s > before.get(p, 0.0) + TOLERANCE}
-
-    def still_unserved(self) -> dict[str, float]:
-        lost = self.losses()
-        return {
-            p: s for p, s in unserved(self.served_after).items() if s > TOLERANCE and p not in lost
-        }
-
-    def guard(self, force: bool, say: Say) -> list[str]:
-        """Refuse a change that takes personalization away, unless forced; then say so
-        loudly. Returns what was forced past (for the audit of routing changes)."""
-        lost = self.losses()
-        for purpose, share in self.still_unserved().items():
-            say(
-                f"warning: {purpose} still has no permitted model for {_percent(share)} of its users"
-            )
-        if not lost:
-            return []
-        described = "; ".join(
-            f"{p} would be left without a permitted model for {_percent(s)} of its users"
-            for p, s in lost.items()
-        )
-        if not force:
-            raise PromotionRefused(
-                f"refused: {described}. They would get the non-personalized fallback "
-                f"(no_permitted_model). First make a version that {' and '.join(lost)} may use "
-                "an alternate (`rankgate model promote V --alternate`), or pass --force to "
-                "accept it"
-            )
-        for purpose, share in lost.items():
-            say(
-                f"WARNING (--force): {purpose} loses personalization for {_percent(share)} of "
-                "its users: they get the non-personalized fallback (no_permitted_model)"
-            )
-        return [described]
-
-    def table(self) -> list[str]:
-        """Which purposes each version serves, before and after (share of users when not all)."""
-        order = [*self.after.all_versions]
-        order += [v for v in self.before.all_versions if v not in order]
-        rows = [("version", "before", "after")]
-        rows += [
-            (
-                version,
-                _cell(self.before, self.served_before, version),
-                _cell(self.after, self.served_after, version),
-            )
-            for version in order
-        ]
-        if any(s.version is None for s in [*self.served_before, *self.served_after]):
-            rows.append(
-                (
-                    "no model",
-                    ", ".join(_serving(self.served_before, None)) or "-",
-                    ", ".join(_serving(self.served_after, None)) or "-",
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(2)]
-        return [
-            f"  {row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip() for row in rows
-        ]
-
-
-def _percent(share: float) -> str:
-    return f"{share:g} %"
-
-
-def _serving(served: list[Served], version: str | None) -> list[str]:
-    """The purposes `version` answers (None: that no model answers), with the share of
-    their users when it is not all of them."""
-    return [
-        s.purpose + ("" if s.share >= 100 - TOLERANCE else f" ({_percent(s.share)})")
-        for s in served
-        if s.version == version
-    ]
-
-
-def _cell(routing: RoutingConfig, served: list[Served], version: str) -> str:
-    route = next((r for r in routing.versions if r.version == version), None)
-    if route is None:
-        return "not routed"
-    label: str = route.role
-    if route.role in ("stable", "canary") and routing.canary is not None:
-        label += f" {_percent(route.weight if route.weight is not None else 100.0)}"
-    return f"{label}: {', '.join(_serving(served, version)) or 'nothing'}"
-
-
 def plan(
-    routing: RoutingConfig, move: Move, purposes: Purposes, views_of: ViewsOf
+    routing: RoutingConfig,
+    move: Move,
+    purposes: Purposes,
+    views_of: ViewsOf,
+    regions: Regions | None = None,
 ) -> RoutingChange:
-    """The routing after `move`, and who answers each purpose before and after it."""
+    """The routing after `move`, and who answers each purpose (in each region, with
+    residency rules) before and after it."""
     after = reassign(routing, move)
     return RoutingChange(
-        routing, after, coverage(routing, purposes, views_of), coverage(after, purposes, views_of)
+        routing,
+        after,
+        coverage(routing, purposes, views_of, regions),
+        coverage(after, purposes, views_of, regions),
     )
 
 
@@ -352,6 +224,10 @@ class RoutingFile:
     approval_rules: ApprovalRules = field(default_factory=ApprovalRules)
     overrode: list[str] = field(default_factory=list)
     """What the last change was forced past."""
+    regions: list[str] = field(default_factory=list)
+    """The policy's serving regions."""
+    residency: Residency = field(default_factory=dict)
+    """The policy's residency rules (empty: none)."""
 
     @classmethod
     def open(cls, path: Path) -> RoutingFile:
@@ -362,8 +238,24 @@ class RoutingFile:
         promotion = config.section(PromotionConfig, "promotion")
         drift = config.section(DriftConfig, "drift")
         return cls(
-            config, node, routing, permitted_views(policy), promotion, drift, policy.approvals
+            config,
+            node,
+            routing,
+            permitted_views(policy),
+            promotion,
+            drift,
+            approval_rules=policy.approvals,
+            regions=list(policy.regions),
+            residency=policy.residency,
         )
+
+    def regions_of(self, models: ModelStore, versions: Iterable[str]) -> Regions | None:
+        """Per serving region, which of `versions` its residency rule accepts (None: the
+        policy has no rules); a version whose manifest does not read has no lineage."""
+        if not self.residency:
+            return None
+        origins = models.origins(versions)
+        return residency_regions(self.regions, self.residency, origins)
 
     @property
     def path(self) -> Path:
@@ -431,9 +323,12 @@ class RoutingFile:
     ) -> RoutingConfig:
         """Plan `move`, show who serves what before and after, refuse or write it
         (`approval`: check the moved version's approvals first, as promote does)."""
-        views_of = models.views_of([*self.routing.all_versions, move.version])
-        planned = plan(self.routing, move, self.purposes, views_of)
-        say("who answers each purpose (share of its users, when not all):")
+        versions = [*self.routing.all_versions, move.version]
+        views_of = models.views_of(versions)
+        regions = self.regions_of(models, versions)
+        planned = plan(self.routing, move, self.purposes, views_of, regions)
+        per = " in each region" if regions is not None else ""
+        say(f"who answers each purpose{per} (share of its users, when not all):")
         for line in planned.table():
             say(line)
         if approval:

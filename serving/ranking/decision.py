@@ -88,7 +88,17 @@ def audit_record(
         choice=choice(context),
         **requested_note(context),
         **consent_note(context),
+        **lineage_note(context),
     )
+
+
+def lineage_note(context: RankContext) -> dict[str, str | None]:
+    """`lineage_digest` of a record whose answer a model ranked: the digest of its
+    training data's input tables (None: it records none); else nothing."""
+    if not context.scored or context.model is None:
+        return {}
+    data = context.model.manifest.lineage.data
+    return {"lineage_digest": data.digest if data is not None else None}
 
 
 def consent_note(context: RankContext) -> dict[str, ConsentNote]:

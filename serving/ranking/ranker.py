@@ -44,6 +44,8 @@ class ModelSet:
         self.loaded: dict[str, LoadedModel] = {}
         self.errors: dict[str, str] = {}
         self.views_of = store.views_of(versions)
+        self.origins = store.origins(versions)
+        """Each version's training data regions, as residency reads them."""
         for version in versions:
             try:
                 self.loaded[version] = self._load(store, version)

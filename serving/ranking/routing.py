@@ -9,6 +9,15 @@ Roles (the `routing` section of the ingress user_config):
 A canary that had another role before (shadow, alternate) keeps it as
 `previous_role`, so that taking the canary out gives that role back.
 
+Residency (policy.yaml `residency`, rankgate/governance/residency.py): a request of
+a region with a rule is answered only by a version whose training data's lineage
+the rule accepts. The router holds, per such region, the frozenset of accepted
+versions (computed once per serving config); a version the region does not accept
+is passed over like one that reads views the purpose does not permit: the next
+permitted version answers (stable, then an alternate), else nobody (the route
+stage then answers with the fallback, reason `residency`). Shadows the region
+does not accept do not score its requests.
+
 Assignment hashes the pseudonymous user key with the config's salt into one of
 10,000 buckets; a user is in the canary when their bucket is below
 `canary weight × 100`. The same user lands in the same variant on every replica
@@ -31,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from serving.contract.config import Role, RoutingConfig
@@ -81,9 +90,21 @@ class Window:
 
 
 class Router:
-    def __init__(self, config: RoutingConfig, rolled_back: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        config: RoutingConfig,
+        rolled_back: Iterable[str] = (),
+        residency: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:
         self.config = config
         self.rolled_back: set[str] = set(rolled_back)
+        self.residency: dict[str, frozenset[str]] = dict(residency or {})
+        """Serving region -> the versions its residency rule accepts (a region absent:
+        no rule, every version)."""
+        # The config is immutable: the fallbacks of `answer` are looked up once.
+        self.stable = Assignment(config.stable, "stable")
+        self.alternates = [Assignment(r.version, "alternate") for r in config.of_role("alternate")]
+        self.shadow_versions = [r.version for r in config.of_role("shadow")]
         self.windows: dict[str, Window] = {
             v.version: Window(config.rollback.window_s)
             for v in config.versions
@@ -104,11 +125,11 @@ class Router:
             and bucket(user_key, self.config.salt) < self.canary_weight * BUCKETS / 100
         ):
             return Assignment(canary.version, "canary")
-        return Assignment(self.config.stable, "stable")
+        return self.stable
 
     def split(self) -> list[tuple[Assignment, float]]:
         """Each variant `assign` gives out, with the percent of users it gives it to."""
-        shares = [(Assignment(self.config.stable, "stable"), 100.0 - self.canary_weight)]
+        shares = [(self.stable, 100.0 - self.canary_weight)]
         canary = self.config.canary
         if canary is not None:
             shares.append((Assignment(canary.version, "canary"), self.canary_weight))
@@ -119,38 +140,57 @@ class Router:
         user_key: str,
         allowed_views: frozenset[str],
         views_of: dict[str, frozenset[str] | None],
+        region: str | None = None,
     ) -> Assignment | None:
-        """The user's variant if the purpose permits its views, else stable, else an alternate."""
-        return self.answer(self.assign(user_key), allowed_views, views_of)
+        """The user's variant if the purpose permits its views and the region its
+        lineage, else stable, else an alternate."""
+        return self.answer(
+            self.assign(user_key), allowed_views, views_of, self.residency.get(region or "")
+        )
 
     def answer(
         self,
         assigned: Assignment,
         allowed_views: frozenset[str],
         views_of: dict[str, frozenset[str] | None],
+        accepted: frozenset[str] | None = None,
     ) -> Assignment | None:
-        """Who answers a user assigned to `assigned`; promotion checks coverage with it too."""
+        """Who answers a user assigned to `assigned`: the first of it, stable and the
+        alternates that reads only `allowed_views` and is in `accepted` (the versions
+        the request's region accepts; None: no residency rule). Promotion checks
+        coverage with it too."""
 
         def permitted(version: str) -> bool:
+            if accepted is not None and version not in accepted:
+                return False
             views = views_of.get(version)
             return views is None or views <= allowed_views  # unknown views: it fails on load anyway
 
         if permitted(assigned.version):
             return assigned
-        if permitted(self.config.stable):
-            return Assignment(self.config.stable, "stable")
-        for route in self.config.of_role("alternate"):
-            if permitted(route.version):
-                return Assignment(route.version, "alternate")
+        if permitted(self.stable.version):
+            return self.stable
+        for alternate in self.alternates:
+            if permitted(alternate.version):
+                return alternate
         return None
 
     def shadows(
-        self, allowed_views: frozenset[str], views_of: dict[str, frozenset[str] | None]
+        self,
+        allowed_views: frozenset[str],
+        views_of: dict[str, frozenset[str] | None],
+        region: str | None = None,
     ) -> list[str]:
+        """The shadows that may score this request: the purpose permits their views and
+        the region accepts their lineage (a shadow scores the person's data like an
+        answering version does)."""
+        accepted = self.residency.get(region or "")
         return [
-            r.version
-            for r in self.config.of_role("shadow")
-            if (views := views_of.get(r.version)) is not None and views <= allowed_views
+            version
+            for version in self.shadow_versions
+            if (views := views_of.get(version)) is not None
+            and views <= allowed_views
+            and (accepted is None or version in accepted)
         ]
 
     def record(

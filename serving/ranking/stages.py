@@ -297,18 +297,18 @@ class GateStage(Stage):
 
 
 class RouteStage(Stage):
-    """The model version that answers: the person's variant, if the purpose permits its views."""
+    """The model version that answers: the person's variant if the purpose permits its
+    views and the region its training data (residency), else the next that both permit."""
 
     name = "route"
 
     async def run(self, context: RankContext, deadline: Deadline) -> StageResult:
-        models = self.services.models
+        models, router = self.services.models, self.services.router
         decision = context.require_decision()
-        assignment = self.services.router.choose(
-            context.key, decision.allowed_views, models.views_of
-        )
+        region = context.request.region  # residency: its rule's accepted versions
+        assignment = router.choose(context.key, decision.allowed_views, models.views_of, region)
         if assignment is None:
-            return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
+            return self.unrouted(context, decision.allowed_views)
         version = assignment.version
         context.model_ref = ModelRef(name=models.name, version=version, variant=assignment.variant)
         context.model = models.loaded.get(version)
@@ -319,6 +319,16 @@ class RouteStage(Stage):
         if not context.eligible:
             return FINISHED  # nothing may be shown: an empty, personalized answer
         return COMPLETED
+
+    def unrouted(self, context: RankContext, allowed_views: frozenset[str]) -> StageResult:
+        """No version answers: residency if one would without the region's rule, else none."""
+        if self.services.router.choose(context.key, allowed_views, self.services.models.views_of):
+            return StageResult.degraded(  # a decision, like a consent refusal
+                FallbackReason.RESIDENCY,
+                f"residency.{context.request.region} accepts the training data of none of "
+                f"the versions {context.request.purpose} may use here",
+            )
+        return StageResult.degraded(FallbackReason.NO_PERMITTED_MODEL)
 
 
 class FetchStage(Stage):
@@ -332,7 +342,8 @@ class FetchStage(Stage):
         services = self.services
         decision = context.require_decision()
         model_ref, _ = context.require_model()
-        context.shadows = services.router.shadows(decision.allowed_views, services.models.views_of)
+        router, views_of = services.router, services.models.views_of
+        context.shadows = router.shadows(decision.allowed_views, views_of, context.request.region)
         fields = services.fields_for((model_ref.version, *context.shadows))
         try:
             user = await services.fetcher.fetch_user(context.key, fields)

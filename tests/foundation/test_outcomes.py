@@ -58,6 +58,7 @@ def test_decisions_are_not_degraded() -> None:
         FallbackReason.GPC_OBJECTION,
         FallbackReason.TCF_NO_CONSENT,
         FallbackReason.NO_PERMITTED_MODEL,
+        FallbackReason.RESIDENCY,
         FallbackReason.FEATURES_MISSING,
     }
     assert {r for r in FallbackReason if r.model_fault} <= DEGRADED

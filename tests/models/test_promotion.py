@@ -23,17 +23,14 @@ from rankgate.governance.notifications import Notification
 from rankgate.governance.policy import load_policy
 from rankgate.ops.environment import Environment
 from serving.contract.config import Role, RoutingConfig
-from serving.ops.promotion import (
-    Move,
+from serving.ops.coverage import (
     PromotionRefused,
     RoutingChange,
-    RoutingFile,
     coverage,
     permitted_views,
-    plan,
-    rollback_move,
     unserved,
 )
+from serving.ops.promotion import Move, RoutingFile, plan, rollback_move
 from serving.ranking.routing import Router
 from tests.serving_support import SERVE_CONFIG, ingress_user_config, routing
 

@@ -76,6 +76,7 @@ PREPARED_FILES = (
     "item_context.parquet",
     "impressions.parquet",
     "recent_clicks.parquet",
+    "people.parquet",
 )
 # Not an example user: someone else whose events, streaming state and decisions
 # must survive the erasure (erased when the module is done).
@@ -256,6 +257,7 @@ def test_the_person_has_data_everywhere_before(forgotten: Forgotten) -> None:
     assert (before.events - base.events, before.decisions - base.decisions) == (3, 6)
     assert before.streaming_states == 2
     assert before.offline_rows["user_profile"] == before.offline_rows["user_item_affinity"] == 1
+    assert before.offline_rows["people"] == 1  # the made-up region of data_regions
     assert before.offline_rows["impressions"] >= 1
 
 
@@ -267,7 +269,7 @@ def test_the_report_counts_what_was_erased(forgotten: Forgotten) -> None:
         f"1 visitor_profile row, 1 consent record, {before.audit_records} audit records, "
         f"{before.events} events, 2 streaming states, {before.decisions} decisions, "
         f"{sum(offline.values())} offline rows (impressions {offline['impressions']}, "
-        "user_item_affinity 1, user_profile 1)\n"
+        "people 1, user_item_affinity 1, user_profile 1)\n"
     )
     assert forgotten.person not in forgotten.output and key not in forgotten.output
 

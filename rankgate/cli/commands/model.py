@@ -25,8 +25,10 @@ from rankgate.cli.render import echo_lines, echo_table, fails_cleanly, say
 from rankgate.core.errors import RankgateError
 from rankgate.ops.models import (
     MODEL_TABLE_HEADER,
+    DeclaredData,
     add_drift_reference,
     add_item_embeddings,
+    add_lineage,
     list_models,
     register_model,
     train_model,
@@ -103,6 +105,34 @@ def model_train(
     help="The times of the rows it learned from: two ISO 8601 times (UTC without an offset); "
     "`model evaluate` warns when they overlap the slots it evaluates on.",
 )
+@click.option(
+    "--data-regions",
+    default=None,
+    metavar="EU,US",
+    help="The regions of the people in its training data (its lineage): residency rules "
+    "in policy.yaml decide by them which requests it may answer. Without it: no lineage "
+    "recorded, and no region with a residency rule accepts it.",
+)
+@click.option(
+    "--cleared-for-transfer",
+    default=None,
+    metavar="US",
+    help="Of --data-regions, those whose people's data was cleared for transfer to other regions.",
+)
+@click.option(
+    "--training-rows",
+    type=int,
+    default=None,
+    help="How many rows it learned from (with --data-regions).",
+)
+@click.option(
+    "--data-file",
+    "data_files",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A table it was trained on (repeat for each): its sha256, read in chunks, goes "
+    "into the lineage (with --data-regions).",
+)
 @fails_cleanly
 def model_register(
     version: str,
@@ -112,12 +142,23 @@ def model_register(
     metrics_path: Path | None,
     item_embeddings: Path | None,
     trained_on: str | None,
+    data_regions: str | None,
+    cleared_for_transfer: str | None,
+    training_rows: int | None,
+    data_files: tuple[Path, ...],
 ) -> None:
     """Register a ranker trained anywhere as VERSION, after checking it against the
     project's Feast registry; registered versions are never overwritten."""
     echo_lines(
         register_model(
-            version, onnx_path, features_path, booster, metrics_path, item_embeddings, trained_on
+            version,
+            onnx_path,
+            features_path,
+            booster,
+            metrics_path,
+            item_embeddings,
+            trained_on,
+            DeclaredData(data_regions, cleared_for_transfer, training_rows, list(data_files)),
         ).lines()
     )
 
@@ -146,6 +187,17 @@ def model_retrieval(version: str, item_embeddings: Path | None) -> None:
     requests without candidates (docs/retrieval.md): distilled from its ranker on the
     project's interaction log; added to its manifest with its hash."""
     click.echo(add_item_embeddings(version, item_embeddings))
+
+
+@click.command("lineage")
+@click.argument("version")
+@fails_cleanly
+def model_lineage(version: str) -> None:
+    """Give VERSION, trained by `model train` before lineage existed, its lineage (the
+    regions of the people in its training data, its rows, its input tables' sha256),
+    read from the project's interaction log once its rows are shown to be the ones it
+    was trained on (the training matrix's fingerprint)."""
+    click.echo(add_lineage(version))
 
 
 @click.command("validate")
@@ -179,6 +231,7 @@ for command in (
     model_register,
     model_reference,
     model_retrieval,
+    model_lineage,
     model_validate,
     model_list,
     model_promote,

@@ -118,6 +118,14 @@ def outcomes_unjoined(namespace: str) -> str:
     return f"{namespace}:outcomes_unjoined"
 
 
+def retention_lease(namespace: str) -> str:
+    return f"{namespace}:retention:lease"
+
+
+def retention_cursor(namespace: str, kind: str) -> str:
+    return f"{namespace}:retention:cursor:{kind}"
+
+
 def setup_marker(namespace: str, step: str) -> str:
     return f"{namespace}:setup:{step}"
 
@@ -156,7 +164,8 @@ AUDIT = RedisKey(
     audit(NS),
     "stream",
     "every ranking decision (`serving/observe/audit.py`)",
-    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records`",
+    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records` and by the "
+    "policy's `retention`",
     personal=True,
 )
 FEAST_ROWS = RedisKey(
@@ -265,7 +274,8 @@ OUTCOMES = RedisKey(
     outcomes(NS, "<version>", "<variant>"),
     "hash",
     "the event consumer, joining outcomes to decisions",
-    "impressions, clicks, conversions (in total and per position), decisions with outcomes",
+    "impressions, clicks, conversions (in total and per position), decisions with outcomes, "
+    "`at`: when the latest was counted (retention)",
     personal=False,
 )
 OUTCOMES_UNJOINED = RedisKey(
@@ -273,6 +283,21 @@ OUTCOMES_UNJOINED = RedisKey(
     "hash",
     "the event consumer, for outcomes no decision takes",
     "`<outcome>:<reason>` (unknown_request, item_not_shown, other_user, no_request_id) -> count",
+    personal=False,
+)
+RETENTION_LEASE = RedisKey(
+    retention_lease(NS),
+    "string",
+    "the retention job of a serving replica (`serving/observe/retention.py`)",
+    "the name of the replica that runs the policy's retention this interval (expires)",
+    personal=False,
+)
+RETENTION_CURSOR = RedisKey(
+    retention_cursor(NS, "<kind>"),
+    "string",
+    "the retention job",
+    "the stream id up to which a kind kept inside another's records (`sampled_explanations` "
+    "in the audit stream) has been checked",
     personal=False,
 )
 KEYS = (
@@ -295,6 +320,8 @@ KEYS = (
     DECISIONS,
     OUTCOMES,
     OUTCOMES_UNJOINED,
+    RETENTION_LEASE,
+    RETENTION_CURSOR,
 )
 
 

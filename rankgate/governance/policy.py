@@ -14,6 +14,7 @@ from rankgate.core.config_files import Strict, load_yaml_model, parse_yaml_model
 from rankgate.core.errors import ConfigError
 from rankgate.core.project import ItemId
 from rankgate.core.settings import get_project
+from rankgate.governance.retention import RetentionRules
 
 
 def policy_dir() -> Path:
@@ -137,6 +138,9 @@ class Policy(Strict):
     purposes: dict[str, Purpose] = Field(min_length=1)
     item_rules: list[ItemRule] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
+    retention: RetentionRules = Field(default_factory=RetentionRules)
+    """How long each kind of record lives, in days (rankgate/governance/retention.py);
+    a kind not stated is kept as long as the serving config's count caps allow."""
 
     @model_validator(mode="after")
     def _signals_name_known_purposes(self) -> Policy:

@@ -319,6 +319,22 @@ class DriftConfig(Strict):
     metrics and writes the figures to Redis (for `rankgate model status`)."""
 
 
+class RetentionJobConfig(Strict):
+    """The job that enforces the policy's `retention` (serving/observe/retention.py):
+    one replica at a time runs it, every `interval_s`, in bounded batches."""
+
+    enabled: bool = True
+    """Off: nothing is removed by age (the count caps still hold)."""
+    interval_s: float = Field(3600.0, ge=1, le=7 * 24 * 3600)
+    """How often the job runs; a record lives at most its limit plus this long."""
+    batch: int = Field(10_000, ge=1000, le=100_000)
+    """Records removed (or keys examined) per Redis call. For streams it must exceed
+    the server's `stream-node-max-entries` (100 by default): trimming removes whole
+    nodes, and a limit below a node's size removes nothing."""
+    pause_s: float = Field(0.001, ge=0, le=1)
+    """Pause between two batches: serving's Redis calls and the event loop go first."""
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "retrieve", "score", "explain"],
@@ -346,3 +362,4 @@ class ServingConfig(Strict):
     events: EventLimits = EventLimits()
     promotion: PromotionConfig = PromotionConfig()
     drift: DriftConfig = DriftConfig()
+    retention: RetentionJobConfig = RetentionJobConfig()

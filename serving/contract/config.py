@@ -327,7 +327,7 @@ class RetentionJobConfig(Strict):
     """Off: nothing is removed by age (the count caps still hold)."""
     interval_s: float = Field(3600.0, ge=1, le=7 * 24 * 3600)
     """How often the job runs; a record lives at most its limit plus this long."""
-    batch: int = Field(10_000, ge=1000, le=100_000)
+    batch: int = Field(2000, ge=1000, le=100_000)
     """Records removed (or keys examined) per Redis call. For streams it must exceed
     the server's `stream-node-max-entries` (100 by default): trimming removes whole
     nodes, and a limit below a node's size removes nothing."""

@@ -4,13 +4,14 @@ The policy's `retention` (rankgate/governance/retention.py) says how long each k
 of record lives. Each serving replica runs `RetentionJob` as a background task of
 its event loop; only the replica holding the lease runs a round:
 
-    redis_keys.retention_lease(ns)         SET NX PX interval: who runs this interval
+    redis_keys.retention_lease(ns)         SET NX PX: the replica that runs the rounds
     redis_keys.retention_cursor(ns, kind)  how far the audit stream has been checked
                                            for sampled explanations
 
 so one round runs per `retention.interval_s` whatever the number of replicas and
-nodes, with nothing for the operator to schedule. A round longer than the interval
-renews the lease as it goes.
+nodes, with nothing for the operator to schedule. The holder renews the lease (two
+intervals long) each round and between batches; when it stops, another replica
+takes over within two intervals. A new config or policy starts a round at once.
 
 Each kind is removed in bounded batches, with a pause (`retention.pause_s`) between
 two Redis calls, so that no call holds the server for long and serving's calls
@@ -171,7 +172,7 @@ class Trimmer:
     `rankgate privacy retention` share it."""
 
     def __init__(
-        self, client: AsyncRedisClient, namespace: str, batch: int = 10_000, pause_s: float = 0.0
+        self, client: AsyncRedisClient, namespace: str, batch: int = 2000, pause_s: float = 0.0
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -362,6 +363,10 @@ def min_time(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+def lease_ms(interval_s: float) -> int:
+    return max(int(2 * interval_s * 1000), 2000)
+
+
 class RetentionJob:
     """Runs the policy's retention every interval on the replica that holds the lease."""
 
@@ -378,6 +383,7 @@ class RetentionJob:
         """Called with each failure (after it is logged and counted): where a
         notification of retention failures is sent from."""
         self.task: asyncio.Task[None] | None = None
+        self.wakeup = asyncio.Event()
         self.reported: set[str] = set()
         """Kinds whose oldest-age gauge this replica set (removed when another runs)."""
         self.last: dict[RecordKind, KindResult] = {}
@@ -389,7 +395,11 @@ class RetentionJob:
     ) -> None:
         """Run from now on, with the policy and config current at each round."""
         if self.task is None or self.task.done():
+            self.wakeup = asyncio.Event()
             self.task = asyncio.get_running_loop().create_task(self._forever(rules, config))
+        else:
+            # A new config or policy: a round now, then at the (maybe new) interval.
+            self.wakeup.set()
 
     async def _forever(
         self, rules: Callable[[], RetentionRules], config: Callable[[], RetentionJobConfig]
@@ -406,7 +416,9 @@ class RetentionJob:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     self.failed("lease", exc)
-            await asyncio.sleep(settings.interval_s)
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), settings.interval_s)
 
     async def close(self) -> None:
         if self.task is not None:
@@ -415,10 +427,13 @@ class RetentionJob:
                 await self.task
 
     async def take_lease(self, interval_s: float) -> bool:
-        """The right to run this interval: held until it expires (not released), so
-        that the other replicas skip the interval."""
-        ms = max(int(interval_s * 1000), 1000)
-        return bool(await self.client.set(self.lease_key, self.name, nx=True, px=ms))
+        """The right to run rounds: taken when free (`SET NX PX`), renewed by its holder
+        each round, for two intervals, so one replica keeps running the job and
+        another takes over within two intervals of its end."""
+        ms = lease_ms(interval_s)
+        if await self.client.set(self.lease_key, self.name, nx=True, px=ms):
+            return True
+        return bool(await self.renew_script(keys=[self.lease_key], args=[self.name, ms]))
 
     # -- one round -----------------------------------------------------------------
 
@@ -433,10 +448,10 @@ class RetentionJob:
         kind's failure reported and the others done all the same."""
         settings = settings or RetentionJobConfig()
         trimmer = Trimmer(self.client, self.namespace, settings.batch, settings.pause_s)
-        lease_ms = max(int(settings.interval_s * 1000), 1000)
+        ms = lease_ms(settings.interval_s)
 
         async def renew() -> None:
-            await self.renew_script(keys=[self.lease_key], args=[self.name, lease_ms])
+            await self.renew_script(keys=[self.lease_key], args=[self.name, ms])
 
         trimmer.between = renew
         started = time.perf_counter()

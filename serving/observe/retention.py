@@ -17,14 +17,15 @@ Each kind is removed in bounded batches, with a pause (`retention.pause_s`) betw
 two Redis calls, so that no call holds the server for long and serving's calls
 and the event loop go first:
 
-- streams (decision audit, events): `XTRIM MINID ~ <cutoff> LIMIT <batch>` until it
-  removes nothing (whole stream nodes, cheap), then one exact `XTRIM MINID`, which
+- streams (decision audit, events): `XTRIM MINID ~ <cutoff> LIMIT <n>` until it
+  removes nothing (whole stream nodes; n starts at `batch` and halves while a call
+  takes over 2 ms, for streams of large entries), then one exact `XTRIM MINID`, which
   removes what is left before the cutoff in the first node (at most a node's
   entries). An entry's time is its stream id's, the server's clock when it was
   written (an audit record is written milliseconds after its decision: never
   removed early).
 - sampled explanations, kept inside audit records: the records from the cursor to
-  the cutoff are read (`XRANGE`, `batch / 100` at a time: records are kilobytes),
+  the cutoff are read (`XRANGE`, `batch / 20` at a time: records are kilobytes),
   those carrying a sampled explanation are deleted (`XDEL`), the cursor moves on.
 - keyed records (decision index, outcome counters, consent imports, drift figures):
   `SCAN` in batches; per key a script compares the key's time field with the
@@ -53,6 +54,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
@@ -88,8 +91,14 @@ KEYED_KINDS: dict[RecordKind, KeyedKind] = {
     "drift_windows": KeyedKind(lambda ns: redis_keys.drift(ns, "*"), "at"),
 }
 SAMPLED: RecordKind = "sampled_explanations"
-RECORD_BYTES = 100
+RECORD_BYTES = 20
 """Audit records are kilobytes: a read of them takes `batch / RECORD_BYTES` at a time."""
+CALL_TARGET_S = 0.002
+"""What one trimming call should take at most (measured by the client, so an upper
+bound of the server's time)."""
+MIN_TRIM = 200
+"""The fewest entries a trimming call may remove: more than a stream node holds
+(`stream-node-max-entries`, 100 by default), or it would remove nothing."""
 CLUSTER_SCRIPT_CONCURRENCY = 64
 """Scripts in flight at once on a Redis Cluster (scripts cannot be pipelined there)."""
 PROBE_RECORDS = 10_000
@@ -205,15 +214,22 @@ class Trimmer:
         """Entries of stream `key` written before `cutoff` (Unix s) removed."""
         minid = f"{int(cutoff * 1000)}-0"
         removed = 0
+        # Entries per call adapt to their size: a call that took long removes half as
+        # many next time (audit records are kilobytes, events a hundred bytes).
+        limit = self.batch
         while True:
+            started = time.perf_counter()
             n = int(
-                await self._call(
-                    self.client.xtrim(key, minid=minid, approximate=True, limit=self.batch)
-                )
+                await self._call(self.client.xtrim(key, minid=minid, approximate=True, limit=limit))
             )
+            took = time.perf_counter() - started
             removed += n
             if n == 0:
                 break
+            if took > CALL_TARGET_S:
+                limit = max(limit // 2, MIN_TRIM)
+            elif took < CALL_TARGET_S / 4:
+                limit = min(limit * 2, self.batch)
             await self._pause()
         # What is left before the cutoff shares the first node with younger entries.
         removed += int(await self._call(self.client.xtrim(key, minid=minid, approximate=False)))
@@ -309,6 +325,7 @@ class Trimmer:
 
             replies = await self._call(asyncio.gather(*(drop(key) for key in keys)))
         else:
+            assert isinstance(self.client, aioredis.Redis)
             async with self.client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     await self.drop_script(keys=[key], args=args, client=pipe)
@@ -498,7 +515,9 @@ class RetentionJob:
 
     def failed(self, kind: str, exc: BaseException) -> None:
         """A failure: logged, counted, and handed to each `on_failure` function."""
-        failure = RetentionFailure(kind, f"{type(exc).__name__}: {exc}", self.namespace, time.time())
+        failure = RetentionFailure(
+            kind, f"{type(exc).__name__}: {exc}", self.namespace, time.time()
+        )
         logger.error("retention of %s failed: %s", kind, failure.error)
         if self.metrics is not None:
             self.metrics.retention_failures.labels(kind).inc()

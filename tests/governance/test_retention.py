@@ -152,7 +152,7 @@ def test_keyed_records_older_than_their_limit_are_removed_and_the_rest_kept(
     namespace: str,
 ) -> None:
     client = connect(resolve_redis_url())
-    iso = lambda age: datetime.fromtimestamp(NOW - age, UTC).isoformat()  # noqa: E731
+    iso = lambda age: datetime.fromtimestamp(NOW - age, UTC).isoformat()
     day = DAY_S
     for n, age in enumerate([40 * day, 10 * day, 1 * day]):
         client.hset(redis_keys.decision(namespace, f"r{n}"), mapping={"u": "k", "at": NOW - age})
@@ -164,9 +164,7 @@ def test_keyed_records_older_than_their_limit_are_removed_and_the_rest_kept(
     # Kept whatever their age: counters from before `at` existed, an unfinished import.
     client.hset(redis_keys.outcomes(namespace, "old", "stable"), "clicks", 3)
     client.hset(redis_keys.consent_import(namespace, "running"), "rows_done", 10)
-    rules = RetentionRules(
-        decision_index=5, outcomes=30, consent_history=20, drift_windows=0.5
-    )
+    rules = RetentionRules(decision_index=5, outcomes=30, consent_history=20, drift_windows=0.5)
 
     async def enforce(client: Any) -> Any:
         trimmer = Trimmer(client, namespace, batch=1000)
@@ -274,3 +272,35 @@ def test_one_replica_runs_a_round_per_interval_measured_and_a_failing_kind_is_re
     assert f'rankgate_retention_oldest_age_seconds{{kind="events"}} {2 * DAY_S}' in exposition
     assert 'rankgate_retention_failures_total{kind="decision_audit"} 1.0' in exposition
     assert set(results) == set(KINDS)  # the other kinds were done all the same
+
+
+# -- the report ------------------------------------------------------------------
+
+
+def test_the_report_sets_each_kinds_oldest_against_its_limit() -> None:
+    from rankgate.ops.retention import statuses
+
+    rules = RetentionRules(decision_audit=2, events=10)
+    oldest = dict.fromkeys(KINDS, None) | {"decision_audit": NOW - 3 * DAY_S, "events": NOW - DAY_S}
+    found = {s.kind: s for s in statuses(rules, oldest, NOW)}  # type: ignore[arg-type]
+    assert found["decision_audit"].over_limit and found["decision_audit"].age_days == 3
+    assert not found["events"].over_limit and found["events"].limit_days == 10
+    assert found["outcomes"].limit_days is None and found["outcomes"].age_days is None
+
+
+def test_privacy_retention_reads_redis_and_the_policy(session_home: Home, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rankgate.cli.main import main
+
+    shown = CliRunner().invoke(main, ["privacy", "retention", "--json", str(EXAMPLE_POLICIES)])
+    assert shown.exit_code == 0, shown.output
+    figures = json.loads(shown.output)
+    assert [f["kind"] for f in figures] == list(KINDS)
+    assert figures[0]["limit_days"] == 365 and "<ns>:audit" in figures[0]["where"]
+    table = CliRunner().invoke(main, ["privacy", "retention", str(EXAMPLE_POLICIES)])
+    assert table.exit_code == 0 and all(kind in table.output for kind in KINDS)
+    refused = CliRunner().invoke(
+        main, ["privacy", "retention", str(policy_with(tmp_path, {"events": -1}))]
+    )
+    assert refused.exit_code != 0 and "'retention.events'" in refused.output

@@ -118,8 +118,9 @@ def test_an_audit_record_older_than_its_retention_is_gone_after_the_job_runs_and
     assert time.time() - int(oldest.split(b"-")[0]) / 1000 < RETENTION_S + 2
     samples = metrics_when(
         server,
-        lambda s: total(s, "rankgate_retention_removed_total", kind="decision_audit")
-        > removed_before,
+        lambda s: (
+            total(s, "rankgate_retention_removed_total", kind="decision_audit") > removed_before
+        ),
     )
     assert total(samples, "rankgate_retention_removed_total", kind="decision_audit") > 0
     assert total(samples, "rankgate_retention_oldest_age_seconds", kind="decision_audit") < (

@@ -95,8 +95,12 @@ def privacy_retention(folder: Path | None, as_json: bool) -> None:
 
 
 def days(value: float) -> str:
-    return f"{value:.0f} d" if value >= 10 else f"{value:.2f} d" if value >= 0.01 else (
-        f"{value * 86_400:.0f} s"
+    return (
+        f"{value:.0f} d"
+        if value >= 10
+        else f"{value:.2f} d"
+        if value >= 0.01
+        else (f"{value * 86_400:.0f} s")
     )
 
 

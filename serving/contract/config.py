@@ -328,7 +328,8 @@ class RetentionJobConfig(Strict):
     interval_s: float = Field(3600.0, ge=1, le=7 * 24 * 3600)
     """How often the job runs; a record lives at most its limit plus this long."""
     batch: int = Field(2000, ge=1000, le=100_000)
-    """Records removed (or keys examined) per Redis call. For streams it must exceed
+    """Most stream entries one Redis call removes (fewer for large entries: a call
+    aims at 2 ms), and most keys one SCAN call looks at (up to 1,000). It must exceed
     the server's `stream-node-max-entries` (100 by default): trimming removes whole
     nodes, and a limit below a node's size removes nothing."""
     pause_s: float = Field(0.001, ge=0, le=1)

@@ -28,9 +28,9 @@ and the event loop go first:
   the cutoff are read (`XRANGE`, `batch / 20` at a time: records are kilobytes),
   those carrying a sampled explanation are deleted (`XDEL`), the cursor moves on.
 - keyed records (decision index, outcome counters, consent imports, drift figures):
-  `SCAN` in batches; per key a script compares the key's time field with the
-  cutoff and removes it when older, in one step (a counter that counts an outcome
-  meanwhile is never removed with it).
+  `SCAN` (1,000 slots a call); a script takes 250 keys at a time, compares each
+  key's time field with the cutoff and removes it when older, in one step (a
+  counter that counts an outcome meanwhile is never removed with it).
 
 Each round measures: records removed per kind (a counter), the age of each kind's
 oldest record (a gauge; for keyed kinds only when a limit is stated, since it
@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
 
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
@@ -99,31 +98,35 @@ bound of the server's time)."""
 MIN_TRIM = 200
 """The fewest entries a trimming call may remove: more than a stream node holds
 (`stream-node-max-entries`, 100 by default), or it would remove nothing."""
+SCAN_COUNT = 1000
+"""Slots one SCAN call looks at, at most."""
+KEYS_PER_CALL = 250
+"""Keyed records one script call examines (a few microseconds each)."""
 CLUSTER_SCRIPT_CONCURRENCY = 64
 """Scripts in flight at once on a Redis Cluster (scripts cannot be pipelined there)."""
 PROBE_RECORDS = 10_000
 """How far past the cursor the oldest sampled explanation is looked for (report)."""
 
-# KEYS[1]: a record's hash; ARGV: its time field, the cutoff, "iso" or "number". The
-# hash is removed when its time is before the cutoff, in the same step as the check.
-# Returns {removed (0/1), its time or ""}: a hash without the field (written before it
-# existed, or an import that has not finished) is kept.
+# KEYS: records' hashes; ARGV: their time field, the cutoff ("": only measure), "iso"
+# or "n". A hash whose time is before the cutoff is removed, in the same step as the
+# check. Returns {removed, the oldest time left or ""}: a hash without the field
+# (written before it existed, or an import that has not finished) is kept.
 DROP_IF_OLDER = """
-local at = redis.call('HGET', KEYS[1], ARGV[1])
-if not at then return {0, ''} end
-local older
-if ARGV[3] == 'iso' then
-  older = at < ARGV[2]
-else
-  local t = tonumber(at)
-  if not t then return {0, ''} end
-  older = t < tonumber(ARGV[2])
+local field, cutoff, iso = ARGV[1], ARGV[2], ARGV[3] == 'iso'
+local removed, oldest, oldest_t = 0, '', nil
+for _, key in ipairs(KEYS) do
+  local at = redis.call('HGET', key, field)
+  local t = at and (iso and at or tonumber(at))
+  if t then
+    if cutoff ~= '' and ((iso and t < cutoff) or (not iso and t < tonumber(cutoff))) then
+      redis.call('UNLINK', key)
+      removed = removed + 1
+    elseif oldest_t == nil or t < oldest_t then
+      oldest_t, oldest = t, at
+    end
+  end
 end
-if older then
-  redis.call('UNLINK', KEYS[1])
-  return {1, at}
-end
-return {0, at}
+return {removed, oldest}
 """
 # Renew the lease when it is ours. KEYS: lease; ARGV: name, ms.
 RENEW = """
@@ -292,9 +295,9 @@ class Trimmer:
         pattern = kind.pattern(self.pattern_ns)
         removed, oldest = 0, None
         keys: list[Any] = []
-        async for key in self.client.scan_iter(match=pattern, count=self.batch):
+        async for key in self.client.scan_iter(match=pattern, count=min(self.batch, SCAN_COUNT)):
             keys.append(key)
-            if len(keys) >= self.batch:
+            if len(keys) >= KEYS_PER_CALL:
                 r, o = await self._examine(kind, keys, cutoff)
                 removed, oldest = removed + r, min_time(oldest, o)
                 keys = []
@@ -307,16 +310,11 @@ class Trimmer:
     async def _examine(
         self, kind: KeyedKind, keys: list[Any], cutoff: float | None
     ) -> tuple[int, float | None]:
-        if cutoff is None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hget(key, kind.field)
-                times = await self._call(pipe.execute())
-            found = [parse_time(t, kind.iso) if t is not None else None for t in times]
-            return 0, min((t for t in found if t is not None), default=None)
-        args = [kind.field, cutoff_arg(cutoff, kind.iso), "iso" if kind.iso else "n"]
+        args = [kind.field, "" if cutoff is None else cutoff_arg(cutoff, kind.iso)]
+        args.append("iso" if kind.iso else "n")
         if self.cluster:
-            # A cluster runs scripts one by one (not in a pipeline): a few at a time.
+            # A cluster runs a script on keys of one slot, not in a pipeline: a key a
+            # call, a few calls at a time.
             limit = asyncio.Semaphore(CLUSTER_SCRIPT_CONCURRENCY)
 
             async def drop(key: Any) -> Any:
@@ -325,16 +323,13 @@ class Trimmer:
 
             replies = await self._call(asyncio.gather(*(drop(key) for key in keys)))
         else:
-            assert isinstance(self.client, aioredis.Redis)
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    await self.drop_script(keys=[key], args=args, client=pipe)
-                replies = await self._call(pipe.execute())
+            # One call for the batch: the replica's event loop encodes and parses one
+            # command, not one per key.
+            replies = [await self._call(self.drop_script(keys=keys, args=args))]
         removed, oldest = 0, None
         for gone, at in replies:
             removed += int(gone)
-            if not int(gone):
-                oldest = min_time(oldest, parse_time(at, kind.iso))
+            oldest = min_time(oldest, parse_time(at, kind.iso))
         return removed, oldest
 
     # -- one kind -----------------------------------------------------------------

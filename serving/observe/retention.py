@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-
 from rankgate.core import redis_keys
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
 from rankgate.governance.retention import KINDS, RecordKind, RetentionRules

@@ -99,7 +99,7 @@ MIN_TRIM = 200
 (`stream-node-max-entries`, 100 by default), or it would remove nothing."""
 SCAN_COUNT = 1000
 """Slots one SCAN call looks at, at most."""
-KEYS_PER_CALL = 250
+KEYS_PER_CALL = 100
 """Keyed records one script call examines (a few microseconds each)."""
 CLUSTER_SCRIPT_CONCURRENCY = 64
 """Scripts in flight at once on a Redis Cluster (scripts cannot be pipelined there)."""

@@ -391,8 +391,9 @@ class RetentionJob:
         self.lease_key = redis_keys.retention_lease(namespace)
         self.renew_script = register_async_script(client, RENEW)
         self.on_failure: list[Callable[[RetentionFailure], None]] = []
-        """Called with each failure (after it is logged and counted): where a
-        notification of retention failures is sent from."""
+        """Called with each failure (after it is logged and counted), on the event
+        loop: where a notification of retention failures is sent from. A hook must
+        return at once (queue what it sends); one that raises is logged and skipped."""
         self.task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.reported: set[str] = set()

@@ -304,3 +304,35 @@ def test_privacy_retention_reads_redis_and_the_policy(session_home: Home, tmp_pa
         main, ["privacy", "retention", str(policy_with(tmp_path, {"events": -1}))]
     )
     assert refused.exit_code != 0 and "'retention.events'" in refused.output
+
+
+def test_the_job_runs_on_the_lease_holder_and_a_redeploy_starts_a_round(namespace: str) -> None:
+    import time
+
+    key = redis_keys.events(namespace)
+    now = time.time()
+    client = connect(resolve_redis_url())
+    client.xadd(key, {"n": "old"}, id=f"{int((now - 2 * DAY_S) * 1000)}-0")
+    client.xadd(key, {"n": "new"}, id=f"{int(now * 1000)}-0")
+    current = {"rules": RetentionRules()}
+    config = RetentionJobConfig(interval_s=3600, pause_s=0)
+
+    async def replicas(client: Any) -> Any:
+        holder, other = RetentionJob(client, namespace), RetentionJob(client, namespace)
+        for job in (holder, other):
+            job.keep_running(lambda: current["rules"], lambda: config)
+            await asyncio.sleep(0.2)  # the first round: nothing stated, nothing removed
+        first = connect(resolve_redis_url()).xlen(key)
+        current["rules"] = RetentionRules(events=1)
+        for job in (holder, other):  # what a reconfigure does on each replica
+            job.keep_running(lambda: current["rules"], lambda: config)
+        await asyncio.sleep(0.3)
+        rounds = (holder.last, other.last)
+        for job in (holder, other):
+            await job.close()
+        return first, rounds
+
+    first, (holder, other) = run(with_client(replicas))
+    assert first == 2
+    assert holder["events"].removed == 1 and other == {}  # only the holder ran
+    assert [f[b"n"] for _, f in client.xrange(key)] == [b"new"]

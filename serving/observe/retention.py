@@ -28,7 +28,7 @@ and the event loop go first:
   the cutoff are read (`XRANGE`, `batch / 20` at a time: records are kilobytes),
   those carrying a sampled explanation are deleted (`XDEL`), the cursor moves on.
 - keyed records (decision index, outcome counters, consent imports, drift figures):
-  `SCAN` (1,000 slots a call); a script takes 250 keys at a time, compares each
+  `SCAN` (1,000 slots a call); a script takes 50 keys at a time, compares each
   key's time field with the cutoff and removes it when older, in one step (a
   counter that counts an outcome meanwhile is never removed with it).
 
@@ -99,7 +99,7 @@ MIN_TRIM = 200
 (`stream-node-max-entries`, 100 by default), or it would remove nothing."""
 SCAN_COUNT = 1000
 """Slots one SCAN call looks at, at most."""
-KEYS_PER_CALL = 100
+KEYS_PER_CALL = 50
 """Keyed records one script call examines (a few microseconds each)."""
 CLUSTER_SCRIPT_CONCURRENCY = 64
 """Scripts in flight at once on a Redis Cluster (scripts cannot be pipelined there)."""

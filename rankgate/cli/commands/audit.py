@@ -95,13 +95,12 @@ def privacy_retention(folder: Path | None, as_json: bool) -> None:
 
 
 def days(value: float) -> str:
-    return (
-        f"{value:.0f} d"
-        if value >= 10
-        else f"{value:.2f} d"
-        if value >= 0.01
-        else (f"{value * 86_400:.0f} s")
-    )
+    """Days as people read them: whole days, hundredths below ten, seconds below a quarter hour."""
+    if value >= 10 or value == int(value):
+        return f"{value:.0f} d"
+    if value >= 0.01:
+        return f"{value:.2f} d"
+    return f"{value * 86_400:.0f} s"
 
 
 @privacy.group("demo-consent")

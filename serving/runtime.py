@@ -60,7 +60,13 @@ from rankgate.core.settings import Settings, get_project, get_settings
 from rankgate.governance.consent import AsyncConsentStore
 from rankgate.governance.policy import Policy, PolicySet, load_policy_set
 from rankgate.governance.residency import permitted_versions
-from serving.contract.config import AuditConfig, BatchingConfig, PolicyConfig, ServingConfig
+from serving.contract.config import (
+    AuditConfig,
+    BatchingConfig,
+    PolicyConfig,
+    RetentionJobConfig,
+    ServingConfig,
+)
 from serving.observe.audit import AuditWriter
 from serving.observe.canary import CanaryWatch
 from serving.observe.decisions import DecisionRecorder
@@ -68,6 +74,7 @@ from serving.observe.drift import DriftMonitor, VersionInputs
 from serving.observe.metrics import ServingMetrics
 from serving.observe.notifier import Notifier, resolve_webhooks
 from serving.observe.outcomes import project_outcomes
+from serving.observe.retention import RetentionJob
 from serving.observe.routing_log import RoutingLog
 from serving.ranking.explainer import Explainer, ReasonTemplates, load_reason_templates
 from serving.ranking.fallback import RuleFallback
@@ -81,6 +88,8 @@ from serving.ranking.shadows import ShadowScorer
 from serving.ranking.stages import STAGES, ScoreFn, Services
 
 logger = logging.getLogger("ray.serve")
+RETENTION_SOCKET_TIMEOUT_S = 10.0
+"""The retention job's calls are short (bounded batches); a stalled server fails them."""
 
 
 def parse_config(user_config: dict[str, Any], store: ModelStore | None = None) -> ServingConfig:
@@ -229,6 +238,20 @@ class ReplicaRuntime:
         return DecisionRecorder(audit, self.metrics)
 
     @cached_property
+    def retention(self) -> RetentionJob:
+        """One per replica; the one holding the lease runs each round. Its own client:
+        serving's calls never wait for a connection the job holds."""
+        client = connect_async(
+            self.redis_url,
+            socket_timeout=RETENTION_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SERVING_CONNECT_TIMEOUT_S,
+        )
+        return RetentionJob(client, self.home.namespace, self.metrics)
+
+    def retention_config(self) -> RetentionJobConfig:
+        return self.serving.config.retention if self.serving is not None else RetentionJobConfig()
+
+    @cached_property
     def templates(self) -> ReasonTemplates:
         return load_reason_templates(self.project.policies / "reasons.yaml")
 
@@ -279,6 +302,9 @@ class ReplicaRuntime:
         self.watch_drift(config, models)
         self.drift.keep_fresh(self.redis, self.home.namespace)
         await self.notifier.use(config.notifications, webhooks)
+        # Each round reads the policy and config current then (a redeploy applies to
+        # the next round; a refused one leaves the running policy's rules in force).
+        self.retention.keep_running(lambda: self.policy.retention, self.retention_config)
         pipeline.canary.publish_weight()
         # What the replica holds now (Ray, Feast, models, the item table) lives until
         # the next reconfigure: out of the collector's sight, a full collection scans
@@ -462,13 +488,18 @@ class ReplicaRuntime:
     # -- close ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Write the queued records, stop the drift refresher and the notifier, close Redis."""
+        """Write the queued records, stop the drift refresher, the notifier and the
+        retention job, close Redis."""
         if "recorder" in self.__dict__:
             await self.recorder.audit.close()
         if "notifier" in self.__dict__:
             await self.notifier.close()
         if "drift" in self.__dict__ and self.drift.refresher is not None:
             self.drift.refresher.cancel()
+        if "retention" in self.__dict__:
+            await self.retention.close()
+            with contextlib.suppress(Exception):
+                await self.retention.client.aclose()
         if self.serving is not None:
             for task in list(self.serving.pipeline.canary.background):
                 task.cancel()

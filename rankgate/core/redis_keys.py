@@ -122,6 +122,14 @@ def outcomes_unjoined(namespace: str) -> str:
     return f"{namespace}:outcomes_unjoined"
 
 
+def retention_lease(namespace: str) -> str:
+    return f"{namespace}:retention:lease"
+
+
+def retention_cursor(namespace: str, kind: str) -> str:
+    return f"{namespace}:retention:cursor:{kind}"
+
+
 def setup_marker(namespace: str, step: str) -> str:
     return f"{namespace}:setup:{step}"
 
@@ -176,7 +184,8 @@ AUDIT = RedisKey(
     audit(NS),
     "stream",
     "every ranking decision (`serving/observe/audit.py`)",
-    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records`",
+    "one `AuditRecord` (JSON) per decision, trimmed to `audit.max_records` and by the "
+    "policy's `retention`",
     personal=True,
 )
 FEAST_ROWS = RedisKey(
@@ -294,7 +303,8 @@ OUTCOMES = RedisKey(
     outcomes(NS, "<version>", "<variant>"),
     "hash",
     "the event consumer, joining outcomes to decisions",
-    "impressions, clicks, conversions (in total and per position), decisions with outcomes",
+    "impressions, clicks, conversions (in total and per position), decisions with outcomes, "
+    "`at`: when the latest was counted (retention)",
     personal=False,
 )
 OUTCOMES_UNJOINED = RedisKey(
@@ -336,6 +346,21 @@ NOTIFICATION_ONCE = RedisKey(
     "a notification of that topic was published; expires after the period",
     personal=False,
 )
+RETENTION_LEASE = RedisKey(
+    retention_lease(NS),
+    "string",
+    "the retention job of a serving replica (`serving/observe/retention.py`)",
+    "the name of the replica that runs the policy's retention this interval (expires)",
+    personal=False,
+)
+RETENTION_CURSOR = RedisKey(
+    retention_cursor(NS, "<kind>"),
+    "string",
+    "the retention job",
+    "the stream id up to which a kind kept inside another's records (`sampled_explanations` "
+    "in the audit stream) has been checked",
+    personal=False,
+)
 KEYS = (
     CONSENT,
     CONSENT_IMPORTS,
@@ -361,6 +386,8 @@ KEYS = (
     NOTIFICATIONS_DEAD,
     NOTIFIER_LEASE,
     NOTIFICATION_ONCE,
+    RETENTION_LEASE,
+    RETENTION_CURSOR,
 )
 
 

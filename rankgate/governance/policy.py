@@ -16,6 +16,7 @@ from rankgate.core.project import ItemId
 from rankgate.core.settings import get_project
 from rankgate.governance.approval import ApprovalRules
 from rankgate.governance.residency import Residency, unknown_regions
+from rankgate.governance.retention import RetentionRules
 
 
 def policy_dir() -> Path:
@@ -144,6 +145,9 @@ class Policy(Strict):
     identity: IdentityRules = Field(default_factory=IdentityRules)
     approvals: ApprovalRules = Field(default_factory=ApprovalRules)
     """Purposes whose versions need an approval before `model promote` gives them traffic."""
+    retention: RetentionRules = Field(default_factory=RetentionRules)
+    """How long each kind of record lives, in days (rankgate/governance/retention.py);
+    a kind not stated is kept as long as the serving config's count caps allow."""
 
     @model_validator(mode="after")
     def _signals_name_known_purposes(self) -> Policy:

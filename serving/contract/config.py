@@ -394,6 +394,23 @@ class NotificationsConfig(Strict):
         return self
 
 
+class RetentionJobConfig(Strict):
+    """The job that enforces the policy's `retention` (serving/observe/retention.py):
+    one replica at a time runs it, every `interval_s`, in bounded batches."""
+
+    enabled: bool = True
+    """Off: nothing is removed by age (the count caps still hold)."""
+    interval_s: float = Field(3600.0, ge=1, le=7 * 24 * 3600)
+    """How often the job runs; a record lives at most its limit plus this long."""
+    batch: int = Field(2000, ge=1000, le=100_000)
+    """Most stream entries one Redis call removes (fewer for large entries: a call
+    aims at 2 ms), and most keys one SCAN call looks at (up to 1,000). It must exceed
+    the server's `stream-node-max-entries` (100 by default): trimming removes whole
+    nodes, and a limit below a node's size removes nothing."""
+    pause_s: float = Field(0.001, ge=0, le=1)
+    """Pause between two batches: serving's Redis calls and the event loop go first."""
+
+
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["gate", "route", "fetch", "retrieve", "score", "explain"],
@@ -422,3 +439,5 @@ class ServingConfig(Strict):
     promotion: PromotionConfig = PromotionConfig()
     drift: DriftConfig = DriftConfig()
     notifications: NotificationsConfig = NotificationsConfig()
+
+    retention: RetentionJobConfig = RetentionJobConfig()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ JOINED_FLAG = "joined"
 
 # KEYS[1]: the decision hash; KEYS[2]: the counters of its version and variant.
 # ARGV[1]: this event's marker field; ARGV[2]: what the decision records of it;
-# ARGV[3..]: the counters to increment.
+# ARGV[3..]: the counters to increment. The counters' `at` is the server's time of
+# the latest outcome counted (retention: serving/observe/retention.py).
 # Returns {status, impressions, clicks}: 1 joined, 0 joined before, -1 the decision
 # expired since it was looked up (nothing is written: an outcome never outlives or
 # revives a decision, which names a person).
@@ -68,6 +70,8 @@ JOIN_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, 0} end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return {0, 0, 0} end
 for i = 3, #ARGV do redis.call('HINCRBY', KEYS[2], ARGV[i], 1) end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'at', now[1] .. '.' .. string.format('%06d', now[2]))
 if redis.call('HSETNX', KEYS[1], 'joined', '1') == 1 then
   redis.call('HINCRBY', KEYS[2], 'decisions', 1)
 end
@@ -301,6 +305,7 @@ class OutcomeJoiner:
                         pipe.hincrby(key, f"{COUNTERS[role]}:{position}", 1)
                     if first:
                         pipe.hincrby(key, "decisions", 1)
+                    pipe.hset(key, "at", repr(time.time()))
                     pipe.hmget(key, ["impressions", "clicks"])
                 replies = await pipe.execute()
             totals = [reply for reply in replies if isinstance(reply, list)]

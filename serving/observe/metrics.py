@@ -433,6 +433,27 @@ class ServingMetrics(Metrics):
             "Notifications this replica could not append to the outbox (Redis did not answer)",
             ["kind"],
         )
+        # The policy's retention (serving/observe/retention.py), by the replica that ran it.
+        self.retention_removed = self.counter(
+            "rankgate_retention_removed",
+            "Records removed because they outlived the policy's retention, by kind",
+            ["kind"],
+        )
+        self.retention_oldest_age = self.gauge(
+            "rankgate_retention_oldest_age_seconds",
+            "Age of the oldest record of a kind after the latest retention run (only the "
+            "replica that ran it reports)",
+            ["kind"],
+        )
+        self.retention_failures = self.counter(
+            "rankgate_retention_failures",
+            "Retention runs of a kind that failed (lease: the job could not take its lease)",
+            ["kind"],
+        )
+        self.retention_run_seconds = self.gauge(
+            "rankgate_retention_run_seconds",
+            "How long the latest retention run took, all kinds",
+        )
 
     def child(self, family: Family, *labels: str) -> Series:
         """`family.labels(*labels)`: the series, kept."""

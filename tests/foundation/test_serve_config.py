@@ -49,6 +49,7 @@ OPERATOR_FACING = {
         "drift.score_psi",
         "drift.explanation_shift",
         "drift.block_promotion",
+        "retention.interval_s",
     },
     "EventConsumer": {"lease_s"},
 }

@@ -1,14 +1,18 @@
 """`rankgate audit` (the decision audit log) and `rankgate privacy` (erasure from it,
-and from everything else kept of a person; the demo consent nobody gave)."""
+and from everything else kept of a person; the demo consent nobody gave; how long
+records are kept)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
-from rankgate.cli.render import echo_lines, echo_table, fails_cleanly
+from rankgate.cli.options import FOLDER_ARGUMENT
+from rankgate.cli.render import echo_json, echo_lines, echo_table, fails_cleanly
 from rankgate.governance.demo_consent import DEMO_SOURCE, DemoConsentTally
 from rankgate.ops.access import count_demo_consent, forget, remove_demo_consent
 from rankgate.ops.replays import audit_records, replay_decision
@@ -60,6 +64,43 @@ def privacy_forget(user_id: str, anonymous: bool) -> None:
     consent, audit records, events, streaming states, decisions, offline rows and
     the links. The report has a line per id."""
     click.echo(forget(user_id, anonymous))
+
+
+@privacy.command("retention")
+@FOLDER_ARGUMENT
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@fails_cleanly
+def privacy_retention(folder: Path | None, as_json: bool) -> None:
+    """Each kind of record's oldest against its limit in the retention of FOLDER's
+    policy (default: the project's policies), read from Redis (the server may be down).
+    The server removes what outlived its limit every `retention.interval_s`."""
+    from rankgate.ops.retention import retention_status
+
+    found = retention_status(folder)
+    if as_json:
+        echo_json([status.to_dict() for status in found])
+        return
+    rows = []
+    for s in found:
+        oldest = (
+            "none"
+            if s.oldest_at is None
+            else datetime.fromtimestamp(s.oldest_at, UTC).isoformat(timespec="seconds")
+        )
+        age = "-" if s.age_days is None else days(s.age_days)
+        limit = "not stated (count caps)" if s.limit_days is None else days(s.limit_days)
+        state = "OVER LIMIT" if s.over_limit else ("-" if s.limit_days is None else "within")
+        rows.append([s.kind, limit, oldest, age, state])
+    echo_table(["kind", "limit", "oldest record", "age", ""], rows)
+
+
+def days(value: float) -> str:
+    """Days as people read them: whole days, hundredths below ten, seconds below a quarter hour."""
+    if value >= 10 or value == int(value):
+        return f"{value:.0f} d"
+    if value >= 0.01:
+        return f"{value:.2f} d"
+    return f"{value * 86_400:.0f} s"
 
 
 @privacy.group("demo-consent")

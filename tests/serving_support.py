@@ -68,6 +68,21 @@ def train_version(env, version: str, params, features=None, features_file: str =
     )
 
 
+def model_commands(config: Path) -> Callable[..., tuple[int, str]]:
+    """`rankgate model ARGS --config CONFIG` in-process: (exit code, output)."""
+    from click.testing import CliRunner
+
+    from rankgate.cli.main import main
+
+    runner = CliRunner()
+
+    def model(*args: str) -> tuple[int, str]:
+        result = runner.invoke(main, ["model", *args, "--config", str(config)])
+        return result.exit_code, result.output
+
+    return model
+
+
 def serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 

@@ -32,6 +32,7 @@ from tests.serving_support import (
     example_user_ids,
     health,
     ingress_user_config,
+    model_commands,
     routing,
 )
 
@@ -168,10 +169,7 @@ def test_promote_refuses_to_leave_a_purpose_without_an_accepted_version_in_a_reg
     config = tmp_path / "serve_config.yaml"
     config.write_text(SERVE_CONFIG.read_text())
     runner = CliRunner()
-
-    def model(*args: str) -> tuple[int, str]:
-        result = runner.invoke(main, ["model", *args, "--config", str(config)])
-        return result.exit_code, result.output
+    model = model_commands(config)
 
     code, output = model("promote", us_only, "--alternate")
     assert code == 0, output

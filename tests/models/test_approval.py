@@ -24,7 +24,7 @@ from rankgate.ops.environment import Environment
 from serving.contract.config import RoutingConfig
 from serving.ops.approvals import NotApproved, approval_guard
 from serving.ops.promotion import Move, permitted_views, plan, write_policy
-from tests.serving_support import SERVE_CONFIG, ingress_user_config
+from tests.serving_support import SERVE_CONFIG, ingress_user_config, model_commands
 
 EXAMPLE_POLICIES = Path(__file__).resolve().parents[2] / "examples" / "default" / "policies"
 ONSITE, EMAIL = "onsite_personalization", "email_marketing"
@@ -133,10 +133,7 @@ def test_approve_then_promote_on_a_policy_that_requires_it(
     config.write_text(SERVE_CONFIG.read_text())
     write_policy(config, policies, "approval-test")
     runner = CliRunner()
-
-    def model(*args: str) -> tuple[int, str]:
-        result = runner.invoke(main, ["model", *args, "--config", str(config)])
-        return result.exit_code, result.output
+    model = model_commands(config)
 
     before = config.read_text()
     code, output = model("promote", "v3", "--canary", "10")

@@ -32,7 +32,7 @@ from serving.ops.coverage import (
 )
 from serving.ops.promotion import Move, RoutingFile, plan, rollback_move
 from serving.ranking.routing import Router
-from tests.serving_support import SERVE_CONFIG, ingress_user_config, routing
+from tests.serving_support import SERVE_CONFIG, ingress_user_config, model_commands, routing
 
 PURPOSES = permitted_views(load_policy())
 ONSITE, EMAIL = "onsite_personalization", "email_marketing"
@@ -219,10 +219,7 @@ def test_the_commands_keep_email_served_and_rollback_restores_the_alternate(
     config = tmp_path / "serve_config.yaml"
     config.write_text(SERVE_CONFIG.read_text())
     runner = CliRunner()
-
-    def model(*args: str) -> tuple[int, str]:
-        result = runner.invoke(main, ["model", *args, "--config", str(config)])
-        return result.exit_code, result.output
+    model = model_commands(config)
 
     code, output = model("promote", "v1", "--canary", "10")
     assert code == 1, output

@@ -53,7 +53,8 @@ KIND_DOCS: dict[RecordKind, str] = {
     "removed by age)",
     "sampled_explanations": "audit records carrying a sampled explanation, by the time "
     "they were written (the record goes with its explanation)",
-    "drift_windows": "the drift figures `<ns>:drift:<version>`, by the time they were computed",
+    "drift_windows": "the drift figures `<ns>:drift:<version>`, by the time they were computed, "
+    "and the entries of the drift history `<ns>:drift_history:<version>`",
 }
 
 

@@ -31,6 +31,8 @@ and the event loop go first:
   `SCAN` (1,000 slots a call); a script takes 50 keys at a time, compares each
   key's time field with the cutoff and removes it when older, in one step (a
   counter that counts an outcome meanwhile is never removed with it).
+- the drift history (one capped stream per version, `rankgate model report`'s): each
+  stream found by `SCAN` is trimmed as a stream is, under `drift_windows`.
 
 Each round measures: records removed per kind (a counter), the age of each kind's
 oldest record (a gauge; for keyed kinds only when a limit is stated, since it
@@ -89,6 +91,12 @@ KEYED_KINDS: dict[RecordKind, KeyedKind] = {
     ),
     "drift_windows": KeyedKind(lambda ns: redis_keys.drift(ns, "*"), "at"),
 }
+STREAM_SETS: dict[RecordKind, Callable[[str], str]] = {
+    # The drift history `rankgate model report` draws: one capped stream per version.
+    "drift_windows": lambda ns: redis_keys.drift_history(ns, "*"),
+}
+"""Kinds kept (also) as entries of several streams, found by SCAN: namespace
+(glob-escaped) -> the pattern of their keys."""
 SAMPLED: RecordKind = "sampled_explanations"
 RECORD_BYTES = 20
 """Audit records are kilobytes: a read of them takes `batch / RECORD_BYTES` at a time."""
@@ -242,6 +250,17 @@ class Trimmer:
         first = await self._call(self.client.xrange(key, "-", "+", count=1))
         return stream_ms(first[0][0]) / 1000 if first else None
 
+    async def trim_streams(self, pattern: str, cutoff: float | None) -> tuple[int, float | None]:
+        """(removed, oldest entry left) over every stream matching `pattern` (a few:
+        one per model version); `cutoff` None: only measured."""
+        removed, oldest = 0, None
+        async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT, _type="stream"):
+            if cutoff is not None:
+                removed += await self.trim_stream(key, cutoff)
+            oldest = min_time(oldest, await self.stream_oldest(key))
+            await self._pause()
+        return removed, oldest
+
     # -- sampled explanations (inside audit records) -------------------------------
 
     async def drop_sampled(self, cutoff: float) -> int:
@@ -350,12 +369,20 @@ class Trimmer:
             result.oldest_at = await self.sampled_oldest()
         elif cutoff is not None:
             result.removed, result.oldest_at = await self.scan_keyed(KEYED_KINDS[kind], cutoff)
+        if kind in STREAM_SETS and cutoff is not None:
+            removed, oldest = await self.trim_streams(STREAM_SETS[kind](self.pattern_ns), cutoff)
+            result.removed += removed
+            result.oldest_at = min_time(result.oldest_at, oldest)
         return result
 
     async def measure(self, kind: RecordKind) -> float | None:
         """The oldest record of a kind, whatever it costs (a SCAN for keyed kinds)."""
         if kind in KEYED_KINDS:
-            return (await self.scan_keyed(KEYED_KINDS[kind], None))[1]
+            oldest = (await self.scan_keyed(KEYED_KINDS[kind], None))[1]
+            if kind in STREAM_SETS:
+                streams = await self.trim_streams(STREAM_SETS[kind](self.pattern_ns), None)
+                oldest = min_time(oldest, streams[1])
+            return oldest
         return (await self.enforce(kind, None, time.time())).oldest_at
 
 

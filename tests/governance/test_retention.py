@@ -162,6 +162,8 @@ def test_keyed_records_older_than_their_limit_are_removed_and_the_rest_kept(
         client.hset(
             redis_keys.consent_import(namespace, f"d{n}"), mapping={"finished_at": iso(age)}
         )
+    # The drift history the report draws: entries older than the limit go, younger stay.
+    fill_stream(redis_keys.drift_history(namespace, "v0"), [2 * day, 0.6 * day, 0.2 * day])
     # Kept whatever their age: counters from before `at` existed, an unfinished import.
     client.hset(redis_keys.outcomes(namespace, "old", "stable"), "clicks", 3)
     client.hset(redis_keys.consent_import(namespace, "running"), "rows_done", 10)
@@ -176,7 +178,9 @@ def test_keyed_records_older_than_their_limit_are_removed_and_the_rest_kept(
 
     results = run(with_client(enforce))
     left = {k.decode() for k in client.scan_iter(match=f"{namespace}:*")}
+    assert stream_ages(redis_keys.drift_history(namespace, "v0")) == [0.2 * day]
     assert left == {
+        redis_keys.drift_history(namespace, "v0"),
         redis_keys.decision(namespace, "r2"),
         redis_keys.outcomes(namespace, "v1", "stable"),
         redis_keys.outcomes(namespace, "v2", "stable"),
@@ -189,12 +193,12 @@ def test_keyed_records_older_than_their_limit_are_removed_and_the_rest_kept(
         "decision_index": 2,
         "outcomes": 1,
         "consent_history": 1,
-        "drift_windows": 3,
+        "drift_windows": 3 + 2,
     }
     assert results["decision_index"].oldest_at == NOW - day
     assert results["outcomes"].oldest_at == NOW - 10 * day
     assert results["consent_history"].oldest_at == pytest.approx(NOW - 10 * day)
-    assert results["drift_windows"].oldest_at is None
+    assert results["drift_windows"].oldest_at == pytest.approx(NOW - 0.2 * day, abs=0.002)
 
 
 def audit_record(kind: str | None, status: str = "explained") -> dict[str, str]:

@@ -9,9 +9,11 @@ its event loop; only the replica holding the lease runs a round:
                                            for sampled explanations
 
 so one round runs per `retention.interval_s` whatever the number of replicas and
-nodes, with nothing for the operator to schedule. The holder renews the lease (two
-intervals long) each round and between batches; when it stops, another replica
-takes over within two intervals. A new config or policy starts a round at once.
+nodes, with nothing for the operator to schedule. The lease is short (LEASE_S):
+its holder renews it every HEARTBEAT_S between rounds and between batches, and
+gives it up when it closes; when a holder dies, another replica takes over within
+LEASE_S, whatever the interval (a replica killed holding a lease of hours would stop
+retention for hours). A new config or policy starts a round at once.
 
 Each kind is removed in bounded batches, with a pause (`retention.pause_s`) between
 two Redis calls, so that no call holds the server for long and serving's calls
@@ -58,6 +60,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rankgate.core import redis_keys
+from rankgate.core.lease import Lease
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
 from rankgate.governance.notifications import publish_async
 from rankgate.governance.retention import KINDS, RecordKind, RetentionRules
@@ -135,13 +138,6 @@ for _, key in ipairs(KEYS) do
   end
 end
 return {removed, oldest}
-"""
-# Renew the lease when it is ours. KEYS: lease; ARGV: name, ms.
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
 """
 
 
@@ -402,8 +398,10 @@ def min_time(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def lease_ms(interval_s: float) -> int:
-    return max(int(2 * interval_s * 1000), 2000)
+LEASE_S = 30.0
+"""How long the lease outlives its holder's last renewal."""
+HEARTBEAT_S = 10.0
+"""How often every replica wakes: the holder renews the lease, the others try to take it."""
 
 
 class RetentionJob:
@@ -417,7 +415,7 @@ class RetentionJob:
         self.metrics = metrics
         self.name = f"replica-{uuid.uuid4().hex[:12]}"
         self.lease_key = redis_keys.retention_lease(namespace)
-        self.renew_script = register_async_script(client, RENEW)
+        self.lease = Lease(client, self.lease_key, self.name)
         self.on_failure: list[Callable[[RetentionFailure], None]] = [self.notify]
         """Called with each failure (after it is logged and counted), on the event
         loop; the first sends it to the webhooks that take retention failures. A hook
@@ -445,36 +443,42 @@ class RetentionJob:
     async def _forever(
         self, rules: Callable[[], RetentionRules], config: Callable[[], RetentionJobConfig]
     ) -> None:
+        last_round = float("-inf")  # monotonic time of this replica's latest round
         while True:
             settings = config()
             if settings.enabled:
                 try:
-                    if await self.take_lease(settings.interval_s):
-                        await self.run(rules(), settings)
+                    if await self.take_lease():
+                        due = time.monotonic() - last_round >= settings.interval_s
+                        if due or self.wakeup.is_set():
+                            last_round = time.monotonic()
+                            await self.run(rules(), settings)
                     else:
                         self._stop_reporting()
+                        last_round = float("-inf")  # taking over, it runs a round at once
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     self.failed("lease", exc)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), settings.interval_s)
+                await asyncio.wait_for(self.wakeup.wait(), min(settings.interval_s, HEARTBEAT_S))
 
     async def close(self) -> None:
+        """Stop, and give the lease up if held: another replica takes it at its next
+        heartbeat instead of when it expires."""
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        with contextlib.suppress(Exception):
+            await self.lease.release()
 
-    async def take_lease(self, interval_s: float) -> bool:
+    async def take_lease(self) -> bool:
         """The right to run rounds: taken when free (`SET NX PX`), renewed by its holder
-        each round, for two intervals, so one replica keeps running the job and
-        another takes over within two intervals of its end."""
-        ms = lease_ms(interval_s)
-        if await self.client.set(self.lease_key, self.name, nx=True, px=ms):
-            return True
-        return bool(await self.renew_script(keys=[self.lease_key], args=[self.name, ms]))
+        at every heartbeat, for LEASE_S, so one replica keeps running the job and
+        another takes over within LEASE_S of its end."""
+        return await self.lease.hold(LEASE_S)
 
     # -- one round -----------------------------------------------------------------
 
@@ -489,10 +493,9 @@ class RetentionJob:
         kind's failure reported and the others done all the same."""
         settings = settings or RetentionJobConfig()
         trimmer = Trimmer(self.client, self.namespace, settings.batch, settings.pause_s)
-        ms = lease_ms(settings.interval_s)
 
         async def renew() -> None:
-            await self.renew_script(keys=[self.lease_key], args=[self.name, ms])
+            await self.lease.hold(LEASE_S)
 
         trimmer.between = renew
         started = time.perf_counter()

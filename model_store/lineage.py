@@ -37,6 +37,7 @@ from rankgate.core.project import Project
 if TYPE_CHECKING:
     from features.applied import AppliedView
     from features.spec import FeatureSpec
+    from model_store.logged import LoggedRows
 
 REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 """A data region's code: EU, US, us-east-1."""
@@ -280,13 +281,15 @@ def trained_lineage(
     views: Sequence[AppliedView],
     data_dir: Path,
     specs: Sequence[FeatureSpec],
-    logs: pd.DataFrame,
-    user_column: str,
-    log_path: Path,
+    logged: LoggedRows,
 ) -> DataLineage:
     """The data lineage `model train` records: the regions of the people in the log's
     rows (all of them: the held-out rows build the version's drift reference and item
     embeddings too), the rows, the input tables' digests."""
+    interactions = project.spec.interactions
+    assert interactions is not None  # LoggedRows.read refuses a project without a log
+    log_path = project.path(interactions.path, data_dir)
+    logs, user_column = logged.logs, logged.user_column
     tables, digest = table_digests(input_tables(project, views, data_dir, specs, log_path))
     declared = project.spec.data_regions
     by_region, unknown = (
@@ -377,17 +380,7 @@ def record_lineage(
             "say where its data came from",
             409,
         )
-    interactions = project.spec.interactions
-    assert interactions is not None  # LoggedRows.read refuses a project without a log
-    data = trained_lineage(
-        project,
-        views,
-        data_dir,
-        specs,
-        logged.logs,
-        logged.user_column,
-        project.path(interactions.path, data_dir),
-    )
+    data = trained_lineage(project, views, data_dir, specs, logged)
     updated = manifest.model_copy(
         update={"lineage": manifest.lineage.model_copy(update={"data": data})}
     )

@@ -94,14 +94,18 @@ class ModelStore:
     def exists(self, version: str) -> bool:
         return self.path(version).is_dir()
 
-    def manifest(self, version: str) -> Manifest:
+    def folder(self, version: str) -> Path:
+        """A registered version's folder (UnknownVersion, naming the known ones, when it is not)."""
         folder = self.path(version)
         if not folder.is_dir():
             known = ", ".join(self.versions()) or "none"
             raise UnknownVersion(
                 f"model version {version!r} not found in {self.root} (known: {known})"
             )
-        manifest_path = folder / MANIFEST_FILE
+        return folder
+
+    def manifest(self, version: str) -> Manifest:
+        manifest_path = self.folder(version) / MANIFEST_FILE
         try:
             return Manifest.model_validate_json(manifest_path.read_bytes())
         except FileNotFoundError as exc:
@@ -115,13 +119,7 @@ class ModelStore:
 
     def approvals(self, version: str) -> ApprovalLog:
         """The approvals of a registered version (UnknownVersion when it is not)."""
-        folder = self.path(version)
-        if not folder.is_dir():
-            known = ", ".join(self.versions()) or "none"
-            raise UnknownVersion(
-                f"model version {version!r} not found in {self.root} (known: {known})"
-            )
-        return ApprovalLog(folder)
+        return ApprovalLog(self.folder(version))
 
     def views_of(self, versions: Iterable[str]) -> dict[str, frozenset[str] | None]:
         """The feature views each version reads, which decide the purposes it may serve

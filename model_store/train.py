@@ -231,18 +231,8 @@ def train(
     progress(f"{version}: building the training matrix ({len(specs)} features)")
     logged = LoggedRows.read(project, views, data_dir, specs)
     dataset = logged_training_set(logged, specs)
-    interactions = project.spec.interactions
-    assert interactions is not None  # LoggedRows.read refuses a project without a log
     progress(f"{version}: lineage (regions of the people in the log, digests of its tables)")
-    lineage = trained_lineage(
-        project,
-        views,
-        data_dir,
-        specs,
-        logged.logs,
-        logged.user_column,
-        project.path(interactions.path, data_dir),
-    )
+    lineage = trained_lineage(project, views, data_dir, specs, logged)
     split = int(len(dataset.labels) * (1 - HOLDOUT_FRACTION))
     train_x, hold_x = dataset.matrix[:split], dataset.matrix[split:]
     train_y, hold_y = dataset.labels[:split], dataset.labels[split:]

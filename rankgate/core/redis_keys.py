@@ -118,6 +118,11 @@ def outcomes(namespace: str, version: str, variant: str) -> str:
     return f"{namespace}:outcomes:{version}:{variant}"
 
 
+def outcomes_match(namespace: str) -> str:
+    """A SCAN pattern of every `outcomes` hash of the namespace."""
+    return glob_escape(f"{namespace}:outcomes:") + "*"
+
+
 def outcomes_unjoined(namespace: str) -> str:
     return f"{namespace}:outcomes_unjoined"
 
@@ -128,6 +133,12 @@ def retention_lease(namespace: str) -> str:
 
 def retention_cursor(namespace: str, kind: str) -> str:
     return f"{namespace}:retention:cursor:{kind}"
+
+
+def durable_mark(namespace: str, tag: str) -> str:
+    """The barrier `rankgate.core.durable` writes before WAITAOF; on a cluster `tag`
+    is a hash tag of the written key's slot (empty: no cluster)."""
+    return f"{namespace}:durable" + (f":{{{tag}}}" if tag else "")
 
 
 def setup_marker(namespace: str, step: str) -> str:
@@ -361,6 +372,15 @@ RETENTION_CURSOR = RedisKey(
     "in the audit stream) has been checked",
     personal=False,
 )
+DURABLE_MARK = RedisKey(
+    durable_mark(NS, "<slot tag>"),
+    "string",
+    "every acknowledged write of the API and the CLI (`rankgate/core/durable.py`)",
+    "`1`, the barrier written right before `WAITAOF` so that the acknowledgement waits for "
+    "the fsync of everything written before it; expires after a minute (on a Redis Cluster, "
+    "one per slot written, `{<slot tag>}` a tag of that slot)",
+    personal=False,
+)
 KEYS = (
     CONSENT,
     CONSENT_IMPORTS,
@@ -388,6 +408,7 @@ KEYS = (
     NOTIFICATION_ONCE,
     RETENTION_LEASE,
     RETENTION_CURSOR,
+    DURABLE_MARK,
 )
 
 

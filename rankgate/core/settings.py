@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     holding model versions, the Feast registry and the tables the serving path reads
     (model_store/artifacts.py). Unset: everything is read from the home (one machine)."""
 
+    durable_replicas: int = Field(default=0, ge=0)
+    """Replicas whose append-only file must hold a write, fsynced, before rankgate
+    acknowledges it (RANKGATE_DURABLE_REPLICAS; WAITAOF's numreplicas,
+    rankgate/core/durable.py). 0: the master's own disk."""
+
     cache: Path = Field(default=Path(tempfile.gettempdir()) / "rankgate-cache")
     """Node-local folder (RANKGATE_CACHE) where a replica keeps what it fetched from
     the store, each file checked against its sha256."""

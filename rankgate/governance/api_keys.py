@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rankgate.core import redis_keys
+from rankgate.core.durable import on_disk
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
 from rankgate.core.redis_server import RedisClient, connect
@@ -127,6 +128,7 @@ class ApiKeyStore:
 
     def __init__(self, client: RedisClient, namespace: str) -> None:
         self.client = client
+        self.namespace = namespace
         self.key = redis_keys.api_keys(namespace)
 
     def create(
@@ -157,6 +159,7 @@ class ApiKeyStore:
             scopes=frozenset(scopes),
         )
         self.client.hset(self.key, key_digest(key), entry.to_json())
+        on_disk(self.client, self.namespace, "the new key", self.key)  # shown once on disk
         return key
 
     def table(self) -> KeyTable:
@@ -171,11 +174,14 @@ class ApiKeyStore:
         digests = [d for d, entry in self.table().entries.items() if entry.app == app]
         if digests:
             self.client.hdel(self.key, *digests)
+            on_disk(self.client, self.namespace, "the revocation", self.key)
         return len(digests)
 
     def revoke_key(self, key: str) -> bool:
         """Delete one key (a temporary key of the load test)."""
-        return bool(self.client.hdel(self.key, key_digest(key)))
+        revoked = bool(self.client.hdel(self.key, key_digest(key)))
+        on_disk(self.client, self.namespace, "the revocation", self.key)
+        return revoked
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from rankgate.core import redis_keys
+from rankgate.core.durable import NotDurable, on_disk, on_disk_async
 from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.redis_server import AsyncRedisClient, RedisClient, register_async_script
 
@@ -165,7 +166,9 @@ class ConsentStore:
     def record(self, key: str, purposes: Mapping[str, bool], source: str) -> None:
         fields = consent_fields(purposes, source)
         if fields:
-            self.client.hset(redis_keys.consent(self.namespace, key), mapping=fields)
+            name = redis_keys.consent(self.namespace, key)
+            self.client.hset(name, mapping=fields)
+            on_disk(self.client, self.namespace, "the consent", name)
 
     def record_newer(
         self,
@@ -207,6 +210,7 @@ class ConsentStore:
                     args[len(args) - 1 - 3 * (index - first)] = index - first
                 pipe.execute_command("EVALSHA", sha, len(names), *names, *args)
             written += sum(pipe.execute())
+            on_disk(client, namespace, "the consent records")  # each batch acknowledged on disk
         return written
 
     def state(self, key: str, purpose: str) -> ConsentState:
@@ -303,10 +307,17 @@ class AsyncConsentStore:
                 keys=[redis_keys.identity_link(namespace, key), redis_keys.consent(namespace, key)],
                 args=args,
             )
+            target = key if person is None else person.decode()
             if person is not None:  # linked: the person's hash takes it
                 await self.client.hset(  # type: ignore[misc]
-                    redis_keys.consent(namespace, person.decode()), mapping=fields
+                    redis_keys.consent(namespace, target), mapping=fields
                 )
+            # Acknowledged only once on disk (rankgate/core/durable.py).
+            await on_disk_async(
+                self.client, namespace, "the consent", redis_keys.consent(namespace, target)
+            )
+        except NotDurable as exc:
+            raise ConsentStoreUnavailable(f"{exc.message}: not acknowledged") from exc
         except (OSError, aioredis.RedisError) as exc:
             logger.warning("consent write failed: %s", type(exc).__name__)
             raise ConsentStoreUnavailable("the consent was not recorded; retry") from exc

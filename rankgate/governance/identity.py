@@ -48,6 +48,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from rankgate.core import redis_keys
+from rankgate.core.durable import NotDurable, on_disk_async
 from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.pseudonym import user_key
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster
@@ -189,9 +190,14 @@ class IdentityStore:
         try:
             for _ in range(WATCH_RETRIES):
                 try:
-                    return await self._link(user, others, rules, region, max_stream_len)
+                    result = await self._link(user, others, rules, region, max_stream_len)
                 except WatchError:
                     continue  # another link touched these ids meanwhile: read again
+                if result.linked:  # acknowledged once on disk (rankgate/core/durable.py)
+                    await on_disk_async(self.client, self.namespace, "the link")
+                return result
+        except NotDurable as exc:
+            raise IdentityStoreUnavailable(f"{exc.message}: not acknowledged") from exc
         except (OSError, aioredis.RedisError) as exc:
             raise IdentityStoreUnavailable(
                 f"the link was not recorded ({type(exc).__name__}); retry"
@@ -315,9 +321,14 @@ class IdentityStore:
         try:
             for _ in range(WATCH_RETRIES):
                 try:
-                    return await self._unlink(named)
+                    unlinked = await self._unlink(named)
                 except WatchError:
                     continue
+                if unlinked:
+                    await on_disk_async(self.client, ns, "the unlink")
+                return unlinked
+        except NotDurable as exc:
+            raise IdentityStoreUnavailable(f"{exc.message}: not acknowledged") from exc
         except (OSError, aioredis.RedisError) as exc:
             raise IdentityStoreUnavailable(
                 f"the unlink was not recorded ({type(exc).__name__}); retry"

@@ -44,6 +44,7 @@ from feast.infra.key_encoding_utils import deserialize_entity_key
 
 from features.store import ENTITY_KEY_SERIALIZATION_VERSION
 from rankgate.core import redis_keys
+from rankgate.core.durable import on_disk
 from rankgate.core.errors import RankgateError
 from rankgate.core.home import Home
 from rankgate.core.project import Project
@@ -282,6 +283,8 @@ class Eraser:
                     )
                 )
             links = events[LINKS] + self.erase_links(person, ids)
+            # Reported as erased only once the deletions are on disk (rankgate/core/durable.py).
+            on_disk(self.client, self.namespace, "the erasure")
         return PersonErasure(reports, links)
 
     def person_ids(self, key: str, kind: IdKind) -> tuple[str, dict[str, str]]:

@@ -9,7 +9,7 @@ in one Lua script, which appends each event whose id it has not seen within
 runs whole or not at all, so a batch is never half-written. Where Redis keeps an
 append-only file (the embedded server does), the answer also waits for it to be
 written to disk (`WAITAOF`), so an accepted event survives a crash of Redis too.
-Redis down, or the file not written within `AOF_WAIT_MS`, is a 503 with
+Redis down, or the file not written within `durable.AOF_WAIT_MS`, is a 503 with
 Retry-After, and nothing is claimed as accepted (a retry of the same ids is safe).
 
 What is stored is a `StoredEvent`: the pseudonymous user key, never the raw id.
@@ -47,6 +47,7 @@ from pydantic import (
 )
 
 from rankgate.core import redis_keys
+from rankgate.core.durable import NotDurable, on_disk_async
 from rankgate.core.errors import RETRY_SOON, RankgateError
 from rankgate.core.project import EventsConfig, ItemId
 from rankgate.core.redis_server import AsyncRedisClient, register_async_script
@@ -55,7 +56,6 @@ from serving.contract.config import EventLimits
 from serving.contract.parsing import BadRequest, problems_of
 from serving.contract.schemas import ItemIdValue, RequestRules, UserId
 
-AOF_WAIT_MS = 1000
 EVENT_ID_CHARS = 128
 REQUEST_ID_CHARS = 64
 
@@ -366,21 +366,11 @@ class EventLog:
         )
 
     async def on_disk(self) -> None:
-        """Wait until Redis's append-only file holds the batch (fsync)."""
-        # On a cluster, asked of the master that holds the stream (WAITAOF names no key).
-        where: dict[str, Any] = (
-            {"target_nodes": self.client.get_node_from_key(self.stream)}
-            if isinstance(self.client, aioredis.RedisCluster)
-            else {}
-        )
+        """Wait until Redis's append-only file holds the batch, fsynced
+        (rankgate/core/durable.py); remembers a Redis that keeps no such file."""
         try:
-            local, _ = await self.client.execute_command("WAITAOF", 1, 0, AOF_WAIT_MS, **where)
-        except aioredis.ResponseError as exc:
-            if "appendonly" not in str(exc).lower():
-                raise
-            self.wait_for_disk = False  # no append-only file: in memory is what there is
-            return
-        if int(local) < 1:
-            raise EventStoreUnavailable(
-                f"the event stream was not written to disk within {AOF_WAIT_MS} ms; retry"
+            self.wait_for_disk = await on_disk_async(
+                self.client, self.namespace, "the event batch", self.stream
             )
+        except NotDurable as exc:
+            raise EventStoreUnavailable(exc.message) from exc

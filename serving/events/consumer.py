@@ -65,6 +65,8 @@ from serving.runtime import ReplicaRuntime
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
+RETRY_WAITING_S = 1.0
+"""How often outcomes waiting for their decision are joined again (outcome_join.LATE_DECISION_S)."""
 
 
 class ConsumerConfig(Strict):
@@ -268,6 +270,15 @@ class EventReader:
         self.name = name
         self.lease_script = register_async_script(client, LEASE)
         self.own_pending = True
+        self.pending_from = "0"
+        self.retry_at = float("inf")
+
+    def reread_pending(self, after_s: float = 0.0) -> None:
+        """Read own pending entries again (from the first), now or after `after_s`."""
+        if after_s <= 0:
+            self.own_pending, self.pending_from = True, "0"
+        else:
+            self.retry_at = min(self.retry_at, time.monotonic() + after_s)
 
     async def ensure_group(self) -> None:
         try:
@@ -296,17 +307,27 @@ class EventReader:
             claimed += len(entries)
             if start in (b"0-0", "0-0"):
                 break
-        self.own_pending = True
+        self.reread_pending()
         return claimed
 
     async def read(self, count: int, block_ms: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Own pending entries first (delivered but not acknowledged), then new ones."""
+        """Own pending entries first (delivered but not acknowledged), one pass over
+        them, then new ones; entries left waiting are read again at `retry_at`."""
+        if not self.own_pending and time.monotonic() >= self.retry_at:
+            self.reread_pending()
+            self.retry_at = float("inf")
         if self.own_pending:
-            reply = await self.client.xreadgroup(GROUP, self.name, {self.stream: "0"}, count=count)
+            reply = await self.client.xreadgroup(
+                GROUP, self.name, {self.stream: self.pending_from}, count=count
+            )
             entries = reply[0][1] if reply else []
+            if len(entries) < count:
+                self.own_pending, self.pending_from = False, "0"
+            else:
+                last = entries[-1][0]
+                self.pending_from = last.decode() if isinstance(last, bytes) else last
             if entries:
                 return entries  # type: ignore[no-any-return]
-            self.own_pending = False
         reply = await self.client.xreadgroup(
             GROUP, self.name, {self.stream: ">"}, count=count, block=block_ms
         )
@@ -437,7 +458,7 @@ class EventConsumer:
             except Exception as exc:  # noqa: BLE001 - the entries stay pending: retried
                 logger.warning("event consumer: %s: %s", type(exc).__name__, exc)
                 self.metrics.failures.labels(type(exc).__name__).inc()
-                self.reader.own_pending = True
+                self.reader.reread_pending()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
@@ -462,9 +483,13 @@ class EventConsumer:
             segment.append(item)
         if segment:
             await self.updater.apply(segment)
+        waiting: set[str] = set()
         if self.joiner is not None:
-            await self.joiner.join(events)
-        await self.reader.ack([stream_id for stream_id, _ in entries])
+            waiting = set((await self.joiner.join(events)).waiting)
+        # An outcome whose decision may still come stays pending: joined again later.
+        await self.reader.ack([i for i, _ in entries if i.decode() not in waiting])
+        if waiting:
+            self.reader.reread_pending(RETRY_WAITING_S)
         newest = entries[-1][0].decode()
         self.metrics.lag.set(max(time.time() - stream_time(newest), 0.0))
         return len(entries)

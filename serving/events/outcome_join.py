@@ -51,11 +51,18 @@ from rankgate.core import redis_keys
 from rankgate.core.project import Outcomes
 from rankgate.core.redis_server import AsyncRedisClient, is_cluster, register_async_script
 from rankgate.governance.identity import resolve_persons
-from serving.events.intake import StoredEvent, event_digest
+from serving.events.intake import StoredEvent, event_digest, stream_time
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import COUNTERS, outcome_roles
 
 MARKER_PREFIX = "o:"
+LATE_DECISION_S = 300.0
+"""How long an outcome waits for its decision. A decision is written beside its audit
+record, after the answer, by a background writer that keeps records in memory while
+Redis is away: an impression sent right after the answer can reach the consumer
+first. Such an event stays pending in the stream and is joined again (every
+`RETRY_WAITING_S`, serving/events/consumer.py) until its decision is there; past
+this age it is counted `unknown_request`."""
 DECISION_FIELDS = ("u", "v", "var", "items")
 JOINED_FLAG = "joined"
 
@@ -116,6 +123,9 @@ class JoinCounts:
     """Outcome events no decision took, by reason."""
     ignored: int = 0
     """Events that are not outcomes."""
+    waiting: list[str] = field(default_factory=list)
+    """Stream ids of outcome events whose decision is not in Redis yet but may still
+    come (`LATE_DECISION_S`): left unacknowledged, to be joined again."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +208,13 @@ class OutcomeJoiner:
             decision = decisions.get(event.request_id)
             position = decision.positions.get(str(event.item_id)) if decision else None
             if decision is None:
-                unjoined.append((event, Unjoined.UNKNOWN_REQUEST))
+                if (
+                    event.stream_id is not None
+                    and time.time() - stream_time(event.stream_id) < LATE_DECISION_S
+                ):
+                    counts.waiting.append(event.stream_id)  # its decision may not be written yet
+                else:
+                    unjoined.append((event, Unjoined.UNKNOWN_REQUEST))
             elif (
                 persons[decision.user_key] != event.person_key
                 and decision.user_key != event.user_key

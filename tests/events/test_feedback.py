@@ -22,7 +22,13 @@ from rankgate.governance.consent import ConsentState
 from rankgate.ops.environment import Environment
 from serving.contract.schemas import RankResponse
 from serving.events.intake import StoredEvent
-from serving.events.outcome_join import JOIN_SCRIPT, OutcomeJoiner, Unjoined, marker
+from serving.events.outcome_join import (
+    JOIN_SCRIPT,
+    LATE_DECISION_S,
+    OutcomeJoiner,
+    Unjoined,
+    marker,
+)
 from serving.observe.metrics import Metrics
 from serving.observe.outcomes import read_outcomes, read_unjoined, wilson_interval
 from serving.ranking.pipeline import RankPipeline
@@ -220,6 +226,34 @@ def test_outcomes_no_decision_takes_are_counted_as_unjoined(
     totals = read_outcomes(env.redis, namespace, answer.model.version, answer.model.variant)
     assert (totals.impressions, totals.clicks, totals.decisions) == (0, 0, 0)
     assert env.redis.hget(redis_keys.decision(namespace, answer.request_id), "joined") is None
+
+
+def test_an_outcome_read_before_its_decision_was_written_waits_for_it(
+    indexed: RankPipeline, runtime: ReplicaRuntime, env: Environment
+) -> None:
+    # The decision is written beside its audit record, after the answer: an impression
+    # sent at once can reach the consumer first. Read from the stream a moment ago, it
+    # is left pending (not counted unjoined) and joins once its decision is there.
+    user = user_with(env.consent, "onsite_personalization", ConsentState.GRANTED, skip=4)
+    answer = decide(indexed, user, k=3)
+    decision = redis_keys.decision(env.home.namespace, answer.request_id)
+    written = env.redis.hgetall(decision)
+    env.redis.delete(decision)  # not written yet
+    now_ms = int(time.time() * 1000)
+    early = dataclasses.replace(
+        event("seen", user, answer.items[0].item_id, answer.request_id), stream_id=f"{now_ms}-0"
+    )
+    stale = dataclasses.replace(
+        event("seen", user, answer.items[0].item_id, answer.request_id),
+        stream_id=f"{now_ms - int((LATE_DECISION_S + 1) * 1000)}-0",
+    )
+    join, _ = joiner(runtime, env)
+    counts = LOOP.run_until_complete(join.join([early, stale]))
+    assert counts.waiting == [early.stream_id]
+    assert counts.unjoined == {Unjoined.UNKNOWN_REQUEST: 1}  # past the wait: unknown
+    env.redis.hset(decision, mapping=written)  # the audit writer caught up
+    again = LOOP.run_until_complete(join.join([early]))
+    assert (again.joined, again.waiting) == (1, [])
 
 
 def test_a_decision_that_expired_after_its_lookup_is_not_revived(env: Environment) -> None:

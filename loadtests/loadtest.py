@@ -136,7 +136,7 @@ _SECONDS = re.compile(r"[0-9]+")
 _TIMESPAN = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 
 
-def run_time_seconds(run_time: str) -> int:
+def run_time_seconds(run_time: str, option: str = "--run-time") -> int:
     """Seconds of a Locust --run-time ("45", "30s", "2m", "1h30m"); refused when malformed."""
     text = run_time.strip()
     if _SECONDS.fullmatch(text):
@@ -144,11 +144,11 @@ def run_time_seconds(run_time: str) -> int:
     else:
         match = _TIMESPAN.fullmatch(text)
         if not text or match is None:
-            raise RankgateError(f"--run-time: {run_time!r} is not a duration like 30s, 2m or 1h30m")
+            raise RankgateError(f"{option}: {run_time!r} is not a duration like 30s, 2m or 1h30m")
         hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
         seconds = hours * 3600 + minutes * 60 + secs
     if seconds < 1:
-        raise RankgateError(f"--run-time: {run_time!r} must be at least one second")
+        raise RankgateError(f"{option}: {run_time!r} must be at least one second")
     return seconds
 
 

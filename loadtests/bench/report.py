@@ -328,6 +328,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _explain(report.get("explain"))
     lines += _open_loop(report.get("open_loop"))
     lines += _stages(report.get("stages"))
+    lines += durable_markdown(report.get("durable"))
     lines += _memory(report.get("memory"))
     lines += _ready(report.get("ready"))
     if report.get("skipped"):
@@ -433,6 +434,37 @@ def _explain(explain: dict[str, Any] | None) -> list[str]:
             f"{', '.join(f'{k} {v}' for k, v in sorted(explain['outcomes'].items()))}."
         ),
     ]
+
+
+def durable_markdown(durable: dict[str, Any] | None) -> list[str]:
+    """The cost of durable acknowledgements (loadtests/bench/durable.py)."""
+    if not durable:
+        return []
+    rows = [
+        ("consent write on Redis, answered at once", "store_plain_ms"),
+        ("the same, answered once fsynced (barrier + WAITAOF)", "store_durable_ms"),
+        ("POST /v1/consent, concurrency 1", "consent_c1_ms"),
+        ("POST /v1/consent, concurrency 8", "consent_c8_ms"),
+        ("POST /v1/rank, concurrency 1 (no acknowledged write)", "rank_c1_ms"),
+    ]
+    persistence = durable["persistence"]
+    lines = [
+        "",
+        "## Durable acknowledgements",
+        "",
+        (
+            f"Medians over rounds (Redis: appendonly {persistence['appendonly']}, appendfsync "
+            f"{persistence['appendfsync']}). Waiting for the fsync adds "
+            f"{durable['added_per_write_ms']} ms to each acknowledged write; ranking does not wait."
+        ),
+        "",
+        "| | p50 ms (min-max over rounds) |",
+        "|---|---:|",
+    ]
+    for label, key in rows:
+        f = durable[key]
+        lines.append(f"| {label} | {f['median']} ({f['min']}-{f['max']}) |")
+    return lines
 
 
 def _open_loop(open_loop: dict[str, Any] | None) -> list[str]:

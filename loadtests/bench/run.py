@@ -52,6 +52,7 @@ from loadtests import results_folder
 from loadtests.bench import cpu, earlier, memory
 from loadtests.bench.against import EARLIER, against_figures
 from loadtests.bench.compare import append_history, commit_of, comparison, history_entry
+from loadtests.bench.durable import durable_cost
 from loadtests.bench.readme import refresh_readme
 from loadtests.bench.report import (
     BUDGET_LEVEL_MAX,
@@ -97,7 +98,7 @@ DEFAULT_DURATION_S = 6.0
 DEFAULT_WARMUP_S = 1.0
 OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
 READY_STARTS = 2
-PARTS = ("explain", "cpu", "open-loop", "stages", "memory", "ranker", "ready")
+PARTS = ("explain", "cpu", "open-loop", "stages", "durable", "memory", "ranker", "ready")
 """What a run measures besides the main table; each can be skipped (--skip)."""
 EXTRAS = {"naive": "naive_graph", "no-audit": "rankgate_no_audit"}
 """Systems that join the run on request (--with)."""
@@ -486,6 +487,17 @@ def run_bench(
             if "stages" in parts:
                 say("• stage timings")
                 figures["stages"] = run.stages(urls[OURS], results)
+            if "durable" in parts:
+                say("• durable acknowledgements: consent writes with and without the fsync wait")
+                body = work.bodies[0]
+                figures["durable"] = durable_cost(
+                    urls[OURS].removesuffix("/v1/rank"),
+                    work.api_key,
+                    body,
+                    body["purpose"],
+                    work.env.home.namespace,
+                    repeats,
+                )
             if "memory" in parts:
                 stack = stack_memory(processes[OURS].pid, work.env)
             say("• stopping the servers")

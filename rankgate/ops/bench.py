@@ -52,6 +52,33 @@ class BenchOptions:
     """`--tolerance`: percent, for every figure or per figure (figure=percent,...)."""
     against_build: Path | None = None
     """`--against-build`: a checkout of an earlier build, measured in the same run."""
+    soak: str | None = None
+    """`--soak DURATION` ("2m", "1h"): the chaos soak instead (loadtests/soak/)."""
+    soak_share: float = 50.0
+    """`--soak-share`: percent of the measured peak the soak sends."""
+    soak_faults: str = ""
+    """`--soak-faults`: the faults of the soak's schedule (empty: all of them)."""
+
+    def soak_plan(self) -> tuple[float, tuple[str, ...]] | None:
+        """The soak's seconds and faults, checked (None: not a soak run)."""
+        if self.soak is None:
+            return None
+        from loadtests.loadtest import run_time_seconds
+        from loadtests.soak.faults import ALL
+
+        seconds = run_time_seconds(self.soak, "--soak")
+        if seconds < 60:
+            raise RankgateError(
+                f"--soak: {self.soak!r} is too short for a fault schedule (60 s at least)"
+            )
+        names = tuple(f.strip() for f in self.soak_faults.split(",") if f.strip()) or ALL
+        if unknown := [f for f in names if f not in ALL]:
+            raise RankgateError(
+                f"--soak-faults: unknown {', '.join(unknown)} (known: {', '.join(ALL)})"
+            )
+        if not 0 < self.soak_share <= 100:
+            raise RankgateError(f"--soak-share: {self.soak_share} is not a percent in (0, 100]")
+        return float(seconds), names
 
     def _main_benchmark_only(self, option: str, what: str) -> None:
         """`option` belongs to the main benchmark: an error when another is asked for."""
@@ -63,6 +90,7 @@ class BenchOptions:
                 ("--explain-sampling", self.explain_sampling),
                 ("--scale", bool(self.scale)),
                 ("--coverage", bool(self.coverage)),
+                ("--soak", self.soak is not None),
             )
             if chosen
         ]
@@ -163,6 +191,22 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
 
     against_build = options.earlier_build()
     output = options.output or results_folder()
+    if (soak := options.soak_plan()) is not None:
+        from loadtests.bench.run import command_line
+        from loadtests.soak.run import run_soak
+
+        run_setup(lambda _line: None, demo_consent=True)
+        seconds, faults = soak
+        run_soak(
+            seconds,
+            output,
+            say,
+            share=options.soak_share / 100.0,
+            faults=faults,
+            window_s=300.0 if seconds >= 1200 else max(20.0, seconds / 6),
+            command=command_line(),
+        )
+        return output / "soak.md", output / "soak.json"
     if options.coverage:
         from loadtests.coverage import coverage_benchmark
 
@@ -217,5 +261,7 @@ def check_regressions(figures: Path) -> None:
     from loadtests.bench.compare import failure
 
     report = json.loads(figures.read_text())
+    if failed := [name for name, ok in report.get("verdicts", {}).items() if not ok]:
+        raise RankgateError(f"soak: {'; '.join(failed)} failed (the report: {figures})")
     if why := failure(report.get("comparison")):
         raise RankgateError(f"--compare: {why}\n(this run's report: {figures})")

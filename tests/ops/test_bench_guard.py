@@ -229,11 +229,21 @@ def test_bad_compare_and_tolerance_options_name_the_option(tmp_path: Path) -> No
         ({"compare": tmp_path / "other.json"}, "--compare: .* is not a report of `rankgate bench`"),
         ({"compare": tmp_path / "bench.json", "overload": True}, "not --overload"),
         ({"tolerance": "fast"}, "--tolerance: 'fast' is not a percentage"),
+        ({"soak": "10 minutes"}, "--soak: '10 minutes' is not a duration like 30s"),
+        ({"soak": "30s"}, "--soak: '30s' is too short"),
+        ({"soak": "2m", "soak_faults": "redis_kill,meteor"}, "--soak-faults: unknown meteor"),
+        ({"soak": "2m", "soak_share": 150.0}, "--soak-share: 150.0 is not a percent"),
+        ({"compare": tmp_path / "bench.json", "soak": "2m"}, "not --soak"),
     ):
         with pytest.raises(RankgateError, match=why):
             chosen = options(**changes)
+            chosen.soak_plan()
             chosen.committed()
             chosen.tolerances()
+    assert options(soak="1h", soak_faults="redis_kill, canary").soak_plan() == (
+        3600.0,
+        ("redis_kill", "canary"),
+    )
     path, report = options(compare=tmp_path / "bench.json").committed() or (None, {})
     assert path == tmp_path / "bench.json" and report["rounds"] == 2
 
@@ -249,6 +259,11 @@ def test_check_regressions_is_the_commands_error(tmp_path: Path) -> None:
         check_regressions(figures)
     figures.write_text(json.dumps(current))  # no --compare: nothing to check
     check_regressions(figures)
+    # A soak's failed verdict is the command's error too.
+    soak = tmp_path / "soak.json"
+    soak.write_text(json.dumps({"verdicts": {"audit: 0 missing": True, "events: 0 lost": False}}))
+    with pytest.raises(RankgateError, match="soak: events: 0 lost failed"):
+        check_regressions(soak)
 
 
 # -- history and the README --------------------------------------------------------

@@ -179,6 +179,29 @@ def serve(
     "(click rates 0.3-5 %, 10^3-10^5 logged slots, random and softmax logging), "
     "REPLICATIONS per cell (500 for the published table), against the bootstrap.",
 )
+@click.option(
+    "--soak",
+    metavar="DURATION",
+    help="Instead: the chaos soak, e.g. 1h or 2m: open-loop realistic load (ranks, "
+    "explains, events, consent writes, key rotation) at --soak-share of the measured "
+    "peak while faults run (Redis killed and slowed, replicas and the consumer killed, "
+    "canary and rollback, policy redeploy, HAProxy reload), every record counted; "
+    "soak.md and soak.json in the results folder.",
+)
+@click.option(
+    "--soak-share",
+    type=click.FloatRange(min=0, max=100, min_open=True),
+    default=50.0,
+    show_default=True,
+    help="With --soak: percent of the measured peak sent.",
+)
+@click.option(
+    "--soak-faults",
+    default="",
+    metavar="NAMES",
+    help="With --soak: comma-separated faults (default: all of redis_kill, canary, "
+    "replica_kill, slow_redis, policy_redeploy, consumer_kill, rollback, haproxy_reload).",
+)
 @folder_option(
     "--scratch",
     help="With --scale: folder for its projects and homes, one per size (default: "
@@ -203,6 +226,9 @@ def bench(
     explain_sampling: bool,
     scale: tuple[str, ...],
     coverage: int | None,
+    soak: str | None,
+    soak_share: float,
+    soak_faults: str,
     scratch: Path | None,
 ) -> None:
     """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
@@ -230,6 +256,9 @@ def bench(
         compare=compare,
         tolerance=tolerance,
         against_build=against_build,
+        soak=soak,
+        soak_share=soak_share,
+        soak_faults=soak_faults,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

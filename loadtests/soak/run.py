@@ -1,0 +1,293 @@
+"""`rankgate bench --soak DURATION`: the whole run, from the peak to the report.
+
+1. A server of its own (two RankIngress replicas), or the one given (the suite's).
+2. The peak: closed-loop ranks at concurrency 8 for 8 s; the soak's rate is
+   `share` of it (50 % by default), for the whole mix.
+3. The traffic (loadtests/soak/traffic.py), the fault schedule
+   (loadtests/soak/faults.py), a key created, used and revoked every `key_every_s`,
+   the audit tail and the memory sampler, all at once, for `duration_s`.
+4. The counts (loadtests/soak/ledger_checks.py) and the report
+   (`<output>/soak.md`, `soak.json`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtests.bench.systems import request_bodies
+from loadtests.soak import faults as soak_faults
+from loadtests.soak.faults import Context, FaultRun
+from loadtests.soak.ledger_checks import (
+    AuditTail,
+    audit_counts,
+    consent_counts,
+    event_counts,
+    outcome_totals,
+)
+from loadtests.soak.memory import MemorySampler
+from loadtests.soak.report import render_markdown, requests_section, verdicts, windows_section
+from loadtests.soak.server import SoakServer, started
+from loadtests.soak.traffic import Traffic
+from rankgate.core import redis_keys
+from rankgate.core.pseudonym import user_key
+from rankgate.core.redis_server import connect
+from rankgate.governance.api_keys import ApiKeyStore, temporary_key
+from rankgate.governance.consent import ConsentState
+from rankgate.governance.policy import load_policy
+from rankgate.ops.environment import Environment
+from serving.ops.serve_config import ServeConfig
+
+Say = Callable[[str], None]
+PEAK_CONCURRENCY = 8
+PEAK_SECONDS = 8.0
+
+
+def denied_bodies(env: Environment, purpose: str, region: str) -> list[dict[str, Any]]:
+    ids = env.project.demo_user_ids()
+    states = env.consent.states([user_key(u) for u in ids], purpose)
+    return [
+        {"user_id": u, "purpose": purpose, "region": region, "k": 10}
+        for u, s in zip(ids, states, strict=True)
+        if s == ConsentState.DENIED
+    ][:200]
+
+
+def measure_peak(
+    base_url: str,
+    api_key: str,
+    granted: list[dict[str, Any]],
+    denied: list[dict[str, Any]],
+    purpose: str,
+) -> float:
+    """Answers per second of the soak's own mix, closed loop (no faults)."""
+    probe = Traffic(base_url, api_key, granted, denied, purpose, f"peak-{uuid.uuid4().hex[:6]}")
+    peak = asyncio.run(probe.closed(PEAK_CONCURRENCY, PEAK_SECONDS))
+    forget_people(probe)
+    return peak
+
+
+def forget_people(traffic: Traffic) -> None:
+    """The soak's made-up people leave no consent records behind."""
+    client = connect()
+    namespace = Environment.open().home.namespace
+    client.delete(*[redis_keys.consent(namespace, user_key(p)) for p in traffic.people])
+
+
+def key_refresh_s(server: SoakServer) -> float:
+    user_config = ServeConfig.read(server.config).ingress.get("user_config", {})
+    return float(user_config.get("auth", {}).get("refresh_s", 1.0))
+
+
+def key_cycles(
+    server: SoakServer,
+    traffic: Traffic,
+    body: dict[str, Any],
+    every_s: float,
+    stop: threading.Event,
+) -> list[dict[str, Any]]:
+    """A key created, used until it works, revoked and used until it is refused,
+    every `every_s`: how long each took, against the stated bound (`auth.refresh_s`)."""
+    cycles: list[dict[str, Any]] = []
+    purposes = list(load_policy().purposes)
+    bound = key_refresh_s(server)
+
+    def status(key: str) -> int:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.post(
+                f"{server.base_url}/v1/rank",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+                timeout=5,
+            ).status_code
+        return 0
+
+    def until(wanted: int, limit_s: float = 30.0) -> float | None:
+        started_at = time.monotonic()
+        while time.monotonic() - started_at < limit_s:
+            if status(key) == wanted:
+                return round(time.monotonic() - started_at, 2)
+            time.sleep(0.05)
+        return None
+
+    while not stop.wait(every_s):
+        try:
+            store = ApiKeyStore(connect(), server.home.namespace)
+            created = traffic.now()
+            key = store.create("soak-rotation", purposes, purposes)
+            accepted = until(200)
+            revoked = traffic.now()
+            store.revoke_key(key)
+            refused = until(401)
+        except Exception as exc:  # noqa: BLE001 - Redis down at that moment: say so
+            cycles.append(
+                {
+                    "created_at_s": round(traffic.now()),
+                    "error": str(exc)[:200],
+                    "accepted_after_s": None,
+                    "revoked_at_s": None,
+                    "refused_after_s": None,
+                    "bound_s": bound,
+                }
+            )
+            continue
+        cycles.append(
+            {
+                "created_at_s": round(created, 1),
+                "accepted_after_s": accepted,
+                "revoked_at_s": round(revoked, 1),
+                "refused_after_s": refused,
+                "bound_s": bound,
+            }
+        )
+    return cycles
+
+
+def versions(env: Environment, server: SoakServer) -> tuple[str, str]:
+    """(stable, another registered version) for the canary promotions."""
+    routing: Any = server.health().get("routing", {})
+    stable = next(
+        (v["version"] for v in routing.get("versions", []) if v.get("variant") == "stable"), ""
+    )
+    others = [v for v in env.models.versions() if v != stable]
+    return stable, (others[-1] if others else stable)
+
+
+@contextlib.contextmanager
+def soak_server(given: SoakServer | None, env: Environment, replicas: int) -> Iterator[SoakServer]:
+    if given is not None:
+        yield given
+        return
+    with started(env.home, replicas) as server:
+        yield server
+
+
+def run_soak(
+    duration_s: float,
+    output: Path,
+    say: Say,
+    *,
+    share: float = 0.5,
+    faults: tuple[str, ...] = soak_faults.ALL,
+    window_s: float = 300.0,
+    warmup_s: float | None = None,
+    key_every_s: float = 60.0,
+    server: SoakServer | None = None,
+    replicas: int = 2,
+    command: str = "",
+) -> dict[str, Any]:
+    env = Environment.open()
+    policy = load_policy()
+    purpose, region = next(iter(policy.purposes)), next(iter(policy.regions))
+    granted = request_bodies(env)
+    denied = denied_bodies(env, purpose, region)
+    warmup = warmup_s if warmup_s is not None else min(300.0, duration_s * 0.12)
+    namespace = env.home.namespace
+    with temporary_key("soak") as api_key, soak_server(server, env, replicas) as running:
+        say(f"• soak server at {running.base_url}")
+        peak = measure_peak(running.base_url, api_key, granted, denied, purpose)
+        rate = max(1.0, share * peak)
+        say(
+            f"• peak {peak:.1f} ranks/s: the soak sends {rate:.1f} requests/s for {duration_s:.0f} s"
+        )
+        run_id = uuid.uuid4().hex[:8]
+        traffic = Traffic(running.base_url, api_key, granted, denied, purpose, run_id)
+        ctx = Context(
+            running, traffic, versions(env, running), soak_faults.cli_environment(running)
+        )
+        plan = soak_faults.schedule(duration_s, faults, warmup)
+        say(f"• {len(plan)} faults: " + ", ".join(f"{name}@{at:.0f}s" for at, name in plan))
+        outcomes_before = outcome_totals(namespace)
+        stop = threading.Event()
+        keys: list[dict[str, Any]] = []
+        with AuditTail(namespace) as tail, MemorySampler(env.home.root) as memory:
+            driver = threading.Thread(
+                target=lambda: asyncio.run(traffic.run(rate, duration_s)), name="traffic"
+            )
+            driver.start()
+            while traffic.loop is None or traffic.started == 0.0:
+                time.sleep(0.05)
+            schedule = threading.Thread(
+                target=soak_faults.run_schedule, args=(ctx, plan, stop), name="faults"
+            )
+            schedule.start()
+            rotation = threading.Thread(
+                target=lambda: keys.extend(
+                    key_cycles(running, traffic, granted[0], key_every_s, stop)
+                ),
+                name="keys",
+            )
+            rotation.start()
+            driver.join()
+            say("• traffic done; waiting for the faults to recover")
+            stop.set()
+            schedule.join()
+            rotation.join()
+            say("• counting")
+            audit = audit_counts(traffic.ledger, tail)
+            events = event_counts(traffic.ledger, namespace, outcomes_before)
+            consent = consent_counts(traffic.ledger, namespace, purpose)
+            forget_people(traffic)
+        growth = memory.growth(warmup)
+    report: dict[str, Any] = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": f"{os.cpu_count()} cores, {platform.platform()}",
+        "duration_s": duration_s,
+        "warmup_s": warmup,
+        "window_s": window_s,
+        "peak_rps": peak,
+        "share": share,
+        "rate": rate,
+        "requests": requests_section(traffic.ledger, duration_s),
+        "driver_late": late_figures(traffic.late_ms, traffic.ledger),
+        "windows": windows_section(traffic.ledger, window_s),
+        "audit": audit,
+        "events": events,
+        "consent": consent,
+        "withdrawals_before_kills": {
+            k: ctx.withdrawals[k] for k in ("acknowledged", "read_back", "lost")
+        },
+        "keys": keys,
+        "faults": [fault_figures(f) for f in ctx.runs],
+        "memory": {"windows": memory.windows(window_s), "growth": growth},
+    }
+    report["verdicts"] = verdicts(report)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "soak.md").write_text(render_markdown(report))
+    return report
+
+
+def late_figures(late_ms: list[float], ledger: Any) -> dict[str, Any]:
+    """How far behind its schedule the driver sent: latencies count from the due
+    time, so a late driver would show as a slow server."""
+    sent = len(ledger.answers) + ledger.not_sent
+    return {
+        "late_share": round(len(late_ms) / max(1, sent), 4),
+        "p99_ms": round(sorted(late_ms)[int(0.99 * (len(late_ms) - 1))], 1) if late_ms else 0.0,
+        "max_ms": round(max(late_ms), 1) if late_ms else 0.0,
+    }
+
+
+def fault_figures(run: FaultRun) -> dict[str, Any]:
+    return {
+        "name": run.name,
+        "started": round(run.started, 1),
+        "ended": round(run.ended, 1),
+        "recovered_s": None if run.recovered_s is None else round(run.recovered_s, 2),
+        "detail": run.detail,
+        "error": run.error,
+    }

@@ -1,0 +1,121 @@
+"""The server a soak runs against: one it starts (`started`), or the test session's.
+
+A started server is `serve run` of a copy of the project's serve config in the
+home (`<home>/soak/serve_config.yaml`) with `replicas` RankIngress replicas (two by
+default: killing one of two is a fault a caller should not see), recorded in
+`<home>/ray/server.json` as `rankgate serve` records itself, so `rankgate model
+promote` and `rankgate policy deploy` apply to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from rankgate.core.home import Home
+from rankgate.core.redis_server import resolve_redis_url
+from serving.ops.launch import (
+    derived_config,
+    free_port,
+    project_serve_config,
+    ray_client_env,
+    serve_deploy_command,
+    serve_env,
+    serve_run_command,
+    start_server,
+    stop_server,
+)
+from serving.ops.serve_config import ServeConfig
+from serving.ops.supervisor import ServerInfo, dashboard_address
+
+
+@dataclass
+class SoakServer:
+    base_url: str
+    home: Home
+    config: Path
+    """The config the server runs (promotions edit it)."""
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    """None: a server the soak did not start (and does not stop)."""
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    def dashboard(self) -> str:
+        return dashboard_address(self.log.read_text(errors="replace")) or "http://127.0.0.1:8265"
+
+    def health(self) -> dict[str, object]:
+        answer: dict[str, object] = httpx.get(f"{self.base_url}/healthz", timeout=5).json()
+        return answer
+
+    def replicas(self) -> int:
+        return int(ServeConfig.read(self.config).ingress.get("num_replicas", 1))
+
+    def deploy_with_replicas(self, replicas: int) -> None:
+        """`serve deploy` of the running config with `replicas` RankIngress replicas
+        (what an operator scaling does): Ray reloads HAProxy with the new backends."""
+        config = derived_config(self.home, base=self.config, port=self.port, name="soak-scaled")
+        scaled = ServeConfig.read(config)
+        scaled.ingress["num_replicas"] = replicas
+        scaled.write()
+        env = serve_env(self.home, resolve_redis_url(), config=self.config)
+        subprocess.run(
+            serve_deploy_command(config, self.dashboard()),
+            env=ray_client_env(env),
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+
+
+def wait_healthy(
+    base_url: str, process: subprocess.Popen[bytes], log: Path, limit_s: float
+) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the soak's server exited ({process.returncode}); see {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"the soak's server was not healthy within {limit_s:.0f} s; see {log}")
+
+
+@contextlib.contextmanager
+def started(home: Home, replicas: int = 2) -> Iterator[SoakServer]:
+    """A server of `home` for the soak, stopped (its process group) afterwards."""
+    if ServerInfo.path(home).exists():
+        raise RuntimeError(
+            f"a server of {home.root} is running ({ServerInfo.path(home)}): the soak starts its "
+            "own; stop that one first"
+        )
+    folder = home.root / "soak"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "serve_config.yaml"
+    base.write_text(project_serve_config().read_text())
+    config = ServeConfig.read(base)
+    config.ingress["num_replicas"] = replicas
+    config.write()
+    port = free_port()
+    run_config = derived_config(home, base=base, port=port, name="soak")
+    log = folder / "serve.log"
+    process = start_server(
+        serve_run_command(run_config), serve_env(home, resolve_redis_url(), config=base), log
+    )
+    server = SoakServer(f"http://127.0.0.1:{port}", home, base, log, process)
+    try:
+        wait_healthy(server.base_url, process, log, 300)
+        ServerInfo(base, port, server.dashboard()).write(home)
+        yield server
+    finally:
+        ServerInfo.path(home).unlink(missing_ok=True)
+        stop_server(process)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from loadtests.ray_metrics import own_processes
 from loadtests.soak.server import SoakServer
 from loadtests.soak.traffic import Traffic
@@ -105,6 +107,16 @@ def rankgate(ctx: Context, *args: str) -> str:
 
 
 def personalized_after(ctx: Context, since: float) -> bool:
+    """A personalized answer to a request due after `since` (once the traffic is
+    over, a request of its own)."""
+    if ctx.traffic.done:
+        probe = httpx.post(
+            f"{ctx.server.base_url}/v1/rank",
+            json=ctx.traffic.granted[0],
+            headers=ctx.traffic.headers,
+            timeout=5,
+        )
+        return probe.status_code == 200 and not probe.json().get("fallback")
     answers = ctx.traffic.ledger.answers
     for answer in reversed(answers[-400:]):
         if answer.due < since:
@@ -217,18 +229,27 @@ def policy_redeploy(ctx: Context) -> Injected:
 
 def haproxy_reload(ctx: Context) -> Injected:
     before = haproxy_pids(ctx.server)
+    seen: set[int] = set()
     replicas = ctx.server.replicas()
+
+    def count(wanted: int) -> Callable[[], bool]:
+        def check() -> bool:
+            seen.update(haproxy_pids(ctx.server))  # each reload starts a new HAProxy
+            return len(processes(ctx.server, "ServeReplica:rankgate:RankIngress")) == wanted
+
+        return check
+
     ctx.server.deploy_with_replicas(replicas + 1)
-    wait_until(
-        lambda: len(processes(ctx.server, "ServeReplica:rankgate:RankIngress")) > replicas, 90
-    )
+    up = wait_until(count(replicas + 1), 90)
     ctx.server.deploy_with_replicas(replicas)
-    reloaded = wait_until(lambda: bool(haproxy_pids(ctx.server) - before), 30) is not None
+    down = wait_until(count(replicas), 90)
+    reloads = len(seen - before)
 
-    def scaled_back() -> bool:
-        return len(processes(ctx.server, "ServeReplica:rankgate:RankIngress")) == replicas
+    def took(seconds: float | None) -> str:
+        return "not within 90 s" if seconds is None else f"in {seconds:.1f} s"
 
-    return f"scaled to {replicas + 1} and back; HAProxy reloaded: {reloaded}", scaled_back
+    detail = f"scaled to {replicas + 1} replicas ({took(up)}) and back ({took(down)}); "
+    return detail + f"{reloads} new HAProxy processes (reloads)", count(replicas)
 
 
 FAULTS: dict[str, Callable[[Context], Injected]] = {

@@ -30,7 +30,7 @@ from rankgate.core.redis_server import connect
 from rankgate.governance.consent import ConsentState, ConsentStore
 from serving.events.intake import event_digest
 from serving.events.outcome_join import MARKER_PREFIX
-from serving.observe.outcomes import COUNTERS
+from serving.observe.outcomes import COUNTERS, outcome_keys
 
 READ_EVERY_S = 3.0
 PAGE = 5_000
@@ -105,20 +105,28 @@ def audit_counts(ledger: Ledger, tail: AuditTail) -> dict[str, int]:
     }
 
 
-def outcome_totals(namespace: str) -> int:
-    """Impressions and clicks counted over every version and variant."""
+def outcome_totals(namespace: str) -> dict[tuple[str, str], int]:
+    """Impressions and clicks counted per (version, variant)."""
     client: Any = connect()
-    total = 0
-    for key in client.scan_iter(match=redis_keys.outcomes_match(namespace), count=1000):
-        values = client.hmget(key, [COUNTERS["impression"], COUNTERS["click"]])
-        total += sum(int(v or 0) for v in values)
-    return total
+    totals = {}
+    for version, variant in outcome_keys(client, namespace):
+        raw = client.hmget(
+            redis_keys.outcomes(namespace, version, variant),
+            [COUNTERS["impression"], COUNTERS["click"]],
+        )
+        totals[(version, variant)] = sum(int(v or 0) for v in raw)
+    return totals
 
 
 def event_counts(
-    ledger: Ledger, namespace: str, outcomes_before: int, limit_s: float = 120.0
+    ledger: Ledger, namespace: str, before: dict[tuple[str, str], int], limit_s: float = 120.0
 ) -> dict[str, Any]:
-    """Joined, lost and double-counted outcome events, and the consumer's backlog."""
+    """Joined, lost and double-counted outcome events, and the consumer's backlog.
+
+    An event applied twice would count twice: per (version, variant), the counters
+    grew by more than the events marked in decisions of it. Canary counters are left
+    out of that check, as each new canary experiment starts them from zero
+    (serving/ops/promotion.py)."""
     client: Any = connect()
     stream = redis_keys.events(namespace)
     deadline = time.monotonic() + limit_s
@@ -128,17 +136,23 @@ def event_counts(
         pending = sum(int(g.get("pending", 0)) for g in groups)
         lag = sum(int(g.get("lag") or 0) for g in groups)
         marks = joined_marks(client, namespace, accepted.items())
-        if (marks == len(accepted) and pending == 0 and lag == 0) or time.monotonic() > deadline:
+        if sum(marks.values()) == len(accepted) and pending == 0 and lag == 0:
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(2.0)
-    counted = outcome_totals(namespace) - outcomes_before
+    after = outcome_totals(namespace)
+    joined = sum(marks.values())
+    checked = [key for key in marks if key[1] != "canary"]
+    counted = {key: after.get(key, 0) - before.get(key, 0) for key in checked}
     return {
         "accepted": len(accepted),
         "refused": ledger.refused_events,
-        "joined": marks,
-        "lost": len(accepted) - marks,
-        "counted": counted,
-        "applied_twice": max(0, counted - marks),
+        "joined": joined,
+        "lost": len(accepted) - joined,
+        "joined_by_variant": {f"{v}:{var}": n for (v, var), n in sorted(marks.items())},
+        "counted_by_variant": {f"{v}:{var}": n for (v, var), n in sorted(counted.items())},
+        "applied_twice": sum(max(0, counted[key] - marks[key]) for key in checked),
         "consumer_pending": pending,
         "consumer_lag": lag,
     }
@@ -146,27 +160,27 @@ def event_counts(
 
 def joined_marks(
     client: Any, namespace: str, accepted: Iterable[tuple[str, tuple[str, float]]]
-) -> int:
-    found = 0
+) -> Counter[tuple[str, str]]:
+    """Events marked in their decision's hash, per the decision's (version, variant)."""
+    found: Counter[tuple[str, str]] = Counter()
     batch: list[tuple[str, str]] = []
 
-    def flush() -> int:
+    def flush() -> None:
         with client.pipeline(transaction=False) as pipe:
             for event_id, request_id in batch:
-                pipe.hexists(
-                    redis_keys.decision(namespace, request_id),
-                    MARKER_PREFIX + event_digest(event_id),
-                )
-            hits = sum(1 for hit in pipe.execute() if hit)
+                key = redis_keys.decision(namespace, request_id)
+                pipe.hmget(key, ["v", "var", MARKER_PREFIX + event_digest(event_id)])
+            for version, variant, mark in pipe.execute():
+                if mark is not None:
+                    found[((version or b"").decode(), (variant or b"").decode())] += 1
         batch.clear()
-        return hits
 
     for event_id, (request_id, _) in accepted:
         batch.append((event_id, request_id))
         if len(batch) >= 2_000:
-            found += flush()
+            flush()
     if batch:
-        found += flush()
+        flush()
     return found
 
 

@@ -53,8 +53,9 @@ def process_name(command: bytes) -> str:
     for name in NAMES:
         if name in joined:
             at = joined.index(name)
-            word = joined[at:].split(b" ")[0]
-            return word.decode(errors="replace")
+            word = joined[at:].split(b" ")[0].decode(errors="replace")
+            # Ray titles an actor by the method it runs (`ServeController.apply_config`).
+            return word.split(".")[0] if word.startswith("Serve") else word
     return Path(parts[0].decode(errors="replace")).name
 
 

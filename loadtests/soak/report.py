@@ -156,7 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "events",
                 (
                     f"{e['accepted']:,} accepted (202), {e['refused']} refused; joined "
-                    f"{e['joined']:,}, lost {e['lost']}, counted {e['counted']:,}, applied twice "
+                    f"{e['joined']:,}, lost {e['lost']}, applied twice "
                     f"{e['applied_twice']}; consumer pending {e['consumer_pending']}, lag {e['consumer_lag']}"
                 ),
             ],

@@ -1,8 +1,8 @@
 """`rankgate bench --soak DURATION`: the whole run, from the peak to the report.
 
 1. A server of its own (two RankIngress replicas), or the one given (the suite's).
-2. The peak: closed-loop ranks at concurrency 8 for 8 s; the soak's rate is
-   `share` of it (50 % by default), for the whole mix.
+2. The peak: the soak's own mix, closed loop at concurrency 8 for 8 s (answers
+   per second); the soak's rate is `share` of it (50 % by default).
 3. The traffic (loadtests/soak/traffic.py), the fault schedule
    (loadtests/soak/faults.py), a key created, used and revoked every `key_every_s`,
    the audit tail and the memory sampler, all at once, for `duration_s`.
@@ -200,7 +200,8 @@ def run_soak(
         peak = measure_peak(running.base_url, api_key, granted, denied, purpose)
         rate = max(1.0, share * peak)
         say(
-            f"• peak {peak:.1f} ranks/s: the soak sends {rate:.1f} requests/s for {duration_s:.0f} s"
+            f"• the mix's peak: {peak:.1f} answers/s; the soak sends {rate:.1f} requests/s "
+            f"for {duration_s:.0f} s"
         )
         run_id = uuid.uuid4().hex[:8]
         traffic = Traffic(running.base_url, api_key, granted, denied, purpose, run_id)

@@ -108,6 +108,8 @@ class Traffic:
         self.session: aiohttp.ClientSession | None = None
         self.outstanding = 0
         self.sequence = 0
+        self.done = False
+        """True once the arrivals are over (the faults then probe on their own)."""
         self.late_ms: list[float] = []
         """How late the driver sent the requests it sent late (ms past their due time)."""
 
@@ -290,6 +292,7 @@ class Traffic:
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.wait(tasks, timeout=TIMEOUT_S + 5)
+        self.done = True
 
     def call(self, coroutine: Any, timeout_s: float = 30.0) -> Any:
         """Run `coroutine` on the traffic's loop from another thread (the faults)."""

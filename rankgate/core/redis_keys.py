@@ -118,11 +118,6 @@ def outcomes(namespace: str, version: str, variant: str) -> str:
     return f"{namespace}:outcomes:{version}:{variant}"
 
 
-def outcomes_match(namespace: str) -> str:
-    """A SCAN pattern of every `outcomes` hash of the namespace."""
-    return glob_escape(f"{namespace}:outcomes:") + "*"
-
-
 def outcomes_unjoined(namespace: str) -> str:
     return f"{namespace}:outcomes_unjoined"
 

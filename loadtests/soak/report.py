@@ -112,7 +112,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['duration_s']:.0f} s of open-loop load at {r['rate']:.1f} requests/s "
             f"({r['share']:.0%} of the mix's measured peak of {r['peak_rps']:.1f} answers/s), with "
             f"{len(r['faults'])} faults; measured {r['measured_at']} on {r['machine']}. "
-            f"Command: `{r['command']}`."
+            f"Command: `{r['command']}`. {r['replicas']} RankIngress replica(s), "
+            f"`audit.before_answer: {str(r['audit_before_answer']).lower()}`."
         ),
         "",
         "## Verdicts",
@@ -239,6 +240,4 @@ def render_markdown(report: dict[str, Any]) -> str:
             for name, row in mem["windows"].items()
         ],
     )
-    if r.get("findings"):
-        lines += ["", "## Findings", ""] + [f"- {f}" for f in r["findings"]]
     return "\n".join(lines) + "\n"

@@ -252,6 +252,8 @@ def run_soak(
         "peak_rps": peak,
         "share": share,
         "rate": rate,
+        "replicas": running.replicas(),
+        "audit_before_answer": running.audit_before_answer(),
         "requests": requests_section(traffic.ledger, duration_s),
         "driver_late": late_figures(traffic.late_ms, traffic.ledger),
         "windows": windows_section(traffic.ledger, window_s),

@@ -2,7 +2,8 @@
 
 A started server is `serve run` of a copy of the project's serve config in the
 home (`<home>/soak/serve_config.yaml`) with `replicas` RankIngress replicas (two by
-default: killing one of two is a fault a caller should not see), recorded in
+default: killing one of two is a fault a caller should not see) and
+`audit.before_answer: true`, recorded in
 `<home>/ray/server.json` as `rankgate serve` records itself, so `rankgate model
 promote` and `rankgate policy deploy` apply to it.
 """
@@ -56,6 +57,10 @@ class SoakServer:
         answer: dict[str, object] = httpx.get(f"{self.base_url}/healthz", timeout=5).json()
         return answer
 
+    def audit_before_answer(self) -> bool:
+        user_config = ServeConfig.read(self.config).ingress.get("user_config", {})
+        return bool(user_config.get("audit", {}).get("before_answer", False))
+
     def replicas(self) -> int:
         return int(ServeConfig.read(self.config).ingress.get("num_replicas", 1))
 
@@ -104,6 +109,11 @@ def started(home: Home, replicas: int = 2) -> Iterator[SoakServer]:
     base.write_text(project_serve_config().read_text())
     config = ServeConfig.read(base)
     config.ingress["num_replicas"] = replicas
+    # Every answered decision has its record before the answer leaves (docs/cluster.md,
+    # Node loss): with the default, a replica killed takes the records it had not
+    # written yet with it, which the soak's audit count would (and did) show.
+    audit = config.ingress.setdefault("user_config", {}).setdefault("audit", {})
+    audit["before_answer"] = True
     config.write()
     port = free_port()
     run_config = derived_config(home, base=base, port=port, name="soak")

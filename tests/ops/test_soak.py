@@ -1,0 +1,116 @@
+"""The soak's plain parts, in milliseconds: its fault schedule, what counts as a
+documented answer, memory growth per hour, and the report's verdicts."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loadtests.soak.faults import ALL, SHORT, schedule
+from loadtests.soak.memory import MemorySampler, process_name
+from loadtests.soak.report import documented, requests_section, verdicts, windows_section
+from loadtests.soak.traffic import Answer, Ledger
+
+
+def test_an_hour_runs_every_fault_more_than_once_some_overlapping() -> None:
+    plan = schedule(3600.0, ALL, 300.0)
+    runs = Counter(name for _, name in plan)
+    assert set(runs) == set(ALL) and min(runs.values()) >= 2, runs
+    assert plan[0][0] == 300.0 and plan[-1][0] < 3600.0 - 250  # warm-up, then a quiet tail
+    starts = [at for at, _ in plan]
+    assert any(b - a < 5.0 for a, b in itertools.pairwise(starts))  # overlaps
+    # Every rollback follows a canary of its round.
+    canaries = [at for at, name in plan if name == "canary"]
+    rollbacks = [at for at, name in plan if name == "rollback"]
+    assert all(c < r for c, r in zip(canaries, rollbacks, strict=True))
+
+
+def test_the_short_variant_runs_each_of_its_faults_once() -> None:
+    plan = schedule(90.0, SHORT, 8.0)
+    assert sorted(name for _, name in plan) == sorted(SHORT)
+    assert all(8.0 <= at < 90.0 - 20.0 for at, _ in plan)
+
+
+def test_only_200_202_4xx_and_503_with_retry_after_are_documented() -> None:
+    def answer(status: int, retry_after: bool = False) -> Answer:
+        return Answer("rank", 0.0, 1.0, status, "x", retry_after)
+
+    assert all(documented(answer(s)) for s in (200, 202, 401, 422))
+    assert documented(answer(503, retry_after=True))
+    assert not any(documented(answer(s)) for s in (0, 500, 502, 503))
+
+
+def test_growth_per_hour_is_the_slope_after_warm_up(tmp_path: Path) -> None:
+    sampler = MemorySampler(tmp_path)
+    mb = 2**20
+    # 100 MB growing 10 MB an hour over 20 minutes after a 5-minute warm-up, sampled
+    # every 10 s; a second process lives only 5 minutes: no figure for it.
+    sampler.samples[("raylet", 1)] = [
+        (t, int((100 + 10 * t / 3600) * mb)) for t in range(0, 1500, 10)
+    ]
+    sampler.samples[("ServeReplica:rankgate:RankIngress", 2)] = [
+        (t, 400 * mb) for t in range(900, 1200, 10)
+    ]
+    growth = sampler.growth(300.0)
+    raylet = growth["raylet (1)"]
+    assert abs(raylet["growth_mb_per_hour"] - 10.0) < 0.01
+    assert abs(raylet["growth_percent_per_hour"] - 10.0 / 100.83 * 100) < 0.1
+    assert "growth_percent_per_hour" not in growth["ServeReplica:rankgate:RankIngress (2)"]
+    windows = sampler.windows(300.0)
+    assert (
+        len(windows["raylet (1)"]) == 5
+        and windows["ServeReplica:rankgate:RankIngress (2)"][0] is None
+    )
+
+
+def test_processes_are_named_by_what_they_run() -> None:
+    assert process_name(b"ray::ServeController.listen_for_change\0") == "ServeController"
+    assert (
+        process_name(b"ray::ServeReplica:rankgate:RankIngress.reconfigure\0")
+        == "ServeReplica:rankgate:RankIngress"
+    )
+    assert process_name(b"/opt/valkey-server\x00127.0.0.1:6379\x00") == "valkey-server"
+
+
+def report_of(**changes: Any) -> dict[str, Any]:
+    ledger = Ledger(
+        answers=[
+            Answer("rank", 1.0, 5.0, 200, "personalized", request_id="a"),
+            Answer("rank", 2.0, 7.0, 200, "fallback:consent_unavailable", request_id="b"),
+            Answer("consent", 3.0, 30.0, 503, "consent_store_unavailable", retry_after=True),
+        ]
+    )
+    report: dict[str, Any] = {
+        "requests": requests_section(ledger, 10.0),
+        "windows": windows_section(ledger, 5.0),
+        "audit": {"missing": 0, "duplicated": 0},
+        "events": {"lost": 0, "applied_twice": 0},
+        "consent": {"lost": 0},
+        "withdrawals_before_kills": {"lost": 0},
+        "keys": [{"refused_after_s": 0.4, "bound_s": 1.0}],
+        "memory": {"growth": {"raylet (1)": {"growth_percent_per_hour": 1.2}}},
+        "faults": [{"recovered_s": 3.0}],
+    }
+    return report | changes
+
+
+def test_the_verdicts_pass_only_on_zero_losses_and_documented_answers() -> None:
+    report = report_of()
+    assert report["requests"]["other_than_200"] == {
+        "503 consent_store_unavailable (Retry-After)": 1
+    }
+    assert report["windows"][0]["answers"] == {"personalized": 1, "fallback:consent_unavailable": 1}
+    assert all(verdicts(report).values())
+    failing = {
+        "audit: 0 missing, 0 duplicated": {"audit": {"missing": 1, "duplicated": 0}},
+        "events: 0 lost, 0 applied twice": {"events": {"lost": 0, "applied_twice": 2}},
+        "keys: revoked keys refused within the bound": {
+            "keys": [{"refused_after_s": None, "bound_s": 1.0}]
+        },
+        "faults: every one recovered": {"faults": [{"recovered_s": None}]},
+    }
+    for name, change in failing.items():
+        judged = verdicts(report_of(**change))
+        assert not judged[name] and sum(not ok for ok in judged.values()) == 1, name

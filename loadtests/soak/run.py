@@ -156,13 +156,14 @@ def key_cycles(
 
 
 def versions(env: Environment, server: SoakServer) -> tuple[str, str]:
-    """(stable, another registered version) for the canary promotions."""
+    """(stable, the version the canaries promote): a version the routing already
+    names (an alternate, a canary), else another registered one."""
     routing: Any = server.health().get("routing", {})
-    stable = next(
-        (v["version"] for v in routing.get("versions", []) if v.get("variant") == "stable"), ""
-    )
-    others = [v for v in env.models.versions() if v != stable]
-    return stable, (others[-1] if others else stable)
+    routed = routing.get("versions", [])
+    stable = next((v["version"] for v in routed if v.get("role") == "stable"), "")
+    known = [v["version"] for v in routed if v.get("role") in ("alternate", "canary")]
+    others = known + [v for v in env.models.versions() if v not in (stable, *known)]
+    return stable, (others[0] if others else stable)
 
 
 @contextlib.contextmanager

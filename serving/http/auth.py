@@ -81,8 +81,13 @@ class KeyCache:
             self.refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def _refresh_forever(self) -> None:
+        started = time.monotonic()
         while True:
-            await asyncio.sleep(self.every_s if self.table is not None else RETRY_UNLOADED_S)
+            # Every `every_s` from the start of the last read, not from its end: a read
+            # that takes a while under load does not stretch how long a revoked key works.
+            wait = self.every_s if self.table is not None else RETRY_UNLOADED_S
+            await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
+            started = time.monotonic()
             await self._reload()
 
     async def authenticate(self, token: str | None) -> ApiKey:

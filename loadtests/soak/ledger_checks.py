@@ -105,6 +105,19 @@ def audit_counts(ledger: Ledger, tail: AuditTail) -> dict[str, int]:
     }
 
 
+def drained(namespace: str, limit_s: float = 60.0) -> bool:
+    """Wait until the consumer has applied everything (nothing pending, no lag): the
+    counters are then a baseline no earlier event will still move."""
+    client: Any = connect()
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        groups = client.xinfo_groups(redis_keys.events(namespace))
+        if all(int(g.get("pending", 0)) == 0 and int(g.get("lag") or 0) == 0 for g in groups):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def outcome_totals(namespace: str) -> dict[tuple[str, str], int]:
     """Impressions and clicks counted per (version, variant)."""
     client: Any = connect()

@@ -7,13 +7,15 @@ it runs (`ServeReplica:rankgate:RankIngress`, `raylet`, `valkey-server`...), wit
 its pid, since a fault may replace it.
 
 Growth per hour is the slope of a least-squares line through a process's samples
-after the warm-up, as a share of its resident memory when the warm-up ended; a
-process that lived less than `MIN_LIFE_S` after the warm-up (started by a fault
-late in the run) has no figure.
+after the warm-up (the run's, and for a process started later, such as a replica a
+fault replaced, its own first `warmup_s`), as a share of its resident memory when
+the warm-up ended; a process that lived less than `MIN_LIFE_S` after it has no
+figure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -69,6 +71,7 @@ def rss_bytes(pid: int) -> int | None:
 @dataclass
 class MemorySampler:
     home: Path
+    redis_pid_file: Path | None = None
     started: float = field(default_factory=time.monotonic)
     samples: dict[tuple[str, int], list[tuple[float, int]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -77,7 +80,14 @@ class MemorySampler:
 
     def sample(self) -> None:
         now = time.monotonic() - self.started
-        for pid, command in own_processes(self.home, b""):
+        found = own_processes(self.home, b"")
+        # The embedded Redis writes its process title over its environment: found by
+        # its pid file instead.
+        with contextlib.suppress(OSError, ValueError):
+            redis_pid = int(self.redis_pid_file.read_text().strip()) if self.redis_pid_file else 0
+            if redis_pid and redis_pid not in {pid for pid, _ in found}:
+                found.append((redis_pid, b"valkey-server"))
+        for pid, command in found:
             if pid == os.getpid():
                 continue
             rss = rss_bytes(pid)
@@ -116,7 +126,10 @@ class MemorySampler:
         """Per process: MB after warm-up, MB at the end, growth per hour (MB and %)."""
         out: dict[str, dict[str, Any]] = {}
         for (name, pid), series in sorted(self.samples.items()):
-            after = [(t, r) for t, r in series if t >= warmup_s]
+            # After the run's warm-up and the process's own (a replica a fault replaced
+            # loads its models and fills its caches first, as at the start).
+            since = max(warmup_s, series[0][0] + warmup_s if series[0][0] > 0 else 0.0)
+            after = [(t, r) for t, r in series if t >= since]
             label = f"{name} ({pid})"
             if len(after) < 3 or after[-1][0] - after[0][0] < MIN_LIFE_S:
                 out[label] = {"lived_s": round(after[-1][0] - after[0][0]) if after else 0}

@@ -31,7 +31,19 @@ def requests_section(ledger: Ledger, duration_s: float) -> dict[str, Any]:
     undocumented: Counter[str] = Counter(
         f"{a.status} {a.what}" for a in ledger.answers if not documented(a)
     )
+    examples = [
+        {
+            "due_s": round(a.due, 1),
+            "kind": a.kind,
+            "status": a.status,
+            "what": a.what,
+            "body": a.body,
+        }
+        for a in ledger.answers
+        if not documented(a)
+    ][:50]
     return {
+        "undocumented_examples": examples,
         "sent": sum(sent.values()) + ledger.not_sent,
         "answered": len(ledger.answers),
         "not_sent_backlog": ledger.not_sent,
@@ -83,8 +95,9 @@ def verdicts(report: dict[str, Any]) -> dict[str, bool]:
         "audit: 0 missing, 0 duplicated": audit["missing"] == 0 and audit["duplicated"] == 0,
         "events: 0 lost, 0 applied twice": events["lost"] == 0 and events["applied_twice"] == 0,
         "consent: 0 acknowledged writes lost": consent["lost"] == 0 and withdrawals["lost"] == 0,
-        "keys: revoked keys refused within the bound": all(
-            k["refused_after_s"] is not None and k["refused_after_s"] <= k["bound_s"]
+        "keys: no revoked key accepted past the bound": all(
+            k["refused_after_s"] is not None
+            and (k.get("last_accepted_sent_s") or 0.0) <= k["bound_s"]
             for k in report["keys"]
         ),
         f"responses: only the documented ones ({DOCUMENTED})": not report["requests"][
@@ -180,12 +193,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     )
     lines += ["", "## Keys", ""]
     lines += table(
-        ["created at s", "accepted after s", "revoked at s", "refused after s", "bound s"],
+        [
+            "created at s",
+            "accepted after s",
+            "revoked at s",
+            "last accepted request sent after s",
+            "first refusal back after s",
+            "bound s",
+        ],
         [
             [
                 k["created_at_s"],
                 k["accepted_after_s"],
                 k["revoked_at_s"],
+                k.get("last_accepted_sent_s"),
                 k["refused_after_s"],
                 k["bound_s"],
             ]

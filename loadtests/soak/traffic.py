@@ -50,6 +50,8 @@ class Answer:
     status the answer's `error` (`http_<status>` without one, or the exception)."""
     retry_after: bool = False
     request_id: str = ""
+    body: str = ""
+    """The start of an answer that was not JSON (what the edge said)."""
 
 
 @dataclass
@@ -126,8 +128,8 @@ class Traffic:
                 raw = await response.read()
                 try:
                     payload = json.loads(raw) if raw else {}
-                except ValueError:
-                    payload = {"error": "not_json"}
+                except ValueError:  # an answer of the edge (HAProxy), not of rankgate
+                    payload = {"error": "not_json", "body": raw[:160].decode(errors="replace")}
                 return response.status, payload, "retry-after" in response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             return 0, {"error": type(exc).__name__}, False
@@ -153,7 +155,12 @@ class Traffic:
             self.keep(kind, due, status, what, request_id=request_id)
         else:
             self.keep(
-                kind, due, status, str(payload.get("error", f"http_{status}")), retry_after=retry
+                kind,
+                due,
+                status,
+                str(payload.get("error", f"http_{status}")),
+                retry_after=retry,
+                body=str(payload.get("body", "")),
             )
 
     async def events(self, due: float) -> None:
@@ -186,6 +193,7 @@ class Traffic:
                 status,
                 str(payload.get("error", f"http_{status}")),
                 retry_after=retry,
+                body=str(payload.get("body", "")),
             )
 
     async def consent(
@@ -212,7 +220,12 @@ class Traffic:
         if status >= 500 or status == 0:
             self.ledger.uncertain.add(person)
         self.keep(
-            "consent", due, status, str(payload.get("error", f"http_{status}")), retry_after=retry
+            "consent",
+            due,
+            status,
+            str(payload.get("error", f"http_{status}")),
+            retry_after=retry,
+            body=str(payload.get("body", "")),
         )
         return False
 

@@ -65,7 +65,7 @@ from serving.runtime import ReplicaRuntime
 
 logger = logging.getLogger("ray.serve")
 GROUP = "rankgate-consumer"
-RETRY_WAITING_S = 1.0
+RETRY_WAITING_S = 2.0
 """How often outcomes waiting for their decision are joined again (outcome_join.LATE_DECISION_S)."""
 
 

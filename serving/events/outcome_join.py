@@ -56,13 +56,15 @@ from serving.observe.metrics import Metrics
 from serving.observe.outcomes import COUNTERS, outcome_roles
 
 MARKER_PREFIX = "o:"
-LATE_DECISION_S = 300.0
+LATE_DECISION_S = 60.0
 """How long an outcome waits for its decision. A decision is written beside its audit
 record, after the answer, by a background writer that keeps records in memory while
 Redis is away: an impression sent right after the answer can reach the consumer
 first. Such an event stays pending in the stream and is joined again (every
 `RETRY_WAITING_S`, serving/events/consumer.py) until its decision is there; past
-this age it is counted `unknown_request`."""
+this age it is counted `unknown_request`. An outcome of a decision that will never
+come (a made-up or expired request id) stays pending that long: the waiting entries
+are at most a minute's worth of such outcomes."""
 DECISION_FIELDS = ("u", "v", "var", "items")
 JOINED_FLAG = "joined"
 

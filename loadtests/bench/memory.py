@@ -34,7 +34,8 @@ def process_label(name: str, cmdline: list[str]) -> str:
         return name
     first = cmdline[0]
     if first.startswith(("ray::", "ray-dashboard-")):
-        return first.split(" ")[0]
+        # Ray titles an actor by the method it runs now (`ray::ServeController.apply_config`).
+        return first.split(" ")[0].split(".")[0]
     program = os.path.basename(first.split(" ")[0])
     if not program.startswith("python"):
         return program or name

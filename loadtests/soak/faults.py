@@ -93,6 +93,8 @@ def haproxy_pids(server: SoakServer) -> set[int]:
 
 
 def rankgate(ctx: Context, *args: str) -> str:
+    """The operator's command, as an operator runs it: in a process of its own, so that
+    a promotion's model checks never hold the traffic driver's interpreter."""
     result = subprocess.run(
         [sys.executable, "-m", "rankgate.cli", *args],
         env=ctx.cli_env,

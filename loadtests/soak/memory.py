@@ -1,10 +1,11 @@
 """Resident memory of every process of the stack over the soak.
 
-Every `EVERY_S` the sampler reads /proc/<pid>/statm of each process whose
-environment names the home (Ray's GCS, raylet, dashboard and agents, the Serve
-controller, HAProxy, every replica, the embedded Redis). A process is named by what
-it runs (`ServeReplica:rankgate:RankIngress`, `raylet`, `valkey-server`...), with
-its pid, since a fault may replace it.
+Every `EVERY_S` the sampler measures the stack as the benchmark does
+(loadtests/bench/memory.py): the process tree of the server's `serve run` (Ray's
+GCS, raylet, dashboard and agents, the Serve controller, HAProxy, every replica)
+and the embedded Redis. A process is named by what it runs
+(`ray::ServeReplica:rankgate:RankIngress`, `raylet`, `valkey-server`...), with its
+pid, since a fault may replace it.
 
 Growth per hour is the slope of a least-squares line through a process's samples
 after the warm-up (the run's, and for a process started later, such as a replica a
@@ -15,63 +16,29 @@ figure.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
-from loadtests.ray_metrics import own_processes
+from loadtests.bench import memory
 
 EVERY_S = 10.0
 MIN_LIFE_S = 600.0
-PAGE = os.sysconf("SC_PAGE_SIZE")
-NAMES = (
-    b"ServeReplica:",
-    b"ServeController",
-    b"HAProxyManager",
-    b"ProxyActor",
-    b"gcs_server",
-    b"raylet",
-    b"dashboard",
-    b"runtime_env",
-    b"log_monitor",
-    b"monitor.py",
-    b"valkey-server",
-    b"haproxy",
-    b"serving.ops.supervisor",
-    b"serve run",
-)
-
-
-def process_name(command: bytes) -> str:
-    parts = command.split(b"\0")
-    joined = b" ".join(parts)
-    for name in NAMES:
-        if name in joined:
-            at = joined.index(name)
-            word = joined[at:].split(b" ")[0].decode(errors="replace")
-            # Ray titles an actor by the method it runs (`ServeController.apply_config`).
-            return word.split(".")[0] if word.startswith("Serve") else word
-    return Path(parts[0].decode(errors="replace")).name
-
-
-def rss_bytes(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @dataclass
 class MemorySampler:
-    home: Path
-    redis_pid_file: Path | None = None
+    roots: list[int]
+    """The server's process (`serve run`): its tree is the stack (loadtests/bench/memory.py)."""
+    extra: Callable[[], list[int]] = list
+    """Processes outside that tree, asked at each sample (the embedded Redis, restarted
+    by faults under a new pid)."""
     started: float = field(default_factory=time.monotonic)
     samples: dict[tuple[str, int], list[tuple[float, int]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -80,19 +47,9 @@ class MemorySampler:
 
     def sample(self) -> None:
         now = time.monotonic() - self.started
-        found = own_processes(self.home, b"")
-        # The embedded Redis writes its process title over its environment: found by
-        # its pid file instead.
-        with contextlib.suppress(OSError, ValueError):
-            redis_pid = int(self.redis_pid_file.read_text().strip()) if self.redis_pid_file else 0
-            if redis_pid and redis_pid not in {pid for pid, _ in found}:
-                found.append((redis_pid, b"valkey-server"))
-        for pid, command in found:
-            if pid == os.getpid():
-                continue
-            rss = rss_bytes(pid)
-            if rss is not None:
-                self.samples[(process_name(command), pid)].append((now, rss))
+        for process in memory.stack(self.roots, self.extra()):
+            if process.pid != os.getpid():
+                self.samples[(process.name, process.pid)].append((now, process.rss_bytes))
 
     def run(self) -> None:
         while not self.stop.is_set():

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from loadtests.bench.run import redis_pid
 from loadtests.bench.systems import request_bodies
 from loadtests.soak import faults as soak_faults
 from loadtests.soak.faults import Context, FaultRun
@@ -176,11 +177,13 @@ def versions(env: Environment, server: SoakServer) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def soak_server(given: SoakServer | None, env: Environment, replicas: int) -> Iterator[SoakServer]:
+def soak_server(
+    given: SoakServer | None, env: Environment, body: dict[str, Any], api_key: str, replicas: int
+) -> Iterator[SoakServer]:
     if given is not None:
         yield given
         return
-    with started(env.home, replicas) as server:
+    with started(env.home, body, api_key, replicas) as server:
         yield server
 
 
@@ -205,7 +208,10 @@ def run_soak(
     denied = denied_bodies(env, purpose, region)
     warmup = warmup_s if warmup_s is not None else min(300.0, duration_s * 0.12)
     namespace = env.home.namespace
-    with temporary_key("soak") as api_key, soak_server(server, env, replicas) as running:
+    with (
+        temporary_key("soak") as api_key,
+        soak_server(server, env, granted[0], api_key, replicas) as running,
+    ):
         say(f"• soak server at {running.base_url}")
         peak = measure_peak(running.base_url, api_key, granted, denied, purpose)
         rate = max(1.0, share * peak)
@@ -226,7 +232,10 @@ def run_soak(
         keys: list[dict[str, Any]] = []
         with (
             AuditTail(namespace) as tail,
-            MemorySampler(env.home.root, env.home.redis_dir / "valkey.pid") as memory,
+            MemorySampler(
+                [running.process.pid] if running.process else [],
+                lambda: [pid] if (pid := redis_pid(env)) is not None else [],
+            ) as memory,
         ):
             driver = threading.Thread(
                 target=lambda: asyncio.run(traffic.run(rate, duration_s)), name="traffic"

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
-
+from loadtests.bench.systems import wait_ready
 from rankgate.core.home import Home
 from rankgate.core.redis_server import resolve_redis_url
 from serving.ops.launch import (
@@ -44,7 +43,7 @@ class SoakServer:
     """The config the server runs (promotions edit it)."""
     log: Path
     process: subprocess.Popen[bytes] | None = None
-    """None: a server the soak did not start (and does not stop)."""
+    """Its `serve run`, whose process tree is the stack the soak samples (None: not known)."""
 
     @property
     def port(self) -> int:
@@ -53,9 +52,9 @@ class SoakServer:
     def dashboard(self) -> str:
         return dashboard_address(self.log.read_text(errors="replace")) or "http://127.0.0.1:8265"
 
-    def health(self) -> dict[str, object]:
-        answer: dict[str, object] = httpx.get(f"{self.base_url}/healthz", timeout=5).json()
-        return answer
+    def health(self) -> dict[str, Any]:
+        """/healthz's answer; empty while the server does not answer it."""
+        return ServerInfo(self.config, self.port, "").health() or {}
 
     def audit_before_answer(self) -> bool:
         user_config = ServeConfig.read(self.config).ingress.get("user_config", {})
@@ -81,23 +80,12 @@ class SoakServer:
         )
 
 
-def wait_healthy(
-    base_url: str, process: subprocess.Popen[bytes], log: Path, limit_s: float
-) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the soak's server exited ({process.returncode}); see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"the soak's server was not healthy within {limit_s:.0f} s; see {log}")
-
-
 @contextlib.contextmanager
-def started(home: Home, replicas: int = 2) -> Iterator[SoakServer]:
-    """A server of `home` for the soak, stopped (its process group) afterwards."""
+def started(
+    home: Home, body: dict[str, Any], api_key: str, replicas: int = 2
+) -> Iterator[SoakServer]:
+    """A server of `home` for the soak, once it ranks `body`; stopped (its process
+    group) afterwards."""
     if ServerInfo.path(home).exists():
         raise RuntimeError(
             f"a server of {home.root} is running ({ServerInfo.path(home)}): the soak starts its "
@@ -123,7 +111,7 @@ def started(home: Home, replicas: int = 2) -> Iterator[SoakServer]:
     )
     server = SoakServer(f"http://127.0.0.1:{port}", home, base, log, process)
     try:
-        wait_healthy(server.base_url, process, log, 300)
+        wait_ready(f"{server.base_url}/v1/rank", body, process, log, api_key, timeout_s=300)
         ServerInfo(base, port, server.dashboard()).write(home)
         yield server
     finally:

@@ -73,7 +73,6 @@ class Ledger:
     """soak person -> the last decision acknowledged (200)."""
     uncertain: set[str] = field(default_factory=set)
     """Soak people with a write not acknowledged: whatever they hold is allowed."""
-    withdrawals_before_kills: list[str] = field(default_factory=list)
     not_sent: int = 0
 
     def rank_answers(self) -> list[Answer]:
@@ -139,6 +138,13 @@ class Traffic:
         latency = (time.monotonic() - self.started - due) * 1000.0
         self.ledger.answers.append(Answer(kind, due, latency, status, what, **more))
 
+    def refused(
+        self, kind: str, due: float, status: int, payload: dict[str, Any], retry: bool
+    ) -> None:
+        """Keep an answer other than the one hoped for: its `error` (or the edge's body)."""
+        what = str(payload.get("error", f"http_{status}"))
+        self.keep(kind, due, status, what, retry_after=retry, body=str(payload.get("body", "")))
+
     async def rank(self, kind: str, due: float) -> None:
         pool = self.denied if kind == "rank_denied" and self.denied else self.granted
         body = dict(self.random.choice(pool))
@@ -154,14 +160,7 @@ class Traffic:
                 self.recent.append(Shown(request_id, body["user_id"], items))
             self.keep(kind, due, status, what, request_id=request_id)
         else:
-            self.keep(
-                kind,
-                due,
-                status,
-                str(payload.get("error", f"http_{status}")),
-                retry_after=retry,
-                body=str(payload.get("body", "")),
-            )
+            self.refused(kind, due, status, payload, retry)
 
     async def events(self, due: float) -> None:
         if not self.recent:
@@ -187,14 +186,7 @@ class Traffic:
             self.keep("events", due, status, "accepted")
         else:
             self.ledger.refused_events += len(batch)
-            self.keep(
-                "events",
-                due,
-                status,
-                str(payload.get("error", f"http_{status}")),
-                retry_after=retry,
-                body=str(payload.get("body", "")),
-            )
+            self.refused("events", due, status, payload, retry)
 
     async def consent(
         self, due: float, person: str | None = None, granted: bool | None = None
@@ -219,14 +211,7 @@ class Traffic:
             return True
         if status >= 500 or status == 0:
             self.ledger.uncertain.add(person)
-        self.keep(
-            "consent",
-            due,
-            status,
-            str(payload.get("error", f"http_{status}")),
-            retry_after=retry,
-            body=str(payload.get("body", "")),
-        )
+        self.refused("consent", due, status, payload, retry)
         return False
 
     async def withdraw(self, count: int) -> list[str]:
@@ -239,9 +224,7 @@ class Traffic:
         ][:count]
         due = self.now()
         acked = await asyncio.gather(*(self.consent(due, p, False) for p in holders))
-        done = [p for p, ok in zip(holders, acked, strict=True) if ok]
-        self.ledger.withdrawals_before_kills += done
-        return done
+        return [p for p, ok in zip(holders, acked, strict=True) if ok]
 
     # -- the arrivals -------------------------------------------------------------
     async def one(self, kind: str, due: float) -> None:

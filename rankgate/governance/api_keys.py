@@ -180,7 +180,8 @@ class ApiKeyStore:
     def revoke_key(self, key: str) -> bool:
         """Delete one key (a temporary key of the load test)."""
         revoked = bool(self.client.hdel(self.key, key_digest(key)))
-        on_disk(self.client, self.namespace, "the revocation", self.key)
+        if revoked:
+            on_disk(self.client, self.namespace, "the revocation", self.key)
         return revoked
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from loadtests.bench.memory import process_label
 from loadtests.soak.faults import ALL, SHORT, schedule
-from loadtests.soak.memory import MemorySampler, process_name
+from loadtests.soak.memory import MemorySampler
 from loadtests.soak.report import documented, requests_section, verdicts, windows_section
 from loadtests.soak.traffic import Answer, Ledger
 
@@ -42,8 +42,8 @@ def test_only_200_202_4xx_and_503_with_retry_after_are_documented() -> None:
     assert not any(documented(answer(s)) for s in (0, 500, 502, 503))
 
 
-def test_growth_per_hour_is_the_slope_after_warm_up(tmp_path: Path) -> None:
-    sampler = MemorySampler(tmp_path)
+def test_growth_per_hour_is_the_slope_after_warm_up() -> None:
+    sampler = MemorySampler([])
     mb = 2**20
     # 100 MB growing 10 MB an hour over 20 minutes after a 5-minute warm-up, sampled
     # every 10 s; a second process lives only 5 minutes: no figure for it.
@@ -65,13 +65,12 @@ def test_growth_per_hour_is_the_slope_after_warm_up(tmp_path: Path) -> None:
     )
 
 
-def test_processes_are_named_by_what_they_run() -> None:
-    assert process_name(b"ray::ServeController.listen_for_change\0") == "ServeController"
-    assert (
-        process_name(b"ray::ServeReplica:rankgate:RankIngress.reconfigure\0")
-        == "ServeReplica:rankgate:RankIngress"
+def test_ray_processes_are_named_without_the_method_they_run() -> None:
+    label = process_label
+    assert label("ray::Serv", ["ray::ServeController.listen_for_change"]) == "ray::ServeController"
+    assert label("ray::Serv", ["ray::ServeReplica:rankgate:RankIngress.reconfigure"]) == (
+        "ray::ServeReplica:rankgate:RankIngress"
     )
-    assert process_name(b"/opt/valkey-server\x00127.0.0.1:6379\x00") == "valkey-server"
 
 
 def report_of(**changes: Any) -> dict[str, Any]:

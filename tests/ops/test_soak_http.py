@@ -18,7 +18,9 @@ from tests.conftest import Server
 def test_a_short_soak_loses_and_duplicates_nothing(
     server: Server, ready_home: Home, restore: None, tmp_path: Path
 ) -> None:
-    running = SoakServer(server.base_url, ready_home, server.config_path, server.log_path)
+    running = SoakServer(
+        server.base_url, ready_home, server.config_path, server.log_path, server.process
+    )
     report = run_soak(
         90.0,
         tmp_path,

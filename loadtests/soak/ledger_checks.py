@@ -137,9 +137,11 @@ def event_counts(
     """Joined, lost and double-counted outcome events, and the consumer's backlog.
 
     An event applied twice would count twice: per (version, variant), the counters
-    grew by more than the events marked in decisions of it. Canary counters are left
-    out of that check, as each new canary experiment starts them from zero
-    (serving/ops/promotion.py)."""
+    grew by more than the events marked in decisions of it. A refused event may still
+    have been written (the append landed, its fsync was not confirmed in time) and
+    then joins like any other, so the marks counted are those of every event sent,
+    refused ones included. Canary counters are left out of that check, as each new
+    canary experiment starts them from zero (serving/ops/promotion.py)."""
     client: Any = connect()
     stream = redis_keys.events(namespace)
     deadline = time.monotonic() + limit_s
@@ -154,18 +156,24 @@ def event_counts(
         if time.monotonic() > deadline:
             break
         time.sleep(2.0)
+    refused_marks = joined_marks(
+        client, namespace, ((e, (r, 0.0)) for e, r in ledger.refused_events.items())
+    )
     after = outcome_totals(namespace)
     joined = sum(marks.values())
-    checked = [key for key in marks if key[1] != "canary"]
+    checked = [key for key in marks | refused_marks if key[1] != "canary"]
     counted = {key: after.get(key, 0) - before.get(key, 0) for key in checked}
     return {
         "accepted": len(accepted),
-        "refused": ledger.refused_events,
+        "refused": len(ledger.refused_events),
+        "refused_joined": sum(refused_marks.values()),
         "joined": joined,
         "lost": len(accepted) - joined,
         "joined_by_variant": {f"{v}:{var}": n for (v, var), n in sorted(marks.items())},
         "counted_by_variant": {f"{v}:{var}": n for (v, var), n in sorted(counted.items())},
-        "applied_twice": sum(max(0, counted[key] - marks[key]) for key in checked),
+        "applied_twice": sum(
+            max(0, counted[key] - marks[key] - refused_marks[key]) for key in checked
+        ),
         "consumer_pending": pending,
         "consumer_lag": lag,
     }

@@ -169,7 +169,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             [
                 "events",
                 (
-                    f"{e['accepted']:,} accepted (202), {e['refused']} refused; joined "
+                    f"{e['accepted']:,} accepted (202), {e['refused']} refused "
+                    f"({e.get('refused_joined', 0)} of them written all the same, joined once); joined "
                     f"{e['joined']:,}, lost {e['lost']}, applied twice "
                     f"{e['applied_twice']}; consumer pending {e['consumer_pending']}, lag {e['consumer_lag']}"
                 ),

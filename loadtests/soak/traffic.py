@@ -68,7 +68,9 @@ class Ledger:
     answers: list[Answer] = field(default_factory=list)
     accepted_events: dict[str, tuple[str, float]] = field(default_factory=dict)
     """event id -> (request id, second it was accepted) for every event answered 202."""
-    refused_events: int = 0
+    refused_events: dict[str, str] = field(default_factory=dict)
+    """event id -> request id for every event not acknowledged (503, timeout): it may
+    still have been written, and then it is applied once like any other."""
     consent_acked: dict[str, bool] = field(default_factory=dict)
     """soak person -> the last decision acknowledged (200)."""
     uncertain: set[str] = field(default_factory=set)
@@ -185,7 +187,8 @@ class Traffic:
                     self.ledger.accepted_events[one["event_id"]] = (shown.request_id, at)
             self.keep("events", due, status, "accepted")
         else:
-            self.ledger.refused_events += len(batch)
+            for one in batch:
+                self.ledger.refused_events[one["event_id"]] = shown.request_id
             self.refused("events", due, status, payload, retry)
 
     async def consent(

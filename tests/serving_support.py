@@ -134,6 +134,61 @@ def copy_with_wrong_width(models, source: str, target: str) -> Path:  # type: ig
     return folder
 
 
+def copy_slowed(models, source: str, target: str, layers: int = 6, width: int = 1024) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of a version that scores exactly as it does, slowly: its ONNX graph gets a
+    branch of `layers` dense layers (`width` wide) over the same inputs, multiplied by
+    zero and added to the probabilities, which onnxruntime computes on every call.
+    The manifest's hash of the graph is updated, so the copy loads and validates."""
+    import hashlib
+    import json
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folder = models.path(target)
+    shutil.rmtree(folder, ignore_errors=True)  # a run stopped before its clean-up
+    shutil.copytree(models.path(source), folder)
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    manifest = json.loads((folder / "manifest.json").read_text())
+    input_name = manifest["onnx"]["input_name"]
+    output_name = manifest["onnx"]["output_name"]
+    (declared,) = [i for i in graph.input if i.name == input_name]
+    columns = declared.type.tensor_type.shape.dim[1].dim_value or len(manifest["features"])
+    rng = np.random.default_rng(0)
+    previous, size = input_name, columns
+    for layer in range(layers):
+        weights = numpy_helper.from_array(
+            (rng.normal(0, 1.0 / np.sqrt(size), (size, width))).astype(np.float32), f"slow_w{layer}"
+        )
+        graph.initializer.append(weights)
+        graph.node.extend(
+            [
+                helper.make_node("MatMul", [previous, weights.name], [f"slow_m{layer}"]),
+                helper.make_node("Tanh", [f"slow_m{layer}"], [f"slow_t{layer}"]),
+            ]
+        )
+        previous, size = f"slow_t{layer}", width
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "slow_zero"))
+    produced = f"{output_name}_fast"
+    for node in graph.node:
+        node.output[:] = [produced if o == output_name else o for o in node.output]
+    graph.node.extend(
+        [
+            helper.make_node("ReduceSum", [previous], ["slow_sum"], axes=[1], keepdims=1),
+            helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+            helper.make_node("Add", [produced, "slow_nothing"], [output_name]),
+        ]
+    )
+    onnx.save(model, str(path))
+    manifest["artifacts"]["model.onnx"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 class Load:
     """Closed-loop load from a thread: `concurrency` loops posting rank requests.
 

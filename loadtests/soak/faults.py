@@ -17,6 +17,9 @@ restored, the consumer caught up, the routing or policy in place).
 - `policy_redeploy`: `rankgate policy deploy` of the policy in place.
 - `haproxy_reload`: one more RankIngress replica (`serve deploy`), then back: Ray
   regenerates HAProxy's configuration and reloads it each time.
+- `node_loss` (the multi-node variant, `--soak-nodes`): a worker node and every
+  process on it removed at once, a new node (empty cache) added `NODE_DOWN_S`
+  later; back when its replica serves.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ ALL = (
     "rollback",
     "haproxy_reload",
 )
+CLUSTER = (
+    "node_loss",
+    "redis_kill",
+    "canary",
+    "replica_kill",
+    "slow_redis",
+    "policy_redeploy",
+    "consumer_kill",
+    "rollback",
+)
+"""The multi-node variant's: node loss, and no HAProxy (the cluster's head runs Ray
+Serve's proxy, as `rankgate cluster config` deploys it)."""
+NODE_DOWN_S = 15.0
 SHORT = ("redis_kill", "canary", "slow_redis", "consumer_kill", "policy_redeploy", "rollback")
 """The short variant's (the suite's): no replica killed, no scaling (the session
 server has one RankIngress replica)."""
@@ -81,11 +97,15 @@ class Context:
     runs: list[FaultRun] = field(default_factory=list)
     withdrawals: Counter[str] = field(default_factory=Counter)
     """Consent withdrawals made right before Redis kills: acknowledged, read back, lost."""
+    losses: list[float] = field(default_factory=list)
+    """Seconds of the run at which a replica behind Ray Serve's proxy was lost (a node,
+    or one replica, in the multi-node variant): its requests in flight fail with 500
+    (docs/cluster.md, Node loss)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def processes(server: SoakServer, title: str) -> list[int]:
-    return [pid for pid, _ in own_processes(server.home.root, title.encode())]
+    return server.pids(title)
 
 
 def haproxy_pids(server: SoakServer) -> set[int]:
@@ -170,6 +190,9 @@ def redis_kill(ctx: Context) -> Injected:
 def replica_kill(ctx: Context) -> Injected:
     before = processes(ctx.server, "ServeReplica:rankgate:RankIngress")
     os.kill(before[0], signal.SIGKILL)
+    if ctx.server.nodes is not None:  # Ray Serve's proxy answers 500 for its requests
+        with ctx.lock:
+            ctx.losses.append(ctx.traffic.now())
     want = ctx.server.replicas()
 
     def back() -> bool:
@@ -254,7 +277,28 @@ def haproxy_reload(ctx: Context) -> Injected:
     return detail + f"{reloads} new HAProxy processes (reloads)", count(replicas)
 
 
+def node_loss(ctx: Context) -> Injected:
+    nodes = ctx.server.nodes
+    if nodes is None:
+        raise RuntimeError("node_loss needs the multi-node variant (--soak-nodes)")
+    title = "ServeReplica:rankgate:RankIngress"
+    lost = next(iter(nodes.workers))
+    nodes.remove(lost)
+    with ctx.lock:
+        ctx.losses.append(ctx.traffic.now())
+    time.sleep(NODE_DOWN_S)
+    added = nodes.add()
+    want = ctx.server.replicas()
+
+    def serving() -> bool:
+        on_new = [pid for pid, _ in own_processes(nodes.home_of(added), title.encode())]
+        return bool(on_new) and len(processes(ctx.server, title)) >= want
+
+    return f"{lost} removed with its processes; {added} added {NODE_DOWN_S:.0f} s later", serving
+
+
 FAULTS: dict[str, Callable[[Context], Injected]] = {
+    "node_loss": node_loss,
     "redis_kill": redis_kill,
     "replica_kill": replica_kill,
     "consumer_kill": consumer_kill,

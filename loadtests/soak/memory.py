@@ -11,7 +11,8 @@ Growth per hour is the slope of a least-squares line through a process's samples
 after the warm-up (the run's, and for a process started later, such as a replica a
 fault replaced, its own first `warmup_s`), as a share of its resident memory when
 the warm-up ended; a process that lived less than `MIN_LIFE_S` after it has no
-figure.
+figure. The same slope over the second half of that life tells a leak (which
+grows in both halves) from a bounded cache or pool filling up (the first only).
 """
 
 from __future__ import annotations
@@ -94,11 +95,24 @@ class MemorySampler:
             t = np.array([a[0] for a in after]) / 3600.0
             mb = np.array([a[1] for a in after]) / 2**20
             slope = float(np.polyfit(t, mb, 1)[0])
+            # The second half of its life after warm-up: a leak grows in both halves,
+            # a cache or a pool that fills up to its bound in the first only.
+            late = t >= (t[0] + t[-1]) / 2
+            late_slope = float(np.polyfit(t[late], mb[late], 1)[0])
+            first_late = float(mb[late][0])
             out[label] = {
                 "lived_s": round(after[-1][0] - after[0][0]),
                 "mb_after_warmup": round(float(mb[0]), 1),
                 "mb_at_end": round(float(mb[-1]), 1),
                 "growth_mb_per_hour": round(slope, 2),
                 "growth_percent_per_hour": round(100.0 * slope / float(mb[0]), 2),
+                "late_growth_mb_per_hour": round(late_slope, 2),
+                "late_growth_percent_per_hour": round(100.0 * late_slope / first_late, 2),
             }
         return out
+
+
+def is_data_store(label: str) -> bool:
+    """Redis's (or Valkey's) server: what it holds grows with what the soak writes,
+    up to the retention that bounds it (its own section of the report)."""
+    return label.startswith(("valkey-server", "redis-server"))

@@ -7,7 +7,7 @@
    (loadtests/soak/faults.py), a key created, used and revoked every `key_every_s`,
    the audit tail and the memory sampler, all at once, for `duration_s`.
 4. The counts (loadtests/soak/ledger_checks.py) and the report
-   (`<output>/soak.md`, `soak.json`).
+   (`<output>/soak.md`, `soak.json`; the multi-node variant's `soak-cluster.*`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from loadtests.soak.ledger_checks import (
     outcome_totals,
 )
 from loadtests.soak.memory import MemorySampler
+from loadtests.soak.redis_watch import RedisWatch
 from loadtests.soak.report import render_markdown, requests_section, verdicts, windows_section
 from loadtests.soak.server import SoakServer, started
 from loadtests.soak.traffic import Traffic
@@ -178,13 +179,39 @@ def versions(env: Environment, server: SoakServer) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def soak_server(
-    given: SoakServer | None, env: Environment, body: dict[str, Any], api_key: str, replicas: int
+    given: SoakServer | None,
+    env: Environment,
+    body: dict[str, Any],
+    api_key: str,
+    replicas: int,
+    nodes: int,
 ) -> Iterator[SoakServer]:
     if given is not None:
         yield given
         return
-    with started(env.home, body, api_key, replicas) as server:
+    with started(env.home, body, api_key, replicas, nodes) as server:
         yield server
+
+
+def join(thread: threading.Thread, server: SoakServer) -> None:
+    """Wait for `thread`; meanwhile make the node changes faults ask for (which only
+    the main thread can make: loadtests/soak/cluster.py)."""
+    while thread.is_alive():
+        if server.nodes is not None:
+            server.nodes.serve_calls(0.2)
+        else:
+            thread.join(0.2)
+
+
+def stack_roots(server: SoakServer, env: Environment) -> tuple[list[int], Callable[[], list[int]]]:
+    """What the memory sampler measures: the tree of `serve run` (or every live node's
+    processes, asked at each sample as nodes come and go) and the embedded Redis."""
+
+    def extra() -> list[int]:
+        pids = server.nodes.pids() if server.nodes is not None else []
+        return pids + ([pid] if (pid := redis_pid(env)) is not None else [])
+
+    return ([server.process.pid] if server.process else []), extra
 
 
 def run_soak(
@@ -193,14 +220,19 @@ def run_soak(
     say: Say,
     *,
     share: float = 0.5,
-    faults: tuple[str, ...] = soak_faults.ALL,
+    faults: tuple[str, ...] | None = None,
     window_s: float = 300.0,
     warmup_s: float | None = None,
     key_every_s: float = 60.0,
     server: SoakServer | None = None,
     replicas: int = 2,
+    nodes: int = 0,
     command: str = "",
 ) -> dict[str, Any]:
+    """The soak; `nodes` > 0 runs it on a cluster of a head and that many worker nodes
+    (one replica each), with the node-loss fault (`faults` default: all that apply)."""
+    if faults is None:
+        faults = soak_faults.CLUSTER if nodes > 0 else soak_faults.ALL
     env = Environment.open()
     policy = load_policy()
     purpose, region = next(iter(policy.purposes)), next(iter(policy.regions))
@@ -210,7 +242,7 @@ def run_soak(
     namespace = env.home.namespace
     with (
         temporary_key("soak") as api_key,
-        soak_server(server, env, granted[0], api_key, replicas) as running,
+        soak_server(server, env, granted[0], api_key, replicas, nodes) as running,
     ):
         say(f"• soak server at {running.base_url}")
         peak = measure_peak(running.base_url, api_key, granted, denied, purpose)
@@ -232,10 +264,8 @@ def run_soak(
         keys: list[dict[str, Any]] = []
         with (
             AuditTail(namespace) as tail,
-            MemorySampler(
-                [running.process.pid] if running.process else [],
-                lambda: [pid] if (pid := redis_pid(env)) is not None else [],
-            ) as memory,
+            MemorySampler(*stack_roots(running, env)) as memory,
+            RedisWatch() as redis_watch,
         ):
             driver = threading.Thread(
                 target=lambda: asyncio.run(traffic.run(rate, duration_s)), name="traffic"
@@ -254,11 +284,11 @@ def run_soak(
                 name="keys",
             )
             rotation.start()
-            driver.join()
+            join(driver, running)
             say("• traffic done; waiting for the faults to recover")
             stop.set()
-            schedule.join()
-            rotation.join()
+            join(schedule, running)
+            join(rotation, running)
             say("• counting")
             audit = audit_counts(traffic.ledger, tail)
             events = event_counts(traffic.ledger, namespace, outcomes_before)
@@ -277,7 +307,8 @@ def run_soak(
         "rate": rate,
         "replicas": running.replicas(),
         "audit_before_answer": running.audit_before_answer(),
-        "requests": requests_section(traffic.ledger, duration_s),
+        "nodes": len(running.nodes.workers) if running.nodes else 0,
+        "requests": requests_section(traffic.ledger, duration_s, tuple(ctx.losses)),
         "driver_late": late_figures(traffic.late_ms, traffic.ledger),
         "windows": windows_section(traffic.ledger, window_s),
         "audit": audit,
@@ -289,12 +320,19 @@ def run_soak(
         "keys": keys,
         "faults": [fault_figures(f) for f in ctx.runs],
         "memory": {"windows": memory.windows(window_s), "growth": growth},
+        "redis": redis_watch.windows(window_s),
     }
     report["verdicts"] = verdicts(report)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "soak.md").write_text(render_markdown(report))
+    stem = soak_report_stem(nodes)
+    (output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / f"{stem}.md").write_text(render_markdown(report))
     return report
+
+
+def soak_report_stem(nodes: int) -> str:
+    """The report's file name: the multi-node variant's beside the one-machine soak's."""
+    return "soak-cluster" if nodes > 0 else "soak"
 
 
 def late_figures(late_ms: list[float], ledger: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.bench.systems import wait_ready
+from loadtests.ray_metrics import own_processes
+from loadtests.soak.cluster import Nodes, started_cluster
 from rankgate.core.home import Home
 from rankgate.core.redis_server import resolve_redis_url
 from serving.ops.launch import (
@@ -44,17 +46,27 @@ class SoakServer:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     """Its `serve run`, whose process tree is the stack the soak samples (None: not known)."""
+    nodes: Nodes | None = None
+    """The multi-node variant's cluster (loadtests/soak/cluster.py)."""
+    dashboard_url: str = ""
 
     @property
     def port(self) -> int:
         return int(self.base_url.rsplit(":", 1)[1])
 
     def dashboard(self) -> str:
+        if self.dashboard_url:
+            return self.dashboard_url
         return dashboard_address(self.log.read_text(errors="replace")) or "http://127.0.0.1:8265"
 
     def health(self) -> dict[str, Any]:
         """/healthz's answer; empty while the server does not answer it."""
         return ServerInfo(self.config, self.port, "").health() or {}
+
+    def pids(self, marker: str) -> list[int]:
+        """This server's processes whose command line has `marker` (on every node)."""
+        homes = [self.home.root, *(self.nodes.homes() if self.nodes else [])]
+        return [pid for home in homes for pid, _ in own_processes(home, marker.encode())]
 
     def audit_before_answer(self) -> bool:
         user_config = ServeConfig.read(self.config).ingress.get("user_config", {})
@@ -82,10 +94,22 @@ class SoakServer:
 
 @contextlib.contextmanager
 def started(
-    home: Home, body: dict[str, Any], api_key: str, replicas: int = 2
+    home: Home, body: dict[str, Any], api_key: str, replicas: int = 2, nodes: int = 0
 ) -> Iterator[SoakServer]:
     """A server of `home` for the soak, once it ranks `body`; stopped (its process
-    group) afterwards."""
+    group, or every node of its cluster) afterwards. `nodes` > 0: a cluster of a head
+    and that many worker nodes, a replica on each (loadtests/soak/cluster.py)."""
+    if nodes > 0:
+        with started_cluster(home, body, api_key, nodes) as (path, cluster, port, dashboard):
+            yield SoakServer(
+                f"http://127.0.0.1:{port}",
+                home,
+                path,
+                path.parent / "serve.log",
+                nodes=cluster,
+                dashboard_url=dashboard,
+            )
+        return
     if ServerInfo.path(home).exists():
         raise RuntimeError(
             f"a server of {home.root} is running ({ServerInfo.path(home)}): the soak starts its "

@@ -58,23 +58,37 @@ class BenchOptions:
     """`--soak-share`: percent of the measured peak the soak sends."""
     soak_faults: str = ""
     """`--soak-faults`: the faults of the soak's schedule (empty: all of them)."""
+    soak_nodes: int = 0
+    """`--soak-nodes N`: the multi-node variant, a cluster of a head and N worker nodes."""
 
     def soak_plan(self) -> tuple[float, tuple[str, ...]] | None:
         """The soak's seconds and faults, checked (None: not a soak run)."""
         if self.soak is None:
             return None
         from loadtests.loadtest import run_time_seconds
-        from loadtests.soak.faults import ALL
+        from loadtests.soak.faults import ALL, CLUSTER, FAULTS
 
         seconds = run_time_seconds(self.soak, "--soak")
         if seconds < 60:
             raise RankgateError(
                 f"--soak: {self.soak!r} is too short for a fault schedule (60 s at least)"
             )
-        names = tuple(f.strip() for f in self.soak_faults.split(",") if f.strip()) or ALL
-        if unknown := [f for f in names if f not in ALL]:
+        if not 0 <= self.soak_nodes <= 8:
+            raise RankgateError(f"--soak-nodes: {self.soak_nodes} is not a count in 0..8")
+        known = CLUSTER if self.soak_nodes else ALL
+        names = tuple(f.strip() for f in self.soak_faults.split(",") if f.strip()) or known
+        if unknown := [f for f in names if f not in FAULTS]:
             raise RankgateError(
-                f"--soak-faults: unknown {', '.join(unknown)} (known: {', '.join(ALL)})"
+                f"--soak-faults: unknown {', '.join(unknown)} (known: {', '.join(FAULTS)})"
+            )
+        if wrong := [f for f in names if f not in known]:
+            raise RankgateError(
+                f"--soak-faults: {', '.join(wrong)} "
+                + (
+                    "does not apply to the multi-node variant (its head runs Ray Serve's proxy)"
+                    if self.soak_nodes
+                    else "needs the multi-node variant (--soak-nodes)"
+                )
             )
         if not 0 < self.soak_share <= 100:
             raise RankgateError(f"--soak-share: {self.soak_share} is not a percent in (0, 100]")
@@ -193,7 +207,7 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
     output = options.output or results_folder()
     if (soak := options.soak_plan()) is not None:
         from loadtests.bench.run import command_line
-        from loadtests.soak.run import run_soak
+        from loadtests.soak.run import run_soak, soak_report_stem
 
         run_setup(lambda _line: None, demo_consent=True)
         seconds, faults = soak
@@ -204,9 +218,11 @@ def benchmark(options: BenchOptions, say: Say) -> tuple[Path, Path]:
             share=options.soak_share / 100.0,
             faults=faults,
             window_s=300.0 if seconds >= 1200 else max(20.0, seconds / 6),
+            nodes=options.soak_nodes,
             command=command_line(),
         )
-        return output / "soak.md", output / "soak.json"
+        stem = soak_report_stem(options.soak_nodes)
+        return output / f"{stem}.md", output / f"{stem}.json"
     if options.coverage:
         from loadtests.coverage import coverage_benchmark
 

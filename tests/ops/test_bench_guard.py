@@ -233,6 +233,11 @@ def test_bad_compare_and_tolerance_options_name_the_option(tmp_path: Path) -> No
         ({"soak": "30s"}, "--soak: '30s' is too short"),
         ({"soak": "2m", "soak_faults": "redis_kill,meteor"}, "--soak-faults: unknown meteor"),
         ({"soak": "2m", "soak_share": 150.0}, "--soak-share: 150.0 is not a percent"),
+        ({"soak": "2m", "soak_faults": "node_loss"}, "node_loss needs the multi-node variant"),
+        (
+            {"soak": "2m", "soak_nodes": 2, "soak_faults": "haproxy_reload"},
+            "haproxy_reload does not apply to the multi-node variant",
+        ),
         ({"compare": tmp_path / "bench.json", "soak": "2m"}, "not --soak"),
     ):
         with pytest.raises(RankgateError, match=why):
@@ -244,6 +249,8 @@ def test_bad_compare_and_tolerance_options_name_the_option(tmp_path: Path) -> No
         3600.0,
         ("redis_kill", "canary"),
     )
+    _, on_nodes = options(soak="1h", soak_nodes=2).soak_plan() or (0, ())
+    assert "node_loss" in on_nodes and "haproxy_reload" not in on_nodes
     path, report = options(compare=tmp_path / "bench.json").committed() or (None, {})
     assert path == tmp_path / "bench.json" and report["rounds"] == 2
 

@@ -10,7 +10,13 @@ from typing import Any
 from loadtests.bench.memory import process_label
 from loadtests.soak.faults import ALL, SHORT, schedule
 from loadtests.soak.memory import MemorySampler
-from loadtests.soak.report import documented, requests_section, verdicts, windows_section
+from loadtests.soak.report import (
+    MEMORY_VERDICT,
+    documented,
+    requests_section,
+    verdicts,
+    windows_section,
+)
 from loadtests.soak.traffic import Answer, Ledger
 
 
@@ -40,6 +46,12 @@ def test_only_200_202_4xx_and_503_with_retry_after_are_documented() -> None:
     assert all(documented(answer(s)) for s in (200, 202, 401, 422))
     assert documented(answer(503, retry_after=True))
     assert not any(documented(answer(s)) for s in (0, 500, 502, 503))
+    # A 500 is a request in flight on a node lost up to 10 s before it came back
+    # (docs/cluster.md, Node loss), and nothing else.
+    lost = Answer("rank", 30.0, 2_000.0, 500, "http_500")
+    assert documented(lost, losses=(25.0,))
+    assert not documented(lost, losses=(33.0,)) and not documented(lost, (10.0,))
+    assert not documented(Answer("rank", 30.0, 2_000.0, 502, "x"), losses=(25.0,))
 
 
 def test_growth_per_hour_is_the_slope_after_warm_up() -> None:
@@ -57,6 +69,7 @@ def test_growth_per_hour_is_the_slope_after_warm_up() -> None:
     raylet = growth["raylet (1)"]
     assert abs(raylet["growth_mb_per_hour"] - 10.0) < 0.01
     assert abs(raylet["growth_percent_per_hour"] - 10.0 / 100.83 * 100) < 0.1
+    assert abs(raylet["late_growth_mb_per_hour"] - 10.0) < 0.01  # a leak: both halves
     assert "growth_percent_per_hour" not in growth["ServeReplica:rankgate:RankIngress (2)"]
     windows = sampler.windows(300.0)
     assert (
@@ -89,7 +102,17 @@ def report_of(**changes: Any) -> dict[str, Any]:
         "consent": {"lost": 0},
         "withdrawals_before_kills": {"lost": 0},
         "keys": [{"refused_after_s": 0.4, "bound_s": 1.0}],
-        "memory": {"growth": {"raylet (1)": {"growth_percent_per_hour": 1.2}}},
+        "memory": {
+            "growth": {
+                # a cache filling after warm-up: grows in the first half only
+                "raylet (1)": {"growth_percent_per_hour": 9.0, "late_growth_percent_per_hour": 0.4},
+                # Redis's data: its own section, not this verdict
+                "valkey-server (2)": {
+                    "growth_percent_per_hour": 80.0,
+                    "late_growth_percent_per_hour": 60.0,
+                },
+            }
+        },
         "faults": [{"recovered_s": 3.0}],
     }
     return report | changes
@@ -109,6 +132,16 @@ def test_the_verdicts_pass_only_on_zero_losses_and_documented_answers() -> None:
             "keys": [{"refused_after_s": None, "bound_s": 1.0}]
         },
         "faults: every one recovered": {"faults": [{"recovered_s": None}]},
+        MEMORY_VERDICT: {
+            "memory": {
+                "growth": {
+                    "raylet (1)": {
+                        "growth_percent_per_hour": 9.0,
+                        "late_growth_percent_per_hour": 8.0,
+                    }
+                }
+            }
+        },
     }
     for name, change in failing.items():
         judged = verdicts(report_of(**change))

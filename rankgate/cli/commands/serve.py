@@ -200,7 +200,18 @@ def serve(
     default="",
     metavar="NAMES",
     help="With --soak: comma-separated faults (default: all of redis_kill, canary, "
-    "replica_kill, slow_redis, policy_redeploy, consumer_kill, rollback, haproxy_reload).",
+    "replica_kill, slow_redis, policy_redeploy, consumer_kill, rollback, haproxy_reload; "
+    "with --soak-nodes, node_loss instead of haproxy_reload).",
+)
+@click.option(
+    "--soak-nodes",
+    type=click.IntRange(min=0, max=8),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --soak: the multi-node variant, a Ray cluster on this host of a head "
+    "and N worker nodes (one replica each), a worker node removed and a new one "
+    "added under load; soak-cluster.md and soak-cluster.json.",
 )
 @folder_option(
     "--scratch",
@@ -229,6 +240,7 @@ def bench(
     soak: str | None,
     soak_share: float,
     soak_faults: str,
+    soak_nodes: int,
     scratch: Path | None,
 ) -> None:
     """Benchmark rankgate against the floor (plain FastAPI), in interleaved rounds.
@@ -259,6 +271,7 @@ def bench(
         soak=soak,
         soak_share=soak_share,
         soak_faults=soak_faults,
+        soak_nodes=soak_nodes,
     )
     report, figures = benchmark(options, say)
     click.echo(report.read_text())

@@ -42,7 +42,7 @@ from rankgate.ops.erasure import feast_user_key, offline_tables
 from serving.events.consumer import GROUP
 from serving.observe.outcomes import project_outcomes, read_outcomes
 from tests.cli_server import CliServer, cli_env, start
-from tests.ops.test_privacy import places_holding
+from tests.redis_contents import places_holding
 from tests.serving_support import user_with
 
 # `rankgate serve` runs in a subprocess for the module's tests that use `served`.

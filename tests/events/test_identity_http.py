@@ -33,7 +33,7 @@ from tests.events.test_events_http import (  # noqa: F401 - module fixtures used
     post_events,
     streaming_server,
 )
-from tests.ops.test_privacy import places_holding
+from tests.redis_contents import places_holding
 from tests.serving_support import PATIENT_BUDGET_MS, user_with
 
 PURPOSE = "onsite_personalization"

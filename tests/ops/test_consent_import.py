@@ -35,6 +35,7 @@ from rankgate.ops import consent_import
 from rankgate.ops.consent_import import import_consent
 from rankgate.ops.environment import Environment
 from rankgate.ops.setup import write_demo_consent
+from tests.redis_contents import places_holding
 
 EMAIL, ONSITE = "email_marketing", "onsite_personalization"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -363,16 +364,8 @@ def test_bulk_records_read_as_the_api_writes_them() -> None:
 
 
 def assert_no_raw_ids(client: redis.Redis, ids: list[str]) -> None:
-    """No key name, hash field or value, or string of the server holds a raw id."""
-    needles = [uid.encode() for uid in ids]
-    for key in client.scan_iter(count=1000):
-        blobs = [key]
-        kind = client.type(key)
-        if kind == b"hash":
-            blobs += [f + b"\0" + v for f, v in client.hgetall(key).items()]  # type: ignore[union-attr]
-        elif kind == b"string":
-            blobs.append(client.get(key) or b"")  # type: ignore[arg-type]
-        assert not [n for n in needles for b in blobs if n in b], key
+    """No key name, value, field, member or stream entry of the server holds a raw id."""
+    assert places_holding(client, [uid.encode() for uid in ids]) == []
 
 
 def test_a_file_of_no_rows_imports_nothing_once(session_home: Home, tmp_path: Path) -> None:

@@ -30,44 +30,8 @@ from rankgate.ops.erasure import Eraser, event_owner, feast_user_key, glob_escap
 from serving.events.intake import StoredEvent
 from serving.runtime import ReplicaRuntime
 from tests.ranking.test_pipeline import LOOP, make_pipeline, rank
+from tests.redis_contents import PAGE, places_holding
 from tests.serving_support import example_user_ids
-
-PAGE = 5000
-
-
-def places_holding(client: redis.Redis, needles: list[bytes]) -> list[str]:
-    """Where any needle occurs: every key name, string value, hash field and value,
-    list, set and sorted-set member, and stream entry of the server."""
-    found = []
-
-    def check(where: str, blob: bytes) -> None:
-        found.extend(f"{where} holds {n!r}" for n in needles if n in blob)
-
-    for key in client.scan_iter(count=1000):
-        check(f"key name {key!r}", key)
-        kind = client.type(key)
-        if kind == b"string":
-            check(f"value of {key!r}", client.get(key) or b"")
-        elif kind == b"hash":
-            for field, value in client.hgetall(key).items():
-                check(f"hash {key!r} field {field!r}", field + b"\0" + value)
-        elif kind == b"stream":
-            lower = "-"
-            while page := client.xrange(key, min=lower, count=PAGE):
-                for stream_id, fields in page:
-                    entry = b"\0".join(k + b"\0" + v for k, v in fields.items())
-                    check(f"stream {key!r} entry {stream_id!r}", entry)
-                lower = "(" + page[-1][0].decode()
-        elif kind == b"list":
-            check(f"list {key!r}", b"\0".join(client.lrange(key, 0, -1)))
-        elif kind == b"set":
-            check(f"set {key!r}", b"\0".join(client.smembers(key)))
-        elif kind == b"zset":
-            check(f"sorted set {key!r}", b"\0".join(client.zrange(key, 0, -1)))
-        else:
-            raise AssertionError(f"{key!r}: type {kind!r} not inspected")
-    return found
-
 
 # The tables the example's prepare step writes into the home's data folder.
 PREPARED_FILES = (

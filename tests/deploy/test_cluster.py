@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from loadtests.soak.report import NODE_LOSS_WINDOW_S
 from model_store.artifacts import ArtifactStore
 from rankgate.core import redis_keys
 from rankgate.core.home import Home
@@ -48,8 +49,6 @@ from tests.serving_support import (
 
 STORE_URI = "s3://rankgate/cluster"
 CANARY = "vc-raises"
-NODE_LOSS_WINDOW_S = 10.0
-"""Failed requests may follow a node's loss for at most this long (docs/cluster.md, "Node loss")."""
 
 
 def wait_for_port(port: int, timeout_s: float) -> None:

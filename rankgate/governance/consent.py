@@ -29,9 +29,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from rankgate.core import redis_keys
+from rankgate.core import redis_calls, redis_keys
 from rankgate.core.durable import NotDurable, on_disk, on_disk_async
 from rankgate.core.errors import RETRY_SOON, RankgateError
+from rankgate.core.redis_calls import VARY, Packed
 from rankgate.core.redis_server import AsyncRedisClient, RedisClient, register_async_script
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ if person then return {1, person} end
 return {0, redis.call('HGET', KEYS[2], ARGV[1])}
 """
 READ_PERSON_SHA = hashlib.sha1(READ_PERSON.encode()).hexdigest()
+READ_PERSON_CALL = Packed("EVALSHA", READ_PERSON_SHA, 2, VARY, VARY, VARY)
+"""EVALSHA of READ_PERSON: the two keys and the purpose vary."""
 
 
 # A consent write under an id: recorded in the id's hash when it is its own person
@@ -274,20 +277,21 @@ class AsyncConsentStore:
         namespace = self.namespace
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
-                # EVALSHA itself: redis-py's Script wrapper costs more per call.
+                # EVALSHA itself, packed once (rankgate/core/redis_calls.py): redis-py's
+                # Script wrapper and its command path cost more per call.
                 link, consent = (
                     redis_keys.identity_link(namespace, key),
                     redis_keys.consent(namespace, key),
                 )
                 try:
-                    linked, value = await self.client.evalsha(
-                        READ_PERSON_SHA, 2, link, consent, purpose
-                    )  # type: ignore[misc]
+                    linked, value = await redis_calls.read(
+                        self.client, READ_PERSON_CALL, link, consent, purpose
+                    )
                 except NoScriptError:
                     await self.client.script_load(READ_PERSON)  # type: ignore[misc]
-                    linked, value = await self.client.evalsha(
-                        READ_PERSON_SHA, 2, link, consent, purpose
-                    )  # type: ignore[misc]
+                    linked, value = await redis_calls.read(
+                        self.client, READ_PERSON_CALL, link, consent, purpose
+                    )
                 if not linked:
                     return read_record(key, value, False)
                 person = value.decode()

@@ -34,7 +34,9 @@ from features.spec import ViewInfo
 from features.streaming import decayed, through_of
 from features.tables import load_catalogue
 from features.vector import ItemTable
+from rankgate.core import redis_calls
 from rankgate.core.project import ItemId, Project
+from rankgate.core.redis_calls import VARY, Packed
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,6 +82,8 @@ class ReadPlan:
     requested: list[list[str]]
     """Per view, the feature names and then the view's timestamp field, as Feast reads them."""
     hset_keys: list[str | bytes]
+    command: Packed
+    """HMGET of `hset_keys`, packed once: a request adds the person's key."""
 
     @classmethod
     def of(
@@ -101,7 +105,7 @@ class ReadPlan:
             fv_names.append(fv_name)
             requested.append(wanted)
             hset_keys += keys
-        return cls(names, fv_names, requested, hset_keys)
+        return cls(names, fv_names, requested, hset_keys, Packed("HMGET", VARY, *hset_keys))
 
     def decode(
         self, raw: list[bytes | None], values: ValueCache
@@ -295,7 +299,7 @@ class FeatureFetcher:
         plan = self.read_plan(fields)
         redis_key = self.user_keys.of(user_key)
         client = await self.online._get_client_async(self.config.online_store)
-        raw = await client.hmget(redis_key, plan.hset_keys) if plan.hset_keys else []
+        raw = await redis_calls.read(client, plan.command, redis_key) if plan.hset_keys else []
         now = datetime.now(UTC)
         values: dict[str, Any] = {}
         ages: dict[str, float] = {}

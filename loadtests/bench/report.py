@@ -366,7 +366,33 @@ def _extra_systems(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Decision audit log: {figures} (rankgate with the log vs the same server without it)."
         )
+    if "rankgate_two_replicas" in results and results.get(OURS):
+        lines.append(two_replicas_line(results))
     return ["", "## Other systems", "", *lines] if lines else []
+
+
+def two_replicas_line(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Two ingress replicas against one and against the floor: peaks (p99 within the
+    bound) of the median rows, and each level's throughput."""
+    one, two = peak(results[OURS]), peak(results["rankgate_two_replicas"])
+    floor = peak(results[FLOOR]) if results.get(FLOOR) else None
+    if not two["rps"]:
+        return f"- Two ingress replicas: no level with p99 ≤ {PEAK_P99_MS:g} ms."
+    against = [
+        f"{two['rps'] / one['rps']:.2f}× one replica's ({one['rps']:g})" if one["rps"] else ""
+    ]
+    if floor and floor["rps"]:
+        against.append(f"{two['rps'] / floor['rps']:.2f}× the floor's ({floor['rps']:g})")
+    levels = "; ".join(
+        f"c={a['concurrency']}: {b['throughput_rps'] / a['throughput_rps']:.2f}×"
+        for a, b in zip(results[OURS], results["rankgate_two_replicas"], strict=True)
+        if a["throughput_rps"]
+    )
+    return (
+        f"- Two ingress replicas: peak {two['rps']:g} req/s at c={two['concurrency']}, "
+        f"{', '.join(a for a in against if a)}; throughput against one replica per level: "
+        f"{levels}."
+    )
 
 
 def _all_runs(report: dict[str, Any]) -> list[str]:

@@ -5,8 +5,8 @@ serve`) and the floor (loadtests/baselines/plain_fastapi.py, one process) are
 started once, each on a free loopback port, and stay up together. Then, round
 by round, every concurrency is driven on rankgate then the floor (A B A B...),
 so a drift of the machine hits both; ratios are taken within each round. The
-naive Ray Serve graph and rankgate with its audit log off join on request
-(`--with naive,no-audit`), and an earlier build of rankgate with `--against-build
+naive Ray Serve graph, rankgate with its audit log off and rankgate with two
+ingress replicas join on request (`--with naive,no-audit,two-replicas`), and an earlier build of rankgate with `--against-build
 DIR` (loadtests/bench/earlier.py, loadtests/bench/against.py): third in each round's
 turn, in the closed loop and the CPU part.
 
@@ -100,7 +100,11 @@ OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
 READY_STARTS = 2
 PARTS = ("explain", "cpu", "open-loop", "stages", "durable", "memory", "ranker", "ready")
 """What a run measures besides the main table; each can be skipped (--skip)."""
-EXTRAS = {"naive": "naive_graph", "no-audit": "rankgate_no_audit"}
+EXTRAS = {
+    "naive": "naive_graph",
+    "no-audit": "rankgate_no_audit",
+    "two-replicas": "rankgate_two_replicas",
+}
 """Systems that join the run on request (--with)."""
 
 

@@ -1,5 +1,6 @@
 """What the benchmark starts and how it loads it: the systems (rankgate, the floor,
-the naive graph, rankgate without its audit log), each on a free loopback port;
+the naive graph, rankgate without its audit log, rankgate with two ingress
+replicas), each on a free loopback port;
 the request bodies; the drivers (wrk, else the Python driver of loadtests.drive).
 The runner (loadtests/bench/run.py) interleaves them."""
 
@@ -65,6 +66,14 @@ def _rankgate_no_audit_command(env: Environment, port: int) -> list[str]:
     )
 
 
+def _rankgate_two_replicas_command(env: Environment, port: int) -> list[str]:
+    # The same server with one ingress replica per core of a 2-core machine (each takes
+    # num_cpus 0.5 of serve_config.yaml): how far a second replica takes the peak.
+    return serve_run_command(
+        derived_config(env.home, port=port, name="bench-two-replicas", ingress_replicas=2)
+    )
+
+
 def _naive_command(env: Environment, port: int) -> list[str]:
     # Ray Serve's defaults everywhere except the port.
     config = {
@@ -98,6 +107,12 @@ SYSTEMS = [
         "rankgate_no_audit",
         "rankgate, audit log off (to measure its cost)",
         _rankgate_no_audit_command,
+        True,
+    ),
+    System(
+        "rankgate_two_replicas",
+        "rankgate, two ingress replicas",
+        _rankgate_two_replicas_command,
         True,
     ),
     System("naive_graph", "naive Ray Serve graph", _naive_command, False),

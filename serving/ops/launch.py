@@ -205,9 +205,10 @@ def derived_config(
     name: str = "serve_config",
     host: str | None = None,
     log_format: str = "text",
+    ingress_replicas: int | None = None,
 ) -> Path:
-    """A copy of `base` in the home with the port, host, ingress user_config or env
-    replaced, `application_env` in the application's runtime_env (every deploy of the
+    """A copy of `base` in the home with the port, host, ingress user_config, ingress
+    replica count or env replaced, `application_env` in the application's runtime_env (every deploy of the
     home's server writes the same, so a routing change reconfigures in place), and
     Ray Serve's logs in JSON with `log_format="json"` (`json_serve_logs`)."""
     serve_config = ServeConfig.read(base).as_plain()
@@ -220,6 +221,8 @@ def derived_config(
         json_serve_logs(config)
     if user_config is not None:
         serve_config.ingress["user_config"] = user_config
+    if ingress_replicas is not None:
+        serve_config.ingress["num_replicas"] = ingress_replicas
     env_vars = {**application_env(home), **(runtime_env or {})}
     if env_vars:
         app = serve_config.application

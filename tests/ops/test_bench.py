@@ -395,3 +395,34 @@ def test_the_cpu_rate_is_half_the_lower_peak_so_neither_system_is_overloaded() -
     fast = {OURS: rows((1, 700.0, 2.0), (8, 1500.0, 30.0)), FLOOR: floor}
     rate, source = cpu_rate(fast)
     assert rate == 600.0 and "the floor's peak" in source
+
+
+def test_two_replicas_are_set_against_one_and_the_floor() -> None:
+    rows = {
+        "rankgate": [run(1, 200, 2, 8), run(8, 300, 20, 45), run(16, 320, 40, 70)],
+        "rankgate_two_replicas": [run(1, 210, 2, 8), run(8, 450, 15, 48), run(16, 500, 30, 60)],
+        "plain_fastapi": [run(1, 500, 1, 3), run(8, 900, 8, 30), run(16, 880, 16, 60)],
+    }
+    line = bench_report.two_replicas_line(rows)
+    # The peaks: two replicas 450 at c=8 (c=16 is past 50 ms), one 300, the floor 900.
+    assert line.startswith("- Two ingress replicas: peak 450 req/s at c=8, 1.50× one replica's")
+    assert "0.50× the floor's (900)" in line
+    assert "c=1: 1.05×; c=8: 1.50×; c=16: 1.56×" in line
+    none = {**rows, "rankgate_two_replicas": [run(8, 450, 15, 80)]}
+    assert "no level with p99" in bench_report.two_replicas_line(none)
+
+
+def test_the_bench_config_of_two_replicas_changes_only_the_ingress_count(tmp_path: Path) -> None:
+    from rankgate.core.home import Home
+    from serving.ops.launch import derived_config
+    from serving.ops.serve_config import ServeConfig
+
+    home = Home(tmp_path / "home")
+    one = ServeConfig.read(derived_config(home, port=8123, name="one"))
+    two = ServeConfig.read(derived_config(home, port=8123, name="two", ingress_replicas=2))
+    assert two.ingress["num_replicas"] == 2
+    assert {**two.ingress, "num_replicas": one.ingress["num_replicas"]} == one.ingress
+    assert (
+        two.document["applications"][0]["deployments"][1:]
+        == one.document["applications"][0]["deployments"][1:]
+    )

@@ -96,7 +96,7 @@ def serve(
     "extras",
     default="",
     help="Also measure: naive (a naive Ray Serve graph), no-audit (rankgate without its "
-    "audit log). Comma-separated.",
+    "audit log), two-replicas (rankgate with two ingress replicas). Comma-separated.",
 )
 @click.option(
     "--skip",

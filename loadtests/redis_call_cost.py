@@ -1,5 +1,5 @@
 """What the request path's two Redis commands cost a replica's CPU: through redis-py's
-command path, and packed once and sent on a pooled connection (rankgate/core/redis_calls.py).
+command path, and packed once and sent on a kept connection (rankgate/core/redis_calls.py).
 
     python -m loadtests.redis_call_cost [--rounds 9] [--number 2000] [--fields 95]
 

@@ -45,6 +45,7 @@ from model_store.artifacts import ArtifactStore, StoreError
 from model_store.embeddings import ItemEmbeddings
 from model_store.reference import DriftReference
 from model_store.store import ModelStore
+from rankgate.core import redis_calls
 from rankgate.core.config_files import validation_message
 from rankgate.core.errors import ConfigError, ModelStoreError, RankgateError
 from rankgate.core.home import Home
@@ -504,6 +505,7 @@ class ReplicaRuntime:
             for task in list(self.serving.pipeline.canary.background):
                 task.cancel()
         with contextlib.suppress(Exception):
+            await redis_calls.close(self.redis)
             await self.redis.aclose()
 
 

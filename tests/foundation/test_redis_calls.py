@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import NoScriptError
 
+from rankgate.core import redis_calls
 from rankgate.core.home import Home
 from rankgate.core.redis_calls import VARY, Packed, read
 from rankgate.core.redis_server import connect_async, resolve_redis_url
@@ -56,25 +57,48 @@ def test_replies_equal_redis_py_and_errors_are_typed(session_home: Home) -> None
         await client.script_load(SCRIPT)
         assert await read(client, evalsha, key, "purpose") == [key.encode(), b"purpose"]
         await client.delete(key)
+        await redis_calls.close(client)
         await client.aclose()
 
     run(check())
 
 
-def test_a_pooled_connection_the_server_closed_is_replaced(session_home: Home) -> None:
+def test_a_connection_the_server_closed_is_replaced(session_home: Home) -> None:
     async def check() -> None:
         client = connect_async(resolve_redis_url())
         key = f"{session_home.namespace}:calls-test:{uuid.uuid4().hex}"
         await client.hset(key, "f", "v")
         hmget = Packed("HMGET", VARY, "f")
         assert await read(client, hmget, key) == [b"v"]
-        # The server closes every connection of this client (a restart looks the same).
-        own = await client.client_id()
+        # The server closes the idle connection `read` keeps (a restart looks the same).
+        own = await read(client, Packed("CLIENT", "ID"))
         killer = connect_async(resolve_redis_url())
         assert await killer.client_kill_filter(_id=own) == 1
         assert await read(client, hmget, key) == [b"v"]
+        assert await read(client, Packed("CLIENT", "ID")) != own
         await client.delete(key)
         await killer.aclose()
+        await redis_calls.close(client)
+        await client.aclose()
+
+    run(check())
+
+
+def test_connections_are_kept_for_the_next_call_and_closed_with_the_client(
+    session_home: Home,
+) -> None:
+    async def check() -> None:
+        client = connect_async(resolve_redis_url())
+        client_id = Packed("CLIENT", "ID")
+        first = await read(client, client_id)
+        assert await read(client, client_id) == first  # one call at a time: one connection
+        # Calls in flight together each take a connection; all are kept afterwards.
+        ids = await asyncio.gather(*(read(client, client_id) for _ in range(5)))
+        assert len(set(ids)) == 5 and first in ids
+        assert await read(client, Packed("PING")) == b"PONG"  # as read: no response callback
+        await redis_calls.close(client)
+        listed = await client.client_list()
+        assert not {int(c["id"]) for c in listed} & set(ids)
         await client.aclose()
 
     run(check())
@@ -94,6 +118,7 @@ def test_a_read_cut_off_mid_reply_closes_its_connection(session_home: Home) -> N
         await client.rpush(queue, "element")
         assert await read(client, Packed("LRANGE", VARY, 0, -1), queue) == [b"element"]
         await client.delete(queue)
+        await redis_calls.close(client)
         await client.aclose()
 
     run(check())

@@ -153,6 +153,22 @@ def process_env(env: Environment, fast_path: bool, name: str = OURS) -> dict[str
     return base
 
 
+FALLBACK_GRACE_S = 30.0
+"""How long a server that answers only with fallbacks gets to start personalizing."""
+
+
+def personalized(answer: Any) -> tuple[bool, str | None]:
+    """Whether a rank answer is a personalized decision (items, no fallback); else the
+    fallback's reason and detail, when it names one."""
+    if not isinstance(answer, dict) or not answer.get("items"):
+        return False, None
+    fallback = answer.get("fallback")
+    if not fallback:
+        return True, None
+    detail = f" ({fallback['detail']})" if fallback.get("detail") else ""
+    return False, f"{fallback.get('reason')}{detail}"
+
+
 def wait_ready(
     url: str,
     body: dict[str, Any],
@@ -163,8 +179,13 @@ def wait_ready(
     interval_s: float = 0.5,
     progress: Callable[[], None] | None = None,
 ) -> None:
-    """Until a rank request gets 200 with items; `progress` is called at each try."""
+    """Until a rank request gets a personalized answer (200, items, no fallback);
+    `progress` is called at each try. A server that answers only with fallbacks for
+    FALLBACK_GRACE_S is an error naming the reason: the benchmark measures decisions,
+    and a fallback costs a fraction of one (an earlier build that cannot read this
+    home's models answers `model_unavailable`)."""
     deadline = time.monotonic() + timeout_s
+    first_fallback: float | None = None
     while time.monotonic() < deadline:
         if progress is not None:
             progress()
@@ -174,8 +195,18 @@ def wait_ready(
             response = httpx.post(
                 url, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=5
             )
-            if response.status_code == 200 and response.json().get("items"):
-                return
+            if response.status_code == 200:
+                ready, fallback = personalized(response.json())
+                if ready:
+                    return
+                if fallback is not None:
+                    first_fallback = first_fallback or time.monotonic()
+                    if time.monotonic() - first_fallback > FALLBACK_GRACE_S:
+                        raise RuntimeError(
+                            f"server at {url} answers the benchmark's requests with the "
+                            f"fallback {fallback} for {FALLBACK_GRACE_S:.0f} s, not "
+                            f"personalized decisions; see {log}"
+                        )
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(interval_s)

@@ -426,3 +426,49 @@ def test_the_bench_config_of_two_replicas_changes_only_the_ingress_count(tmp_pat
         two.document["applications"][0]["deployments"][1:]
         == one.document["applications"][0]["deployments"][1:]
     )
+
+
+def test_a_server_answering_only_fallbacks_is_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    from loadtests.bench import systems
+
+    fallback = {"reason": "model_unavailable", "strategy": "popularity", "detail": "no v2"}
+    answers = iter([{"items": [{"item_id": 1}], "fallback": fallback}] * 10**6)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps(next(answers)).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(systems, "FALLBACK_GRACE_S", 0.3)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/rank"
+    try:
+        with pytest.raises(RuntimeError, match=r"fallback model_unavailable \(no v2\)"):
+            systems.wait_ready(url, {}, process, tmp_path / "log", "key", interval_s=0.05)
+        answers = iter([{"items": [{"item_id": 1}], "fallback": fallback}, {"items": [1]}])
+        systems.wait_ready(url, {}, process, tmp_path / "log", "key", interval_s=0.05)
+    finally:
+        process.kill()
+        server.shutdown()
+    assert systems.personalized({"items": [1], "fallback": None}) == (True, None)
+    assert systems.personalized({"items": []}) == (False, None)
+    assert systems.personalized({"items": [1], "fallback": {"reason": "no_consent"}}) == (
+        False,
+        "no_consent",
+    )

@@ -343,11 +343,16 @@ def test_overload_is_refused_fast_with_retry_after(
     sleeper.join()
     statuses = Counter(status for status, _, _ in results)
     refused = [(took, retry) for status, took, retry in results if status == 503]
-    print(f"burst of 64: {dict(statuses)}; slowest refusal {max(t for t, _ in refused):.3f} s")
+    admitted = [took for status, took, _ in results if status == 200]
+    print(
+        f"burst of 64: {dict(statuses)}; slowest refusal {max(t for t, _ in refused):.3f} s, "
+        f"first admitted answer {min(admitted):.3f} s"
+    )
     assert set(statuses) == {200, 503}, statuses
     assert statuses[200] >= 32 - 4  # 16 running + 16 queued (admission is not exact)
     assert all(retry == "1" for _, retry in refused)
-    # Refused at once, not after waiting: an admitted request waits out the 1 s budget
-    # (Redis sleeps 1.5 s); 64 concurrent clients on 2 shared cores take up to ~0.5 s
-    # just to be written and read, so the bound sits between the two.
-    assert max(took for took, _ in refused) < 0.9
+    # Refused at once, not after waiting: every admitted request waits out its 1 s
+    # budget (Redis sleeps 1.5 s), and every refusal came back before the first of them.
+    # (64 concurrent clients on 2 shared cores take 0.2-0.9 s just to be written and
+    # read, so a fixed bound below 1 s is the machine's load, not the admission's.)
+    assert max(took for took, _ in refused) < min(admitted), (refused, sorted(admitted)[:3])

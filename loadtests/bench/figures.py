@@ -31,3 +31,8 @@ def peak(rows: list[dict[str, Any]], p99_max: float = PEAK_P99_MS) -> dict[str, 
         return {"rps": 0.0, "concurrency": None}
     best = max(within, key=lambda r: r["throughput_rps"])
     return {"rps": best["throughput_rps"], "concurrency": best["concurrency"]}
+
+
+def at_level(rows: list[dict[str, Any]], level: int) -> dict[str, Any] | None:
+    """The row of one concurrency level, if measured."""
+    return next((r for r in rows if r["concurrency"] == level), None)

@@ -13,7 +13,8 @@ from typing import Any
 from loadtests.bench.against import against_markdown
 from loadtests.bench.compare import comparison_markdown
 from loadtests.bench.cpu import cpu_markdown, cpu_target
-from loadtests.bench.figures import FLOOR, OURS, PEAK_P99_MS, peak, spread
+from loadtests.bench.figures import FLOOR, OURS, PEAK_P99_MS, at_level, peak, spread
+from loadtests.bench.others import other_systems_markdown
 
 # The targets (issues 15 and 27), all judged on one run: medians of interleaved rounds
 # (CPU per decision: loadtests/bench/cpu.py).
@@ -104,10 +105,6 @@ def budget_fallbacks(levels: dict[str, list[dict[str, Any]]], max_level: int) ->
     )
 
 
-def _at(rows: list[dict[str, Any]], level: int) -> dict[str, Any] | None:
-    return next((r for r in rows if r["concurrency"] == level), None)
-
-
 def _check(figure: float | None, limit: float, at_least: bool = False) -> bool | None:
     if figure is None:
         return None
@@ -117,7 +114,7 @@ def _check(figure: float | None, limit: float, at_least: bool = False) -> bool |
 def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets: what, the figure, the limit, met (None: not measured)."""
     ours_rows = report["results"].get(OURS, [])
-    c1 = _at(ours_rows, 1)
+    c1 = at_level(ours_rows, 1)
     ratio_c1 = (report.get("ratios") or {}).get("1", {}).get("p50", {}).get("median")
     peak_figures = report.get("peak") or {}
     explain = report.get("explain") or {}
@@ -310,7 +307,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     ours, floor = report["results"].get(OURS, []), report["results"].get(FLOOR, [])
     for row in ours:
-        other = _at(floor, row["concurrency"]) or {}
+        other = at_level(floor, row["concurrency"]) or {}
         pair = (report.get("ratios") or {}).get(str(row["concurrency"]), {})
         lines.append(
             f"| {row['concurrency']} | {_cell(row['throughput_rps'])} | {_cell(row['p50_ms'])} "
@@ -322,7 +319,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += comparison_markdown(report.get("comparison"))
     lines += against_markdown(report.get("against"))
     lines += cpu_markdown(report.get("cpu"))
-    lines += _extra_systems(report)
+    lines += other_systems_markdown(report)
     lines += _all_runs(report)
     lines += _ranker(report.get("ranker"))
     lines += _explain(report.get("explain"))
@@ -336,63 +333,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines) + "\n"
-
-
-def _extra_systems(report: dict[str, Any]) -> list[str]:
-    lines = []
-    results = report["results"]
-    if "naive_graph" in results and results.get(OURS):
-        ours_peak = peak(results[OURS])["rps"]
-        naive_peak = peak(results["naive_graph"])["rps"]
-        c1_ours, c1_naive = _at(results[OURS], 1), _at(results["naive_graph"], 1)
-        peak_text = (
-            f"peak {ours_peak / naive_peak:.2f}×"
-            if naive_peak
-            else f"peak: the graph had no level with p99 ≤ {PEAK_P99_MS:g} ms"
-        )
-        p50_text = (
-            f", p50 at concurrency 1 {c1_ours['p50_ms'] / c1_naive['p50_ms']:.2f}×"
-            if c1_ours and c1_naive and c1_naive["p50_ms"]
-            else ""
-        )
-        lines.append(f"- Against the naive Ray Serve graph: {peak_text}{p50_text}.")
-    if "rankgate_no_audit" in results and results.get(OURS):
-        figures = "; ".join(
-            f"c={on['concurrency']}: p50 {on['p50_ms'] - off['p50_ms']:+.2f} ms, "
-            f"throughput ×{on['throughput_rps'] / off['throughput_rps']:.3f}"
-            for on, off in zip(results[OURS], results["rankgate_no_audit"], strict=True)
-            if off["throughput_rps"]
-        )
-        lines.append(
-            f"- Decision audit log: {figures} (rankgate with the log vs the same server without it)."
-        )
-    if "rankgate_two_replicas" in results and results.get(OURS):
-        lines.append(two_replicas_line(results))
-    return ["", "## Other systems", "", *lines] if lines else []
-
-
-def two_replicas_line(results: dict[str, list[dict[str, Any]]]) -> str:
-    """Two ingress replicas against one and against the floor: peaks (p99 within the
-    bound) of the median rows, and each level's throughput."""
-    one, two = peak(results[OURS]), peak(results["rankgate_two_replicas"])
-    floor = peak(results[FLOOR]) if results.get(FLOOR) else None
-    if not two["rps"]:
-        return f"- Two ingress replicas: no level with p99 ≤ {PEAK_P99_MS:g} ms."
-    against = [
-        f"{two['rps'] / one['rps']:.2f}× one replica's ({one['rps']:g})" if one["rps"] else ""
-    ]
-    if floor and floor["rps"]:
-        against.append(f"{two['rps'] / floor['rps']:.2f}× the floor's ({floor['rps']:g})")
-    levels = "; ".join(
-        f"c={a['concurrency']}: {b['throughput_rps'] / a['throughput_rps']:.2f}×"
-        for a, b in zip(results[OURS], results["rankgate_two_replicas"], strict=True)
-        if a["throughput_rps"]
-    )
-    return (
-        f"- Two ingress replicas: peak {two['rps']:g} req/s at c={two['concurrency']}, "
-        f"{', '.join(a for a in against if a)}; throughput against one replica per level: "
-        f"{levels}."
-    )
 
 
 def _all_runs(report: dict[str, Any]) -> list[str]:

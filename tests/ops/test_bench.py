@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from loadtests.bench import memory, wrk
+from loadtests.bench import others as bench_others
 from loadtests.bench import report as bench_report
 from loadtests.bench.run import phases_seen
 from loadtests.drive import Arrival, open_loop_summary
@@ -403,13 +404,13 @@ def test_two_replicas_are_set_against_one_and_the_floor() -> None:
         "rankgate_two_replicas": [run(1, 210, 2, 8), run(8, 450, 15, 48), run(16, 500, 30, 60)],
         "plain_fastapi": [run(1, 500, 1, 3), run(8, 900, 8, 30), run(16, 880, 16, 60)],
     }
-    line = bench_report.two_replicas_line(rows)
+    line = bench_others.two_replicas_line(rows)
     # The peaks: two replicas 450 at c=8 (c=16 is past 50 ms), one 300, the floor 900.
     assert line.startswith("- Two ingress replicas: peak 450 req/s at c=8, 1.50× one replica's")
     assert "0.50× the floor's (900)" in line
     assert "c=1: 1.05×; c=8: 1.50×; c=16: 1.56×" in line
     none = {**rows, "rankgate_two_replicas": [run(8, 450, 15, 80)]}
-    assert "no level with p99" in bench_report.two_replicas_line(none)
+    assert "no level with p99" in bench_others.two_replicas_line(none)
 
 
 def test_the_bench_config_of_two_replicas_changes_only_the_ingress_count(tmp_path: Path) -> None:

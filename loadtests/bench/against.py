@@ -4,7 +4,7 @@ earlier within each round, and the report's section. No server, no I/O beyond
 looking at the folder: the earlier build is started by loadtests/bench/earlier.py.
 
 Absolute figures move with the machine; two builds measured in the same rounds,
-on the same home, Redis and Feast data, see the same machine. So an improvement is
+from the same project and data, see the same machine. So an improvement is
 judged as a ratio taken within each round (median and spread over rounds), like
 the report's ratios against the floor: CPU per decision (how many times cheaper
 this build is: earlier ÷ this, at the same arrival rate), peak throughput with
@@ -64,10 +64,12 @@ def against_figures(
     build: Path,
     commits: dict[str, str],
     replicas: list[dict[str, Any]],
+    home: Path | None = None,
 ) -> dict[str, Any]:
     """The report's `against` part. `runs`: closed-loop runs per system, level and
     round; `cpu`: the CPU part's figures (None: skipped); `commits`: "this" and
-    "earlier"; `replicas`: what the earlier build's replicas were seen to run."""
+    "earlier"; `replicas`: what the earlier build's replicas were seen to run;
+    `home`: the earlier build's own home (None: it served this one)."""
     ours, earlier = runs[OURS], runs[EARLIER]
     this_peaks, earlier_peaks = _round_peaks(ours), _round_peaks(earlier)
     peak_ratio = [a / b for a, b in zip(this_peaks, earlier_peaks, strict=True) if b]
@@ -88,6 +90,7 @@ def against_figures(
     peak_ratio_figures = spread(peak_ratio)
     return {
         "build": str(build),
+        "home": None if home is None else str(home),
         "commits": commits,
         "replicas": replicas,
         "cpu_per_decision": cpu_part,
@@ -134,6 +137,14 @@ def against_markdown(against: dict[str, Any] | None) -> list[str]:
         f"pid {r['pid']}: PYTHONPATH first entry {r['pythonpath_first']}, working folder {r['cwd']}"
         for r in against["replicas"]
     )
+    home = against.get("home")
+    where = (
+        f"the earlier build on a home of its own (`{home}`), set up by its own `rankgate setup` "
+        "from the same project and data, with its own embedded Redis (in its CPU as this "
+        "build's Redis is in this build's) and an API key of its own"
+        if home
+        else "on the same home, Redis and Feast data"
+    )
     lines = [
         "",
         "## Against an earlier build",
@@ -141,8 +152,8 @@ def against_markdown(against: dict[str, Any] | None) -> list[str]:
         (
             f"This build (commit `{commits['this']}`) against an earlier build in "
             f"`{against['build']}` (commit `{commits['earlier']}`), each started with its own "
-            "code and its own launch settings (its serve_env and serve config), side by side on "
-            "the same home, Redis and Feast data, and driven in the same rounds: every "
+            f"code and its own launch settings (its serve_env and serve config), side by side, "
+            f"{where}, and driven in the same rounds with the same requests: every "
             "closed-loop level and the CPU per decision, the three systems in turn (rankgate, "
             "floor, earlier build). Ratios this / earlier within each round, median "
             "(lowest–highest)."

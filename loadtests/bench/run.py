@@ -125,6 +125,8 @@ class Run:
     rounds: int
     parts: set[str]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    """A system's own API key (the earlier build on a home of its own); else the run's."""
     explain_runs: list[dict[str, Any]] = field(default_factory=list)
     explain_file: Path = field(default_factory=Path)
 
@@ -140,7 +142,12 @@ class Run:
             for level in work.levels:
                 for system in self.systems:
                     run = self.driver.closed(
-                        work, urls[system.name], level, work.bodies, work.bodies_file
+                        work,
+                        urls[system.name],
+                        level,
+                        work.bodies,
+                        work.bodies_file,
+                        self.keys.get(system.name),
                     )
                     self.runs[system.name][str(level)].append(run)
                     _say_run(say, f"{system.name:<18} c={level:<3}", run)
@@ -184,7 +191,7 @@ class Run:
                     work.duration,
                     self.driver.warmup,
                     work.bodies_file,
-                    work.api_key,
+                    self.keys.get(name, work.api_key),
                     stacks[name].pids,
                 )
                 figures = cpu.round_figures(run, stacks[name])
@@ -317,11 +324,19 @@ def cpu_rate(
 
 
 def stacks_of(
-    processes: dict[str, Any], env: Environment, names: tuple[str, ...] = (OURS, FLOOR)
+    processes: dict[str, Any],
+    env: Environment,
+    names: tuple[str, ...] = (OURS, FLOOR),
+    own_redis: dict[str, int] | None = None,
 ) -> dict[str, cpu.Stack]:
-    """The processes whose CPU counts for each system (Redis in every one)."""
+    """The processes whose CPU counts for each system (Redis in every one: this home's,
+    or the system's own in `own_redis`)."""
     extra = [pid] if (pid := redis_pid(env)) is not None else []
-    return {name: cpu.stack_of([processes[name].pid], extra) for name in names}
+    own = own_redis or {}
+    return {
+        name: cpu.stack_of([processes[name].pid], [own[name]] if name in own else extra)
+        for name in names
+    }
 
 
 def stack_memory(server_pid: int, env: Environment) -> list[memory.ProcessMemory]:
@@ -451,6 +466,7 @@ def run_bench(
     figures: dict[str, Any] = {}
     stack: list[memory.ProcessMemory] = []
     replicas: list[dict[str, Any]] = []
+    earlier_home: Path | None = None
     with workload(levels, duration, repeats, say) as work:
         measured = systems + ([earlier.system(against_build)] if against_build else [])
         run = Run(work, chosen, measured, repeats, parts)
@@ -468,10 +484,20 @@ def run_bench(
                         system.fast_path,
                     )
                 )
+            own_redis: dict[str, int] = {}
             if against_build is not None:
-                urls[EARLIER], processes[EARLIER], replicas = servers.enter_context(
-                    earlier.started(work, against_build, free_port())
+                other = servers.enter_context(
+                    earlier.started(work, against_build, free_port(), commit_of(against_build))
                 )
+                urls[EARLIER], processes[EARLIER], replicas = (
+                    other.url,
+                    other.process,
+                    other.replicas,
+                )
+                run.keys[EARLIER] = other.home.api_key
+                if other.redis_pid is not None:
+                    own_redis[EARLIER] = other.redis_pid
+                earlier_home = other.home.root
             run.interleaved(urls)
             results = run.results()
             if "cpu" in parts:
@@ -483,7 +509,7 @@ def run_bench(
                     rate, source = fixed_rate, "a fixed rate asked for"
                 say(f"• CPU per decision at {rate:.0f} req/s ({source})")
                 names = (OURS, FLOOR, *([EARLIER] if against_build is not None else []))
-                stacks = stacks_of(processes, work.env, names)
+                stacks = stacks_of(processes, work.env, names, own_redis)
                 figures["cpu"] = run.cpu(urls, stacks, rate, source)
             if "open-loop" in parts:
                 say("• open loop")
@@ -544,7 +570,7 @@ def run_bench(
     if against_build is not None:
         commits = {"this": commit_of(SOURCE_CHECKOUT), "earlier": commit_of(against_build)}
         report["against"] = against_figures(
-            run.runs, figures.get("cpu"), against_build, commits, replicas
+            run.runs, figures.get("cpu"), against_build, commits, replicas, earlier_home
         )
     if committed is not None:
         path, earlier_report = committed

@@ -339,14 +339,20 @@ class Driver:
         return "wrk" if self.wrk else "python (loadtests.drive)"
 
     def closed(
-        self, work: Workload, url: str, concurrency: int, bodies: list[dict[str, Any]], file: Path
+        self,
+        work: Workload,
+        url: str,
+        concurrency: int,
+        bodies: list[dict[str, Any]],
+        file: Path,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
+        """`api_key`: a server's own (default: the run's)."""
+        key = api_key or work.api_key
         if self.wrk:
             encoded = [json.dumps(b).encode() for b in bodies]
-            return run_wrk(
-                self.wrk, url, concurrency, work.duration, self.warmup, encoded, work.api_key
-            )
-        return drive(url, concurrency, work.duration, file, work.api_key, warmup=self.warmup)
+            return run_wrk(self.wrk, url, concurrency, work.duration, self.warmup, encoded, key)
+        return drive(url, concurrency, work.duration, file, key, warmup=self.warmup)
 
 
 def choose_driver(choice: str, allow_install: bool, warmup: float, say: Say) -> Driver:

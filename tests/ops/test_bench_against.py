@@ -5,6 +5,8 @@ benchmark run."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from loadtests.bench.against import (
     against_markdown,
     check_build,
 )
-from loadtests.bench.earlier import check_replicas
+from loadtests.bench.earlier import check_replicas, check_users, cli, redis_of
 from loadtests.bench.figures import FLOOR, OURS
 from loadtests.bench.run import cpu_rate
 from rankgate.cli.main import main
@@ -97,7 +99,7 @@ def made_up_run() -> tuple[dict[str, Any], dict[str, Any]]:
     return runs, cpu
 
 
-def figures(cpu: dict[str, Any] | None) -> dict[str, Any]:
+def figures(cpu: dict[str, Any] | None, home: Path | None = None) -> dict[str, Any]:
     runs, _ = made_up_run()
     return against_figures(
         runs,
@@ -105,6 +107,7 @@ def figures(cpu: dict[str, Any] | None) -> dict[str, Any]:
         Path("/w/base"),
         {"this": "abc123-dirty", "earlier": "db8f019"},
         [{"pid": 7, "pythonpath_first": "/w/base", "cwd": "/w/base"}],
+        home,
     )
 
 
@@ -175,3 +178,48 @@ def test_replicas_must_run_the_earlier_builds_code() -> None:
     ):
         with pytest.raises(RuntimeError, match=why):
             check_replicas(build, seen)
+
+
+def test_the_report_names_the_earlier_builds_own_home() -> None:
+    shared = "\n".join(against_markdown(figures(None)))
+    assert "on the same home, Redis and Feast data" in shared
+    own = "\n".join(against_markdown(figures(None, Path("/h/bench/earlier-db8f0195c440"))))
+    assert "on a home of its own (`/h/bench/earlier-db8f0195c440`)" in own
+    assert "with its own embedded Redis" in own and "same home" not in own
+
+
+def test_every_user_asked_about_needs_consent_in_the_earlier_home() -> None:
+    bodies: list[dict[str, Any]] = [{"user_id": "u-1"}, {"user_id": "u-2"}]
+    check_users(bodies, {"u-1", "u-2", "u-3"})
+    check_users(bodies, None)  # its code does not say
+    with pytest.raises(RuntimeError, match="1 of the requests' users have no consent .*u-2"):
+        check_users(bodies, {"u-1"})
+
+
+def test_the_earlier_builds_redis_is_found_by_its_port() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert redis_of({"REDIS_URL": f"redis://127.0.0.1:{port}/0"}) == os.getpid()
+    assert redis_of({"REDIS_URL": "redis://redis.example:6379/0"}) is None
+    assert redis_of({}) is None
+
+
+def test_the_earlier_builds_own_cli_runs_its_script_entry(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    (build / "old").mkdir(parents=True)
+    (build / "pyproject.toml").write_text('[project.scripts]\nrankgate = "old.cli:main"\n')
+    (build / "old" / "__init__.py").write_text("")
+    (build / "old" / "cli.py").write_text(
+        "import os, sys\n"
+        "def main():\n"
+        "    if sys.argv[1:] == ['fail']:\n"
+        "        sys.exit('no such thing')\n"
+        "    print(os.environ['RANKGATE_HOME'], *sys.argv[1:])\n"
+    )
+    home = tmp_path / "home"
+    printed = cli(build, home, "keys", "create", "x", timeout_s=60)
+    assert printed.split() == [str(home), "keys", "create", "x"]
+    with pytest.raises(RuntimeError, match="`rankgate fail` of .* failed: no such thing"):
+        cli(build, home, "fail", timeout_s=60)

@@ -274,3 +274,9 @@ def started(work: Workload, build: Path, port: int, commit: str) -> Iterator[Sta
         yield Started(url, process, seen, home, redis)
     finally:
         stop_server(process)
+        if home.root is not None:
+            # Its home's embedded Redis, started for this run, stops with it.
+            try:
+                cli(build, home.root, "redis", "stop", timeout_s=120)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                work.say(f"    its home's Redis was not stopped: {exc}")

@@ -49,6 +49,48 @@ from serving.ops.serve_config import render
 from serving.ops.supervisor import ServerInfo
 
 READY_LIMIT_S = 300.0
+HEAD_RESOURCE, WORKER_RESOURCE = "rankgate_head", "rankgate_worker"
+"""Custom resources that place a one-host cluster's actors: the event consumer on the
+head, a RankIngress replica on each worker node."""
+
+
+def head_node_args(dashboard_port: int, env_vars: dict[str, str]) -> dict[str, Any]:
+    """`Cluster(head_node_args=...)` of a one-host cluster: one CPU, the dashboard that
+    `serve deploy` talks to, the head's resource and its environment."""
+    return {
+        "num_cpus": 1,
+        "resources": {HEAD_RESOURCE: 1},
+        "include_dashboard": True,
+        "dashboard_port": dashboard_port,
+        "env_vars": env_vars,
+    }
+
+
+def worker_node_args(env_vars: dict[str, str]) -> dict[str, Any]:
+    """`Cluster.add_node(...)` arguments of a worker node: one CPU, the worker resource."""
+    return {"num_cpus": 1, "resources": {WORKER_RESOURCE: 1}, "env_vars": env_vars}
+
+
+def place_for_one_host(config: dict[str, Any]) -> dict[str, Any]:
+    """A cluster serve config placed for one host: one proxy (on the head, which alone
+    can bind the port), a RankIngress replica per worker node, the consumer on the head,
+    and each audit record written before its answer (a node lost takes none along)."""
+    config["proxy_location"] = "HeadOnly"
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "RankIngress":
+            deployment["max_replicas_per_node"] = 1
+            deployment["ray_actor_options"] = {
+                "num_cpus": 0.5,
+                "resources": {WORKER_RESOURCE: 1},
+            }
+            user_config = deployment.setdefault("user_config", {})
+            user_config.setdefault("audit", {})["before_answer"] = True
+        elif deployment["name"] == "EventConsumer":
+            deployment["ray_actor_options"] = {
+                "num_cpus": 0.25,
+                "resources": {HEAD_RESOURCE: 1},
+            }
+    return config
 
 
 @dataclass
@@ -97,9 +139,7 @@ class Nodes:
         self.added += 1
         name = f"worker{self.added}"
         self.workers[name] = self.on_main_thread(
-            lambda: self.cluster.add_node(
-                num_cpus=1, resources={"rankgate_worker": 1}, env_vars=self.env(name)
-            )
+            lambda: self.cluster.add_node(**worker_node_args(self.env(name)))
         )
         return name
 
@@ -143,22 +183,7 @@ def cluster_serve_config(env: Environment, store: str, port: int, replicas: int)
         env_vars={"REDIS_URL": redis_url},
         max_per_node=1,
     )
-    config["proxy_location"] = "HeadOnly"  # one host: one proxy can bind the port
-    deployments = config["applications"][0]["deployments"]
-    for deployment in deployments:
-        if deployment["name"] == "RankIngress":
-            deployment["ray_actor_options"] = {
-                "num_cpus": 0.5,
-                "resources": {"rankgate_worker": 1},
-            }
-            user_config = deployment.setdefault("user_config", {})
-            user_config.setdefault("audit", {})["before_answer"] = True
-        elif deployment["name"] == "EventConsumer":
-            deployment["ray_actor_options"] = {
-                "num_cpus": 0.25,
-                "resources": {"rankgate_head": 1},
-            }
-    return config
+    return place_for_one_host(config)
 
 
 def ranks_personalized(base_url: str, body: dict[str, Any], api_key: str) -> bool:
@@ -198,13 +223,7 @@ def started_cluster(
     nodes.cluster = Cluster(
         initialize_head=True,
         connect=False,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {"rankgate_head": 1},
-            "include_dashboard": True,
-            "dashboard_port": dashboard_port,
-            "env_vars": nodes.env("head"),
-        },
+        head_node_args=head_node_args(dashboard_port, nodes.env("head")),
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:

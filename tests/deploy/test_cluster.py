@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from loadtests.soak.cluster import head_node_args, place_for_one_host, worker_node_args
 from loadtests.soak.report import NODE_LOSS_WINDOW_S
 from model_store.artifacts import ArtifactStore
 from rankgate.core import redis_keys
@@ -190,16 +191,9 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
         env_vars={"REDIS_URL": env.redis_url},
     )
     # One host: one proxy can bind the port (a real cluster keeps EveryNode).
-    config["proxy_location"] = "HeadOnly"
+    place_for_one_host(config)
     rank = ingress(config)
-    rank["max_replicas_per_node"] = 1
-    rank["ray_actor_options"] = {"num_cpus": 0.5, "resources": {"rankgate_worker": 1}}
-    rank["user_config"]["audit"] = {"before_answer": True}
     rank["user_config"]["routing"] = routing("v2", alternate=["v1"])
-    consumer = next(
-        d for d in config["applications"][0]["deployments"] if d["name"] == "EventConsumer"
-    )
-    consumer["ray_actor_options"] = {"num_cpus": 0.25, "resources": {"rankgate_head": 1}}
 
     def node_env(name: str) -> dict[str, str]:
         """What a node's own environment gives its processes: its cache, the store's
@@ -216,18 +210,10 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
     cluster = Cluster(
         initialize_head=True,
         connect=False,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {"rankgate_head": 1},
-            "include_dashboard": True,
-            "dashboard_port": dashboard_port,
-            "env_vars": node_env("head"),
-        },
+        head_node_args=head_node_args(dashboard_port, node_env("head")),
     )
     workers = {
-        name: cluster.add_node(
-            num_cpus=1, resources={"rankgate_worker": 1}, env_vars=node_env(name)
-        )
+        name: cluster.add_node(**worker_node_args(node_env(name)))
         for name in ("worker1", "worker2")
     }
     dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -255,9 +241,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
             time.sleep(15)
             # The cluster replaces the node: a new one, with an empty cache.
             joined_at = time.monotonic()
-            workers["worker3"] = cluster.add_node(
-                num_cpus=1, resources={"rankgate_worker": 1}, env_vars=node_env("worker3")
-            )
+            workers["worker3"] = cluster.add_node(**worker_node_args(node_env("worker3")))
             seen = wait_for_replicas(base_url, 2, 120)
             replaced_at = time.monotonic()
             time.sleep(3)

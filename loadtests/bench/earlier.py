@@ -15,8 +15,8 @@ A build's home is written in its own format (its manifests, its Feast repository
 its markers), which a build from before a change of format cannot read: an earlier
 build that answered every request `model_unavailable` would look cheaper than it is.
 So with the embedded Redis (REDIS_URL unset) the earlier build serves a home of its
-own, `<home>/bench/earlier-<commit>`, set up by its own `rankgate setup` (once per
-commit; kept for later runs) with its own embedded Redis, whose CPU counts in its
+own, `<home>/bench/earlier-<commit>`, prepared by its own `rankgate setup` at every
+run (minutes the first time, next to nothing once done), with its own embedded Redis, whose CPU counts in its
 stack as this build's Redis counts in this one's; it gets an API key of its own from
 its own `rankgate keys create`, and the run stops unless every user the requests name
 has consent granted there too. With REDIS_URL set, both builds share this home.
@@ -68,9 +68,10 @@ if written in kept:
 command[index] = str(own)
 try:
     from loadtests.bench.systems import request_bodies
-    granted = [b["user_id"] for b in request_bodies(env, 10**9)]
-except Exception:
+except ImportError:
     granted = None
+else:
+    granted = [b["user_id"] for b in request_bodies(env, 10**9)]
 print(json.dumps({"command": command, "env": process_env(env, True, name), "granted": granted}))
 """
 """Run in the earlier build's checkout: its command and environment, as JSON."""
@@ -131,8 +132,9 @@ def cli(build: Path, home: Path, *arguments: str, timeout_s: float) -> str:
 
 
 def own_home(work: Workload, build: Path, commit: str) -> EarlierHome:
-    """The earlier build's own home, set up by its own code, and an API key of its own for the requests' purpose; this home when REDIS_URL names a
-    shared Redis (two homes in one Redis would write the same Feast keys)."""
+    """The earlier build's own home, set up by its own code, and an API key of its own
+    for the requests' purpose; this home when REDIS_URL names a shared Redis (two
+    homes in one Redis would write the same Feast keys)."""
     if os.environ.get("REDIS_URL"):
         return EarlierHome(None, work.api_key)
     root = work.env.home.root / "bench" / f"earlier-{commit[:12]}"
@@ -153,7 +155,8 @@ def own_home(work: Workload, build: Path, commit: str) -> EarlierHome:
 
 def redis_of(env: dict[str, str]) -> int | None:
     """The pid of the Redis-compatible server the environment's REDIS_URL names, when it
-    listens on this machine."""
+    listens on this machine: found by its port, not by this build's pid file, which an
+    earlier build may keep elsewhere."""
     url = urlparse(env.get("REDIS_URL", ""))
     if url.hostname not in ("127.0.0.1", "localhost") or url.port is None:
         return None

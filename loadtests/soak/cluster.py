@@ -72,13 +72,13 @@ def worker_node_args(env_vars: dict[str, str]) -> dict[str, Any]:
 
 
 def place_for_one_host(config: dict[str, Any]) -> dict[str, Any]:
-    """A cluster serve config placed for one host: one proxy (on the head, which alone
-    can bind the port), a RankIngress replica per worker node, the consumer on the head,
-    and each audit record written before its answer (a node lost takes none along)."""
+    """A cluster serve config (made with `max_per_node=1`) placed for one host: one proxy
+    (on the head, which alone can bind the port), the RankIngress replicas on the worker
+    nodes, the consumer on the head, and each audit record written before its answer (a
+    node lost takes none along)."""
     config["proxy_location"] = "HeadOnly"
     for deployment in config["applications"][0]["deployments"]:
         if deployment["name"] == "RankIngress":
-            deployment["max_replicas_per_node"] = 1
             deployment["ray_actor_options"] = {
                 "num_cpus": 0.5,
                 "resources": {WORKER_RESOURCE: 1},

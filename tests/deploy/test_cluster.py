@@ -189,6 +189,7 @@ def test_two_nodes_serve_from_the_store_and_survive_losing_one(
         port=port,
         replicas=2,
         env_vars={"REDIS_URL": env.redis_url},
+        max_per_node=1,
     )
     # One host: one proxy can bind the port (a real cluster keeps EveryNode).
     place_for_one_host(config)

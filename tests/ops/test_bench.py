@@ -4,6 +4,7 @@ memory totals and the report's targets. No server is started here."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +441,9 @@ def test_a_server_answering_only_fallbacks_is_not_ready(
     from loadtests.bench import systems
 
     fallback = {"reason": "model_unavailable", "strategy": "popularity", "detail": "no v2"}
-    answers = iter([{"items": [{"item_id": 1}], "fallback": fallback}] * 10**6)
+    answers: Iterator[dict[str, Any]] = iter(
+        [{"items": [{"item_id": 1}], "fallback": fallback}] * 10**6
+    )
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:

@@ -13,6 +13,14 @@ fault replaced, its own first `warmup_s`), as a share of its resident memory whe
 the warm-up ended; a process that lived less than `MIN_LIFE_S` after it has no
 figure. The same slope over the second half of that life tells a leak (which
 grows in both halves) from a bounded cache or pool filling up (the first only).
+
+Whether a process grows is judged (`judge`) on its means per minute (`minutes`, kept
+in soak.json; a report without them, on its windows): the slope over the second half
+of its life after warm-up with a 95 % interval, widened for the autocorrelation of
+the residuals (Quenouille's effective sample size for AR(1)). `under` when the
+interval lies below 5 % per hour, `grows` when above, `cannot tell` when it spans
+it; a process that lived less than `JUDGED_LIFE_S` after warm-up is `too short`, since
+a few MB of jitter over minutes outweighs any slope.
 """
 
 from __future__ import annotations
@@ -21,16 +29,23 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
+from scipy import stats
 
 from loadtests.bench import memory
 
 EVERY_S = 10.0
 MIN_LIFE_S = 600.0
+JUDGED_LIFE_S = 1800.0
+"""Life after warm-up a process needs before its growth is judged: half an hour, so
+that the second half spans 15 minutes."""
+LIMIT_PERCENT_PER_HOUR = 5.0
+MINUTE_S = 60.0
+Verdict = Literal["under", "grows", "cannot tell", "too short"]
 
 
 @dataclass
@@ -110,6 +125,65 @@ class MemorySampler:
                 "late_growth_percent_per_hour": round(100.0 * late_slope / first_late, 2),
             }
         return out
+
+
+def judge(row: Sequence[float | None], step_s: float, warmup_s: float) -> dict[str, Any]:
+    """Whether one process's memory grows, from its means (MB, one per `step_s` of the
+    run, None where it was not alive): the slope over the second half of its life
+    after warm-up, per hour and as a share of its mean MB there, with a 95 % interval."""
+    points = [((i + 0.5) * step_s, mb) for i, mb in enumerate(row) if mb is not None]
+    if not points:
+        return {"verdict": "too short", "lived_s": 0}
+    start = points[0][0] - step_s / 2
+    since = max(warmup_s, start + warmup_s if start > 0 else 0.0)
+    after = [(t, mb) for t, mb in points if t - step_s / 2 >= since]
+    lived = after[-1][0] - after[0][0] + step_s if after else 0.0
+    if lived < JUDGED_LIFE_S or len(after) < 6:
+        return {"verdict": "too short", "lived_s": round(lived)}
+    t = np.array([a[0] for a in after]) / 3600.0
+    mb = np.array([a[1] for a in after])
+    late = t >= (t[0] + t[-1]) / 2
+    t, mb = t[late], mb[late]
+    slope, half = 0.0, 0.0  # a process whose memory never moved
+    if np.ptp(mb) > 0:
+        fit = stats.linregress(t, mb)
+        residuals = mb - (fit.intercept + fit.slope * t)
+        # Lag-1 autocorrelation of the residuals: correlated neighbours carry less
+        # information than independent ones (n_eff = n (1 - r) / (1 + r)).
+        r = 0.0
+        if np.ptp(residuals) > 1e-9 and len(t) > 2:
+            r = float(np.clip(np.corrcoef(residuals[:-1], residuals[1:])[0, 1], 0.0, 0.9))
+        n_eff = len(t) * (1 - r) / (1 + r)
+        slope = float(fit.slope)
+        half = float(
+            stats.t.ppf(0.975, max(1.0, n_eff - 2)) * fit.stderr * np.sqrt((1 + r) / (1 - r))
+        )
+    share = 100.0 / float(np.mean(mb))
+    low, high = (slope - half) * share, (slope + half) * share
+    verdict: Verdict = (
+        "under"
+        if high < LIMIT_PERCENT_PER_HOUR
+        else "grows"
+        if low > LIMIT_PERCENT_PER_HOUR
+        else "cannot tell"
+    )
+    return {
+        "verdict": verdict,
+        "lived_s": round(lived),
+        "percent_per_hour": round(slope * share, 2),
+        "low": round(float(low), 2),
+        "high": round(float(high), 2),
+        "mb_per_hour": round(slope, 2),
+        "points": len(t),
+    }
+
+
+def judgments(report_memory: dict[str, Any], window_s: float, warmup_s: float) -> dict[str, Any]:
+    """`judge` for every process of a report's memory section: on its minutes where
+    the report has them, else on its windows."""
+    minutes = report_memory.get("minutes")
+    rows, step = (minutes, MINUTE_S) if minutes else (report_memory["windows"], window_s)
+    return {label: judge(row, step, warmup_s) for label, row in rows.items()}
 
 
 def is_data_store(label: str) -> bool:

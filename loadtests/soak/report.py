@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.soak.memory import is_data_store
+from loadtests.soak.memory import is_data_store, judgments
 from loadtests.soak.traffic import Answer, Ledger
 
 DOCUMENTED = "200, 202, 4xx for bad input, 503 with Retry-After"
 MEMORY_VERDICT = (
-    "memory: every server process under 5 % per hour over the second half of its life "
-    "after warm-up (where measured; Redis's data in its own section)"
+    "memory: every server process that lived half an hour after warm-up under 5 % per "
+    "hour over the second half of that life (the 95 % interval of the slope below 5 %); "
+    "Redis's data in its own section"
 )
 NODE_LOSS_WINDOW_S = 10.0
 """Requests in flight on a replica behind Ray Serve's proxy (the multi-node
@@ -105,11 +106,7 @@ def windows_section(ledger: Ledger, window_s: float) -> list[dict[str, Any]]:
 def verdicts(report: dict[str, Any]) -> dict[str, bool]:
     audit, events, consent = report["audit"], report["events"], report["consent"]
     withdrawals = report["withdrawals_before_kills"]
-    grown = [
-        g["late_growth_percent_per_hour"]
-        for name, g in report["memory"]["growth"].items()
-        if "late_growth_percent_per_hour" in g and not is_data_store(name)
-    ]
+    judged = memory_judgments(report)
     return {
         "audit: 0 missing, 0 duplicated": audit["missing"] == 0 and audit["duplicated"] == 0,
         "events: 0 lost, 0 applied twice": events["lost"] == 0 and events["applied_twice"] == 0,
@@ -122,9 +119,18 @@ def verdicts(report: dict[str, Any]) -> dict[str, bool]:
         f"responses: only the documented ones ({DOCUMENTED})": not report["requests"][
             "undocumented"
         ],
-        MEMORY_VERDICT: all(g < 5.0 for g in grown),
+        MEMORY_VERDICT: all(
+            j["verdict"] in ("under", "too short")
+            for name, j in judged.items()
+            if not is_data_store(name)
+        ),
         "faults: every one recovered": all(f["recovered_s"] is not None for f in report["faults"]),
     }
+
+
+def memory_judgments(report: dict[str, Any]) -> dict[str, Any]:
+    """Per process, whether its memory grows (loadtests/soak/memory.py `judge`)."""
+    return judgments(report["memory"], report.get("window_s", 300.0), report.get("warmup_s", 0.0))
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -277,16 +283,32 @@ def render_markdown(report: dict[str, Any]) -> str:
     )
     lines += ["", "## Resident memory (MB) per process per window", ""]
     mem = r["memory"]
+    judged = memory_judgments(r)
+    basis = "its means per minute" if mem.get("minutes") else "its window means"
+    lines += [
+        (
+            f"Judged on {basis}: the slope over the second half of each process's life "
+            "after warm-up, with a 95 % interval widened for autocorrelation "
+            "(loadtests/soak/memory.py); `too short`: less than half an hour after warm-up."
+        ),
+        "",
+    ]
     count = max((len(v) for v in mem["windows"].values()), default=0)
     lines += table(
         [
             "process",
             *[f"w{i}" for i in range(count)],
             "growth per hour after warm-up",
-            "over its second half",
+            "over its second half [95 % interval]",
+            "judged",
         ],
         [
-            [name, *[("" if v is None else v) for v in row], *growth_cells(mem["growth"], name)]
+            [
+                name,
+                *[("" if v is None else v) for v in row],
+                *growth_cells(mem["growth"], name),
+                *judgment_cells(judged.get(name, {})),
+            ]
             for name, row in mem["windows"].items()
         ],
     )
@@ -311,8 +333,17 @@ def render_markdown(report: dict[str, Any]) -> str:
 def growth_cells(growth: dict[str, dict[str, Any]], name: str) -> list[str]:
     g = growth.get(name, {})
     if "growth_percent_per_hour" not in g:
-        return [f"lived {g.get('lived_s', 0)} s after warm-up", ""]
+        return [f"lived {g.get('lived_s', 0)} s after warm-up"]
+    return [f"{g['growth_percent_per_hour']:+.2f} % ({g['growth_mb_per_hour']:+.1f} MB)"]
+
+
+def judgment_cells(j: dict[str, Any]) -> list[str]:
+    if "percent_per_hour" not in j:
+        return ["", j.get("verdict", "")]
     return [
-        f"{g['growth_percent_per_hour']:+.2f} % ({g['growth_mb_per_hour']:+.1f} MB)",
-        f"{g['late_growth_percent_per_hour']:+.2f} % ({g['late_growth_mb_per_hour']:+.1f} MB)",
+        (
+            f"{j['percent_per_hour']:+.2f} % [{j['low']:+.2f}, {j['high']:+.2f}] "
+            f"({j['mb_per_hour']:+.1f} MB)"
+        ),
+        j["verdict"],
     ]

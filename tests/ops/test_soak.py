@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from loadtests.bench.memory import process_label
-from loadtests.soak.faults import ALL, SHORT, schedule
+from loadtests.soak.faults import ALL, SHORT, schedule, youngest
 from loadtests.soak.memory import MemorySampler, judge, judgments
 from loadtests.soak.report import (
     MEMORY_VERDICT,
@@ -99,6 +99,24 @@ def test_growth_is_judged_by_the_interval_of_its_second_half() -> None:
     assert judge(windows, 300.0, 300.0)["verdict"] == "cannot tell"
     # A report written before the means per minute were kept is judged on its windows.
     assert judgments({"windows": {"x (1)": windows}}, 300.0, 300.0)["x (1)"]["points"] == 4
+
+
+def test_the_replica_killed_is_the_youngest() -> None:
+    import subprocess
+    import sys
+    import time
+
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.05)
+    younger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert youngest([younger.pid, older.pid]) == younger.pid
+        assert youngest([older.pid, younger.pid]) == younger.pid
+    finally:
+        older.kill()
+        younger.kill()
+        older.wait()
+        younger.wait()
 
 
 def test_ray_processes_are_named_without_the_method_they_run() -> None:

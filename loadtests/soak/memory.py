@@ -11,12 +11,12 @@ Growth per hour is the slope of a least-squares line through a process's samples
 after the warm-up (the run's, and for a process started later, such as a replica a
 fault replaced, its own first `warmup_s`), as a share of its resident memory when
 the warm-up ended; a process that lived less than `MIN_LIFE_S` after it has no
-figure. The same slope over the second half of that life tells a leak (which
-grows in both halves) from a bounded cache or pool filling up (the first only).
+figure.
 
 Whether a process grows is judged (`judge`) on its means per minute (`minutes`, kept
 in soak.json; a report without them, on its windows): the slope over the second half
-of its life after warm-up with a 95 % interval, widened for the autocorrelation of
+of its life after warm-up (a leak grows in both halves, a cache or pool filling up to
+its bound in the first only) with a 95 % interval, widened for the autocorrelation of
 the residuals (Quenouille's effective sample size for AR(1)). `under` when the
 interval lies below 5 % per hour, `grows` when above, `cannot tell` when it spans
 it; a process that lived less than `JUDGED_LIFE_S` after warm-up is `too short`, since
@@ -99,9 +99,7 @@ class MemorySampler:
         """Per process: MB after warm-up, MB at the end, growth per hour (MB and %)."""
         out: dict[str, dict[str, Any]] = {}
         for (name, pid), series in sorted(self.samples.items()):
-            # After the run's warm-up and the process's own (a replica a fault replaced
-            # loads its models and fills its caches first, as at the start).
-            since = max(warmup_s, series[0][0] + warmup_s if series[0][0] > 0 else 0.0)
+            since = warmed_up_at(series[0][0], warmup_s)
             after = [(t, r) for t, r in series if t >= since]
             label = f"{name} ({pid})"
             if len(after) < 3 or after[-1][0] - after[0][0] < MIN_LIFE_S:
@@ -110,21 +108,21 @@ class MemorySampler:
             t = np.array([a[0] for a in after]) / 3600.0
             mb = np.array([a[1] for a in after]) / 2**20
             slope = float(np.polyfit(t, mb, 1)[0])
-            # The second half of its life after warm-up: a leak grows in both halves,
-            # a cache or a pool that fills up to its bound in the first only.
-            late = t >= (t[0] + t[-1]) / 2
-            late_slope = float(np.polyfit(t[late], mb[late], 1)[0])
-            first_late = float(mb[late][0])
             out[label] = {
                 "lived_s": round(after[-1][0] - after[0][0]),
                 "mb_after_warmup": round(float(mb[0]), 1),
                 "mb_at_end": round(float(mb[-1]), 1),
                 "growth_mb_per_hour": round(slope, 2),
                 "growth_percent_per_hour": round(100.0 * slope / float(mb[0]), 2),
-                "late_growth_mb_per_hour": round(late_slope, 2),
-                "late_growth_percent_per_hour": round(100.0 * late_slope / first_late, 2),
             }
         return out
+
+
+def warmed_up_at(start_s: float, warmup_s: float) -> float:
+    """When a process that first appeared at `start_s` of the run is past warm-up: the
+    run's, and for one started later (a replica a fault replaced, which loads its
+    models and fills its caches first, as at the start) its own."""
+    return max(warmup_s, start_s + warmup_s if start_s > 0 else 0.0)
 
 
 def judge(row: Sequence[float | None], step_s: float, warmup_s: float) -> dict[str, Any]:
@@ -134,11 +132,10 @@ def judge(row: Sequence[float | None], step_s: float, warmup_s: float) -> dict[s
     points = [((i + 0.5) * step_s, mb) for i, mb in enumerate(row) if mb is not None]
     if not points:
         return {"verdict": "too short", "lived_s": 0}
-    start = points[0][0] - step_s / 2
-    since = max(warmup_s, start + warmup_s if start > 0 else 0.0)
+    since = warmed_up_at(points[0][0] - step_s / 2, warmup_s)
     after = [(t, mb) for t, mb in points if t - step_s / 2 >= since]
     lived = after[-1][0] - after[0][0] + step_s if after else 0.0
-    if lived < JUDGED_LIFE_S or len(after) < 6:
+    if lived < JUDGED_LIFE_S:
         return {"verdict": "too short", "lived_s": round(lived)}
     t = np.array([a[0] for a in after]) / 3600.0
     mb = np.array([a[1] for a in after])

@@ -130,7 +130,7 @@ def verdicts(report: dict[str, Any]) -> dict[str, bool]:
 
 def memory_judgments(report: dict[str, Any]) -> dict[str, Any]:
     """Per process, whether its memory grows (loadtests/soak/memory.py `judge`)."""
-    return judgments(report["memory"], report.get("window_s", 300.0), report.get("warmup_s", 0.0))
+    return judgments(report["memory"], report["window_s"], report["warmup_s"])
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -127,15 +127,17 @@ class EmbeddedRedis:
 
     def running_url(self) -> str | None:
         """URL of this home's server if it is up and answering, else None."""
-        pid = self._pid()
-        if pid is None or not _pid_alive(pid) or not self.port_path.exists():
+        if self._server_pid() is None:
             return None
-        url = f"redis://127.0.0.1:{int(self.port_path.read_text())}/0"
+        url = self._url()
         try:
             redis.Redis.from_url(url, socket_timeout=1).ping()
         except redis.RedisError:
             return None
         return url
+
+    def _url(self) -> str:
+        return f"redis://127.0.0.1:{int(self.port_path.read_text())}/0"
 
     def _server_pid(self) -> int | None:
         """The pid of this home's server while its process lives (answering or not)."""
@@ -158,8 +160,7 @@ class EmbeddedRedis:
                 # Alive but not answering: loading its data after a restart, or busy.
                 # A second server on the same files would split the data between two
                 # ports (and both would write one append-only file): wait for this one.
-                port = int(self.port_path.read_text())
-                return self._answering(f"redis://127.0.0.1:{port}/0", switch_aof=False)
+                return self._answering(self._url(), switch_aof=False)
             return self._start()
 
     def _start(self) -> str:
@@ -236,10 +237,10 @@ class EmbeddedRedis:
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Save and shut the server down. Returns False when it was not running."""
         with self._lock():
-            url = self.running_url()
-            pid = self._pid()
-            if url is None or pid is None:
+            pid = self._server_pid()
+            if pid is None:
                 return False
+            url = self._answering(self._url(), switch_aof=False)  # it may be loading
             try:
                 redis.Redis.from_url(url, socket_timeout=5).shutdown(save=True)
             except redis.ConnectionError:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from loadtests.bench import memory
+from loadtests.bench.systems import log_tail
 from loadtests.drive import cpu_seconds as process_cpu_seconds
 from loadtests.drive import percentile
 from loadtests.scale_home import granted_people
@@ -39,14 +40,14 @@ def wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RankgateError(f"server exited ({process.returncode}); see {log}")
+            raise RankgateError(f"server exited ({process.returncode}); see {log}\n{log_tail(log)}")
         try:
             if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise RankgateError(f"server not healthy in {timeout_s:.0f} s; see {log}")
+    raise RankgateError(f"server not healthy in {timeout_s:.0f} s; see {log}\n{log_tail(log)}")
 
 
 def replica_memory(server_pid: int) -> dict[str, Any]:

@@ -153,6 +153,9 @@ def process_env(env: Environment, fast_path: bool, name: str = OURS) -> dict[str
     return base
 
 
+START_ATTEMPTS = 2
+"""How many times a server that exits before it answers is started (see `started_process`)."""
+
 FALLBACK_GRACE_S = 30.0
 """How long a server that answers only with fallbacks gets to start personalizing."""
 
@@ -190,7 +193,7 @@ def wait_ready(
         if progress is not None:
             progress()
         if process.poll() is not None:
-            raise RuntimeError(f"server exited ({process.returncode}); see {log}")
+            raise ServerExited(process.returncode, log)
         try:
             response = httpx.post(
                 url, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=5
@@ -210,7 +213,28 @@ def wait_ready(
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(interval_s)
-    raise RuntimeError(f"server not ready in {timeout_s:.0f}s; see {log}")
+    raise RuntimeError(f"server not ready in {timeout_s:.0f}s; see {log}\n{log_tail(log)}")
+
+
+LOG_TAIL_LINES = 30
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a server's log, indented, for an error message: the
+    log itself may be gone by the time anyone reads it (a test's temporary home)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as error:
+        return f"    (log unreadable: {error})"
+    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+
+
+class ServerExited(RuntimeError):
+    """A server process ended before it answered; the message carries its log's tail."""
+
+    def __init__(self, returncode: int, log: Path) -> None:
+        super().__init__(f"server exited ({returncode}); see {log}\n{log_tail(log)}")
+        self.returncode = returncode
 
 
 def load_process(arguments: list[str], api_key: str, timeout_s: float) -> dict[str, Any]:
@@ -303,15 +327,33 @@ def started_process(
     fast_path: bool,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A fresh server from `command` on `port`, answering; yields its /v1/rank URL and
-    process, and stops it (SIGINT to its process group) afterwards."""
+    process, and stops it (SIGINT to its process group) afterwards.
+
+    A server that exits before it answers is started once more, and the run says so
+    with the first exit's log tail (kept as `<name>.failed.log`): starting a Ray
+    instance on a busy machine can fail once without anything being wrong with the
+    server measured, and a second exit is an error carrying its own log's tail."""
     url = f"http://127.0.0.1:{port}/v1/rank"
     log = work.env.home.root / "bench" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
     work.say(f"• {label}: starting on port {port}")
-    process = start_server(command, process_env(work.env, fast_path, name), log)
+    for attempt in range(START_ATTEMPTS):
+        process = start_server(command, process_env(work.env, fast_path, name), log)
+        try:
+            wait_ready(url, work.bodies[0], process, log, work.api_key)
+            break
+        except ServerExited as exited:
+            stop_server(process)
+            if attempt + 1 == START_ATTEMPTS:
+                raise
+            kept = log.with_suffix(".failed.log")
+            log.replace(kept)
+            work.say(f"• {label}: {exited} (log kept as {kept}); starting it once more")
+        except BaseException:
+            stop_server(process)
+            raise
     try:
-        wait_ready(url, work.bodies[0], process, log, work.api_key)
         yield url, process
     finally:
         stop_server(process)

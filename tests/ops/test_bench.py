@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loadtests.bench import memory, wrk
@@ -476,3 +477,78 @@ def test_a_server_answering_only_fallbacks_is_not_ready(
         False,
         "no_consent",
     )
+
+
+SERVER_THAT_FAILS_FIRST = """
+import http.server, json, pathlib, sys
+
+port, marker, failures = int(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+starts = int(marker.read_text()) if marker.exists() else 0
+marker.write_text(str(starts + 1))
+if starts < failures:
+    print(f"start {starts + 1}: the Ray instance failed to start", flush=True)
+    sys.exit(1)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        body = json.dumps({"items": [{"item_id": 1}], "fallback": None}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_server_that_exits_while_starting_is_started_once_more_and_said(
+    tmp_path: Path, failures: int
+) -> None:
+    """A start that exits before answering is retried once, with the first log's tail said
+    and kept; a second exit is the error, carrying its log's tail. Real processes, a real
+    HTTP server; the workload's environment only names the folder and the Redis URL."""
+    import sys
+    from types import SimpleNamespace
+
+    from loadtests.bench import systems
+    from serving.ops.launch import free_port
+
+    script = tmp_path / "server.py"
+    script.write_text(SERVER_THAT_FAILS_FIRST)
+    port, marker = free_port(), tmp_path / "starts"
+    command = [sys.executable, str(script), str(port), str(marker), str(failures)]
+    lines: list[str] = []
+    env = SimpleNamespace(home=SimpleNamespace(root=tmp_path), redis_url="redis://127.0.0.1:1/0")
+    work = systems.Workload(
+        env,  # type: ignore[arg-type]
+        [1],
+        1.0,
+        1,
+        [{}],
+        tmp_path / "bodies.json",
+        "key",
+        lines.append,
+    )
+    started = systems.started_process(work, "flaky", "flaky server", command, port, False)
+    if failures == 1:
+        with started as (url, process):
+            answer = httpx.post(url, json={}, timeout=5).json()
+            assert answer["items"] and process.poll() is None
+        assert process.poll() is not None  # stopped afterwards
+        retried = [line for line in lines if "once more" in line]
+        assert len(retried) == 1 and "start 1: the Ray instance failed" in retried[0], lines
+        assert "start 1:" in (tmp_path / "bench" / "flaky.failed.log").read_text()
+    else:
+        with (
+            pytest.raises(systems.ServerExited, match=r"(?s)exited \(1\).*start 2: the Ray"),
+            started,
+        ):
+            pass
+    assert marker.read_text() == "2"

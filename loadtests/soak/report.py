@@ -139,6 +139,17 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def fault_at(faults: list[dict[str, Any]], due_s: float, margin_s: float = 1.0) -> str:
+    """The faults under way at `due_s` (from `margin_s` before each one's start until it
+    had recovered), as `name@start s`; "none" when there was none."""
+    under_way = [
+        f"{f['name']}@{f['started']:.1f} s"
+        for f in faults
+        if f["started"] - margin_s <= due_s <= f["ended"] + (f["recovered_s"] or 0.0) + margin_s
+    ]
+    return ", ".join(under_way) or "none"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     r = report
     lines = [
@@ -183,6 +194,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         ["status and cause", "count"],
         [[k, v] for k, v in req["other_than_200"].items()] or [["none", 0]],
     )
+    if req["undocumented_examples"]:
+        lines += [
+            "",
+            "Answers outside the documented ones (the first 50), with the fault under way:",
+            "",
+        ]
+        lines += table(
+            ["due at s", "kind", "status", "cause", "fault under way"],
+            [
+                [x["due_s"], x["kind"], x["status"], x["what"], fault_at(r["faults"], x["due_s"])]
+                for x in req["undocumented_examples"]
+            ],
+        )
     if req.get("failed_on_loss"):
         lines += [
             "",

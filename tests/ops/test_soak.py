@@ -182,3 +182,18 @@ def test_the_verdicts_pass_only_on_zero_losses_and_documented_answers() -> None:
     for name, change in failing.items():
         judged = verdicts(report_of(**change))
         assert not judged[name] and sum(not ok for ok in judged.values()) == 1, name
+
+
+def test_an_undocumented_answer_is_shown_with_the_fault_under_way() -> None:
+    from loadtests.soak.report import fault_at
+
+    faults = [
+        {"name": "redis_kill", "started": 57.8, "ended": 63.5, "recovered_s": 0.2},
+        {"name": "replica_kill", "started": 153.6, "ended": 153.8, "recovered_s": 9.6},
+        {"name": "slow_redis", "started": 160.0, "ended": 170.0, "recovered_s": 0.4},
+    ]
+    assert fault_at(faults, 153.6) == "replica_kill@153.6 s"
+    assert fault_at(faults, 163.0) == "replica_kill@153.6 s, slow_redis@160.0 s"
+    assert fault_at(faults, 100.0) == "none"
+    # Until recovered (and a second either side), not only while injected.
+    assert fault_at(faults, 64.5) == "redis_kill@57.8 s" and fault_at(faults, 65.0) == "none"

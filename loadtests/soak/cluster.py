@@ -198,6 +198,20 @@ def ranks_personalized(base_url: str, body: dict[str, Any], api_key: str) -> boo
     return False
 
 
+def refuse_a_running_server(home: Home) -> None:
+    """The soak starts its own server: a server of `home` that answers is an error. A
+    record of one that does not answer /healthz (left by a run that was killed) is
+    removed, or every later soak on the home would refuse to start."""
+    path = ServerInfo.path(home)
+    info = ServerInfo.read(home)
+    if info is not None and info.health() is not None:
+        raise RuntimeError(
+            f"a server of {home.root} is running at {info.base_url} ({path}): the soak "
+            "starts its own; stop that one first"
+        )
+    path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def started_cluster(
     home: Home, body: dict[str, Any], api_key: str, workers: int = 2
@@ -207,11 +221,7 @@ def started_cluster(
     shut down (every node) afterwards."""
     from ray.cluster_utils import Cluster
 
-    if ServerInfo.path(home).exists():
-        raise RuntimeError(
-            f"a server of {home.root} is running ({ServerInfo.path(home)}): the soak starts its "
-            "own; stop that one first"
-        )
+    refuse_a_running_server(home)
     env = Environment.open()
     folder = home.root / "soak" / "cluster"
     store = f"file://{folder / 'store'}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from loadtests.bench.systems import wait_ready
 from loadtests.ray_metrics import own_processes
-from loadtests.soak.cluster import Nodes, started_cluster
+from loadtests.soak.cluster import Nodes, refuse_a_running_server, started_cluster
 from rankgate.core.home import Home
 from rankgate.core.redis_server import resolve_redis_url
 from serving.ops.launch import (
@@ -110,11 +110,7 @@ def started(
                 dashboard_url=dashboard,
             )
         return
-    if ServerInfo.path(home).exists():
-        raise RuntimeError(
-            f"a server of {home.root} is running ({ServerInfo.path(home)}): the soak starts its "
-            "own; stop that one first"
-        )
+    refuse_a_running_server(home)
     folder = home.root / "soak"
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / "serve_config.yaml"

@@ -197,3 +197,42 @@ def test_an_undocumented_answer_is_shown_with_the_fault_under_way() -> None:
     assert fault_at(faults, 100.0) == "none"
     # Until recovered (and a second either side), not only while injected.
     assert fault_at(faults, 64.5) == "redis_kill@57.8 s" and fault_at(faults, 65.0) == "none"
+
+
+def test_a_record_of_a_server_that_does_not_answer_is_removed_one_that_answers_refused(
+    tmp_path: Any,
+) -> None:
+    import http.server
+    import threading
+
+    import pytest
+
+    from loadtests.soak.cluster import refuse_a_running_server
+    from rankgate.core.home import Home
+    from serving.ops.launch import free_port
+    from serving.ops.supervisor import ServerInfo
+
+    home = Home(tmp_path)
+    ServerInfo(tmp_path / "serve_config.yaml", free_port(), "").write(home)  # nothing there
+    refuse_a_running_server(home)
+    assert not ServerInfo.path(home).exists()
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ServerInfo(tmp_path / "serve_config.yaml", server.server_address[1], "").write(home)
+        with pytest.raises(RuntimeError, match="is running at http://127.0.0.1"):
+            refuse_a_running_server(home)
+        assert ServerInfo.path(home).exists()
+    finally:
+        server.shutdown()

@@ -19,6 +19,9 @@ guards to each configuration Ray generates and then *becomes* the real HAProxy
   the replica counts the latency budget from arrival, queues included;
 - a backend that fails (a replica died mid-request, no replica could answer)
   answers `503` with `Retry-After` instead of Ray's bare `500`;
+- `http-response wait-for-body`: an answer goes to the client whole. One cut
+  short (its replica died between writing its headers and its body) is the same
+  `503` with `Retry-After`, not a `200` whose body never ends;
 - the access log line names method, status and timings, never the path (a path
   can carry a user id).
 
@@ -49,6 +52,15 @@ RECEIVED_HEADER = "rankgate-received-us"
 ACCESS_LOG_FORMAT = (
     "%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %HM"
 )
+
+
+CUT_ANSWER_WAIT_S = 30.0
+"""How long the edge holds an answer's headers for its body. The body follows at once
+(a replica writes the two back to back), so this bounds only a replica that stalls
+between them; it matches Ray's `timeout server` (RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S)."""
+CUT_ANSWER_MAX_BYTES = 12_000
+"""A cut answer is recognized while its body fits in HAProxy's buffer (`tune.bufsize`
+16384 in the configuration Ray generates): a longer answer is forwarded as it comes."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,16 @@ def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page
         f"http-request wait-for-body time {_ms(guards.body_timeout_s)}",
         "# rankgate: the latency budget counts from here (replicas subtract the queues)",
         f"http-request set-header {RECEIVED_HEADER} %[date(0,us)]",
+        "# rankgate: an answer goes out whole; one cut short (its replica died between",
+        "# its headers and its body) is the 503 with Retry-After, not a 200 that breaks off",
+        f"http-response wait-for-body time {_ms(CUT_ANSWER_WAIT_S)}",
+        "http-response set-var(txn.rankgate_length) res.hdr_val(content-length)",
+        (
+            f"http-response return status 503 errorfile {unavailable_page} if !METH_HEAD"
+            " { res.hdr_cnt(content-length) gt 0 }"
+            " { res.body_len,sub(txn.rankgate_length) lt 0 }"
+            f" {{ res.body_len lt {CUT_ANSWER_MAX_BYTES} }}"
+        ),
     ]
     return _replace_once(
         _FRONTEND_BIND,

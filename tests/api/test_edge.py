@@ -5,7 +5,9 @@ test_edge_http.py against the real server)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -41,8 +43,10 @@ def test_the_hardened_config_has_every_guard(tmp_path: Path) -> None:
     assert "sc_conn_cur(0) gt 64" in config
     assert "req.hdr_val(content-length) gt 4096" in config
     assert f"http-request set-header {edge.RECEIVED_HEADER} %[date(0,us)]" in config
+    assert "http-response wait-for-body time 30000ms" in config
+    assert "http-response return status 503 errorfile" in config
     assert "option httplog" not in config and "500.http" not in config
-    assert config.count("rankgate-503.http") == 3  # 502, 503 and 504
+    assert config.count("rankgate-503.http") == 4  # 502, 503, 504 and a cut answer
     # The guards sit in the HTTP frontend, not in the metrics one.
     frontend = config.split("frontend http_frontend", 1)[1].split("\nbackend ", 1)[0]
     assert "wait-for-body" in frontend and "tcp-request connection reject" in frontend
@@ -63,6 +67,81 @@ def test_haproxy_accepts_the_hardened_config(tmp_path: Path) -> None:
         [edge.real_binary(), "-c", "-f", str(target)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+CUTTING_REPLICA = """
+import socket, sys, threading
+
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+
+
+def answer(connection):
+    with connection:
+        request = b""
+        while b"\\r\\n\\r\\n" not in request:
+            request += connection.recv(65536)
+        method, path = request.split(b" ", 2)[:2]
+        if path == b"/cut":  # dies between its headers and its body
+            connection.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: 60\\r\\n\\r\\n")
+            return
+        body = b"x" * 40000 if path == b"/long" else b'{"items":[]}'
+        head = b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body)
+        connection.sendall(head + (b"" if method == b"HEAD" else body))
+
+
+while True:
+    threading.Thread(target=answer, args=(listener.accept()[0],)).start()
+"""
+
+
+def test_an_answer_cut_short_by_its_replica_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    """The real HAProxy on the hardened configuration, in front of a replica that writes
+    an answer's headers and dies before its body: the client gets the edge's 503 with
+    Retry-After, never a 200 whose body breaks off. Whole answers pass unchanged,
+    long ones (past the buffer) and HEAD's (headers only) included."""
+    import sys
+
+    import httpx
+
+    from serving.ops.launch import free_port
+
+    target, config = hardened(tmp_path)
+    port, replica = free_port(), free_port()
+    config = config.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
+    config = config.replace("127.0.0.1:30001", f"127.0.0.1:{replica}")
+    for fixed in ("bind :50753", "bind *:54627"):
+        config = config.replace(fixed, f"bind 127.0.0.1:{free_port()}")
+    target.write_text(config)
+    script = tmp_path / "replica.py"
+    script.write_text(CUTTING_REPLICA)
+    processes = [
+        subprocess.Popen([sys.executable, str(script), str(replica)]),
+        subprocess.Popen([edge.real_binary(), "-db", "-f", str(target)], cwd=tmp_path),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def whole_answered() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.post(f"{url}/whole", timeout=2).status_code == 200
+            return False
+
+        deadline = time.monotonic() + 10  # HAProxy up and its health check passed
+        while not whole_answered() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cut = httpx.post(f"{url}/cut", timeout=10)
+        assert cut.status_code == 503, cut.text
+        assert cut.headers["retry-after"] == "1" and cut.json()["error"] == "unavailable"
+        whole = httpx.post(f"{url}/whole", timeout=10)
+        assert (whole.status_code, whole.json()) == (200, {"items": []})
+        long = httpx.post(f"{url}/long", timeout=10)
+        assert (long.status_code, len(long.content)) == (200, 40000)
+        head = httpx.head(f"{url}/whole", timeout=10)
+        assert (head.status_code, head.headers["content-length"]) == (200, "12")
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def test_a_config_of_another_shape_is_refused_not_served_unguarded(tmp_path: Path) -> None:

@@ -7,6 +7,9 @@ process it started (its process tree, the sessions of that tree, anything whose
 environment names the home) is gone within the bound. The embedded Redis is not
 one of them: `rankgate serve` reuses and leaves it (`rankgate redis stop` stops it),
 except as a container's PID 1, where nothing outlives the container.
+
+SIGTERM to the main pid (a process supervisor's stop) is checked by the JSON-logs run
+of tests/deploy/test_logs.py, which needs a server of its own anyway.
 """
 
 from __future__ import annotations
@@ -89,20 +92,6 @@ def test_background_job_interrupted(cli_home: Path, tmp_path: Path) -> None:
         server.kill_everything()
     stopped_cleanly(server, "SIGINT")
     print(f"background job, kill -INT: everything gone {took:.1f} s after the signal")
-
-
-@pytest.mark.slow
-def test_supervisor_sigterm_to_main_pid(cli_home: Path, tmp_path: Path) -> None:
-    """A process supervisor (systemd's KillMode=mixed, a container runtime's stop):
-    SIGTERM to the main pid only."""
-    server = start(cli_home, free_port(), tmp_path / "serve.log")
-    try:
-        took = signal_and_wait(server, lambda: os.kill(server.process.pid, signal.SIGTERM))
-    finally:
-        server.kill_everything()
-    stopped_cleanly(server, "SIGTERM")
-    assert server.process.returncode == 0
-    print(f"SIGTERM to the main pid: everything gone {took:.1f} s after the signal")
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from serving.ops.launch import (
     serve_deploy_command,
     serve_env,
 )
-from tests.cli_server import cli_env, run_cli, start
+from tests.cli_server import cli_env, command_of, run_cli, start
 from tests.conftest import Server, wait_until_healthy
 from tests.serving_support import deploy, ingress_user_config
 
@@ -145,7 +145,14 @@ def json_lines(path: Path) -> list[dict[str, object]]:
 def test_json_logs_parse_and_carry_no_raw_user_id(cli_home: Path, tmp_path: Path) -> None:
     """`rankgate serve --log-format json`: what the command prints (setup, the
     supervisor, `serve run`'s output) and the Serve logs of the application's
-    replicas are JSON lines, and no log of the run names a raw user id."""
+    replicas are JSON lines, and no log of the run names a raw user id.
+
+    It stops as a process supervisor stops it (systemd's KillMode=mixed, a container
+    runtime's stop): SIGTERM to the main pid only, and everything it started is gone
+    within the bound of tests/deploy/test_lifecycle.py, with exit status 0 (that
+    file's other cases need a server each; this one shares this test's)."""
+    from tests.deploy.test_lifecycle import STOP_BOUND_S
+
     config = tmp_path / "serve_config.yaml"
     document = yaml.safe_load(SERVE_CONFIG.read_text())
     document["applications"][0]["logging_config"] = dict(ACCESS_LOGS)
@@ -174,17 +181,24 @@ def test_json_logs_parse_and_carry_no_raw_user_id(cli_home: Path, tmp_path: Path
         assert [c.status_code for c in calls] == [200, 422, 200, 200]
         session = ray_session_dir(cli_home) / "logs"
         server.snapshot = server.processes()
+        # The supervisor, serve run, Ray's processes, the replicas, HAProxy.
+        assert len(server.snapshot) >= 10, [command_of(p.pid) for p in server.snapshot]
     finally:
         if server.process.poll() is None:
             os.kill(server.process.pid, signal.SIGTERM)
         try:
-            server.wait_gone(60)
+            took = server.wait_gone(STOP_BOUND_S)
         finally:
             server.kill_everything()
+    assert server.process.returncode == 0
+    print(f"SIGTERM to the main pid: everything gone {took:.1f} s after the signal")
     printed = json_lines(server.log_path)
     messages = [str(r.get("message")) for r in printed]
     assert any(m.startswith("rankgate ready at") for m in messages), messages[-20:]
-    assert any("Got KeyboardInterrupt" in m for m in messages), messages[-20:]
+    assert any("rankgate stopped (SIGTERM)" in m for m in messages), messages[-20:]
+    assert any("Got KeyboardInterrupt" in m for m in messages), messages[
+        -20:
+    ]  # serve run's clean path
     replica_logs = sorted((session / "serve").glob("replica_rankgate_*.log"))
     assert replica_logs, sorted(p.name for p in (session / "serve").iterdir())
     records = [record for path in replica_logs for record in json_lines(path)]

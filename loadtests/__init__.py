@@ -25,3 +25,12 @@ def require_locust() -> None:
         raise RankgateError(
             f"`rankgate loadtest` runs Locust, which is not installed: {LOADTEST_EXTRA}"
         )
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a server's log, for an error message: the log itself
+    may be gone by the time anyone reads it (a test's temporary home)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(log unreadable: {error})"

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadtests import require_locust, results_folder
+from loadtests import log_tail, require_locust, results_folder
 from rankgate.core.config_files import load_yaml_model
 from rankgate.core.errors import RankgateError
 from rankgate.core.resources import shipped
@@ -232,13 +232,6 @@ def read_stats(path: Path) -> list[RequestRow]:
         ]
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
 def evaluate(
     slo: SloConfig, p99_ms: float, error_rate: float, fallback_rate: float
 ) -> list[SloCheck]:
@@ -301,7 +294,7 @@ def run_loadtest(
     if not files["stats"].exists() or not files["outcomes"].exists():
         raise RankgateError(
             f"locust exited with code {completed.returncode} without results; "
-            f"last lines of {files['log']}:\n{_tail(files['log'])}"
+            f"last lines of {files['log']}:\n{log_tail(files['log'], 15)}"
         )
 
     rows = read_stats(files["stats"])

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
+from loadtests import log_tail
 from loadtests.bench import memory
-from loadtests.bench.systems import log_tail
 from loadtests.drive import cpu_seconds as process_cpu_seconds
 from loadtests.drive import percentile
 from loadtests.scale_home import granted_people

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtests import log_tail
 from loadtests.bench.report import (
     FLOOR,
     OURS,
@@ -214,19 +215,6 @@ def wait_ready(
             pass
         time.sleep(interval_s)
     raise RuntimeError(f"server not ready in {timeout_s:.0f}s; see {log}\n{log_tail(log)}")
-
-
-LOG_TAIL_LINES = 30
-
-
-def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of a server's log, indented, for an error message: the
-    log itself may be gone by the time anyone reads it (a test's temporary home)."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError as error:
-        return f"    (log unreadable: {error})"
-    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
 
 
 class ServerExited(RuntimeError):

@@ -54,13 +54,8 @@ ACCESS_LOG_FORMAT = (
 )
 
 
-CUT_ANSWER_WAIT_S = 30.0
-"""How long the edge holds an answer's headers for its body. The body follows at once
-(a replica writes the two back to back), so this bounds only a replica that stalls
-between them; it matches Ray's `timeout server` (RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S)."""
-CUT_ANSWER_MAX_BYTES = 12_000
-"""A cut answer is recognized while its body fits in HAProxy's buffer (`tune.bufsize`
-16384 in the configuration Ray generates): a longer answer is forwarded as it comes."""
+HAPROXY_BUFSIZE = 16384
+"""HAProxy's `tune.bufsize` when the configuration sets none."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +115,8 @@ _ERRORFILE = re.compile(
     r"^(?P<indent>[ \t]*)errorfile (?P<status>502|503|504) \S+[ \t]*$", re.MULTILINE
 )
 _TIMEOUT_CLIENT = re.compile(r"^(?P<indent>[ \t]*)timeout client \S+[ \t]*$", re.MULTILINE)
+_TIMEOUT_SERVER = re.compile(r"^[ \t]*timeout server (?P<value>\S+)[ \t]*$", re.MULTILINE)
+_BUFSIZE = re.compile(r"^[ \t]*tune\.bufsize (?P<value>\d+)[ \t]*$", re.MULTILINE)
 _HTTPLOG = re.compile(r"^(?P<indent>[ \t]*)option httplog[ \t]*$", re.MULTILINE)
 # The first line of a section, found by the section's header line.
 _DEFAULTS_MODE = re.compile(r"(?<=\ndefaults\n)(?P<indent>[ \t]+)mode http[ \t]*$", re.MULTILINE)
@@ -147,8 +144,35 @@ def _replace_once(
     return new
 
 
+def cut_answer_rules(config: str, unavailable_page: Path) -> list[str]:
+    """An answer goes to the client whole: HAProxy holds its headers until its body is
+    in, for as long as it waits for a server at all (the configuration's `timeout
+    server`). One whose body is shorter than its Content-Length (its replica died
+    between writing the two) is the unavailable page. A body of half the buffer or
+    more may have been stopped by the buffer filling up rather than by its end, so
+    only shorter ones are judged; a longer answer is forwarded as it comes."""
+    timeout = _TIMEOUT_SERVER.search(config)
+    if timeout is None:
+        raise EdgeConfigError("generated HAProxy config has no timeout server")
+    bufsize = _BUFSIZE.search(config)
+    judged_below = (int(bufsize.group("value")) if bufsize else HAPROXY_BUFSIZE) // 2
+    return [
+        "# rankgate: an answer goes out whole; one cut short (its replica died between",
+        "# its headers and its body) is the 503 with Retry-After, not a 200 that breaks off",
+        f"http-response wait-for-body time {timeout.group('value')}",
+        "http-response set-var(txn.rankgate_length) res.hdr_val(content-length)",
+        (
+            f"http-response return status 503 errorfile {unavailable_page} if !METH_HEAD"
+            " { res.hdr_cnt(content-length) gt 0 }"
+            " { res.body_len,sub(txn.rankgate_length) lt 0 }"
+            f" {{ res.body_len lt {judged_below} }}"
+        ),
+    ]
+
+
 def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page: Path) -> str:
     """Ray's generated HAProxy configuration with rankgate's guards added."""
+    cut_answers = cut_answer_rules(config, unavailable_page)
     config = _replace_once(
         _ERRORFILE,
         config,
@@ -197,16 +221,7 @@ def harden(config: str, guards: EdgeGuards, unavailable_page: Path, timeout_page
         f"http-request wait-for-body time {_ms(guards.body_timeout_s)}",
         "# rankgate: the latency budget counts from here (replicas subtract the queues)",
         f"http-request set-header {RECEIVED_HEADER} %[date(0,us)]",
-        "# rankgate: an answer goes out whole; one cut short (its replica died between",
-        "# its headers and its body) is the 503 with Retry-After, not a 200 that breaks off",
-        f"http-response wait-for-body time {_ms(CUT_ANSWER_WAIT_S)}",
-        "http-response set-var(txn.rankgate_length) res.hdr_val(content-length)",
-        (
-            f"http-response return status 503 errorfile {unavailable_page} if !METH_HEAD"
-            " { res.hdr_cnt(content-length) gt 0 }"
-            " { res.body_len,sub(txn.rankgate_length) lt 0 }"
-            f" {{ res.body_len lt {CUT_ANSWER_MAX_BYTES} }}"
-        ),
+        *cut_answers,
     ]
     return _replace_once(
         _FRONTEND_BIND,

@@ -43,8 +43,11 @@ def test_the_hardened_config_has_every_guard(tmp_path: Path) -> None:
     assert "sc_conn_cur(0) gt 64" in config
     assert "req.hdr_val(content-length) gt 4096" in config
     assert f"http-request set-header {edge.RECEIVED_HEADER} %[date(0,us)]" in config
-    assert "http-response wait-for-body time 30000ms" in config
+    # A cut answer: held as long as HAProxy waits for a server (Ray's `timeout server
+    # 30s`), judged below half the buffer (Ray's `tune.bufsize 16384`).
+    assert "http-response wait-for-body time 30s" in config
     assert "http-response return status 503 errorfile" in config
+    assert "{ res.body_len lt 8192 }" in config
     assert "option httplog" not in config and "500.http" not in config
     assert config.count("rankgate-503.http") == 4  # 502, 503, 504 and a cut answer
     # The guards sit in the HTTP frontend, not in the metrics one.
@@ -148,6 +151,9 @@ def test_a_config_of_another_shape_is_refused_not_served_unguarded(tmp_path: Pat
     source = tmp_path / "haproxy.cfg"
     source.write_text(GENERATED.replace("option httplog", "option tcplog"))
     with pytest.raises(edge.EdgeConfigError, match="option httplog"):
+        edge.hardened_arguments(["-f", str(source)], GUARDS)
+    source.write_text(GENERATED.replace("timeout server 30s", ""))
+    with pytest.raises(edge.EdgeConfigError, match="timeout server"):
         edge.hardened_arguments(["-f", str(source)], GUARDS)
 
 
